@@ -1,0 +1,173 @@
+"""Clustorage: a value computed once for the whole cluster, a function defined once and
+hot-loaded into every node (shells, scripts and Jupyter kernels).
+
+>>> import clustorage
+>>> clustorage.start(name="app1")                       # no loader named: this is the loader
+>>> clustorage.get("hello", lambda: "world")
+'world'
+>>> clustorage.call("sum", [1, 4], lambda: "def sum(a, b):\\n    return a + b\\n")
+5
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .config import Cookie, LoaderAddress
+from .errors import (
+    AuthenticationError,
+    ClustorageError,
+    CompileError,
+    ConfigError,
+    LoaderUnavailable,
+    NameClashError,
+    NotFound,
+    ProtocolError,
+    RemoteError,
+    StoreError,
+    ValueTooLarge,
+)
+from .keys import Key
+from .node import Definition, Node, Source
+from .replica import LoadEvent
+
+__all__ = [
+    "AuthenticationError",
+    "ClustorageError",
+    "CompileError",
+    "ConfigError",
+    "Definition",
+    "LoadEvent",
+    "LoaderUnavailable",
+    "NameClashError",
+    "Node",
+    "NotFound",
+    "ProtocolError",
+    "RemoteError",
+    "StoreError",
+    "ValueTooLarge",
+    "call",
+    "default_node",
+    "define",
+    "functions",
+    "get",
+    "start",
+    "stop",
+]
+
+__version__ = "0.1.0"
+
+_default: Node | None = None
+_default_lock = threading.Lock()
+
+
+def start(
+    name: str | None = None,
+    loader: str | LoaderAddress | None = None,
+    *,
+    cookie: str | bytes | Cookie | None = None,
+    cookie_file: str | os.PathLike[str] | None = None,
+    listen: str | tuple[str, int] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> Node:
+    """Start this process's default node (see :class:`Node` for the arguments).
+
+    Raises:
+        RuntimeError: a default node is already running; call stop() first.
+    """
+    global _default
+    with _default_lock:
+        if _default is not None:
+            raise RuntimeError(
+                f"this process already runs node {_default.name!r}; call clustorage.stop() first"
+            )
+        _default = Node(
+            name,
+            loader,
+            cookie=cookie,
+            cookie_file=cookie_file,
+            listen=listen,
+            data=data,
+            timeout=timeout,
+        )
+        return _default
+
+
+def default_node() -> Node | None:
+    """The node started by :func:`start`, if any."""
+    return _default
+
+
+def _node() -> Node:
+    node = _default
+    if node is None:
+        raise RuntimeError("no clustorage node is running: call clustorage.start(...) first")
+    return node
+
+
+def stop() -> None:
+    """Stop the default node, if one runs."""
+    global _default
+    with _default_lock:
+        node, _default = _default, None
+    if node is not None:
+        node.stop()
+
+
+def get(key: Key, fn: Callable[[], Any] | None = None) -> Any:
+    """:meth:`Node.get` on the default node."""
+    node = _default
+    if node is None:
+        node = _node()
+    return node.get(key, fn)
+
+
+def call(name: str, args: Iterable[Any] = (), fn: Source | None = None) -> Any:
+    """:meth:`Node.call` on the default node."""
+    node = _default
+    if node is None:
+        node = _node()
+    return node.call(name, args, fn)
+
+
+def define(name: str, source: Source, force: bool = False) -> Definition:
+    """:meth:`Node.define` on the default node."""
+    return _node().define(name, source, force)
+
+
+class _Functions:
+    """``clustorage.functions.NAME``: the default node's loaded function NAME."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return _node().function(name)
+        except NotFound as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __dir__(self) -> list[str]:
+        return _node().functions() if _default is not None else []
+
+    def __repr__(self) -> str:
+        return f"<clustorage.functions: {', '.join(self.__dir__()) or 'none loaded'}>"
+
+
+functions = _Functions()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext clustorage``: register the magics (and start the node if configured)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -1,0 +1,240 @@
+"""The loader's network side: asyncio connections around the sans-I/O protocol and LoaderCore.
+
+Each TCP connection is one :class:`ServerConnection`; ``data_received`` feeds the protocol
+object and hands decoded messages to the core. A peer that breaks the protocol, does not know
+the cookie, stays silent through the handshake or stops reading costs one closed connection
+and one log line with its address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+
+from . import messages
+from .errors import AuthenticationError, ProtocolError
+from .loader import LoaderCore
+from .protocol import Closed, Connection, Frame, Hello, Role
+
+__all__ = ["HEARTBEAT", "ServerConnection", "Timing", "handshake_meta"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 1.0
+
+
+class Timing:
+    """How long the loader waits for peers; one object shared by every connection."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat: float = HEARTBEAT,
+        dead_after: float = 4.0,
+        handshake: float = 5.0,
+        stalled_after: float = 10.0,
+        write_limit: int = 64 << 20,
+    ) -> None:
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.handshake = handshake
+        self.stalled_after = stalled_after
+        self.write_limit = write_limit
+
+
+def handshake_meta(name: str, **extra: Any) -> dict[str, Any]:
+    """What a node says about itself in the handshake."""
+    return {
+        "name": name,
+        "python": "{}.{}".format(*sys.version_info[:2]),
+        "cloudpickle": cloudpickle.__version__.split(".")[0],
+        **extra,
+    }
+
+
+def incompatibility(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """Why two nodes cannot exchange functions, or None when they can."""
+    for what, label in (("python", "Python"), ("cloudpickle", "cloudpickle")):
+        if ours.get(what) != theirs.get(what):
+            return (
+                f"{theirs.get('name')} runs {label} {theirs.get(what)} and "
+                f"{ours.get('name')} runs {label} {ours.get(what)}: compiled functions cannot "
+                f"move between them; use the same {label} version on every node"
+            )
+    return None
+
+
+class ServerConnection(asyncio.Protocol):
+    """One member's connection to the loader."""
+
+    def __init__(
+        self, core: LoaderCore, cookie: bytes, timing: Timing, max_frame: int, registry: set[Any]
+    ) -> None:
+        self._core = core
+        self._timing = timing
+        self._registry = registry
+        self._conn = Connection(
+            Role.SERVER,
+            cookie,
+            handshake_meta(core.name, role="loader"),
+            max_frame=max_frame,
+        )
+        self._transport: asyncio.Transport | None = None
+        self._joined = False
+        self._paused_since: float | None = None
+        self.name = "?"
+        self.session = ""
+        self.address = "?"
+        self.connected_since = time.time()
+        self.last_heard = time.monotonic()
+        self.last_sent = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.name} from {self.address}>"
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=4 << 20)
+        self._registry.add(self)
+        self._write(self._conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        self._conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        self._conn.receive_data(b"")
+        self._pump()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        if self._joined:
+            self._joined = False
+            self._core.leave(self)
+
+    def pause_writing(self) -> None:
+        self._paused_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self._paused_since = None
+
+    # -- protocol --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        try:
+            while (event := self._conn.next_event()) is not None:
+                if isinstance(event, Frame):
+                    if event.payload:
+                        self._core.handle(self, messages.decode(event.payload))
+                elif isinstance(event, Hello):
+                    self._hello(dict(event.meta))
+                elif isinstance(event, Closed):
+                    self.close()
+                    return
+                if self._transport is None or self._transport.is_closing():
+                    return
+        except AuthenticationError:
+            log.warning("refused %s: wrong cookie", self.address)
+            self.close(flush=True)
+        except ProtocolError as exc:
+            log.warning("closed %s (%s): %s", self.address, self.name, exc)
+            self.close(flush=True)
+
+    def _hello(self, meta: dict[str, Any]) -> None:
+        name = str(meta.get("name", ""))
+        self.session = str(meta.get("session", ""))
+        expected = meta.get("expect")
+        ours = handshake_meta(self._core.name)
+        problem = incompatibility(ours, meta)
+        if expected and expected != self._core.name:
+            problem = (
+                f"the loader at {self._core.address} is named {self._core.name!r}, not {expected!r}"
+            )
+            self._conn.refuse(problem, kind="wrong_loader", loader=self._core.name)
+        elif problem:
+            self._conn.refuse(problem, kind="incompatible")
+        elif (clash := self._core.clash(name)) is not None and not self._replaces(clash):
+            problem = (
+                f"a node named {name!r} is already connected to {self._core.name} "
+                f"(from {clash.address}); choose another name"
+            )
+            self._conn.refuse(problem, kind="name_clash")
+        if problem:
+            log.warning("refused %s from %s: %s", name, self.address, problem)
+            self.close(flush=True)
+            return
+        self.name = name
+        self._conn.accept(handshake_meta(self._core.name, role="loader"))
+        self._write(self._conn.data_to_send())
+        self._joined = True
+        self._core.join(self)
+
+    def _replaces(self, clash: Any) -> bool:
+        """A node reconnecting before its old connection timed out replaces it."""
+        if isinstance(clash, ServerConnection) and clash.session and clash.session == self.session:
+            log.info(
+                "%s reconnected from %s; dropping its old connection", clash.name, self.address
+            )
+            clash.close()
+            return True
+        return False
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+            self.last_sent = time.monotonic()
+
+    def deliver(self, message: messages.Message) -> None:
+        """Queue ``message`` for this member; drop the member if it stopped reading."""
+        if not self._joined or self._transport is None or self._transport.is_closing():
+            return
+        self._write(self._conn.send(messages.encode(message)))
+        if self._transport.get_write_buffer_size() > self._timing.write_limit:
+            log.warning("closed %s (%s): it stopped reading", self.address, self.name)
+            self.close()
+
+    def close(self, *, flush: bool = False) -> None:
+        """Close the connection (after sending what the protocol queued, if ``flush``)."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        if flush:
+            self._write(self._conn.data_to_send())
+            self._transport.close()
+        else:
+            self._transport.abort()
+        if self._joined:
+            self._joined = False
+            self._core.leave(self)
+
+    def tick(self, now: float) -> None:
+        """Called every heartbeat: time out silent and stalled peers, send proof of life."""
+        timing = self._timing
+        if not self._joined:
+            if now - self.last_heard > timing.handshake:
+                log.warning("closed %s: no handshake within %.1fs", self.address, timing.handshake)
+                self.close()
+            return
+        if now - self.last_heard > timing.dead_after:
+            log.warning(
+                "closed %s (%s): silent for %.1fs", self.address, self.name, timing.dead_after
+            )
+            self.close()
+        elif self._paused_since is not None and now - self._paused_since > timing.stalled_after:
+            log.warning("closed %s (%s): stopped reading", self.address, self.name)
+            self.close()
+        elif now - self.last_sent >= timing.heartbeat:
+            self._write(self._conn.heartbeat())

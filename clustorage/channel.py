@@ -1,0 +1,178 @@
+"""What a node's two ways to the loader (in-process, over TCP) have in common.
+
+A request gets a number (``rid``) and a :class:`Waiter`; the answer with that number wakes
+the caller. Pushes from the loader are applied to the replica by :func:`apply_push`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from .errors import (
+    AuthenticationError,
+    ClustorageError,
+    CompileError,
+    ConfigError,
+    LoaderUnavailable,
+    NameClashError,
+    NotFound,
+    RemoteError,
+    StoreError,
+    ValueTooLarge,
+)
+from .messages import Failed, Load, Members, Message, Queued, SyncReply, Unload
+from .replica import Replica
+
+__all__ = ["Channel", "Pending", "Waiter", "apply_push", "apply_sync", "raise_failure"]
+
+log = logging.getLogger(__name__)
+
+Build = Callable[[int], Message]
+
+
+class Channel(Protocol):
+    """How a Node talks to its loader."""
+
+    members: tuple[str, ...]
+
+    @property
+    def connected(self) -> bool: ...
+
+    def request(self, build: Build, timeout: float) -> Message: ...
+
+    def notify(self, build: Build) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Waiter:
+    """One caller waiting for one answer."""
+
+    __slots__ = ("_lock", "error", "queued", "reply")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.queued = False
+
+    def set(self, reply: Message | None = None, error: BaseException | None = None) -> None:
+        self.reply, self.error = reply, error
+        self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._lock.acquire(timeout=timeout)
+
+
+class Pending:
+    """Requests waiting for answers, by number."""
+
+    def __init__(self) -> None:
+        self._numbers = itertools.count(1)
+        self._waiters: dict[int, Waiter] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> tuple[int, Waiter]:
+        waiter = Waiter()
+        with self._lock:
+            rid = next(self._numbers)
+            self._waiters[rid] = waiter
+        return rid, waiter
+
+    def discard(self, rid: int) -> None:
+        with self._lock:
+            self._waiters.pop(rid, None)
+
+    def resolve(self, rid: int, reply: Message) -> None:
+        if type(reply) is Queued:
+            waiter = self._waiters.get(rid)
+            if waiter is not None:
+                waiter.queued = True
+            return
+        with self._lock:
+            found = self._waiters.pop(rid, None)
+        if found is None:
+            log.debug("an answer to request %d came after its caller gave up", rid)
+        else:
+            found.set(reply)
+
+    def fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.set(error=error)
+
+    def wait(self, rid: int, waiter: Waiter, timeout: float, alive: Callable[[], bool]) -> Message:
+        """The answer to ``rid``. A queued request waits as long as the connection lives.
+
+        Raises:
+            LoaderUnavailable: no answer in ``timeout`` seconds, or the connection was lost.
+        """
+        while not waiter.wait(timeout):
+            if not (waiter.queued and alive()):
+                self.discard(rid)
+                raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.reply is not None
+        if type(waiter.reply) is Failed:
+            raise_failure(waiter.reply)
+        return waiter.reply
+
+
+_ERRORS: dict[str, type[ClustorageError]] = {
+    cls.__name__: cls
+    for cls in (
+        AuthenticationError,
+        ConfigError,
+        NameClashError,
+        LoaderUnavailable,
+        NotFound,
+        StoreError,
+        ValueTooLarge,
+    )
+}
+
+
+def raise_failure(failed: Failed) -> None:
+    """Raise the error a Failed answer carries, as the class the caller can catch."""
+    if failed.error == "CompileError":
+        details = failed.details
+        raise CompileError(
+            failed.message,
+            name=details["name"],
+            lineno=details.get("lineno"),
+            offset=details.get("offset"),
+            text=details.get("text"),
+        )
+    if failed.error == "TypeError":
+        raise TypeError(failed.message)
+    if failed.error == "ValueError":
+        raise ValueError(failed.message)
+    cls = _ERRORS.get(failed.error, RemoteError)
+    prefix = "" if cls is not RemoteError else f"{failed.error}: "
+    raise cls(prefix + failed.message)
+
+
+def apply_push(replica: Replica, message: Message) -> bool:
+    """Apply a push from the loader; returns whether the membership changed."""
+    if type(message) is Load:
+        replica.install(message.entry)
+    elif type(message) is Unload:
+        replica.remove(message.kind, message.key)
+    elif type(message) is Members:
+        return True
+    return False
+
+
+def apply_sync(replica: Replica, reply: SyncReply) -> None:
+    """Make the replica what the loader says it should be (the loader is the truth)."""
+    for entry in reply.entries:
+        replica.install(entry, force=True)
+    for kind, key in reply.removed:
+        replica.remove(kind, key)

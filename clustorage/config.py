@@ -1,0 +1,249 @@
+"""Node configuration: names, addresses, the cookie, the data directory.
+
+Flags win over environment variables, which win over files (SPEC "Addresses and cookie").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "MEMORY",
+    "Cookie",
+    "LoaderAddress",
+    "NodeConfig",
+    "check_name",
+    "clustorage_home",
+    "generated_name",
+    "parse_listen",
+    "parse_loader",
+    "resolve_cookie",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4370
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_MAX_FRAME = 1 << 30
+MEMORY = ":memory:"
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_name(name: str, what: str = "node name") -> str:
+    """Return ``name`` if it is a valid node name, else raise ConfigError saying why."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"invalid {what} {name!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return name
+
+
+def generated_name() -> str:
+    """A node name unique on this machine: host, process id and a random suffix."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32] or "node"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def clustorage_home() -> Path:
+    """``~/.clustorage``: cookie, history and default data live here."""
+    return Path.home() / ".clustorage"
+
+
+def _split_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
+    host, port = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"invalid {what} {text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"invalid {what} {text!r}: expected ':PORT' after ']'")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not port:
+        return host or DEFAULT_HOST, default_port
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"invalid {what} {text!r}: port must be a number from 0 to 65535")
+    return host or DEFAULT_HOST, int(port)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 asks the OS for a free one."""
+    return _split_host_port(text, DEFAULT_PORT, "listen address")
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderAddress:
+    """Where a member finds the loader, and the name the loader must answer with."""
+
+    name: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.name}@{host}:{self.port}"
+
+
+def parse_loader(text: str) -> LoaderAddress:
+    """Parse ``NAME[@HOST[:PORT]]`` (defaults 127.0.0.1 and 4370)."""
+    name, _, where = text.partition("@")
+    check_name(name, "loader name")
+    if not where:
+        return LoaderAddress(name)
+    host, port = _split_host_port(where, DEFAULT_PORT, "loader address")
+    return LoaderAddress(name, host, port)
+
+
+class Cookie:
+    """The cluster secret. Never shown in ``repr``/``str`` and never pickled."""
+
+    __slots__ = ("_secret", "source")
+
+    def __init__(self, secret: bytes, source: str) -> None:
+        if not secret:
+            raise ConfigError(f"the cookie from {source} is empty; set a non-empty secret")
+        self._secret = secret
+        self.source = source
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+    def __repr__(self) -> str:
+        return f"<Cookie from {self.source}>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cookie) and secrets.compare_digest(self._secret, other._secret)
+
+    def __hash__(self) -> int:
+        return hash(Cookie)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a clustorage Cookie cannot be pickled: it is the cluster's secret")
+
+
+def _read_cookie_file(path: Path, *, create: bool) -> Cookie:
+    if create and not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read cookie file {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"cookie file {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read cookie file {path}: {exc.strerror}") from exc
+    return Cookie(text.encode(), f"file {path}")
+
+
+def resolve_cookie(
+    cookie: str | bytes | Cookie | None = None,
+    cookie_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Cookie:
+    """The cookie; first found wins: argument, file, $CLUSTORAGE_COOKIE, ~/.clustorage/cookie.
+
+    Raises:
+        ConfigError: the cookie is empty, or a cookie file is unreadable or group/other readable.
+    """
+    env = os.environ if env is None else env
+    if isinstance(cookie, Cookie):
+        return cookie
+    if cookie is not None:
+        return Cookie(cookie.encode() if isinstance(cookie, str) else bytes(cookie), "--cookie")
+    if cookie_file is not None:
+        return _read_cookie_file(Path(cookie_file), create=False)
+    if env.get("CLUSTORAGE_COOKIE"):
+        return Cookie(env["CLUSTORAGE_COOKIE"].encode(), "$CLUSTORAGE_COOKIE")
+    return _read_cookie_file(clustorage_home() / "cookie", create=True)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node needs to start; build it with :meth:`resolve`."""
+
+    name: str
+    cookie: Cookie = field(repr=False)
+    loader: LoaderAddress | None = None
+    listen: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT)
+    data: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    max_frame: int = DEFAULT_MAX_FRAME
+
+    @property
+    def is_loader(self) -> bool:
+        return self.loader is None
+
+    @property
+    def database(self) -> str:
+        """The SQLite file of a loader, or ':memory:'."""
+        if self.data == MEMORY:
+            return MEMORY
+        base = Path(self.data) if self.data else clustorage_home() / "data"
+        return str(base / f"{self.name}.sqlite3")
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        name: str | None = None,
+        loader: str | LoaderAddress | None = None,
+        cookie: str | bytes | Cookie | None = None,
+        cookie_file: str | os.PathLike[str] | None = None,
+        listen: str | tuple[str, int] | None = None,
+        data: str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
+        max_frame: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> NodeConfig:
+        """Combine arguments with ``CLUSTORAGE_*`` environment variables and defaults.
+
+        Raises:
+            ConfigError: a name, address, timeout or cookie is not usable.
+        """
+        env = os.environ if env is None else env
+        name = name or env.get("CLUSTORAGE_NAME") or generated_name()
+        check_name(name)
+        loader = loader or env.get("CLUSTORAGE_LOADER") or None
+        address = parse_loader(loader) if isinstance(loader, str) else loader
+        if address is not None and address.name == name:
+            address = None  # naming yourself as the loader means "I am the loader"
+        listen = listen or env.get("CLUSTORAGE_LISTEN") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+        where = parse_listen(listen) if isinstance(listen, str) else listen
+        data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
+        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        if not timeout > 0:
+            raise ConfigError(f"invalid timeout {timeout!r}: use a number of seconds above 0")
+        max_frame = max_frame or int(env.get("CLUSTORAGE_MAX_FRAME", DEFAULT_MAX_FRAME))
+        return cls(
+            name=name,
+            cookie=resolve_cookie(cookie, cookie_file, env),
+            loader=address,
+            listen=where,
+            data=data_text,
+            timeout=timeout,
+            max_frame=max_frame,
+        )

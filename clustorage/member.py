@@ -1,0 +1,352 @@
+"""A member's connection to the loader: blocking sockets, one reader thread, reconnection.
+
+Callers send their own requests (under a lock, so frames leave in sequence order) and wait on
+a :class:`~clustorage.channel.Waiter`; the reader thread reads every frame, wakes callers with
+answers, applies pushes to the replica and acknowledges hot-loads. When the connection drops,
+waiting callers get LoaderUnavailable and the reader reconnects with capped exponential backoff,
+then resynchronises by versions before anyone's request goes out again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from . import messages
+from .aio import HEARTBEAT, handshake_meta, incompatibility
+from .channel import Build, Pending, apply_push, apply_sync
+from .config import NodeConfig
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    LoaderUnavailable,
+    NameClashError,
+    ProtocolError,
+)
+from .messages import Load, Loaded, Message, Sync, SyncReply
+from .protocol import Closed, Connection, Frame, Role, Welcome
+from .replica import Replica
+
+__all__ = ["MemberClient"]
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 2.0
+DEAD_AFTER = 4.0
+RECV_SIZE = 1 << 20
+
+
+class _Lost(Exception):
+    """The connection ended; the reader reconnects."""
+
+
+class MemberClient:
+    """A member node's channel to its loader (see the module docstring)."""
+
+    def __init__(self, config: NodeConfig, replica: Replica, changed: Callable[[], None]) -> None:
+        assert config.loader is not None
+        self.config = config
+        self.loader = config.loader
+        self.replica = replica
+        self.changed = changed
+        self.members: tuple[str, ...] = ()
+        self.pending = Pending()
+        self._session = secrets.token_hex(8)
+        self._sock: socket.socket | None = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._ready = threading.Condition()
+        self._is_ready = False
+        self._stopping = False
+        self._last_error: BaseException | None = None
+        self._last_heard = self._last_sent = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, name=f"clustorage-member-{config.name}", daemon=True
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._is_ready
+
+    def where(self) -> str:
+        return str(self.loader)
+
+    def unavailable(self, why: str) -> LoaderUnavailable:
+        """The LoaderUnavailable a caller sees, naming the loader and how to start it."""
+        return LoaderUnavailable(
+            f"the loader {self.loader} is unavailable ({why}); start it with "
+            f"'clustorage loader --name {self.loader.name} --listen "
+            f"{self.loader.host}:{self.loader.port}' or check --loader"
+        )
+
+    # -- connecting ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect once in the foreground, then keep the connection up in the background.
+
+        Raises:
+            AuthenticationError, NameClashError, ConfigError: the loader refused us; retrying
+                would not help.
+        """
+        try:
+            self._connect()
+        except (AuthenticationError, NameClashError, ConfigError):
+            raise
+        except (OSError, ProtocolError, _Lost) as exc:
+            log.warning(
+                "%s: cannot reach the loader %s yet (%s)", self.config.name, self.where(), exc
+            )
+            self._last_error = exc
+        self._thread.start()
+
+    def _connect(self) -> None:
+        loader = self.loader
+        timeout = self.config.timeout
+        sock = socket.create_connection((loader.host, loader.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            meta = handshake_meta(
+                self.config.name, role="member", session=self._session, expect=loader.name
+            )
+            conn = Connection(
+                Role.CLIENT, self.config.cookie.secret, meta, max_frame=self.config.max_frame
+            )
+            welcome = self._handshake(sock, conn, meta, timeout)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        with self._send_lock:
+            self._sock, self._conn = sock, conn
+        self._last_heard = self._last_sent = time.monotonic()
+        self.members = (str(welcome.get("name", loader.name)),)
+        rid, waiter = self.pending.open()
+        self._send(Sync(rid, dict(self.replica.versions)))
+        deadline = time.monotonic() + timeout
+        while not waiter.wait(0):
+            if time.monotonic() > deadline:
+                raise _Lost(f"no answer to resync within {timeout:g}s")
+            self._read_once(deadline - time.monotonic())
+        reply = waiter.reply
+        if waiter.error is not None:
+            raise waiter.error
+        if not isinstance(reply, SyncReply):
+            raise _Lost(f"the loader answered resync with {type(reply).__name__}")
+        apply_sync(self.replica, reply)
+        self.members = reply.members
+        with self._ready:
+            self._is_ready = True
+            self._ready.notify_all()
+        log.info(
+            "%s: connected to %s (%d nodes)", self.config.name, self.where(), len(self.members)
+        )
+        self.changed()
+
+    def _handshake(
+        self, sock: socket.socket, conn: Connection, meta: dict[str, object], timeout: float
+    ) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Lost(f"no handshake from {self.where()} within {timeout:g}s")
+            sock.settimeout(remaining)
+            data = sock.recv(65536)
+            conn.receive_data(data)
+            try:
+                event = conn.next_event()
+            except AuthenticationError as exc:
+                raise AuthenticationError(
+                    f"the loader {self.where()} refused our cookie; use the cluster's "
+                    f"cookie (--cookie, --cookie-file, $CLUSTORAGE_COOKIE or ~/.clustorage/cookie)"
+                ) from exc
+            sock.sendall(conn.data_to_send())
+            if isinstance(event, Welcome):
+                return self._check_welcome(dict(event.meta), meta)
+            if not data:
+                raise _Lost("the loader closed the connection during the handshake")
+
+    def _check_welcome(
+        self, welcome: dict[str, object], meta: dict[str, object]
+    ) -> dict[str, object]:
+        error = welcome.get("error")
+        kind = welcome.get("kind")
+        if kind == "name_clash":
+            raise NameClashError(str(error))
+        if kind == "wrong_loader":
+            raise ConfigError(
+                f"{error}; use --loader {welcome.get('loader')}@{self.loader.host}:"
+                f"{self.loader.port}"
+            )
+        if error:
+            raise ConfigError(str(error))
+        if welcome.get("name") != self.loader.name:
+            raise ConfigError(
+                f"the loader at {self.loader.host}:{self.loader.port} is named "
+                f"{welcome.get('name')!r}, not {self.loader.name!r}"
+            )
+        problem = incompatibility(meta, welcome)
+        if problem:
+            raise ConfigError(problem)
+        return welcome
+
+    # -- the reader thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._stopping:
+            if self._is_ready:
+                try:
+                    self._read_forever()
+                except (_Lost, OSError, ProtocolError) as exc:
+                    if not self._stopping:
+                        log.warning(
+                            "%s: lost the loader %s (%s)", self.config.name, self.where(), exc
+                        )
+                self._drop(str(self._last_error or "connection lost"))
+                backoff = BACKOFF_FIRST
+                continue
+            try:
+                self._connect()
+                backoff = BACKOFF_FIRST
+            except (
+                OSError,
+                ProtocolError,
+                _Lost,
+                AuthenticationError,
+                NameClashError,
+                ConfigError,
+            ) as exc:
+                self._last_error = exc
+                self._drop(str(exc))
+                log.debug("%s: reconnect failed: %s", self.config.name, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_CAP)
+
+    def _read_forever(self) -> None:
+        while not self._stopping:
+            self._read_once(HEARTBEAT)
+
+    def _read_once(self, wait: float) -> None:
+        """Read what arrives within ``wait`` seconds; send a heartbeat when idle."""
+        sock, conn = self._sock, self._conn
+        if sock is None or conn is None:
+            raise _Lost("not connected")
+        readable, _, _ = select.select([sock], [], [], max(0.0, min(HEARTBEAT, wait)))
+        now = time.monotonic()
+        if not readable:
+            if now - self._last_heard > DEAD_AFTER:
+                raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
+            if now - self._last_sent >= HEARTBEAT:
+                with self._send_lock:
+                    sock.sendall(conn.heartbeat())
+                self._last_sent = now
+            return
+        data = sock.recv(RECV_SIZE)
+        self._last_heard = now
+        conn.receive_data(data)
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, Frame):
+                if event.payload:
+                    self._dispatch(messages.decode(event.payload))
+            elif isinstance(event, Closed):
+                raise _Lost("the loader closed the connection")
+
+    def _dispatch(self, message: Message) -> None:
+        rid = getattr(message, "rid", None)
+        if rid is not None:
+            self.pending.resolve(rid, message)
+            return
+        if apply_push(self.replica, message):
+            self.members = message.names  # type: ignore[union-attr]
+            self.changed()
+        if type(message) is Load and message.ack:
+            entry = message.entry
+            self._send(Loaded(entry.kind, entry.key, entry.version))
+
+    def _drop(self, why: str) -> None:
+        was_ready = self._is_ready
+        with self._send_lock:
+            sock, self._sock, self._conn = self._sock, None, None
+        with self._ready:
+            self._is_ready = False
+        if sock is not None:
+            sock.close()
+        self.pending.fail_all(self.unavailable(why))
+        if was_ready:
+            self.members = ()
+            self.changed()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        payload = messages.encode(message)
+        with self._send_lock:
+            if self._sock is None or self._conn is None:
+                raise self.unavailable("not connected")
+            self._sock.sendall(self._conn.send(payload))
+            self._last_sent = time.monotonic()
+
+    def _wait_ready(self, timeout: float) -> None:
+        if self._is_ready:
+            return
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._is_ready or self._stopping, timeout):
+                raise self.unavailable(str(self._last_error or f"not connected after {timeout:g}s"))
+        if self._stopping:
+            raise self.unavailable("this node is stopping")
+
+    def _check_thread(self) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(
+                "a blocking clustorage call was made on the member's reader thread "
+                "(from an on_load listener?); hand the work to another thread"
+            )
+
+    def request(self, build: Build, timeout: float) -> Message:
+        """Send a request and wait for its answer.
+
+        Raises:
+            LoaderUnavailable: not connected within ``timeout``, or no answer in time.
+        """
+        self._check_thread()
+        self._wait_ready(timeout)
+        rid, waiter = self.pending.open()
+        try:
+            self._send(build(rid))
+        except OSError as exc:
+            self.pending.discard(rid)
+            raise self.unavailable(str(exc)) from exc
+        except BaseException:
+            self.pending.discard(rid)
+            raise
+        return self.pending.wait(rid, waiter, timeout, lambda: self._is_ready)
+
+    def notify(self, build: Build) -> None:
+        """Send a message that has no answer, if connected."""
+        try:
+            self._send(build(0))
+        except (OSError, LoaderUnavailable) as exc:
+            log.debug("%s: could not notify the loader: %s", self.config.name, exc)
+
+    def close(self) -> None:
+        """Disconnect and stop reconnecting."""
+        self._stopping = True
+        with self._send_lock:
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self._ready:
+            self._ready.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        self._drop("this node stopped")

@@ -1,0 +1,359 @@
+"""The public, synchronous Node: a hit reads the local replica only (SPEC "Python API")."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+from . import codec
+from .channel import Channel
+from .compiler import check_function_name
+from .config import Cookie, LoaderAddress, NodeConfig
+from .errors import NotFound
+from .keys import Key, normalize_key
+from .messages import (
+    FUNCTION,
+    VALUE,
+    Commit,
+    Committed,
+    Define,
+    Defined,
+    Delete,
+    Deleted,
+    Entry,
+    Fetch,
+    Found,
+    History,
+    HistoryReply,
+    LeaseGranted,
+    Put,
+    Release,
+    Status,
+    StatusReply,
+)
+from .replica import LoadEvent, Replica
+
+__all__ = ["Definition", "Node"]
+
+log = logging.getLogger(__name__)
+
+Source = str | Callable[[], str]
+
+
+class Definition(NamedTuple):
+    """What ``define`` reports: the version, and which nodes have installed it."""
+
+    name: str
+    version: int
+    changed: bool
+    installed: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+class Node:
+    """One node of a cluster: the loader if no loader is named, else a member.
+
+    Args:
+        name: this node's name (``$CLUSTORAGE_NAME``, else generated).
+        loader: ``NAME[@HOST[:PORT]]`` of the loader (``$CLUSTORAGE_LOADER``); none means this
+            node is the loader.
+        cookie, cookie_file: the cluster secret (else ``$CLUSTORAGE_COOKIE``, else
+            ``~/.clustorage/cookie``).
+        listen: ``HOST:PORT`` a loader listens on (default ``127.0.0.1:4370``).
+        data: a loader's data directory, or ``:memory:``.
+        timeout: seconds to wait for the loader before raising LoaderUnavailable.
+
+    Raises:
+        ConfigError, AuthenticationError, NameClashError, StoreError: the node cannot start.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        loader: str | LoaderAddress | None = None,
+        *,
+        cookie: str | bytes | Cookie | None = None,
+        cookie_file: str | os.PathLike[str] | None = None,
+        listen: str | tuple[str, int] | None = None,
+        data: str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
+        max_frame: int | None = None,
+    ) -> None:
+        self.config = NodeConfig.resolve(
+            name=name,
+            loader=loader,
+            cookie=cookie,
+            cookie_file=cookie_file,
+            listen=listen,
+            data=data,
+            timeout=timeout,
+            max_frame=max_frame,
+        )
+        self.name = self.config.name
+        self.timeout = self.config.timeout
+        self._replica = Replica()
+        self._values = self._replica.values
+        self._functions = self._replica.functions
+        self._change_listeners: list[Callable[[], None]] = []
+        self._stopped = False
+        self._channel: Channel
+        if self.config.loader is None:
+            from .runtime import LoaderRuntime
+
+            runtime = LoaderRuntime(self.config, self._replica, self._changed)
+            self._channel = runtime
+            self.address: tuple[str, int] = runtime.address
+        else:
+            from .member import MemberClient
+
+            client = MemberClient(self.config, self._replica, self._changed)
+            self._channel = client
+            self.address = (self.config.loader.host, self.config.loader.port)
+            client.start()
+        self.started = time.time()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<clustorage.Node {self.name} ({self.role} of {self.loader_address}, {state})>"
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def is_loader(self) -> bool:
+        return self.config.loader is None
+
+    @property
+    def role(self) -> str:
+        return "loader" if self.is_loader else "member"
+
+    @property
+    def loader_address(self) -> str:
+        """``NAME@HOST:PORT`` of this cluster's loader."""
+        if self.config.loader is not None:
+            return str(self.config.loader)
+        return str(LoaderAddress(self.name, *self.address))
+
+    @property
+    def connected(self) -> bool:
+        return self._channel.connected and not self._stopped
+
+    # -- values ----------------------------------------------------------------------------
+
+    def get(self, key: Key, fn: Callable[[], Any] | None = None) -> Any:
+        """The value of ``key``, computed by ``fn()`` once for the whole cluster on a miss.
+
+        Raises:
+            NotFound: the cluster has no ``key`` and no ``fn`` was given.
+            TypeError: the value cannot be serialized (the message names the key).
+            LoaderUnavailable: a miss while the loader cannot be reached.
+        """
+        try:
+            return self._values[key]  # type: ignore[index]
+        except (KeyError, TypeError):
+            return self._get_slow(key, fn)
+
+    def _get_slow(self, key: Key, fn: Callable[[], Any] | None) -> Any:
+        key = normalize_key(key)
+        values = self._values
+        if key in values:
+            return values[key]
+        wants_lease = fn is not None
+        reply = self._channel.request(lambda rid: Fetch(rid, VALUE, key, wants_lease), self.timeout)
+        if type(reply) is Found:
+            return self._install(reply.entry)
+        if fn is None or type(reply) is not LeaseGranted:
+            raise NotFound(
+                f"the cluster has no value for {key!r}; pass a function that computes it, "
+                f"as in get({key!r}, lambda: ...)"
+            )
+        value, payload = self._compute(key, fn)
+        reply = self._channel.request(lambda rid: Commit(rid, key, payload), self.timeout)
+        assert type(reply) is Committed
+        mine = reply.entry.payload is payload or reply.entry.payload == payload
+        return self._install(reply.entry, value if mine else None)
+
+    def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, bytes]:
+        try:
+            value = fn()
+            payload = codec.dump(key, value)
+            codec.check_size(key, payload, self.config.max_frame)
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._channel.notify(lambda rid: Release(rid, key, reason))
+            raise
+        return value, payload
+
+    def _install(self, entry: Entry, obj: Any = None) -> Any:
+        self._replica.install(entry, obj)
+        table = self._functions if entry.kind == FUNCTION else self._values
+        try:
+            return table[entry.key]
+        except KeyError:  # deleted meanwhile: the answer still stands
+            return obj if obj is not None else codec.load(entry.payload)
+
+    def put(self, key: Key, value: Any) -> int:
+        """Store ``value`` under ``key`` as a new version everywhere; returns the version."""
+        key = normalize_key(key)
+        payload = codec.dump(key, value)
+        codec.check_size(key, payload, self.config.max_frame)
+        reply = self._channel.request(lambda rid: Put(rid, key, payload), self.timeout)
+        assert type(reply) is Committed
+        self._install(reply.entry, value)
+        return reply.entry.version
+
+    def delete(self, key: Key, kind: str = VALUE) -> bool:
+        """Delete a value (or, with ``kind="function"``, a function) everywhere."""
+        key = normalize_key(key) if kind == VALUE else check_function_name(str(key))
+        reply = self._channel.request(lambda rid: Delete(rid, kind, key), self.timeout)
+        assert type(reply) is Deleted
+        self._replica.remove(kind, key)
+        return reply.existed
+
+    def keys(self) -> list[str]:
+        """Every value key, sorted."""
+        return self._replica.keys()
+
+    # -- functions -------------------------------------------------------------------------
+
+    def call(self, name: str, args: Iterable[Any] = (), fn: Source | None = None) -> Any:
+        """Call function ``name`` with ``*args``, defining it from ``fn``'s source if needed.
+
+        Raises:
+            NotFound: the cluster has no function ``name`` and no source was given.
+            CompileError: the source did not compile on the loader.
+        """
+        function = self._functions.get(name)
+        if function is None:
+            function = self._load_function(name, fn)
+        return function(*args)
+
+    def _load_function(self, name: str, fn: Source | None) -> Callable[..., Any]:
+        check_function_name(name)
+        reply = self._channel.request(lambda rid: Fetch(rid, FUNCTION, name, False), self.timeout)
+        if type(reply) is Found:
+            return self._install(reply.entry)  # type: ignore[no-any-return]
+        if fn is None:
+            raise NotFound(
+                f"the cluster has no function {name!r}; give its source, as in "
+                f"call({name!r}, [...], 'def {name}(...): ...')"
+            )
+        self.define(name, fn() if callable(fn) else fn)
+        return self._functions[name]
+
+    def define(self, name: str, source: Source, force: bool = False) -> Definition:
+        """Compile ``source`` as function ``name`` on the loader and hot-load it everywhere.
+
+        Unchanged source makes no new version unless ``force``. Returns once every node
+        connected at that moment has installed it, was dropped, or the timeout passed.
+
+        Raises:
+            CompileError: the loader's message, with ``<cluster:NAME>``, line and column.
+        """
+        check_function_name(name)
+        text = source() if callable(source) else source
+        if not isinstance(text, str):
+            raise TypeError(f"the source of {name!r} must be a str, not {type(text).__name__}")
+        reply = self._channel.request(
+            lambda rid: Define(rid, name, text, force), self.timeout + self.config.timeout
+        )
+        assert type(reply) is Defined
+        self._install(reply.entry)
+        entry = reply.entry
+        return Definition(name, entry.version, reply.changed, reply.installed, reply.missing)
+
+    def functions(self) -> list[str]:
+        """Every function name, sorted."""
+        return self._replica.function_names()
+
+    def function(self, name: str) -> Callable[..., Any]:
+        """The loaded function ``name``."""
+        try:
+            return self._functions[name]
+        except KeyError:
+            raise NotFound(f"no function {name!r} is loaded on {self.name}") from None
+
+    def source(self, name: str) -> str:
+        """The source text of function ``name``."""
+        try:
+            return self._replica.sources[name]
+        except KeyError:
+            raise NotFound(f"no function {name!r} is loaded on {self.name}") from None
+
+    def version(self, key: str, kind: str = FUNCTION) -> int:
+        """The version of ``key`` held here (0 when absent)."""
+        return self._replica.version(kind, key)
+
+    def history(self, key: Key, kind: str = FUNCTION) -> list[Entry]:
+        """Every stored version of a function (or value), oldest first, from the loader."""
+        text = normalize_key(key)
+        reply = self._channel.request(lambda rid: History(rid, kind, text), self.timeout)
+        assert type(reply) is HistoryReply
+        return list(reply.entries)
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    def nodes(self) -> list[str]:
+        """Names of the connected nodes, the loader first."""
+        return list(self._channel.members)
+
+    def status(self) -> dict[str, Any]:
+        """This node and, when the loader answers, the cluster's state."""
+        status: dict[str, Any] = {
+            "name": self.name,
+            "role": self.role,
+            "loader": self.loader_address,
+            "connected": self.connected,
+            "keys": len(self._values),
+            "functions": len(self._functions),
+            "nodes": [],
+        }
+        if self.connected:
+            reply = self._channel.request(Status, self.timeout)
+            assert type(reply) is StatusReply
+            status["cluster"] = reply.status
+            status["nodes"] = reply.status["nodes"]
+        return status
+
+    def on_load(self, callback: Callable[[LoadEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on every install or removal; returns an unsubscribe function.
+
+        Callbacks run on a background thread and must not block on the cluster.
+        """
+        return self._replica.on_load(callback)
+
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` when nodes join or leave or the loader connection changes."""
+        self._change_listeners.append(callback)
+        return lambda: self._change_listeners.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._change_listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("an on_change listener failed")
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Leave the cluster (a loader stops serving). Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._channel.close()
+        self._changed()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

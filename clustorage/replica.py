@@ -1,0 +1,120 @@
+"""A node's local copy of every value and function, and its on_load listeners. No I/O.
+
+Reads (``values[key]``, ``functions[name]``) take no lock: entries are only ever replaced
+whole, by one writer thread, and a dict assignment is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import codec
+from .compiler import register_source
+from .messages import FUNCTION, Entry
+
+__all__ = ["LoadEvent", "Replica"]
+
+log = logging.getLogger(__name__)
+
+
+class LoadEvent(NamedTuple):
+    """What an on_load listener is told: an entry was installed (or removed, ``obj`` None)."""
+
+    kind: str
+    key: str
+    version: int
+    origin: str
+    obj: Any
+    source: str | None
+    removed: bool = False
+
+
+Listener = Callable[[LoadEvent], None]
+
+
+class Replica:
+    """Values and functions by key, with the version of each."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.sources: dict[str, str] = {}
+        self.versions: dict[tuple[str, str], int] = {}
+        self.origins: dict[tuple[str, str], str] = {}
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+
+    def on_load(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` on every install and removal; returns a function that unsubscribes."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def version(self, kind: str, key: str) -> int:
+        return self.versions.get((kind, key), 0)
+
+    def install(self, entry: Entry, obj: Any = None, *, force: bool = False) -> bool:
+        """Install ``entry`` unless this or a newer version is here; returns whether it was.
+
+        ``obj`` is the already-deserialized object, when the caller has it. ``force``
+        installs any version other than the one held (the loader's word is final on resync).
+        """
+        with self._lock:
+            held = self.versions.get((entry.kind, entry.key), 0)
+            if held == entry.version or (held > entry.version and not force):
+                return False
+            if obj is None:
+                obj = codec.load(entry.payload)
+            if entry.kind == FUNCTION:
+                if entry.source is not None:
+                    register_source(entry.key, entry.source)
+                    self.sources[entry.key] = entry.source
+                self.functions[entry.key] = obj
+            else:
+                self.values[entry.key] = obj
+            self.versions[(entry.kind, entry.key)] = entry.version
+            self.origins[(entry.kind, entry.key)] = entry.origin
+            listeners = list(self._listeners)
+        self._notify(
+            listeners,
+            LoadEvent(entry.kind, entry.key, entry.version, entry.origin, obj, entry.source),
+        )
+        return True
+
+    def remove(self, kind: str, key: str) -> bool:
+        """Forget ``key``; returns whether it was here."""
+        with self._lock:
+            table: dict[str, Any] = self.functions if kind == FUNCTION else self.values
+            existed = key in table
+            table.pop(key, None)
+            version = self.versions.pop((kind, key), 0)
+            origin = self.origins.pop((kind, key), "")
+            if kind == FUNCTION:
+                self.sources.pop(key, None)
+            listeners = list(self._listeners)
+        if version:
+            self._notify(listeners, LoadEvent(kind, key, version, origin, None, None, True))
+        return existed or bool(version)
+
+    def keys(self) -> list[str]:
+        return sorted(self.values)
+
+    def function_names(self) -> list[str]:
+        return sorted(self.functions)
+
+    @staticmethod
+    def _notify(listeners: list[Listener], event: LoadEvent) -> None:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("an on_load listener failed on %s %r", event.kind, event.key)

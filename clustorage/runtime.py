@@ -1,0 +1,195 @@
+"""The loader node's machinery: its event-loop thread, its server, and its in-process channel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .aio import ServerConnection, Timing
+from .channel import Build, Pending, apply_push
+from .config import NodeConfig
+from .errors import ConfigError, LoaderUnavailable
+from .loader import LoaderCore
+from .messages import Load, Loaded, Message
+from .replica import Replica
+from .store import open_store
+
+__all__ = ["LoaderRuntime"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _LocalPeer:
+    """The loader's own node, as a peer of its core: deliveries go straight to the replica."""
+
+    def __init__(self, runtime: LoaderRuntime, name: str) -> None:
+        self.name = name
+        self.address = "local"
+        self.connected_since = time.time()
+        self._runtime = runtime
+
+    def deliver(self, message: Message) -> None:
+        runtime = self._runtime
+        rid = getattr(message, "rid", None)
+        if rid is not None:
+            runtime.pending.resolve(rid, message)
+            return
+        if apply_push(runtime.replica, message):
+            runtime.members = runtime.core.member_names()
+            runtime.changed()
+        if type(message) is Load and message.ack:
+            entry = message.entry
+            loaded = Loaded(entry.kind, entry.key, entry.version)
+            runtime.loop.call_soon(runtime.core.handle, self, loaded)
+
+
+class LoaderRuntime:
+    """A loader: its store, its core and its TCP server, on a background event-loop thread.
+
+    Also the loader node's :class:`~clustorage.channel.Channel`: its own requests go to the
+    core through the loop, without the network.
+    """
+
+    def __init__(self, config: NodeConfig, replica: Replica, changed: Callable[[], None]) -> None:
+        self.config = config
+        self.replica = replica
+        self.changed = changed
+        self.pending = Pending()
+        self.timing = Timing()
+        self.members: tuple[str, ...] = (config.name,)
+        self._connections: set[ServerConnection] = set()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
+        )
+        store = open_store(config.database)
+        self.core = LoaderCore(config.name, store, self.loop.call_later, ack_timeout=config.timeout)
+        self._store = store
+        self._server: asyncio.Server | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._local = _LocalPeer(self, config.name)
+        self._thread.start()
+        try:
+            self.address: tuple[str, int] = self.submit(self._start(), config.timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _start(self) -> tuple[str, int]:
+        host, port = self.config.listen
+        cookie = self.config.cookie.secret
+        try:
+            self._server = await self.loop.create_server(
+                lambda: ServerConnection(
+                    self.core, cookie, self.timing, self.config.max_frame, self._connections
+                ),
+                host,
+                port,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"the loader {self.config.name} cannot listen on {host}:{port}: {exc.strerror}; "
+                f"is another loader running there? choose another address with --listen HOST:PORT"
+            ) from exc
+        address = self._server.sockets[0].getsockname()
+        self.core.address = f"{address[0]}:{address[1]}"
+        for entry in self.core.entries.values():
+            self.replica.install(entry)
+        self.core.join(self._local)
+        self._heartbeat_task = self.loop.create_task(self._heartbeats())
+        log.info(
+            "loader %s listening on %s with %d entries from %s",
+            self.config.name,
+            self.core.address,
+            len(self.core.entries),
+            self._store.path,
+        )
+        return address[0], address[1]
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.timing.heartbeat / 2)
+            now = time.monotonic()
+            for connection in list(self._connections):
+                connection.tick(now)
+
+    def submit(self, coro: Any, timeout: float) -> Any:
+        """Run ``coro`` on the loop and wait for its result (never from the loop itself)."""
+        self._check_thread()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def _check_thread(self) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(
+                "a blocking clustorage call was made on the loader's own event-loop thread "
+                "(from an on_load listener?); hand the work to another thread"
+            )
+
+    def request(self, build: Build, timeout: float) -> Message:
+        self._check_thread()
+        if self.loop.is_closed():
+            raise LoaderUnavailable(f"the loader {self.config.name} has stopped")
+        rid, waiter = self.pending.open()
+        self.loop.call_soon_threadsafe(self.core.handle, self._local, build(rid))
+        return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
+
+    def notify(self, build: Build) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.core.handle, self._local, build(0))
+
+    def call(self, function: Callable[[], T], timeout: float) -> T:
+        """Run ``function`` on the loop thread and return its result."""
+        self._check_thread()
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    async def _shutdown(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.close()
+        self.core.leave(self._local)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def close(self) -> None:
+        """Stop serving, close every connection and the store."""
+        if self.loop.is_closed():
+            return
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
+            except Exception:
+                log.exception("loader %s: unclean shutdown", self.config.name)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+        self._store.close()
+        self.pending.fail_all(LoaderUnavailable(f"the loader {self.config.name} has stopped"))

@@ -1,0 +1,157 @@
+"""The loader's durable store: every value and function version in SQLite.
+
+The only module that imports sqlite3. WAL journal, one writer (the loader's event loop).
+A version is committed before the loader acknowledges or hot-loads it (SPEC "Durability").
+Deletions are tombstone rows, so a key's history stays auditable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Protocol
+
+from .errors import StoreError
+from .messages import VALUE, Entry
+
+__all__ = ["MEMORY", "SQLiteStore", "Store", "open_store"]
+
+log = logging.getLogger(__name__)
+MEMORY = ":memory:"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    kind     TEXT    NOT NULL,
+    key      TEXT    NOT NULL,
+    version  INTEGER NOT NULL,
+    payload  BLOB,
+    source   TEXT,
+    origin   TEXT    NOT NULL,
+    time     REAL    NOT NULL,
+    deleted  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (kind, key, version)
+) WITHOUT ROWID;
+"""
+
+_CURRENT = """
+SELECT kind, key, version, payload, source, origin, time FROM entries AS e
+WHERE deleted = 0 AND version = (
+    SELECT MAX(version) FROM entries WHERE kind = e.kind AND key = e.key)
+"""
+
+
+class Store(Protocol):
+    """What the loader needs from a store."""
+
+    path: str
+
+    def current(self) -> list[Entry]: ...
+
+    def last_versions(self) -> dict[tuple[str, str], int]: ...
+
+    def commit(self, entry: Entry) -> None: ...
+
+    def delete(self, kind: str, key: str, version: int, origin: str) -> None: ...
+
+    def history(self, kind: str, key: str) -> list[Entry]: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """A :class:`Store` in one SQLite file (or in memory for ``:memory:``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            if path != MEMORY:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open the loader's data file {path}: {exc}; choose a writable "
+                f"directory with --data DIR (or --data :memory: to keep nothing)"
+            ) from exc
+
+    def current(self) -> list[Entry]:
+        """The latest, undeleted version of every key."""
+        return [Entry(*row) for row in self._db.execute(_CURRENT)]
+
+    def last_versions(self) -> dict[tuple[str, str], int]:
+        """The highest version ever used for each key, deleted ones included."""
+        rows = self._db.execute("SELECT kind, key, MAX(version) FROM entries GROUP BY kind, key")
+        return {(kind, key): version for kind, key, version in rows}
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for sql, args in statements:
+                self._db.execute(sql, args)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+
+    def commit(self, entry: Entry) -> None:
+        """Make ``entry`` durable. Older payloads of a value are dropped; its history stays.
+
+        Raises:
+            StoreError: the write failed (disk full, file gone); nothing was stored.
+        """
+        statements: list[tuple[str, tuple[object, ...]]] = [
+            (
+                "INSERT INTO entries (kind, key, version, payload, source, origin, time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                tuple(entry),
+            )
+        ]
+        if entry.kind == VALUE:
+            statements.append(
+                (
+                    "UPDATE entries SET payload = NULL "
+                    "WHERE kind = ? AND key = ? AND version < ? AND payload IS NOT NULL",
+                    (entry.kind, entry.key, entry.version),
+                )
+            )
+        self._write(statements)
+
+    def delete(self, kind: str, key: str, version: int, origin: str) -> None:
+        """Record that ``key`` was deleted, as tombstone ``version``."""
+        self._write(
+            [
+                (
+                    "INSERT INTO entries (kind, key, version, payload, source, origin, time, "
+                    "deleted) VALUES (?, ?, ?, NULL, NULL, ?, ?, 1)",
+                    (kind, key, version, origin, time.time()),
+                ),
+                (
+                    "UPDATE entries SET payload = NULL WHERE kind = ? AND key = ? AND kind = ?",
+                    (kind, key, VALUE),
+                ),
+            ]
+        )
+
+    def history(self, kind: str, key: str) -> list[Entry]:
+        """Every version of ``key``, oldest first; deletions have version payload ``b''``."""
+        rows = self._db.execute(
+            "SELECT kind, key, version, COALESCE(payload, X''), source, origin, time "
+            "FROM entries WHERE kind = ? AND key = ? ORDER BY version",
+            (kind, key),
+        )
+        return [Entry(*row) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_store(path: str) -> SQLiteStore:
+    """Open (creating if needed) the store at ``path``."""
+    store = SQLiteStore(path)
+    log.info("store %s: %d entries", path, len(store.current()))
+    return store

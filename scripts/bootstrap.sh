@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the tests need, idempotently:
+# a virtualenv in .venv with clustorage installed (editable) and, where missing, tmux.
+# Usage: scripts/bootstrap.sh [EXTRAS]   (EXTRAS defaults to "test")
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras="${1:-test}"
+py="${PYTHON:-python3}"
+
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "clustorage needs Python 3.11 or newer; '$py' is $("$py" --version 2>&1)." >&2
+    echo "Set PYTHON=/path/to/python3.11 and run again." >&2
+    exit 2
+fi
+
+if ! command -v tmux >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing tmux (apt-get)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
+    elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
+    else
+        echo "tmux is not installed; install it with your package manager (brew/apt/dnf install tmux)." >&2
+    fi
+fi
+
+venv="$here/.venv"
+stamp="$venv/.clustorage-$extras"
+if [ ! -x "$venv/bin/python" ]; then
+    "$py" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q -e "$here[$extras]" >&2
+    touch "$stamp"
+fi

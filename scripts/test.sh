@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: set up, then lint (ruff), type-check (mypy --strict) and run the whole suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k handshake
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$here/scripts/bootstrap.sh" test
+cd "$here"
+bin="$here/.venv/bin"
+"$bin/ruff" format --check clustorage tests bench demo
+"$bin/ruff" check clustorage tests bench demo
+"$bin/mypy" clustorage
+exec "$bin/python" -m pytest "$@"
