@@ -6,12 +6,19 @@ import builtins
 import linecache
 import textwrap
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
 from .errors import CompileError
 
-__all__ = ["check_function_name", "compile_function", "filename", "register_source"]
+__all__ = [
+    "check_function_name",
+    "compile_function",
+    "filename",
+    "register_source",
+    "restore_filename",
+]
 
 MODULE = "__cluster__"
 
@@ -83,3 +90,21 @@ def compile_function(name: str, source: str) -> Callable[..., Any]:
             name=name,
         )
     return function  # type: ignore[no-any-return]
+
+
+def _code_with_filename(code: types.CodeType, path: str) -> types.CodeType:
+    consts = tuple(
+        _code_with_filename(const, path) if isinstance(const, types.CodeType) else const
+        for const in code.co_consts
+    )
+    return code.replace(co_filename=path, co_consts=consts)
+
+
+def restore_filename(name: str, function: Any) -> Any:
+    """Point a received function's code back at ``<cluster:NAME>``.
+
+    cloudpickle sends code with a neutral file name; tracebacks need ours to find the source.
+    """
+    if isinstance(function, types.FunctionType):
+        function.__code__ = _code_with_filename(function.__code__, filename(name))
+    return function

@@ -234,7 +234,8 @@ class NodeConfig:
         listen = listen or env.get("CLUSTORAGE_LISTEN") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
         where = parse_listen(listen) if isinstance(listen, str) else listen
         data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
-        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        if timeout is None:
+            timeout = float(env.get("CLUSTORAGE_TIMEOUT") or DEFAULT_TIMEOUT)
         if not timeout > 0:
             raise ConfigError(f"invalid timeout {timeout!r}: use a number of seconds above 0")
         max_frame = max_frame or int(env.get("CLUSTORAGE_MAX_FRAME", DEFAULT_MAX_FRAME))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import codec
-from .compiler import register_source
+from .compiler import register_source, restore_filename
 from .messages import FUNCTION, Entry
 
 __all__ = ["LoadEvent", "Replica"]
@@ -75,6 +75,7 @@ class Replica:
             if obj is None:
                 obj = codec.load(entry.payload)
             if entry.kind == FUNCTION:
+                obj = restore_filename(entry.key, obj)
                 if entry.source is not None:
                     register_source(entry.key, entry.source)
                     self.sources[entry.key] = entry.source

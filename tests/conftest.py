@@ -1,0 +1,197 @@
+"""Shared fixtures: free ports, isolated homes, and real loader and member processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+COOKIE = "test-cookie-not-secret"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, deadline: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Block until something accepts connections on ``port``."""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def kill(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
+    """Stop ``proc`` by PID: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+class Member:
+    """A node in its own process (tests/driver.py), evaluating what the test sends."""
+
+    def __init__(self, env: dict[str, str], name: str, loader: str | None) -> None:
+        env = dict(env, CLUSTORAGE_NAME=name)
+        if loader is not None:
+            env["CLUSTORAGE_LOADER"] = loader
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TESTS / "driver.py")],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.started = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            assert self.proc.stderr is not None
+            raise RuntimeError(f"{self.name} died: {self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def send(self, source: str) -> dict[str, Any]:
+        """Run ``source`` in the member; its answer (``ok`` or ``error``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(source) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def start_send(self, source: str) -> None:
+        """Send ``source`` without waiting; collect the answer later with :meth:`answer`."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(source) + "\n")
+        self.proc.stdin.flush()
+
+    answer = _answer
+
+    def ok(self, source: str) -> Any:
+        """Run ``source`` and return its value; fail the test on an error."""
+        answer = self.send(source)
+        assert "ok" in answer, answer
+        return answer["ok"]
+
+
+class Cluster:
+    """Processes a test started, all killed by PID when it ends."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        home = tmp_path / "home"
+        home.mkdir()
+        self.tmp = tmp_path
+        self.env = dict(
+            os.environ,
+            HOME=str(home),
+            CLUSTORAGE_COOKIE=COOKIE,
+            PYTHONUNBUFFERED="1",
+            CLUSTORAGE_TIMEOUT="5",
+        )
+        for name in (
+            "CLUSTORAGE_NAME",
+            "CLUSTORAGE_LOADER",
+            "CLUSTORAGE_LISTEN",
+            "CLUSTORAGE_DATA",
+        ):
+            self.env.pop(name, None)
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.port = 0
+        self.loader_name = "app1"
+
+    @property
+    def loader(self) -> str:
+        return f"{self.loader_name}@127.0.0.1:{self.port}"
+
+    def start_loader(
+        self, name: str = "app1", data: str = ":memory:", port: int | None = None
+    ) -> subprocess.Popen[Any]:
+        """A real ``clustorage loader`` process; returns once it accepts connections."""
+        self.port = port or self.port or free_port()
+        self.loader_name = name
+        log = open(self.tmp / f"loader-{name}.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clustorage",
+                "loader",
+                "--name",
+                name,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--data",
+                data,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        wait_for_port(self.port, time.monotonic() + 30, proc)
+        return proc
+
+    def loader_log(self, name: str = "app1") -> str:
+        return (self.tmp / f"loader-{name}.log").read_text()
+
+    def member(self, name: str, loader: str | None = None) -> Member:
+        """A member process connected to this cluster's loader."""
+        member = Member(self.env, name, loader or self.loader)
+        self.procs.append(member.proc)
+        return member
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            kill(proc)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Real processes on 127.0.0.1, killed by PID at the end of the test."""
+    cluster = Cluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated HOME (and so ~/.clustorage) for in-process nodes."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("HOME", str(path))
+    monkeypatch.setenv("CLUSTORAGE_COOKIE", COOKIE)
+    for name in ("CLUSTORAGE_NAME", "CLUSTORAGE_LOADER", "CLUSTORAGE_LISTEN", "CLUSTORAGE_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    return path

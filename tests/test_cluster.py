@@ -1,0 +1,223 @@
+"""End to end: a real loader process and real member processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+import clustorage
+from tests.conftest import COOKIE, Cluster
+
+pytestmark = pytest.mark.timeout(90)
+
+SUM = "def sum(a, b):\n    return a + b\n"
+
+
+def test_get_computes_once_across_four_processes(cluster: Cluster, tmp_path: Path) -> None:
+    """Four members miss the same key at once; fn runs once and all get its value."""
+    cluster.start_loader()
+    runs = tmp_path / "runs"
+    go = tmp_path / "go"
+    members = [cluster.member(f"m{i}") for i in range(4)]
+    program = (
+        "import os, time\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "def fn():\n"
+        f"    with open({str(runs)!r}, 'a') as f: f.write(node.name + '\\n')\n"
+        "    time.sleep(0.3)\n"
+        "    return {'answer': 42, 'by': node.name}\n"
+        "node.get('expensive', fn)"
+    )
+    for member in members:
+        member.start_send(program)
+    go.touch()
+    answers = [member.answer() for member in members]
+    values = [answer["ok"] for answer in answers]
+    assert len(runs.read_text().splitlines()) == 1
+    assert all(value == values[0] for value in values)
+    assert values[0]["answer"] == 42
+
+
+def test_list_key_joins_with_dots(cluster: Cluster) -> None:
+    """A list key is its parts joined by '.', the same key from every node."""
+    cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    assert a.ok("node.get(['user', 42], lambda: 'ada')") == "ada"
+    assert b.ok("node.get('user.42')") == "ada"
+    assert "user.42" in b.ok("node.keys()")
+
+
+def test_call_with_def_and_lambda_source(cluster: Cluster) -> None:
+    """call compiles def source and lambda source on the loader and returns the result."""
+    cluster.start_loader()
+    a = cluster.member("a")
+    assert a.ok(f"node.call('sum', [1, 4], lambda: {SUM!r})") == 5
+    assert a.ok("node.call('sum', [2, 3])") == 5
+    assert a.ok("node.call('mul', [3, 4], 'lambda a, b: a * b')") == 12
+    assert a.ok("node.call('mul', (5, 6))") == 30
+
+
+def test_function_defined_on_one_member_is_already_in_the_others(cluster: Cluster) -> None:
+    """After define returns on A, B holds the function locally: it works with the loader gone."""
+    loader = cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    definition = a.ok(f"node.define('sum', {SUM!r})")
+    assert sorted(definition[3]) == ["a", "app1", "b"]
+    assert b.ok("node.version('sum')") == 1
+    loader.kill()
+    loader.wait(10)
+    assert b.ok("node.call('sum', [1, 4])") == 5
+    assert b.ok("sum_ = clustorage.functions.sum; sum_(2, 2)") == 4
+
+
+def test_late_joiner_sees_earlier_values_and_functions(cluster: Cluster) -> None:
+    """A member that connects later holds earlier values and functions before it asks."""
+    cluster.start_loader()
+    a = cluster.member("a")
+    a.ok("node.get('hello', lambda: 'world')")
+    a.ok(f"node.define('sum', {SUM!r})")
+    late = cluster.member("late")
+    assert late.ok("sorted(node.keys()), sorted(node.functions())") == [["hello"], ["sum"]]
+    assert late.ok("node.get('hello', lambda: 'not me')") == "world"
+
+
+def test_bad_source_raises_compile_error_and_loads_nothing(cluster: Cluster) -> None:
+    """Bad source: CompileError with <cluster:NAME>, line and column; no node has it."""
+    cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    answer = a.send("node.define('bad', 'def bad(a, b):\\n    return a +\\n')")
+    assert answer["error"] == "CompileError"
+    assert "<cluster:bad>, line 2" in answer["message"]
+    answer = a.send("node.call('nodef', [], 'x = 1')")
+    assert answer["error"] == "CompileError"
+    assert "does not define" in answer["message"]
+    assert a.ok("node.functions()") == []
+    assert b.ok("node.functions()") == []
+
+
+def test_raising_fn_stores_nothing_and_the_next_get_computes(cluster: Cluster) -> None:
+    """fn raises: the caller sees it, nothing is stored, the next get computes."""
+    cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    answer = a.send("node.get('flaky', lambda: 1 / 0)")
+    assert answer["error"] == "ZeroDivisionError"
+    assert b.ok("node.keys()") == []
+    assert b.ok("node.get('flaky', lambda: 'ok now')") == "ok now"
+    assert a.ok("node.get('flaky')") == "ok now"
+
+
+def test_wrong_cookie_is_refused_and_the_loader_keeps_serving(cluster: Cluster) -> None:
+    """A wrong cookie gets AuthenticationError naming the loader; others are still served."""
+    cluster.start_loader()
+    good = cluster.member("good")
+    cluster.env["CLUSTORAGE_COOKIE"] = "wrong"
+    bad = cluster.member("bad")
+    assert bad.started["error"] == "AuthenticationError"
+    assert cluster.loader in bad.started["message"]
+    assert good.ok("node.get('still', lambda: 'served')") == "served"
+    assert "wrong cookie" in cluster.loader_log()
+
+
+def test_duplicate_name_is_refused(cluster: Cluster) -> None:
+    """A second live node with a taken name is refused, naming the clash."""
+    cluster.start_loader()
+    cluster.member("twin")
+    second = cluster.member("twin")
+    assert second.started["error"] == "NameClashError"
+    assert "'twin' is already connected" in second.started["message"]
+
+
+def test_wrong_loader_name_is_an_error(cluster: Cluster) -> None:
+    """A loader answering with another name than --loader says is an error."""
+    cluster.start_loader()
+    wrong = cluster.member("m", loader=f"other@127.0.0.1:{cluster.port}")
+    assert wrong.started["error"] == "ConfigError"
+    assert "named 'app1', not 'other'" in wrong.started["message"]
+
+
+def test_concurrent_threads_compute_once(home: Path) -> None:
+    """Threads on two in-process nodes miss one key at once; fn runs once."""
+    runs: list[int] = []
+    gate = threading.Barrier(8)
+
+    def fn() -> int:
+        runs.append(1)
+        return 7
+
+    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
+        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
+            results: list[int] = []
+
+            def work(node: clustorage.Node) -> None:
+                gate.wait()
+                results.append(node.get("shared", fn))
+
+            threads = [
+                threading.Thread(target=work, args=((loader, member)[i % 2],)) for i in range(8)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+    assert results == [7] * 8
+    assert len(runs) == 1
+
+
+def test_redefinition_replaces_everywhere_and_unchanged_source_keeps_version(home: Path) -> None:
+    """A changed source makes version 2 on every node; the same source makes none."""
+    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
+        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
+            assert member.define("f", "lambda: 1").version == 1
+            again = loader.define("f", "lambda: 1")
+            assert (again.version, again.changed) == (1, False)
+            assert loader.define("f", "lambda: 2").version == 2
+            assert member.call("f") == 2
+            assert member.version("f") == 2
+
+
+def test_traceback_shows_the_hot_loaded_source(home: Path) -> None:
+    """A traceback through a hot-loaded function shows its source lines."""
+    import traceback
+
+    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
+        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
+            loader.define("boom", "def boom(x):\n    return x / 0  # the culprit\n")
+            with pytest.raises(ZeroDivisionError):
+                member.call("boom", [1])
+            try:
+                member.call("boom", [1])
+            except ZeroDivisionError:
+                text = traceback.format_exc()
+            assert '<cluster:boom>", line 2' in text
+            assert "return x / 0  # the culprit" in text
+
+
+def test_unpicklable_value_is_a_type_error_naming_the_key(home: Path) -> None:
+    """A value cloudpickle cannot serialize raises TypeError naming the key; nothing stored."""
+    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
+        with pytest.raises(TypeError, match="'lock'"):
+            loader.get("lock", threading.Lock)
+        assert loader.keys() == []
+        assert loader.get("lock", lambda: "fine") == "fine"
+
+
+def test_on_load_listeners_hear_every_install(home: Path) -> None:
+    """on_load callbacks fire for values and functions installed from elsewhere."""
+    seen: list[tuple[str, str, int, str]] = []
+    done = threading.Event()
+    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
+        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
+
+            def listen(event: clustorage.LoadEvent) -> None:
+                seen.append((event.kind, event.key, event.version, event.origin))
+                if event.key == "f":
+                    done.set()
+
+            member.on_load(listen)
+            loader.put("x", 1)
+            loader.define("f", "lambda: 0")
+            assert done.wait(10)
+    assert ("value", "x", 1, "l") in seen
+    assert ("function", "f", 1, "l") in seen
