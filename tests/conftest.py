@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import clustorage
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -183,6 +186,16 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def node_pair(**loader_options: Any) -> Iterator[tuple[clustorage.Node, clustorage.Node]]:
+    """An in-process loader ``l`` and a member ``m`` connected to it."""
+    options: dict[str, Any] = {"listen": "127.0.0.1:0", "data": ":memory:", **loader_options}
+    with clustorage.Node("l", cookie=COOKIE, **options) as loader:
+        address = f"l@127.0.0.1:{loader.address[1]}"
+        with clustorage.Node("m", address, cookie=COOKIE) as member:
+            yield loader, member
 
 
 @pytest.fixture

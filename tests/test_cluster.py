@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import clustorage
-from tests.conftest import COOKIE, Cluster
+from tests.conftest import COOKIE, Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -146,52 +146,47 @@ def test_concurrent_threads_compute_once(home: Path) -> None:
         runs.append(1)
         return 7
 
-    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
-        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
-            results: list[int] = []
+    with node_pair() as (loader, member):
+        results: list[int] = []
 
-            def work(node: clustorage.Node) -> None:
-                gate.wait()
-                results.append(node.get("shared", fn))
+        def work(node: clustorage.Node) -> None:
+            gate.wait()
+            results.append(node.get("shared", fn))
 
-            threads = [
-                threading.Thread(target=work, args=((loader, member)[i % 2],)) for i in range(8)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+        threads = [threading.Thread(target=work, args=((loader, member)[i % 2],)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
     assert results == [7] * 8
     assert len(runs) == 1
 
 
 def test_redefinition_replaces_everywhere_and_unchanged_source_keeps_version(home: Path) -> None:
     """A changed source makes version 2 on every node; the same source makes none."""
-    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
-        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
-            assert member.define("f", "lambda: 1").version == 1
-            again = loader.define("f", "lambda: 1")
-            assert (again.version, again.changed) == (1, False)
-            assert loader.define("f", "lambda: 2").version == 2
-            assert member.call("f") == 2
-            assert member.version("f") == 2
+    with node_pair() as (loader, member):
+        assert member.define("f", "lambda: 1").version == 1
+        again = loader.define("f", "lambda: 1")
+        assert (again.version, again.changed) == (1, False)
+        assert loader.define("f", "lambda: 2").version == 2
+        assert member.call("f") == 2
+        assert member.version("f") == 2
 
 
 def test_traceback_shows_the_hot_loaded_source(home: Path) -> None:
     """A traceback through a hot-loaded function shows its source lines."""
     import traceback
 
-    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
-        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
-            loader.define("boom", "def boom(x):\n    return x / 0  # the culprit\n")
-            with pytest.raises(ZeroDivisionError):
-                member.call("boom", [1])
-            try:
-                member.call("boom", [1])
-            except ZeroDivisionError:
-                text = traceback.format_exc()
-            assert '<cluster:boom>", line 2' in text
-            assert "return x / 0  # the culprit" in text
+    with node_pair() as (loader, member):
+        loader.define("boom", "def boom(x):\n    return x / 0  # the culprit\n")
+        with pytest.raises(ZeroDivisionError):
+            member.call("boom", [1])
+        try:
+            member.call("boom", [1])
+        except ZeroDivisionError:
+            text = traceback.format_exc()
+        assert '<cluster:boom>", line 2' in text
+        assert "return x / 0  # the culprit" in text
 
 
 def test_unpicklable_value_is_a_type_error_naming_the_key(home: Path) -> None:
@@ -207,17 +202,16 @@ def test_on_load_listeners_hear_every_install(home: Path) -> None:
     """on_load callbacks fire for values and functions installed from elsewhere."""
     seen: list[tuple[str, str, int, str]] = []
     done = threading.Event()
-    with clustorage.Node("l", listen="127.0.0.1:0", data=":memory:", cookie=COOKIE) as loader:
-        with clustorage.Node("m", f"l@127.0.0.1:{loader.address[1]}", cookie=COOKIE) as member:
+    with node_pair() as (loader, member):
 
-            def listen(event: clustorage.LoadEvent) -> None:
-                seen.append((event.kind, event.key, event.version, event.origin))
-                if event.key == "f":
-                    done.set()
+        def listen(event: clustorage.LoadEvent) -> None:
+            seen.append((event.kind, event.key, event.version, event.origin))
+            if event.key == "f":
+                done.set()
 
-            member.on_load(listen)
-            loader.put("x", 1)
-            loader.define("f", "lambda: 0")
-            assert done.wait(10)
+        member.on_load(listen)
+        loader.put("x", 1)
+        loader.define("f", "lambda: 0")
+        assert done.wait(10)
     assert ("value", "x", 1, "l") in seen
     assert ("function", "f", 1, "l") in seen
