@@ -17,6 +17,7 @@ from tests.conftest import COOKIE, Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(120)
 
+LOADER = [sys.executable, "-m", "clustorage", "loader"]
 BURST = (
     "import threading, clustorage\n"
     "acked = []\n"
@@ -146,8 +147,7 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocked.write_text("")
     env = dict(os.environ, HOME=str(tmp_path), CLUSTORAGE_COOKIE=COOKIE)
     result = subprocess.run(
-        [sys.executable, "-m", "clustorage", "loader", "--name", "l", "--listen", "127.0.0.1:0"]
-        + ["--data", str(blocked / "sub")],
+        [*LOADER, "--name", "l", "--listen", "127.0.0.1:0", "--data", str(blocked / "sub")],
         env=env,
         capture_output=True,
         text=True,

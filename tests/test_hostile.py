@@ -1,0 +1,173 @@
+"""Hostile input: every bad peer costs one closed connection and a log line, nothing more."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from clustorage import messages
+from clustorage.protocol import MAGIC, Connection, Role
+from tests.conftest import COOKIE, Cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Whether the loader closes ``sock`` within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def flip_last(frame: bytes) -> bytes:
+    """``frame`` with one bit of its last byte flipped."""
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
+def authenticated(port: int, name: str) -> tuple[socket.socket, Connection]:
+    """A raw, authenticated member connection (the test speaks the protocol itself)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = Connection(
+        Role.CLIENT,
+        COOKIE.encode(),
+        {
+            "name": name,
+            "python": "{}.{}".format(*sys.version_info[:2]),
+            "cloudpickle": cloudpickle.__version__.split(".")[0],
+        },
+    )
+    while conn.state.name != "OPEN":
+        conn.receive_data(sock.recv(65536))
+        conn.next_event()
+        sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        os.urandom(4096),
+        MAGIC + b"\x00\x01" + os.urandom(32) + os.urandom(32) + b"\xff\xff",
+        MAGIC + b"\x00\x63" + os.urandom(100),
+        b"",
+    ],
+    ids=["http", "random", "oversized-meta", "wrong-version", "eof"],
+)
+def test_garbage_before_the_handshake_costs_one_connection(
+    cluster: Cluster, garbage: bytes
+) -> None:
+    """Garbage, an HTTP request or an early EOF: that connection closes, others are served."""
+    cluster.start_loader()
+    member = cluster.member("m")
+    sock = socket.create_connection(("127.0.0.1", cluster.port))
+    sock.sendall(garbage)
+    if not garbage:
+        sock.shutdown(socket.SHUT_WR)
+    assert closed_by_peer(sock, 10)
+    sock.close()
+    assert member.ok("node.get('fine', lambda: 1)") == 1
+    assert member.ok("node.connected") is True
+
+
+def test_replayed_handshake_is_refused(cluster: Cluster) -> None:
+    """A recorded handshake response replayed on a new connection fails authentication."""
+    cluster.start_loader()
+    first = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    conn = Connection(Role.CLIENT, COOKIE.encode(), {"name": "spy", "python": "x"})
+    conn.receive_data(first.recv(65536))
+    conn.next_event()
+    recorded = conn.data_to_send()
+    first.sendall(recorded)
+    first.close()
+    second = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    second.recv(65536)
+    second.sendall(recorded)
+    assert second.recv(16)[:1] == b"R"
+    assert closed_by_peer(second, 10)
+    assert "wrong cookie" in cluster.loader_log()
+
+
+def test_frame_attacks_after_authentication(cluster: Cluster) -> None:
+    """Oversized, truncated, forged and replayed frames from a member close only its connection."""
+    cluster.start_loader()
+    member = cluster.member("m")
+    attacks = {
+        "oversized": lambda c: struct.pack("!IQ", 0xFFFFFFFF, 0) + b"\0" * 32,
+        "forged": lambda c: flip_last(c.send(messages.encode(messages.Status(1)))),
+        "replayed": lambda c: c.send(messages.encode(messages.Status(1))) * 2,
+        "truncated": lambda c: c.send(messages.encode(messages.Status(1)))[:-3],
+        "not-a-message": lambda c: c.send(b"\x80\x05garbage"),
+    }
+    for index, (name, attack) in enumerate(attacks.items()):
+        sock, conn = authenticated(cluster.port, f"attacker{index}")
+        sock.sendall(attack(conn))
+        if name == "truncated":
+            sock.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(sock, 10), name
+        sock.close()
+    assert member.ok("node.get('still', lambda: 'served')") == "served"
+    log = cluster.loader_log()
+    assert "over the limit" in log
+    assert "failed authentication" in log
+
+
+def test_silent_connections_and_garbage_do_not_starve_members(cluster: Cluster) -> None:
+    """200 silent connections plus garbage senders: a member is served, memory stays bounded."""
+    loader = cluster.start_loader()
+    member = cluster.member("m")
+    member.ok("node.get('warm', lambda: 0)")
+    baseline = rss_kib(loader.pid)
+    peaks = []
+    for _round in range(3):
+        silent = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(200)]
+        noisy = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(10)]
+        for sock in noisy:
+            sock.sendall(os.urandom(2048))
+        key = f"served{_round}"
+        assert member.ok(f"node.get({key!r}, lambda: {_round})") == _round
+        peaks.append(rss_kib(loader.pid))
+        for sock in silent + noisy:
+            sock.close()
+    assert peaks[-1] - baseline < 64 * 1024, (baseline, peaks)
+    late = socket.create_connection(("127.0.0.1", cluster.port))
+    assert closed_by_peer(late, 15), "a silent connection was never timed out"
+    assert "no handshake within" in cluster.loader_log()
+
+
+def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
+    """A member that never reads is dropped once its backlog is over the limit; others go on."""
+    loader = cluster.start_loader()
+    writer = cluster.member("writer")
+    sock, _conn = authenticated(cluster.port, "sleeper")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for i in range(24):
+        writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
+    deadline = time.monotonic() + 30
+    while "stopped reading" not in cluster.loader_log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "stopped reading" in cluster.loader_log()
+    assert writer.ok("len(node.keys())") == 24
+    assert rss_kib(loader.pid) < 400 * 1024
+    sock.close()
