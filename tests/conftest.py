@@ -60,13 +60,15 @@ def kill(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
 class Member:
     """A node in its own process (tests/driver.py), evaluating what the test sends."""
 
-    def __init__(self, env: dict[str, str], name: str, loader: str | None) -> None:
+    def __init__(
+        self, env: dict[str, str], name: str, loader: str | None, prefix: tuple[str, ...] = ()
+    ) -> None:
         env = dict(env, CLUSTORAGE_NAME=name)
         if loader is not None:
             env["CLUSTORAGE_LOADER"] = loader
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "driver.py")],
+            [*prefix, sys.executable, str(TESTS / "driver.py")],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -167,9 +169,9 @@ class Cluster:
     def loader_log(self, name: str = "app1") -> str:
         return (self.tmp / f"loader-{name}.log").read_text()
 
-    def member(self, name: str, loader: str | None = None) -> Member:
-        """A member process connected to this cluster's loader."""
-        member = Member(self.env, name, loader or self.loader)
+    def member(self, name: str, loader: str | None = None, prefix: tuple[str, ...] = ()) -> Member:
+        """A member process connected to this cluster's loader (run under ``prefix``)."""
+        member = Member(self.env, name, loader or self.loader, prefix)
         self.procs.append(member.proc)
         return member
 

@@ -1,0 +1,150 @@
+"""Across hosts: loader and two members in their own network namespaces; a link is cut."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+PORT = 4370
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+
+
+class Hosts:
+    """Three namespaces: a loader host linked to two member hosts by veth pairs."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.loader = f"cls{tag}l"
+        self.members = {"a": f"cls{tag}a", "b": f"cls{tag}b"}
+        self.links: dict[str, tuple[str, str, str]] = {}
+        self.made: list[str] = []
+
+    def create(self) -> None:
+        for ns in (self.loader, *self.members.values()):
+            result = ip("netns", "add", ns)
+            if result.returncode != 0:
+                raise OSError(result.stderr.strip())
+            self.made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        for index, (member, ns) in enumerate(self.members.items(), start=1):
+            outer, inner = f"v{ns[-6:]}l", f"v{ns[-6:]}m"
+            net = f"10.250.{index}"
+            checks = [
+                ip(
+                    "link",
+                    "add",
+                    outer,
+                    "netns",
+                    self.loader,
+                    "type",
+                    "veth",
+                    "peer",
+                    inner,
+                    "netns",
+                    ns,
+                ),
+                ip("-n", self.loader, "addr", "add", f"{net}.1/30", "dev", outer),
+                ip("-n", ns, "addr", "add", f"{net}.2/30", "dev", inner),
+                ip("-n", self.loader, "link", "set", outer, "up"),
+                ip("-n", ns, "link", "set", inner, "up"),
+            ]
+            for result in checks:
+                if result.returncode != 0:
+                    raise OSError(result.stderr.strip())
+            self.links[member] = (ns, inner, f"{net}.1")
+
+    def cut(self, member: str, up: bool) -> None:
+        ns, inner, _ = self.links[member]
+        result = ip("-n", ns, "link", "set", inner, "up" if up else "down")
+        assert result.returncode == 0, result.stderr
+
+    def destroy(self) -> None:
+        for ns in self.made:
+            ip("netns", "del", ns)
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Network namespaces made for this test and removed after it."""
+    if sys.platform != "linux" or shutil.which("ip") is None:
+        pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces (ip netns add)")
+    made = Hosts()
+    try:
+        made.create()
+    except OSError as exc:
+        made.destroy()
+        pytest.skip(f"this machine cannot create network namespaces: {exc}")
+    try:
+        yield made
+    finally:
+        made.destroy()
+
+
+def wait_for(check: object, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not true within {seconds}s")
+
+
+def test_cut_link_reconnects_and_resyncs(cluster: Cluster, hosts: Hosts, tmp_path: Path) -> None:
+    """A member whose link is cut keeps its hits, then reconnects and resyncs when it is back."""
+    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
+    options = ["--name", "app1", "--listen", f"0.0.0.0:{PORT}", "--data", str(tmp_path / "data")]
+    loader = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            hosts.loader,
+            sys.executable,
+            "-m",
+            "clustorage",
+            "loader",
+            *options,
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    cluster.procs.append(loader)
+    members = {}
+    for name, (ns, _inner, address) in hosts.links.items():
+        prefix = ("ip", "netns", "exec", ns)
+        members[name] = cluster.member(name, f"app1@{address}:{PORT}", prefix)
+    a, b = members["a"], members["b"]
+    wait_for(lambda: a.ok("node.connected") and b.ok("node.connected"), 30)
+    a.ok("node.put('before', 1)")
+    wait_for(lambda: b.ok("node.keys()") == ["before"], 10)
+
+    hosts.cut("b", up=False)
+    a.ok("node.put('during', 2)\nnode.define('f', 'lambda: 3')")
+    assert b.ok("node.get('before')") == 1
+    wait_for(lambda: not b.ok("node.connected"), 20)
+    wait_for(lambda: "b left" in cluster.loader_log(), 20)
+
+    hosts.cut("b", up=True)
+    wait_for(lambda: b.ok("node.connected"), 30)
+    assert b.ok("sorted(node.keys())") == ["before", "during"]
+    assert b.ok("node.call('f')") == 3
+    assert b.ok("node.get('after', lambda: 4)") == 4
+    assert a.ok("node.get('after')") == 4
