@@ -69,7 +69,12 @@ def incompatibility(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     return None
 
 
-class ServerConnection(asyncio.Protocol):
+# Every connection reads into this one buffer: the loop runs one callback at a time, and
+# the protocol object copies what it needs before the next read.
+_READ_BUFFER = memoryview(bytearray(1 << 20))
+
+
+class ServerConnection(asyncio.BufferedProtocol):
     """One member's connection to the loader."""
 
     def __init__(
@@ -108,9 +113,12 @@ class ServerConnection(asyncio.Protocol):
         self._registry.add(self)
         self._write(self._conn.data_to_send())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = time.monotonic()
-        self._conn.receive_data(data)
+        self._conn.receive_data(_READ_BUFFER[:nbytes])
         self._pump()
 
     def eof_received(self) -> bool | None:

@@ -52,7 +52,7 @@ class Channel(Protocol):
 class Waiter:
     """One caller waiting for one answer."""
 
-    __slots__ = ("_lock", "error", "queued", "reply")
+    __slots__ = ("_lock", "done", "error", "queued", "reply")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -60,9 +60,11 @@ class Waiter:
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.queued = False
+        self.done = False
 
     def set(self, reply: Message | None = None, error: BaseException | None = None) -> None:
         self.reply, self.error = reply, error
+        self.done = True
         self._lock.release()
 
     def wait(self, timeout: float) -> bool:
@@ -83,6 +85,10 @@ class Pending:
             rid = next(self._numbers)
             self._waiters[rid] = waiter
         return rid, waiter
+
+    def busy(self) -> bool:
+        """Whether any request is waiting for its answer."""
+        return bool(self._waiters)
 
     def discard(self, rid: int) -> None:
         with self._lock:

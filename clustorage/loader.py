@@ -225,8 +225,9 @@ class LoaderCore:
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
         )
+        current = self.entries.get((kind, key))
         try:
-            self._store.commit(entry)
+            self._store.commit(entry, current.version if current is not None else 0)
         except StoreError:
             self._last_version[(kind, key)] -= 1
             raise

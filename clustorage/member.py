@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from . import messages
 from .aio import HEARTBEAT, handshake_meta, incompatibility
-from .channel import Build, Pending, apply_push, apply_sync
+from .channel import Build, Pending, Waiter, apply_push, apply_sync
 from .config import NodeConfig
 from .errors import (
     AuthenticationError,
@@ -41,6 +41,7 @@ BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 DEAD_AFTER = 4.0
 RECV_SIZE = 1 << 20
+LINGER = 0.002
 
 
 class _Lost(Exception):
@@ -62,11 +63,16 @@ class MemberClient:
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._tls = threading.local()
+        self._recv_buffer = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buffer)
         self._ready = threading.Condition()
         self._is_ready = False
         self._stopping = False
         self._last_error: BaseException | None = None
         self._last_heard = self._last_sent = time.monotonic()
+        self._last_answer = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-member-{config.name}", daemon=True
         )
@@ -131,10 +137,12 @@ class MemberClient:
         rid, waiter = self.pending.open()
         self._send(Sync(rid, dict(self.replica.versions)))
         deadline = time.monotonic() + timeout
-        while not waiter.wait(0):
-            if time.monotonic() > deadline:
-                raise _Lost(f"no answer to resync within {timeout:g}s")
-            self._read_once(deadline - time.monotonic())
+        with self._io_lock:
+            while not waiter.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Lost(f"no answer to resync within {timeout:g}s")
+                self._read_once(min(remaining, HEARTBEAT))
         reply = waiter.reply
         if waiter.error is not None:
             raise waiter.error
@@ -206,7 +214,7 @@ class MemberClient:
             if self._is_ready:
                 try:
                     self._read_forever()
-                except (_Lost, OSError, ProtocolError) as exc:
+                except (_Lost, OSError, ValueError, ProtocolError) as exc:
                     if not self._stopping:
                         log.warning(
                             "%s: lost the loader %s (%s)", self.config.name, self.where(), exc
@@ -232,33 +240,59 @@ class MemberClient:
                 backoff = min(backoff * 2, BACKOFF_CAP)
 
     def _read_forever(self) -> None:
+        """The fallback reader: reads pushes while no caller is reading its own answer.
+
+        It stays off the socket while requests are in flight or just finished: a second
+        thread woken by every answer would cost each request two thread switches.
+        """
         while not self._stopping:
-            self._read_once(HEARTBEAT)
+            sock = self._sock
+            if sock is None:
+                raise _Lost("not connected")
+            if self.pending.busy() or time.monotonic() - self._last_answer < LINGER:
+                time.sleep(LINGER)
+                if self._io_lock.acquire(blocking=False):
+                    try:
+                        self._read_once(0.0)
+                    finally:
+                        self._io_lock.release()
+                continue
+            select.select([sock], [], [], HEARTBEAT)
+            with self._io_lock:
+                if self._sock is not sock:
+                    raise _Lost("the connection was dropped")
+                self._read_once(0.0)
 
     def _read_once(self, wait: float) -> None:
-        """Read what arrives within ``wait`` seconds; send a heartbeat when idle."""
+        """Read what arrives within ``wait`` seconds (holding the io lock); idle: heartbeat."""
         sock, conn = self._sock, self._conn
         if sock is None or conn is None:
             raise _Lost("not connected")
-        readable, _, _ = select.select([sock], [], [], max(0.0, min(HEARTBEAT, wait)))
+        readable, _, _ = select.select([sock], [], [], wait)
         now = time.monotonic()
-        if not readable:
-            if now - self._last_heard > DEAD_AFTER:
-                raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
-            if now - self._last_sent >= HEARTBEAT:
-                with self._send_lock:
-                    sock.sendall(conn.heartbeat())
-                self._last_sent = now
-            return
-        data = sock.recv(RECV_SIZE)
-        self._last_heard = now
-        conn.receive_data(data)
-        while (event := conn.next_event()) is not None:
-            if isinstance(event, Frame):
-                if event.payload:
-                    self._dispatch(messages.decode(event.payload))
-            elif isinstance(event, Closed):
-                raise _Lost("the loader closed the connection")
+        if readable:
+            try:
+                size = sock.recv_into(self._recv_buffer, RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            self._last_heard = now
+            conn.receive_data(self._recv_view[:size] if size else b"")
+            self._tls.dispatching = True
+            try:
+                while (event := conn.next_event()) is not None:
+                    if isinstance(event, Frame):
+                        if event.payload:
+                            self._dispatch(messages.decode(event.payload))
+                    elif isinstance(event, Closed):
+                        raise _Lost("the loader closed the connection")
+            finally:
+                self._tls.dispatching = False
+        elif now - self._last_heard > DEAD_AFTER:
+            raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
+        elif now - self._last_sent >= HEARTBEAT:
+            with self._send_lock:
+                sock.sendall(conn.heartbeat())
+            self._last_sent = now
 
     def _dispatch(self, message: Message) -> None:
         rid = getattr(message, "rid", None)
@@ -305,11 +339,34 @@ class MemberClient:
             raise self.unavailable("this node is stopping")
 
     def _check_thread(self) -> None:
-        if threading.current_thread() is self._thread:
+        if getattr(self._tls, "dispatching", False):
             raise RuntimeError(
-                "a blocking clustorage call was made on the member's reader thread "
+                "a blocking clustorage call was made while applying a hot-load "
                 "(from an on_load listener?); hand the work to another thread"
             )
+
+    def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:
+        """Wait for the answer to ``rid``, reading the socket ourselves when nobody else is.
+
+        Reading our own answer saves a thread switch on every request; when another
+        thread is reading, it hands us the answer instead.
+        """
+        remaining = timeout
+        if self._io_lock.acquire(blocking=False):
+            try:
+                deadline = time.monotonic() + timeout
+                while not waiter.done and self._is_ready:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 and not waiter.queued:
+                        break
+                    self._read_once(HEARTBEAT if waiter.queued else min(remaining, HEARTBEAT))
+            except (_Lost, OSError, ProtocolError) as exc:
+                log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
+                self._drop(str(exc))
+            finally:
+                self._io_lock.release()
+        self._last_answer = time.monotonic()
+        return self.pending.wait(rid, waiter, max(remaining, 0.0), lambda: self._is_ready)
 
     def request(self, build: Build, timeout: float) -> Message:
         """Send a request and wait for its answer.
@@ -328,7 +385,7 @@ class MemberClient:
         except BaseException:
             self.pending.discard(rid)
             raise
-        return self.pending.wait(rid, waiter, timeout, lambda: self._is_ready)
+        return self._await(rid, waiter, timeout)
 
     def notify(self, build: Build) -> None:
         """Send a message that has no answer, if connected."""

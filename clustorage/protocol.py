@@ -221,7 +221,7 @@ class Connection:
 
     # -- input ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes from the peer; ``b""`` means the peer closed its side."""
         if data:
             self._buffer += data

@@ -51,7 +51,7 @@ class Store(Protocol):
 
     def last_versions(self) -> dict[tuple[str, str], int]: ...
 
-    def commit(self, entry: Entry) -> None: ...
+    def commit(self, entry: Entry, previous: int = 0) -> None: ...
 
     def delete(self, kind: str, key: str, version: int, origin: str) -> None: ...
 
@@ -98,8 +98,8 @@ class SQLiteStore:
                 self._db.execute("ROLLBACK")
             raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
 
-    def commit(self, entry: Entry) -> None:
-        """Make ``entry`` durable. Older payloads of a value are dropped; its history stays.
+    def commit(self, entry: Entry, previous: int = 0) -> None:
+        """Make ``entry`` durable. A value's ``previous`` payload is dropped; its history stays.
 
         Raises:
             StoreError: the write failed (disk full, file gone); nothing was stored.
@@ -111,12 +111,11 @@ class SQLiteStore:
                 tuple(entry),
             )
         ]
-        if entry.kind == VALUE:
+        if entry.kind == VALUE and previous:
             statements.append(
                 (
-                    "UPDATE entries SET payload = NULL "
-                    "WHERE kind = ? AND key = ? AND version < ? AND payload IS NOT NULL",
-                    (entry.kind, entry.key, entry.version),
+                    "UPDATE entries SET payload = NULL WHERE kind = ? AND key = ? AND version = ?",
+                    (entry.kind, entry.key, previous),
                 )
             )
         self._write(statements)
