@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from . import ClustorageError, Node
 from .config import generated_name
-from .errors import ClustorageError
-from .messages import FUNCTION, VALUE
-from .node import Node
 
 __all__ = ["main"]
 
@@ -145,7 +143,7 @@ def _run_status(args: argparse.Namespace) -> int:
 def _run_history(args: argparse.Namespace) -> int:
     node = _member(args)
     try:
-        entries = node.history(args.key, VALUE if args.value else FUNCTION)
+        entries = node.history(args.key, "value" if args.value else "function")
     finally:
         node.stop()
     rows: list[dict[str, Any]] = [
@@ -153,7 +151,7 @@ def _run_history(args: argparse.Namespace) -> int:
             "version": entry.version,
             "origin": entry.origin,
             "time": entry.time,
-            "deleted": entry.source is None and not entry.payload and entry.kind == FUNCTION,
+            "deleted": entry.source is None and not entry.payload and entry.kind == "function",
             "source": entry.source,
         }
         for entry in entries

@@ -76,7 +76,7 @@ def compile_function(name: str, source: str) -> Callable[..., Any]:
         raise CompileError(
             exc.msg, name=name, lineno=exc.lineno, offset=exc.offset, text=exc.text
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         lineno = _error_line(exc, path)
         lines = source.splitlines()
         text = lines[lineno - 1] if lineno and lineno <= len(lines) else None

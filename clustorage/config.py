@@ -5,10 +5,11 @@ Flags win over environment variables, which win over files (SPEC "Addresses and 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import re
 import secrets
-import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ def check_name(name: str, what: str = "node name") -> str:
 
 def generated_name() -> str:
     """A node name unique on this machine: host, process id and a random suffix."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32] or "node"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", platform.node().split(".")[0])[:32] or "node"
     return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
@@ -74,7 +75,7 @@ def _split_host_port(text: str, default_port: int, what: str) -> tuple[str, int]
         host, port = text.split(":")
     if not port:
         return host or DEFAULT_HOST, default_port
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"invalid {what} {text!r}: port must be a number from 0 to 65535")
     return host or DEFAULT_HOST, int(port)
 
@@ -137,12 +138,23 @@ class Cookie:
         raise TypeError("a clustorage Cookie cannot be pickled: it is the cluster's secret")
 
 
-def _read_cookie_file(path: Path, *, create: bool) -> Cookie:
-    if create and not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _create_cookie_file(path: Path) -> None:
+    """Write a fresh secret to ``path`` atomically; a node that races us keeps the winner's."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_urlsafe(32) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+    finally:
+        draft.unlink()
+
+
+def _read_cookie_file(path: Path, *, create: bool) -> Cookie:
+    if create and not path.exists():
+        _create_cookie_file(path)
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -179,6 +191,15 @@ def resolve_cookie(
     if env.get("CLUSTORAGE_COOKIE"):
         return Cookie(env["CLUSTORAGE_COOKIE"].encode(), "$CLUSTORAGE_COOKIE")
     return _read_cookie_file(clustorage_home() / "cookie", create=True)
+
+
+def _number(text: str | None, default: float, what: str) -> float:
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"invalid {what} {text!r}: use a number") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +256,15 @@ class NodeConfig:
         where = parse_listen(listen) if isinstance(listen, str) else listen
         data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
         if timeout is None:
-            timeout = float(env.get("CLUSTORAGE_TIMEOUT") or DEFAULT_TIMEOUT)
+            timeout = _number(env.get("CLUSTORAGE_TIMEOUT"), DEFAULT_TIMEOUT, "timeout")
         if not timeout > 0:
             raise ConfigError(f"invalid timeout {timeout!r}: use a number of seconds above 0")
-        max_frame = max_frame or int(env.get("CLUSTORAGE_MAX_FRAME", DEFAULT_MAX_FRAME))
+        if max_frame is None:
+            max_frame = int(
+                _number(env.get("CLUSTORAGE_MAX_FRAME"), DEFAULT_MAX_FRAME, "frame limit")
+            )
+        if max_frame < 65536:
+            raise ConfigError(f"invalid frame limit {max_frame}: use at least 65536 bytes")
         return cls(
             name=name,
             cookie=resolve_cookie(cookie, cookie_file, env),

@@ -199,7 +199,7 @@ class LoaderCore:
             handler(peer, message)
         except ClustorageError as exc:
             self._fail(peer, message, exc)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             log.exception("failed to handle %s from %s", type(message).__name__, peer.name)
             self._fail(peer, message, exc)
 

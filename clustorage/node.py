@@ -154,9 +154,11 @@ class Node:
         try:
             return self._values[key]  # type: ignore[index]
         except (KeyError, TypeError):
-            return self._get_slow(key, fn)
+            pass
+        return self._get_slow(key, fn)
 
     def _get_slow(self, key: Key, fn: Callable[[], Any] | None) -> Any:
+        __tracebackhide__ = True
         key = normalize_key(key)
         values = self._values
         if key in values:
@@ -177,6 +179,7 @@ class Node:
         return self._install(reply.entry, value if mine else None)
 
     def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, bytes]:
+        __tracebackhide__ = True
         try:
             value = fn()
             payload = codec.dump(key, value)
@@ -226,6 +229,7 @@ class Node:
             NotFound: the cluster has no function ``name`` and no source was given.
             CompileError: the source did not compile on the loader.
         """
+        __tracebackhide__ = True
         function = self._functions.get(name)
         if function is None:
             function = self._load_function(name, fn)

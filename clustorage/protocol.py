@@ -207,12 +207,13 @@ class Connection:
     # -- state ---------------------------------------------------------------------------
 
     def _move(self, what: str) -> None:
+        before = self.state
         try:
-            self.state = _TRANSITIONS[(self.role, self.state, what)]
+            self.state = _TRANSITIONS[(self.role, before, what)]
         except KeyError:
             self.state = State.ERROR
             raise LocalProtocolError(
-                f"cannot {what} as {self.role.value} while {self.state.value}"
+                f"cannot {what} as {self.role.value} while {before.value}"
             ) from None
 
     def _fail(self, exc: Exception) -> Exception:
@@ -348,7 +349,7 @@ class Connection:
 
     def _parse_frame(self) -> Frame | None:
         buffer = self._buffer
-        if len(buffer) < _FRAME_HEAD:
+        if len(buffer) < HEADER.size:
             return None
         length, seq = HEADER.unpack_from(buffer)
         if length > self.max_frame:
@@ -379,16 +380,18 @@ class Connection:
 
     def accept(self, meta: Mapping[str, Any]) -> None:
         """Server: welcome the authenticated client with our own ``meta``."""
+        welcome = self._welcome(meta)
         self._move("accept")
-        self._welcome(meta)
         self._derive_keys()
+        self._outbox += welcome
 
     def refuse(self, reason: str, **details: Any) -> None:
         """Server: tell the authenticated client why it is refused; the connection ends."""
+        welcome = self._welcome({"error": reason, **details})
         self._move("refuse")
-        self._welcome({"error": reason, **details})
+        self._outbox += welcome
 
-    def _welcome(self, meta: Mapping[str, Any]) -> None:
+    def _welcome(self, meta: Mapping[str, Any]) -> bytes:
         data = _encode_meta(meta)
         server_mac = _mac(
             self._cookie,
@@ -398,8 +401,7 @@ class Connection:
             self._client_mac,
             data,
         )
-        self._outbox += _WELCOME.pack(b"W", server_mac, len(data))
-        self._outbox += data
+        return _WELCOME.pack(b"W", server_mac, len(data)) + data
 
     def _derive_keys(self) -> None:
         session = _mac(self._cookie, b"clustorage/session", self._snonce, self._cnonce)
@@ -426,8 +428,8 @@ class Connection:
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send as {self.role.value} while {self.state.value}")
         if len(payload) > self.max_frame:
-            raise FrameTooLarge(
-                f"a frame of {len(payload)} bytes is over the limit of {self.max_frame}"
+            raise LocalProtocolError(
+                f"cannot send a frame of {len(payload)} bytes: the limit is {self.max_frame}"
             )
         header = HEADER.pack(len(payload), self._send_seq)
         self._send_seq += 1

@@ -1,0 +1,242 @@
+"""Wire messages: every type round-trips; nothing but a message is ever constructed."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import subprocess
+from typing import Any, NamedTuple
+
+import cloudpickle
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustorage import messages
+from clustorage.errors import CompileError, RemoteProtocolError
+from clustorage.messages import (
+    FUNCTION,
+    VALUE,
+    Commit,
+    Committed,
+    Define,
+    Defined,
+    Delete,
+    Deleted,
+    Entry,
+    Failed,
+    Fetch,
+    Found,
+    History,
+    HistoryReply,
+    LeaseGranted,
+    Load,
+    Loaded,
+    Members,
+    NotFound,
+    Put,
+    Queued,
+    Release,
+    Status,
+    StatusReply,
+    Sync,
+    SyncReply,
+    Unload,
+    decode,
+    encode,
+)
+
+ENTRY = Entry(VALUE, "user.42", 3, cloudpickle.dumps({"a": [1, 2]}), None, "app2", 1700000000.5)
+FN = Entry(FUNCTION, "add", 1, b"\x80\x05fn", "def add(a, b):\n    return a + b\n", "app1", 1.0)
+
+SAMPLES: list[Any] = [
+    ENTRY,
+    Fetch(1, VALUE, "hello", True),
+    Commit(2, "hello", b"\x80\x05payload"),
+    Release(3, "hello", "ZeroDivisionError: division by zero"),
+    Put(4, "user.42", b""),
+    Define(5, "add", "lambda a, b: a + b", False),
+    Delete(6, FUNCTION, "add"),
+    Sync(7, {(VALUE, "hello"): 2, (FUNCTION, "add"): 1}),
+    Status(8),
+    History(9, VALUE, "hello"),
+    Loaded(FUNCTION, "add", 1),
+    Found(10, ENTRY),
+    NotFound(11),
+    Queued(12),
+    LeaseGranted(13),
+    Committed(14, ENTRY),
+    Defined(15, FN, True, ("app1", "app2"), ("app3",)),
+    Deleted(16, False),
+    SyncReply(17, (ENTRY, FN), ((VALUE, "gone"),), ("app1", "app2")),
+    StatusReply(
+        18,
+        {
+            "loader": "app1",
+            "address": "127.0.0.1:4370",
+            "store": ":memory:",
+            "started": 1.5,
+            "nodes": [{"name": "app1", "role": "loader", "address": None}],
+            "keys": 2,
+            "functions": 1,
+            "leases": ["k"],
+        },
+    ),
+    HistoryReply(19, (FN, FN._replace(version=2))),
+    Failed(20, "CompileError", "invalid syntax", {"name": "f", "lineno": 1, "offset": 7}),
+    Load(FN, True),
+    Unload(VALUE, "hello"),
+    Members(("app1", "app2", "app3")),
+]
+
+
+def message_types() -> set[type]:
+    """Every message class messages.py exports."""
+    return {
+        obj
+        for name in messages.__all__
+        if isinstance(obj := getattr(messages, name), type) and issubclass(obj, tuple)
+    }
+
+
+def test_samples_cover_every_message_type() -> None:
+    """The samples below include one instance of every exported message class."""
+    assert {type(m) for m in SAMPLES} == message_types()
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: Any) -> None:
+    """decode(encode(m)) == m, with the same type, for every message type."""
+    back = decode(encode(message))
+    assert back == message
+    assert type(back) is type(message)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip_through_cloudpickle_encoding(message: Any) -> None:
+    """A message pickled by cloudpickle (by reference) also decodes."""
+    assert decode(cloudpickle.dumps(message)) == message
+
+
+def test_entry_payload_is_not_unpickled() -> None:
+    """An Entry's payload stays bytes: decode never looks inside it."""
+    evil = pickle.dumps(Evil())
+    entry = ENTRY._replace(payload=evil)
+    found = decode(encode(Found(1, entry)))
+    assert isinstance(found, Found)
+    assert found.entry.payload == evil
+
+
+# -- hostile payloads -------------------------------------------------------------------------
+
+CALLS: list[str] = []
+
+
+def record_call(*args: object) -> int:
+    """A stand-in for a dangerous function: remembers it was called."""
+    CALLS.append(repr(args))
+    return 0
+
+
+class Evil:
+    """An object whose unpickling would run os.system."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned",))
+
+
+class EvalEvil:
+    """An object whose unpickling would run builtins.eval."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (builtins.eval, ("__import__('os').getpid()",))
+
+
+class Local(NamedTuple):
+    """A tuple class that is not a message, from another module."""
+
+    rid: int
+
+
+def global_ref(module: str, name: str) -> bytes:
+    """A protocol-0 pickle that only loads the global ``module.name``."""
+    return f"c{module}\n{name}\n.".encode()
+
+
+def call_ref(module: str, name: str, arg: str) -> bytes:
+    """A protocol-0 pickle calling ``module.name(arg)``."""
+    return f"c{module}\n{name}\n(V{arg}\ntR.".encode()
+
+
+FORBIDDEN: dict[str, bytes] = {
+    "os.system call": pickle.dumps(Evil()),
+    "os.system inside a message": pickle.dumps(Put(1, "k", Evil())),  # type: ignore[arg-type]
+    "eval inside an entry": pickle.dumps(Found(1, ENTRY._replace(payload=EvalEvil()))),  # type: ignore[arg-type]
+    "builtins.eval call": call_ref("builtins", "eval", "__import__('os').getpid()"),
+    "posix.system call": call_ref("posix", "system", "echo pwned"),
+    "subprocess.Popen": call_ref("subprocess", "Popen", "true"),
+    "builtins.getattr": global_ref("builtins", "getattr"),
+    "os.system global": global_ref("os", "system"),
+    "a non-message tuple class": pickle.dumps(Local(1)),
+    "the unpickler itself": global_ref("clustorage.messages", "_MessageUnpickler"),
+    "a message module helper": global_ref("clustorage.messages", "decode"),
+    "the pickle module": global_ref("clustorage.messages", "pickle"),
+    "an error class": pickle.dumps(CompileError("x", name="f")),
+    "a message holding a class": pickle.dumps(Status(Local)),  # type: ignore[arg-type]
+    "a lookalike module": global_ref("clustorage.messagesX", "Status"),
+    "a dunder": global_ref("clustorage.messages", "__builtins__"),
+}
+
+
+@pytest.mark.parametrize("payload", FORBIDDEN.values(), ids=FORBIDDEN.keys())
+def test_forbidden_globals_raise_and_are_never_called(
+    payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pickle referencing anything but a message class raises RemoteProtocolError, uncalled."""
+    CALLS.clear()
+    for module, name in [(os, "system"), (builtins, "eval"), (subprocess, "Popen")]:
+        monkeypatch.setattr(module, name, record_call)
+    with pytest.raises(RemoteProtocolError):
+        decode(payload)
+    assert CALLS == []
+
+
+@pytest.mark.parametrize(
+    "value", [42, "Status", (1,), [Status(1)], {"rid": 1}, None, b"\x80\x05", 1.5]
+)
+def test_non_message_values_raise(value: object) -> None:
+    """A well-formed pickle of something that is not a message raises RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError, match="not a message"):
+        decode(pickle.dumps(value))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x80", b"\x80\x05", b"garbage", b"\x80\x05K\x01", b"\x00" * 64, encode(Status(1))[:-1]],
+)
+def test_garbage_payloads_raise(payload: bytes) -> None:
+    """Bytes that are not a pickle at all, or a truncated one, raise RemoteProtocolError."""
+    with pytest.raises(RemoteProtocolError):
+        decode(payload)
+
+
+def test_wrong_arity_message_raises() -> None:
+    """A message class called with the wrong arguments is the peer's fault."""
+    for payload in [
+        b"cclustorage.messages\nStatus\n(tR.",
+        b"cclustorage.messages\nFetch\n(I1\ntR.",
+    ]:
+        with pytest.raises(RemoteProtocolError):
+            decode(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_payloads_raise_only_remote_protocol_error(payload: bytes) -> None:
+    """Any bytes either decode to a message or raise RemoteProtocolError."""
+    try:
+        message = decode(payload)
+    except RemoteProtocolError:
+        return
+    assert type(message) in message_types()

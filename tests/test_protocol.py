@@ -1,0 +1,572 @@
+"""The sans-I/O Connection, bytes in and bytes out: handshake, frames, state table."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import struct
+
+import pytest
+
+from clustorage.errors import (
+    AuthenticationError,
+    FrameTooLarge,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from clustorage.protocol import (
+    HEADER,
+    MAGIC,
+    TAG_SIZE,
+    VERSION,
+    Closed,
+    Connection,
+    Frame,
+    Hello,
+    Role,
+    State,
+    Welcome,
+)
+from tests.protocol_helpers import (
+    CLIENT_META,
+    COOKIE,
+    SERVER_META,
+    ConnectionPair,
+    drain,
+    flip,
+)
+
+# Wire layout, as the theory of operation in protocol.py describes it.
+NONCE = 32
+MAC = 32
+CHALLENGE = struct.Struct(f"!4sH{NONCE}s")
+RESPONSE = struct.Struct(f"!4sH{NONCE}s{MAC}sH")
+WELCOME = struct.Struct(f"!c{MAC}sH")
+FRAME_HEAD = HEADER.size + TAG_SIZE
+OTHER_COOKIE = b"some-other-cookie"
+
+
+def open_pair(**kwargs: object) -> ConnectionPair:
+    """A pair whose handshake has completed."""
+    pair = ConnectionPair(**kwargs)  # type: ignore[arg-type]
+    pair.open()
+    return pair
+
+
+def server_mac(
+    cookie: bytes, snonce: bytes, cnonce: bytes, client_mac: bytes, meta: bytes
+) -> bytes:
+    """The WELCOME MAC as protocol.py documents it."""
+    data = b"clustorage/server" + snonce + cnonce + client_mac + meta
+    return hmac.new(cookie, data, hashlib.sha256).digest()
+
+
+def hand_welcome(cookie: bytes, challenge: bytes, response: bytes, meta: bytes) -> bytes:
+    """A WELCOME built by hand from the recorded challenge and response, MAC'd with ``cookie``."""
+    _, _, snonce = CHALLENGE.unpack_from(challenge)
+    _, _, cnonce, client_mac, _ = RESPONSE.unpack_from(response)
+    mac = server_mac(cookie, snonce, cnonce, client_mac, meta)
+    return WELCOME.pack(b"W", mac, len(meta)) + meta
+
+
+# -- handshake -----------------------------------------------------------------------------
+
+
+def test_server_sends_challenge_on_construction() -> None:
+    """A new server has its challenge (magic, version, nonce) waiting, once."""
+    server = Connection(Role.SERVER, COOKIE, SERVER_META)
+    challenge = server.data_to_send()
+    assert len(challenge) == CHALLENGE.size
+    magic, version, nonce = CHALLENGE.unpack(challenge)
+    assert (magic, version) == (MAGIC, VERSION)
+    assert nonce != bytes(NONCE)
+    assert server.data_to_send() == b""
+    assert server.state is State.AWAIT_RESPONSE
+
+
+def test_challenge_nonces_are_fresh() -> None:
+    """Two servers never send the same nonce."""
+    one = Connection(Role.SERVER, COOKIE, SERVER_META).data_to_send()
+    two = Connection(Role.SERVER, COOKIE, SERVER_META).data_to_send()
+    assert one[-NONCE:] != two[-NONCE:]
+
+
+def test_client_waits_silently_for_the_challenge() -> None:
+    """A new client has nothing to send and no event until the challenge arrives."""
+    client = Connection(Role.CLIENT, COOKIE, CLIENT_META)
+    assert client.data_to_send() == b""
+    assert client.next_event() is None
+    assert client.state is State.AWAIT_CHALLENGE
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7])
+def test_handshake_completes_and_frames_flow(chunk: int) -> None:
+    """Hello carries the client's meta, Welcome the server's; frames flow both ways."""
+    pair = ConnectionPair(chunk=chunk)
+    hello, welcome = pair.open()
+    assert hello == Hello(dict(CLIENT_META))
+    assert welcome == Welcome(dict(SERVER_META))
+    assert pair.server.peer_meta == dict(CLIENT_META)
+    assert pair.client.peer_meta == dict(SERVER_META)
+    assert pair.send(Role.CLIENT, b"ping") == [Frame(b"ping")]
+    assert pair.send(Role.SERVER, b"pong") == [Frame(b"pong")]
+    big = bytes(range(256)) * 100
+    assert pair.send(Role.CLIENT, big) == [Frame(big)]
+    assert pair.send(Role.SERVER, big) == [Frame(big)]
+
+
+def test_welcome_and_frames_in_one_read() -> None:
+    """Frames the server sends right after accepting arrive with the Welcome, in order."""
+    pair = ConnectionPair()
+    pair.start()
+    pair.server.accept(SERVER_META)
+    data = pair.server.data_to_send() + pair.server.send(b"one") + pair.server.send(b"two")
+    assert pair.deliver(Role.SERVER, data) == [
+        Welcome(dict(SERVER_META)),
+        Frame(b"one"),
+        Frame(b"two"),
+    ]
+
+
+def test_many_frames_in_one_read() -> None:
+    """Several frames delivered in one chunk come out as several events, in order."""
+    pair = open_pair()
+    payloads = [b"a", b"", b"bc" * 1000, b"d"]
+    data = b"".join(pair.client.send(p) for p in payloads)
+    assert pair.deliver(Role.CLIENT, data) == [Frame(p) for p in payloads]
+
+
+def test_frame_layout_matches_theory_of_operation() -> None:
+    """A frame is length | sequence | keyed BLAKE2b tag | payload, keys derived per direction."""
+    pair = open_pair()
+    frames = [pair.client.send(b"x" * n) for n in (0, 1, 300)]
+    challenge, response = pair.sent[Role.SERVER][0], pair.sent[Role.CLIENT][0]
+    snonce, cnonce = challenge[-NONCE:], response[6 : 6 + NONCE]
+    session = hmac.new(COOKIE, b"clustorage/session" + snonce + cnonce, hashlib.sha256).digest()
+    key = hmac.new(session, b"client-to-server", hashlib.sha256).digest()
+    for seq, (n, frame) in enumerate(zip((0, 1, 300), frames, strict=True)):
+        assert HEADER.unpack_from(frame) == (n, seq)
+        assert len(frame) == FRAME_HEAD + n
+        tag = hashlib.blake2b(frame[: HEADER.size], key=key, digest_size=TAG_SIZE)
+        tag.update(frame[FRAME_HEAD:])
+        assert frame[HEADER.size : FRAME_HEAD] == tag.digest()
+
+
+def test_heartbeat_arrives_as_empty_frame() -> None:
+    """A heartbeat is a frame with an empty payload, in both directions."""
+    pair = open_pair()
+    assert pair.deliver(Role.CLIENT, pair.client.heartbeat()) == [Frame(b"")]
+    assert pair.deliver(Role.SERVER, pair.server.heartbeat()) == [Frame(b"")]
+    assert pair.send(Role.CLIENT, b"after") == [Frame(b"after")]
+
+
+# -- cookie ---------------------------------------------------------------------------------
+
+
+def test_wrong_cookie_fails_on_both_sides() -> None:
+    """The server raises AuthenticationError and queues a REJECT; the client then raises too."""
+    pair = ConnectionPair(server_cookie=OTHER_COOKIE)
+    pair.flush(Role.SERVER)
+    with pytest.raises(AuthenticationError):
+        pair.flush(Role.CLIENT)
+    assert pair.server.state is State.ERROR
+    reject = pair.server.data_to_send()
+    assert reject
+    with pytest.raises(AuthenticationError):
+        pair.deliver(Role.SERVER, reject)
+    assert pair.client.state is State.ERROR
+
+
+def test_cookie_never_on_the_wire() -> None:
+    """No byte either side sends contains the cookie, whether the handshake succeeds or not."""
+    good = open_pair()
+    good.send(Role.CLIENT, b"payload")
+    good.send(Role.SERVER, b"payload")
+    bad = ConnectionPair(server_cookie=OTHER_COOKIE)
+    bad.flush(Role.SERVER)
+    with pytest.raises(AuthenticationError):
+        bad.flush(Role.CLIENT)
+    with pytest.raises(AuthenticationError):
+        bad.deliver(Role.SERVER, bad.server.data_to_send())
+    for wire in (good.all_bytes(), bad.all_bytes()):
+        assert COOKIE not in wire
+        assert COOKIE.hex().encode() not in wire
+        assert OTHER_COOKIE not in wire
+
+
+def test_replayed_handshake_response_is_rejected() -> None:
+    """A client RESPONSE recorded once fails against a new server's fresh nonce."""
+    pair = open_pair()
+    recorded = pair.sent[Role.CLIENT][0]
+    server = Connection(Role.SERVER, COOKIE, SERVER_META)
+    server.data_to_send()
+    server.receive_data(recorded)
+    with pytest.raises(AuthenticationError):
+        server.next_event()
+    assert server.state is State.ERROR
+
+
+def test_replayed_welcome_is_rejected() -> None:
+    """A WELCOME recorded in one session fails in another (the nonces differ)."""
+    first = open_pair()
+    recorded = first.sent[Role.SERVER][1]
+    second = ConnectionPair()
+    second.start()
+    with pytest.raises(AuthenticationError):
+        second.deliver(Role.SERVER, recorded)
+
+
+def test_welcome_mac_made_with_another_cookie_is_rejected() -> None:
+    """The client checks the server's MAC: a WELCOME MAC'd with another cookie fails."""
+    pair = ConnectionPair()
+    pair.start()
+    challenge, response = pair.sent[Role.SERVER][0], pair.sent[Role.CLIENT][0]
+    meta = b'{"name":"app1"}'
+    genuine = ConnectionPair()
+    genuine.start()
+    good = hand_welcome(COOKIE, genuine.sent[Role.SERVER][0], genuine.sent[Role.CLIENT][0], meta)
+    assert genuine.deliver(Role.SERVER, good) == [Welcome({"name": "app1"})]
+    forged = hand_welcome(OTHER_COOKIE, challenge, response, meta)
+    with pytest.raises(AuthenticationError):
+        pair.deliver(Role.SERVER, forged)
+    assert pair.client.state is State.ERROR
+
+
+def test_welcome_with_tampered_meta_is_rejected() -> None:
+    """Changing the server meta in flight breaks the MAC."""
+    pair = ConnectionPair()
+    pair.start()
+    pair.server.accept({"name": "app1"})
+    welcome = pair.server.data_to_send()
+    tampered = welcome.replace(b"app1", b"app9")
+    with pytest.raises(AuthenticationError):
+        pair.deliver(Role.SERVER, tampered)
+
+
+def test_response_with_tampered_meta_is_rejected() -> None:
+    """Changing the client meta in flight breaks the MAC: no Hello, AuthenticationError."""
+    pair = ConnectionPair(client_meta={"name": "app2"})
+    pair.flush(Role.SERVER)
+    response = pair.client.data_to_send()
+    with pytest.raises(AuthenticationError):
+        pair.deliver(Role.CLIENT, response.replace(b"app2", b"app9"))
+
+
+def test_empty_cookie_is_refused() -> None:
+    """A Connection cannot be made with an empty cookie."""
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.CLIENT, b"", CLIENT_META)
+
+
+# -- refusal and meta limits ------------------------------------------------------------------
+
+
+def test_refusal_arrives_as_welcome_with_error() -> None:
+    """refuse() sends an authenticated Welcome whose meta carries the error; both sides close."""
+    pair = ConnectionPair()
+    pair.start()
+    pair.server.refuse("name clash", kind="name_clash")
+    events = pair.flush(Role.SERVER)
+    assert events == [Welcome({"error": "name clash", "kind": "name_clash"})]
+    assert isinstance(events[0], Welcome)
+    assert events[0].meta["error"] == "name clash"
+    assert pair.client.state is State.CLOSED
+    assert pair.server.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(b"x")
+    with pytest.raises(LocalProtocolError):
+        pair.server.send(b"x")
+
+
+def test_client_meta_over_limit_is_refused_locally() -> None:
+    """A client cannot even be built with handshake meta over the limit."""
+    with pytest.raises(LocalProtocolError, match="meta"):
+        Connection(Role.CLIENT, COOKIE, {"name": "x" * 5000})
+
+
+def test_response_announcing_oversized_meta_raises() -> None:
+    """A RESPONSE announcing meta over the limit fails before the meta arrives."""
+    server = Connection(Role.SERVER, COOKIE, SERVER_META)
+    server.data_to_send()
+    server.receive_data(RESPONSE.pack(MAGIC, VERSION, bytes(NONCE), bytes(MAC), 60000))
+    with pytest.raises(RemoteProtocolError, match="meta"):
+        server.next_event()
+
+
+def test_welcome_announcing_oversized_meta_raises() -> None:
+    """A WELCOME announcing meta over the limit fails before the meta arrives."""
+    pair = ConnectionPair()
+    pair.start()
+    with pytest.raises(RemoteProtocolError, match="meta"):
+        pair.deliver(Role.SERVER, WELCOME.pack(b"W", bytes(MAC), 60000))
+
+
+def test_accept_with_oversized_meta_leaves_connection_unusable() -> None:
+    """accept() with meta over the limit raises, and the server cannot then send frames."""
+    pair = ConnectionPair()
+    pair.start()
+    with pytest.raises(LocalProtocolError, match="meta"):
+        pair.server.accept({"name": "x" * 5000})
+    assert pair.server.data_to_send() == b""
+    with pytest.raises(LocalProtocolError):
+        pair.server.send(b"would be tagged with no key")
+
+
+# -- frames: integrity ------------------------------------------------------------------------
+
+FRAME_PAYLOAD = b"the quick brown fox"
+FRAME_LENGTH = FRAME_HEAD + len(FRAME_PAYLOAD)
+TAMPER_INDICES = [*range(HEADER.size), 12, 20, FRAME_HEAD - 1, FRAME_HEAD, FRAME_LENGTH - 1]
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
+@pytest.mark.parametrize("index", TAMPER_INDICES)
+def test_tampered_frame_raises(index: int, mask: int) -> None:
+    """Flipping bits anywhere in a frame (header, tag, payload) never yields a Frame."""
+    pair = open_pair()
+    frame = pair.client.send(FRAME_PAYLOAD)
+    assert len(frame) == FRAME_LENGTH
+    pair.server.receive_data(flip(frame, index, mask))
+    pair.server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        drain(pair.server)
+    assert pair.server.state is State.ERROR
+
+
+def test_tampered_tag_raises_without_eof() -> None:
+    """A frame with a wrong tag raises as soon as it is complete."""
+    pair = open_pair()
+    frame = pair.client.send(b"data")
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        pair.deliver(Role.CLIENT, flip(frame, HEADER.size))
+
+
+def test_replayed_frame_raises() -> None:
+    """The same frame fed twice: the first is delivered, the second raises."""
+    pair = open_pair()
+    frame = pair.client.send(b"once")
+    assert pair.deliver(Role.CLIENT, frame) == [Frame(b"once")]
+    with pytest.raises(RemoteProtocolError, match="sequence"):
+        pair.deliver(Role.CLIENT, frame)
+
+
+def test_reordered_frames_raise() -> None:
+    """Frames 0 and 1 delivered as 1 then 0 raise on the first."""
+    pair = open_pair()
+    first, second = pair.client.send(b"first"), pair.client.send(b"second")
+    with pytest.raises(RemoteProtocolError, match="sequence"):
+        pair.deliver(Role.CLIENT, second + first)
+
+
+def test_dropped_frame_raises() -> None:
+    """A missing frame is noticed at the next one."""
+    pair = open_pair()
+    pair.client.send(b"lost")
+    with pytest.raises(RemoteProtocolError, match="sequence"):
+        pair.deliver(Role.CLIENT, pair.client.send(b"next"))
+
+
+def test_reflected_frame_is_rejected() -> None:
+    """Keys are per direction: a frame fed back to its sender fails authentication."""
+    pair = open_pair()
+    frame = pair.client.send(b"mirror")
+    pair.client.receive_data(frame)
+    with pytest.raises(RemoteProtocolError):
+        pair.client.next_event()
+    other = open_pair()
+    frame = other.server.send(b"mirror")
+    other.server.receive_data(frame)
+    with pytest.raises(RemoteProtocolError):
+        other.server.next_event()
+
+
+def test_frame_from_another_session_is_rejected() -> None:
+    """Keys are per connection: a frame from one session fails in another."""
+    one, two = open_pair(), open_pair()
+    with pytest.raises(RemoteProtocolError):
+        two.deliver(Role.CLIENT, one.client.send(b"elsewhere"))
+
+
+def test_frame_over_limit_raises_once_header_is_in() -> None:
+    """A length over max_frame raises FrameTooLarge from the 12-byte header alone."""
+    pair = open_pair(max_frame=1024)
+    pair.server.receive_data(HEADER.pack(1025, 0))
+    with pytest.raises(FrameTooLarge):
+        pair.server.next_event()
+
+
+def test_frame_over_limit_raises_before_body() -> None:
+    """A length over max_frame raises FrameTooLarge before the body arrives."""
+    pair = open_pair(max_frame=1024)
+    pair.server.receive_data(HEADER.pack(1 << 31, 0) + bytes(TAG_SIZE))
+    with pytest.raises(FrameTooLarge):
+        pair.server.next_event()
+    assert pair.server.state is State.ERROR
+
+
+def test_frame_at_limit_is_accepted() -> None:
+    """A payload exactly max_frame bytes long travels."""
+    pair = open_pair(max_frame=1024)
+    assert pair.send(Role.CLIENT, b"z" * 1024) == [Frame(b"z" * 1024)]
+
+
+def test_send_over_limit_raises() -> None:
+    """send() refuses a payload over max_frame instead of producing a frame the peer rejects."""
+    pair = open_pair(max_frame=1024)
+    with pytest.raises(ProtocolError):
+        pair.client.send(b"z" * 1025)
+
+
+# -- end of file ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size, FRAME_HEAD, FRAME_LENGTH - 1])
+def test_truncated_frame_then_eof_raises(cut: int) -> None:
+    """A frame cut short by end of file raises RemoteProtocolError, never a Frame."""
+    pair = open_pair()
+    frame = pair.client.send(FRAME_PAYLOAD)
+    assert pair.deliver(Role.CLIENT, frame[:cut]) == []
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        pair.close(Role.CLIENT)
+
+
+def test_clean_eof_between_frames_gives_closed() -> None:
+    """End of file after whole frames: the frames, then Closed, then nothing more."""
+    pair = open_pair()
+    pair.server.receive_data(pair.client.send(b"last"))
+    pair.server.receive_data(b"")
+    assert drain(pair.server) == [Frame(b"last"), Closed()]
+    assert pair.server.state is State.CLOSED
+    assert pair.server.next_event() is None
+    assert pair.close(Role.SERVER) == [Closed()]
+    assert pair.client.state is State.CLOSED
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_eof_during_handshake_raises(role: Role) -> None:
+    """A peer that closes before the handshake ends is a truncation, not a clean close."""
+    pair = ConnectionPair()
+    pair.conn(role).receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        pair.conn(role).next_event()
+
+
+# -- garbage before the handshake -------------------------------------------------------------
+
+_RNG = random.Random(4370)
+GARBAGE = [
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"SSH-2.0-OpenSSH_9.6\r\n",
+    bytes(200),
+    b"\xff" * 200,
+    bytes(_RNG.randrange(256) for _ in range(300)),
+    bytes(_RNG.randrange(256) for _ in range(5)),
+    MAGIC + struct.pack("!H", VERSION + 1) + bytes(200),
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_garbage_before_handshake_server(garbage: bytes) -> None:
+    """The server raises RemoteProtocolError on garbage, without ever producing a Hello."""
+    server = Connection(Role.SERVER, COOKIE, SERVER_META)
+    server.data_to_send()
+    server.receive_data(garbage)
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        drain(server)
+    assert server.state is State.ERROR
+    assert server.peer_meta == {}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_garbage_instead_of_challenge(garbage: bytes) -> None:
+    """A client fed garbage instead of a challenge raises and sends nothing."""
+    client = Connection(Role.CLIENT, COOKIE, CLIENT_META)
+    client.receive_data(garbage)
+    client.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        drain(client)
+    assert client.data_to_send() == b""
+
+
+def test_http_request_fails_at_its_fourth_byte() -> None:
+    """A server knows a peer is not speaking the protocol from the first four bytes."""
+    server = Connection(Role.SERVER, COOKIE, SERVER_META)
+    server.receive_data(b"GET ")
+    with pytest.raises(RemoteProtocolError, match="not speaking"):
+        server.next_event()
+
+
+def test_garbage_instead_of_welcome() -> None:
+    """A client awaiting the welcome rejects anything but W or R."""
+    pair = ConnectionPair()
+    pair.start()
+    with pytest.raises(RemoteProtocolError):
+        pair.deliver(Role.SERVER, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def test_bytes_while_server_decides_raise() -> None:
+    """A client that sends before it is welcomed is breaking the protocol."""
+    pair = ConnectionPair()
+    pair.start()
+    with pytest.raises(RemoteProtocolError):
+        pair.deliver(Role.CLIENT, b"early")
+
+
+# -- the state table --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_send_before_open_raises(role: Role) -> None:
+    """send() and heartbeat() before OPEN raise LocalProtocolError naming role and state."""
+    pair = ConnectionPair()
+    conn = pair.conn(role)
+    with pytest.raises(LocalProtocolError, match=role.value) as info:
+        conn.send(b"too early")
+    assert conn.state.value in str(info.value)
+    with pytest.raises(LocalProtocolError):
+        conn.heartbeat()
+
+
+def test_send_while_server_decides_raises() -> None:
+    """The server cannot send frames between Hello and accept()."""
+    pair = ConnectionPair()
+    pair.start()
+    with pytest.raises(LocalProtocolError, match="deciding"):
+        pair.server.send(b"x")
+
+
+ILLEGAL_CALLS = [
+    ("new client accepts", lambda p: p.client.accept({}), "client", "awaiting the challenge"),
+    ("new client refuses", lambda p: p.client.refuse("no"), "client", "awaiting the challenge"),
+    ("new server accepts", lambda p: p.server.accept({}), "server", "awaiting the response"),
+    ("open server accepts", lambda p: (p.open(), p.server.accept({})), "server", "open"),
+    ("open server refuses", lambda p: (p.open(), p.server.refuse("no")), "server", "open"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "role", "state"),
+    [case[1:] for case in ILLEGAL_CALLS],
+    ids=[case[0] for case in ILLEGAL_CALLS],
+)
+def test_illegal_call_names_role_and_state(call: object, role: str, state: str) -> None:
+    """A call the state table does not allow raises LocalProtocolError naming role and state."""
+    pair = ConnectionPair()
+    with pytest.raises(LocalProtocolError) as info:
+        call(pair)  # type: ignore[operator]
+    message = str(info.value)
+    assert role in message
+    assert state in message
+
+
+def test_next_event_after_error_raises() -> None:
+    """Once a connection has failed, asking it for more events is our bug."""
+    pair = open_pair()
+    frame = pair.client.send(b"x")
+    with pytest.raises(RemoteProtocolError):
+        pair.deliver(Role.CLIENT, flip(frame, HEADER.size))
+    with pytest.raises(LocalProtocolError, match="error"):
+        pair.server.next_event()
