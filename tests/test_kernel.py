@@ -1,0 +1,336 @@
+"""The clustorage kernel: kernelspec install, and real kernels joined to a real loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jupyter_kernel_test as jkt
+import pytest
+from conftest import COOKIE, ROOT, Cluster
+from conftest_jupyter import Kernel, install_kernelspec, isolated_env
+
+import clustorage
+from clustorage import kernel as kernelspec
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- the kernelspec, as data and as files -------------------------------------------------
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_kernel_dict_is_pure_data() -> None:
+    """get_kernel_dict: this Python runs clustorage.kernel; env only when asked for."""
+    spec = kernelspec.get_kernel_dict(executable="/opt/py/bin/python")
+    assert spec["argv"][0] == "/opt/py/bin/python"
+    assert spec["argv"][-4:] == ["-m", "clustorage.kernel", "-f", "{connection_file}"]
+    assert spec["display_name"] == "Clustorage (Python 3)" and spec["language"] == "python"
+    assert "env" not in spec
+    spec = kernelspec.get_kernel_dict(node_name="app2", loader="app1@10.0.0.1:4370")
+    assert spec["env"] == {"CLUSTORAGE_NAME": "app2", "CLUSTORAGE_LOADER": "app1@10.0.0.1:4370"}
+
+
+def test_kernel_dict_rejects_bad_names() -> None:
+    """Node and loader names follow the cluster's naming rule."""
+    with pytest.raises(ValueError, match="node name"):
+        kernelspec.get_kernel_dict(node_name="no spaces")
+    with pytest.raises(ValueError, match="loader name"):
+        kernelspec.get_kernel_dict(loader="bad!@127.0.0.1")
+
+
+def test_repo_kernelspec_matches_the_packaged_one() -> None:
+    """kernel/ at the repository top holds the same kernel.json and logos as the package."""
+    for name in ("kernel.json", "logo-32x32.png", "logo-64x64.png"):
+        assert (ROOT / "kernel" / name).read_bytes() == (kernelspec.RESOURCES / name).read_bytes()
+    for size in (32, 64):
+        data = (kernelspec.RESOURCES / f"logo-{size}x{size}.png").read_bytes()
+        assert png_size(data) == (size, size)
+    spec = json.loads((ROOT / "kernel" / "kernel.json").read_text())
+    assert spec["display_name"] == "Clustorage (Python 3)"
+
+
+def test_install_into_a_prefix_never_writes_the_cookie(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """clustorage-kernel install --prefix: kernel.json with env and logos, and no cookie."""
+    monkeypatch.setenv("CLUSTORAGE_COOKIE", "sentinel-secret")
+    status = kernelspec.main(
+        ["install", "--prefix", str(tmp_path), "--node-name", "app2", "--loader", "app1"]
+    )
+    target = tmp_path / "share" / "jupyter" / "kernels" / "clustorage"
+    assert status == 0
+    assert capsys.readouterr().out == f"Installed kernelspec clustorage in {target}\n"
+    assert sorted(p.name for p in target.iterdir()) == [
+        "kernel.json",
+        "logo-32x32.png",
+        "logo-64x64.png",
+    ]
+    text = (target / "kernel.json").read_text()
+    assert "sentinel-secret" not in text and "COOKIE" not in text
+    assert json.loads(text)["env"] == {"CLUSTORAGE_NAME": "app2", "CLUSTORAGE_LOADER": "app1"}
+
+
+def test_install_with_another_name(tmp_path: Path) -> None:
+    """--name K installs under K with a display name that tells it apart."""
+    assert kernelspec.main(["install", "--prefix", str(tmp_path), "--name", "cs-app3"]) == 0
+    spec = json.loads((tmp_path / "share/jupyter/kernels/cs-app3/kernel.json").read_text())
+    assert spec["display_name"] == "Clustorage (Python 3) [cs-app3]"
+
+
+def test_install_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--user with --prefix, or an invalid name, is refused with exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        kernelspec.main(["install", "--user", "--prefix", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert kernelspec.main(["install", "--prefix", str(tmp_path), "--node-name", "a b"]) == 2
+    assert "invalid node name" in capsys.readouterr().err
+
+
+# -- real kernels, one real loader --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The clustorage kernelspec installed into a temporary prefix."""
+    return install_kernelspec(tmp_path_factory.mktemp("prefix"))
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real ``clustorage loader`` process named hub."""
+    cluster = Cluster(tmp_path_factory.mktemp("hub"))
+    try:
+        cluster.start_loader("hub")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def kernels(
+    hub: Cluster, jupyter_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Kernel, Kernel]]:
+    """Kernels ka and kb, members of hub through their kernelspec's environment."""
+    tmp = tmp_path_factory.mktemp("kernels")
+    started: list[Kernel] = []
+    try:
+        for name in ("ka", "kb"):
+            env = isolated_env(
+                tmp / name,
+                jupyter_path,
+                CLUSTORAGE_LOADER=hub.loader,
+                CLUSTORAGE_NAME=name,
+                CLUSTORAGE_COOKIE=COOKIE,
+            )
+            started.append(Kernel(jupyter_path, env, tmp / f"{name}.json"))
+        for kernel in started:
+            kernel.wait_ready()
+        yield started[0], started[1]
+    finally:
+        for kernel in started:
+            kernel.close()
+
+
+def test_plain_kernel_until_cluster_start(hub: Cluster, jupyter_path: Path, tmp_path: Path) -> None:
+    """Without CLUSTORAGE_* the kernel is plain Python; %cluster_start joins later."""
+    kernel = Kernel(jupyter_path, isolated_env(tmp_path, jupyter_path), tmp_path / "k.json")
+    try:
+        kernel.wait_ready()
+        assert kernel.ok("clustorage.default_node() is None").text == "True"
+        run = kernel.run("%cluster_keys")
+        assert run.status == "error" and "%cluster_start" in run.stderr
+        run = kernel.ok(f"%cluster_start --name plain --loader {hub.loader} --cookie {COOKIE}")
+        assert run.text.startswith("<clustorage.Node plain (member of hub@")
+    finally:
+        kernel.close()
+
+
+def test_status_shows_every_node(kernels: tuple[Kernel, Kernel]) -> None:
+    """%cluster_status: an HTML table naming the loader and both kernels."""
+    ka, _ = kernels
+    run = ka.ok("%cluster_status")
+    page = run.data["text/html"]
+    assert page.startswith("<table")
+    for cell in ("<td>hub</td>", "<td>ka (this node)</td>", "<td>kb</td>", "<td>loader</td>"):
+        assert cell in page
+    assert run.text.startswith("ka is a member of hub@127.0.0.1:")
+
+
+def test_value_magics(kernels: tuple[Kernel, Kernel]) -> None:
+    """%cluster_get/%%cluster_get compute once for both kernels; keys and delete work."""
+    ka, kb = kernels
+    assert ka.ok("%cluster_get kt.answer 6 * 7").text == "42"
+    assert (
+        kb.ok("%%cluster_get kt.answer\nraise AssertionError('a hit runs nothing')\n0").text == "42"
+    )
+    assert kb.ok("%%cluster_get kt.cell\nx = 20\nx + 1").text == "21"
+    assert ka.ok("%cluster_keys").text == "['kt.answer', 'kt.cell']"
+    assert kb.ok("%cluster_delete kt.cell").stdout == "deleted value 'kt.cell'\n"
+    assert kb.ok("%cluster_keys").text == "['kt.answer']"
+    deadline = time.monotonic() + 10  # a deletion reaches other nodes asynchronously
+    while ka.ok("%cluster_keys").text != "['kt.answer']" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ka.ok("%cluster_keys").text == "['kt.answer']"
+    assert ka.ok("'kt' in dir()").text == "False"  # values are not bound
+
+
+def test_function_from_kernel_a_is_a_bare_name_in_kernel_b(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """%%cluster_call in ka: kb calls the function by its bare name on its next cell."""
+    ka, kb = kernels
+    run = ka.ok("%%cluster_call kt_double\ndef kt_double(x):\n    return 2 * x\n")
+    assert run.stdout.startswith("kt_double v1 loaded on ") and "kb" in run.stdout
+    assert kb.ok("kt_double(21)").text == "42"
+    assert kb.ok("%cluster_call kt_double 4").text == "8"
+    assert "kt_double" in kb.ok("%cluster_functions").text
+    source = kb.ok("%cluster_source kt_double").data
+    assert "return 2 * x" in source["text/plain"] and "```python" in source["text/markdown"]
+
+
+def test_redefinition_in_b_reaches_a(kernels: tuple[Kernel, Kernel]) -> None:
+    """A new version defined in kb replaces the one ka has bound."""
+    ka, kb = kernels
+    ka.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 1\n")
+    assert ka.ok("kt_inc(1)").text == "2"
+    run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
+    assert run.stdout.startswith("kt_inc v2 loaded on ")
+    assert ka.ok("kt_inc(1)").text == "101"
+    run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
+    assert run.stdout == "kt_inc v2 unchanged (same source)\n"
+
+
+def test_user_variable_is_not_clobbered(kernels: tuple[Kernel, Kernel]) -> None:
+    """ka's own kt_mine survives kb's definition; ka is told once where the function is."""
+    ka, kb = kernels
+    ka.ok("kt_mine = 'mine'")
+    kb.ok("%%cluster_call kt_mine\ndef kt_mine(x):\n    return x * 3\n")
+    run = ka.ok("kt_mine")
+    assert run.text == "'mine'"
+    assert run.stdout == (
+        "clustorage: 'kt_mine' is taken in your namespace; "
+        "the cluster's version is clustorage.functions.kt_mine\n"
+    )
+    run = ka.ok("clustorage.functions.kt_mine(3)")
+    assert run.text == "9" and run.stdout == ""
+
+
+def test_bad_source_is_one_clear_error_and_loads_nothing(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """A syntax error in a %%cluster_call cell: one error line, nothing loaded anywhere."""
+    ka, kb = kernels
+    run = kb.run("%%cluster_call kt_bad\ndef kt_bad(:\n    pass\n")
+    assert run.status == "error" and run.error is not None
+    assert run.error["ename"] == "CompileError"
+    assert run.error["traceback"] == [
+        "CompileError: invalid syntax (<cluster:kt_bad>, line 1, column 12)"
+    ]
+    assert run.stdout == ""
+    for kernel in (ka, kb):
+        assert "kt_bad" not in kernel.ok("%cluster_functions").text
+        assert kernel.ok("'kt_bad' in dir()").text == "False"
+
+
+# -- the Jupyter protocol, by jupyter_kernel_test -----------------------------------------
+
+
+class ClustorageKernelTests(jkt.KernelTests):
+    """jupyter_kernel_test's suite on the installed kernelspec, a member of a real loader."""
+
+    kernel_name = "clustorage"
+    language_name = "python"
+    file_extension = ".py"
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys; print('test', file=sys.stderr)"
+    completion_samples = [  # noqa: RUF012 (the suite's own attribute types)
+        {"text": "zi", "matches": {"zip"}},
+        {"text": "%cluster_sta", "matches": {"%cluster_start", "%cluster_status"}},
+    ]
+    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n"]  # noqa: RUF012
+    incomplete_code_samples = ['print("""hello']  # noqa: RUF012
+    invalid_code_samples = ["import = 7q"]  # noqa: RUF012
+    code_page_something = "%cluster_get?"
+    code_generate_error = "%cluster_get kt.missing"
+    code_execute_result = [  # noqa: RUF012
+        {"code": "1+2+3", "result": "6"},
+        {"code": "%cluster_get kt.answer 6 * 7", "result": "42"},
+        {"code": "kt_probe()", "result": "'probe'"},
+        {"code": "%cluster_status", "mime": "text/html"},
+    ]
+    code_display_data = [  # noqa: RUF012
+        {
+            "code": "from IPython.display import HTML, display; display(HTML('<b>t</b>'))",
+            "mime": "text/html",
+        },
+        {
+            "code": "display(get_ipython().run_line_magic('cluster_status', ''))",
+            "mime": "text/html",
+        },
+    ]
+    code_history_pattern = "1?2*"
+    # ipykernel answers a range request for session 0 with the real session number (1),
+    # which this suite does not expect; plain ipykernel fails it the same way.
+    supported_history_operations = ("tail", "search")
+    code_inspect_sample = "zip"
+    code_clear_output = "from IPython.display import clear_output; clear_output()"
+
+    _tmp: Path
+    _cluster: Cluster
+    _kernel: Kernel
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._tmp = Path(tempfile.mkdtemp(prefix="clustorage-jkt-"))
+        cls._cluster = Cluster(cls._tmp)
+        try:
+            cls._cluster.start_loader("kt-hub")
+            jupyter_path = install_kernelspec(cls._tmp / "prefix")
+            env = isolated_env(
+                cls._tmp / "home",
+                jupyter_path,
+                CLUSTORAGE_LOADER=cls._cluster.loader,
+                CLUSTORAGE_NAME="kt",
+                CLUSTORAGE_COOKIE=COOKIE,
+            )
+            cls._kernel = Kernel(jupyter_path, env, cls._tmp / "kt.json").wait_ready()
+            cls.km, cls.kc = cls._kernel.km, cls._kernel.kc
+            # A hot-load lands while the kernel is idle: it must not print into any cell.
+            with clustorage.Node("kt-peer", cls._cluster.loader, cookie=COOKIE) as peer:
+                peer.define("kt_probe", "lambda: 'probe'")
+        except BaseException:
+            cls._cleanup()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._cleanup()
+
+    @classmethod
+    def _cleanup(cls) -> None:
+        kernel = getattr(cls, "_kernel", None)
+        try:
+            if kernel is not None:
+                kernel.close()
+        finally:
+            cls._cluster.close()
+            shutil.rmtree(cls._tmp, ignore_errors=True)
+
+    def test_hot_load_arrives_without_output(self) -> None:
+        """A function defined elsewhere is callable here, and the cell shows only its result."""
+        self.flush_channels()
+        reply, outputs = self.execute_helper("kt_probe()")
+        assert reply["content"]["status"] == "ok"
+        assert [msg["msg_type"] for msg in outputs] == ["execute_result"]
