@@ -10,64 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import Any
 
-import cloudpickle
-
 from . import messages
 from .errors import AuthenticationError, ProtocolError
+from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
 from .protocol import Closed, Connection, Frame, Hello, Role
 
-__all__ = ["HEARTBEAT", "ServerConnection", "Timing", "handshake_meta"]
+__all__ = ["ServerConnection"]
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT = 1.0
-
-
-class Timing:
-    """How long the loader waits for peers; one object shared by every connection."""
-
-    def __init__(
-        self,
-        *,
-        heartbeat: float = HEARTBEAT,
-        dead_after: float = 4.0,
-        handshake: float = 5.0,
-        stalled_after: float = 10.0,
-        write_limit: int = 64 << 20,
-    ) -> None:
-        self.heartbeat = heartbeat
-        self.dead_after = dead_after
-        self.handshake = handshake
-        self.stalled_after = stalled_after
-        self.write_limit = write_limit
-
-
-def handshake_meta(name: str, **extra: Any) -> dict[str, Any]:
-    """What a node says about itself in the handshake."""
-    return {
-        "name": name,
-        "python": "{}.{}".format(*sys.version_info[:2]),
-        "cloudpickle": cloudpickle.__version__.split(".")[0],
-        **extra,
-    }
-
-
-def incompatibility(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
-    """Why two nodes cannot exchange functions, or None when they can."""
-    for what, label in (("python", "Python"), ("cloudpickle", "cloudpickle")):
-        if ours.get(what) != theirs.get(what):
-            return (
-                f"{theirs.get('name')} runs {label} {theirs.get(what)} and "
-                f"{ours.get('name')} runs {label} {ours.get(what)}: compiled functions cannot "
-                f"move between them; use the same {label} version on every node"
-            )
-    return None
-
 
 # Every connection reads into this one buffer: the loop runs one callback at a time, and
 # the protocol object copies what it needs before the next read.

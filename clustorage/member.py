@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 
 from . import messages
-from .aio import HEARTBEAT, handshake_meta, incompatibility
 from .channel import Build, Pending, Waiter, apply_push, apply_sync
 from .config import NodeConfig
 from .errors import (
@@ -29,6 +28,7 @@ from .errors import (
     NameClashError,
     ProtocolError,
 )
+from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
 from .messages import Load, Loaded, Message, Sync, SyncReply
 from .protocol import Closed, Connection, Frame, Role, Welcome
 from .replica import Replica
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
-DEAD_AFTER = 4.0
 RECV_SIZE = 1 << 20
 LINGER = 0.002
 

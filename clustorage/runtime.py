@@ -10,10 +10,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from .aio import ServerConnection, Timing
+from .aio import ServerConnection
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
+from .hello import Timing
 from .loader import LoaderCore
 from .messages import Load, Loaded, Message
 from .replica import Replica

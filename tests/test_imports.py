@@ -24,6 +24,7 @@ PURE = [
     "compiler",
     "replica",
     "channel",
+    "hello",
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
