@@ -160,11 +160,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._transport.write(data)
             self.last_sent = time.monotonic()
 
-    def deliver(self, message: messages.Message) -> None:
+    def deliver(self, message: messages.Message, payload: bytes | None = None) -> None:
         """Queue ``message`` for this member; drop the member if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        self._write(self._conn.send(messages.encode(message)))
+        self._write(self._conn.send(payload or messages.encode(message)))
         if self._transport.get_write_buffer_size() > self._timing.write_limit:
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()

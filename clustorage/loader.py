@@ -61,6 +61,7 @@ from .messages import (
     Sync,
     SyncReply,
     Unload,
+    encode,
 )
 from .store import Store
 
@@ -76,8 +77,8 @@ class Peer(Protocol):
     address: str
     connected_since: float
 
-    def deliver(self, message: Message) -> None:
-        """Send ``message`` to the node without blocking."""
+    def deliver(self, message: Message, payload: bytes | None = None) -> None:
+        """Send ``message`` to the node without blocking (``payload``: it, already encoded)."""
 
 
 class Timer(Protocol):
@@ -210,9 +211,10 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
+        payload = encode(message)
         for peer in list(self.peers.values()):
             if peer is not skip:
-                peer.deliver(message)
+                peer.deliver(message, payload)
 
     def _next_version(self, kind: str, key: str) -> int:
         version = self._last_version.get((kind, key), 0) + 1

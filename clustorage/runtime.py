@@ -35,7 +35,7 @@ class _LocalPeer:
         self.connected_since = time.time()
         self._runtime = runtime
 
-    def deliver(self, message: Message) -> None:
+    def deliver(self, message: Message, payload: bytes | None = None) -> None:
         runtime = self._runtime
         rid = getattr(message, "rid", None)
         if rid is not None:
