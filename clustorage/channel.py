@@ -170,7 +170,7 @@ def apply_push(replica: Replica, message: Message) -> bool:
     if type(message) is Load:
         replica.install(message.entry)
     elif type(message) is Unload:
-        replica.remove(message.kind, message.key)
+        replica.remove(message.kind, message.key, message.origin)
     elif type(message) is Members:
         return True
     return False

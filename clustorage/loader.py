@@ -299,7 +299,7 @@ class LoaderCore:
             version = self._next_version(message.kind, message.key)
             self._store.delete(message.kind, message.key, version, peer.name)
             del self.entries[(message.kind, message.key)]
-            self._broadcast(Unload(message.kind, message.key))
+            self._broadcast(Unload(message.kind, message.key, peer.name))
         peer.deliver(Deleted(message.rid, existed))
 
     # -- functions -------------------------------------------------------------------------

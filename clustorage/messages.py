@@ -219,8 +219,11 @@ class Load(NamedTuple):
 
 
 class Unload(NamedTuple):
+    """``key`` was deleted (by node ``origin``)."""
+
     kind: str
     key: str
+    origin: str
 
 
 class Members(NamedTuple):

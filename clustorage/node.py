@@ -138,6 +138,11 @@ class Node:
         return str(LoaderAddress(self.name, *self.address))
 
     @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped
+
+    @property
     def connected(self) -> bool:
         return self._channel.connected and not self._stopped
 
@@ -213,7 +218,7 @@ class Node:
         key = normalize_key(key) if kind == VALUE else check_function_name(str(key))
         reply = self._channel.request(lambda rid: Delete(rid, kind, key), self.timeout)
         assert type(reply) is Deleted
-        self._replica.remove(kind, key)
+        self._replica.remove(kind, key, self.name)
         return reply.existed
 
     def keys(self) -> list[str]:

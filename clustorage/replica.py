@@ -91,14 +91,15 @@ class Replica:
         )
         return True
 
-    def remove(self, kind: str, key: str) -> bool:
-        """Forget ``key``; returns whether it was here."""
+    def remove(self, kind: str, key: str, origin: str = "") -> bool:
+        """Forget ``key`` (deleted by node ``origin``); returns whether it was here."""
         with self._lock:
             table: dict[str, Any] = self.functions if kind == FUNCTION else self.values
             existed = key in table
             table.pop(key, None)
             version = self.versions.pop((kind, key), 0)
-            origin = self.origins.pop((kind, key), "")
+            origin = origin or self.origins.pop((kind, key), "")
+            self.origins.pop((kind, key), None)
             if kind == FUNCTION:
                 self.sources.pop(key, None)
             listeners = list(self._listeners)

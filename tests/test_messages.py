@@ -86,7 +86,7 @@ SAMPLES: list[Any] = [
     HistoryReply(19, (FN, FN._replace(version=2))),
     Failed(20, "CompileError", "invalid syntax", {"name": "f", "lineno": 1, "offset": 7}),
     Load(FN, True),
-    Unload(VALUE, "hello"),
+    Unload(VALUE, "hello", "app2"),
     Members(("app1", "app2", "app3")),
 ]
 

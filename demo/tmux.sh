@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The Clustorage demo: three nodes, each a clustorage-shell in a window of tmux session
+# "clustor": app1 (the loader), app2 and app3 (members). Sets itself up on a fresh machine
+# (scripts/bootstrap.sh: a .venv with clustorage, and tmux if missing).
+#
+#   demo/tmux.sh                   start (or re-attach to) the demo
+#   tmux kill-session -t clustor   end it
+#
+# Environment (all optional):
+#   CLUSTORAGE_DEMO_PORT    the loader's port on 127.0.0.1 (default 43700)
+#   CLUSTORAGE_DEMO_DIR     the demo's state: cookie and data (default ~/.clustorage/demo)
+#   CLUSTORAGE_DEMO_TMUX    a tmux socket name (tmux -L) to run the demo on its own server
+#   CLUSTORAGE_DEMO_DETACH  set to 1 to leave the session detached even in a terminal
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+self="$here/demo/tmux.sh"
+session=clustor
+
+# One window's program: called by tmux as `demo/tmux.sh --window NAME PORT DIR`.
+if [ "${1:-}" = "--window" ]; then
+    name="$2"
+    export CLUSTORAGE_DEMO_PORT="$3" CLUSTORAGE_DEMO_DIR="$4"
+    unset CLUSTORAGE_NAME CLUSTORAGE_LOADER CLUSTORAGE_COOKIE CLUSTORAGE_LISTEN CLUSTORAGE_DATA
+    set -a
+    # shellcheck source=/dev/null
+    . "$here/demo/env/$name"
+    set +a
+    cd "$here"
+    status=0
+    "$here/.venv/bin/clustorage-shell" --cookie-file "$CLUSTORAGE_DEMO_DIR/cookie" || status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "clustorage-shell $name exited with status $status; press Enter to close." >&2
+        read -r _ || true
+    fi
+    exit "$status"
+fi
+
+port="${CLUSTORAGE_DEMO_PORT:-43700}"
+state="${CLUSTORAGE_DEMO_DIR:-$HOME/.clustorage/demo}"
+tmux_cmd=(tmux)
+if [ -n "${CLUSTORAGE_DEMO_TMUX:-}" ]; then
+    tmux_cmd=(tmux -L "$CLUSTORAGE_DEMO_TMUX")
+fi
+attach_hint="${tmux_cmd[*]} attach -t $session"
+
+"$here/scripts/bootstrap.sh"
+command -v tmux >/dev/null 2>&1 || { echo "the demo needs tmux; install it and run again." >&2; exit 2; }
+
+if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
+    echo "The demo already runs in tmux session '$session'."
+else
+    # The cluster's secret: generated once, private to this user, never in the repository.
+    mkdir -p "$state"
+    chmod 700 "$state"
+    if [ ! -s "$state/cookie" ]; then
+        (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/cookie")
+    fi
+    chmod 600 "$state/cookie"
+
+    "${tmux_cmd[@]}" new-session -d -s "$session" -n app1 -x 160 -y 45 \
+        "$self" --window app1 "$port" "$state"
+    # Members join once the loader's prompt is up (it listens by then).
+    for _ in $(seq 1 300); do
+        screen="$("${tmux_cmd[@]}" capture-pane -p -J -t "=$session:app1" 2>/dev/null || true)"
+        case "$screen" in
+            *"app1> "*) break ;;
+            *"exited with status"*) break ;;
+        esac
+        sleep 0.1
+    done
+    case "$screen" in
+        *"app1> "*) ;;
+        *)
+            echo "app1 did not start; its window says:" >&2
+            echo "$screen" >&2
+            echo "(see it with: $attach_hint)" >&2
+            exit 1
+            ;;
+    esac
+    for name in app2 app3; do
+        "${tmux_cmd[@]}" new-window -d -t "=$session:" -n "$name" "$self" --window "$name" "$port" "$state"
+    done
+fi
+
+if [ -t 0 ] && [ -t 1 ] && [ "${CLUSTORAGE_DEMO_DETACH:-0}" != 1 ]; then
+    if [ -n "${TMUX:-}" ] && [ -z "${CLUSTORAGE_DEMO_TMUX:-}" ]; then
+        exec tmux switch-client -t "=$session"
+    fi
+    exec "${tmux_cmd[@]}" attach -t "=$session"
+fi
+echo "The demo runs in tmux session '$session': windows app1 (loader), app2, app3."
+echo "Attach:  $attach_hint"
+echo "End it:  ${tmux_cmd[*]} kill-session -t $session"
