@@ -164,10 +164,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Queue ``message`` for this member; drop the member if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        self._write(self._conn.send(payload or messages.encode(message)))
         if self._transport.get_write_buffer_size() > self._timing.write_limit:
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()
+            return
+        self._write(self._conn.send(payload or messages.encode(message)))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``)."""

@@ -254,7 +254,7 @@ class LoaderCore:
     def _commit(self, peer: Peer, message: Commit) -> None:
         existing = self.entries.get((VALUE, message.key))
         if existing is not None:
-            peer.deliver(Committed(message.rid, existing))
+            peer.deliver(Committed(message.rid, existing, False))
             return
         try:
             entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
@@ -262,13 +262,13 @@ class LoaderCore:
             if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
                 self._pass_lease(message.key, lease)
             raise
+        peer.deliver(Committed(message.rid, entry._replace(payload=b""), True))
         self._settle(message.key, entry, skip=peer)
-        peer.deliver(Committed(message.rid, entry))
 
     def _put(self, peer: Peer, message: Put) -> None:
         entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
+        peer.deliver(Committed(message.rid, entry._replace(payload=b""), True))
         self._settle(message.key, entry, skip=peer)
-        peer.deliver(Committed(message.rid, entry))
 
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""

@@ -256,18 +256,18 @@ class MemberClient:
                     finally:
                         self._io_lock.release()
                 continue
-            select.select([sock], [], [], HEARTBEAT)
+            readable, _, _ = select.select([sock], [], [], HEARTBEAT)
             with self._io_lock:
                 if self._sock is not sock:
                     raise _Lost("the connection was dropped")
-                self._read_once(0.0)
+                self._read_once(0.0, known_readable=bool(readable))
 
-    def _read_once(self, wait: float) -> None:
+    def _read_once(self, wait: float, known_readable: bool = False) -> None:
         """Read what arrives within ``wait`` seconds (holding the io lock); idle: heartbeat."""
         sock, conn = self._sock, self._conn
         if sock is None or conn is None:
             raise _Lost("not connected")
-        readable, _, _ = select.select([sock], [], [], wait)
+        readable = known_readable or select.select([sock], [], [], wait)[0]
         now = time.monotonic()
         if readable:
             try:

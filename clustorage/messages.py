@@ -163,8 +163,11 @@ class LeaseGranted(NamedTuple):
 
 
 class Committed(NamedTuple):
+    """The stored entry; when ``mine``, the requester's own value (its payload left out)."""
+
     rid: int
     entry: Entry
+    mine: bool
 
 
 class Defined(NamedTuple):

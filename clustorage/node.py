@@ -35,7 +35,7 @@ from .messages import (
     Status,
     StatusReply,
 )
-from .replica import LoadEvent, Replica
+from .replica import MISSING, LoadEvent, Replica
 
 __all__ = ["Definition", "Node"]
 
@@ -180,8 +180,7 @@ class Node:
         value, payload = self._compute(key, fn)
         reply = self._channel.request(lambda rid: Commit(rid, key, payload), self.timeout)
         assert type(reply) is Committed
-        mine = reply.entry.payload is payload or reply.entry.payload == payload
-        return self._install(reply.entry, value if mine else None)
+        return self._install(reply.entry, value) if reply.mine else self._install(reply.entry)
 
     def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, bytes]:
         __tracebackhide__ = True
@@ -195,13 +194,13 @@ class Node:
             raise
         return value, payload
 
-    def _install(self, entry: Entry, obj: Any = None) -> Any:
+    def _install(self, entry: Entry, obj: Any = MISSING) -> Any:
         self._replica.install(entry, obj)
         table = self._functions if entry.kind == FUNCTION else self._values
         try:
             return table[entry.key]
         except KeyError:  # deleted meanwhile: the answer still stands
-            return obj if obj is not None else codec.load(entry.payload)
+            return obj if obj is not MISSING else codec.load(entry.payload)
 
     def put(self, key: Key, value: Any) -> int:
         """Store ``value`` under ``key`` as a new version everywhere; returns the version."""

@@ -359,6 +359,7 @@ class Connection:
             return None
         with memoryview(buffer) as view:
             tag = self._tag(self._recv_key, view[: HEADER.size], view[_FRAME_HEAD:end])
+            payload = bytes(view[_FRAME_HEAD:end])
         if not hmac.compare_digest(tag, bytes(buffer[HEADER.size : _FRAME_HEAD])):
             raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
         if seq != self._recv_seq:
@@ -366,7 +367,6 @@ class Connection:
                 f"frame sequence {seq}, expected {self._recv_seq} (replayed or reordered)"
             )
         self._recv_seq += 1
-        payload = bytes(buffer[_FRAME_HEAD:end])
         del buffer[:end]
         return Frame(payload)
 

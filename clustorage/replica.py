@@ -15,7 +15,9 @@ from . import codec
 from .compiler import register_source, restore_filename
 from .messages import FUNCTION, Entry
 
-__all__ = ["LoadEvent", "Replica"]
+__all__ = ["MISSING", "LoadEvent", "Replica"]
+
+MISSING: Any = object()  # "no object given": None is a value like any other
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class Replica:
     def version(self, kind: str, key: str) -> int:
         return self.versions.get((kind, key), 0)
 
-    def install(self, entry: Entry, obj: Any = None, *, force: bool = False) -> bool:
+    def install(self, entry: Entry, obj: Any = MISSING, *, force: bool = False) -> bool:
         """Install ``entry`` unless this or a newer version is here; returns whether it was.
 
         ``obj`` is the already-deserialized object, when the caller has it. ``force``
@@ -72,7 +74,7 @@ class Replica:
             held = self.versions.get((entry.kind, entry.key), 0)
             if held == entry.version or (held > entry.version and not force):
                 return False
-            if obj is None:
+            if obj is MISSING:
                 obj = codec.load(entry.payload)
             if entry.kind == FUNCTION:
                 obj = restore_filename(entry.key, obj)

@@ -215,3 +215,13 @@ def test_on_load_listeners_hear_every_install(home: Path) -> None:
         assert done.wait(10)
     assert ("value", "x", 1, "l") in seen
     assert ("function", "f", 1, "l") in seen
+
+
+def test_a_value_larger_than_the_write_buffer_reaches_every_node(cluster: Cluster) -> None:
+    """An 80 MB value (over the loader's 64 MiB per-peer backlog) reaches another member."""
+    cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    assert a.ok("node.put('big', b'x' * 80_000_000)") == 1
+    assert b.ok("len(node.get('big'))") == 80_000_000
+    assert a.ok("node.get('none', lambda: None) is None") is True
+    assert b.ok("node.get('none') is None") is True

@@ -66,7 +66,7 @@ SAMPLES: list[Any] = [
     NotFound(11),
     Queued(12),
     LeaseGranted(13),
-    Committed(14, ENTRY),
+    Committed(14, ENTRY, False),
     Defined(15, FN, True, ("app1", "app2"), ("app3",)),
     Deleted(16, False),
     SyncReply(17, (ENTRY, FN), ((VALUE, "gone"),), ("app1", "app2")),
