@@ -45,7 +45,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
         self._transport: asyncio.Transport | None = None
         self._joined = False
-        self._paused_since: float | None = None
+        self._paused = False
+        self._backlog = 0
+        self._progress = time.monotonic()
         self.name = "?"
         self.session = ""
         self.address = "?"
@@ -87,10 +89,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._core.leave(self)
 
     def pause_writing(self) -> None:
-        self._paused_since = time.monotonic()
+        self._paused = True
+        self._progress = time.monotonic()
 
     def resume_writing(self) -> None:
-        self._paused_since = None
+        self._paused = False
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -183,6 +186,16 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._joined = False
             self._core.leave(self)
 
+    def _stalled(self, now: float) -> bool:
+        """Whether the peer has drained none of its backlog for ``stalled_after`` seconds."""
+        if not self._paused or self._transport is None:
+            return False
+        backlog = self._transport.get_write_buffer_size()
+        if backlog < self._backlog:
+            self._progress = now
+        self._backlog = backlog
+        return now - self._progress > self._timing.stalled_after
+
     def tick(self, now: float) -> None:
         """Called every heartbeat: time out silent and stalled peers, send proof of life."""
         timing = self._timing
@@ -196,7 +209,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 "closed %s (%s): silent for %.1fs", self.address, self.name, timing.dead_after
             )
             self.close()
-        elif self._paused_since is not None and now - self._paused_since > timing.stalled_after:
+        elif self._stalled(now):
             log.warning("closed %s (%s): stopped reading", self.address, self.name)
             self.close()
         elif now - self.last_sent >= timing.heartbeat:

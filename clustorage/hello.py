@@ -23,7 +23,7 @@ class Timing:
         dead_after: float = DEAD_AFTER,
         handshake: float = 5.0,
         stalled_after: float = 10.0,
-        write_limit: int = 64 << 20,
+        write_limit: int = 1 << 30,
     ) -> None:
         self.heartbeat = heartbeat
         self.dead_after = dead_after

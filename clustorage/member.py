@@ -288,7 +288,7 @@ class MemberClient:
                 self._tls.dispatching = False
         elif now - self._last_heard > DEAD_AFTER:
             raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
-        elif now - self._last_sent >= HEARTBEAT:
+        if now - self._last_sent >= HEARTBEAT:
             with self._send_lock:
                 sock.sendall(conn.heartbeat())
             self._last_sent = now

@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,17 +158,35 @@ def test_silent_connections_and_garbage_do_not_starve_members(cluster: Cluster) 
 
 
 def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
-    """A member that never reads is dropped once its backlog is over the limit; others go on."""
+    """A member that sends heartbeats but never reads is dropped once it drains nothing."""
     loader = cluster.start_loader()
     writer = cluster.member("writer")
-    sock, _conn = authenticated(cluster.port, "sleeper")
+    sock, conn = authenticated(cluster.port, "sleeper")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    for i in range(24):
-        writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
-    deadline = time.monotonic() + 30
-    while "stopped reading" not in cluster.loader_log() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "stopped reading" in cluster.loader_log()
-    assert writer.ok("len(node.keys())") == 24
-    assert rss_kib(loader.pid) < 400 * 1024
-    sock.close()
+    alive = threading.Event()
+
+    def heartbeats() -> None:
+        while not alive.wait(0.5):
+            try:
+                sock.sendall(conn.heartbeat())
+            except OSError:
+                return
+
+    beating = threading.Thread(target=heartbeats, daemon=True)
+    beating.start()
+    try:
+        for i in range(24):
+            writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
+        deadline = time.monotonic() + 40
+        while "stopped reading" not in cluster.loader_log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (
+            "closed" in cluster.loader_log()
+            and "(sleeper): stopped reading" in cluster.loader_log()
+        )
+        assert writer.ok("len(node.keys())") == 24
+        assert rss_kib(loader.pid) < 400 * 1024
+    finally:
+        alive.set()
+        beating.join(5)
+        sock.close()
