@@ -25,6 +25,14 @@ if ! command -v tmux >/dev/null 2>&1; then
     fi
 fi
 
+# The benchmarks compare against Redis when its server is installed.
+if [ "$extras" = bench ] && ! command -v redis-server >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing redis-server (apt-get) for the benchmarks" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || true
+fi
+
 venv="$here/.venv"
 stamp="$venv/.clustorage-$extras"
 if [ ! -x "$venv/bin/python" ]; then

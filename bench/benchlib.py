@@ -1,0 +1,45 @@
+"""What the bench's driver (run.py) and its child processes (worker.py) share: statistics,
+units, free ports and resident memory."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["free_port", "rss_bytes", "summarize"]
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, minimum, maximum and 99th percentile (nearest rank) of ``samples``."""
+    if not samples:
+        return {"n": 0, "median": math.nan, "min": math.nan, "max": math.nan, "p99": math.nan}
+    ordered = sorted(samples)
+    n = len(ordered)
+    middle = n // 2
+    median = ordered[middle] if n % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    p99 = ordered[min(n - 1, max(0, math.ceil(0.99 * n) - 1))]
+    return {"n": n, "median": median, "min": ordered[0], "max": ordered[-1], "p99": p99}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """The resident set size of process ``pid`` (this process by default), in bytes."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for process {pid}") from None
+    return int(psutil.Process(pid).memory_info().rss)
