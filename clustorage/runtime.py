@@ -109,6 +109,7 @@ class LoaderRuntime:
             ) from exc
         address = self._server.sockets[0].getsockname()
         self.core.address = f"{address[0]}:{address[1]}"
+        self._local.address = self.core.address
         for entry in self.core.entries.values():
             self.replica.install(entry)
         self.core.join(self._local)
