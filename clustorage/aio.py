@@ -1,6 +1,6 @@
 """The loader's network side: asyncio connections around the sans-I/O protocol and LoaderCore.
 
-Each TCP connection is one :class:`ServerConnection`; ``data_received`` feeds the protocol
+Each TCP connection is one :class:`ServerConnection`; ``buffer_updated`` feeds the protocol
 object and hands decoded messages to the core. A peer that breaks the protocol, does not know
 the cookie, stays silent through the handshake or stops reading costs one closed connection
 and one log line with its address.

@@ -7,8 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 from .aio import ServerConnection
 from .channel import Build, Pending, apply_push
@@ -23,7 +22,6 @@ from .store import open_store
 __all__ = ["LoaderRuntime"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class _LocalPeer:
@@ -154,20 +152,6 @@ class LoaderRuntime:
     def notify(self, build: Build) -> None:
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.core.handle, self._local, build(0))
-
-    def call(self, function: Callable[[], T], timeout: float) -> T:
-        """Run ``function`` on the loop thread and return its result."""
-        self._check_thread()
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(function())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(timeout)
 
     async def _shutdown(self) -> None:
         if self._heartbeat_task is not None:
