@@ -139,7 +139,7 @@ def call(name: str, args: Iterable[Any] = (), fn: Source | None = None) -> Any:
     return _node().call(name, args, fn)
 
 
-def define(name: str, source: Source, force: bool = False) -> Definition:
+def define(name: str, source: Source, force: bool = True) -> Definition:
     """:meth:`Node.define` on the default node."""
     return _node().define(name, source, force)
 

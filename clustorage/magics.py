@@ -639,7 +639,7 @@ class FunctionMagics(_ClusterMagics):
                 raise UsageError(
                     f"the cell is empty: write the source of {name}, as in def {name}(...):"
                 )
-            definition = node.define(name, cell)
+            definition = node.define(name, cell, force=False)
             self.session.sync.request(name)
             self.session.sync.apply()
             if definition.changed or not codes:

@@ -249,14 +249,15 @@ class Node:
                 f"the cluster has no function {name!r}; give its source, as in "
                 f"call({name!r}, [...], 'def {name}(...): ...')"
             )
-        self.define(name, fn() if callable(fn) else fn)
+        self.define(name, fn() if callable(fn) else fn, force=False)
         return self._functions[name]
 
-    def define(self, name: str, source: Source, force: bool = False) -> Definition:
+    def define(self, name: str, source: Source, force: bool = True) -> Definition:
         """Compile ``source`` as function ``name`` on the loader and hot-load it everywhere.
 
-        Unchanged source makes no new version unless ``force``. Returns once every node
-        connected at that moment has installed it, was dropped, or the timeout passed.
+        Makes a new version (SPEC: define forces one); with ``force=False`` unchanged source
+        makes none. Returns once every node connected at that moment has installed it, was
+        dropped, or the timeout passed.
 
         Raises:
             CompileError: the loader's message, with ``<cluster:NAME>``, line and column.

@@ -163,14 +163,18 @@ def test_concurrent_threads_compute_once(home: Path) -> None:
 
 
 def test_redefinition_replaces_everywhere_and_unchanged_source_keeps_version(home: Path) -> None:
-    """A changed source makes version 2 on every node; the same source makes none."""
+    """A changed source makes version 2 everywhere; unchanged makes none unless define forces."""
     with node_pair() as (loader, member):
         assert member.define("f", "lambda: 1").version == 1
-        again = loader.define("f", "lambda: 1")
+        again = loader.define("f", "lambda: 1", force=False)
         assert (again.version, again.changed) == (1, False)
         assert loader.define("f", "lambda: 2").version == 2
         assert member.call("f") == 2
         assert member.version("f") == 2
+        forced = member.define("f", "lambda: 2")
+        assert (forced.version, forced.changed) == (3, True)
+        assert member.call("f", [], "lambda: 2") == 2
+        assert loader.version("f") == 3
 
 
 def test_traceback_shows_the_hot_loaded_source(home: Path) -> None:
