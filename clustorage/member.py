@@ -1,10 +1,12 @@
-"""A member's connection to the loader: blocking sockets, one reader thread, reconnection.
+"""A member's connection to the loader: blocking sockets, callers reading, reconnection.
 
-Callers send their own requests (under a lock, so frames leave in sequence order) and wait on
-a :class:`~clustorage.channel.Waiter`; the reader thread reads every frame, wakes callers with
-answers, applies pushes to the replica and acknowledges hot-loads. When the connection drops,
-waiting callers get LoaderUnavailable and the reader reconnects with capped exponential backoff,
-then resynchronises by versions before anyone's request goes out again.
+Callers send their own requests (under a lock, so frames leave in sequence order). Whoever
+holds the io lock reads the socket: usually the caller itself, waiting for its own answer,
+which saves a thread switch per request; a background thread reads while nobody else is
+waiting. The reader wakes callers with their answers (by request number), applies pushes to
+the replica and acknowledges hot-loads. When the connection drops, waiting callers get
+LoaderUnavailable and the background thread reconnects with capped exponential backoff, then
+resynchronises by versions before anyone's request goes out again.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class MemberClient:
                 "%s: cannot reach the loader %s yet (%s)", self.config.name, self.where(), exc
             )
             self._last_error = exc
+            self._drop(str(exc))
         self._thread.start()
 
     def _connect(self) -> None:
