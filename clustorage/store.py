@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS entries (
     time     REAL    NOT NULL,
     deleted  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, key, version)
-) WITHOUT ROWID;
+);
 """
 
 _CURRENT = """
@@ -69,6 +69,8 @@ class SQLiteStore:
             if path != MEMORY:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # Large pages keep big payloads in few overflow pages (takes effect on a new file).
+            self._db.execute("PRAGMA page_size=65536")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
