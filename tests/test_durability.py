@@ -159,21 +159,24 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_full_disk_fails_the_write_and_loses_nothing(home: Path, tmp_path: Path) -> None:
-    """A full disk fails the write with a clear error; earlier entries stay and later ones work."""
+    """A full disk fails the write clearly; old entries stay; writes resume once space is freed."""
     mount = tmp_path / "small"
     mount.mkdir()
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
     )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
     try:
+        filler = mount / "filler"
+        filler.write_bytes(b"\0" * 600_000)
         with clustorage.Node("l", listen="127.0.0.1:0", data=str(mount), cookie=COOKIE) as node:
             node.put("small", "kept")
             with pytest.raises(clustorage.StoreError, match="full"):
                 for i in range(100):
-                    node.put(f"big{i}", os.urandom(100_000))
+                    node.put(f"big{i}", os.urandom(300_000))
             assert node.get("small") == "kept"
+            filler.unlink()  # the user frees some space
             assert node.get("after", lambda: "still works") == "still works"
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
