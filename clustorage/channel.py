@@ -42,7 +42,12 @@ class Channel(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def request(self, build: Build, timeout: float) -> Message: ...
+    def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
+        """Send ``build(rid)`` and wait for its answer.
+
+        A ``patient`` request (like a Queued one) waits as long as the connection lives.
+        """
+        ...
 
     def notify(self, build: Build) -> None: ...
 
@@ -79,8 +84,9 @@ class Pending:
         self._waiters: dict[int, Waiter] = {}
         self._lock = threading.Lock()
 
-    def open(self) -> tuple[int, Waiter]:
+    def open(self, patient: bool = False) -> tuple[int, Waiter]:
         waiter = Waiter()
+        waiter.queued = patient
         with self._lock:
             rid = next(self._numbers)
             self._waiters[rid] = waiter

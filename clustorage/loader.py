@@ -309,7 +309,6 @@ class LoaderCore:
         if current is not None and current.source == message.source and not message.force:
             peer.deliver(Defined(message.rid, current, False, self.member_names(), ()))
             return
-        peer.deliver(Queued(message.rid))
         function = compile_function(message.name, message.source)
         payload = codec.dump(message.name, function)
         entry = self._store_entry(FUNCTION, message.name, payload, message.source, peer.name)

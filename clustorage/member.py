@@ -370,15 +370,15 @@ class MemberClient:
         self._last_answer = time.monotonic()
         return self.pending.wait(rid, waiter, max(remaining, 0.0), lambda: self._is_ready)
 
-    def request(self, build: Build, timeout: float) -> Message:
-        """Send a request and wait for its answer.
+    def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
+        """Send a request and wait for its answer (a ``patient`` one while connected).
 
         Raises:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
         """
         self._check_thread()
         self._wait_ready(timeout)
-        rid, waiter = self.pending.open()
+        rid, waiter = self.pending.open(patient)
         try:
             self._send(build(rid))
         except OSError as exc:

@@ -151,7 +151,7 @@ class NotFound(NamedTuple):
 
 
 class Queued(NamedTuple):
-    """Your request is accepted; its answer will take a while (a lease is held, or compiling)."""
+    """Your request is accepted; its answer waits for the lease on its key to settle."""
 
     rid: int
 

@@ -266,8 +266,9 @@ class Node:
         text = source() if callable(source) else source
         if not isinstance(text, str):
             raise TypeError(f"the source of {name!r} must be a str, not {type(text).__name__}")
+        # Patient: compiling runs the user's module-level code, which may take a while.
         reply = self._channel.request(
-            lambda rid: Define(rid, name, text, force), self.timeout + self.config.timeout
+            lambda rid: Define(rid, name, text, force), self.timeout, patient=True
         )
         assert type(reply) is Defined
         self._install(reply.entry)

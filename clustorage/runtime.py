@@ -141,11 +141,11 @@ class LoaderRuntime:
                 "(from an on_load listener?); hand the work to another thread"
             )
 
-    def request(self, build: Build, timeout: float) -> Message:
+    def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         self._check_thread()
         if self.loop.is_closed():
             raise LoaderUnavailable(f"the loader {self.config.name} has stopped")
-        rid, waiter = self.pending.open()
+        rid, waiter = self.pending.open(patient)
         self.loop.call_soon_threadsafe(self.core.handle, self._local, build(rid))
         return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
 
