@@ -79,3 +79,14 @@ def test_group_readable_cookie_file_is_refused(cluster: Cluster) -> None:
     result = clustorage(cluster, "loader", "--name", "l", "--cookie-file", str(cookie))
     assert result.returncode == 2
     assert f"chmod 600 {cookie}" in result.stderr
+
+
+def test_second_loader_on_a_taken_port_says_so(cluster: Cluster) -> None:
+    """A loader whose address is taken exits 2, naming the address and --listen."""
+    cluster.start_loader()
+    result = clustorage(
+        cluster, "loader", "--name", "again", "--listen", f"127.0.0.1:{cluster.port}"
+    )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{cluster.port}" in result.stderr
+    assert "--listen HOST:PORT" in result.stderr
