@@ -126,6 +126,7 @@ def get(key: Key, fn: Callable[[], Any] | None = None) -> Any:
             return node._values[key]  # type: ignore[index]  # the hit, inlined: SPEC "get" 1
         except (KeyError, TypeError):
             pass
+    __tracebackhide__ = True
     return _node().get(key, fn)
 
 
@@ -136,6 +137,7 @@ def call(name: str, args: Iterable[Any] = (), fn: Source | None = None) -> Any:
         function = node._functions.get(name)  # the hit, inlined: SPEC "call" 1
         if function is not None:
             return function(*args)
+    __tracebackhide__ = True
     return _node().call(name, args, fn)
 
 

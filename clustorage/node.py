@@ -160,6 +160,7 @@ class Node:
             return self._values[key]  # type: ignore[index]
         except (KeyError, TypeError):
             pass
+        __tracebackhide__ = True
         return self._get_slow(key, fn)
 
     def _get_slow(self, key: Key, fn: Callable[[], Any] | None) -> Any:
