@@ -171,7 +171,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()
             return
-        self._write(self._conn.send(payload or messages.encode(message)))
+        self._write(self._conn.send(messages.encode(message) if payload is None else payload))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``)."""

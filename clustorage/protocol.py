@@ -359,13 +359,13 @@ class Connection:
             return None
         with memoryview(buffer) as view:
             tag = self._tag(self._recv_key, view[: HEADER.size], view[_FRAME_HEAD:end])
+            if not hmac.compare_digest(tag, view[HEADER.size : _FRAME_HEAD]):
+                raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
+            if seq != self._recv_seq:
+                raise RemoteProtocolError(
+                    f"frame sequence {seq}, expected {self._recv_seq} (replayed or reordered)"
+                )
             payload = bytes(view[_FRAME_HEAD:end])
-        if not hmac.compare_digest(tag, bytes(buffer[HEADER.size : _FRAME_HEAD])):
-            raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
-        if seq != self._recv_seq:
-            raise RemoteProtocolError(
-                f"frame sequence {seq}, expected {self._recv_seq} (replayed or reordered)"
-            )
         self._recv_seq += 1
         del buffer[:end]
         return Frame(payload)

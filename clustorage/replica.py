@@ -100,8 +100,8 @@ class Replica:
             existed = key in table
             table.pop(key, None)
             version = self.versions.pop((kind, key), 0)
-            origin = origin or self.origins.pop((kind, key), "")
-            self.origins.pop((kind, key), None)
+            held_origin = self.origins.pop((kind, key), "")
+            origin = origin or held_origin
             if kind == FUNCTION:
                 self.sources.pop(key, None)
             listeners = list(self._listeners)
