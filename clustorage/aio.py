@@ -9,15 +9,17 @@ and one log line with its address.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import messages
 from .errors import AuthenticationError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
-from .protocol import Closed, Connection, Frame, Hello, Role
+from .protocol import BULK, Closed, Connection, Frame, Hello, Role, State, fastest_bulk_digest
 
 __all__ = ["ServerConnection"]
 
@@ -42,8 +44,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             cookie,
             handshake_meta(core.name, role="loader"),
             max_frame=max_frame,
+            bulk_digest=fastest_bulk_digest(),
         )
         self._transport: asyncio.Transport | None = None
+        self._outbox: collections.deque[Iterator[bytes | memoryview]] = collections.deque()
+        self._into_bulk = False
         self._joined = False
         self._paused = False
         self._backlog = 0
@@ -70,12 +75,29 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._write(self._conn.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER
+        space = self._conn.receive_buffer() if self._conn.state is State.OPEN else None
+        self._into_bulk = space is not None
+        return _READ_BUFFER if space is None else space
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = time.monotonic()
-        self._conn.receive_data(_READ_BUFFER[:nbytes])
-        self._pump()
+        if self._into_bulk:  # the bytes went straight into a big payload
+            self._conn.received_into(nbytes)
+            return
+        if self._conn.state is not State.OPEN:
+            self._conn.receive_data(_READ_BUFFER[:nbytes])
+            self._pump()
+            return
+        try:
+            payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
+            handle = self._core.handle
+            for payload in payloads:
+                handle(self, messages.decode(payload))
+                if self._transport is None or self._transport.is_closing():
+                    return
+        except ProtocolError as exc:
+            log.warning("closed %s (%s): %s", self.address, self.name, exc)
+            self.close(flush=True)
 
     def eof_received(self) -> bool | None:
         self._conn.receive_data(b"")
@@ -94,6 +116,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._flush()
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -158,20 +181,49 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     # -- output ----------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
+            if self._outbox:  # behind a big frame that is still going out
+                self._outbox.append(iter((data,)))
+                return
             self._transport.write(data)
             self.last_sent = time.monotonic()
 
-    def deliver(self, message: messages.Message, payload: bytes | None = None) -> None:
-        """Queue ``message`` for this member; drop the member if it stopped reading."""
+    def _write_parts(self, parts: Iterator[bytes | memoryview]) -> None:
+        """Send a big frame part by part, as the member drains it (the transport would
+        otherwise copy all of it into its buffer at once)."""
+        self._outbox.append(parts)
+        self._flush()
+
+    def _flush(self) -> None:
+        outbox, transport = self._outbox, self._transport
+        while outbox and not self._paused and transport is not None:
+            if transport.is_closing():
+                outbox.clear()
+                return
+            part = next(outbox[0], None)
+            if part is None:
+                outbox.popleft()
+            elif part:
+                transport.write(part)  # may call pause_writing, which ends the loop
+                self.last_sent = time.monotonic()
+
+    def deliver(
+        self, message: messages.Message, parts: tuple[bytes, messages.Blob] | None = None
+    ) -> None:
+        """Queue ``message`` (``parts``: it, already encoded) for this member; drop the member
+        if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
         if self._transport.get_write_buffer_size() > self._timing.write_limit:
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()
             return
-        self._write(self._conn.send(messages.encode(message) if payload is None else payload))
+        envelope, blob = messages.encode_parts(message) if parts is None else parts
+        if len(blob) < BULK:
+            self._write(self._conn.send(envelope + blob if blob else envelope))
+        else:
+            self._write_parts(self._conn.send_bulk(envelope, blob))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``)."""

@@ -8,11 +8,16 @@ from typing import Any
 import cloudpickle
 
 from .errors import ValueTooLarge
+from .messages import Blob
 
 __all__ = ["check_size", "dump", "load"]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
+
+
+# Values of these types pickle the same with plain pickle, which is several times faster.
+_PLAIN = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None)})
 
 
 def dump(key: str, value: Any) -> bytes:
@@ -21,6 +26,8 @@ def dump(key: str, value: Any) -> bytes:
     Raises:
         TypeError: cloudpickle cannot serialize the value; the message names the key.
     """
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         payload: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -31,12 +38,12 @@ def dump(key: str, value: Any) -> bytes:
     return payload
 
 
-def load(payload: bytes) -> Any:
+def load(payload: Blob) -> Any:
     """Deserialize a payload made by :func:`dump` (from an authenticated peer only)."""
     return pickle.loads(payload)
 
 
-def check_size(key: str, payload: bytes, max_frame: int) -> None:
+def check_size(key: str, payload: Blob, max_frame: int) -> None:
     """Raise ValueTooLarge if ``payload`` cannot travel in one frame of ``max_frame`` bytes."""
     if len(payload) + ENVELOPE > max_frame:
         raise ValueTooLarge(

@@ -35,6 +35,7 @@ from .errors import ClustorageError, CompileError, StoreError
 from .messages import (
     FUNCTION,
     VALUE,
+    Blob,
     Commit,
     Committed,
     Define,
@@ -61,7 +62,7 @@ from .messages import (
     Sync,
     SyncReply,
     Unload,
-    encode,
+    encode_parts,
 )
 from .store import Store
 
@@ -77,8 +78,8 @@ class Peer(Protocol):
     address: str
     connected_since: float
 
-    def deliver(self, message: Message, payload: bytes | None = None) -> None:
-        """Send ``message`` to the node without blocking (``payload``: it, already encoded)."""
+    def deliver(self, message: Message, parts: tuple[bytes, Blob] | None = None) -> None:
+        """Send ``message`` to the node without blocking (``parts``: it, already encoded)."""
 
 
 class Timer(Protocol):
@@ -211,10 +212,13 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
-        payload = encode(message)
+        parts = encode_parts(message)
+        local = self.peers.get(self.name)
         for peer in list(self.peers.values()):
-            if peer is not skip:
-                peer.deliver(message, payload)
+            if peer is not skip and peer is not local:
+                peer.deliver(message, parts)
+        if local is not None and local is not skip:  # last: the network need not wait for it
+            local.deliver(message, parts)
 
     def _next_version(self, kind: str, key: str) -> int:
         version = self._last_version.get((kind, key), 0) + 1
@@ -222,7 +226,7 @@ class LoaderCore:
         return version
 
     def _store_entry(
-        self, kind: str, key: str, payload: bytes, source: str | None, origin: str
+        self, kind: str, key: str, payload: Blob, source: str | None, origin: str
     ) -> Entry:
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()

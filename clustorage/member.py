@@ -16,6 +16,7 @@ import logging
 import secrets
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .errors import (
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
 from .messages import Load, Loaded, Message, Sync, SyncReply
-from .protocol import Closed, Connection, Frame, Role, Welcome
+from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 RECV_SIZE = 1 << 20
+RECV_WAIT = 0.25
 LINGER = 0.002
 
 
@@ -129,6 +131,12 @@ class MemberClient:
             )
             welcome = self._handshake(sock, conn, meta, timeout)
             sock.settimeout(None)
+            seconds, fraction = divmod(RECV_WAIT, 1)
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_RCVTIMEO,
+                struct.pack("ll", int(seconds), int(fraction * 1_000_000)),
+            )
         except BaseException:
             sock.close()
             raise
@@ -141,10 +149,9 @@ class MemberClient:
         deadline = time.monotonic() + timeout
         with self._io_lock:
             while not waiter.done:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if deadline - time.monotonic() <= 0:
                     raise _Lost(f"no answer to resync within {timeout:g}s")
-                self._read_once(min(remaining, HEARTBEAT))
+                self._read_once(block=True)
         reply = waiter.reply
         if waiter.error is not None:
             raise waiter.error
@@ -255,40 +262,53 @@ class MemberClient:
                 time.sleep(LINGER)
                 if self._io_lock.acquire(blocking=False):
                     try:
-                        self._read_once(0.0)
+                        self._read_once(block=False)
                     finally:
                         self._io_lock.release()
                 continue
-            readable, _, _ = select.select([sock], [], [], HEARTBEAT)
+            select.select([sock], [], [], HEARTBEAT)
             with self._io_lock:
                 if self._sock is not sock:
                     raise _Lost("the connection was dropped")
-                self._read_once(0.0, known_readable=bool(readable))
+                self._read_once(block=False)
 
-    def _read_once(self, wait: float, known_readable: bool = False) -> None:
-        """Read what arrives within ``wait`` seconds (holding the io lock); idle: heartbeat."""
+    def _read_once(self, block: bool) -> None:
+        """One read (holding the io lock), up to RECV_WAIT long if ``block``; idle: heartbeat.
+
+        A blocking read is one recv call: the socket's receive timeout (SO_RCVTIMEO) bounds
+        it, while sends stay fully blocking.
+        """
         sock, conn = self._sock, self._conn
         if sock is None or conn is None:
             raise _Lost("not connected")
-        readable = known_readable or select.select([sock], [], [], wait)[0]
+        flags = 0 if block else socket.MSG_DONTWAIT
+        space = conn.receive_buffer()
+        try:
+            if space is not None:  # straight into a big payload that is arriving
+                size = sock.recv_into(space, len(space), flags)
+            else:
+                size = sock.recv_into(self._recv_buffer, RECV_SIZE, flags)
+        except (BlockingIOError, TimeoutError):
+            size = -1
         now = time.monotonic()
-        if readable:
-            try:
-                size = sock.recv_into(self._recv_buffer, RECV_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
+        if size > 0 and space is not None:
             self._last_heard = now
-            conn.receive_data(self._recv_view[:size] if size else b"")
-            self._tls.dispatching = True
-            try:
-                while (event := conn.next_event()) is not None:
-                    if isinstance(event, Frame):
-                        if event.payload:
-                            self._dispatch(messages.decode(event.payload))
-                    elif isinstance(event, Closed):
-                        raise _Lost("the loader closed the connection")
-            finally:
-                self._tls.dispatching = False
+            conn.received_into(size)
+        elif size > 0:
+            self._last_heard = now
+            payloads = conn.read_frames(self._recv_view[:size])
+            if payloads:
+                self._tls.dispatching = True
+                try:
+                    for payload in payloads:
+                        self._dispatch(messages.decode(payload))
+                finally:
+                    self._tls.dispatching = False
+        elif size == 0:
+            conn.receive_data(b"")
+            while (event := conn.next_event()) is not None:
+                if isinstance(event, Closed):
+                    raise _Lost("the loader closed the connection")
         elif now - self._last_heard > DEAD_AFTER:
             raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
         if now - self._last_sent >= HEARTBEAT:
@@ -324,11 +344,16 @@ class MemberClient:
     # -- requests --------------------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
-        payload = messages.encode(message)
+        envelope, blob = messages.encode_parts(message)
         with self._send_lock:
-            if self._sock is None or self._conn is None:
+            sock, conn = self._sock, self._conn
+            if sock is None or conn is None:
                 raise self.unavailable("not connected")
-            self._sock.sendall(self._conn.send(payload))
+            if len(blob) < BULK:
+                sock.sendall(conn.send(envelope + blob if blob else envelope))
+            else:
+                for part in conn.send_bulk(envelope, blob):
+                    sock.sendall(part)
             self._last_sent = time.monotonic()
 
     def _wait_ready(self, timeout: float) -> None:
@@ -361,7 +386,7 @@ class MemberClient:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 and not waiter.queued:
                         break
-                    self._read_once(HEARTBEAT if waiter.queued else min(remaining, HEARTBEAT))
+                    self._read_once(block=True)
             except (_Lost, OSError, ProtocolError) as exc:
                 log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
                 self._drop(str(exc))

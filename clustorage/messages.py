@@ -3,12 +3,18 @@
 Requests carry ``rid``, a number the requester chose; the answer carries the same ``rid``.
 Pushes (Load, Unload, Members) flow from the loader unasked. Values and functions travel as
 cloudpickle bytes inside an :class:`Entry`; this module never unpickles them.
+
+On the wire a message is :mod:`marshal` data: a tuple of the message's type code and its
+fields, with each Entry as a plain tuple. marshal builds only plain data (it cannot name a
+class or call anything), and decoding rebuilds only the message types below, so a frame's
+bytes can never construct anything else. The one payload of a Commit, Put, Found, Committed
+or Load travels after the marshal data as a blob (its length in its field's place), so a big
+value is never copied into or out of marshal; decoding hands it out as a view of the frame.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
+import marshal
 from typing import Any, NamedTuple
 
 from .errors import RemoteProtocolError
@@ -16,6 +22,7 @@ from .errors import RemoteProtocolError
 __all__ = [
     "FUNCTION",
     "VALUE",
+    "Blob",
     "Commit",
     "Committed",
     "Define",
@@ -44,10 +51,13 @@ __all__ = [
     "Unload",
     "decode",
     "encode",
+    "encode_parts",
 ]
 
 VALUE = "value"
 FUNCTION = "function"
+
+Blob = bytes | memoryview
 
 
 class Entry(NamedTuple):
@@ -56,7 +66,7 @@ class Entry(NamedTuple):
     kind: str
     key: str
     version: int
-    payload: bytes
+    payload: Blob
     source: str | None
     origin: str
     time: float
@@ -79,7 +89,7 @@ class Commit(NamedTuple):
 
     rid: int
     key: str
-    payload: bytes
+    payload: Blob
 
 
 class Release(NamedTuple):
@@ -95,7 +105,7 @@ class Put(NamedTuple):
 
     rid: int
     key: str
-    payload: bytes
+    payload: Blob
 
 
 class Define(NamedTuple):
@@ -262,35 +272,136 @@ Message = (
     | Members
 )
 
-_ALLOWED = {name: globals()[name] for name in __all__ if name[0].isupper() and name != "Message"}
-_ALLOWED.pop("FUNCTION")
-_ALLOWED.pop("VALUE")
+# Type codes are part of the wire protocol: append, never renumber.
+_TYPES: tuple[type, ...] = (
+    Entry,
+    Fetch,
+    Commit,
+    Release,
+    Put,
+    Define,
+    Delete,
+    Sync,
+    Status,
+    History,
+    Loaded,
+    Found,
+    NotFound,
+    Queued,
+    LeaseGranted,
+    Committed,
+    Defined,
+    Deleted,
+    SyncReply,
+    StatusReply,
+    HistoryReply,
+    Failed,
+    Load,
+    Unload,
+    Members,
+)
+_CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
+_ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]
 
 
-class _MessageUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == __name__ and name in _ALLOWED:
-            return _ALLOWED[name]
-        raise RemoteProtocolError(f"a message referred to {module}.{name}, which is not a message")
+def _entries(entries: Any) -> tuple[Entry, ...]:
+    return tuple(Entry(*entry) for entry in entries)
 
 
-def encode(message: Message) -> bytes:
+def _entry_out(entry: Entry) -> tuple[Any, ...]:
+    return (*entry[:3], len(entry.payload), *entry[4:])
+
+
+def _entry_in(fields: Any, blob: Blob) -> Entry:
+    kind, key, version, _, source, origin, when = fields
+    return Entry(kind, key, version, blob, source, origin, when)
+
+
+# Messages that carry Entries or a blob: how to flatten them for marshal, and rebuild them
+# (given the blob, for those that carry one).
+_FLATTEN: dict[type, Any] = {
+    Commit: lambda m: (m.rid, m.key, len(m.payload)),
+    Put: lambda m: (m.rid, m.key, len(m.payload)),
+    Found: lambda m: (m.rid, _entry_out(m.entry)),
+    Committed: lambda m: (m.rid, _entry_out(m.entry), m.mine),
+    Defined: lambda m: (m.rid, tuple(m.entry), *m[2:]),
+    Load: lambda m: (_entry_out(m.entry), m.ack),
+    SyncReply: lambda m: (m.rid, tuple(map(tuple, m.entries)), *m[2:]),
+    HistoryReply: lambda m: (m.rid, tuple(map(tuple, m.entries))),
+}
+_BLOB: dict[type, Any] = {
+    Commit: lambda m: m.payload,
+    Put: lambda m: m.payload,
+    Found: lambda m: m.entry.payload,
+    Committed: lambda m: m.entry.payload,
+    Load: lambda m: m.entry.payload,
+}
+_REBUILD: dict[type, Any] = {
+    Commit: lambda blob, rid, key, _: Commit(rid, key, blob),
+    Put: lambda blob, rid, key, _: Put(rid, key, blob),
+    Found: lambda blob, rid, entry: Found(rid, _entry_in(entry, blob)),
+    Committed: lambda blob, rid, entry, mine: Committed(rid, _entry_in(entry, blob), mine),
+    Defined: lambda blob, rid, entry, *rest: Defined(rid, Entry(*entry), *rest),
+    Load: lambda blob, entry, ack: Load(_entry_in(entry, blob), ack),
+    SyncReply: lambda blob, rid, entries, *rest: SyncReply(rid, _entries(entries), *rest),
+    HistoryReply: lambda blob, rid, entries: HistoryReply(rid, _entries(entries)),
+}
+# Where the blob's length is among a message's wire fields (after the type code).
+_BLOB_LENGTH: dict[type, Any] = {
+    Commit: lambda data: data[3],
+    Put: lambda data: data[3],
+    Found: lambda data: data[2][3],
+    Committed: lambda data: data[2][3],
+    Load: lambda data: data[1][3],
+}
+
+
+def encode_parts(message: Message | Entry) -> tuple[bytes, Blob]:
+    """One message as its marshal data and its blob (``b""`` if it carries none)."""
+    cls = type(message)
+    flatten = _FLATTEN.get(cls)
+    fields = tuple(message) if flatten is None else flatten(message)
+    blob = _BLOB.get(cls)
+    return marshal.dumps((_CODES[cls], *fields)), b"" if blob is None else blob(message)
+
+
+def encode(message: Message | Entry) -> bytes:
     """The payload bytes of one message."""
-    return pickle.dumps(message, protocol=5)
+    envelope, blob = encode_parts(message)
+    return envelope + blob if blob else envelope
 
 
-def decode(payload: bytes) -> Message:
+def decode(payload: Blob) -> Message:
     """One message from payload bytes; only message types are ever constructed.
+
+    A blob comes out as a view of ``payload`` (no copy).
 
     Raises:
         RemoteProtocolError: the payload is not a message.
     """
     try:
-        message = _MessageUnpickler(io.BytesIO(payload)).load()
-    except RemoteProtocolError:
-        raise
-    except Exception as exc:
+        data = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError) as exc:
         raise RemoteProtocolError(f"a frame did not hold a message: {exc}") from exc
-    if type(message) not in _ALLOWED.values():
-        raise RemoteProtocolError(f"a frame held a {type(message).__name__}, not a message")
-    return message  # type: ignore[no-any-return]
+    if type(data) is not tuple or not data or type(data[0]) is not int:
+        raise RemoteProtocolError(f"a frame held a {type(data).__name__}, not a message")
+    code = data[0]
+    if not 0 <= code < len(_TYPES) or len(data) - 1 != _ARITY[code]:
+        raise RemoteProtocolError(
+            f"a frame held type code {code} with {len(data) - 1} fields, not a message"
+        )
+    cls = _TYPES[code]
+    rebuild = _REBUILD.get(cls)
+    try:
+        if rebuild is None:
+            return cls(*data[1:])  # type: ignore[no-any-return]
+        size = _BLOB_LENGTH.get(cls)
+        blob: Blob = b""
+        if size is not None:
+            length = size(data)
+            if type(length) is not int or not 0 <= length <= len(payload):
+                raise TypeError(f"a blob of {length!r} bytes in a payload of {len(payload)}")
+            blob = payload[len(payload) - length :]
+        return rebuild(blob, *data[1:])  # type: ignore[no-any-return]
+    except (TypeError, IndexError) as exc:
+        raise RemoteProtocolError(f"a frame held a malformed {cls.__name__}: {exc}") from exc

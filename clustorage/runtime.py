@@ -15,7 +15,7 @@ from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
-from .messages import Load, Loaded, Message
+from .messages import Blob, Load, Loaded, Message
 from .replica import Replica
 from .store import open_store
 
@@ -33,7 +33,7 @@ class _LocalPeer:
         self.connected_since = time.time()
         self._runtime = runtime
 
-    def deliver(self, message: Message, payload: bytes | None = None) -> None:
+    def deliver(self, message: Message, parts: tuple[bytes, Blob] | None = None) -> None:
         runtime = self._runtime
         rid = getattr(message, "rid", None)
         if rid is not None:

@@ -2,7 +2,8 @@
 
 The only module that imports sqlite3. WAL journal, one writer (the loader's event loop).
 A version is committed before the loader acknowledges or hot-loads it (SPEC "Durability").
-Deletions are tombstone rows, so a key's history stays auditable.
+Deletions are tombstone rows, so a key's history stays auditable. ``--data :memory:`` keeps
+nothing, so its store is plain dictionaries with the same rules.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 from .errors import StoreError
 from .messages import VALUE, Entry
 
-__all__ = ["MEMORY", "SQLiteStore", "Store", "open_store"]
+__all__ = ["MEMORY", "MemoryStore", "SQLiteStore", "Store", "open_store"]
 
 log = logging.getLogger(__name__)
 MEMORY = ":memory:"
@@ -91,6 +92,9 @@ class SQLiteStore:
 
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         try:
+            if len(statements) == 1:  # one statement is its own transaction
+                self._db.execute(*statements[0])
+                return
             self._db.execute("BEGIN IMMEDIATE")
             for sql, args in statements:
                 self._db.execute(sql, args)
@@ -151,8 +155,49 @@ class SQLiteStore:
         self._db.close()
 
 
-def open_store(path: str) -> SQLiteStore:
-    """Open (creating if needed) the store at ``path``."""
+class MemoryStore:
+    """A :class:`Store` that keeps nothing past the process: every version in dictionaries."""
+
+    path = MEMORY
+
+    def __init__(self) -> None:
+        self._versions: dict[tuple[str, str], list[Entry]] = {}
+        self._deleted: set[tuple[str, str, int]] = set()
+
+    def current(self) -> list[Entry]:
+        return [
+            versions[-1]
+            for (kind, key), versions in self._versions.items()
+            if (kind, key, versions[-1].version) not in self._deleted
+        ]
+
+    def last_versions(self) -> dict[tuple[str, str], int]:
+        return {where: versions[-1].version for where, versions in self._versions.items()}
+
+    def commit(self, entry: Entry, previous: int = 0) -> None:
+        versions = self._versions.setdefault((entry.kind, entry.key), [])
+        if entry.kind == VALUE and versions and versions[-1].version == previous:
+            versions[-1] = versions[-1]._replace(payload=b"")
+        versions.append(entry)
+
+    def delete(self, kind: str, key: str, version: int, origin: str) -> None:
+        versions = self._versions.setdefault((kind, key), [])
+        if kind == VALUE:
+            versions[:] = [entry._replace(payload=b"") for entry in versions]
+        versions.append(Entry(kind, key, version, b"", None, origin, time.time()))
+        self._deleted.add((kind, key, version))
+
+    def history(self, kind: str, key: str) -> list[Entry]:
+        return list(self._versions.get((kind, key), ()))
+
+    def close(self) -> None:
+        self._versions.clear()
+
+
+def open_store(path: str) -> Store:
+    """Open (creating if needed) the store at ``path``; ``:memory:`` keeps nothing."""
+    if path == MEMORY:
+        return MemoryStore()
     store = SQLiteStore(path)
     log.info("store %s: %d entries", path, len(store.current()))
     return store

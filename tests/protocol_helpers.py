@@ -49,9 +49,14 @@ class ConnectionPair:
         client_meta: Mapping[str, Any] = CLIENT_META,
         max_frame: int = 1 << 20,
         chunk: int = 0,
+        bulk_digest: str | None = None,
     ) -> None:
         self.server = Connection(
-            Role.SERVER, server_cookie or cookie, SERVER_META, max_frame=max_frame
+            Role.SERVER,
+            server_cookie or cookie,
+            SERVER_META,
+            max_frame=max_frame,
+            bulk_digest=bulk_digest,
         )
         self.client = Connection(Role.CLIENT, cookie, client_meta, max_frame=max_frame)
         self.chunk = chunk

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+import clustorage.protocol
 from clustorage.errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -17,6 +18,9 @@ from clustorage.errors import (
     RemoteProtocolError,
 )
 from clustorage.protocol import (
+    BULK,
+    BULK_DIGESTS,
+    CHUNK,
     HEADER,
     MAGIC,
     TAG_SIZE,
@@ -28,6 +32,7 @@ from clustorage.protocol import (
     Role,
     State,
     Welcome,
+    fastest_bulk_digest,
 )
 from tests.protocol_helpers import (
     CLIENT_META,
@@ -44,7 +49,7 @@ MAC = 32
 CHALLENGE = struct.Struct(f"!4sH{NONCE}s")
 RESPONSE = struct.Struct(f"!4sH{NONCE}s{MAC}sH")
 WELCOME = struct.Struct(f"!c{MAC}sH")
-FRAME_HEAD = HEADER.size + TAG_SIZE
+FRAME_HEAD = HEADER.size
 OTHER_COOKIE = b"some-other-cookie"
 
 
@@ -107,9 +112,9 @@ def test_handshake_completes_and_frames_flow(chunk: int) -> None:
     pair = ConnectionPair(chunk=chunk)
     hello, welcome = pair.open()
     assert hello == Hello(dict(CLIENT_META))
-    assert welcome == Welcome(dict(SERVER_META))
+    assert welcome == Welcome({**SERVER_META, "bulk_digest": "blake2b"})
     assert pair.server.peer_meta == dict(CLIENT_META)
-    assert pair.client.peer_meta == dict(SERVER_META)
+    assert pair.client.peer_meta == {**SERVER_META, "bulk_digest": "blake2b"}
     assert pair.send(Role.CLIENT, b"ping") == [Frame(b"ping")]
     assert pair.send(Role.SERVER, b"pong") == [Frame(b"pong")]
     big = bytes(range(256)) * 100
@@ -124,7 +129,7 @@ def test_welcome_and_frames_in_one_read() -> None:
     pair.server.accept(SERVER_META)
     data = pair.server.data_to_send() + pair.server.send(b"one") + pair.server.send(b"two")
     assert pair.deliver(Role.SERVER, data) == [
-        Welcome(dict(SERVER_META)),
+        Welcome({**SERVER_META, "bulk_digest": "blake2b"}),
         Frame(b"one"),
         Frame(b"two"),
     ]
@@ -139,7 +144,8 @@ def test_many_frames_in_one_read() -> None:
 
 
 def test_frame_layout_matches_theory_of_operation() -> None:
-    """A frame is length | sequence | keyed BLAKE2b tag | payload, keys derived per direction."""
+    """A frame is length | sequence | blob length | payload | keyed BLAKE2b tag, keys derived
+    per direction."""
     pair = open_pair()
     frames = [pair.client.send(b"x" * n) for n in (0, 1, 300)]
     challenge, response = pair.sent[Role.SERVER][0], pair.sent[Role.CLIENT][0]
@@ -147,11 +153,10 @@ def test_frame_layout_matches_theory_of_operation() -> None:
     session = hmac.new(COOKIE, b"clustorage/session" + snonce + cnonce, hashlib.sha256).digest()
     key = hmac.new(session, b"client-to-server", hashlib.sha256).digest()
     for seq, (n, frame) in enumerate(zip((0, 1, 300), frames, strict=True)):
-        assert HEADER.unpack_from(frame) == (n, seq)
-        assert len(frame) == FRAME_HEAD + n
-        tag = hashlib.blake2b(frame[: HEADER.size], key=key, digest_size=TAG_SIZE)
-        tag.update(frame[FRAME_HEAD:])
-        assert frame[HEADER.size : FRAME_HEAD] == tag.digest()
+        assert HEADER.unpack_from(frame) == (n, seq, 0)
+        assert len(frame) == FRAME_HEAD + n + TAG_SIZE
+        tag = hashlib.blake2b(frame[:-TAG_SIZE], key=key, digest_size=TAG_SIZE)
+        assert frame[-TAG_SIZE:] == tag.digest()
 
 
 def test_heartbeat_arrives_as_empty_frame() -> None:
@@ -317,8 +322,8 @@ def test_accept_with_oversized_meta_leaves_connection_unusable() -> None:
 # -- frames: integrity ------------------------------------------------------------------------
 
 FRAME_PAYLOAD = b"the quick brown fox"
-FRAME_LENGTH = FRAME_HEAD + len(FRAME_PAYLOAD)
-TAMPER_INDICES = [*range(HEADER.size), 12, 20, FRAME_HEAD - 1, FRAME_HEAD, FRAME_LENGTH - 1]
+FRAME_LENGTH = FRAME_HEAD + len(FRAME_PAYLOAD) + TAG_SIZE
+TAMPER_INDICES = [*range(HEADER.size), FRAME_HEAD, FRAME_LENGTH - TAG_SIZE, FRAME_LENGTH - 1]
 
 
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
@@ -390,9 +395,9 @@ def test_frame_from_another_session_is_rejected() -> None:
 
 
 def test_frame_over_limit_raises_once_header_is_in() -> None:
-    """A length over max_frame raises FrameTooLarge from the 12-byte header alone."""
+    """A length over max_frame raises FrameTooLarge from the header alone."""
     pair = open_pair(max_frame=1024)
-    pair.server.receive_data(HEADER.pack(1025, 0))
+    pair.server.receive_data(HEADER.pack(1025, 0, 0))
     with pytest.raises(FrameTooLarge):
         pair.server.next_event()
 
@@ -400,7 +405,7 @@ def test_frame_over_limit_raises_once_header_is_in() -> None:
 def test_frame_over_limit_raises_before_body() -> None:
     """A length over max_frame raises FrameTooLarge before the body arrives."""
     pair = open_pair(max_frame=1024)
-    pair.server.receive_data(HEADER.pack(1 << 31, 0) + bytes(TAG_SIZE))
+    pair.server.receive_data(HEADER.pack(1 << 31, 0, 0) + bytes(TAG_SIZE))
     with pytest.raises(FrameTooLarge):
         pair.server.next_event()
     assert pair.server.state is State.ERROR
@@ -422,7 +427,7 @@ def test_send_over_limit_raises() -> None:
 # -- end of file ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size, FRAME_HEAD, FRAME_LENGTH - 1])
+@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size, FRAME_HEAD + 3, FRAME_LENGTH - 1])
 def test_truncated_frame_then_eof_raises(cut: int) -> None:
     """A frame cut short by end of file raises RemoteProtocolError, never a Frame."""
     pair = open_pair()
@@ -570,3 +575,114 @@ def test_next_event_after_error_raises() -> None:
         pair.deliver(Role.CLIENT, flip(frame, HEADER.size))
     with pytest.raises(LocalProtocolError, match="error"):
         pair.server.next_event()
+
+
+# -- bulk frames ------------------------------------------------------------------------------
+
+
+def bulk_frame(pair: ConnectionPair, envelope: bytes, blob: bytes) -> bytes:
+    """The bytes of one bulk frame the client sends."""
+    return b"".join(bytes(part) for part in pair.client.send_bulk(envelope, blob))
+
+
+@pytest.mark.parametrize("bulk_digest", BULK_DIGESTS)
+@pytest.mark.parametrize("chunk", [0, 4099])
+def test_bulk_frames_use_the_servers_digest(bulk_digest: str, chunk: int) -> None:
+    """The server's bulk digest reaches the client; bulk frames flow, in pieces or whole."""
+    pair = ConnectionPair(bulk_digest=bulk_digest, chunk=chunk, max_frame=4 * CHUNK)
+    pair.open()
+    assert pair.client.bulk_digest == pair.server.bulk_digest == bulk_digest
+    blob = bytes(range(256)) * (CHUNK // 256 + 3)
+    data = bulk_frame(pair, b"envelope", blob) + pair.client.send(b"small")
+    assert pair.deliver(Role.CLIENT, data) == [Frame(b"envelope" + blob), Frame(b"small")]
+    assert pair.send(Role.SERVER, b"back") == [Frame(b"back")]
+
+
+def test_bulk_frame_layout() -> None:
+    """A bulk frame's tag covers header, envelope and the blob's digest, not the blob."""
+    pair = open_pair(bulk_digest="sha256")
+    blob = b"b" * BULK
+    frame = bulk_frame(pair, b"env", blob)
+    assert HEADER.unpack_from(frame) == (3 + BULK, 0, BULK)
+    assert frame[FRAME_HEAD:-TAG_SIZE] == b"env" + blob
+    session_tag = pair.client._send_tagger.copy()
+    session_tag.update(frame[:FRAME_HEAD] + b"env" + hashlib.sha256(blob).digest())
+    assert frame[-TAG_SIZE:] == session_tag.digest()
+
+
+@pytest.mark.parametrize("index", [0, 13, FRAME_HEAD + 1, FRAME_HEAD + 3 + BULK // 2, -1])
+def test_tampered_bulk_frame_raises(index: int) -> None:
+    """Flipping a bit in a bulk frame's header, envelope, blob or tag never yields a Frame."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"b" * BULK)
+    pair.server.receive_data(flip(frame, index % len(frame)))
+    pair.server.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        drain(pair.server)
+    assert pair.server.state is State.ERROR
+
+
+def test_blob_longer_than_its_frame_raises() -> None:
+    """A header claiming a blob longer than the frame is the peer's fault."""
+    pair = open_pair()
+    pair.server.receive_data(HEADER.pack(10, 0, 11))
+    with pytest.raises(RemoteProtocolError, match="blob"):
+        pair.server.next_event()
+
+
+def test_truncated_bulk_frame_then_eof_raises() -> None:
+    """A bulk frame cut short by end of file raises, never a Frame."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"b" * BULK)
+    assert pair.deliver(Role.CLIENT, frame[: FRAME_HEAD + 100]) == []
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        pair.close(Role.CLIENT)
+
+
+def test_a_verified_blob_is_forwarded_without_hashing_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loader forwards a blob it verified: the second frame reuses the digest."""
+    inbound, outbound = open_pair(), open_pair()
+    blob = b"v" * (2 * BULK)
+    payloads = inbound.server.read_frames(bulk_frame(inbound, b"env", blob))
+    received = memoryview(payloads[0])[3:]
+    assert received == blob
+
+    def no_hashing(algorithm: str) -> object:
+        raise AssertionError("the blob was hashed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clustorage.protocol, "_hasher", no_hashing)
+        forwarded = b"".join(bytes(p) for p in outbound.server.send_bulk(b"env", received))
+    assert outbound.client.read_frames(forwarded) == [b"env" + blob]
+
+
+def test_head_of_bulk_frame_then_small_frame() -> None:
+    """read_frames keeps a partial bulk frame and returns it once whole, in order."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"e", b"z" * BULK) + pair.client.send(b"tail")
+    assert pair.server.read_frames(frame[:1000]) == []
+    assert pair.server.read_frames(frame[1000:]) == [b"e" + b"z" * BULK, b"tail"]
+
+
+def test_read_frames_skips_heartbeats_and_keeps_order() -> None:
+    """read_frames gives the payloads of complete frames, in order, and keeps partial ones."""
+    pair = open_pair()
+    data = pair.client.send(b"one") + pair.client.heartbeat() + pair.client.send(b"two")
+    assert pair.server.read_frames(data[:-2]) == [b"one"]
+    assert pair.server.read_frames(data[-2:]) == [b"two"]
+
+
+def test_read_frames_raises_on_a_forged_frame() -> None:
+    """read_frames authenticates like next_event and leaves the connection in error."""
+    pair = open_pair()
+    frame = bytearray(pair.client.send(b"payload"))
+    frame[-1] ^= 1
+    with pytest.raises(RemoteProtocolError):
+        pair.server.read_frames(bytes(frame))
+    assert pair.server.state is State.ERROR
+
+
+def test_fastest_bulk_digest_is_a_known_algorithm() -> None:
+    assert fastest_bulk_digest() in BULK_DIGESTS

@@ -38,7 +38,6 @@ UNPICKLERS: list[tuple[Any, str]] = [
     (cloudpickle, "loads"),
     (cloudpickle, "load"),
     (clustorage.messages, "decode"),
-    (clustorage.messages, "_MessageUnpickler"),
     (clustorage.codec, "load"),
 ]
 
