@@ -63,6 +63,11 @@ class ServerConnection(asyncio.BufferedProtocol):
     def __repr__(self) -> str:
         return f"<ServerConnection {self.name} from {self.address}>"
 
+    @property
+    def sending(self) -> bool:
+        """Whether a big frame is still going out, part by part."""
+        return bool(self._outbox)
+
     # -- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -105,6 +110,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._outbox.clear()
         self._registry.discard(self)
         if self._joined:
             self._joined = False

@@ -92,6 +92,11 @@ class Pending:
             self._waiters[rid] = waiter
         return rid, waiter
 
+    def number(self) -> int:
+        """A fresh request number, for a request that needs no Waiter."""
+        with self._lock:
+            return next(self._numbers)
+
     def busy(self) -> bool:
         """Whether any request is waiting for its answer."""
         return bool(self._waiters)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from . import messages
-from .channel import Build, Pending, Waiter, apply_push, apply_sync
+from .channel import Build, Pending, Waiter, apply_push, apply_sync, raise_failure
 from .config import NodeConfig
 from .errors import (
     AuthenticationError,
@@ -32,7 +32,7 @@ from .errors import (
     ProtocolError,
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
-from .messages import Load, Loaded, Message, Sync, SyncReply
+from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
@@ -76,6 +76,10 @@ class MemberClient:
         self._last_error: BaseException | None = None
         self._last_heard = self._last_sent = time.monotonic()
         self._last_answer = 0.0
+        # The request the io lock's holder is reading for (see _request_reading).
+        self._mine = 0
+        self._answer: Message | None = None
+        self._patient = False
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-member-{config.name}", daemon=True
         )
@@ -319,7 +323,12 @@ class MemberClient:
     def _dispatch(self, message: Message) -> None:
         rid = getattr(message, "rid", None)
         if rid is not None:
-            self.pending.resolve(rid, message)
+            if rid != self._mine:
+                self.pending.resolve(rid, message)
+            elif type(message) is Queued:
+                self._patient = True
+            else:
+                self._answer = message
             return
         if apply_push(self.replica, message):
             self.members = message.names  # type: ignore[union-attr]
@@ -402,6 +411,15 @@ class MemberClient:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
         """
         self._check_thread()
+        if self._is_ready and self._io_lock.acquire(blocking=False):
+            try:
+                answer = self._request_reading(build, timeout, patient)
+            finally:
+                self._io_lock.release()
+                self._last_answer = time.monotonic()
+            if type(answer) is Failed:
+                raise_failure(answer)
+            return answer
         self._wait_ready(timeout)
         rid, waiter = self.pending.open(patient)
         try:
@@ -413,6 +431,34 @@ class MemberClient:
             self.pending.discard(rid)
             raise
         return self._await(rid, waiter, timeout)
+
+    def _request_reading(self, build: Build, timeout: float, patient: bool) -> Message:
+        """The common case, holding the io lock: send, then read until our own answer.
+
+        No other thread can read our answer meanwhile, so it needs no Waiter: the reader
+        keeps it aside (see :meth:`_dispatch`).
+        """
+        rid = self.pending.number()
+        self._mine, self._answer, self._patient = rid, None, patient
+        try:
+            try:
+                self._send(build(rid))
+            except OSError as exc:
+                raise self.unavailable(str(exc)) from exc
+            deadline = time.monotonic() + timeout
+            while self._answer is None:
+                if not self._is_ready:
+                    raise self.unavailable(str(self._last_error or "connection lost"))
+                if not self._patient and time.monotonic() > deadline:
+                    raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
+                self._read_once(block=True)
+            return self._answer
+        except (_Lost, OSError, ProtocolError) as exc:
+            log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
+            self._drop(str(exc))
+            raise self.unavailable(str(exc)) from exc
+        finally:
+            self._mine, self._answer = 0, None
 
     def notify(self, build: Build) -> None:
         """Send a message that has no answer, if connected."""
