@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["free_port", "rss_bytes", "summarize"]
+__all__ = ["free_port", "rss_bytes", "summarize", "wait_for_port"]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -29,6 +30,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Return once something listens on 127.0.0.1:``port``; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.02)
 
 
 def rss_bytes(pid: int | None = None) -> int:

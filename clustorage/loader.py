@@ -105,6 +105,11 @@ class _Definition:
     timer: Timer | None = None
 
 
+def _without_payload(entry: Entry) -> Entry:
+    """``entry`` for the node that sent its payload (it has the value already)."""
+    return Entry(entry.kind, entry.key, entry.version, b"", entry.source, entry.origin, entry.time)
+
+
 def failure(rid: int, exc: BaseException) -> Failed:
     """The Failed answer that carries ``exc`` to the requester."""
     details: dict[str, Any] = {}
@@ -212,13 +217,14 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
-        parts = encode_parts(message)
         local = self.peers.get(self.name)
-        for peer in list(self.peers.values()):
-            if peer is not skip and peer is not local:
+        remote = [peer for peer in self.peers.values() if peer is not skip and peer is not local]
+        if remote:
+            parts = encode_parts(message)
+            for peer in remote:
                 peer.deliver(message, parts)
         if local is not None and local is not skip:  # last: the network need not wait for it
-            local.deliver(message, parts)
+            local.deliver(message)
 
     def _next_version(self, kind: str, key: str) -> int:
         version = self._last_version.get((kind, key), 0) + 1
@@ -266,12 +272,12 @@ class LoaderCore:
             if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
                 self._pass_lease(message.key, lease)
             raise
-        peer.deliver(Committed(message.rid, entry._replace(payload=b""), True))
+        peer.deliver(Committed(message.rid, _without_payload(entry), True))
         self._settle(message.key, entry, skip=peer)
 
     def _put(self, peer: Peer, message: Put) -> None:
         entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
-        peer.deliver(Committed(message.rid, entry._replace(payload=b""), True))
+        peer.deliver(Committed(message.rid, _without_payload(entry), True))
         self._settle(message.key, entry, skip=peer)
 
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:

@@ -33,3 +33,12 @@ def test_run_bench_quick(tmp_path: Path) -> None:
     assert "measure / system" in done.stdout
     assert "median" in done.stdout
     assert results.exists()
+
+
+@pytest.mark.timeout(90)
+def test_cpu_bench_runs() -> None:
+    done = run([str(BENCH / "cpu.py"), "--quick"], timeout=80)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "server CPU" in lines[0]
+    assert sum("miss" in line for line in lines) == 2
