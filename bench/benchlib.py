@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["free_port", "rss_bytes", "summarize", "wait_for_port"]
+__all__ = ["free_port", "rss_bytes", "stop_process", "summarize", "wait_for_port"]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -43,6 +45,16 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
             time.sleep(0.02)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM ``process`` and wait for it; SIGKILL it if it outlives ``timeout``."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 def rss_bytes(pid: int | None = None) -> int:

@@ -21,7 +21,6 @@ import itertools
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from benchlib import free_port, stop_process, wait_for_port
 
 import clustorage
 from clustorage.messages import VALUE, Fetch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, wait_for_port
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -76,11 +73,7 @@ def loader(cookie: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         wait_for_port(port)
         yield f"L@127.0.0.1:{port}", process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 @contextmanager

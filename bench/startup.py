@@ -22,7 +22,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -32,6 +31,8 @@ import termios
 import time
 from pathlib import Path
 
+from benchlib import free_port, stop_process, wait_for_port
+
 ROWS, COLS = 36, 120
 COOKIE = "bench-cookie-not-secret"
 CPR_QUERY = b"\x1b[6n"
@@ -40,23 +41,6 @@ ANSI = re.compile(
     rb"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC: the window title
     rb"|\x1b[()][0-9A-Za-z]|\x1b[=>78]"  # charsets, keypad modes, cursor save/restore
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class Terminal:
@@ -174,11 +158,7 @@ def main() -> int:
                 leave.append(stopped)
             results[label] = {"ready": ready, "exit": leave}
     finally:
-        loader.send_signal(signal.SIGTERM)
-        try:
-            loader.wait(10)
-        except subprocess.TimeoutExpired:
-            loader.kill()
+        stop_process(loader)
         shutil.rmtree(home, ignore_errors=True)
 
     print(f"clustorage-shell: launch to usable prompt ({runs} run(s) each, {COLS}x{ROWS} pty)")

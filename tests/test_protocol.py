@@ -326,6 +326,15 @@ FRAME_LENGTH = FRAME_HEAD + len(FRAME_PAYLOAD) + TAG_SIZE
 TAMPER_INDICES = [*range(HEADER.size), FRAME_HEAD, FRAME_LENGTH - TAG_SIZE, FRAME_LENGTH - 1]
 
 
+def assert_refused(pair: ConnectionPair, data: bytes) -> None:
+    """The server, fed ``data`` then end of file, raises a protocol error and stays in error."""
+    pair.server.receive_data(data)
+    pair.server.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        drain(pair.server)
+    assert pair.server.state is State.ERROR
+
+
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
 @pytest.mark.parametrize("index", TAMPER_INDICES)
 def test_tampered_frame_raises(index: int, mask: int) -> None:
@@ -333,11 +342,7 @@ def test_tampered_frame_raises(index: int, mask: int) -> None:
     pair = open_pair()
     frame = pair.client.send(FRAME_PAYLOAD)
     assert len(frame) == FRAME_LENGTH
-    pair.server.receive_data(flip(frame, index, mask))
-    pair.server.receive_data(b"")
-    with pytest.raises(RemoteProtocolError):
-        drain(pair.server)
-    assert pair.server.state is State.ERROR
+    assert_refused(pair, flip(frame, index, mask))
 
 
 def test_tampered_tag_raises_without_eof() -> None:
@@ -615,11 +620,7 @@ def test_tampered_bulk_frame_raises(index: int) -> None:
     """Flipping a bit in a bulk frame's header, envelope, blob or tag never yields a Frame."""
     pair = open_pair()
     frame = bulk_frame(pair, b"env", b"b" * BULK)
-    pair.server.receive_data(flip(frame, index % len(frame)))
-    pair.server.receive_data(b"")
-    with pytest.raises(ProtocolError):
-        drain(pair.server)
-    assert pair.server.state is State.ERROR
+    assert_refused(pair, flip(frame, index % len(frame)))
 
 
 def test_blob_longer_than_its_frame_raises() -> None:
