@@ -193,7 +193,7 @@ class _Digests:
     cache keeps the few most recent, keyed by that buffer.
     """
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 2) -> None:
         self._size = size
         self._known: dict[int, tuple[object, int, str, bytes]] = {}
 
