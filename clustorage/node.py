@@ -318,7 +318,7 @@ class Node:
             "role": self.role,
             "loader": self.loader_address,
             "connected": self.connected,
-            "keys": len(self._values),
+            "keys": len(self._replica.keys()),
             "functions": len(self._functions),
             "nodes": [],
         }

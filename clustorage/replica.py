@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from . import codec
 from .compiler import register_source, restore_filename
-from .messages import FUNCTION, Entry
+from .messages import FUNCTION, VALUE, Entry
 
 __all__ = ["MISSING", "LoadEvent", "Replica"]
 
@@ -46,6 +46,8 @@ class Replica:
         self.sources: dict[str, str] = {}
         self.versions: dict[tuple[str, str], int] = {}
         self.origins: dict[tuple[str, str], str] = {}
+        # Values held by version only, deserialized on first read (see install's ``lazy``).
+        self._unread: set[str] = set()
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
@@ -64,16 +66,30 @@ class Replica:
     def version(self, kind: str, key: str) -> int:
         return self.versions.get((kind, key), 0)
 
-    def install(self, entry: Entry, obj: Any = MISSING, *, force: bool = False) -> bool:
+    def install(
+        self, entry: Entry, obj: Any = MISSING, *, force: bool = False, lazy: bool = False
+    ) -> bool:
         """Install ``entry`` unless this or a newer version is here; returns whether it was.
 
         ``obj`` is the already-deserialized object, when the caller has it. ``force``
         installs any version other than the one held (the loader's word is final on resync).
+        ``lazy``: a value nobody listens for is only recorded, not deserialized; reading it
+        misses ``values``, and installing the same version again deserializes it. The
+        loader's own node does this: it can always fetch the entry from its core.
         """
         with self._lock:
             held = self.versions.get((entry.kind, entry.key), 0)
-            if held == entry.version or (held > entry.version and not force):
+            unread = entry.kind == VALUE and entry.key in self._unread
+            if (held == entry.version and not unread) or (held > entry.version and not force):
                 return False
+            if lazy and obj is MISSING and entry.kind == VALUE and not self._listeners:
+                self.values.pop(entry.key, None)
+                self._unread.add(entry.key)
+                self.versions[(entry.kind, entry.key)] = entry.version
+                self.origins[(entry.kind, entry.key)] = entry.origin
+                return True
+            if unread:
+                self._unread.discard(entry.key)
             if obj is MISSING:
                 obj = codec.load(entry.payload)
             if entry.kind == FUNCTION:
@@ -99,6 +115,8 @@ class Replica:
             table: dict[str, Any] = self.functions if kind == FUNCTION else self.values
             existed = key in table
             table.pop(key, None)
+            if kind == VALUE:
+                self._unread.discard(key)
             version = self.versions.pop((kind, key), 0)
             held_origin = self.origins.pop((kind, key), "")
             origin = origin or held_origin
@@ -110,7 +128,9 @@ class Replica:
         return existed or bool(version)
 
     def keys(self) -> list[str]:
-        return sorted(self.values)
+        """Every value key, sorted (unread ones too)."""
+        with self._lock:
+            return sorted([*self.values, *self._unread])
 
     def function_names(self) -> list[str]:
         return sorted(self.functions)

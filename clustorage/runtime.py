@@ -16,7 +16,7 @@ from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
-from .messages import Blob, Load, Loaded, Message
+from .messages import VALUE, Blob, Load, Loaded, Message
 from .protocol import BULK
 from .replica import Replica
 from .store import open_store
@@ -69,7 +69,9 @@ class _LocalPeer:
 
     def _apply(self, message: Message) -> None:
         runtime = self._runtime
-        if apply_push(runtime.replica, message):
+        if type(message) is Load and message.entry.kind == VALUE:
+            runtime.replica.install(message.entry, lazy=True)
+        elif apply_push(runtime.replica, message):
             runtime.members = runtime.core.member_names()
             runtime.changed()
         if type(message) is Load and message.ack:
@@ -143,7 +145,7 @@ class LoaderRuntime:
         self.core.address = f"{address[0]}:{address[1]}"
         self._local.address = self.core.address
         for entry in self.core.entries.values():
-            self.replica.install(entry)
+            self.replica.install(entry, lazy=True)
         self.core.join(self._local)
         self._heartbeat_task = self.loop.create_task(self._heartbeats())
         log.info(

@@ -1,0 +1,91 @@
+"""The replica's rules, objects in and objects out: versions, removals, lazy values, listeners."""
+
+from __future__ import annotations
+
+import pickle
+from typing import ClassVar
+
+import pytest
+
+from clustorage.messages import FUNCTION, VALUE, Entry
+from clustorage.replica import LoadEvent, Replica
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def value(key: str, version: int, obj: object) -> Entry:
+    return Entry(VALUE, key, version, pickle.dumps(obj), None, "m", 1.0)
+
+
+class Poison:
+    """A value whose deserialization is recorded (so a test can tell when it happens)."""
+
+    loads: ClassVar[list[str]] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Poison._load, (self.name,))
+
+    @staticmethod
+    def _load(name: str) -> Poison:
+        Poison.loads.append(name)
+        return Poison(name)
+
+
+def test_newer_versions_win_and_older_ones_are_ignored() -> None:
+    """An install of a held or older version changes nothing; force installs an older one."""
+    replica = Replica()
+    assert replica.install(value("k", 2, "two"))
+    assert not replica.install(value("k", 2, "again"))
+    assert not replica.install(value("k", 1, "one"))
+    assert replica.values["k"] == "two"
+    assert replica.install(value("k", 1, "one"), force=True)
+    assert replica.values["k"] == "one"
+
+
+def test_a_lazy_value_is_recorded_not_deserialized() -> None:
+    """lazy=True with nobody listening keeps the version and defers the unpickling."""
+    Poison.loads.clear()
+    replica = Replica()
+    entry = value("k", 1, Poison("p"))
+    assert replica.install(entry, lazy=True)
+    assert Poison.loads == []
+    assert "k" not in replica.values
+    assert replica.keys() == ["k"]
+    assert replica.version(VALUE, "k") == 1
+    assert replica.install(entry)  # the same version again: now it is read
+    assert Poison.loads == ["p"]
+    assert replica.values["k"].name == "p"
+    assert not replica.install(entry)
+
+
+def test_a_lazy_value_is_superseded_and_removed_like_any_other() -> None:
+    """A newer version replaces an unread one; a removal forgets it."""
+    replica = Replica()
+    replica.install(value("k", 1, "one"), lazy=True)
+    replica.install(value("k", 2, "two"))
+    assert replica.values["k"] == "two"
+    replica.install(value("gone", 1, "x"), lazy=True)
+    assert replica.remove(VALUE, "gone")
+    assert replica.keys() == ["k"]
+    assert replica.version(VALUE, "gone") == 0
+
+
+def test_listeners_make_installs_eager() -> None:
+    """With an on_load listener, lazy installs deserialize and tell the listener."""
+    replica = Replica()
+    events: list[LoadEvent] = []
+    replica.on_load(events.append)
+    replica.install(value("k", 1, "one"), lazy=True)
+    assert replica.values["k"] == "one"
+    assert [(e.key, e.version, e.obj) for e in events] == [("k", 1, "one")]
+
+
+def test_functions_are_never_lazy() -> None:
+    """lazy applies to values only: a function is installed to be called."""
+    replica = Replica()
+    entry = Entry(FUNCTION, "f", 1, pickle.dumps(len), "len", "m", 1.0)
+    assert replica.install(entry, lazy=True)
+    assert replica.functions["f"] is len
