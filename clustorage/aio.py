@@ -19,7 +19,18 @@ from . import messages
 from .errors import AuthenticationError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
-from .protocol import BULK, Closed, Connection, Frame, Hello, Role, State, fastest_bulk_digest
+from .protocol import (
+    BULK,
+    HEADER,
+    TAG_SIZE,
+    Closed,
+    Connection,
+    Frame,
+    Hello,
+    Role,
+    State,
+    fastest_bulk_digest,
+)
 
 __all__ = ["ServerConnection"]
 
@@ -48,6 +59,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         )
         self._transport: asyncio.Transport | None = None
         self._outbox: collections.deque[Iterator[bytes | memoryview]] = collections.deque()
+        self._queued = 0  # bytes in the outbox, not yet handed to the transport
         self._into_bulk = False
         self._joined = False
         self._paused = False
@@ -62,11 +74,6 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.name} from {self.address}>"
-
-    @property
-    def sending(self) -> bool:
-        """Whether a big frame is still going out, part by part."""
-        return bool(self._outbox)
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._outbox.clear()
+        self._queued = 0
         self._registry.discard(self)
         if self._joined:
             self._joined = False
@@ -191,14 +199,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         if data and self._transport is not None and not self._transport.is_closing():
             if self._outbox:  # behind a big frame that is still going out
                 self._outbox.append(iter((data,)))
+                self._queued += len(data)
                 return
             self._transport.write(data)
             self.last_sent = time.monotonic()
 
-    def _write_parts(self, parts: Iterator[bytes | memoryview]) -> None:
-        """Send a big frame part by part, as the member drains it (the transport would
-        otherwise copy all of it into its buffer at once)."""
+    def _write_parts(self, parts: Iterator[bytes | memoryview], size: int) -> None:
+        """Send a big frame of about ``size`` bytes part by part, as the member drains it
+        (the transport would otherwise copy all of it into its buffer at once)."""
         self._outbox.append(parts)
+        self._queued += size
         self._flush()
 
     def _flush(self) -> None:
@@ -206,11 +216,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         while outbox and not self._paused and transport is not None:
             if transport.is_closing():
                 outbox.clear()
+                self._queued = 0
                 return
             part = next(outbox[0], None)
             if part is None:
                 outbox.popleft()
             elif part:
+                self._queued -= len(part)
                 transport.write(part)  # may call pause_writing, which ends the loop
                 self.last_sent = time.monotonic()
 
@@ -221,7 +233,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        if self._transport.get_write_buffer_size() > self._timing.write_limit:
+        if self._transport.get_write_buffer_size() + self._queued > self._timing.write_limit:
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()
             return
@@ -229,7 +241,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         if len(blob) < BULK:
             self._write(self._conn.send(envelope + blob if blob else envelope))
         else:
-            self._write_parts(self._conn.send_bulk(envelope, blob))
+            size = HEADER.size + len(envelope) + len(blob) + TAG_SIZE
+            self._write_parts(self._conn.send_bulk(envelope, blob), size)
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``)."""
@@ -270,5 +283,5 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif self._stalled(now):
             log.warning("closed %s (%s): stopped reading", self.address, self.name)
             self.close()
-        elif now - self.last_sent >= timing.heartbeat:
+        elif now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())

@@ -403,5 +403,5 @@ def decode(payload: Blob) -> Message:
                 raise TypeError(f"a blob of {length!r} bytes in a payload of {len(payload)}")
             blob = payload[len(payload) - length :]
         return rebuild(blob, *data[1:])  # type: ignore[no-any-return]
-    except (TypeError, IndexError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise RemoteProtocolError(f"a frame held a malformed {cls.__name__}: {exc}") from exc

@@ -169,6 +169,8 @@ class Node:
         values = self._values
         if key in values:
             return values[key]
+        if (recorded := self._replica.read_unread(key)) is not MISSING:
+            return recorded
         wants_lease = fn is not None
         reply = self._channel.request(lambda rid: Fetch(rid, VALUE, key, wants_lease), self.timeout)
         if type(reply) is Found:

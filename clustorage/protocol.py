@@ -43,7 +43,9 @@ import json
 import mmap
 import secrets
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -190,22 +192,37 @@ class _Digests:
     """Digests of blobs this process verified, so that forwarding one does not hash it again.
 
     A received blob is the tail of a buffer nobody writes to after it is handed over; the
-    cache keeps the few most recent, keyed by that buffer.
+    cache knows the few most recent by that buffer, without keeping them alive.
     """
 
     def __init__(self, size: int = 2) -> None:
         self._size = size
-        self._known: dict[int, tuple[object, int, str, bytes]] = {}
+        self._lock = threading.Lock()
+        self._known: dict[int, tuple[weakref.ref[Any], int, str, bytes]] = {}
 
-    def remember(self, owner: object, length: int, algorithm: str, digest: bytes) -> None:
-        self._known[id(owner)] = (owner, length, algorithm, digest)
-        while len(self._known) > self._size:
-            del self._known[next(iter(self._known))]
+    def remember(self, owner: Any, length: int, algorithm: str, digest: bytes) -> None:
+        key = id(owner)
+        with self._lock:
+            self._known[key] = (
+                weakref.ref(owner, lambda _: self._forget(key)),
+                length,
+                algorithm,
+                digest,
+            )
+            while len(self._known) > self._size:
+                self._known.pop(next(iter(self._known)))
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None and known[0]() is None:
+                del self._known[key]
 
     def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
         owner = blob.obj if isinstance(blob, memoryview) else blob
-        known = self._known.get(id(owner))
-        if known is None or known[0] is not owner or known[1:3] != (len(blob), algorithm):
+        with self._lock:
+            known = self._known.get(id(owner))
+        if known is None or known[0]() is not owner or known[1:3] != (len(blob), algorithm):
             return None
         return known[3]
 
@@ -225,7 +242,7 @@ class _Bulk:
         self.blob_start = length - blob
         # Anonymous memory: the kernel zeroes its pages as they are first written, where
         # bytearray(length) would zero all of them up front.
-        self.data: bytearray | mmap.mmap = mmap.mmap(-1, length)
+        self.data = mmap.mmap(-1, length)
         self.filled = 0
         self.hasher = _hasher(algorithm)
 
@@ -325,7 +342,8 @@ class Connection:
             setattr(clone, name, getattr(self, name).copy())
         if self._bulk is not None:
             clone._bulk = copy.copy(self._bulk)
-            clone._bulk.data = bytearray(self._bulk.data[:])
+            clone._bulk.data = mmap.mmap(-1, self._bulk.length)
+            clone._bulk.data[:] = self._bulk.data[:]
             clone._bulk.hasher = self._bulk.hasher.copy()
         return clone
 
@@ -492,9 +510,15 @@ class Connection:
         if length > self.max_frame:
             raise FrameTooLarge(f"a frame of {length} bytes is over the limit of {self.max_frame}")
         if blob:
-            if blob > length:
-                raise RemoteProtocolError(f"a frame's blob of {blob} bytes is over its {length}")
-            self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest)
+            if blob > length or length - blob > BULK:
+                raise RemoteProtocolError(
+                    f"a frame of {length} bytes with a blob of {blob} is malformed "
+                    f"(the blob is at most the frame, the rest under {BULK} bytes)"
+                )
+            try:
+                self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest)
+            except OSError as exc:
+                raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
             del buffer[:_HEAD]
             return self._continue_bulk()
         end = _HEAD + length

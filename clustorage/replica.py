@@ -46,8 +46,8 @@ class Replica:
         self.sources: dict[str, str] = {}
         self.versions: dict[tuple[str, str], int] = {}
         self.origins: dict[tuple[str, str], str] = {}
-        # Values held by version only, deserialized on first read (see install's ``lazy``).
-        self._unread: set[str] = set()
+        # Values recorded but not deserialized yet, by key (see install's ``lazy``).
+        self._unread: dict[str, Entry] = {}
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
@@ -73,9 +73,9 @@ class Replica:
 
         ``obj`` is the already-deserialized object, when the caller has it. ``force``
         installs any version other than the one held (the loader's word is final on resync).
-        ``lazy``: a value nobody listens for is only recorded, not deserialized; reading it
-        misses ``values``, and installing the same version again deserializes it. The
-        loader's own node does this: it can always fetch the entry from its core.
+        ``lazy``: a value nobody listens for is only recorded, not deserialized until
+        :meth:`read_unread` (or an install of the same version) asks for it. The loader's
+        own node does this.
         """
         with self._lock:
             held = self.versions.get((entry.kind, entry.key), 0)
@@ -84,12 +84,12 @@ class Replica:
                 return False
             if lazy and obj is MISSING and entry.kind == VALUE and not self._listeners:
                 self.values.pop(entry.key, None)
-                self._unread.add(entry.key)
+                self._unread[entry.key] = entry
                 self.versions[(entry.kind, entry.key)] = entry.version
                 self.origins[(entry.kind, entry.key)] = entry.origin
                 return True
             if unread:
-                self._unread.discard(entry.key)
+                del self._unread[entry.key]
             if obj is MISSING:
                 obj = codec.load(entry.payload)
             if entry.kind == FUNCTION:
@@ -116,7 +116,7 @@ class Replica:
             existed = key in table
             table.pop(key, None)
             if kind == VALUE:
-                self._unread.discard(key)
+                self._unread.pop(key, None)
             version = self.versions.pop((kind, key), 0)
             held_origin = self.origins.pop((kind, key), "")
             origin = origin or held_origin
@@ -126,6 +126,15 @@ class Replica:
         if version:
             self._notify(listeners, LoadEvent(kind, key, version, origin, None, None, True))
         return existed or bool(version)
+
+    def read_unread(self, key: str) -> Any:
+        """Deserialize and install the recorded value of ``key``; MISSING if there is none."""
+        with self._lock:
+            entry = self._unread.pop(key, None)
+            if entry is None:
+                return MISSING
+            obj = self.values[key] = codec.load(entry.payload)
+            return obj
 
     def keys(self) -> list[str]:
         """Every value key, sorted (unread ones too)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
@@ -17,19 +16,12 @@ from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Blob, Load, Loaded, Message
-from .protocol import BULK
 from .replica import Replica
 from .store import open_store
 
 __all__ = ["LoaderRuntime"]
 
 log = logging.getLogger(__name__)
-
-
-# While big frames are going out to members, the loader's own node installs big values only
-# after them (or after BACKLOG_WAIT): deserializing one holds the event loop that sends them.
-BACKLOG_POLL = 0.002
-BACKLOG_WAIT = 1.0
 
 
 class _LocalPeer:
@@ -40,8 +32,6 @@ class _LocalPeer:
         self.address = "local"
         self.connected_since = time.time()
         self._runtime = runtime
-        self._backlog: collections.deque[Message] = collections.deque()
-        self._backlog_since = 0.0
 
     def deliver(self, message: Message, parts: tuple[bytes, Blob] | None = None) -> None:
         runtime = self._runtime
@@ -49,27 +39,9 @@ class _LocalPeer:
         if rid is not None:
             runtime.pending.resolve(rid, message)
             return
-        if self._backlog or (
-            type(message) is Load and len(message.entry.payload) >= BULK and runtime.sending()
-        ):
-            if not self._backlog:
-                self._backlog_since = time.monotonic()
-                runtime.loop.call_later(BACKLOG_POLL, self._apply_backlog)
-            self._backlog.append(message)
-            return
-        self._apply(message)
-
-    def _apply_backlog(self) -> None:
-        runtime = self._runtime
-        if runtime.sending() and time.monotonic() - self._backlog_since < BACKLOG_WAIT:
-            runtime.loop.call_later(BACKLOG_POLL, self._apply_backlog)
-            return
-        while self._backlog:
-            self._apply(self._backlog.popleft())
-
-    def _apply(self, message: Message) -> None:
-        runtime = self._runtime
         if type(message) is Load and message.entry.kind == VALUE:
+            # Recorded, not deserialized: a headless loader never unpickles what it only
+            # stores, and the loop that sends big values on is not held up by it.
             runtime.replica.install(message.entry, lazy=True)
         elif apply_push(runtime.replica, message):
             runtime.members = runtime.core.member_names()
@@ -115,10 +87,6 @@ class LoaderRuntime:
     @property
     def connected(self) -> bool:
         return True
-
-    def sending(self) -> bool:
-        """Whether a big frame is still going out to some member."""
-        return any(connection.sending for connection in self._connections)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

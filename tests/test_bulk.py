@@ -5,6 +5,8 @@ An in-process loader and in-process members on 127.0.0.1 (real sockets, real fra
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,10 +14,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import clustorage
-import clustorage.runtime
 from clustorage.protocol import BULK
 from clustorage.replica import LoadEvent
 from tests.conftest import COOKIE, node_pair
+from tests.test_hostile import authenticated
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,21 +117,70 @@ def test_a_late_joiner_gets_big_values_in_its_resync(
         assert late.get("early") == BIG
 
 
-def test_the_loaders_node_installs_big_values_after_frames_going_out(
-    trio: tuple[clustorage.Node, ...], monkeypatch: pytest.MonkeyPatch
+def test_the_loaders_node_reads_a_recorded_value_from_an_on_load_listener(
+    trio: tuple[clustorage.Node, ...],
 ) -> None:
-    """While a big frame is still going out to a member, the loader's own node holds back big
-    values (and every change after them, in order); it installs them once the frame is out."""
+    """A value the loader's node only recorded is read in place, even from a listener on the
+    loader's event-loop thread, where a request to the loader could not be made."""
     loader, member, _ = trio
-    sending = threading.Event()
-    sending.set()
-    monkeypatch.setattr(loader._channel, "sending", sending.is_set)
-    monkeypatch.setattr(clustorage.runtime, "BACKLOG_WAIT", 60.0)
+    member.put("config", {"a": 1})
+    eventually(lambda: loader.keys() == ["config"])
+    seen: list[object] = []
+
+    def listener(event: LoadEvent) -> None:
+        if event.key == "trigger":
+            seen.append(loader.get("config"))
+
+    loader.on_load(listener)
+    member.put("trigger", 1)
+    eventually(lambda: seen == [{"a": 1}])
+
+
+def test_the_loaders_own_writes_win_over_earlier_big_changes(
+    trio: tuple[clustorage.Node, ...],
+) -> None:
+    """A member's big value and its deletion, then the loader's node writing the same key:
+    the loader's node ends with its own value, like everyone else."""
+    loader, member, other = trio
     member.put("k", BIG)
-    member.put("k", "small")
-    member.put("later", 1)
-    time.sleep(0.3)
-    assert loader.keys() == []
-    sending.clear()
-    eventually(lambda: loader.keys() == ["k", "later"])
-    assert loader.get("k") == "small"
+    member.delete("k")
+    version = loader.put("k", "new")
+    time.sleep(0.2)
+    assert loader.keys() == ["k"]
+    assert loader.get("k") == "new"
+    eventually(lambda: other.keys() == ["k"] and other.get("k") == "new")
+    assert loader.history("k", kind="value")[-1].version == version
+
+
+def test_a_slow_member_behind_big_frames_is_dropped_at_the_write_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frames queued behind a big frame count toward the loader's per-member write limit: a
+    member that reads a little, steadily, but far less than it is sent, is dropped."""
+    with node_pair() as (loader, member):
+        loader._channel.timing.write_limit = 4 * len(BIG)
+        sock, conn = authenticated(loader.address[1], "slow")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        stop = threading.Event()
+
+        def read_slowly() -> None:
+            while not stop.wait(0.1):
+                try:
+                    sock.recv(16 << 10)
+                    sock.sendall(conn.heartbeat())
+                except OSError:
+                    return
+
+        reader = threading.Thread(target=read_slowly, daemon=True)
+        reader.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger="clustorage.aio"):
+                for i in range(40):
+                    member.put(f"k{i}", BIG + bytes([i]))
+                eventually(lambda: "(slow): it stopped reading" in caplog.text)
+            eventually(lambda: "slow" not in loader.nodes())
+            assert member.get("k39") == BIG + bytes([39])
+        finally:
+            stop.set()
+            reader.join(5)
+            sock.close()

@@ -231,7 +231,17 @@ def test_garbage_payloads_raise(payload: bytes) -> None:
 
 def test_wrong_shape_message_raises() -> None:
     """A known type code with the wrong fields, or an unknown code, is the peer's fault."""
-    for data in [(8,), (8, 1, 2), (1, 1), (11, 1, "not an entry"), (11, 1, (1, 2)), (999, 1)]:
+    for data in [
+        (8,),
+        (8, 1, 2),
+        (1, 1),
+        (11, 1, "not an entry"),
+        (11, 1, (1, 2)),
+        (999, 1),
+        (22, (1, 2, 3, 0), True),
+        (11, 1, {3: 0}),
+        (11, 1, ("value", "k", 1, {}, None, "m", 1.0)),
+    ]:
         with pytest.raises(RemoteProtocolError):
             decode(marshal.dumps(data))
 

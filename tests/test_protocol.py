@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import random
 import struct
+import weakref
 
 import pytest
 
@@ -687,3 +689,21 @@ def test_read_frames_raises_on_a_forged_frame() -> None:
 
 def test_fastest_bulk_digest_is_a_known_algorithm() -> None:
     assert fastest_bulk_digest() in BULK_DIGESTS
+
+
+def test_bulk_frame_with_a_big_envelope_raises() -> None:
+    """Only the blob of a bulk frame may be big: a header claiming more is refused at once."""
+    pair = open_pair()
+    pair.server.receive_data(HEADER.pack(2 * BULK + 1, 0, BULK))
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        pair.server.next_event()
+
+
+def test_the_digest_cache_does_not_keep_blobs_alive() -> None:
+    """Once nothing else holds a verified blob's buffer, the cache lets it go."""
+    inbound = open_pair()
+    (payload,) = inbound.server.read_frames(bulk_frame(inbound, b"env", b"v" * BULK))
+    owner = weakref.ref(memoryview(payload).obj)
+    del payload
+    gc.collect()
+    assert owner() is None
