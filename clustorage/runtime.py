@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .aio import ServerConnection
+from .server import ServerConnection
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Blob, Load, Loaded, Message
+from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .store import open_store
 
@@ -67,19 +68,19 @@ class LoaderRuntime:
         self.timing = Timing()
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
-        self.loop = asyncio.new_event_loop()
+        self.loop = Reactor()
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         store = open_store(config.database)
         self.core = LoaderCore(config.name, store, self.loop.call_later, ack_timeout=config.timeout)
         self._store = store
-        self._server: asyncio.Server | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._server: Server | None = None
+        self._heartbeat: Timer | None = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
         try:
-            self.address: tuple[str, int] = self.submit(self._start(), config.timeout)
+            self.address: tuple[str, int] = self.submit(self._start, config.timeout)
         except BaseException:
             self.close()
             raise
@@ -89,33 +90,31 @@ class LoaderRuntime:
         return True
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    async def _start(self) -> tuple[str, int]:
+    def _start(self) -> tuple[str, int]:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
         try:
-            self._server = await self.loop.create_server(
+            self._server = self.loop.listen(
+                host,
+                port,
                 lambda: ServerConnection(
                     self.core, cookie, self.timing, self.config.max_frame, self._connections
                 ),
-                host,
-                port,
-                reuse_address=True,
             )
         except OSError as exc:
             raise ConfigError(
                 f"the loader {self.config.name} cannot listen on {host}:{port}: {exc.strerror}; "
                 f"is another loader running there? choose another address with --listen HOST:PORT"
             ) from exc
-        address = self._server.sockets[0].getsockname()
+        address = self._server.socket.getsockname()
         self.core.address = f"{address[0]}:{address[1]}"
         self._local.address = self.core.address
         for entry in self.core.entries.values():
             self.replica.install(entry, lazy=True)
         self.core.join(self._local)
-        self._heartbeat_task = self.loop.create_task(self._heartbeats())
+        self._heartbeat = self.loop.call_later(self.timing.heartbeat / 2, self._heartbeats)
         log.info(
             "loader %s listening on %s with %d entries from %s",
             self.config.name,
@@ -125,17 +124,24 @@ class LoaderRuntime:
         )
         return address[0], address[1]
 
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.timing.heartbeat / 2)
-            now = time.monotonic()
-            for connection in list(self._connections):
-                connection.tick(now)
+    def _heartbeats(self) -> None:
+        self._heartbeat = self.loop.call_later(self.timing.heartbeat / 2, self._heartbeats)
+        now = time.monotonic()
+        for connection in list(self._connections):
+            connection.tick(now)
 
-    def submit(self, coro: Any, timeout: float) -> Any:
-        """Run ``coro`` on the loop and wait for its result (never from the loop itself)."""
+    def submit(self, function: Callable[[], Any], timeout: float) -> Any:
+        """Run ``function()`` on the loop and wait for its result (never from the loop)."""
         self._check_thread()
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
         return future.result(timeout)
 
     def _check_thread(self) -> None:
@@ -157,16 +163,14 @@ class LoaderRuntime:
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.core.handle, self._local, build(0))
 
-    async def _shutdown(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
+    def _shutdown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
             connection.close()
         self.core.leave(self._local)
-        if self._server is not None:
-            await self._server.wait_closed()
 
     def close(self) -> None:
         """Stop serving, close every connection and the store."""
@@ -174,10 +178,10 @@ class LoaderRuntime:
             return
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
+                self.submit(self._shutdown, 5)
             except Exception:
                 log.exception("loader %s: unclean shutdown", self.config.name)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop.stop()
             self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()

@@ -174,7 +174,7 @@ def test_a_slow_member_behind_big_frames_is_dropped_at_the_write_limit(
         reader = threading.Thread(target=read_slowly, daemon=True)
         reader.start()
         try:
-            with caplog.at_level(logging.WARNING, logger="clustorage.aio"):
+            with caplog.at_level(logging.WARNING, logger="clustorage.server"):
                 for i in range(40):
                     member.put(f"k{i}", BIG + bytes([i]))
                 eventually(lambda: "(slow): it stopped reading" in caplog.text)

@@ -1,14 +1,14 @@
-"""The loader's network side: asyncio connections around the sans-I/O protocol and LoaderCore.
+"""The loader's network side: connections around the sans-I/O protocol and LoaderCore.
 
-Each TCP connection is one :class:`ServerConnection`; ``buffer_updated`` feeds the protocol
-object and hands decoded messages to the core. A peer that breaks the protocol, does not know
+Each TCP connection is one :class:`ServerConnection` (a protocol of a
+:class:`~clustorage.reactor.Stream`); ``buffer_updated`` feeds the protocol object and hands
+decoded messages to the core. A peer that breaks the protocol, does not know
 the cookie, stays silent through the handshake or stops reading costs one closed connection
 and one log line with its address.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
@@ -31,6 +31,7 @@ from .protocol import (
     State,
     fastest_bulk_digest,
 )
+from .reactor import Stream
 
 __all__ = ["ServerConnection"]
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 _READ_BUFFER = memoryview(bytearray(1 << 20))
 
 
-class ServerConnection(asyncio.BufferedProtocol):
+class ServerConnection:
     """One member's connection to the loader."""
 
     def __init__(
@@ -57,7 +58,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             max_frame=max_frame,
             bulk_digest=fastest_bulk_digest(),
         )
-        self._transport: asyncio.Transport | None = None
+        self._transport: Stream | None = None
         self._outbox: collections.deque[Iterator[bytes | memoryview]] = collections.deque()
         self._queued = 0  # bytes in the outbox, not yet handed to the transport
         self._into_bulk = False
@@ -75,10 +76,9 @@ class ServerConnection(asyncio.BufferedProtocol):
     def __repr__(self) -> str:
         return f"<ServerConnection {self.name} from {self.address}>"
 
-    # -- asyncio callbacks -----------------------------------------------------------------
+    # -- stream callbacks -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: Stream) -> None:
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -205,8 +205,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.last_sent = time.monotonic()
 
     def _write_parts(self, parts: Iterator[bytes | memoryview], size: int) -> None:
-        """Send a big frame of about ``size`` bytes part by part, as the member drains it
-        (the transport would otherwise copy all of it into its buffer at once)."""
+        """Send a big frame of ``size`` bytes part by part, as the member drains it: a part
+        is made (and hashed, when it must be) only once there is room for it."""
         self._outbox.append(parts)
         self._queued += size
         self._flush()

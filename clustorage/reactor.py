@@ -1,0 +1,361 @@
+"""The loader's event loop: one thread, a selector, timers and calls from other threads.
+
+It does what the loader needs from asyncio and no more: a listening socket, one stream per
+member with a write buffer and flow control (``pause_writing``/``resume_writing`` around
+high and low watermarks), timers, and ``call_soon_threadsafe``. A member's request is read,
+handled and answered within one callback, with one ``recv`` and one ``send`` and nothing
+between them but the loader's own code: asyncio's transports, handles and futures cost about
+as much again per round trip (see bench/README.md, "Where the time goes").
+
+Streams talk to a *protocol* object with asyncio's BufferedProtocol callbacks:
+``connection_made``, ``get_buffer``, ``buffer_updated``, ``eof_received``,
+``connection_lost``, ``pause_writing``, ``resume_writing``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["Reactor", "Stream", "StreamProtocol", "Timer"]
+
+log = logging.getLogger(__name__)
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+IDLE_WAIT = 1.0
+
+
+class StreamProtocol(Protocol):
+    def connection_made(self, stream: Stream) -> None: ...
+
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+    def eof_received(self) -> bool | None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class Timer:
+    """A call scheduled with :meth:`Reactor.call_later`; :meth:`cancel` unschedules it."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    """A selector loop run by one thread (:meth:`run_forever`); see the module docstring."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, READ, self._woken)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._closed = False
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Call ``callback(*args)`` on the loop thread, after the current callback."""
+        self._calls.append(lambda: callback(*args))
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    call_soon_threadsafe = call_soon
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback()`` on the loop thread in ``delay`` seconds (loop thread only)."""
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._order), timer))
+        return timer
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_write.send(b"\0")
+
+    def _woken(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._wake_read.recv(4096):
+                pass
+
+    # -- running ---------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        return self._running
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def run_forever(self) -> None:
+        """Run callbacks until :meth:`stop`; called by the one thread that owns the loop."""
+        self._thread = threading.current_thread()
+        self._running = True
+        select, calls, timers = self._selector.select, self._calls, self._timers
+        try:
+            while self._running:
+                if calls:
+                    wait: float | None = 0.0
+                elif timers:
+                    wait = min(max(timers[0][0] - time.monotonic(), 0.0), IDLE_WAIT)
+                else:
+                    wait = IDLE_WAIT
+                for key, mask in select(wait):
+                    self._guard(key.data, mask)
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
+                    if not timer.cancelled:
+                        self._guard(timer.callback)
+                for _ in range(len(calls)):
+                    self._guard(calls.popleft())
+        finally:
+            self._running = False
+
+    @staticmethod
+    def _guard(callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("a loader callback failed")
+
+    def stop(self) -> None:
+        """Make :meth:`run_forever` return (from any thread)."""
+
+        def stopping() -> None:
+            self._running = False
+
+        self.call_soon(stopping)
+
+    def close(self) -> None:
+        """Release the selector and the wake-up sockets (once the loop has stopped)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def register(self, sock: socket.socket, mask: int, handler: Callable[[int], None]) -> None:
+        self._selector.register(sock, mask, handler)
+
+    def modify(self, sock: socket.socket, mask: int, handler: Callable[[int], None]) -> None:
+        self._selector.modify(sock, mask, handler)
+
+    def unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+
+    def listen(
+        self, host: str, port: int, protocol_factory: Callable[[], StreamProtocol]
+    ) -> Server:
+        """Accept connections on ``host:port``, each a :class:`Stream` to a new protocol."""
+        return Server(self, host, port, protocol_factory)
+
+
+class Server:
+    """A listening socket whose connections become streams."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        host: str,
+        port: int,
+        protocol_factory: Callable[[], StreamProtocol],
+    ) -> None:
+        self._reactor = reactor
+        self._factory = protocol_factory
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.socket = sock
+        reactor.register(sock, READ, self._accept)
+
+    def _accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            Stream(self._reactor, sock, self._factory())
+
+    def close(self) -> None:
+        self._reactor.unregister(self.socket)
+        self.socket.close()
+
+
+class Stream:
+    """One connection: reads into its protocol's buffer, writes with flow control."""
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, protocol: StreamProtocol) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reactor = reactor
+        self._sock = sock
+        self._protocol = protocol
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._size = 0
+        self._high = 64 << 10
+        self._low = 16 << 10
+        self._paused = False
+        self._closing = False
+        self._closed = False
+        try:
+            self._peer: Any = sock.getpeername()
+        except OSError:
+            self._peer = None
+        reactor.register(sock, READ, self._ready)
+        protocol.connection_made(self)
+
+    def get_extra_info(self, name: str) -> Any:
+        return self._peer if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        self._high, self._low = high, high // 4
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _ready(self, mask: int) -> None:
+        if mask & READ and not self._closing:
+            self._read()
+        if mask & WRITE and not self._closed:
+            self._drain()
+
+    def _read(self) -> None:
+        buffer = self._protocol.get_buffer(-1)
+        try:
+            size = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if size:
+            self._protocol.buffer_updated(size)
+        else:
+            self._protocol.eof_received()
+            self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._pending:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lose(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._reactor.modify(self._sock, READ | WRITE, self._ready)
+        view = memoryview(data)  # callers never change a buffer once they have written it
+        self._pending.append(view)
+        self._size += len(view)
+        if not self._paused and self._size > self._high:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            try:
+                sent = self._sock.send(pending[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._lose(exc)
+                return
+            self._size -= sent
+            if sent < len(pending[0]):
+                pending[0] = pending[0][sent:]
+                break
+            pending.popleft()
+        if not pending:
+            if self._closing:
+                self._lose(None)
+                return
+            self._reactor.modify(self._sock, READ, self._ready)
+        if self._paused and self._size <= self._low:
+            self._paused = False
+            self._protocol.resume_writing()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close once what is queued has been sent (reading no more meanwhile)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._pending:
+            self._reactor.modify(self._sock, WRITE, self._ready)
+        else:
+            self._reactor.call_soon(self._lose, None)
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued."""
+        self._closing = True
+        self._pending.clear()
+        self._size = 0
+        self._reactor.call_soon(self._lose, None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._reactor.unregister(self._sock)
+        self._sock.close()
+        self._pending.clear()
+        self._size = 0
+        self._protocol.connection_lost(exc)
