@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import heapq
 import itertools
 import logging
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 IDLE_WAIT = 1.0
+ACCEPT_PAUSE = 1.0  # after running out of file descriptors or memory
 
 
 class StreamProtocol(Protocol):
@@ -214,10 +216,21 @@ class Server:
                 sock, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections for a second: %s", exc)
+                    self._reactor.unregister(self.socket)
+                    self._reactor.call_later(ACCEPT_PAUSE, self._resume)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
             Stream(self._reactor, sock, self._factory())
+
+    def _resume(self) -> None:
+        if self.socket.fileno() != -1:
+            self._reactor.register(self.socket, READ, self._accept)
 
     def close(self) -> None:
         self._reactor.unregister(self.socket)
@@ -246,7 +259,11 @@ class Stream:
         except OSError:
             self._peer = None
         reactor.register(sock, READ, self._ready)
-        protocol.connection_made(self)
+        try:
+            protocol.connection_made(self)
+        except Exception:
+            log.exception("closed a new connection: setting it up failed")
+            self.abort()
 
     def get_extra_info(self, name: str) -> Any:
         return self._peer if name == "peername" else None
@@ -269,18 +286,25 @@ class Stream:
             self._drain()
 
     def _read(self) -> None:
-        buffer = self._protocol.get_buffer(-1)
         try:
-            size = self._sock.recv_into(buffer)
+            size = self._sock.recv_into(self._protocol.get_buffer(-1))
+            if size:
+                self._protocol.buffer_updated(size)
+                return
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lose(exc)
             return
-        if size:
-            self._protocol.buffer_updated(size)
-        else:
+        except Exception:
+            log.exception("closed a connection: handling what it sent failed")
+            self.abort()
+            return
+        try:
             self._protocol.eof_received()
+        except Exception:
+            log.exception("a connection's end of file was not handled cleanly")
+        finally:
             self.close()
 
     # -- writing ---------------------------------------------------------------------------
@@ -293,8 +317,9 @@ class Stream:
                 sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            except OSError as exc:
-                self._lose(exc)
+            except OSError as exc:  # told later, as asyncio does: the writer is mid-work
+                self._closing = True
+                self._reactor.call_soon(self._lose, exc)
                 return
             if sent == len(data):
                 return
@@ -358,4 +383,7 @@ class Stream:
         self._sock.close()
         self._pending.clear()
         self._size = 0
-        self._protocol.connection_lost(exc)
+        try:
+            self._protocol.connection_lost(exc)
+        except Exception:
+            log.exception("a connection's loss was not handled cleanly")

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .server import ServerConnection
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
@@ -18,6 +17,7 @@ from .loader import LoaderCore
 from .messages import VALUE, Blob, Load, Loaded, Message
 from .reactor import Reactor, Server, Timer
 from .replica import Replica
+from .server import ServerConnection
 from .store import open_store
 
 __all__ = ["LoaderRuntime"]

@@ -245,8 +245,15 @@ class ServerConnection:
             self._write_parts(self._conn.send_bulk(envelope, blob), size)
 
     def close(self, *, flush: bool = False) -> None:
-        """Close the connection (after sending what the protocol queued, if ``flush``)."""
-        if self._transport is None or self._transport.is_closing():
+        """Close the connection (after sending what the protocol queued, if ``flush``).
+
+        Closing without ``flush`` also ends a flushing close that has not finished.
+        """
+        if self._transport is None:
+            return
+        if self._transport.is_closing():
+            if not flush:
+                self._transport.abort()
             return
         if flush:
             self._write(self._conn.data_to_send())

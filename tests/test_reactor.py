@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -185,3 +189,95 @@ def test_close_sends_what_is_queued_and_abort_does_not(reactor: Reactor) -> None
         while data := aborting_peer.recv(1 << 20):
             received += data
     assert len(received) < len(big)
+
+
+class Failing(Recorder):
+    """A protocol whose ``failing`` callback raises."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.failing == "buffer_updated":
+            raise RuntimeError("handling failed")
+        super().buffer_updated(nbytes)
+
+    def eof_received(self) -> None:
+        if self.failing == "eof_received":
+            raise RuntimeError("end of file handling failed")
+        super().eof_received()
+
+
+@pytest.mark.parametrize("failing", ["buffer_updated", "eof_received"])
+def test_a_failing_protocol_callback_closes_its_stream(reactor: Reactor, failing: str) -> None:
+    """An exception from the protocol closes that stream (once), and the loop goes on."""
+    ours, peer = socket.socketpair()
+    recorder = Failing(failing)
+    on_loop(reactor, lambda: Stream(reactor, ours, recorder))
+    peer.sendall(b"data")
+    if failing == "eof_received":
+        peer.shutdown(socket.SHUT_WR)
+    assert recorder.lost.wait(5)
+    assert recorder.events.count("lost") == 1
+    assert on_loop(reactor, lambda: "still running") == "still running"
+    peer.close()
+
+
+def test_a_failed_write_reports_the_loss_after_the_writer_returns(reactor: Reactor) -> None:
+    """A write to a reset connection does not call connection_lost inside write() itself."""
+    recorder, peer = stream_pair(reactor)
+    peer.close()
+    seen_inside: list[list[str]] = []
+
+    def write_after_reset() -> None:
+        stream = recorder.stream
+        assert stream is not None
+        for _ in range(50):  # the first writes may still be accepted by the kernel
+            stream.write(b"x" * 65536)
+            seen_inside.append(list(recorder.events))
+
+    on_loop(reactor, write_after_reset)
+    assert recorder.lost.wait(5)
+    assert all("lost" not in events for events in seen_inside)
+
+
+def test_running_out_of_file_descriptors_pauses_accepting(tmp_path: Path) -> None:
+    """With no file descriptor left, the loader logs once a second instead of spinning, and
+    accepts again once descriptors are free."""
+    script = tmp_path / "emfile.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, resource, socket, time
+            import clustorage
+            node = clustorage.Node("l", cookie="c" * 32, listen="127.0.0.1:0", data=":memory:")
+            port = node.address[1]
+            time.sleep(0.2)
+            used = len(os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 4, 4096))
+            clients = []
+            for _ in range(12):
+                try:
+                    clients.append(socket.create_connection(("127.0.0.1", port)))
+                except OSError:
+                    break
+            start = time.process_time()
+            time.sleep(1.5)
+            print("cpu", round(time.process_time() - start, 2))
+            for client in clients:
+                client.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+            time.sleep(1.5)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+                print("accepted", len(late.recv(4)))
+            node.stop()
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=25)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split() for line in done.stdout.splitlines())
+    assert float(lines["cpu"]) < 0.5
+    assert lines["accepted"] == "4"
+    assert done.stderr.count("cannot accept connections") <= 3
