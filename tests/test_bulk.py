@@ -17,7 +17,7 @@ import clustorage
 from clustorage.protocol import BULK
 from clustorage.replica import LoadEvent
 from tests.conftest import COOKIE, node_pair
-from tests.test_hostile import authenticated
+from tests.test_hostile import authenticated, keep_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -162,17 +162,7 @@ def test_a_slow_member_behind_big_frames_is_dropped_at_the_write_limit(
         sock, conn = authenticated(loader.address[1], "slow")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
         stop = threading.Event()
-
-        def read_slowly() -> None:
-            while not stop.wait(0.1):
-                try:
-                    sock.recv(16 << 10)
-                    sock.sendall(conn.heartbeat())
-                except OSError:
-                    return
-
-        reader = threading.Thread(target=read_slowly, daemon=True)
-        reader.start()
+        reader = keep_alive(sock, conn, stop, 0.1, read=16 << 10)
         try:
             with caplog.at_level(logging.WARNING, logger="clustorage.server"):
                 for i in range(40):

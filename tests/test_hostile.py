@@ -65,6 +65,26 @@ def authenticated(port: int, name: str) -> tuple[socket.socket, Connection]:
     return sock, conn
 
 
+def keep_alive(
+    sock: socket.socket, conn: Connection, stop: threading.Event, every: float, read: int = 0
+) -> threading.Thread:
+    """A started thread that, every ``every`` seconds until ``stop``, reads up to ``read``
+    bytes from ``sock`` (if any) and sends a heartbeat."""
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                if read:
+                    sock.recv(read)
+                sock.sendall(conn.heartbeat())
+            except OSError:
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -164,16 +184,7 @@ def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
     sock, conn = authenticated(cluster.port, "sleeper")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     alive = threading.Event()
-
-    def heartbeats() -> None:
-        while not alive.wait(0.5):
-            try:
-                sock.sendall(conn.heartbeat())
-            except OSError:
-                return
-
-    beating = threading.Thread(target=heartbeats, daemon=True)
-    beating.start()
+    beating = keep_alive(sock, conn, alive, 0.5)
     try:
         for i in range(24):
             writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
