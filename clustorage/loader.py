@@ -105,11 +105,6 @@ class _Definition:
     timer: Timer | None = None
 
 
-def _without_payload(entry: Entry) -> Entry:
-    """``entry`` for the node that sent its payload (it has the value already)."""
-    return Entry(entry.kind, entry.key, entry.version, b"", entry.source, entry.origin, entry.time)
-
-
 def failure(rid: int, exc: BaseException) -> Failed:
     """The Failed answer that carries ``exc`` to the requester."""
     details: dict[str, Any] = {}
@@ -272,12 +267,12 @@ class LoaderCore:
             if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
                 self._pass_lease(message.key, lease)
             raise
-        peer.deliver(Committed(message.rid, _without_payload(entry), True))
+        peer.deliver(Committed(message.rid, entry.without_payload(), True))
         self._settle(message.key, entry, skip=peer)
 
     def _put(self, peer: Peer, message: Put) -> None:
         entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
-        peer.deliver(Committed(message.rid, _without_payload(entry), True))
+        peer.deliver(Committed(message.rid, entry.without_payload(), True))
         self._settle(message.key, entry, skip=peer)
 
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
 from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
-from .protocol import BULK, Closed, Connection, Role, Welcome
+from .protocol import Closed, Connection, Role, Welcome
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -358,11 +358,8 @@ class MemberClient:
             sock, conn = self._sock, self._conn
             if sock is None or conn is None:
                 raise self.unavailable("not connected")
-            if len(blob) < BULK:
-                sock.sendall(conn.send(envelope + blob if blob else envelope))
-            else:
-                for part in conn.send_bulk(envelope, blob):
-                    sock.sendall(part)
+            for part in conn.send_message(envelope, blob):
+                sock.sendall(part)
             self._last_sent = time.monotonic()
 
     def _wait_ready(self, timeout: float) -> None:
@@ -381,6 +378,20 @@ class MemberClient:
                 "(from an on_load listener?); hand the work to another thread"
             )
 
+    def _read_until(
+        self, answered: Callable[[], bool], deadline: float, patient: Callable[[], bool]
+    ) -> None:
+        """Read (holding the io lock) until ``answered()``, the connection drops, or the
+        deadline passes while not ``patient()``."""
+        while not answered() and self._is_ready:
+            if not patient() and time.monotonic() > deadline:
+                return
+            self._read_once(block=True)
+
+    def _lost(self, exc: BaseException) -> None:
+        log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
+        self._drop(str(exc))
+
     def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:
         """Wait for the answer to ``rid``, reading the socket ourselves when nobody else is.
 
@@ -391,14 +402,10 @@ class MemberClient:
         if self._io_lock.acquire(blocking=False):
             try:
                 deadline = time.monotonic() + timeout
-                while not waiter.done and self._is_ready:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 and not waiter.queued:
-                        break
-                    self._read_once(block=True)
+                self._read_until(lambda: waiter.done, deadline, lambda: waiter.queued)
+                remaining = deadline - time.monotonic()
             except (_Lost, OSError, ProtocolError) as exc:
-                log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
-                self._drop(str(exc))
+                self._lost(exc)
             finally:
                 self._io_lock.release()
         self._last_answer = time.monotonic()
@@ -446,16 +453,14 @@ class MemberClient:
             except OSError as exc:
                 raise self.unavailable(str(exc)) from exc
             deadline = time.monotonic() + timeout
-            while self._answer is None:
-                if not self._is_ready:
-                    raise self.unavailable(str(self._last_error or "connection lost"))
-                if not self._patient and time.monotonic() > deadline:
-                    raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
-                self._read_once(block=True)
-            return self._answer
+            self._read_until(lambda: self._answer is not None, deadline, lambda: self._patient)
+            if self._answer is not None:
+                return self._answer
+            if not self._is_ready:
+                raise self.unavailable(str(self._last_error or "connection lost"))
+            raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
-            log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
-            self._drop(str(exc))
+            self._lost(exc)
             raise self.unavailable(str(exc)) from exc
         finally:
             self._mine, self._answer = 0, None

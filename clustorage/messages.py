@@ -15,6 +15,7 @@ value is never copied into or out of marshal; decoding hands it out as a view of
 from __future__ import annotations
 
 import marshal
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .errors import RemoteProtocolError
@@ -70,6 +71,10 @@ class Entry(NamedTuple):
     source: str | None
     origin: str
     time: float
+
+    def without_payload(self) -> Entry:
+        """This entry with its payload dropped (its history stays)."""
+        return Entry(self.kind, self.key, self.version, b"", self.source, self.origin, self.time)
 
 
 # -- member -> loader: requests ---------------------------------------------------------
@@ -317,52 +322,69 @@ def _entry_in(fields: Any, blob: Blob) -> Entry:
     return Entry(kind, key, version, blob, source, origin, when)
 
 
-# Messages that carry Entries or a blob: how to flatten them for marshal, and rebuild them
-# (given the blob, for those that carry one).
-_FLATTEN: dict[type, Any] = {
-    Commit: lambda m: (m.rid, m.key, len(m.payload)),
-    Put: lambda m: (m.rid, m.key, len(m.payload)),
-    Found: lambda m: (m.rid, _entry_out(m.entry)),
-    Committed: lambda m: (m.rid, _entry_out(m.entry), m.mine),
-    Defined: lambda m: (m.rid, tuple(m.entry), *m[2:]),
-    Load: lambda m: (_entry_out(m.entry), m.ack),
-    SyncReply: lambda m: (m.rid, tuple(map(tuple, m.entries)), *m[2:]),
-    HistoryReply: lambda m: (m.rid, tuple(map(tuple, m.entries))),
-}
-_BLOB: dict[type, Any] = {
-    Commit: lambda m: m.payload,
-    Put: lambda m: m.payload,
-    Found: lambda m: m.entry.payload,
-    Committed: lambda m: m.entry.payload,
-    Load: lambda m: m.entry.payload,
-}
-_REBUILD: dict[type, Any] = {
-    Commit: lambda blob, rid, key, _: Commit(rid, key, blob),
-    Put: lambda blob, rid, key, _: Put(rid, key, blob),
-    Found: lambda blob, rid, entry: Found(rid, _entry_in(entry, blob)),
-    Committed: lambda blob, rid, entry, mine: Committed(rid, _entry_in(entry, blob), mine),
-    Defined: lambda blob, rid, entry, *rest: Defined(rid, Entry(*entry), *rest),
-    Load: lambda blob, entry, ack: Load(_entry_in(entry, blob), ack),
-    SyncReply: lambda blob, rid, entries, *rest: SyncReply(rid, _entries(entries), *rest),
-    HistoryReply: lambda blob, rid, entries: HistoryReply(rid, _entries(entries)),
-}
-# Where the blob's length is among a message's wire fields (after the type code).
-_BLOB_LENGTH: dict[type, Any] = {
-    Commit: lambda data: data[3],
-    Put: lambda data: data[3],
-    Found: lambda data: data[2][3],
-    Committed: lambda data: data[2][3],
-    Load: lambda data: data[1][3],
+class _Wire(NamedTuple):
+    """How a message that carries Entries or a blob is flattened for marshal and rebuilt."""
+
+    flatten: Callable[[Any], tuple[Any, ...]]
+    rebuild: Callable[..., Any]  # (blob, *wire fields) -> the message
+    blob: Callable[[Any], Blob] | None = None  # the payload that travels after the marshal data
+    blob_length: Callable[[tuple[Any, ...]], Any] | None = None  # its length among wire fields
+
+
+_WIRE: dict[type, _Wire] = {
+    Commit: _Wire(
+        lambda m: (m.rid, m.key, len(m.payload)),
+        lambda blob, rid, key, _: Commit(rid, key, blob),
+        lambda m: m.payload,
+        lambda data: data[3],
+    ),
+    Put: _Wire(
+        lambda m: (m.rid, m.key, len(m.payload)),
+        lambda blob, rid, key, _: Put(rid, key, blob),
+        lambda m: m.payload,
+        lambda data: data[3],
+    ),
+    Found: _Wire(
+        lambda m: (m.rid, _entry_out(m.entry)),
+        lambda blob, rid, entry: Found(rid, _entry_in(entry, blob)),
+        lambda m: m.entry.payload,
+        lambda data: data[2][3],
+    ),
+    Committed: _Wire(
+        lambda m: (m.rid, _entry_out(m.entry), m.mine),
+        lambda blob, rid, entry, mine: Committed(rid, _entry_in(entry, blob), mine),
+        lambda m: m.entry.payload,
+        lambda data: data[2][3],
+    ),
+    Load: _Wire(
+        lambda m: (_entry_out(m.entry), m.ack),
+        lambda blob, entry, ack: Load(_entry_in(entry, blob), ack),
+        lambda m: m.entry.payload,
+        lambda data: data[1][3],
+    ),
+    Defined: _Wire(
+        lambda m: (m.rid, tuple(m.entry), *m[2:]),
+        lambda blob, rid, entry, *rest: Defined(rid, Entry(*entry), *rest),
+    ),
+    SyncReply: _Wire(
+        lambda m: (m.rid, tuple(map(tuple, m.entries)), *m[2:]),
+        lambda blob, rid, entries, *rest: SyncReply(rid, _entries(entries), *rest),
+    ),
+    HistoryReply: _Wire(
+        lambda m: (m.rid, tuple(map(tuple, m.entries))),
+        lambda blob, rid, entries: HistoryReply(rid, _entries(entries)),
+    ),
 }
 
 
 def encode_parts(message: Message | Entry) -> tuple[bytes, Blob]:
     """One message as its marshal data and its blob (``b""`` if it carries none)."""
     cls = type(message)
-    flatten = _FLATTEN.get(cls)
-    fields = tuple(message) if flatten is None else flatten(message)
-    blob = _BLOB.get(cls)
-    return marshal.dumps((_CODES[cls], *fields)), b"" if blob is None else blob(message)
+    wire = _WIRE.get(cls)
+    if wire is None:
+        return marshal.dumps((_CODES[cls], *message)), b""
+    blob = b"" if wire.blob is None else wire.blob(message)
+    return marshal.dumps((_CODES[cls], *wire.flatten(message))), blob
 
 
 def encode(message: Message | Entry) -> bytes:
@@ -391,17 +413,16 @@ def decode(payload: Blob) -> Message:
             f"a frame held type code {code} with {len(data) - 1} fields, not a message"
         )
     cls = _TYPES[code]
-    rebuild = _REBUILD.get(cls)
+    wire = _WIRE.get(cls)
     try:
-        if rebuild is None:
+        if wire is None:
             return cls(*data[1:])  # type: ignore[no-any-return]
-        size = _BLOB_LENGTH.get(cls)
         blob: Blob = b""
-        if size is not None:
-            length = size(data)
+        if wire.blob_length is not None:
+            length = wire.blob_length(data)
             if type(length) is not int or not 0 <= length <= len(payload):
                 raise TypeError(f"a blob of {length!r} bytes in a payload of {len(payload)}")
             blob = payload[len(payload) - length :]
-        return rebuild(blob, *data[1:])  # type: ignore[no-any-return]
+        return wire.rebuild(blob, *data[1:])  # type: ignore[no-any-return]
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise RemoteProtocolError(f"a frame held a malformed {cls.__name__}: {exc}") from exc

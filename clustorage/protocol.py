@@ -58,6 +58,9 @@ from .errors import (
 )
 
 __all__ = [
+    "BULK",
+    "BULK_DIGESTS",
+    "CHUNK",
     "HEADER",
     "MAGIC",
     "TAG_SIZE",
@@ -70,6 +73,8 @@ __all__ = [
     "Role",
     "State",
     "Welcome",
+    "fastest_bulk_digest",
+    "frame_size",
 ]
 
 MAGIC = b"CLST"
@@ -259,6 +264,11 @@ class _Bulk:
         if end > self.blob_start:
             self.hasher.update(memoryview(self.data)[max(start, self.blob_start) : end])
         self.filled = end
+
+
+def frame_size(payload_size: int) -> int:
+    """How many bytes a frame carrying ``payload_size`` bytes takes on the wire."""
+    return _HEAD + payload_size + TAG_SIZE
 
 
 def _encode_meta(meta: Mapping[str, Any]) -> bytes:
@@ -659,6 +669,15 @@ class Connection:
         """
         header = self._header(len(payload), 0)
         return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
+
+    def send_message(
+        self, envelope: bytes, blob: bytes | memoryview
+    ) -> Iterator[bytes | memoryview]:
+        """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
+        one, :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
+        if len(blob) < BULK:
+            return iter((self.send(envelope + blob if blob else envelope),))
+        return self.send_bulk(envelope, blob)
 
     def send_bulk(self, envelope: bytes, blob: bytes | memoryview) -> Iterator[bytes | memoryview]:
         """The parts of one frame carrying ``envelope`` then ``blob``: send each, in order.

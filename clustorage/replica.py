@@ -129,6 +129,8 @@ class Replica:
 
     def read_unread(self, key: str) -> Any:
         """Deserialize and install the recorded value of ``key``; MISSING if there is none."""
+        if key not in self._unread:  # the common case, without the lock
+            return MISSING
         with self._lock:
             entry = self._unread.pop(key, None)
             if entry is None:

@@ -21,8 +21,6 @@ from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
 from .protocol import (
     BULK,
-    HEADER,
-    TAG_SIZE,
     Closed,
     Connection,
     Frame,
@@ -30,6 +28,7 @@ from .protocol import (
     Role,
     State,
     fastest_bulk_digest,
+    frame_size,
 )
 from .reactor import Stream
 
@@ -238,11 +237,11 @@ class ServerConnection:
             self.close()
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
+        frame = self._conn.send_message(envelope, blob)
         if len(blob) < BULK:
-            self._write(self._conn.send(envelope + blob if blob else envelope))
+            self._write(next(frame))
         else:
-            size = HEADER.size + len(envelope) + len(blob) + TAG_SIZE
-            self._write_parts(self._conn.send_bulk(envelope, blob), size)
+            self._write_parts(frame, frame_size(len(envelope) + len(blob)))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).

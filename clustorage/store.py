@@ -177,13 +177,13 @@ class MemoryStore:
     def commit(self, entry: Entry, previous: int = 0) -> None:
         versions = self._versions.setdefault((entry.kind, entry.key), [])
         if entry.kind == VALUE and versions and versions[-1].version == previous:
-            versions[-1] = versions[-1]._replace(payload=b"")
+            versions[-1] = versions[-1].without_payload()
         versions.append(entry)
 
     def delete(self, kind: str, key: str, version: int, origin: str) -> None:
         versions = self._versions.setdefault((kind, key), [])
         if kind == VALUE:
-            versions[:] = [entry._replace(payload=b"") for entry in versions]
+            versions[:] = [entry.without_payload() for entry in versions]
         versions.append(Entry(kind, key, version, b"", None, origin, time.time()))
         self._deleted.add((kind, key, version))
 
