@@ -94,8 +94,7 @@ class Pending:
 
     def number(self) -> int:
         """A fresh request number, for a request that needs no Waiter."""
-        with self._lock:
-            return next(self._numbers)
+        return next(self._numbers)  # itertools.count is atomic: no lock needed
 
     def busy(self) -> bool:
         """Whether any request is waiting for its answer."""

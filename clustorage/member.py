@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import select
 import socket
@@ -45,6 +46,27 @@ BACKOFF_CAP = 2.0
 RECV_SIZE = 1 << 20
 RECV_WAIT = 0.25
 LINGER = 0.002
+SPIN = 100e-6  # how long a caller polls for its answer before sleeping (see _receive)
+
+
+def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool) -> int:
+    """One ``recv_into``; -1 if nothing came. ``block``: poll for up to SPIN seconds first
+    (an answer usually comes sooner, and sleeping and waking again would cost more than
+    the wait), then sleep in recv until data or the socket's receive timeout."""
+    spin_until = time.perf_counter() + SPIN if block else 0.0
+    while True:
+        try:
+            return sock.recv_into(buffer, size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.perf_counter() >= spin_until:
+                break
+            os.sched_yield()  # a process that shares this CPU (the loader?) runs first
+    if not block:
+        return -1
+    try:
+        return sock.recv_into(buffer, size)
+    except (BlockingIOError, TimeoutError):
+        return -1
 
 
 class _Lost(Exception):
@@ -285,29 +307,19 @@ class MemberClient:
         sock, conn = self._sock, self._conn
         if sock is None or conn is None:
             raise _Lost("not connected")
-        flags = 0 if block else socket.MSG_DONTWAIT
         space = conn.receive_buffer()
-        try:
-            if space is not None:  # straight into a big payload that is arriving
-                size = sock.recv_into(space, len(space), flags)
-            else:
-                size = sock.recv_into(self._recv_buffer, RECV_SIZE, flags)
-        except (BlockingIOError, TimeoutError):
-            size = -1
+        if space is None:  # else straight into a big payload that is arriving
+            size = _receive(sock, self._recv_buffer, RECV_SIZE, block)
+        else:
+            size = _receive(sock, space, len(space), block)
         now = time.monotonic()
         if size > 0 and space is not None:
             self._last_heard = now
             conn.received_into(size)
         elif size > 0:
             self._last_heard = now
-            payloads = conn.read_frames(self._recv_view[:size])
-            if payloads:
-                self._tls.dispatching = True
-                try:
-                    for payload in payloads:
-                        self._dispatch(messages.decode(payload))
-                finally:
-                    self._tls.dispatching = False
+            for payload in conn.read_frames(self._recv_view[:size]):
+                self._dispatch(messages.decode(payload))
         elif size == 0:
             conn.receive_data(b"")
             while (event := conn.next_event()) is not None:
@@ -330,9 +342,13 @@ class MemberClient:
             else:
                 self._answer = message
             return
-        if apply_push(self.replica, message):
-            self.members = message.names  # type: ignore[union-attr]
-            self.changed()
+        self._tls.dispatching = True
+        try:
+            if apply_push(self.replica, message):
+                self.members = message.names  # type: ignore[union-attr]
+                self.changed()
+        finally:
+            self._tls.dispatching = False
         if type(message) is Load and message.ack:
             entry = message.entry
             self._send(Loaded(entry.kind, entry.key, entry.version))

@@ -89,6 +89,7 @@ _RESPONSE = struct.Struct(f"!4sH{NONCE_SIZE}s{MAC_SIZE}sH")
 _WELCOME = struct.Struct(f"!c{MAC_SIZE}sH")
 _REJECT = struct.Struct("!cH")
 _HEAD = HEADER.size
+_unpack_header = HEADER.unpack_from
 
 
 class Role(enum.Enum):
@@ -592,9 +593,15 @@ class Connection:
         """
         if self.state is not State.OPEN or not data:
             raise LocalProtocolError(f"read_frames needs an open connection and bytes, not {self}")
-        payloads = []
         try:
             bulk = self._bulk
+            if bulk is None and not self._buffer:  # the common case: whole frames, read in place
+                payloads, used = self._whole_frames(data)
+                if used == len(data):
+                    return payloads
+                data = memoryview(data)[used:]
+            else:
+                payloads = []
             if bulk is not None and not self._buffer:  # straight into the blob's buffer
                 view = memoryview(data)
                 data = view[bulk.feed(view) :]
@@ -606,6 +613,29 @@ class Connection:
             self.state = State.ERROR
             raise
         return payloads
+
+    def _whole_frames(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[bytes | memoryview], int]:
+        """The payloads of the small frames wholly inside ``data``, and the bytes they took;
+        stops at anything else (a partial frame, a bulk frame), which the buffer takes."""
+        payloads: list[bytes | memoryview] = []
+        size = len(data)
+        start = 0
+        tagger, max_frame = self._recv_tagger, self.max_frame
+        while size - start >= _HEAD:
+            length, seq, blob = _unpack_header(data, start)
+            body = start + _HEAD
+            end = body + length
+            if blob or length > max_frame or end + TAG_SIZE > size:
+                break
+            digest = tagger.copy()
+            digest.update(data[start:end])
+            self._check(seq, digest.digest(), data[end : end + TAG_SIZE])
+            if length:
+                payloads.append(bytes(data[body:end]))
+            start = end + TAG_SIZE
+        return payloads, start
 
     # -- output --------------------------------------------------------------------------
 
@@ -668,7 +698,10 @@ class Connection:
             LocalProtocolError: the connection is not open, or the payload is over the limit.
         """
         header = self._header(len(payload), 0)
-        return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
+        digest = self._send_tagger.copy()
+        digest.update(header)
+        digest.update(payload)
+        return b"".join((header, payload, digest.digest()))
 
     def send_message(
         self, envelope: bytes, blob: bytes | memoryview

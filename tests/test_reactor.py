@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -227,12 +228,14 @@ def test_a_failing_protocol_callback_closes_its_stream(reactor: Reactor, failing
 def test_a_failed_write_reports_the_loss_after_the_writer_returns(reactor: Reactor) -> None:
     """A write to a reset connection does not call connection_lost inside write() itself."""
     recorder, peer = stream_pair(reactor)
-    peer.close()
     seen_inside: list[list[str]] = []
 
     def write_after_reset() -> None:
         stream = recorder.stream
         assert stream is not None
+        # Reset inside the callback, so the loop cannot notice the peer's end first.
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
         for _ in range(50):  # the first writes may still be accepted by the kernel
             stream.write(b"x" * 65536)
             seen_inside.append(list(recorder.events))
