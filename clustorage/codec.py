@@ -8,9 +8,9 @@ from typing import Any
 import cloudpickle
 
 from .errors import ValueTooLarge
-from .messages import Blob
+from .messages import Blob, Gathered, Payload
 
-__all__ = ["check_size", "dump", "load"]
+__all__ = ["check_size", "dump", "dump_borrowing", "load"]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
@@ -18,6 +18,41 @@ ENVELOPE = 4096
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
 _PLAIN = frozenset({int, float, complex, str, bytes, bytearray, bool, type(None)})
+_SIZED = (str, bytes, bytearray)
+# Buffers from this size on are sent from the value's own memory (pickle writes them out
+# whole at 64 KiB, its frame size, and up).
+BORROW_AT = 1 << 16
+
+
+class _Gatherer:
+    """A pickle output file that keeps big buffers as they are, without copying them.
+
+    The pickler hands a bytes, bytearray or PickleBuffer of 64 KiB or more straight to
+    ``write`` (CPython's pickle streams large data past its frame buffer); everything else
+    is copied into small parts here.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[Blob] = []
+        self._small = bytearray()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        if view.nbytes < BORROW_AT or not view.c_contiguous:
+            self._small += view.cast("B") if view.c_contiguous else view.tobytes()
+            return view.nbytes
+        if self._small:
+            self.parts.append(bytes(self._small))
+            self._small = bytearray()
+        self.parts.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+        return view.nbytes
+
+    def payload(self) -> Payload:
+        if not self.parts:
+            return bytes(self._small)
+        if self._small:
+            self.parts.append(bytes(self._small))
+        return Gathered(tuple(self.parts))
 
 
 def dump(key: str, value: Any) -> bytes:
@@ -31,11 +66,36 @@ def dump(key: str, value: Any) -> bytes:
     try:
         payload: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise TypeError(
-            f"cannot store {key!r}: a {type(value).__name__} cannot be serialized by "
-            f"cloudpickle ({exc}); store something picklable instead"
-        ) from exc
+        raise _unserializable(key, value, exc) from exc
     return payload
+
+
+def dump_borrowing(key: str, value: Any) -> Payload:
+    """:func:`dump`, except that big buffers inside the value (a large bytes, str's UTF-8,
+    bytearray or array) are referenced, not copied, in a
+    :class:`~clustorage.messages.Gathered` payload. It is only good while the value is
+    unchanged: send it, then drop it.
+
+    Raises:
+        TypeError: cloudpickle cannot serialize the value; the message names the key.
+    """
+    plain = type(value) in _PLAIN
+    if plain and (not isinstance(value, _SIZED) or len(value) < BORROW_AT):
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    gatherer = _Gatherer()
+    pickler = pickle.Pickler if plain else cloudpickle.CloudPickler
+    try:
+        pickler(gatherer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except Exception as exc:
+        raise _unserializable(key, value, exc) from exc
+    return gatherer.payload()
+
+
+def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
+    return TypeError(
+        f"cannot store {key!r}: a {type(value).__name__} cannot be serialized by "
+        f"cloudpickle ({exc}); store something picklable instead"
+    )
 
 
 def load(payload: Blob) -> Any:
@@ -43,7 +103,7 @@ def load(payload: Blob) -> Any:
     return pickle.loads(payload)
 
 
-def check_size(key: str, payload: Blob, max_frame: int) -> None:
+def check_size(key: str, payload: Payload, max_frame: int) -> None:
     """Raise ValueTooLarge if ``payload`` cannot travel in one frame of ``max_frame`` bytes."""
     if len(payload) + ENVELOPE > max_frame:
         raise ValueTooLarge(

@@ -54,6 +54,7 @@ from .messages import (
     Members,
     Message,
     NotFound,
+    Payload,
     Put,
     Queued,
     Release,
@@ -63,6 +64,7 @@ from .messages import (
     SyncReply,
     Unload,
     encode_parts,
+    joined,
 )
 from .store import Store
 
@@ -78,7 +80,7 @@ class Peer(Protocol):
     address: str
     connected_since: float
 
-    def deliver(self, message: Message, parts: tuple[bytes, Blob] | None = None) -> None:
+    def deliver(self, message: Message, parts: tuple[bytes, Payload] | None = None) -> None:
         """Send ``message`` to the node without blocking (``parts``: it, already encoded)."""
 
 
@@ -262,7 +264,7 @@ class LoaderCore:
             peer.deliver(Committed(message.rid, existing, False))
             return
         try:
-            entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
+            entry = self._store_entry(VALUE, message.key, joined(message.payload), None, peer.name)
         except StoreError:
             if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
                 self._pass_lease(message.key, lease)
@@ -271,7 +273,7 @@ class LoaderCore:
         self._settle(message.key, entry, skip=peer)
 
     def _put(self, peer: Peer, message: Put) -> None:
-        entry = self._store_entry(VALUE, message.key, message.payload, None, peer.name)
+        entry = self._store_entry(VALUE, message.key, joined(message.payload), None, peer.name)
         peer.deliver(Committed(message.rid, entry.without_payload(), True))
         self._settle(message.key, entry, skip=peer)
 

@@ -34,6 +34,7 @@ __all__ = [
     "Failed",
     "Fetch",
     "Found",
+    "Gathered",
     "History",
     "HistoryReply",
     "LeaseGranted",
@@ -42,6 +43,7 @@ __all__ = [
     "Members",
     "Message",
     "NotFound",
+    "Payload",
     "Put",
     "Queued",
     "Release",
@@ -53,12 +55,38 @@ __all__ = [
     "decode",
     "encode",
     "encode_parts",
+    "joined",
 ]
 
 VALUE = "value"
 FUNCTION = "function"
 
 Blob = bytes | memoryview
+
+
+class Gathered:
+    """A payload in several buffers, sent one after another as if joined: a big value
+    pickled without copying its data (see :func:`clustorage.codec.dump`'s ``borrow``)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: tuple[Blob, ...]) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+Payload = Blob | Gathered
+
+
+def joined(payload: Payload) -> Blob:
+    """``payload`` in one buffer (a Gathered one is copied into it)."""
+    return bytes(payload) if isinstance(payload, Gathered) else payload
 
 
 class Entry(NamedTuple):
@@ -94,7 +122,7 @@ class Commit(NamedTuple):
 
     rid: int
     key: str
-    payload: Blob
+    payload: Payload
 
 
 class Release(NamedTuple):
@@ -110,7 +138,7 @@ class Put(NamedTuple):
 
     rid: int
     key: str
-    payload: Blob
+    payload: Payload
 
 
 class Define(NamedTuple):
@@ -327,7 +355,7 @@ class _Wire(NamedTuple):
 
     flatten: Callable[[Any], tuple[Any, ...]]
     rebuild: Callable[..., Any]  # (blob, *wire fields) -> the message
-    blob: Callable[[Any], Blob] | None = None  # the payload that travels after the marshal data
+    blob: Callable[[Any], Payload] | None = None  # what travels after the marshal data
     blob_length: Callable[[tuple[Any, ...]], Any] | None = None  # its length among wire fields
 
 
@@ -377,7 +405,7 @@ _WIRE: dict[type, _Wire] = {
 }
 
 
-def encode_parts(message: Message | Entry) -> tuple[bytes, Blob]:
+def encode_parts(message: Message | Entry) -> tuple[bytes, Payload]:
     """One message as its marshal data and its blob (``b""`` if it carries none)."""
     cls = type(message)
     wire = _WIRE.get(cls)
@@ -390,7 +418,7 @@ def encode_parts(message: Message | Entry) -> tuple[bytes, Blob]:
 def encode(message: Message | Entry) -> bytes:
     """The payload bytes of one message."""
     envelope, blob = encode_parts(message)
-    return envelope + blob if blob else envelope
+    return envelope + joined(blob) if blob else envelope
 
 
 def decode(payload: Blob) -> Message:

@@ -30,6 +30,7 @@ from .messages import (
     History,
     HistoryReply,
     LeaseGranted,
+    Payload,
     Put,
     Release,
     Status,
@@ -185,11 +186,11 @@ class Node:
         assert type(reply) is Committed
         return self._install(reply.entry, value) if reply.mine else self._install(reply.entry)
 
-    def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, bytes]:
+    def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, Payload]:
         __tracebackhide__ = True
         try:
             value = fn()
-            payload = codec.dump(key, value)
+            payload = codec.dump_borrowing(key, value)
             codec.check_size(key, payload, self.config.max_frame)
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -208,7 +209,7 @@ class Node:
     def put(self, key: Key, value: Any) -> int:
         """Store ``value`` under ``key`` as a new version everywhere; returns the version."""
         key = normalize_key(key)
-        payload = codec.dump(key, value)
+        payload = codec.dump_borrowing(key, value)
         codec.check_size(key, payload, self.config.max_frame)
         reply = self._channel.request(lambda rid: Put(rid, key, payload), self.timeout)
         assert type(reply) is Committed

@@ -56,6 +56,7 @@ from .errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from .messages import Gathered, Payload
 
 __all__ = [
     "BULK",
@@ -161,6 +162,7 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
 BULK = 1 << 16
 BULK_DIGESTS = ("blake2b", "sha256")
 CHUNK = 1 << 20
+_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 _NO_TAGGER = hashlib.blake2b(key=b"not yet derived", digest_size=TAG_SIZE)
 
 
@@ -246,9 +248,9 @@ class _Bulk:
         self.length = length
         self.seq = seq
         self.blob_start = length - blob
-        # Anonymous memory: the kernel zeroes its pages as they are first written, where
-        # bytearray(length) would zero all of them up front.
-        self.data = mmap.mmap(-1, length)
+        # Anonymous memory, its pages mapped in one go where the system can (MAP_POPULATE):
+        # a fault per page as bytes arrive costs more than the copy itself.
+        self.data = mmap.mmap(-1, length, flags=_ANONYMOUS)
         self.filled = 0
         self.hasher = _hasher(algorithm)
 
@@ -703,16 +705,14 @@ class Connection:
         digest.update(payload)
         return b"".join((header, payload, digest.digest()))
 
-    def send_message(
-        self, envelope: bytes, blob: bytes | memoryview
-    ) -> Iterator[bytes | memoryview]:
+    def send_message(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
         one, :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
         if len(blob) < BULK:
-            return iter((self.send(envelope + blob if blob else envelope),))
+            return iter((self.send(envelope + bytes(blob) if blob else envelope),))
         return self.send_bulk(envelope, blob)
 
-    def send_bulk(self, envelope: bytes, blob: bytes | memoryview) -> Iterator[bytes | memoryview]:
+    def send_bulk(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of one frame carrying ``envelope`` then ``blob``: send each, in order.
 
         The frame takes its sequence number now; its parts are made as they are asked for.
@@ -724,17 +724,21 @@ class Connection:
         return self._bulk_parts(header, envelope, blob)
 
     def _bulk_parts(
-        self, header: bytes, envelope: bytes, blob: bytes | memoryview
+        self, header: bytes, envelope: bytes, blob: Payload
     ) -> Iterator[bytes | memoryview]:
         yield header + envelope
-        digest = _DIGESTS.find(blob, self.bulk_digest)
+        if isinstance(blob, Gathered):
+            parts, digest = blob.parts, None
+        else:
+            parts, digest = (blob,), _DIGESTS.find(blob, self.bulk_digest)
         hasher = _hasher(self.bulk_digest) if digest is None else None
-        view = memoryview(blob)
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start : start + CHUNK]
-            if hasher is not None:
-                hasher.update(chunk)
-            yield chunk
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), CHUNK):
+                chunk = view[start : start + CHUNK]
+                if hasher is not None:
+                    hasher.update(chunk)
+                yield chunk
         if hasher is not None:
             digest = hasher.digest()
         assert digest is not None

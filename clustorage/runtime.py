@@ -14,7 +14,7 @@ from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
-from .messages import VALUE, Blob, Load, Loaded, Message
+from .messages import VALUE, Load, Loaded, Message, Payload
 from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .server import ServerConnection
@@ -34,7 +34,7 @@ class _LocalPeer:
         self.connected_since = time.time()
         self._runtime = runtime
 
-    def deliver(self, message: Message, parts: tuple[bytes, Blob] | None = None) -> None:
+    def deliver(self, message: Message, parts: tuple[bytes, Payload] | None = None) -> None:
         runtime = self._runtime
         rid = getattr(message, "rid", None)
         if rid is not None:

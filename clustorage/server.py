@@ -226,7 +226,7 @@ class ServerConnection:
                 self.last_sent = time.monotonic()
 
     def deliver(
-        self, message: messages.Message, parts: tuple[bytes, messages.Blob] | None = None
+        self, message: messages.Message, parts: tuple[bytes, messages.Payload] | None = None
     ) -> None:
         """Queue ``message`` (``parts``: it, already encoded) for this member; drop the member
         if it stopped reading."""

@@ -19,6 +19,7 @@ from clustorage.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
+from clustorage.messages import Gathered
 from clustorage.protocol import (
     BULK,
     BULK_DIGESTS,
@@ -707,3 +708,42 @@ def test_the_digest_cache_does_not_keep_blobs_alive() -> None:
     del payload
     gc.collect()
     assert owner() is None
+
+
+def test_read_frames_byte_by_byte_matches_whole() -> None:
+    """Frames read one byte at a time give the same payloads as read whole."""
+    pair = open_pair()
+    data = b"".join(pair.client.send(bytes([n]) * n) for n in range(1, 6))
+    payloads = [p for i in range(len(data)) for p in pair.server.read_frames(data[i : i + 1])]
+    assert payloads == [bytes([n]) * n for n in range(1, 6)]
+
+
+def test_read_frames_small_frame_then_head_of_bulk_frame() -> None:
+    """A read that holds a whole small frame and the start of a bulk one gives the small
+    one now and the bulk one once it is whole."""
+    pair = open_pair()
+    small = pair.client.send(b"first")
+    data = small + bulk_frame(pair, b"e", b"z" * BULK)
+    assert pair.server.read_frames(data[: len(small) + 200]) == [b"first"]
+    assert pair.server.read_frames(data[len(small) + 200 :]) == [b"e" + b"z" * BULK]
+
+
+@pytest.mark.parametrize("order", [(0, 0), (1, 0)])
+def test_read_frames_refuses_replayed_and_reordered_frames(order: tuple[int, int]) -> None:
+    """Whole frames read in place are checked for their sequence like any other."""
+    pair = open_pair()
+    frames = [pair.client.send(b"a"), pair.client.send(b"b")]
+    with pytest.raises(RemoteProtocolError, match="sequence"):
+        pair.server.read_frames(frames[order[0]] + frames[order[1]])
+    assert pair.server.state is State.ERROR
+
+
+def test_a_gathered_blob_goes_out_as_if_joined() -> None:
+    """A payload in several buffers makes the same frame as the joined payload."""
+    parts = (b"head", b"x" * BULK, b"y" * (CHUNK + 7), b"tail")
+    one, two = open_pair(max_frame=4 * CHUNK), open_pair(max_frame=4 * CHUNK)
+    two.client._send_tagger = one.client._send_tagger  # the same session key: the same bytes
+    gathered = b"".join(bytes(p) for p in one.client.send_bulk(b"env", Gathered(parts)))
+    joined = b"".join(bytes(p) for p in two.client.send_bulk(b"env", b"".join(parts)))
+    assert gathered == joined
+    assert one.server.read_frames(gathered) == [b"env" + b"".join(parts)]

@@ -1,0 +1,77 @@
+"""codec: values in and out of bytes; big buffers are borrowed, not copied, on the way out."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from typing import Any
+
+import pytest
+
+from clustorage import codec
+from clustorage.errors import ValueTooLarge
+from clustorage.messages import Gathered
+
+BIG = codec.BORROW_AT
+
+
+def shares_memory(part: Any, value: Any) -> bool:
+    return isinstance(part, memoryview) and part.obj is value
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "text", b"bytes", None, True, [1, 2], {"a": b"b"}])
+def test_small_values_come_out_as_dump_does(value: Any) -> None:
+    """Without a big buffer inside, borrowing makes plain bytes that load as the value."""
+    payload = codec.dump_borrowing("k", value)
+    assert isinstance(payload, bytes)
+    assert codec.load(payload) == value
+
+
+@pytest.mark.parametrize("make", [bytes, bytearray])
+def test_a_big_buffer_is_borrowed_not_copied(make: type) -> None:
+    value = make(b"v" * (3 * BIG))
+    payload = codec.dump_borrowing("k", value)
+    assert isinstance(payload, Gathered)
+    assert any(shares_memory(part, value) for part in payload.parts)
+    assert len(payload) == sum(len(part) for part in payload.parts)
+    assert codec.load(bytes(payload)) == value
+
+
+def test_big_buffers_inside_a_structure_are_borrowed() -> None:
+    """Every big bytes inside a cloudpickled object stays where it is; the rest is copied."""
+    first, second = b"1" * BIG, b"2" * (2 * BIG)
+    value = {"first": first, "second": second, "fn": lambda: 42, "small": b"s"}
+    payload = codec.dump_borrowing("k", value)
+    assert isinstance(payload, Gathered)
+    borrowed = [part.obj for part in payload.parts if isinstance(part, memoryview)]
+    assert any(obj is first for obj in borrowed) and any(obj is second for obj in borrowed)
+    loaded = codec.load(bytes(payload))
+    assert loaded["first"] == first and loaded["second"] == second and loaded["fn"]() == 42
+
+
+def test_a_big_str_goes_out_once_encoded() -> None:
+    value = "é" * BIG
+    payload = codec.dump_borrowing("k", value)
+    assert isinstance(payload, Gathered)
+    assert codec.load(bytes(payload)) == value
+
+
+def test_a_picklebuffer_is_borrowed() -> None:
+    """Arrays pickle their data as a PickleBuffer (protocol 5): it is not copied either."""
+    data = bytearray(b"a" * (2 * BIG))
+    payload = codec.dump_borrowing("k", pickle.PickleBuffer(data))
+    assert isinstance(payload, Gathered)
+    assert any(isinstance(part, memoryview) and part.obj is data for part in payload.parts)
+
+
+def test_unserializable_values_name_the_key() -> None:
+    with pytest.raises(TypeError, match=r"'the\.key'.*lock"):
+        codec.dump_borrowing("the.key", {"lock": threading.Lock(), "big": b"b" * BIG})
+    with pytest.raises(TypeError, match=r"'the\.key'"):
+        codec.dump("the.key", threading.Lock())
+
+
+def test_check_size_counts_every_part() -> None:
+    payload = codec.dump_borrowing("k", b"x" * (4 * BIG))
+    with pytest.raises(ValueTooLarge, match="'k'"):
+        codec.check_size("k", payload, 4 * BIG)
