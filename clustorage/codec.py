@@ -25,11 +25,12 @@ BORROW_AT = 1 << 16
 
 
 class _Gatherer:
-    """A pickle output file that keeps big buffers as they are, without copying them.
+    """A pickle output file that keeps big read-only buffers as they are, without copying.
 
     The pickler hands a bytes, bytearray or PickleBuffer of 64 KiB or more straight to
-    ``write`` (CPython's pickle streams large data past its frame buffer); everything else
-    is copied into small parts here.
+    ``write`` (CPython's pickle streams large data past its frame buffer). One that nobody
+    can change (a bytes, a str's UTF-8, a read-only array) is kept by reference; anything
+    else is copied, as ``pickle.dumps`` would.
     """
 
     def __init__(self) -> None:
@@ -38,13 +39,16 @@ class _Gatherer:
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
-        if view.nbytes < BORROW_AT or not view.c_contiguous:
-            self._small += view.cast("B") if view.c_contiguous else view.tobytes()
+        if view.nbytes < BORROW_AT:
+            self._small += data if type(data) is bytes else view.tobytes(order="A")
             return view.nbytes
         if self._small:
             self.parts.append(bytes(self._small))
             self._small = bytearray()
-        self.parts.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+        if view.readonly and view.c_contiguous:
+            self.parts.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+        else:  # in memory order, as pickle itself writes a buffer
+            self.parts.append(view.tobytes(order="A"))
         return view.nbytes
 
     def payload(self) -> Payload:
@@ -71,10 +75,9 @@ def dump(key: str, value: Any) -> bytes:
 
 
 def dump_borrowing(key: str, value: Any) -> Payload:
-    """:func:`dump`, except that big buffers inside the value (a large bytes, str's UTF-8,
-    bytearray or array) are referenced, not copied, in a
-    :class:`~clustorage.messages.Gathered` payload. It is only good while the value is
-    unchanged: send it, then drop it.
+    """:func:`dump`, except that big read-only buffers inside the value (a large bytes, a
+    str's UTF-8, a read-only array) are referenced, not copied, in a
+    :class:`~clustorage.messages.Gathered` payload: send it, then drop it.
 
     Raises:
         TypeError: cloudpickle cannot serialize the value; the message names the key.

@@ -162,7 +162,8 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
 BULK = 1 << 16
 BULK_DIGESTS = ("blake2b", "sha256")
 CHUNK = 1 << 20
-_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _NO_TAGGER = hashlib.blake2b(key=b"not yet derived", digest_size=TAG_SIZE)
 
 
@@ -243,14 +244,16 @@ class _Bulk:
 
     __slots__ = ("blob_start", "data", "filled", "hasher", "header", "length", "seq")
 
-    def __init__(self, header: bytes, length: int, seq: int, blob: int, algorithm: str) -> None:
+    def __init__(
+        self, header: bytes, length: int, seq: int, blob: int, algorithm: str, populate: bool
+    ) -> None:
         self.header = header
         self.length = length
         self.seq = seq
         self.blob_start = length - blob
-        # Anonymous memory, its pages mapped in one go where the system can (MAP_POPULATE):
-        # a fault per page as bytes arrive costs more than the copy itself.
-        self.data = mmap.mmap(-1, length, flags=_ANONYMOUS)
+        # Anonymous memory, mapped page by page as bytes arrive; with ``populate``, in one go
+        # up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
+        self.data = mmap.mmap(-1, length, flags=_ANONYMOUS | (_POPULATE if populate else 0))
         self.filled = 0
         self.hasher = _hasher(algorithm)
 
@@ -529,7 +532,12 @@ class Connection:
                     f"(the blob is at most the frame, the rest under {BULK} bytes)"
                 )
             try:
-                self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest)
+                # A member trusts its loader's header; the loader does not let a member's
+                # header alone make it stall or hold memory (pages come as bytes do).
+                populate = self.role is Role.CLIENT
+                self._bulk = _Bulk(
+                    bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest, populate
+                )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
             del buffer[:_HEAD]

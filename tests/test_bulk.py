@@ -6,6 +6,7 @@ An in-process loader and in-process members on 127.0.0.1 (real sockets, real fra
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import threading
 import time
@@ -174,3 +175,20 @@ def test_a_slow_member_behind_big_frames_is_dropped_at_the_write_limit(
             stop.set()
             reader.join(5)
             sock.close()
+
+
+def test_a_put_the_loaders_node_gave_up_on_stores_what_was_put() -> None:
+    """The loader's node hands a big put to its loop; if the caller times out and reuses
+    its buffer, the loop still stores what was put, not the buffer's later contents."""
+    with clustorage.Node("l", cookie=COOKIE, listen="127.0.0.1:0", data=":memory:") as loader:
+        loader.timeout = 0.2
+        released = threading.Event()
+        loader._channel.loop.call_soon_threadsafe(released.wait, 10)  # the loop is busy
+        memory = bytearray(b"A" * (2 * BULK))
+        value = pickle.PickleBuffer(memoryview(memory).toreadonly())  # read-only, not frozen
+        with pytest.raises(clustorage.LoaderUnavailable):
+            loader.put("k", value)
+        memory[:] = b"B" * len(memory)
+        released.set()
+        with clustorage.Node("m", loader.loader_address, cookie=COOKIE) as member:
+            assert member.get("k") == b"A" * (2 * BULK)

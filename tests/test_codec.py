@@ -27,14 +27,23 @@ def test_small_values_come_out_as_dump_does(value: Any) -> None:
     assert codec.load(payload) == value
 
 
-@pytest.mark.parametrize("make", [bytes, bytearray])
-def test_a_big_buffer_is_borrowed_not_copied(make: type) -> None:
-    value = make(b"v" * (3 * BIG))
+def test_a_big_bytes_is_borrowed_not_copied() -> None:
+    value = b"v" * (3 * BIG)
     payload = codec.dump_borrowing("k", value)
     assert isinstance(payload, Gathered)
     assert any(shares_memory(part, value) for part in payload.parts)
     assert len(payload) == sum(len(part) for part in payload.parts)
     assert codec.load(bytes(payload)) == value
+
+
+def test_a_writable_buffer_is_copied_and_stays_the_callers() -> None:
+    """A bytearray can change after the call: it is copied, and can be resized at once,
+    even while the payload (or a traceback holding it) lives on."""
+    value = bytearray(b"w" * (3 * BIG))
+    payload = codec.dump_borrowing("k", value)
+    del value[BIG:]
+    value[:1] = b"x"
+    assert codec.load(bytes(payload)) == bytearray(b"w" * (3 * BIG))
 
 
 def test_big_buffers_inside_a_structure_are_borrowed() -> None:
@@ -56,12 +65,27 @@ def test_a_big_str_goes_out_once_encoded() -> None:
     assert codec.load(bytes(payload)) == value
 
 
-def test_a_picklebuffer_is_borrowed() -> None:
-    """Arrays pickle their data as a PickleBuffer (protocol 5): it is not copied either."""
-    data = bytearray(b"a" * (2 * BIG))
-    payload = codec.dump_borrowing("k", pickle.PickleBuffer(data))
-    assert isinstance(payload, Gathered)
-    assert any(isinstance(part, memoryview) and part.obj is data for part in payload.parts)
+def test_a_read_only_picklebuffer_is_borrowed_a_writable_one_copied() -> None:
+    """Arrays pickle their data as a PickleBuffer (protocol 5): only a read-only one is
+    borrowed."""
+    frozen, writable = b"r" * (2 * BIG), bytearray(b"w" * (2 * BIG))
+    borrowed = codec.dump_borrowing("k", pickle.PickleBuffer(frozen))
+    copied = codec.dump_borrowing("k", pickle.PickleBuffer(writable))
+    assert isinstance(borrowed, Gathered) and isinstance(copied, Gathered)
+    assert any(shares_memory(part, frozen) for part in borrowed.parts)
+    assert not any(isinstance(part, memoryview) for part in copied.parts)
+    assert bytes(copied) == pickle.dumps(pickle.PickleBuffer(writable), protocol=5)
+
+
+def test_a_fortran_order_buffer_keeps_its_memory_order() -> None:
+    """pickle writes a buffer's memory as it lies; so does the gatherer."""
+    testbuffer = pytest.importorskip("_testbuffer")
+    array = testbuffer.ndarray(
+        list(range(256 * 64)), shape=[256, 64], format="i", flags=testbuffer.ND_FORTRAN
+    )
+    buffer = pickle.PickleBuffer(array)
+    payload = codec.dump_borrowing("k", buffer)
+    assert bytes(payload) == pickle.dumps(buffer, protocol=5)
 
 
 def test_unserializable_values_name_the_key() -> None:

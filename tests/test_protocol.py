@@ -9,6 +9,7 @@ import random
 import struct
 import weakref
 
+import psutil
 import pytest
 
 import clustorage.protocol
@@ -747,3 +748,13 @@ def test_a_gathered_blob_goes_out_as_if_joined() -> None:
     joined = b"".join(bytes(p) for p in two.client.send_bulk(b"env", b"".join(parts)))
     assert gathered == joined
     assert one.server.read_frames(gathered) == [b"env" + b"".join(parts)]
+
+
+def test_a_bulk_header_alone_does_not_make_the_server_hold_its_size() -> None:
+    """The loader maps a big frame's pages as its bytes come: a header promising 256 MiB
+    costs it nothing until they do."""
+    size = 256 << 20
+    pair = open_pair(max_frame=size)
+    before = psutil.Process().memory_info().rss
+    assert pair.server.read_frames(HEADER.pack(size, 0, size - 100) + b"e") == []
+    assert psutil.Process().memory_info().rss - before < 64 << 20
