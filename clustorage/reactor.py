@@ -22,6 +22,7 @@ import errno
 import heapq
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
@@ -152,6 +153,8 @@ class Reactor:
                 now = time.monotonic()
                 if ready:
                     spin_until = now + SPIN
+                elif wait == 0.0:
+                    os.sched_yield()  # a member that shares this CPU runs first
                 while timers and timers[0][0] <= now:
                     timer = heapq.heappop(timers)[2]
                     if not timer.cancelled:
