@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import clustorage
@@ -229,3 +231,16 @@ def test_a_value_larger_than_the_write_buffer_reaches_every_node(cluster: Cluste
     assert b.ok("len(node.get('big'))") == 80_000_000
     assert a.ok("node.get('none', lambda: None) is None") is True
     assert b.ok("node.get('none') is None") is True
+
+
+def test_idle_nodes_stop_polling(cluster: Cluster) -> None:
+    """Both ends poll briefly for an answer after each exchange, then sleep: an idle
+    loader and an idle member use next to no CPU."""
+    loader = psutil.Process(cluster.start_loader().pid)
+    member = cluster.member("busy")
+    member.ok("for i in range(300): node.get(f'k{i}', lambda: i)")
+    loader_before = sum(loader.cpu_times()[:2])
+    member_before = sum(psutil.Process(member.proc.pid).cpu_times()[:2])
+    time.sleep(1.5)
+    assert sum(loader.cpu_times()[:2]) - loader_before < 0.3
+    assert sum(psutil.Process(member.proc.pid).cpu_times()[:2]) - member_before < 0.3
