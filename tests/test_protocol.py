@@ -5,8 +5,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import hmac
+import os
 import random
+import signal
 import struct
+import time
 import weakref
 
 import psutil
@@ -758,3 +761,27 @@ def test_a_bulk_header_alone_does_not_make_the_server_hold_its_size() -> None:
     before = psutil.Process().memory_info().rss
     assert pair.server.read_frames(HEADER.pack(size, 0, size - 100) + b"e") == []
     assert psutil.Process().memory_info().rss - before < 64 << 20
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_hashes_big_frames_too() -> None:
+    """Big frames are hashed on a thread; a child forked after one has its own."""
+    parent = open_pair()
+    assert parent.server.read_frames(bulk_frame(parent, b"e", b"z" * BULK)) == [b"e" + b"z" * BULK]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            child = open_pair()
+            frame = bulk_frame(child, b"e", b"z" * BULK)
+            code = 0 if child.server.read_frames(frame) == [b"e" + b"z" * BULK] else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung hashing a big frame")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
