@@ -103,10 +103,11 @@ class Replica:
             self.versions[(entry.kind, entry.key)] = entry.version
             self.origins[(entry.kind, entry.key)] = entry.origin
             listeners = list(self._listeners)
-        self._notify(
-            listeners,
-            LoadEvent(entry.kind, entry.key, entry.version, entry.origin, obj, entry.source),
-        )
+        if listeners:
+            self._notify(
+                listeners,
+                LoadEvent(entry.kind, entry.key, entry.version, entry.origin, obj, entry.source),
+            )
         return True
 
     def remove(self, kind: str, key: str, origin: str = "") -> bool:
