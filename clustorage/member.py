@@ -69,6 +69,13 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
         return -1
 
 
+class _ThreadState(threading.local):
+    """Per thread: whether it is applying a hot-load (a class default, so that reading it
+    in a thread that never set it costs no AttributeError)."""
+
+    dispatching = False
+
+
 class _Lost(Exception):
     """The connection ended; the reader reconnects."""
 
@@ -89,7 +96,7 @@ class MemberClient:
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         self._io_lock = threading.Lock()
-        self._tls = threading.local()
+        self._tls = _ThreadState()
         self._recv_buffer = bytearray(RECV_SIZE)
         self._recv_view = memoryview(self._recv_buffer)
         self._ready = threading.Condition()
@@ -388,7 +395,7 @@ class MemberClient:
             raise self.unavailable("this node is stopping")
 
     def _check_thread(self) -> None:
-        if getattr(self._tls, "dispatching", False):
+        if self._tls.dispatching:
             raise RuntimeError(
                 "a blocking clustorage call was made while applying a hot-load "
                 "(from an on_load listener?); hand the work to another thread"

@@ -244,3 +244,24 @@ def test_idle_nodes_stop_polling(cluster: Cluster) -> None:
     time.sleep(1.5)
     assert sum(loader.cpu_times()[:2]) - loader_before < 0.3
     assert sum(psutil.Process(member.proc.pid).cpu_times()[:2]) - member_before < 0.3
+
+
+def test_a_blocking_call_from_a_members_listener_is_refused_not_hung() -> None:
+    """A listener runs while the member applies a hot-load; a blocking call there would wait
+    on itself, so it raises RuntimeError at once, and the member keeps working."""
+    with node_pair() as (loader, member):
+        seen: list[BaseException] = []
+        done = threading.Event()
+
+        def listener(event: object) -> None:
+            try:
+                member.get("other", lambda: 1)
+            except BaseException as exc:
+                seen.append(exc)
+            done.set()
+
+        member.on_load(listener)
+        loader.put("pushed", 1)
+        assert done.wait(10)
+        assert isinstance(seen[0], RuntimeError) and "on_load" in str(seen[0])
+        assert member.get("after", lambda: 2) == 2
