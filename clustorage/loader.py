@@ -215,10 +215,10 @@ class LoaderCore:
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
         local = self.peers.get(self.name)
-        remote = [peer for peer in self.peers.values() if peer is not skip and peer is not local]
-        if remote:
-            parts = encode_parts(message)
-            for peer in remote:
+        parts = None  # encoded once, for the first remote peer
+        for peer in list(self.peers.values()):
+            if peer is not skip and peer is not local:
+                parts = encode_parts(message) if parts is None else parts
                 peer.deliver(message, parts)
         if local is not None and local is not skip:  # last: the network need not wait for it
             local.deliver(message)
