@@ -334,9 +334,6 @@ _TYPES: tuple[type, ...] = (
     Members,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
-# Version 2 writes no back-references (3 and later do, through a table made for every call):
-# twice as fast for messages this small, and marshal.loads reads every version.
-_MARSHAL_VERSION = 2
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]
 
 
@@ -413,9 +410,9 @@ def encode_parts(message: Message | Entry) -> tuple[bytes, Payload]:
     cls = type(message)
     wire = _WIRE.get(cls)
     if wire is None:
-        return marshal.dumps((_CODES[cls], *message), _MARSHAL_VERSION), b""
+        return marshal.dumps((_CODES[cls], *message)), b""
     blob = b"" if wire.blob is None else wire.blob(message)
-    return marshal.dumps((_CODES[cls], *wire.flatten(message)), _MARSHAL_VERSION), blob
+    return marshal.dumps((_CODES[cls], *wire.flatten(message))), blob
 
 
 def encode(message: Message | Entry) -> bytes:

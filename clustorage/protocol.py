@@ -34,7 +34,6 @@ Every state change is in ``_TRANSITIONS``; anything else raises, naming role and
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import enum
 import functools
@@ -42,7 +41,6 @@ import hashlib
 import hmac
 import json
 import mmap
-import os
 import secrets
 import struct
 import threading
@@ -164,7 +162,8 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
 BULK = 1 << 16
 BULK_DIGESTS = ("blake2b", "sha256")
 CHUNK = 1 << 20
-HASH_STEP = 1 << 20
+_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _NO_TAGGER = hashlib.blake2b(key=b"not yet derived", digest_size=TAG_SIZE)
 
 
@@ -240,44 +239,23 @@ class _Digests:
 _DIGESTS = _Digests()
 
 
-@functools.cache
-def _hashing() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread that hashes big blobs (hashlib lets go of the GIL) while the bytes move:
-    one thread, so that each blob's updates stay in order."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clustorage-hash")
-
-
-os.register_at_fork(after_in_child=_hashing.cache_clear)  # a child has no such thread
-
-
 class _Bulk:
-    """A bulk frame arriving: its payload buffer, filled as bytes come in and hashed behind
-    them on the hashing thread, HASH_STEP bytes at a time."""
+    """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
 
-    __slots__ = (
-        "_hashing",
-        "blob_start",
-        "data",
-        "filled",
-        "hashed",
-        "hasher",
-        "header",
-        "length",
-        "seq",
-    )
+    __slots__ = ("blob_start", "data", "filled", "hasher", "header", "length", "seq")
 
-    def __init__(self, header: bytes, length: int, seq: int, blob: int, algorithm: str) -> None:
+    def __init__(
+        self, header: bytes, length: int, seq: int, blob: int, algorithm: str, populate: bool
+    ) -> None:
         self.header = header
         self.length = length
         self.seq = seq
         self.blob_start = length - blob
-        # Anonymous memory: its pages are mapped (and zeroed) as the bytes arrive, while the
-        # hashing thread works; bytearray(length) would zero all of them up front.
-        self.data = mmap.mmap(-1, length)
+        # Anonymous memory, mapped page by page as bytes arrive; with ``populate``, in one go
+        # up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
+        self.data = mmap.mmap(-1, length, flags=_ANONYMOUS | (_POPULATE if populate else 0))
         self.filled = 0
         self.hasher = _hasher(algorithm)
-        self.hashed = self.blob_start  # what is handed to the hashing thread
-        self._hashing: concurrent.futures.Future[None] | None = None
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
@@ -288,19 +266,10 @@ class _Bulk:
 
     def account(self, size: int) -> None:
         """``size`` more bytes of the payload are in ``data``: hash those of the blob."""
-        self.filled += size
-        if self.filled - self.hashed >= HASH_STEP or (
-            self.filled == self.length and self.hashed < self.length
-        ):
-            part = memoryview(self.data)[self.hashed : self.filled]
-            self._hashing = _hashing().submit(self.hasher.update, part)
-            self.hashed = self.filled
-
-    def digest(self) -> bytes:
-        """The blob's digest, once the hashing thread is done with it."""
-        if self._hashing is not None:
-            self._hashing.result()
-        return bytes(self.hasher.digest())
+        start, end = self.filled, self.filled + size
+        if end > self.blob_start:
+            self.hasher.update(memoryview(self.data)[max(start, self.blob_start) : end])
+        self.filled = end
 
 
 def frame_size(payload_size: int) -> int:
@@ -388,7 +357,6 @@ class Connection:
         for name in ("_send_tagger", "_recv_tagger"):
             setattr(clone, name, getattr(self, name).copy())
         if self._bulk is not None:
-            self._bulk.digest()  # the hashing thread is done with it
             clone._bulk = copy.copy(self._bulk)
             clone._bulk.data = mmap.mmap(-1, self._bulk.length)
             clone._bulk.data[:] = self._bulk.data[:]
@@ -564,7 +532,12 @@ class Connection:
                     f"(the blob is at most the frame, the rest under {BULK} bytes)"
                 )
             try:
-                self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest)
+                # A member trusts its loader's header; the loader does not let a member's
+                # header alone make it stall or hold memory (pages come as bytes do).
+                populate = self.role is Role.CLIENT
+                self._bulk = _Bulk(
+                    bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest, populate
+                )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
             del buffer[:_HEAD]
@@ -589,7 +562,7 @@ class Connection:
             del buffer[:taken]
         if bulk.filled < bulk.length or len(buffer) < TAG_SIZE:
             return None
-        digest = bulk.digest()
+        digest = bulk.hasher.digest()
         envelope = memoryview(bulk.data)[: bulk.blob_start]
         tag = _tag(self._recv_tagger, bulk.header, envelope, digest)
         self._check(bulk.seq, tag, buffer[:TAG_SIZE])
@@ -767,17 +740,14 @@ class Connection:
         else:
             parts, digest = (blob,), _DIGESTS.find(blob, self.bulk_digest)
         hasher = _hasher(self.bulk_digest) if digest is None else None
-        hashing = None
         for part in parts:
             view = memoryview(part)
             for start in range(0, len(view), CHUNK):
                 chunk = view[start : start + CHUNK]
-                if hasher is not None:  # hashed on the hashing thread while it is sent
-                    hashing = _hashing().submit(hasher.update, chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 yield chunk
         if hasher is not None:
-            if hashing is not None:
-                hashing.result()
             digest = hasher.digest()
         assert digest is not None
         yield _tag(self._send_tagger, header, envelope, digest)

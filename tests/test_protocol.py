@@ -765,7 +765,7 @@ def test_a_bulk_header_alone_does_not_make_the_server_hold_its_size() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_forked_child_hashes_big_frames_too() -> None:
-    """Big frames are hashed on a thread; a child forked after one has its own."""
+    """A child forked after a big frame went through takes big frames too."""
     parent = open_pair()
     assert parent.server.read_frames(bulk_frame(parent, b"e", b"z" * BULK)) == [b"e" + b"z" * BULK]
     pid = os.fork()
