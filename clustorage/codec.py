@@ -84,7 +84,7 @@ def dump_borrowing(key: str, value: Any) -> Payload:
     """
     plain = type(value) in _PLAIN
     if plain and (not isinstance(value, _SIZED) or len(value) < BORROW_AT):
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return dump(key, value)
     gatherer = _Gatherer()
     pickler = pickle.Pickler if plain else cloudpickle.CloudPickler
     try:

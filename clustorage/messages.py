@@ -66,7 +66,7 @@ Blob = bytes | memoryview
 
 class Gathered:
     """A payload in several buffers, sent one after another as if joined: a big value
-    pickled without copying its data (see :func:`clustorage.codec.dump`'s ``borrow``)."""
+    pickled without copying its data (see :func:`clustorage.codec.dump_borrowing`)."""
 
     __slots__ = ("parts", "size")
 

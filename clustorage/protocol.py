@@ -56,7 +56,7 @@ from .errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from .messages import Gathered, Payload
+from .messages import Gathered, Payload, joined
 
 __all__ = [
     "BULK",
@@ -639,9 +639,7 @@ class Connection:
             end = body + length
             if blob or length > max_frame or end + TAG_SIZE > size:
                 break
-            digest = tagger.copy()
-            digest.update(data[start:end])
-            self._check(seq, digest.digest(), data[end : end + TAG_SIZE])
+            self._check(seq, _tag(tagger, data[start:end]), data[end : end + TAG_SIZE])
             if length:
                 payloads.append(bytes(data[body:end]))
             start = end + TAG_SIZE
@@ -708,16 +706,13 @@ class Connection:
             LocalProtocolError: the connection is not open, or the payload is over the limit.
         """
         header = self._header(len(payload), 0)
-        digest = self._send_tagger.copy()
-        digest.update(header)
-        digest.update(payload)
-        return b"".join((header, payload, digest.digest()))
+        return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
 
     def send_message(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
         one, :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
         if len(blob) < BULK:
-            return iter((self.send(envelope + bytes(blob) if blob else envelope),))
+            return iter((self.send(envelope + joined(blob) if blob else envelope),))
         return self.send_bulk(envelope, blob)
 
     def send_bulk(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:

@@ -81,8 +81,9 @@ class Reactor:
     def __init__(self) -> None:
         # epoll where there is one (its masks are poll's), else poll: one system call and a
         # dict lookup per ready socket, without the selectors module's bookkeeping.
-        self._poller: Any = select.epoll() if hasattr(select, "epoll") else select.poll()
-        self._poll_unit = 1.0 if hasattr(select, "epoll") else 1000.0  # seconds or ms
+        epoll = getattr(select, "epoll", None)
+        self._poller: Any = select.poll() if epoll is None else epoll()
+        self._poll_unit = 1000.0 if epoll is None else 1.0  # poll takes ms, epoll seconds
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()

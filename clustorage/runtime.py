@@ -14,7 +14,7 @@ from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
-from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put
+from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
 from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .server import ServerConnection
@@ -159,7 +159,7 @@ class LoaderRuntime:
         message = build(rid)
         if isinstance(message, Put | Commit) and isinstance(message.payload, Gathered):
             # Handed to the loop, not sent: it gets its own copy before the caller goes on.
-            message = message._replace(payload=bytes(message.payload))
+            message = message._replace(payload=joined(message.payload))
         self.loop.call_soon_threadsafe(self.core.handle, self._local, message)
         return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
 
