@@ -24,7 +24,8 @@ where the tag is keyed BLAKE2b over the header and the payload. The last ``blob 
 of a payload may be a bulk blob (a big value): the tag then covers the header, the rest of the
 payload and the blob's digest (SHA-256 or BLAKE2b, whichever the server found faster on its
 CPU) instead of the blob itself. The tag comes last so that both ends hash a big blob while it
-streams, and the loader can forward a blob it has verified without hashing it again. The length
+streams (a receiver on a thread of its own, beside the one receiving), and the loader can
+forward a blob it has verified without hashing it again. The length
 is checked against the limit as soon as the header is in; a wrong sequence number (replay,
 reorder, drop) or tag (forgery, corruption) is the peer's fault and ends the connection. An
 empty payload is a heartbeat.
@@ -41,6 +42,8 @@ import hashlib
 import hmac
 import json
 import mmap
+import os
+import queue
 import secrets
 import struct
 import threading
@@ -239,10 +242,96 @@ class _Digests:
 _DIGESTS = _Digests()
 
 
+def _huge_pages() -> bool:
+    """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
+
+
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
+# A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
+# receiving and hashing overlap; at most ``_HASHING_THREADS`` at once per process, any more
+# frames arriving then are hashed inline.
+THREAD_HASH_AT = 1 << 22
+_HASHING_THREADS = threading.BoundedSemaphore(2)
+
+
+def _new_hashing_threads() -> None:
+    # A child forked while a thread held the semaphore must not wait for it forever.
+    global _HASHING_THREADS
+    _HASHING_THREADS = threading.BoundedSemaphore(2)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_hashing_threads)
+
+
+class _HashingThread:
+    """A hash state fed by one thread and updated by another, started for one blob.
+
+    Its thread ends at :meth:`digest`, or once the frame is dropped unfinished (``end``).
+    """
+
+    def __init__(self, algorithm: str) -> None:
+        self._hasher = _hasher(algorithm)
+        self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="clustorage-hash", daemon=True)
+
+    @classmethod
+    def start(cls, algorithm: str) -> _HashingThread | None:
+        """A started hashing thread, or None when enough of them run already."""
+        if not _HASHING_THREADS.acquire(blocking=False):
+            return None
+        hashing = cls(algorithm)
+        try:
+            hashing._thread.start()
+        except RuntimeError:  # no more threads to be had: hash inline
+            _HASHING_THREADS.release()
+            return None
+        return hashing
+
+    def _run(self) -> None:
+        try:
+            while (part := self._parts.get()) is not None:
+                if isinstance(part, threading.Event):
+                    part.set()
+                elif self._failure is None:
+                    try:
+                        self._hasher.update(part)
+                    except BaseException as exc:  # re-raised by digest(), on the caller's thread
+                        self._failure = exc
+        finally:
+            _HASHING_THREADS.release()
+
+    def update(self, part: memoryview) -> None:
+        self._parts.put(part)
+
+    def end(self) -> None:
+        self._parts.put(None)
+
+    def digest(self) -> bytes:
+        self.end()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._hasher.digest()  # type: ignore[no-any-return]
+
+    def copy(self) -> Any:
+        """A plain hash state with every part given so far."""
+        caught_up = threading.Event()
+        self._parts.put(caught_up)
+        caught_up.wait()
+        return self._hasher.copy()
+
+
 class _Bulk:
     """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
 
-    __slots__ = ("blob_start", "data", "filled", "hasher", "header", "length", "seq")
+    __slots__ = ("__weakref__", "blob_start", "data", "filled", "hasher", "header", "length", "seq")
 
     def __init__(
         self, header: bytes, length: int, seq: int, blob: int, algorithm: str, populate: bool
@@ -251,11 +340,20 @@ class _Bulk:
         self.length = length
         self.seq = seq
         self.blob_start = length - blob
-        # Anonymous memory, mapped page by page as bytes arrive; with ``populate``, in one go
-        # up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
-        self.data = mmap.mmap(-1, length, flags=_ANONYMOUS | (_POPULATE if populate else 0))
+        # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
+        # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
+        # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
+        flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
+        self.data = mmap.mmap(-1, length, flags=flags)
+        if _HUGE_PAGES:
+            self.data.madvise(mmap.MADV_HUGEPAGE)
         self.filled = 0
-        self.hasher = _hasher(algorithm)
+        hashing = _HashingThread.start(algorithm) if blob >= THREAD_HASH_AT else None
+        if hashing is None:
+            self.hasher: Any = _hasher(algorithm)
+        else:
+            self.hasher = hashing
+            weakref.finalize(self, hashing.end)
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""

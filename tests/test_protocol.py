@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import hmac
@@ -9,6 +10,7 @@ import os
 import random
 import signal
 import struct
+import threading
 import time
 import weakref
 
@@ -785,3 +787,90 @@ def test_a_forked_child_hashes_big_frames_too() -> None:
         os.waitpid(pid, 0)
         raise AssertionError("the forked child hung hashing a big frame")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+# -- big blobs hashed on a thread of their own -----------------------------------------------
+
+
+def hashing_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "clustorage-hash" and t.is_alive()]
+
+
+def wait_for_no_hashing_thread(seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while hashing_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not hashing_threads(), "a hashing thread outlived its frame"
+
+
+@pytest.fixture
+def thread_hashed(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Blobs of BULK bytes and more are hashed on a thread (big blobs, at test sizes)."""
+    monkeypatch.setattr(clustorage.protocol, "THREAD_HASH_AT", BULK)
+    wait_for_no_hashing_thread()
+    return BULK
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunk", [0, 4099])
+def test_a_big_blob_is_hashed_on_its_own_thread(thread_hashed: int, chunk: int) -> None:
+    """A big blob is verified by a thread that runs while it arrives and ends with it."""
+    pair = ConnectionPair(chunk=chunk, max_frame=4 * CHUNK)
+    pair.open()
+    blob = bytes(range(256)) * (CHUNK // 256 + 3)
+    frame = bulk_frame(pair, b"envelope", blob)
+    half = len(frame) // 2
+    assert pair.server.read_frames(frame[:half]) == []
+    assert len(hashing_threads()) == 1
+    assert pair.server.read_frames(frame[half:]) == [b"envelope" + blob]
+    assert not hashing_threads()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("index", [FRAME_HEAD + 3, FRAME_HEAD + 3 + BULK // 2, -1])
+def test_a_tampered_big_blob_raises(thread_hashed: int, index: int) -> None:
+    """A blob hashed on a thread is checked as strictly as one hashed inline."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"b" * (2 * BULK))
+    assert_refused(pair, flip(frame, index % len(frame)))
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_the_hashing_thread_of_a_dropped_frame_ends(thread_hashed: int) -> None:
+    """A connection dropped halfway through a big frame leaves no thread (nor memory) behind."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"b" * (4 * BULK))
+    assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+    assert len(hashing_threads()) == 1
+    del pair
+    gc.collect()
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_at_most_two_hashing_threads_and_the_rest_inline(thread_hashed: int) -> None:
+    """Three big frames arriving at once: two are hashed on threads, one inline; all verify."""
+    pairs = [open_pair() for _ in range(3)]
+    blobs = [bytes([n]) * (2 * BULK) for n in range(3)]
+    frames = [bulk_frame(pair, b"env", blob) for pair, blob in zip(pairs, blobs, strict=True)]
+    for pair, frame in zip(pairs, frames, strict=True):
+        assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+    assert len(hashing_threads()) == 2
+    for pair, frame, blob in zip(pairs, frames, blobs, strict=True):
+        assert pair.server.read_frames(frame[len(frame) // 2 :]) == [b"env" + blob]
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_a_copy_taken_halfway_through_a_thread_hashed_frame(thread_hashed: int) -> None:
+    """A deep copy of a connection halfway through a big frame finishes it on its own."""
+    pair = open_pair()
+    blob = b"c" * (3 * BULK)
+    frame = bulk_frame(pair, b"env", blob)
+    half = len(frame) // 2
+    assert pair.server.read_frames(frame[:half]) == []
+    clone = copy.deepcopy(pair.server)
+    assert clone.read_frames(frame[half:]) == [b"env" + blob]
+    assert pair.server.read_frames(frame[half:]) == [b"env" + blob]
+    wait_for_no_hashing_thread()
