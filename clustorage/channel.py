@@ -24,7 +24,7 @@ from .errors import (
     StoreError,
     ValueTooLarge,
 )
-from .messages import Failed, Load, Members, Message, Queued, SyncReply, Unload
+from .messages import Failed, Load, Members, Message, Queued, SyncEntry, SyncReply, Unload
 from .replica import Replica
 
 __all__ = ["Channel", "Pending", "Waiter", "apply_push", "apply_sync", "raise_failure"]
@@ -179,6 +179,8 @@ def apply_push(replica: Replica, message: Message) -> bool:
     """Apply a push from the loader; returns whether the membership changed."""
     if type(message) is Load:
         replica.install(message.entry)
+    elif type(message) is SyncEntry:  # the loader's word is final on resync
+        replica.install(message.entry, force=True)
     elif type(message) is Unload:
         replica.remove(message.kind, message.key, message.origin)
     elif type(message) is Members:

@@ -17,7 +17,8 @@ event loop), so there are no locks: a request is handled to completion before th
   once every peer connected at that moment has answered ``Loaded``, left, or the ack timeout
   passed (SPEC "call" 7).
 * Every version is committed to the store before anyone is told of it (SPEC "Durability").
-* A peer that joins sends ``Sync`` with the versions it holds and receives what differs.
+* A peer that joins sends ``Sync`` with the versions it holds and receives what differs:
+  big entries as ``SyncEntry`` frames of their own, then a ``SyncReply`` with the rest.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from .messages import (
     Status,
     StatusReply,
     Sync,
+    SyncEntry,
     SyncReply,
     Unload,
     encode_parts,
@@ -71,6 +73,11 @@ from .store import Store
 __all__ = ["LoaderCore", "Peer"]
 
 log = logging.getLogger(__name__)
+
+# How many bytes of entries a SyncReply carries at most (the others go before it), and
+# about how many an entry takes besides its key, payload and source.
+SYNC_INLINE = 1 << 20
+_INLINE_OVERHEAD = 256
 
 
 class Peer(Protocol):
@@ -127,9 +134,11 @@ class LoaderCore:
         *,
         ack_timeout: float = 5.0,
         address: str = "",
+        max_frame: int = 1 << 30,
     ) -> None:
         self.name = name
         self.address = address
+        self._sync_inline = min(SYNC_INLINE, max_frame // 4)
         self.started = time.time()
         self._store = store
         self._schedule = schedule
@@ -361,12 +370,24 @@ class LoaderCore:
     # -- synchronisation and introspection -------------------------------------------------
 
     def _sync(self, peer: Peer, message: Sync) -> None:
+        """Answer a joining peer: small entries inside the reply, up to a quarter of the frame
+        limit (at most SYNC_INLINE bytes); the others before it, one frame each. No frame
+        holds the whole store: a frame has a size limit, and a big one would hold up the
+        loop while it is made."""
         held = message.versions
-        changed = tuple(
-            entry for where, entry in self.entries.items() if held.get(where) != entry.version
-        )
+        inline: list[Entry] = []
+        room = self._sync_inline
+        for where, entry in self.entries.items():
+            if held.get(where) == entry.version:
+                continue
+            size = _INLINE_OVERHEAD + len(entry.key) + len(entry.payload) + len(entry.source or "")
+            if size <= room:
+                inline.append(entry)
+                room -= size
+            else:
+                peer.deliver(SyncEntry(entry))
         removed = tuple(where for where in held if where not in self.entries)
-        peer.deliver(SyncReply(message.rid, changed, removed, self.member_names()))
+        peer.deliver(SyncReply(message.rid, tuple(inline), removed, self.member_names()))
 
     def status(self) -> dict[str, Any]:
         """The cluster as the loader sees it (what ``clustorage status`` prints)."""

@@ -179,10 +179,9 @@ class MemberClient:
         self.members = (str(welcome.get("name", loader.name)),)
         rid, waiter = self.pending.open()
         self._send(Sync(rid, dict(self.replica.versions)))
-        deadline = time.monotonic() + timeout
         with self._io_lock:
-            while not waiter.done:
-                if deadline - time.monotonic() <= 0:
+            while not waiter.done:  # big entries may take long to arrive, not to start arriving
+                if time.monotonic() - self._last_heard > timeout:
                     raise _Lost(f"no answer to resync within {timeout:g}s")
                 self._read_once(block=True)
         reply = waiter.reply

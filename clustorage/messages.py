@@ -50,6 +50,7 @@ __all__ = [
     "Status",
     "StatusReply",
     "Sync",
+    "SyncEntry",
     "SyncReply",
     "Unload",
     "decode",
@@ -278,6 +279,13 @@ class Members(NamedTuple):
     names: tuple[str, ...]
 
 
+class SyncEntry(NamedTuple):
+    """Part of the answer to a Sync, sent before its SyncReply: install this entry, whatever
+    version is held (a big value travels in a frame of its own, not inside the reply)."""
+
+    entry: Entry
+
+
 Message = (
     Fetch
     | Commit
@@ -303,6 +311,7 @@ Message = (
     | Load
     | Unload
     | Members
+    | SyncEntry
 )
 
 # Type codes are part of the wire protocol: append, never renumber.
@@ -332,6 +341,7 @@ _TYPES: tuple[type, ...] = (
     Load,
     Unload,
     Members,
+    SyncEntry,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]
@@ -387,6 +397,12 @@ _WIRE: dict[type, _Wire] = {
     Load: _Wire(
         lambda m: (_entry_out(m.entry), m.ack),
         lambda blob, entry, ack: Load(_entry_in(entry, blob), ack),
+        lambda m: m.entry.payload,
+        lambda data: data[1][3],
+    ),
+    SyncEntry: _Wire(
+        lambda m: (_entry_out(m.entry),),
+        lambda blob, entry: SyncEntry(_entry_in(entry, blob)),
         lambda m: m.entry.payload,
         lambda data: data[1][3],
     ),

@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 MAGIC = b"CLST"
-VERSION = 1
+VERSION = 2
 NONCE_SIZE = 32
 MAC_SIZE = 32
 TAG_SIZE = 32

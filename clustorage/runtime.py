@@ -73,7 +73,13 @@ class LoaderRuntime:
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         store = open_store(config.database)
-        self.core = LoaderCore(config.name, store, self.loop.call_later, ack_timeout=config.timeout)
+        self.core = LoaderCore(
+            config.name,
+            store,
+            self.loop.call_later,
+            ack_timeout=config.timeout,
+            max_frame=config.max_frame,
+        )
         self._store = store
         self._server: Server | None = None
         self._heartbeat: Timer | None = None

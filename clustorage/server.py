@@ -58,8 +58,11 @@ class ServerConnection:
             bulk_digest=fastest_bulk_digest(),
         )
         self._transport: Stream | None = None
-        self._outbox: collections.deque[Iterator[bytes | memoryview]] = collections.deque()
-        self._queued = 0  # bytes in the outbox, not yet handed to the transport
+        # Frames waiting to go out, part by part, each with whether it counts in _queued.
+        self._outbox: collections.deque[tuple[Iterator[bytes | memoryview], bool]] = (
+            collections.deque()
+        )
+        self._queued = 0  # bytes in the outbox that count against the write limit
         self._into_bulk = False
         self._joined = False
         self._paused = False
@@ -197,17 +200,19 @@ class ServerConnection:
     def _write(self, data: bytes | memoryview) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
             if self._outbox:  # behind a big frame that is still going out
-                self._outbox.append(iter((data,)))
+                self._outbox.append((iter((data,)), True))
                 self._queued += len(data)
                 return
             self._transport.write(data)
             self.last_sent = time.monotonic()
 
-    def _write_parts(self, parts: Iterator[bytes | memoryview], size: int) -> None:
+    def _write_parts(self, parts: Iterator[bytes | memoryview], size: int, counted: bool) -> None:
         """Send a big frame of ``size`` bytes part by part, as the member drains it: a part
-        is made (and hashed, when it must be) only once there is room for it."""
-        self._outbox.append(parts)
-        self._queued += size
+        is made (and hashed, when it must be) only once there is room for it. ``counted``:
+        whether its bytes count against the write limit."""
+        self._outbox.append((parts, counted))
+        if counted:
+            self._queued += size
         self._flush()
 
     def _flush(self) -> None:
@@ -217,11 +222,13 @@ class ServerConnection:
                 outbox.clear()
                 self._queued = 0
                 return
-            part = next(outbox[0], None)
+            parts, counted = outbox[0]
+            part = next(parts, None)
             if part is None:
                 outbox.popleft()
             elif part:
-                self._queued -= len(part)
+                if counted:
+                    self._queued -= len(part)
                 transport.write(part)  # may call pause_writing, which ends the loop
                 self.last_sent = time.monotonic()
 
@@ -232,7 +239,10 @@ class ServerConnection:
         if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        if self._transport.get_write_buffer_size() + self._queued > self._timing.write_limit:
+        # A SyncEntry does not count: it sends an entry the loader holds anyway, once.
+        counted = type(message) is not messages.SyncEntry
+        backlog = self._transport.get_write_buffer_size() + self._queued
+        if counted and backlog > self._timing.write_limit:
             log.warning("closed %s (%s): it stopped reading", self.address, self.name)
             self.close()
             return
@@ -241,7 +251,7 @@ class ServerConnection:
         if len(blob) < BULK:
             self._write(next(frame))
         else:
-            self._write_parts(frame, frame_size(len(envelope) + len(blob)))
+            self._write_parts(frame, frame_size(len(envelope) + len(blob)), counted)
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).

@@ -118,6 +118,39 @@ def test_a_late_joiner_gets_big_values_in_its_resync(
         assert late.get("early") == BIG
 
 
+def test_a_late_joiner_gets_more_than_one_frame_can_hold() -> None:
+    """Values that together exceed the frame limit reach a node that joins later: the
+    resync is not one frame (it used to be, and such a node could never join)."""
+    limit = 4 * BULK
+    values = {f"v{i}": bytes([i]) * (3 * BULK) for i in range(4)}
+    with node_pair(max_frame=limit) as (_, member):
+        small = {f"s{i}": i for i in range(50)}
+        for key, value in {**values, **small}.items():
+            member.put(key, value)
+        address = member.loader_address
+        with clustorage.Node("late", address, cookie=COOKIE, max_frame=limit) as late:
+            assert late.keys() == sorted([*values, *small])
+            assert {key: late.get(key) for key in values} == values
+            assert {key: late.get(key) for key in small} == small
+            assert late.version("v3") == member.version("v3")
+
+
+def test_a_resync_of_big_values_does_not_count_against_the_write_limit() -> None:
+    """A node joining a loader that holds more than its per-member write limit gets every
+    value and stays connected: the loader sends what it holds anyway, once."""
+    size = 8 << 20  # more than the socket buffers take at once
+    values = {f"k{i}": bytes([i]) * size for i in range(5)}
+    with node_pair() as (loader, member):
+        loader._channel.timing.write_limit = 2 * size
+        for key, value in values.items():
+            member.put(key, value)
+        with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
+            assert {key: late.get(key) for key in values} == values
+            member.put("after", b"small")
+            eventually(lambda: late.keys() == sorted([*values, "after"]))
+            assert "late" in loader.nodes()
+
+
 def test_the_loaders_node_reads_a_recorded_value_from_an_on_load_listener(
     trio: tuple[clustorage.Node, ...],
 ) -> None:

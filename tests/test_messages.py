@@ -42,6 +42,7 @@ from clustorage.messages import (
     Status,
     StatusReply,
     Sync,
+    SyncEntry,
     SyncReply,
     Unload,
     decode,
@@ -89,6 +90,7 @@ SAMPLES: list[Any] = [
     Load(FN, True),
     Unload(VALUE, "hello", "app2"),
     Members(("app1", "app2", "app3")),
+    SyncEntry(ENTRY),
 ]
 
 
