@@ -362,11 +362,13 @@ class MemberClient:
     def _drop(self, why: str) -> None:
         was_ready = self._is_ready
         with self._send_lock:
-            sock, self._sock, self._conn = self._sock, None, None
+            sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
         with self._ready:
             self._is_ready = False
         if sock is not None:
             sock.close()
+        if conn is not None:
+            conn.release()
         self.pending.fail_all(self.unavailable(why))
         if was_ready:
             self.members = ()

@@ -35,6 +35,7 @@ Every state change is in ``_TRANSITIONS``; anything else raises, naming role and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import functools
@@ -253,59 +254,50 @@ def _huge_pages() -> bool:
 
 _HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
 # A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
-# receiving and hashing overlap; at most ``_HASHING_THREADS`` at once per process, any more
-# frames arriving then are hashed inline.
+# receiving and hashing overlap; with HASHING_THREADS such threads running in this process
+# already, a frame is hashed inline.
 THREAD_HASH_AT = 1 << 22
-_HASHING_THREADS = threading.BoundedSemaphore(2)
-
-
-def _new_hashing_threads() -> None:
-    # A child forked while a thread held the semaphore must not wait for it forever.
-    global _HASHING_THREADS
-    _HASHING_THREADS = threading.BoundedSemaphore(2)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_hashing_threads)
+HASHING_THREADS = 2
+_HASHING = "clustorage-hash"
 
 
 class _HashingThread:
-    """A hash state fed by one thread and updated by another, started for one blob.
+    """A hash state updated on a thread of its own, for one blob that is arriving.
 
-    Its thread ends at :meth:`digest`, or once the frame is dropped unfinished (``end``).
+    Its thread ends at :meth:`digest`, or at :meth:`end` when the frame will not finish
+    (the connection failed or was dropped, or the frame was collected unfinished).
     """
 
     def __init__(self, algorithm: str) -> None:
         self._hasher = _hasher(algorithm)
         self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="clustorage-hash", daemon=True)
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name=_HASHING, daemon=True)
 
-    @classmethod
-    def start(cls, algorithm: str) -> _HashingThread | None:
-        """A started hashing thread, or None when enough of them run already."""
-        if not _HASHING_THREADS.acquire(blocking=False):
-            return None
-        hashing = cls(algorithm)
+    @staticmethod
+    def available() -> bool:
+        """Whether fewer than HASHING_THREADS hashing threads run in this process."""
+        running = sum(thread.name == _HASHING for thread in threading.enumerate())
+        return running < HASHING_THREADS
+
+    def start(self) -> bool:
+        """Start the thread; False when no thread could be had (then hash inline)."""
         try:
-            hashing._thread.start()
-        except RuntimeError:  # no more threads to be had: hash inline
-            _HASHING_THREADS.release()
-            return None
-        return hashing
+            self._thread.start()
+        except RuntimeError:
+            return False
+        return True
 
     def _run(self) -> None:
-        try:
-            while (part := self._parts.get()) is not None:
-                if isinstance(part, threading.Event):
-                    part.set()
-                elif self._failure is None:
-                    try:
-                        self._hasher.update(part)
-                    except BaseException as exc:  # re-raised by digest(), on the caller's thread
-                        self._failure = exc
-        finally:
-            _HASHING_THREADS.release()
+        while (part := self._parts.get()) is not None:
+            if isinstance(part, threading.Event):
+                part.set()
+            elif self._failure is None:
+                try:
+                    self._hasher.update(part)
+                except BaseException as exc:  # re-raised by digest(), on the caller's thread
+                    self._failure = exc
 
     def update(self, part: memoryview) -> None:
         self._parts.put(part)
@@ -313,7 +305,15 @@ class _HashingThread:
     def end(self) -> None:
         self._parts.put(None)
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise LocalProtocolError(
+                "this process was forked while a big frame was arriving; only the parent "
+                "can finish that frame"
+            )
+
     def digest(self) -> bytes:
+        self._check_process()
         self.end()
         self._thread.join()
         if self._failure is not None:
@@ -322,9 +322,12 @@ class _HashingThread:
 
     def copy(self) -> Any:
         """A plain hash state with every part given so far."""
+        self._check_process()
         caught_up = threading.Event()
         self._parts.put(caught_up)
-        caught_up.wait()
+        while not caught_up.wait(0.05):
+            if not self._thread.is_alive():
+                raise LocalProtocolError("the frame's hashing ended before it was copied")
         return self._hasher.copy()
 
 
@@ -346,14 +349,20 @@ class _Bulk:
         flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
         self.data = mmap.mmap(-1, length, flags=flags)
         if _HUGE_PAGES:
-            self.data.madvise(mmap.MADV_HUGEPAGE)
+            with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
+                self.data.madvise(mmap.MADV_HUGEPAGE)
         self.filled = 0
-        hashing = _HashingThread.start(algorithm) if blob >= THREAD_HASH_AT else None
-        if hashing is None:
-            self.hasher: Any = _hasher(algorithm)
-        else:
-            self.hasher = hashing
-            weakref.finalize(self, hashing.end)
+        self.hasher: Any = _hasher(algorithm)
+        if blob >= THREAD_HASH_AT and _HashingThread.available():
+            hashing = _HashingThread(algorithm)
+            weakref.finalize(self, hashing.end)  # before the thread runs: it always ends
+            if hashing.start():
+                self.hasher = hashing
+
+    def abandon(self) -> None:
+        """This frame will not finish: let its hashing thread, if any, end now."""
+        if isinstance(self.hasher, _HashingThread):
+            self.hasher.end()
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
@@ -474,8 +483,21 @@ class Connection:
             ) from None
 
     def _fail(self, exc: Exception) -> Exception:
-        self.state = State.ERROR
+        self._error()
         return exc
+
+    def _error(self) -> None:
+        self.state = State.ERROR
+        bulk, self._bulk = self._bulk, None
+        if bulk is not None:
+            bulk.abandon()
+
+    def release(self) -> None:
+        """End the hashing of a big frame still arriving, which will not finish now: call
+        once the connection is dropped (from any thread)."""
+        bulk = self._bulk
+        if bulk is not None:
+            bulk.abandon()
 
     # -- input ---------------------------------------------------------------------------
 
@@ -493,7 +515,7 @@ class Connection:
         try:
             event = self._parse()
         except (RemoteProtocolError, AuthenticationError):
-            self.state = State.ERROR
+            self._error()
             raise
         if event is None and self._eof and self.state is not State.CLOSED:
             if self._buffer or self._bulk is not None or self.state is not State.OPEN:
@@ -718,7 +740,7 @@ class Connection:
                 if payload:
                     payloads.append(payload)
         except (RemoteProtocolError, AuthenticationError):
-            self.state = State.ERROR
+            self._error()
             raise
         return payloads
 

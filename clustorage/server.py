@@ -119,6 +119,7 @@ class ServerConnection:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.release()
         self._outbox.clear()
         self._queued = 0
         self._registry.discard(self)

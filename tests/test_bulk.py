@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import clustorage
+import clustorage.protocol
 from clustorage.protocol import BULK
 from clustorage.replica import LoadEvent
 from tests.conftest import COOKIE, node_pair
@@ -225,3 +226,25 @@ def test_a_put_the_loaders_node_gave_up_on_stores_what_was_put() -> None:
         released.set()
         with clustorage.Node("m", loader.loader_address, cookie=COOKIE) as member:
             assert member.get("k") == b"A" * (2 * BULK)
+
+
+def test_the_loader_ends_the_hashing_of_a_member_that_left_mid_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member that leaves halfway through a big frame leaves no hashing thread (nor its
+    half-filled buffer) behind on the loader, whose next big frames are hashed as fast."""
+    monkeypatch.setattr(clustorage.protocol, "THREAD_HASH_AT", BULK)
+
+    def hashing() -> int:
+        return sum(thread.name == "clustorage-hash" for thread in threading.enumerate())
+
+    with node_pair() as (loader, member):
+        for name in ("gone1", "gone2"):
+            sock, conn = authenticated(loader.address[1], name)
+            parts = b"".join(bytes(part) for part in conn.send_bulk(b"env", b"g" * (8 * BULK)))
+            sock.sendall(parts[: len(parts) // 2])
+            eventually(lambda: hashing() >= 1)
+            sock.close()
+            eventually(lambda: hashing() == 0)
+        member.put("after", BIG)
+        assert loader.get("after") == BIG

@@ -874,3 +874,77 @@ def test_a_copy_taken_halfway_through_a_thread_hashed_frame(thread_hashed: int) 
     assert clone.read_frames(frame[half:]) == [b"env" + blob]
     assert pair.server.read_frames(frame[half:]) == [b"env" + blob]
     wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_a_big_frame_cut_short_ends_its_thread_while_its_error_is_kept(
+    thread_hashed: int,
+) -> None:
+    """End of file halfway through a big frame: the thread ends at once, though the error
+    (and through its traceback the connection) may be kept, as a REPL keeps the last one."""
+    kept: list[BaseException] = []
+    for _ in range(3):
+        pair = open_pair()
+        frame = bulk_frame(pair, b"env", b"t" * (4 * BULK))
+        assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+        pair.server.receive_data(b"")
+        with pytest.raises(RemoteProtocolError, match="truncated") as caught:
+            pair.server.next_event()
+        kept.append(caught.value)
+        wait_for_no_hashing_thread()
+    fresh = open_pair()
+    assert fresh.server.read_frames(bulk_frame(fresh, b"e", b"f" * (2 * BULK))[:BULK]) == []
+    assert len(hashing_threads()) == 1  # no slot lost to the kept ones
+    fresh.server.release()
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_big_frame_leaves_a_connection_that_can_be_copied(thread_hashed: int) -> None:
+    """After a forged big frame, the connection holds no frame, no thread, and copies."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"b" * (2 * BULK))
+    with pytest.raises(RemoteProtocolError):
+        pair.server.read_frames(flip(frame, len(frame) - 1))
+    wait_for_no_hashing_thread()
+    assert copy.deepcopy(pair.server).state is State.ERROR
+
+
+@pytest.mark.timeout(30)
+def test_release_ends_the_thread_of_a_frame_still_arriving(thread_hashed: int) -> None:
+    """A dropped connection's frame will not finish: release() ends its thread now."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", b"r" * (4 * BULK))
+    assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+    assert len(hashing_threads()) == 1
+    pair.server.release()
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
+def test_a_child_forked_mid_frame_says_it_cannot_finish_it(thread_hashed: int) -> None:
+    """A frame half in when the process forked: the child gets a clear error, never a hang
+    nor a claim that the peer forged it; the parent finishes the frame."""
+    pair = open_pair()
+    blob = b"k" * (4 * BULK)
+    frame = bulk_frame(pair, b"env", blob)
+    half = len(frame) // 2
+    assert pair.server.read_frames(frame[:half]) == []
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            pair.server.read_frames(frame[half:])
+        except LocalProtocolError as exc:
+            code = 0 if "forked" in str(exc) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung on a frame its parent was receiving")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert pair.server.read_frames(frame[half:]) == [b"env" + blob]
