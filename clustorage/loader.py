@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from . import codec
 from .compiler import compile_function
-from .errors import ClustorageError, CompileError, StoreError
+from .errors import ClustorageError, CompileError, RemoteProtocolError, StoreError
 from .messages import (
     FUNCTION,
     VALUE,
@@ -77,7 +77,12 @@ log = logging.getLogger(__name__)
 # How many bytes of entries a SyncReply carries at most (the others go before it), and
 # about how many an entry takes besides its key, payload and source.
 SYNC_INLINE = 1 << 20
-_INLINE_OVERHEAD = 256
+_INLINE_OVERHEAD = 64
+
+
+def _inline_size(*texts: str) -> int:
+    """About how many bytes ``texts`` take inside a message, with room for framing."""
+    return sum(len(text.encode(errors="surrogatepass")) + _INLINE_OVERHEAD for text in texts)
 
 
 class Peer(Protocol):
@@ -139,6 +144,7 @@ class LoaderCore:
         self.name = name
         self.address = address
         self._sync_inline = min(SYNC_INLINE, max_frame // 4)
+        self._synced: set[int] = set()  # peers (by id) that had their resync
         self.started = time.time()
         self._store = store
         self._schedule = schedule
@@ -177,6 +183,7 @@ class LoaderCore:
 
     def leave(self, peer: Peer) -> None:
         """Forget ``peer``: its leases pass on, definitions stop waiting for it."""
+        self._synced.discard(id(peer))
         if self.peers.get(peer.name) is not peer:
             return
         del self.peers[peer.name]
@@ -373,21 +380,26 @@ class LoaderCore:
         """Answer a joining peer: small entries inside the reply, up to a quarter of the frame
         limit (at most SYNC_INLINE bytes); the others before it, one frame each. No frame
         holds the whole store: a frame has a size limit, and a big one would hold up the
-        loop while it is made."""
+        loop while it is made. Once per connection: a peer's resync is not held against
+        its write limit."""
+        if id(peer) in self._synced:
+            raise RemoteProtocolError("a connection resynchronises once, when it connects")
+        self._synced.add(id(peer))
         held = message.versions
+        removed = tuple(where for where in held if where not in self.entries)
+        members = self.member_names()
+        room = self._sync_inline - _inline_size(*(key for _, key in removed), *members)
         inline: list[Entry] = []
-        room = self._sync_inline
         for where, entry in self.entries.items():
             if held.get(where) == entry.version:
                 continue
-            size = _INLINE_OVERHEAD + len(entry.key) + len(entry.payload) + len(entry.source or "")
+            size = len(entry.payload) + _inline_size(entry.key, entry.source or "", entry.origin)
             if size <= room:
                 inline.append(entry)
                 room -= size
             else:
                 peer.deliver(SyncEntry(entry))
-        removed = tuple(where for where in held if where not in self.entries)
-        peer.deliver(SyncReply(message.rid, tuple(inline), removed, self.member_names()))
+        peer.deliver(SyncReply(message.rid, tuple(inline), removed, members))
 
     def status(self) -> dict[str, Any]:
         """The cluster as the loader sees it (what ``clustorage status`` prints)."""

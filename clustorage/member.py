@@ -107,6 +107,7 @@ class MemberClient:
         self._last_answer = 0.0
         # The request the io lock's holder is reading for (see _request_reading).
         self._mine = 0
+        self._received = 0  # reads of anything but heartbeats: progress of a long answer
         self._answer: Message | None = None
         self._patient = False
         self._thread = threading.Thread(
@@ -179,18 +180,20 @@ class MemberClient:
         self.members = (str(welcome.get("name", loader.name)),)
         rid, waiter = self.pending.open()
         self._send(Sync(rid, dict(self.replica.versions)))
+        deadline = time.monotonic() + timeout
         with self._io_lock:
-            while not waiter.done:  # big entries may take long to arrive, not to start arriving
-                if time.monotonic() - self._last_heard > timeout:
+            while not waiter.done:
+                if time.monotonic() > deadline:
                     raise _Lost(f"no answer to resync within {timeout:g}s")
+                received = self._received
                 self._read_once(block=True)
+                if self._received != received:  # big entries take long to arrive, not to start
+                    deadline = time.monotonic() + timeout
         reply = waiter.reply
         if waiter.error is not None:
             raise waiter.error
         if not isinstance(reply, SyncReply):
             raise _Lost(f"the loader answered resync with {type(reply).__name__}")
-        apply_sync(self.replica, reply)
-        self.members = reply.members
         with self._ready:
             self._is_ready = True
             self._ready.notify_all()
@@ -321,10 +324,12 @@ class MemberClient:
         now = time.monotonic()
         if size > 0 and space is not None:
             self._last_heard = now
+            self._received += 1
             conn.received_into(size)
         elif size > 0:
             self._last_heard = now
             for payload in conn.read_frames(self._recv_view[:size]):
+                self._received += 1
                 self._dispatch(messages.decode(payload))
         elif size == 0:
             conn.receive_data(b"")
@@ -341,6 +346,9 @@ class MemberClient:
     def _dispatch(self, message: Message) -> None:
         rid = getattr(message, "rid", None)
         if rid is not None:
+            if type(message) is SyncReply:  # applied in its place: later pushes go on top
+                self._apply(lambda: apply_sync(self.replica, message))
+                self.members = message.members
             if rid != self._mine:
                 self.pending.resolve(rid, message)
             elif type(message) is Queued:
@@ -348,16 +356,20 @@ class MemberClient:
             else:
                 self._answer = message
             return
-        self._tls.dispatching = True
-        try:
-            if apply_push(self.replica, message):
-                self.members = message.names  # type: ignore[union-attr]
-                self.changed()
-        finally:
-            self._tls.dispatching = False
+        if self._apply(lambda: apply_push(self.replica, message)):
+            self.members = message.names  # type: ignore[union-attr]
+            self.changed()
         if type(message) is Load and message.ack:
             entry = message.entry
             self._send(Loaded(entry.kind, entry.key, entry.version))
+
+    def _apply(self, change: Callable[[], bool | None]) -> bool | None:
+        """Change the replica, on_load listeners refusing blocking calls meanwhile."""
+        self._tls.dispatching = True
+        try:
+            return change()
+        finally:
+            self._tls.dispatching = False
 
     def _drop(self, why: str) -> None:
         was_ready = self._is_ready

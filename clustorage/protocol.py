@@ -205,7 +205,8 @@ class _Digests:
     """Digests of blobs this process verified, so that forwarding one does not hash it again.
 
     A received blob is the tail of a buffer nobody writes to after it is handed over; the
-    cache knows the few most recent by that buffer, without keeping them alive.
+    cache knows the few most recent by that buffer, without keeping them alive. (No weakref
+    callbacks: one can run inside ``remember``, from a garbage collection, under the lock.)
     """
 
     def __init__(self, size: int = 2) -> None:
@@ -214,22 +215,12 @@ class _Digests:
         self._known: dict[int, tuple[weakref.ref[Any], int, str, bytes]] = {}
 
     def remember(self, owner: Any, length: int, algorithm: str, digest: bytes) -> None:
-        key = id(owner)
+        known = (weakref.ref(owner), length, algorithm, digest)
         with self._lock:
-            self._known[key] = (
-                weakref.ref(owner, lambda _: self._forget(key)),
-                length,
-                algorithm,
-                digest,
-            )
+            self._known.pop(id(owner), None)
+            self._known[id(owner)] = known
             while len(self._known) > self._size:
                 self._known.pop(next(iter(self._known)))
-
-    def _forget(self, key: int) -> None:
-        with self._lock:
-            known = self._known.get(key)
-            if known is not None and known[0]() is None:
-                del self._known[key]
 
     def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
         owner = blob.obj if isinstance(blob, memoryview) else blob
@@ -264,7 +255,7 @@ _HASHING = "clustorage-hash"
 class _HashingThread:
     """A hash state updated on a thread of its own, for one blob that is arriving.
 
-    Its thread ends at :meth:`digest`, or at :meth:`end` when the frame will not finish
+    Its thread ends at :meth:`digest`, or at :meth:`abandon` when the frame will not finish
     (the connection failed or was dropped, or the frame was collected unfinished).
     """
 
@@ -272,6 +263,7 @@ class _HashingThread:
         self._hasher = _hasher(algorithm)
         self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
+        self._abandoned = False
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name=_HASHING, daemon=True)
 
@@ -293,7 +285,7 @@ class _HashingThread:
         while (part := self._parts.get()) is not None:
             if isinstance(part, threading.Event):
                 part.set()
-            elif self._failure is None:
+            elif self._failure is None and not self._abandoned:
                 try:
                     self._hasher.update(part)
                 except BaseException as exc:  # re-raised by digest(), on the caller's thread
@@ -302,7 +294,9 @@ class _HashingThread:
     def update(self, part: memoryview) -> None:
         self._parts.put(part)
 
-    def end(self) -> None:
+    def abandon(self) -> None:
+        """The frame will not finish: skip what is queued, and end."""
+        self._abandoned = True
         self._parts.put(None)
 
     def _check_process(self) -> None:
@@ -314,7 +308,7 @@ class _HashingThread:
 
     def digest(self) -> bytes:
         self._check_process()
-        self.end()
+        self._parts.put(None)
         self._thread.join()
         if self._failure is not None:
             raise self._failure
@@ -355,14 +349,14 @@ class _Bulk:
         self.hasher: Any = _hasher(algorithm)
         if blob >= THREAD_HASH_AT and _HashingThread.available():
             hashing = _HashingThread(algorithm)
-            weakref.finalize(self, hashing.end)  # before the thread runs: it always ends
+            weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
             if hashing.start():
                 self.hasher = hashing
 
     def abandon(self) -> None:
         """This frame will not finish: let its hashing thread, if any, end now."""
         if isinstance(self.hasher, _HashingThread):
-            self.hasher.end()
+            self.hasher.abandon()
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
@@ -830,8 +824,9 @@ class Connection:
 
     def send_message(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
-        one, :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
-        if len(blob) < BULK:
+        one (or one whose envelope is over BULK bytes, which a bulk frame cannot carry),
+        :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
+        if len(blob) < BULK or len(envelope) > BULK:
             return iter((self.send(envelope + joined(blob) if blob else envelope),))
         return self.send_bulk(envelope, blob)
 

@@ -207,14 +207,17 @@ class ServerConnection:
             self._transport.write(data)
             self.last_sent = time.monotonic()
 
-    def _write_parts(self, parts: Iterator[bytes | memoryview], size: int, counted: bool) -> None:
-        """Send a big frame of ``size`` bytes part by part, as the member drains it: a part
-        is made (and hashed, when it must be) only once there is room for it. ``counted``:
+    def _queue(self, envelope: bytes, blob: messages.Payload, counted: bool) -> None:
+        """Send a frame once what is queued before it has gone, part by part as the member
+        drains it: it is made, numbered (and hashed, when it must be) only then. ``counted``:
         whether its bytes count against the write limit."""
-        self._outbox.append((parts, counted))
+        self._outbox.append((self._frame_parts(envelope, blob), counted))
         if counted:
-            self._queued += size
+            self._queued += frame_size(len(envelope) + len(blob))
         self._flush()
+
+    def _frame_parts(self, envelope: bytes, blob: messages.Payload) -> Iterator[bytes | memoryview]:
+        yield from self._conn.send_message(envelope, blob)
 
     def _flush(self) -> None:
         outbox, transport = self._outbox, self._transport
@@ -240,7 +243,8 @@ class ServerConnection:
         if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        # A SyncEntry does not count: it sends an entry the loader holds anyway, once.
+        # A resync's entries do not count: each is one the loader holds, sent once per
+        # connection, made only as the member drains what went before.
         counted = type(message) is not messages.SyncEntry
         backlog = self._transport.get_write_buffer_size() + self._queued
         if counted and backlog > self._timing.write_limit:
@@ -248,11 +252,10 @@ class ServerConnection:
             self.close()
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
-        frame = self._conn.send_message(envelope, blob)
-        if len(blob) < BULK:
-            self._write(next(frame))
+        if self._outbox or not counted or len(blob) >= BULK:
+            self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:
-            self._write_parts(frame, frame_size(len(envelope) + len(blob)), counted)
+            self._write(self._conn.send(envelope + messages.joined(blob) if blob else envelope))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).

@@ -137,10 +137,12 @@ def test_a_late_joiner_gets_more_than_one_frame_can_hold() -> None:
 
 
 def test_a_resync_of_big_values_does_not_count_against_the_write_limit() -> None:
-    """A node joining a loader that holds more than its per-member write limit gets every
-    value and stays connected: the loader sends what it holds anyway, once."""
+    """A node joining a loader that holds more than its per-member write limit, in big values
+    and in many small ones, gets every value and stays connected: the loader sends what it
+    holds anyway, once, as the node drains it."""
     size = 8 << 20  # more than the socket buffers take at once
-    values = {f"k{i}": bytes([i]) * size for i in range(5)}
+    values: dict[str, bytes] = {f"k{i}": bytes([i]) * size for i in range(5)}
+    values.update({f"s{i}": bytes([i % 256]) * (BULK - 100) for i in range(400)})
     with node_pair() as (loader, member):
         loader._channel.timing.write_limit = 2 * size
         for key, value in values.items():
@@ -248,3 +250,58 @@ def test_the_loader_ends_the_hashing_of_a_member_that_left_mid_frame(
             eventually(lambda: hashing() == 0)
         member.put("after", BIG)
         assert loader.get("after") == BIG
+
+
+class Sleeper:
+    """A value that takes its time to unpickle, as a big one does."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[Callable[[float], None], tuple[float]]:
+        return (time.sleep, (self.seconds,))
+
+
+def test_changes_made_while_a_node_resyncs_win_over_its_resync() -> None:
+    """A value replaced and a key deleted while a joining node is still taking in its resync
+    end replaced and deleted there too: the resync is applied in its place in the stream."""
+    with node_pair() as (_, member):
+        member.put("slow", (Sleeper(0.8), b"s" * (2 << 20)))  # a SyncEntry of its own
+        member.put("big", bytes(16 << 20))  # the SyncReply waits behind it
+        member.put("k", "v1")
+        member.put("d", "deleted soon")
+        joined: dict[str, clustorage.Node] = {}
+
+        def join() -> None:
+            joined["late"] = clustorage.Node("late", member.loader_address, cookie=COOKIE)
+
+        joiner = threading.Thread(target=join)
+        joiner.start()
+        time.sleep(0.4)  # the late node is unpickling "slow", its resync not all in
+        member.put("k", "v2")
+        member.delete("d")
+        joiner.join(20)
+        late = joined["late"]
+        try:
+            eventually(lambda: late.get("k") == "v2" and "d" not in set(late.keys()))
+            time.sleep(0.3)
+            assert late.get("k") == "v2"
+            assert sorted(late.keys()) == sorted(member.keys())
+        finally:
+            late.stop()
+
+
+def test_a_function_with_a_big_source_reaches_every_node() -> None:
+    """A function whose source is over BULK bytes (too big for a bulk frame's envelope)
+    reaches the connected nodes and a node that joins later."""
+    text = "x" * (2 * BULK)
+    source = f"def big():\n    return {text!r}\n"
+    with (
+        node_pair() as (_, member),
+        clustorage.Node("other", member.loader_address, cookie=COOKIE) as other,
+    ):
+        member.define("big", source)
+        eventually(lambda: "big" in other.functions())
+        assert other.call("big") == text
+        with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
+            assert late.call("big") == text

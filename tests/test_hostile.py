@@ -201,3 +201,35 @@ def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
         alive.set()
         beating.join(5)
         sock.close()
+
+
+def answers(sock: socket.socket, conn: Connection, count: int) -> list[messages.Message]:
+    """The next ``count`` messages (not pushes) the loader sends on ``sock``."""
+    found: list[messages.Message] = []
+    while len(found) < count:
+        data = sock.recv(1 << 16)
+        assert data, "the loader closed the connection"
+        for payload in conn.read_frames(data):
+            message = messages.decode(payload)
+            if getattr(message, "rid", None) is not None:
+                found.append(message)
+    return found
+
+
+def test_a_second_resync_on_one_connection_is_refused(cluster: Cluster) -> None:
+    """A connection resynchronises once: asking again (which would make the loader queue
+    its whole store again, outside the write limit) is answered with an error."""
+    cluster.start_loader()
+    writer = cluster.member("writer")
+    writer.ok("node.put('k', b'v' * 100_000)")
+    sock, conn = authenticated(cluster.port, "twice")
+    try:
+        sock.sendall(conn.send(messages.encode(messages.Sync(1, {}))))
+        (first,) = answers(sock, conn, 1)
+        assert type(first) is messages.SyncReply
+        sock.sendall(conn.send(messages.encode(messages.Sync(2, {}))))
+        (second,) = answers(sock, conn, 1)
+        assert type(second) is messages.Failed
+        assert "once" in second.message
+    finally:
+        sock.close()

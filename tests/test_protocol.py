@@ -948,3 +948,31 @@ def test_a_child_forked_mid_frame_says_it_cannot_finish_it(thread_hashed: int) -
         raise AssertionError("the forked child hung on a frame its parent was receiving")
     assert os.waitstatus_to_exitcode(done[1]) == 0
     assert pair.server.read_frames(frame[half:]) == [b"env" + blob]
+
+
+class _Owner:
+    """A buffer owner that only a garbage collection frees (it is in a reference cycle)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.timeout(10, method="thread")  # a deadlock ignores the signal's exception
+def test_the_digest_cache_survives_a_collection_inside_it() -> None:
+    """A verified buffer freed by a garbage collection that runs while the cache is being
+    written to (any allocation can start one) must not deadlock it."""
+    digests = clustorage.protocol._Digests()
+    threshold = gc.get_threshold()
+    gc.collect()
+    try:
+        for every in (1, 2, 3, 5, 7, 11):  # collections at different allocations
+            gc.set_threshold(every)
+            for _ in range(500):
+                freed = _Owner()
+                digests.remember(freed, 1, "sha256", b"d")
+                del freed  # garbage, until a collection that may start inside remember
+    finally:
+        gc.set_threshold(*threshold)
+    owner = _Owner()
+    digests.remember(owner, 3, "sha256", b"digest")
+    assert digests.find(memoryview(b"abc"), "sha256") is None
