@@ -765,6 +765,18 @@ def test_a_bulk_header_alone_does_not_make_the_server_hold_its_size() -> None:
     assert psutil.Process().memory_info().rss - before < 64 << 20
 
 
+def child_exit_code(pid: int, hung: str) -> int:
+    """The exit code of forked child ``pid``; killed, and ``hung`` raised, after 20 s."""
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(hung)
+    return os.waitstatus_to_exitcode(done[1])
+
+
 @pytest.mark.timeout(30)
 def test_a_forked_child_hashes_big_frames_too() -> None:
     """A child forked after a big frame went through takes big frames too."""
@@ -779,14 +791,7 @@ def test_a_forked_child_hashes_big_frames_too() -> None:
             code = 0 if child.server.read_frames(frame) == [b"e" + b"z" * BULK] else 1
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 20
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise AssertionError("the forked child hung hashing a big frame")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_exit_code(pid, "the forked child hung hashing a big frame") == 0
 
 
 # -- big blobs hashed on a thread of their own -----------------------------------------------
@@ -939,14 +944,7 @@ def test_a_child_forked_mid_frame_says_it_cannot_finish_it(thread_hashed: int) -
             code = 0 if "forked" in str(exc) else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 20
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise AssertionError("the forked child hung on a frame its parent was receiving")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_exit_code(pid, "the forked child hung on a frame its parent was receiving") == 0
     assert pair.server.read_frames(frame[half:]) == [b"env" + blob]
 
 
