@@ -143,6 +143,7 @@ class LoaderCore:
     ) -> None:
         self.name = name
         self.address = address
+        self.store_identity = store.identity
         self._sync_inline = min(SYNC_INLINE, max_frame // 4)
         self._synced: set[int] = set()  # peers (by id) that had their resync
         self.started = time.time()

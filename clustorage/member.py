@@ -108,6 +108,7 @@ class MemberClient:
         # The request the io lock's holder is reading for (see _request_reading).
         self._mine = 0
         self._received = 0  # reads of anything but heartbeats: progress of a long answer
+        self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
         self._patient = False
         self._thread = threading.Thread(
@@ -178,8 +179,15 @@ class MemberClient:
             self._sock, self._conn = sock, conn
         self._last_heard = self._last_sent = time.monotonic()
         self.members = (str(welcome.get("name", loader.name)),)
+        store = welcome.get("store")
+        if self._store is not None and store != self._store:
+            # Another store (a loader that kept nothing, or another data file) numbers its
+            # versions afresh: none of ours is one of its, whatever the number says.
+            held = self.replica.forget_versions()
+        else:
+            held = dict(self.replica.versions)
         rid, waiter = self.pending.open()
-        self._send(Sync(rid, dict(self.replica.versions)))
+        self._send(Sync(rid, held))
         deadline = time.monotonic() + timeout
         with self._io_lock:
             while not waiter.done:
@@ -194,6 +202,7 @@ class MemberClient:
             raise waiter.error
         if not isinstance(reply, SyncReply):
             raise _Lost(f"the loader answered resync with {type(reply).__name__}")
+        self._store = store
         with self._ready:
             self._is_ready = True
             self._ready.notify_all()

@@ -66,6 +66,14 @@ class Replica:
     def version(self, kind: str, key: str) -> int:
         return self.versions.get((kind, key), 0)
 
+    def forget_versions(self) -> dict[tuple[str, str], int]:
+        """Mark every held version unknown (0), values kept, so that any version installs
+        over it; returns what is held, by (kind, key). For a loader on another store, which
+        numbers its versions afresh."""
+        with self._lock:
+            self.versions = dict.fromkeys(self.versions, 0)
+            return dict(self.versions)
+
     def install(
         self, entry: Entry, obj: Any = MISSING, *, force: bool = False, lazy: bool = False
     ) -> bool:

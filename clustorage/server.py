@@ -181,7 +181,9 @@ class ServerConnection:
             self.close(flush=True)
             return
         self.name = name
-        self._conn.accept(handshake_meta(self._core.name, role="loader"))
+        self._conn.accept(
+            handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
+        )
         self._write(self._conn.data_to_send())
         self._joined = True
         self._core.join(self)

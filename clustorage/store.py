@@ -9,6 +9,7 @@ nothing, so its store is plain dictionaries with the same rules.
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS entries (
     deleted  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, key, version)
 );
+CREATE TABLE IF NOT EXISTS identity (id TEXT NOT NULL);
 """
 
 _CURRENT = """
@@ -47,6 +49,7 @@ class Store(Protocol):
     """What the loader needs from a store."""
 
     path: str
+    identity: str  # made once when the store is created: versions are numbered per store
 
     def current(self) -> list[Entry]: ...
 
@@ -75,11 +78,20 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self.identity = self._identity()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the loader's data file {path}: {exc}; choose a writable "
                 f"directory with --data DIR (or --data :memory: to keep nothing)"
             ) from exc
+
+    def _identity(self) -> str:
+        row = self._db.execute("SELECT id FROM identity").fetchone()
+        if row is not None:
+            return str(row[0])
+        identity = secrets.token_hex(16)
+        self._db.execute("INSERT INTO identity (id) VALUES (?)", (identity,))
+        return identity
 
     def current(self) -> list[Entry]:
         """The latest, undeleted version of every key."""
@@ -161,6 +173,7 @@ class MemoryStore:
     path = MEMORY
 
     def __init__(self) -> None:
+        self.identity = secrets.token_hex(16)
         self._versions: dict[tuple[str, str], list[Entry]] = {}
         self._deleted: set[tuple[str, str, int]] = set()
 

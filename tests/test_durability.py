@@ -113,6 +113,31 @@ def test_member_reconnects_and_resyncs_after_loader_restart(
     assert a.ok("node.call('f')") == 3
 
 
+def test_a_member_resyncs_in_full_with_a_loader_on_another_store(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Each store numbers its versions afresh: a member that reconnects to a loader on
+    another store (one that kept nothing, or another data file) takes that store's values,
+    even under a version number it held, and drops the keys that store has not got."""
+    data = str(tmp_path / "other-store")
+    with clustorage.Node("app1", listen="127.0.0.1:0", data=data, cookie=COOKIE) as other:
+        assert other.put("k", "from the other store") == 1
+    loader = cluster.start_loader()
+    a = cluster.member("a")
+    assert a.ok("node.put('k', 'old')") == 1
+    a.ok("node.put('gone', 'with the old loader')")
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait(10)
+    cluster.start_loader(data=data)
+    a.ok(
+        "import time\n"
+        "deadline = time.monotonic() + 20\n"
+        "while 'gone' in node.keys() and time.monotonic() < deadline: time.sleep(0.05)"
+    )
+    assert a.ok("node.keys()") == ["k"]
+    assert a.ok("node.get('k')") == "from the other store"
+
+
 def test_history_records_every_version(home: Path, tmp_path: Path) -> None:
     """Every function version is auditable, with its source and defining node."""
     with node_pair(data=str(tmp_path / "data")) as (loader, member):
