@@ -108,7 +108,7 @@ def load(payload: Blob) -> Any:
 
 def check_size(key: str, payload: Payload, max_frame: int) -> None:
     """Raise ValueTooLarge if ``payload`` cannot travel in one frame of ``max_frame`` bytes."""
-    if len(payload) + ENVELOPE > max_frame:
+    if len(payload) + ENVELOPE + len(key.encode(errors="surrogatepass")) > max_frame:
         raise ValueTooLarge(
             f"{key!r} is {len(payload)} bytes serialized, over the frame limit of {max_frame} "
             f"bytes; raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"

@@ -32,7 +32,13 @@ from typing import Any, Protocol
 
 from . import codec
 from .compiler import compile_function
-from .errors import ClustorageError, CompileError, RemoteProtocolError, StoreError
+from .errors import (
+    ClustorageError,
+    CompileError,
+    RemoteProtocolError,
+    StoreError,
+    ValueTooLarge,
+)
 from .messages import (
     FUNCTION,
     VALUE,
@@ -144,6 +150,7 @@ class LoaderCore:
         self.name = name
         self.address = address
         self.store_identity = store.identity
+        self._max_frame = max_frame
         self._sync_inline = min(SYNC_INLINE, max_frame // 4)
         self._synced: set[int] = set()  # peers (by id) that had their resync
         self.started = time.time()
@@ -245,12 +252,28 @@ class LoaderCore:
         self._last_version[(kind, key)] = version
         return version
 
+    def _check_sendable(self, entry: Entry) -> None:
+        """Refuse an entry that could not be sent to a node (a frame has a size limit)."""
+        texts = len(entry.key) + len(entry.source or "") + len(entry.origin)
+        if len(entry.payload) + 4 * texts + 1024 <= self._max_frame:  # fits, UTF-8 and all
+            return
+        envelope, blob = encode_parts(Found(1 << 62, entry))  # the biggest message with it
+        size = len(envelope) + len(blob)
+        if size > self._max_frame:
+            self._last_version[(entry.kind, entry.key)] -= 1
+            raise ValueTooLarge(
+                f"{entry.key!r} would take {size} bytes to send, over the frame limit of "
+                f"{self._max_frame} bytes; raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) "
+                f"on every node"
+            )
+
     def _store_entry(
         self, kind: str, key: str, payload: Blob, source: str | None, origin: str
     ) -> Entry:
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
         )
+        self._check_sendable(entry)
         current = self.entries.get((kind, key))
         try:
             self._store.commit(entry, current.version if current is not None else 0)
@@ -282,7 +305,7 @@ class LoaderCore:
             return
         try:
             entry = self._store_entry(VALUE, message.key, joined(message.payload), None, peer.name)
-        except StoreError:
+        except (StoreError, ValueTooLarge):
             if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
                 self._pass_lease(message.key, lease)
             raise

@@ -356,8 +356,7 @@ class MemberClient:
         rid = getattr(message, "rid", None)
         if rid is not None:
             if type(message) is SyncReply:  # applied in its place: later pushes go on top
-                self._apply(lambda: apply_sync(self.replica, message))
-                self.members = message.members
+                self._apply(lambda: self._resync(message))
             if rid != self._mine:
                 self.pending.resolve(rid, message)
             elif type(message) is Queued:
@@ -365,18 +364,26 @@ class MemberClient:
             else:
                 self._answer = message
             return
-        if self._apply(lambda: apply_push(self.replica, message)):
-            self.members = message.names  # type: ignore[union-attr]
-            self.changed()
+        self._apply(lambda: self._push(message))
         if type(message) is Load and message.ack:
             entry = message.entry
             self._send(Loaded(entry.kind, entry.key, entry.version))
 
-    def _apply(self, change: Callable[[], bool | None]) -> bool | None:
-        """Change the replica, on_load listeners refusing blocking calls meanwhile."""
+    def _resync(self, reply: SyncReply) -> None:
+        apply_sync(self.replica, reply)
+        self.members = reply.members
+
+    def _push(self, message: Message) -> None:
+        if apply_push(self.replica, message):
+            self.members = message.names  # type: ignore[union-attr]
+            self.changed()
+
+    def _apply(self, change: Callable[[], None]) -> None:
+        """Apply a change from the loader, listeners (on_load, on_change) refusing blocking
+        calls meanwhile: this thread is the one that would read their answers."""
         self._tls.dispatching = True
         try:
-            return change()
+            change()
         finally:
             self._tls.dispatching = False
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import messages
-from .errors import AuthenticationError, ProtocolError
+from .errors import AuthenticationError, LocalProtocolError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
 from .protocol import (
@@ -229,7 +229,12 @@ class ServerConnection:
                 self._queued = 0
                 return
             parts, counted = outbox[0]
-            part = next(parts, None)
+            try:
+                part = next(parts, None)
+            except ProtocolError as exc:  # a frame half made: the stream cannot go on
+                log.error("closed %s (%s): cannot send a frame: %s", self.address, self.name, exc)
+                self.close()
+                return
             if part is None:
                 outbox.popleft()
             elif part:
@@ -254,6 +259,11 @@ class ServerConnection:
             self.close()
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
+        if len(envelope) + len(blob) > self._conn.max_frame:  # refused here, not when queued
+            raise LocalProtocolError(
+                f"cannot send a frame of {len(envelope) + len(blob)} bytes to {self.name}: "
+                f"the limit is {self._conn.max_frame}"
+            )
         if self._outbox or not counted or len(blob) >= BULK:
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:

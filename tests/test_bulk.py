@@ -305,3 +305,18 @@ def test_a_function_with_a_big_source_reaches_every_node() -> None:
         assert other.call("big") == text
         with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
             assert late.call("big") == text
+
+
+def test_a_definition_too_big_to_send_is_refused_and_the_cluster_goes_on() -> None:
+    """A function whose source and compiled form fit one frame apart but not together is
+    refused with ValueTooLarge before it is stored: connected and later nodes go on."""
+    limit = 1 << 20
+    source = f"def huge():\n    return {'h' * 600_000!r}\n"
+    with node_pair(max_frame=limit) as (loader, member):
+        with pytest.raises(clustorage.ValueTooLarge, match="frame limit"):
+            member.define("huge", source)
+        assert "huge" not in loader.functions()
+        member.put("after", 1)
+        with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
+            assert late.get("after") == 1
+            assert "huge" not in late.functions()

@@ -265,3 +265,26 @@ def test_a_blocking_call_from_a_members_listener_is_refused_not_hung() -> None:
         assert done.wait(10)
         assert isinstance(seen[0], RuntimeError) and "on_load" in str(seen[0])
         assert member.get("after", lambda: 2) == 2
+
+
+def test_a_blocking_call_from_a_members_change_listener_is_refused_not_hung() -> None:
+    """The same for on_change: a node joining is applied by the thread that would read the
+    answer, so a blocking call from the listener raises at once."""
+    with node_pair() as (_, member):
+        seen: list[BaseException] = []
+        done = threading.Event()
+
+        def listener() -> None:
+            if done.is_set():
+                return
+            try:
+                member.put("from a listener", 1)
+            except BaseException as exc:
+                seen.append(exc)
+            done.set()
+
+        member.on_change(listener)
+        with clustorage.Node("joiner", member.loader_address, cookie=COOKIE):
+            assert done.wait(10)
+        assert isinstance(seen[0], RuntimeError)
+        assert member.get("after", lambda: 2) == 2

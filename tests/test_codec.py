@@ -99,3 +99,13 @@ def test_check_size_counts_every_part() -> None:
     payload = codec.dump_borrowing("k", b"x" * (4 * BIG))
     with pytest.raises(ValueTooLarge, match="'k'"):
         codec.check_size("k", payload, 4 * BIG)
+
+
+def test_check_size_counts_the_key() -> None:
+    """A payload that fits the frame only without its key's bytes is refused before sending."""
+    limit = 1 << 20
+    key = "k" * 4000
+    payload = bytes(limit - codec.ENVELOPE - 100)
+    codec.check_size("k", payload, limit)
+    with pytest.raises(ValueTooLarge, match="frame limit"):
+        codec.check_size(key, payload, limit)
