@@ -533,9 +533,9 @@ class Bench:
                         f"{fmt_time(cost)} net of timer, {fmt_time(stats['median'] - base)} "
                         f"over the {'dict lookup' if 'get' in name else 'plain call'}"
                     )
-                    extra = {
-                        "target": "<= 0.3 us",
-                        "verdict": verdict(cost <= 0.3e-6),
+                    extra = {  # the target is the overhead over the same thing done locally
+                        "target": "<= 0.3 us over it",
+                        "verdict": verdict(stats["median"] - base <= 0.3e-6),
                         "net": cost,
                         "over_baseline": stats["median"] - base,
                     }
