@@ -42,3 +42,11 @@ def test_cpu_bench_runs() -> None:
     lines = done.stdout.splitlines()
     assert "server CPU" in lines[0]
     assert sum("miss" in line for line in lines) == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("measure", [[], ["--transfer"]], ids=["miss", "transfer"])
+def test_ab_bench_runs(measure: list[str]) -> None:
+    done = run([str(BENCH / "ab.py"), str(ROOT), str(ROOT), "--quick", *measure], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("B/A ")

@@ -1,0 +1,186 @@
+"""Two versions of Clustorage side by side: the same measure, interleaved, in one invocation.
+
+A change worth a few percent is lost in the drift of a shared machine between two runs of
+run.py. This script starts a loader and its members for each source tree (a checkout, or a
+``git worktree``) at once and alternates batches between them, so that both see the same
+machine; it prints each tree's median batch and their ratio.
+
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
+    .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put -> hot-load
+    .venv/bin/python bench/ab.py . . --quick                    # the tests' check
+
+Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
+bench/README.md come from; a smaller difference needs more rounds, or is not there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from benchlib import free_port, stop_process, wait_for_port
+
+MB = 1_000_000
+
+# Each member program reads a count per line and answers with one figure per line.
+MISSES = r"""
+import itertools, sys, time, clustorage
+node = clustorage.Node("m", sys.argv[1], cookie=sys.argv[2], timeout=60)
+keys = itertools.count()
+node.get("warm", lambda: 0)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    start = time.perf_counter()
+    for _ in range(n):
+        i = next(keys)
+        node.get(f"k{i}", lambda: i)
+    print((time.perf_counter() - start) / n * 1e6, flush=True)
+"""
+
+WRITER = r"""
+import sys, time, clustorage
+node = clustorage.Node("a", sys.argv[1], cookie=sys.argv[2], timeout=60)
+value = b"x" * int(sys.argv[3])
+print("ready", flush=True)
+for line in sys.stdin:
+    start = time.time()
+    version = node.put("big", value)
+    print(start, version, flush=True)
+"""
+
+READER = r"""
+import sys, threading, time, clustorage
+node = clustorage.Node("b", sys.argv[1], cookie=sys.argv[2], timeout=60)
+node.on_load(lambda event: event.key == "big" and print(time.time(), event.version, flush=True))
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+class BenchError(Exception):
+    """A child process failed or did not answer."""
+
+
+@dataclass
+class Tree:
+    """One source tree's loader and member processes."""
+
+    path: Path
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    figures: list[float] = field(default_factory=list)
+
+    def start(self, programs: list[tuple[str, ...]]) -> list[subprocess.Popen[str]]:
+        cookie, port = secrets.token_hex(16), free_port()
+        env = {**os.environ, "PYTHONPATH": str(self.path), "CLUSTORAGE_COOKIE": cookie}
+        loader = [sys.executable, "-m", "clustorage", "loader", "--name", "L"]
+        loader += ["--listen", f"127.0.0.1:{port}", "--data", ":memory:"]
+        self.processes.append(
+            subprocess.Popen(loader, env=env, cwd=self.path, stderr=subprocess.DEVNULL, text=True)
+        )
+        wait_for_port(port)
+        members = []
+        for program, *arguments in programs:
+            member = subprocess.Popen(
+                [sys.executable, "-c", program, f"L@127.0.0.1:{port}", cookie, *arguments],
+                env=env,
+                cwd=self.path,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self.processes.append(member)
+            if read_line(member) != ["ready"]:
+                raise BenchError(f"a member in {self.path} did not start")
+            members.append(member)
+        return members
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.stdin is not None:
+                process.stdin.close()
+            stop_process(process)
+
+
+def read_line(process: subprocess.Popen[str]) -> list[str]:
+    stdout: IO[str] | None = process.stdout
+    line = stdout.readline() if stdout is not None else ""
+    if not line:
+        raise BenchError(f"process {process.pid} ended without answering")
+    return line.split()
+
+
+def write_line(process: subprocess.Popen[str], text: str) -> None:
+    assert process.stdin is not None
+    process.stdin.write(text + "\n")
+    process.stdin.flush()
+
+
+def miss_batch(members: list[subprocess.Popen[str]], count: int) -> float:
+    """Microseconds per miss over ``count`` misses."""
+    (member,) = members
+    write_line(member, str(count))
+    return float(read_line(member)[0])
+
+
+def transfer_batch(members: list[subprocess.Popen[str]], size: int) -> float:
+    """MB/s from the writer's put until the reader has installed the value."""
+    writer, reader = members
+    write_line(writer, "go")
+    started, version = read_line(writer)
+    arrived, installed = read_line(reader)
+    if installed != version:
+        raise BenchError(f"the reader installed version {installed}, not {version}")
+    return size / MB / (float(arrived) - float(started))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("trees", nargs=2, type=Path, metavar="TREE", help="two source trees")
+    parser.add_argument("--transfer", action="store_true", help="100 MB values, not misses")
+    parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
+    parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
+    args = parser.parse_args(argv)
+    rounds = 2 if args.quick else args.rounds
+    if args.transfer:
+        size = MB if args.quick else 100 * MB
+        programs: list[tuple[str, ...]] = [(WRITER, str(size)), (READER,)]
+        unit, higher_is_better = "MB/s", True
+    else:
+        size = 50 if args.quick else 2000
+        programs = [(MISSES,)]
+        unit, higher_is_better = "us per miss", False
+    trees = [Tree(path.resolve()) for path in args.trees]
+    try:
+        members = [tree.start(programs) for tree in trees]
+        batch: Any = transfer_batch if args.transfer else miss_batch
+        for first in (0, 1):  # one batch each to warm up, not counted
+            batch(members[first], size)
+        for round_number in range(rounds):
+            order = (0, 1) if round_number % 2 == 0 else (1, 0)
+            for index in order:
+                trees[index].figures.append(batch(members[index], size))
+    finally:
+        for tree in trees:
+            tree.stop()
+    medians = [statistics.median(tree.figures) for tree in trees]
+    for name, tree, median in zip("AB", trees, medians, strict=True):
+        low, high = min(tree.figures), max(tree.figures)
+        print(f"{name} {tree.path}: {median:.1f} {unit} (min {low:.1f}, max {high:.1f})")
+    ratio = medians[1] / medians[0]
+    better = ratio > 1 if higher_is_better else ratio < 1
+    print(f"B/A {ratio:.3f} ({'B better' if better else 'B not better'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
