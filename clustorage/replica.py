@@ -22,6 +22,13 @@ MISSING: Any = object()  # "no object given": None is a value like any other
 log = logging.getLogger(__name__)
 
 
+def _cannot_load(entry: Entry) -> str:
+    return (
+        f"the {entry.kind} {entry.key!r} (version {entry.version}, from {entry.origin}) "
+        f"cannot be loaded on this node; install here what it needs"
+    )
+
+
 class LoadEvent(NamedTuple):
     """What an on_load listener is told: an entry was installed (or removed, ``obj`` None)."""
 
@@ -91,15 +98,15 @@ class Replica:
             if (held == entry.version and not unread) or (held > entry.version and not force):
                 return False
             if lazy and obj is MISSING and entry.kind == VALUE and not self._listeners:
-                self.values.pop(entry.key, None)
-                self._unread[entry.key] = entry
-                self.versions[(entry.kind, entry.key)] = entry.version
-                self.origins[(entry.kind, entry.key)] = entry.origin
+                self._record_unread(entry)
                 return True
             if unread:
                 del self._unread[entry.key]
             if obj is MISSING:
-                obj = codec.load(entry.payload)
+                try:
+                    obj = codec.load(entry.payload)
+                except Exception as exc:  # whatever unpickling raises
+                    return self._unloadable(entry, exc)
             if entry.kind == FUNCTION:
                 obj = restore_filename(entry.key, obj)
                 if entry.source is not None:
@@ -141,11 +148,33 @@ class Replica:
         if key not in self._unread:  # the common case, without the lock
             return MISSING
         with self._lock:
-            entry = self._unread.pop(key, None)
+            entry = self._unread.get(key)
             if entry is None:
                 return MISSING
-            obj = self.values[key] = codec.load(entry.payload)
+            try:
+                obj = codec.load(entry.payload)
+            except Exception as exc:
+                exc.add_note(_cannot_load(entry))
+                raise
+            del self._unread[key]
+            self.values[key] = obj
             return obj
+
+    def _record_unread(self, entry: Entry) -> None:
+        self.values.pop(entry.key, None)
+        self._unread[entry.key] = entry
+        self.versions[(entry.kind, entry.key)] = entry.version
+        self.origins[(entry.kind, entry.key)] = entry.origin
+
+    def _unloadable(self, entry: Entry, exc: Exception) -> bool:
+        """A pushed entry that cannot be deserialized here (a module this node lacks...): a
+        value is recorded, and reading it raises, on the reader's thread; a function is
+        left out. Either way the node goes on taking changes."""
+        log.warning("%s (%s: %s)", _cannot_load(entry), type(exc).__name__, exc)
+        if entry.kind != VALUE:
+            return False
+        self._record_unread(entry)
+        return True
 
     def keys(self) -> list[str]:
         """Every value key, sorted (unread ones too)."""

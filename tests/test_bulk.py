@@ -5,6 +5,7 @@ An in-process loader and in-process members on 127.0.0.1 (real sockets, real fra
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 import socket
@@ -320,3 +321,34 @@ def test_a_definition_too_big_to_send_is_refused_and_the_cluster_goes_on() -> No
         with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
             assert late.get("after") == 1
             assert "huge" not in late.functions()
+
+
+class NeedsAModuleNobodyHas:
+    """A value that only a node with a module this machine lacks could load."""
+
+    def __reduce__(self) -> tuple[Callable[[str], object], tuple[str]]:
+        return (importlib.import_module, ("clustorage_test_no_such_module",))
+
+
+def test_a_value_a_node_cannot_load_breaks_nothing_there() -> None:
+    """A hot-loaded value that cannot be unpickled on a node (a module it lacks) is recorded
+    there: reading it raises, naming the key; the node goes on taking changes, and a node
+    that joins later connects."""
+    with (
+        node_pair() as (_, member),
+        clustorage.Node("other", member.loader_address, cookie=COOKIE) as other,
+    ):
+        member.put("unloadable", NeedsAModuleNobodyHas())
+        member.put("after", 1)
+        eventually(lambda: "after" in set(other.keys()))
+        assert other.get("after") == 1
+        assert "unloadable" in set(other.keys())
+        with pytest.raises(ModuleNotFoundError) as raised:
+            other.get("unloadable")
+        assert "'unloadable'" in "".join(raised.value.__notes__)
+        member.put("later", 2)
+        eventually(lambda: "later" in set(other.keys()))
+        with clustorage.Node("late", member.loader_address, cookie=COOKIE) as late:
+            assert late.get("later") == 2
+            with pytest.raises(ModuleNotFoundError):
+                late.get("unloadable")
