@@ -406,13 +406,20 @@ class MemberClient:
 
     def _send(self, message: Message) -> None:
         envelope, blob = messages.encode_parts(message)
-        with self._send_lock:
-            sock, conn = self._sock, self._conn
-            if sock is None or conn is None:
-                raise self.unavailable("not connected")
-            for part in conn.send_message(envelope, blob):
-                sock.sendall(part)
-            self._last_sent = time.monotonic()
+        sending = False
+        try:
+            with self._send_lock:
+                sock, conn = self._sock, self._conn
+                if sock is None or conn is None:
+                    raise self.unavailable("not connected")
+                sending = True
+                for part in conn.send_message(envelope, blob):
+                    sock.sendall(part)
+                self._last_sent = time.monotonic()
+        except BaseException as exc:
+            if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:
+                self._drop(f"a frame was cut short by {type(exc).__name__}")  # reconnect
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         if self._is_ready:

@@ -5,9 +5,12 @@ An in-process loader and in-process members on 127.0.0.1 (real sockets, real fra
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import pickle
+import signal
 import socket
 import threading
 import time
@@ -352,3 +355,28 @@ def test_a_value_a_node_cannot_load_breaks_nothing_there() -> None:
             assert late.get("later") == 2
             with pytest.raises(ModuleNotFoundError):
                 late.get("unloadable")
+
+
+class Interrupted(Exception):
+    """What the test's signal handler raises, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def test_a_put_interrupted_while_sending_leaves_the_node_working() -> None:
+    """A put interrupted halfway through sending its frame (Ctrl-C) leaves half a frame on
+    the wire: the node reconnects at once, and its next request is answered."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with node_pair() as (loader, member):
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1))
+            timer.start()
+            with contextlib.suppress(Interrupted):  # unless the put was done first
+                member.put("big", bytes(400 << 20))
+            timer.join()
+            member.put("small", 1)
+            assert loader.get("small") == 1
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
