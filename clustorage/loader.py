@@ -236,6 +236,8 @@ class LoaderCore:
         rid = getattr(message, "rid", 0)
         if rid:
             peer.deliver(failure(rid, exc))
+        else:
+            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, exc)
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
         local = self.peers.get(self.name)
@@ -255,10 +257,11 @@ class LoaderCore:
     def _check_sendable(self, entry: Entry) -> None:
         """Refuse an entry that could not be sent to a node (a frame has a size limit)."""
         texts = len(entry.key) + len(entry.source or "") + len(entry.origin)
-        if len(entry.payload) + 4 * texts + 1024 <= self._max_frame:  # fits, UTF-8 and all
+        room_for_names = 1024 * (len(self.peers) + 1)  # a Defined answer carries them too
+        if len(entry.payload) + 4 * texts + room_for_names <= self._max_frame:  # fits surely
             return
         envelope, blob = encode_parts(Found(1 << 62, entry))  # the biggest message with it
-        size = len(envelope) + len(blob)
+        size = len(envelope) + len(blob) + _inline_size(*self.member_names())
         if size > self._max_frame:
             self._last_version[(entry.kind, entry.key)] -= 1
             raise ValueTooLarge(

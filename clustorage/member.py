@@ -186,6 +186,7 @@ class MemberClient:
             held = self.replica.forget_versions()
         else:
             held = dict(self.replica.versions)
+        self._store = store  # from now on, what arrives is numbered by this store
         rid, waiter = self.pending.open()
         self._send(Sync(rid, held))
         deadline = time.monotonic() + timeout
@@ -202,7 +203,6 @@ class MemberClient:
             raise waiter.error
         if not isinstance(reply, SyncReply):
             raise _Lost(f"the loader answered resync with {type(reply).__name__}")
-        self._store = store
         with self._ready:
             self._is_ready = True
             self._ready.notify_all()
@@ -394,13 +394,18 @@ class MemberClient:
         with self._ready:
             self._is_ready = False
         if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a reader waiting on it at once
             sock.close()
         if conn is not None:
             conn.release()
         self.pending.fail_all(self.unavailable(why))
         if was_ready:
             self.members = ()
-            self.changed()
+            if threading.current_thread() is self._thread:  # the one that would reconnect
+                self._apply(self.changed)
+            else:
+                self.changed()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -412,8 +417,9 @@ class MemberClient:
                 sock, conn = self._sock, self._conn
                 if sock is None or conn is None:
                     raise self.unavailable("not connected")
+                parts = conn.send_message(envelope, blob)  # a frame over the limit: raises here
                 sending = True
-                for part in conn.send_message(envelope, blob):
+                for part in parts:
                     sock.sendall(part)
                 self._last_sent = time.monotonic()
         except BaseException as exc:

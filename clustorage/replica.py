@@ -133,15 +133,16 @@ class Replica:
             table.pop(key, None)
             if kind == VALUE:
                 self._unread.pop(key, None)
+            held = (kind, key) in self.versions  # at version 0 after forget_versions
             version = self.versions.pop((kind, key), 0)
             held_origin = self.origins.pop((kind, key), "")
             origin = origin or held_origin
             if kind == FUNCTION:
                 self.sources.pop(key, None)
             listeners = list(self._listeners)
-        if version:
+        if held:
             self._notify(listeners, LoadEvent(kind, key, version, origin, None, None, True))
-        return existed or bool(version)
+        return existed or held
 
     def read_unread(self, key: str) -> Any:
         """Deserialize and install the recorded value of ``key``; MISSING if there is none."""
@@ -171,7 +172,11 @@ class Replica:
         value is recorded, and reading it raises, on the reader's thread; a function is
         left out. Either way the node goes on taking changes."""
         log.warning("%s (%s: %s)", _cannot_load(entry), type(exc).__name__, exc)
-        if entry.kind != VALUE:
+        if entry.kind != VALUE:  # not the older version either: a call asks the loader, and
+            self.functions.pop(entry.key, None)  # raises there what loading it raises
+            self.sources.pop(entry.key, None)
+            self.versions.pop((entry.kind, entry.key), None)
+            self.origins.pop((entry.kind, entry.key), None)
             return False
         self._record_unread(entry)
         return True

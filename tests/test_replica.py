@@ -89,3 +89,34 @@ def test_functions_are_never_lazy() -> None:
     entry = Entry(FUNCTION, "f", 1, pickle.dumps(len), "len", "m", 1.0)
     assert replica.install(entry, lazy=True)
     assert replica.functions["f"] is len
+
+
+class _NeedsAMissingModule:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import importlib
+
+        return (importlib.import_module, ("clustorage_test_no_such_module",))
+
+
+def test_removals_after_forgetting_versions_are_still_announced() -> None:
+    """Versions forgotten for a loader on another store: what it no longer has is removed,
+    and listeners hear of it (a notebook unbinds the name)."""
+    replica = Replica()
+    replica.install(value("k", 3, "old"))
+    events: list[LoadEvent] = []
+    replica.on_load(events.append)
+    assert replica.forget_versions() == {(VALUE, "k"): 0}
+    assert replica.remove(VALUE, "k")
+    assert [(event.key, event.removed) for event in events] == [("k", True)]
+
+
+def test_a_function_version_that_cannot_load_here_takes_the_older_one_away() -> None:
+    """A new version of a function that cannot be loaded on this node leaves no older version
+    to be called by mistake: the function is not here, and the node goes on."""
+    replica = Replica()
+    replica.install(Entry(FUNCTION, "f", 1, pickle.dumps(len), None, "m", 1.0))
+    assert replica.functions["f"] is len
+    broken = pickle.dumps(_NeedsAMissingModule())
+    assert not replica.install(Entry(FUNCTION, "f", 2, broken, None, "m", 1.0))
+    assert "f" not in replica.functions
+    assert replica.version(FUNCTION, "f") == 0
