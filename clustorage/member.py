@@ -29,8 +29,10 @@ from .errors import (
     AuthenticationError,
     ConfigError,
     LoaderUnavailable,
+    LocalProtocolError,
     NameClashError,
     ProtocolError,
+    ValueTooLarge,
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
 from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
@@ -78,6 +80,12 @@ class _ThreadState(threading.local):
 
 class _Lost(Exception):
     """The connection ended; the reader reconnects."""
+
+
+def _too_large(exc: LocalProtocolError) -> ValueTooLarge:
+    return ValueTooLarge(
+        f"{exc}; raise the limit with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
+    )
 
 
 class MemberClient:
@@ -499,6 +507,9 @@ class MemberClient:
         except OSError as exc:
             self.pending.discard(rid)
             raise self.unavailable(str(exc)) from exc
+        except LocalProtocolError as exc:
+            self.pending.discard(rid)
+            raise _too_large(exc) from None
         except BaseException:
             self.pending.discard(rid)
             raise
@@ -517,6 +528,8 @@ class MemberClient:
                 self._send(build(rid))
             except OSError as exc:
                 raise self.unavailable(str(exc)) from exc
+            except LocalProtocolError as exc:  # nothing sent: the connection is fine
+                raise _too_large(exc) from None
             deadline = time.monotonic() + timeout
             self._read_until(lambda: self._answer is not None, deadline, lambda: self._patient)
             if self._answer is not None:

@@ -380,3 +380,20 @@ def test_a_put_interrupted_while_sending_leaves_the_node_working() -> None:
             assert loader.get("small") == 1
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_definition_over_the_frame_limit_is_refused_without_dropping_the_connection() -> None:
+    """A define whose source alone is over this node's frame limit is refused with
+    ValueTooLarge before anything is sent; the node stays connected and answers."""
+    source = f"def huge():\n    return {'h' * 100_000!r}\n"
+    with (
+        node_pair() as (_, member),
+        clustorage.Node("small", member.loader_address, cookie=COOKIE, max_frame=1 << 16) as small,
+    ):
+        assert small.put("before", 1) == 1
+        lost: list[bool] = []
+        small.on_change(lambda: lost.append(not small.connected))
+        with pytest.raises(clustorage.ValueTooLarge, match="CLUSTORAGE_MAX_FRAME"):
+            small.define("huge", source)
+        assert small.put("after", 2) == 1
+        assert not any(lost)
