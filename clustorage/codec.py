@@ -14,6 +14,8 @@ __all__ = ["check_size", "dump", "dump_borrowing", "load"]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
+# What every "over the frame limit" error tells the user to do.
+RAISE_THE_LIMIT = "raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
 
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
@@ -111,5 +113,5 @@ def check_size(key: str, payload: Payload, max_frame: int) -> None:
     if len(payload) + ENVELOPE + len(key.encode(errors="surrogatepass")) > max_frame:
         raise ValueTooLarge(
             f"{key!r} is {len(payload)} bytes serialized, over the frame limit of {max_frame} "
-            f"bytes; raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
+            f"bytes; {RAISE_THE_LIMIT}"
         )

@@ -263,11 +263,9 @@ class LoaderCore:
         envelope, blob = encode_parts(Found(1 << 62, entry))  # the biggest message with it
         size = len(envelope) + len(blob) + _inline_size(*self.member_names())
         if size > self._max_frame:
-            self._last_version[(entry.kind, entry.key)] -= 1
             raise ValueTooLarge(
                 f"{entry.key!r} would take {size} bytes to send, over the frame limit of "
-                f"{self._max_frame} bytes; raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) "
-                f"on every node"
+                f"{self._max_frame} bytes; {codec.RAISE_THE_LIMIT}"
             )
 
     def _store_entry(
@@ -276,11 +274,11 @@ class LoaderCore:
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
         )
-        self._check_sendable(entry)
         current = self.entries.get((kind, key))
         try:
+            self._check_sendable(entry)
             self._store.commit(entry, current.version if current is not None else 0)
-        except StoreError:
+        except (StoreError, ValueTooLarge):
             self._last_version[(kind, key)] -= 1
             raise
         self.entries[(kind, key)] = entry

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import messages
+from . import codec, messages
 from .channel import Build, Pending, Waiter, apply_push, apply_sync, raise_failure
 from .config import NodeConfig
 from .errors import (
@@ -83,9 +83,7 @@ class _Lost(Exception):
 
 
 def _too_large(exc: LocalProtocolError) -> ValueTooLarge:
-    return ValueTooLarge(
-        f"{exc}; raise the limit with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
-    )
+    return ValueTooLarge(f"{exc}; {codec.RAISE_THE_LIMIT}")
 
 
 class MemberClient:

@@ -482,9 +482,8 @@ class Connection:
 
     def _error(self) -> None:
         self.state = State.ERROR
-        bulk, self._bulk = self._bulk, None
-        if bulk is not None:
-            bulk.abandon()
+        self.release()
+        self._bulk = None
 
     def release(self) -> None:
         """End the hashing of a big frame still arriving, which will not finish now: call
@@ -802,13 +801,17 @@ class Connection:
         self._send_tagger = _tagger(send_key)
         self._recv_tagger = _tagger(recv_key)
 
-    def _header(self, length: int, blob: int) -> bytes:
-        if self.state is not State.OPEN:
-            raise LocalProtocolError(f"cannot send as {self.role.value} while {self.state.value}")
+    def check_length(self, length: int) -> None:
+        """Raise LocalProtocolError if a frame carrying ``length`` bytes is over the limit."""
         if length > self.max_frame:
             raise LocalProtocolError(
                 f"cannot send a frame of {length} bytes: the limit is {self.max_frame}"
             )
+
+    def _header(self, length: int, blob: int) -> bytes:
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send as {self.role.value} while {self.state.value}")
+        self.check_length(length)
         header = HEADER.pack(length, self._send_seq, blob)
         self._send_seq += 1
         return header

@@ -128,17 +128,10 @@ class Replica:
     def remove(self, kind: str, key: str, origin: str = "") -> bool:
         """Forget ``key`` (deleted by node ``origin``); returns whether it was here."""
         with self._lock:
-            table: dict[str, Any] = self.functions if kind == FUNCTION else self.values
-            existed = key in table
-            table.pop(key, None)
-            if kind == VALUE:
-                self._unread.pop(key, None)
+            existed = key in (self.functions if kind == FUNCTION else self.values)
             held = (kind, key) in self.versions  # at version 0 after forget_versions
-            version = self.versions.pop((kind, key), 0)
-            held_origin = self.origins.pop((kind, key), "")
+            version, held_origin = self._forget(kind, key)
             origin = origin or held_origin
-            if kind == FUNCTION:
-                self.sources.pop(key, None)
             listeners = list(self._listeners)
         if held:
             self._notify(listeners, LoadEvent(kind, key, version, origin, None, None, True))
@@ -161,6 +154,16 @@ class Replica:
             self.values[key] = obj
             return obj
 
+    def _forget(self, kind: str, key: str) -> tuple[int, str]:
+        """Drop ``key`` (the lock held); the version and origin it had."""
+        if kind == FUNCTION:
+            self.functions.pop(key, None)
+            self.sources.pop(key, None)
+        else:
+            self.values.pop(key, None)
+            self._unread.pop(key, None)
+        return self.versions.pop((kind, key), 0), self.origins.pop((kind, key), "")
+
     def _record_unread(self, entry: Entry) -> None:
         self.values.pop(entry.key, None)
         self._unread[entry.key] = entry
@@ -173,10 +176,7 @@ class Replica:
         left out. Either way the node goes on taking changes."""
         log.warning("%s (%s: %s)", _cannot_load(entry), type(exc).__name__, exc)
         if entry.kind != VALUE:  # not the older version either: a call asks the loader, and
-            self.functions.pop(entry.key, None)  # raises there what loading it raises
-            self.sources.pop(entry.key, None)
-            self.versions.pop((entry.kind, entry.key), None)
-            self.origins.pop((entry.kind, entry.key), None)
+            self._forget(entry.kind, entry.key)  # raises there what loading it raises
             return False
         self._record_unread(entry)
         return True

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import messages
-from .errors import AuthenticationError, LocalProtocolError, ProtocolError
+from .errors import AuthenticationError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .loader import LoaderCore
 from .protocol import (
@@ -259,15 +259,11 @@ class ServerConnection:
             self.close()
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
-        if len(envelope) + len(blob) > self._conn.max_frame:  # refused here, not when queued
-            raise LocalProtocolError(
-                f"cannot send a frame of {len(envelope) + len(blob)} bytes to {self.name}: "
-                f"the limit is {self._conn.max_frame}"
-            )
+        self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued
         if self._outbox or not counted or len(blob) >= BULK:
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:
-            self._write(self._conn.send(envelope + messages.joined(blob) if blob else envelope))
+            self._write(next(self._conn.send_message(envelope, blob)))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).
