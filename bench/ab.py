@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchlib import free_port, stop_process, wait_for_port
+from benchlib import start_loader, stop_process
 
 MB = 1_000_000
 
@@ -75,22 +75,18 @@ class Tree:
     """One source tree's loader and member processes."""
 
     path: Path
-    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     figures: list[float] = field(default_factory=list)
 
     def start(self, programs: list[tuple[str, ...]]) -> list[subprocess.Popen[str]]:
-        cookie, port = secrets.token_hex(16), free_port()
+        cookie = secrets.token_hex(16)
         env = {**os.environ, "PYTHONPATH": str(self.path), "CLUSTORAGE_COOKIE": cookie}
-        loader = [sys.executable, "-m", "clustorage", "loader", "--name", "L"]
-        loader += ["--listen", f"127.0.0.1:{port}", "--data", ":memory:"]
-        self.processes.append(
-            subprocess.Popen(loader, env=env, cwd=self.path, stderr=subprocess.DEVNULL, text=True)
-        )
-        wait_for_port(port)
+        address, loader = start_loader(env, cwd=self.path)
+        self.processes.append(loader)
         members = []
         for program, *arguments in programs:
             member = subprocess.Popen(
-                [sys.executable, "-c", program, f"L@127.0.0.1:{port}", cookie, *arguments],
+                [sys.executable, "-c", program, address, cookie, *arguments],
                 env=env,
                 cwd=self.path,
                 stdin=subprocess.PIPE,

@@ -8,11 +8,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "rss_bytes", "stop_process", "summarize", "wait_for_port"]
+__all__ = ["free_port", "rss_bytes", "start_loader", "stop_process", "summarize", "wait_for_port"]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -45,6 +47,23 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
             time.sleep(0.02)
+
+
+def start_loader(
+    env: Mapping[str, str], cwd: Path | None = None
+) -> tuple[str, subprocess.Popen[Any]]:
+    """A loader named L on a free port of 127.0.0.1 keeping nothing, once it listens: its
+    address and process (stop it with :func:`stop_process`)."""
+    port = free_port()
+    command = [sys.executable, "-m", "clustorage", "loader", "--name", "L"]
+    command += ["--listen", f"127.0.0.1:{port}", "--data", ":memory:"]
+    process = subprocess.Popen(command, env=dict(env), cwd=cwd, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+    except BaseException:
+        stop_process(process)
+        raise
+    return f"L@127.0.0.1:{port}", process
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:

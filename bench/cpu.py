@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from benchlib import free_port, stop_process, wait_for_port
+from benchlib import start_loader, stop_process
 
 import clustorage
 from clustorage.messages import VALUE, Fetch
@@ -63,15 +63,10 @@ def per_op(
 
 
 @contextmanager
-def loader(cookie: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    command = [sys.executable, "-m", "clustorage", "loader", "--name", "L"]
-    command += ["--listen", f"127.0.0.1:{port}", "--data", ":memory:"]
-    env = {**os.environ, "CLUSTORAGE_COOKIE": cookie}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+def loader(cookie: str) -> Iterator[tuple[str, subprocess.Popen[Any]]]:
+    address, process = start_loader({**os.environ, "CLUSTORAGE_COOKIE": cookie})
     try:
-        wait_for_port(port)
-        yield f"L@127.0.0.1:{port}", process
+        yield address, process
     finally:
         stop_process(process)
 
