@@ -841,13 +841,19 @@ def test_a_tampered_big_blob_raises(thread_hashed: int, index: int) -> None:
     wait_for_no_hashing_thread()
 
 
+def halfway_through_a_big_frame(fill: bytes) -> ConnectionPair:
+    """A pair whose server has half of a big frame in, its hashing thread running."""
+    pair = open_pair()
+    frame = bulk_frame(pair, b"env", fill * (4 * BULK))
+    assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+    assert len(hashing_threads()) == 1
+    return pair
+
+
 @pytest.mark.timeout(30)
 def test_the_hashing_thread_of_a_dropped_frame_ends(thread_hashed: int) -> None:
     """A connection dropped halfway through a big frame leaves no thread (nor memory) behind."""
-    pair = open_pair()
-    frame = bulk_frame(pair, b"env", b"b" * (4 * BULK))
-    assert pair.server.read_frames(frame[: len(frame) // 2]) == []
-    assert len(hashing_threads()) == 1
+    pair = halfway_through_a_big_frame(b"b")
     del pair
     gc.collect()
     wait_for_no_hashing_thread()
@@ -889,9 +895,7 @@ def test_a_big_frame_cut_short_ends_its_thread_while_its_error_is_kept(
     (and through its traceback the connection) may be kept, as a REPL keeps the last one."""
     kept: list[BaseException] = []
     for _ in range(3):
-        pair = open_pair()
-        frame = bulk_frame(pair, b"env", b"t" * (4 * BULK))
-        assert pair.server.read_frames(frame[: len(frame) // 2]) == []
+        pair = halfway_through_a_big_frame(b"t")
         pair.server.receive_data(b"")
         with pytest.raises(RemoteProtocolError, match="truncated") as caught:
             pair.server.next_event()
@@ -918,10 +922,7 @@ def test_a_refused_big_frame_leaves_a_connection_that_can_be_copied(thread_hashe
 @pytest.mark.timeout(30)
 def test_release_ends_the_thread_of_a_frame_still_arriving(thread_hashed: int) -> None:
     """A dropped connection's frame will not finish: release() ends its thread now."""
-    pair = open_pair()
-    frame = bulk_frame(pair, b"env", b"r" * (4 * BULK))
-    assert pair.server.read_frames(frame[: len(frame) // 2]) == []
-    assert len(hashing_threads()) == 1
+    pair = halfway_through_a_big_frame(b"r")
     pair.server.release()
     wait_for_no_hashing_thread()
 
