@@ -134,9 +134,8 @@ def hit(iterations: int) -> dict[str, Any]:
     return {name: timed(values) for name, values in samples.items()}
 
 
-@op
-def miss(iterations: int, prefix: str) -> dict[str, Any]:
-    """Miss latency: get with a trivial fn, a fresh key each time."""
+def clustorage_miss(prefix: str) -> Callable[[], Any]:
+    """One miss: get with a trivial fn, a fresh key each time."""
     node = nodes()[0]
     counter = iter(range(10**9))
 
@@ -144,8 +143,24 @@ def miss(iterations: int, prefix: str) -> dict[str, Any]:
         i = next(counter)
         return node.get(f"{prefix}-{i}", lambda: i)
 
-    per_op(one, min(50, iterations))  # warm up
-    return timed(per_op(one, iterations))
+    return one
+
+
+@op
+def misses(iterations: int, prefix: str, peers: dict[str, int]) -> dict[str, Any]:
+    """Miss latency of clustorage and of each peer (kind: port), taking turns in rounds so
+    that whatever else the machine does hits them alike."""
+    systems = {"clustorage": clustorage_miss(f"{prefix}-clustorage")}
+    for kind, port in peers.items():
+        systems[kind] = peer_miss_op(kind, port, f"{prefix}-{kind}")
+    rounds = max(1, min(10, iterations // 100))
+    samples: dict[str, list[int]] = {name: [] for name in systems}
+    for one in systems.values():
+        per_op(one, min(50, iterations))  # warm up
+    for _ in range(rounds):
+        for name, one in systems.items():
+            samples[name] += per_op(one, iterations // rounds)
+    return {name: timed(values) for name, values in samples.items()}
 
 
 @op
@@ -310,8 +325,7 @@ def peer_hit(kind: str, port: int, iterations: int) -> dict[str, Any]:
     return timed(per_op(lambda: client.get("hello"), iterations))
 
 
-@op
-def peer_miss(kind: str, port: int, iterations: int, prefix: str) -> dict[str, Any]:
+def peer_miss_op(kind: str, port: int, prefix: str) -> Callable[[], None]:
     """What a memo cache does on a miss: GET finds nothing, the value is computed and SET."""
     client = peer(kind, port)
     counter = iter(range(10**9))
@@ -326,9 +340,7 @@ def peer_miss(kind: str, port: int, iterations: int, prefix: str) -> dict[str, A
         if client.get(key) is None:
             client[key] = key
 
-    one = redis_one if kind == "redis" else manager_one
-    per_op(one, min(50, iterations))
-    return timed(per_op(one, iterations))
+    return redis_one if kind == "redis" else manager_one
 
 
 @op

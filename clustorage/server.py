@@ -27,7 +27,7 @@ from .protocol import (
     Hello,
     Role,
     State,
-    fastest_bulk_digest,
+    bulk_digests_by_speed,
     frame_size,
 )
 from .reactor import Stream
@@ -55,7 +55,7 @@ class ServerConnection:
             cookie,
             handshake_meta(core.name, role="loader"),
             max_frame=max_frame,
-            bulk_digest=fastest_bulk_digest(),
+            bulk_digests=bulk_digests_by_speed(),
         )
         self._transport: Stream | None = None
         # Frames waiting to go out, part by part, each with whether it counts in _queued.

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from clustorage.protocol import Connection, Event, Hello, Role, State, Welcome
+from clustorage.protocol import BULK_DIGESTS, Connection, Event, Hello, Role, State, Welcome
 
 __all__ = [
     "CLIENT_META",
@@ -49,16 +49,19 @@ class ConnectionPair:
         client_meta: Mapping[str, Any] = CLIENT_META,
         max_frame: int = 1 << 20,
         chunk: int = 0,
-        bulk_digest: str | None = None,
+        bulk_digests: Sequence[str] = BULK_DIGESTS,
+        client_digests: Sequence[str] = BULK_DIGESTS,
     ) -> None:
         self.server = Connection(
             Role.SERVER,
             server_cookie or cookie,
             SERVER_META,
             max_frame=max_frame,
-            bulk_digest=bulk_digest,
+            bulk_digests=bulk_digests,
         )
-        self.client = Connection(Role.CLIENT, cookie, client_meta, max_frame=max_frame)
+        self.client = Connection(
+            Role.CLIENT, cookie, client_meta, max_frame=max_frame, bulk_digests=client_digests
+        )
         self.chunk = chunk
         self.sent: dict[Role, list[bytes]] = {Role.CLIENT: [], Role.SERVER: []}
 

@@ -6,6 +6,7 @@ An in-process loader and in-process members on 127.0.0.1 (real sockets, real fra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +24,7 @@ import clustorage
 import clustorage.protocol
 from clustorage.protocol import BULK
 from clustorage.replica import LoadEvent
-from tests.conftest import COOKIE, node_pair
+from tests.conftest import COOKIE, Cluster, Member, node_pair
 from tests.test_hostile import authenticated, keep_alive
 
 pytestmark = pytest.mark.timeout(60)
@@ -397,3 +399,29 @@ def test_a_definition_over_the_frame_limit_is_refused_without_dropping_the_conne
             small.define("huge", source)
         assert small.put("after", 2) == 1
         assert not any(lost)
+
+
+def test_a_node_without_blake3_exchanges_big_values_with_nodes_that_have_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A node where the blake3 package is missing (no wheel for its platform) sends and
+    receives big values all the same: its connection uses a digest both ends have, and the
+    loader hashes a value again for a connection that uses another."""
+    if "blake3" not in clustorage.protocol.BULK_DIGESTS:
+        pytest.skip("the blake3 package is not installed here")
+    left_out = tmp_path / "without-blake3"
+    left_out.mkdir()
+    (left_out / "blake3.py").write_text('raise ImportError("left out for this test")\n')
+    cluster.start_loader()
+    path = os.pathsep.join(filter(None, (str(left_out), cluster.env.get("PYTHONPATH"))))
+    plain = Member(dict(cluster.env, PYTHONPATH=path), "plain", cluster.loader)
+    cluster.procs.append(plain.proc)
+    fast = cluster.member("fast")
+    assert plain.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is False
+    assert fast.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is True
+    value = "bytes(range(256)) * 4099"  # bulk frames, a few chunks of them
+    digest = "__import__('hashlib').sha256(node.get({!r})).hexdigest()"
+    expected = hashlib.sha256(bytes(range(256)) * 4099).hexdigest()
+    for writer, reader, key in ((plain, fast, "from-plain"), (fast, plain, "from-fast")):
+        writer.ok(f"node.put({key!r}, {value})")
+        assert reader.ok(digest.format(key)) == expected

@@ -27,6 +27,7 @@ from clustorage.errors import (
 )
 from clustorage.messages import Gathered
 from clustorage.protocol import (
+    BASELINE_DIGEST,
     BULK,
     BULK_DIGESTS,
     CHUNK,
@@ -41,7 +42,7 @@ from clustorage.protocol import (
     Role,
     State,
     Welcome,
-    fastest_bulk_digest,
+    bulk_digests_by_speed,
 )
 from tests.protocol_helpers import (
     CLIENT_META,
@@ -120,10 +121,12 @@ def test_handshake_completes_and_frames_flow(chunk: int) -> None:
     """Hello carries the client's meta, Welcome the server's; frames flow both ways."""
     pair = ConnectionPair(chunk=chunk)
     hello, welcome = pair.open()
-    assert hello == Hello(dict(CLIENT_META))
-    assert welcome == Welcome({**SERVER_META, "bulk_digest": "blake2b"})
-    assert pair.server.peer_meta == dict(CLIENT_META)
-    assert pair.client.peer_meta == {**SERVER_META, "bulk_digest": "blake2b"}
+    offered = {**CLIENT_META, "bulk_digests": list(BULK_DIGESTS)}
+    chosen = {**SERVER_META, "bulk_digest": BULK_DIGESTS[0]}
+    assert hello == Hello(offered)
+    assert welcome == Welcome(chosen)
+    assert pair.server.peer_meta == offered
+    assert pair.client.peer_meta == chosen
     assert pair.send(Role.CLIENT, b"ping") == [Frame(b"ping")]
     assert pair.send(Role.SERVER, b"pong") == [Frame(b"pong")]
     big = bytes(range(256)) * 100
@@ -138,7 +141,7 @@ def test_welcome_and_frames_in_one_read() -> None:
     pair.server.accept(SERVER_META)
     data = pair.server.data_to_send() + pair.server.send(b"one") + pair.server.send(b"two")
     assert pair.deliver(Role.SERVER, data) == [
-        Welcome({**SERVER_META, "bulk_digest": "blake2b"}),
+        Welcome({**SERVER_META, "bulk_digest": BULK_DIGESTS[0]}),
         Frame(b"one"),
         Frame(b"two"),
     ]
@@ -603,7 +606,7 @@ def bulk_frame(pair: ConnectionPair, envelope: bytes, blob: bytes) -> bytes:
 @pytest.mark.parametrize("chunk", [0, 4099])
 def test_bulk_frames_use_the_servers_digest(bulk_digest: str, chunk: int) -> None:
     """The server's bulk digest reaches the client; bulk frames flow, in pieces or whole."""
-    pair = ConnectionPair(bulk_digest=bulk_digest, chunk=chunk, max_frame=4 * CHUNK)
+    pair = ConnectionPair(bulk_digests=(bulk_digest,), chunk=chunk, max_frame=4 * CHUNK)
     pair.open()
     assert pair.client.bulk_digest == pair.server.bulk_digest == bulk_digest
     blob = bytes(range(256)) * (CHUNK // 256 + 3)
@@ -614,7 +617,7 @@ def test_bulk_frames_use_the_servers_digest(bulk_digest: str, chunk: int) -> Non
 
 def test_bulk_frame_layout() -> None:
     """A bulk frame's tag covers header, envelope and the blob's digest, not the blob."""
-    pair = open_pair(bulk_digest="sha256")
+    pair = open_pair(bulk_digests=("sha256",))
     blob = b"b" * BULK
     frame = bulk_frame(pair, b"env", blob)
     assert HEADER.unpack_from(frame) == (3 + BULK, 0, BULK)
@@ -694,8 +697,54 @@ def test_read_frames_raises_on_a_forged_frame() -> None:
     assert pair.server.state is State.ERROR
 
 
-def test_fastest_bulk_digest_is_a_known_algorithm() -> None:
-    assert fastest_bulk_digest() in BULK_DIGESTS
+def test_bulk_digests_by_speed_ranks_every_known_algorithm() -> None:
+    assert sorted(bulk_digests_by_speed()) == sorted(BULK_DIGESTS)
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "chosen"),
+    [
+        (("blake3", "sha256", "blake2b"), ("blake2b", "sha256"), "sha256"),
+        (("sha256", "blake2b"), ("blake2b", "sha256"), "sha256"),
+        (("blake3",), ("blake2b", "sha256"), "blake2b"),
+    ],
+)
+def test_server_picks_its_first_digest_that_the_client_offers(
+    server: tuple[str, ...], client: tuple[str, ...], chosen: str
+) -> None:
+    """A client without BLAKE3 (no wheel for its platform) still gets bulk frames through:
+    the server falls back to the fastest digest both have, or to the baseline."""
+    if "blake3" not in BULK_DIGESTS:
+        pytest.skip("the blake3 package is not installed")
+    pair = open_pair(bulk_digests=server, client_digests=client, max_frame=4 * CHUNK)
+    assert pair.server.bulk_digest == pair.client.bulk_digest == chosen
+    blob = b"x" * (2 * BULK)
+    assert pair.deliver(Role.CLIENT, bulk_frame(pair, b"env", blob)) == [Frame(b"env" + blob)]
+
+
+def test_a_client_that_offers_no_digests_gets_the_baseline() -> None:
+    """A client whose meta names no bulk digests is given the one every node has."""
+    pair = ConnectionPair(bulk_digests=("sha256", BASELINE_DIGEST))
+    pair.start()
+    del pair.server.peer_meta["bulk_digests"]
+    pair.server.accept(SERVER_META)
+    assert pair.server.bulk_digest == BASELINE_DIGEST
+
+
+def test_client_refuses_a_digest_it_did_not_offer() -> None:
+    """A server that picks a digest the client lacks is a protocol error, named."""
+    pair = ConnectionPair(client_digests=("sha256",))
+    pair.start()
+    pair.server._bulk_digests = ("blake2b",)
+    pair.server.peer_meta["bulk_digests"] = ["blake2b"]
+    pair.server.accept(SERVER_META)
+    with pytest.raises(RemoteProtocolError, match="unknown bulk digest 'blake2b'"):
+        pair.deliver(Role.SERVER, pair.server.data_to_send())
+
+
+def test_unknown_bulk_digest_is_refused_up_front() -> None:
+    with pytest.raises(LocalProtocolError, match="unknown bulk digests"):
+        Connection(Role.SERVER, COOKIE, SERVER_META, bulk_digests=("md5",))
 
 
 def test_bulk_frame_with_a_big_envelope_raises() -> None:
