@@ -569,25 +569,33 @@ class Bench:
 
     def misses(self, member: Child) -> None:
         measure = "miss: get with a trivial fn"
+        target = "<= managers get+set"
         peers = {kind: self.peer_port(kind) for kind in self.peers}
-        with self.attempt(measure, "clustorage"):
+        with self.attempt(measure, "clustorage", target):
             stats = member.call(
                 "misses", iterations=self.sizes.miss, prefix="miss", peers=peers, timeout=600
             )
-            bound = stats["managers"]["median"] if "managers" in stats else math.nan
-            self.record(
-                measure,
-                "clustorage Node.get",
-                "s",
-                stats["clustorage"],
-                "fresh key: lease, fn, commit, hot-load; loader + 1 member; "
-                "taking turns with the peers, in rounds",
-                target="<= managers get+set",
-                verdict=verdict(stats["clustorage"]["median"] <= bound) if bound == bound else None,
-            )
+            bound = stats.get("managers", {}).get("median", math.nan)
+            ours = stats["clustorage"]
+            if "error" in ours:
+                self.failed(measure, "clustorage", BenchError(ours["error"]), target)
+            else:
+                self.record(
+                    measure,
+                    "clustorage Node.get",
+                    "s",
+                    ours,
+                    "fresh key: lease, fn, commit, hot-load; loader + 1 member; "
+                    "taking turns with the peers, in rounds",
+                    target=target,
+                    verdict=verdict(ours["median"] <= bound) if bound == bound else None,
+                )
             for kind in self.peers:
                 label = "Redis GET+SET" if kind == "redis" else "managers get+set"
-                self.record(measure, label, "s", stats[kind], "fresh key each time")
+                if "error" in stats[kind]:
+                    self.failed(measure, label, BenchError(stats[kind]["error"]))
+                else:
+                    self.record(measure, label, "s", stats[kind], "fresh key each time")
 
     def connects(self, member: Child, loader: Loader) -> None:
         measure = "member connect-to-ready"

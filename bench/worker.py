@@ -149,18 +149,31 @@ def clustorage_miss(prefix: str) -> Callable[[], Any]:
 @op
 def misses(iterations: int, prefix: str, peers: dict[str, int]) -> dict[str, Any]:
     """Miss latency of clustorage and of each peer (kind: port), taking turns in rounds so
-    that whatever else the machine does hits them alike."""
-    systems = {"clustorage": clustorage_miss(f"{prefix}-clustorage")}
-    for kind, port in peers.items():
-        systems[kind] = peer_miss_op(kind, port, f"{prefix}-{kind}")
+    that whatever else the machine does hits them alike. A system that fails is left out of
+    the rounds after, with ``{"error": ...}`` in its place."""
+    failed: dict[str, str] = {}
+    systems: dict[str, Callable[[], Any]] = {}
+    for name in ("clustorage", *peers):
+        try:
+            if name == "clustorage":
+                systems[name] = clustorage_miss(f"{prefix}-{name}")
+            else:
+                systems[name] = peer_miss_op(name, peers[name], f"{prefix}-{name}")
+            per_op(systems[name], min(50, iterations))  # warm up
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            systems.pop(name, None)
     rounds = max(1, min(10, iterations // 100))
     samples: dict[str, list[int]] = {name: [] for name in systems}
-    for one in systems.values():
-        per_op(one, min(50, iterations))  # warm up
     for _ in range(rounds):
-        for name, one in systems.items():
-            samples[name] += per_op(one, iterations // rounds)
-    return {name: timed(values) for name, values in samples.items()}
+        for name, one in list(systems.items()):
+            try:
+                samples[name] += per_op(one, iterations // rounds)
+            except Exception as exc:
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                del systems[name]
+    results: dict[str, Any] = {name: timed(samples[name]) for name in systems}
+    return {**results, **{name: {"error": error} for name, error in failed.items()}}
 
 
 @op

@@ -435,11 +435,11 @@ class Connection:
         self.role = role
         self.max_frame = max_frame
         self._cookie = cookie
-        unknown = [name for name in bulk_digests if name not in BULK_DIGESTS]
-        if unknown or not bulk_digests:
-            raise LocalProtocolError(f"unknown bulk digests {unknown}; use some of {BULK_DIGESTS}")
         # A client offers the digests it has; the server picks the first of its own it is offered.
         self._bulk_digests = tuple(bulk_digests)
+        unknown = [name for name in self._bulk_digests if name not in BULK_DIGESTS]
+        if unknown or not self._bulk_digests:
+            raise LocalProtocolError(f"unknown bulk digests {unknown}; use some of {BULK_DIGESTS}")
         if role is Role.CLIENT:
             meta = {**meta, "bulk_digests": list(self._bulk_digests)}
         self._meta = _encode_meta(meta)

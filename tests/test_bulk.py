@@ -401,27 +401,35 @@ def test_a_definition_over_the_frame_limit_is_refused_without_dropping_the_conne
         assert not any(lost)
 
 
+@pytest.mark.parametrize("without", ["member", "loader"])
 def test_a_node_without_blake3_exchanges_big_values_with_nodes_that_have_it(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, without: str
 ) -> None:
-    """A node where the blake3 package is missing (no wheel for its platform) sends and
-    receives big values all the same: its connection uses a digest both ends have, and the
-    loader hashes a value again for a connection that uses another."""
+    """A node without the blake3 package (PyPy, or a platform without a wheel) sends and
+    receives big values all the same: a connection uses a digest both ends have, and the
+    loader hashes a value again for a connection that uses another one."""
     if "blake3" not in clustorage.protocol.BULK_DIGESTS:
         pytest.skip("the blake3 package is not installed here")
     left_out = tmp_path / "without-blake3"
     left_out.mkdir()
     (left_out / "blake3.py").write_text('raise ImportError("left out for this test")\n')
-    cluster.start_loader()
     path = os.pathsep.join(filter(None, (str(left_out), cluster.env.get("PYTHONPATH"))))
-    plain = Member(dict(cluster.env, PYTHONPATH=path), "plain", cluster.loader)
+    plain_env = dict(cluster.env, PYTHONPATH=path)
+    if without == "loader":
+        cluster.env, fast_env = plain_env, cluster.env
+        cluster.start_loader()
+        cluster.env = fast_env
+    else:
+        cluster.start_loader()
+    plain = Member(plain_env if without == "member" else cluster.env, "plain", cluster.loader)
     cluster.procs.append(plain.proc)
     fast = cluster.member("fast")
-    assert plain.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is False
+    assert plain.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is (without != "member")
     assert fast.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is True
-    value = "bytes(range(256)) * 4099"  # bulk frames, a few chunks of them
+    # Over THREAD_HASH_AT, so that receivers hash on a thread of their own too.
+    value = "bytes(range(256)) * 20483"
     digest = "__import__('hashlib').sha256(node.get({!r})).hexdigest()"
-    expected = hashlib.sha256(bytes(range(256)) * 4099).hexdigest()
+    expected = hashlib.sha256(bytes(range(256)) * 20483).hexdigest()
     for writer, reader, key in ((plain, fast, "from-plain"), (fast, plain, "from-fast")):
         writer.ok(f"node.put({key!r}, {value})")
         assert reader.ok(digest.format(key)) == expected
