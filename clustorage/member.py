@@ -35,8 +35,8 @@ from .errors import (
     ValueTooLarge,
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
-from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
-from .protocol import Closed, Connection, Role, Welcome
+from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply, joined
+from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -423,10 +423,15 @@ class MemberClient:
                 sock, conn = self._sock, self._conn
                 if sock is None or conn is None:
                     raise self.unavailable("not connected")
-                parts = conn.send_message(envelope, blob)  # a frame over the limit: raises here
-                sending = True
-                for part in parts:
-                    sock.sendall(part)
+                if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
+                    frame = conn.send(envelope + joined(blob) if blob else envelope)
+                    sending = True
+                    sock.sendall(frame)
+                else:
+                    parts = conn.send_message(envelope, blob)  # over the limit: raises here
+                    sending = True
+                    for part in parts:
+                        sock.sendall(part)
                 self._last_sent = time.monotonic()
         except BaseException as exc:
             if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:

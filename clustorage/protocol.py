@@ -768,7 +768,9 @@ class Connection:
             end = body + length
             if blob or length > max_frame or end + TAG_SIZE > size:
                 break
-            self._check(seq, _tag(tagger, data[start:end]), data[end : end + TAG_SIZE])
+            digest = tagger.copy()
+            digest.update(data[start:end])
+            self._check(seq, digest.digest(), data[end : end + TAG_SIZE])
             if length:
                 payloads.append(bytes(data[body:end]))
             start = end + TAG_SIZE
@@ -845,7 +847,10 @@ class Connection:
             LocalProtocolError: the connection is not open, or the payload is over the limit.
         """
         header = self._header(len(payload), 0)
-        return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
+        digest = self._send_tagger.copy()
+        digest.update(header)
+        digest.update(payload)
+        return b"".join((header, payload, digest.digest()))
 
     def send_message(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
