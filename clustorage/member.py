@@ -35,7 +35,7 @@ from .errors import (
     ValueTooLarge,
 )
 from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
-from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply, joined
+from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
@@ -424,7 +424,7 @@ class MemberClient:
                 if sock is None or conn is None:
                     raise self.unavailable("not connected")
                 if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
-                    frame = conn.send(envelope + joined(blob) if blob else envelope)
+                    frame = conn.send_small(envelope, blob)
                     sending = True
                     sock.sendall(frame)
                 else:

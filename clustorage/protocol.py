@@ -66,7 +66,7 @@ try:
     import blake3
 
     _BLAKE3: tuple[str, ...] = ("blake3",)
-except ImportError:  # no wheel for this platform: the standard library's digests remain
+except ImportError:  # not installed here (PyPy, a platform without a wheel): stdlib digests remain
     _BLAKE3 = ()
 
 __all__ = [
@@ -768,9 +768,7 @@ class Connection:
             end = body + length
             if blob or length > max_frame or end + TAG_SIZE > size:
                 break
-            digest = tagger.copy()
-            digest.update(data[start:end])
-            self._check(seq, digest.digest(), data[end : end + TAG_SIZE])
+            self._check(seq, _tag(tagger, data[start:end]), data[end : end + TAG_SIZE])
             if length:
                 payloads.append(bytes(data[body:end]))
             start = end + TAG_SIZE
@@ -847,17 +845,19 @@ class Connection:
             LocalProtocolError: the connection is not open, or the payload is over the limit.
         """
         header = self._header(len(payload), 0)
-        digest = self._send_tagger.copy()
-        digest.update(header)
-        digest.update(payload)
-        return b"".join((header, payload, digest.digest()))
+        return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
+
+    def send_small(self, envelope: bytes, blob: Payload) -> bytes:
+        """The bytes of one plain frame carrying ``envelope`` then ``blob`` (of fewer than
+        BULK bytes, or behind an envelope over BULK bytes); send them whole, in order."""
+        return self.send(envelope + joined(blob) if blob else envelope)
 
     def send_message(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:
         """The parts of the frame carrying ``envelope`` then ``blob``: one part for a small
         one (or one whose envelope is over BULK bytes, which a bulk frame cannot carry),
         :meth:`send_bulk`'s parts for a blob of BULK bytes or more."""
         if len(blob) < BULK or len(envelope) > BULK:
-            return iter((self.send(envelope + joined(blob) if blob else envelope),))
+            return iter((self.send_small(envelope, blob),))
         return self.send_bulk(envelope, blob)
 
     def send_bulk(self, envelope: bytes, blob: Payload) -> Iterator[bytes | memoryview]:

@@ -263,10 +263,7 @@ class ServerConnection:
         if self._outbox or not counted or len(blob) >= BULK:
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:
-            self._transport.write(
-                self._conn.send(envelope + messages.joined(blob) if blob else envelope)
-            )
-            self.last_sent = time.monotonic()
+            self._write(self._conn.send_small(envelope, blob))
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).
