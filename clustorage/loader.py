@@ -86,7 +86,7 @@ from .messages import (
 )
 from .store import Store
 
-__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "work_here"]
+__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "commit_entry", "work_here"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,11 @@ Done = Callable[[BaseException | None], None]
 
 
 class Writes(Protocol):
-    """Where store writes run: ``job(store)``, then ``done(error or None)`` on the loop."""
+    """Where store writes run; ``done(error or None)`` follows on the loop thread."""
 
-    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None: ...
+    def commit(self, entry: Entry, previous: int, done: Done) -> None: ...
+
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...
 
 
 class Aside(Protocol):
@@ -156,15 +158,33 @@ class Aside(Protocol):
     ) -> None: ...
 
 
+def commit_entry(store: Store, entry: Entry, previous: int) -> None:
+    """Make ``entry`` durable in ``store``, its payload in a file first if the store says so."""
+    file = store.write_blob(entry.payload) if store.stages(entry) else None
+    try:
+        store.commit(entry, previous, file)
+    except BaseException:
+        if file is not None:
+            store.remove_blob(file)
+        raise
+
+
 class WriteHere:
     """Writes on the caller's thread, at once (for a store that keeps nothing)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None:
+    def commit(self, entry: Entry, previous: int, done: Done) -> None:
+        self._run(lambda: commit_entry(self._store, entry, previous), done)
+
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None:
+        self._run(lambda: self._store.delete(kind, key, version, origin), done)
+
+    @staticmethod
+    def _run(write: Callable[[], None], done: Done) -> None:
         try:
-            job(self._store)
+            write()
         except (StoreError, ValueTooLarge) as exc:
             done(exc)
         else:
@@ -409,7 +429,7 @@ class LoaderCore:
             finally:
                 self._unhold(where)
 
-        self._writes.write(lambda store: store.commit(entry, previous), written, len(payload))
+        self._writes.commit(entry, previous, written)
 
     # -- values ----------------------------------------------------------------------------
 
@@ -525,9 +545,7 @@ class LoaderCore:
             finally:
                 self._unhold(where)
 
-        self._writes.write(
-            lambda store: store.delete(message.kind, message.key, version, peer.name), written, 0
-        )
+        self._writes.delete(message.kind, message.key, version, peer.name, written)
 
     # -- functions -------------------------------------------------------------------------
 
