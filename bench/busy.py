@@ -35,7 +35,8 @@ for what in sys.stdin:
     if what.strip() == "put":
         node.put("big", bytes(int(sys.argv[2])))
     else:
-        node.define("slow", f"import time\\ntime.sleep({sys.argv[3]})\\ndef slow():\\n    return 1\\n")
+        source = f"import time\\ntime.sleep({sys.argv[3]})\\ndef slow():\\n    return 1\\n"
+        node.define("slow", source)
     print(f"done {time.perf_counter() - start:.3f}", flush=True)
 """
 

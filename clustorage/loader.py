@@ -449,43 +449,48 @@ class LoaderCore:
             peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
+        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or the
+        key got a value meanwhile; accepted without a lease when nobody holds one (the
+        holder's connection, or the loader, restarted while fn ran) and the key has none."""
         key = message.key
         lease = self._leases.get(key)
-        current = lease is not None and lease.token == message.token
-        orphan = (
-            lease is None
-            and (VALUE, key) not in self.entries
-            and self._leases.from_earlier_loader(message.token)
-        )  # its lease died with an earlier loader process, and nobody else computed it
-        if not (current or orphan):
+        if (lease is not None and lease.token != message.token) or (
+            lease is None and (VALUE, key) in self.entries
+        ):
             holder = f" to {lease.holder.name}" if lease is not None else ""
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r}{holder} (it was cut off from the "
                 f"loader); its value was not stored: get {key!r} again for the cluster's value"
             )
         if lease is not None:
-            lease.committing = True
+            lease.committing = True  # it settles when written: it does not pass on meanwhile
 
         def stored(entry: Entry | None, error: BaseException | None) -> None:
-            lease = self._leases.get(key)
             if error is not None:
-                if lease is not None:
-                    lease.committing = False
-                    if not self._alive(lease.holder) or lease.holder is peer:
-                        self._pass_lease(lease)
+                self._uncommit(key, lease)
                 raise error
             assert entry is not None
             peer.deliver(Committed(message.rid, entry.without_payload(), True))
             self._settle(key, entry, skip=peer)
 
-        self._store_entry(
-            VALUE,
-            key,
-            joined(message.payload),
-            None,
-            peer.name,
-            lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
-        )
+        try:
+            self._store_entry(
+                VALUE,
+                key,
+                joined(message.payload),
+                None,
+                peer.name,
+                lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+            )
+        except ValueTooLarge:
+            self._uncommit(key, lease)
+            raise
+
+    def _uncommit(self, key: str, lease: Lease | None) -> None:
+        """A leaseholder's value was not stored: the lease passes to the next waiter."""
+        if lease is not None and self._leases.get(key) is lease and lease.committing:
+            lease.committing = False
+            self._pass_lease(lease)
 
     def _put(self, peer: Peer, message: Put) -> None:
         def stored(entry: Entry | None, error: BaseException | None) -> None:
