@@ -23,7 +23,15 @@ import time
 from collections.abc import Callable
 
 from . import codec, messages
-from .channel import Build, Pending, Waiter, apply_push, apply_sync, raise_failure
+from .channel import (
+    Build,
+    Pending,
+    Waiter,
+    apply_push,
+    apply_sync,
+    merge_members,
+    raise_failure,
+)
 from .config import NodeConfig
 from .errors import (
     AuthenticationError,
@@ -36,7 +44,7 @@ from .errors import (
 )
 from .hello import HEARTBEAT, handshake_meta, incompatibility
 from .liveness import watch
-from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
+from .messages import Failed, Load, Loaded, Message, Pushes, Queued, Sync, SyncReply
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
@@ -358,6 +366,10 @@ class MemberClient:
             self._last_sent = now
 
     def _dispatch(self, message: Message) -> None:
+        if type(message) is Pushes:
+            for frame in message.frames:
+                self._dispatch(messages.decode(frame))
+            return
         rid = getattr(message, "rid", None)
         if rid is not None:
             if type(message) is SyncReply:  # applied in its place: later pushes go on top
@@ -381,7 +393,7 @@ class MemberClient:
 
     def _push(self, message: Message) -> None:
         if apply_push(self.replica, message):
-            self.members = message.names  # type: ignore[union-attr]
+            self.members = merge_members(self.members, message)  # type: ignore[arg-type]
             self.changed()
 
     def _apply(self, change: Callable[[], None]) -> None:

@@ -26,6 +26,7 @@ PURE = [
     "channel",
     "hello",
     "leases",
+    "fanout",
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
