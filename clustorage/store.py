@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from .config import private_directory, private_file
 from .errors import StoreError
+from .lock import StoreLock
 from .messages import VALUE, Entry
 
 __all__ = ["MEMORY", "MemoryStore", "SQLiteStore", "Store", "open_store"]
@@ -61,7 +63,14 @@ class Store(Protocol):
 
     def history(self, kind: str, key: str) -> list[Entry]: ...
 
+    def announce(self, address: str) -> None: ...
+
     def close(self) -> None: ...
+
+
+# SQLite's own files beside a store: made private before SQLite makes them (it gives them the
+# store's mode), and made private again if an older version made them readable.
+_SIDE_FILES = ("", "-wal", "-shm")
 
 
 class SQLiteStore:
@@ -69,9 +78,14 @@ class SQLiteStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock: StoreLock | None = None
         try:
             if path != MEMORY:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Private whatever the umask; one loader per store (SPEC "Durability").
+                private_directory(Path(path).parent)
+                self._lock = StoreLock(path)
+                for suffix in _SIDE_FILES:
+                    private_file(Path(path + suffix))
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # Large pages keep big payloads in few overflow pages (takes effect on a new file).
             self._db.execute("PRAGMA page_size=65536")
@@ -79,7 +93,11 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self.identity = self._identity()
+        except StoreError:
+            raise
         except (OSError, sqlite3.Error) as exc:
+            if self._lock is not None:
+                self._lock.release()
             raise StoreError(
                 f"cannot open the loader's data file {path}: {exc}; choose a writable "
                 f"directory with --data DIR (or --data :memory: to keep nothing)"
@@ -163,8 +181,16 @@ class SQLiteStore:
         )
         return [Entry(*row) for row in rows]
 
+    def announce(self, address: str) -> None:
+        """Say, in the store's lock file, that this loader listens on ``address``."""
+        if self._lock is not None:
+            self._lock.announce(address)
+
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class MemoryStore:
@@ -202,6 +228,9 @@ class MemoryStore:
 
     def history(self, kind: str, key: str) -> list[Entry]:
         return list(self._versions.get((kind, key), ()))
+
+    def announce(self, address: str) -> None:
+        """Nothing to say: a store in memory is this process's alone."""
 
     def close(self) -> None:
         self._versions.clear()

@@ -50,7 +50,7 @@ FRONT_END_MAY_IMPORT = {
 }
 
 # Everything else: the asyncio layer, the sync facade, the store, the package itself.
-MIDDLE = ["server", "loader", "member", "reactor", "runtime", "node", "store", "__init__"]
+MIDDLE = ["server", "loader", "member", "reactor", "runtime", "node", "store", "lock", "__init__"]
 
 
 # -- reading imports -------------------------------------------------------------------------
