@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import messages
-from .errors import AuthenticationError, ProtocolError
+from .config import check_name
+from .errors import AuthenticationError, ConfigError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
-from .loader import LoaderCore
+from .keys import printable, unencodable
+from .loader import LoaderCore, failure
 from .protocol import (
     BULK,
     Closed,
@@ -30,7 +32,7 @@ from .protocol import (
     bulk_digests_by_speed,
     frame_size,
 )
-from .reactor import Stream
+from .reactor import Stream, Timer
 
 __all__ = ["ServerConnection"]
 
@@ -39,6 +41,16 @@ log = logging.getLogger(__name__)
 # Every connection reads into this one buffer: the loop runs one callback at a time, and
 # the protocol object copies what it needs before the next read.
 _READ_BUFFER = memoryview(bytearray(1 << 20))
+
+
+def _invalid_name(name: object) -> str | None:
+    """Why a peer's node name is refused (SPEC "Cluster model": the loader checks names
+    too), or None."""
+    try:
+        check_name(name)  # type: ignore[arg-type]  # it checks the type too
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 class ServerConnection:
@@ -58,6 +70,7 @@ class ServerConnection:
             bulk_digests=bulk_digests_by_speed(),
         )
         self._transport: Stream | None = None
+        self._deadline: Timer | None = None
         # Frames waiting to go out, part by part, each with whether it counts in _queued.
         self._outbox: collections.deque[tuple[Iterator[bytes | memoryview], bool]] = (
             collections.deque()
@@ -86,6 +99,8 @@ class ServerConnection:
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         transport.set_write_buffer_limits(high=4 << 20)
         self._registry.add(self)
+        # SPEC "Wire and trust": the handshake is done within this, however the bytes trickle.
+        self._deadline = transport.call_later(self._timing.handshake, self._handshake_overdue)
         self._write(self._conn.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -106,7 +121,9 @@ class ServerConnection:
             payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
             handle = self._core.handle
             for payload in payloads:
-                handle(self, messages.decode(payload))
+                message = messages.decode(payload)
+                if self._storable(message):
+                    handle(self, message)
                 if self._transport is None or self._transport.is_closing():
                     return
         except ProtocolError as exc:
@@ -119,6 +136,8 @@ class ServerConnection:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._conn.release()
         self._outbox.clear()
         self._queued = 0
@@ -141,8 +160,8 @@ class ServerConnection:
         try:
             while (event := self._conn.next_event()) is not None:
                 if isinstance(event, Frame):
-                    if event.payload:
-                        self._core.handle(self, messages.decode(event.payload))
+                    if event.payload and self._storable(message := messages.decode(event.payload)):
+                        self._core.handle(self, message)
                 elif isinstance(event, Hello):
                     self._hello(dict(event.meta))
                 elif isinstance(event, Closed):
@@ -158,12 +177,15 @@ class ServerConnection:
             self.close(flush=True)
 
     def _hello(self, meta: dict[str, Any]) -> None:
-        name = str(meta.get("name", ""))
+        name = meta.get("name", "")
         self.session = str(meta.get("session", ""))
         expected = meta.get("expect")
         ours = handshake_meta(self._core.name)
         problem = incompatibility(ours, meta)
-        if expected and expected != self._core.name:
+        if (invalid := _invalid_name(name)) is not None:
+            problem = invalid
+            self._conn.refuse(problem, kind="invalid_name")
+        elif expected and expected != self._core.name:
             problem = (
                 f"the loader at {self._core.address} is named {self._core.name!r}, not {expected!r}"
             )
@@ -177,7 +199,7 @@ class ServerConnection:
             )
             self._conn.refuse(problem, kind="name_clash")
         if problem:
-            log.warning("refused %s from %s: %s", name, self.address, problem)
+            log.warning("refused %s from %s: %s", printable(name), self.address, printable(problem))
             self.close(flush=True)
             return
         self.name = name
@@ -185,8 +207,40 @@ class ServerConnection:
             handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
         )
         self._write(self._conn.data_to_send())
+        self._trusted()
         self._joined = True
         self._core.join(self)
+
+    def _trusted(self) -> None:
+        """The peer proved it knows the cookie: no handshake deadline, no cap (see reactor)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._transport is not None:
+            self._transport.trust()
+
+    def _handshake_overdue(self) -> None:
+        self._deadline = None
+        if not self._joined and self._transport is not None:
+            log.warning(
+                "closed %s: no handshake within %.1fs", self.address, self._timing.handshake
+            )
+            self.close()
+
+    def _storable(self, message: messages.Message) -> bool:
+        """Refuse a request whose text could not be stored or logged (a lone surrogate in a
+        key, a name, a source): the requester gets a ValueError, the log one plain line."""
+        for field in message:
+            if isinstance(field, str) and (problem := unencodable(field)) is not None:
+                break
+        else:
+            return True
+        what = type(message).__name__
+        log.warning("refused a %s from %s (%s): %s", what, self.name, self.address, problem)
+        rid = getattr(message, "rid", 0)
+        if rid:
+            self.deliver(failure(rid, ValueError(f"the loader refused the {what}: {problem}")))
+        return False
 
     def _replaces(self, clash: Any) -> bool:
         """A node reconnecting before its old connection timed out replaces it."""
@@ -298,10 +352,7 @@ class ServerConnection:
     def tick(self, now: float) -> None:
         """Called every heartbeat: time out silent and stalled peers, send proof of life."""
         timing = self._timing
-        if not self._joined:
-            if now - self.last_heard > timing.handshake:
-                log.warning("closed %s: no handshake within %.1fs", self.address, timing.handshake)
-                self.close()
+        if not self._joined:  # its handshake has a deadline of its own
             return
         if now - self.last_heard > timing.dead_after:
             log.warning(

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
 
 from clustorage import messages
-from clustorage.protocol import MAGIC, Connection, Role
-from tests.conftest import COOKIE, Cluster
+from clustorage.protocol import MAGIC, VERSION, Connection, Role
+from tests.conftest import COOKIE, Cluster, free_port, wait_for_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,3 +238,97 @@ def test_a_second_resync_on_one_connection_is_refused(cluster: Cluster) -> None:
         assert "once" in second.message
     finally:
         sock.close()
+
+
+def start_loader_with(
+    cluster: Cluster, preexec: Callable[[], None], data: str = ":memory:"
+) -> subprocess.Popen[Any]:
+    """A real ``clustorage loader`` that runs ``preexec`` in its process before it starts."""
+    cluster.port = free_port()
+    with open(cluster.tmp / "loader-app1.log", "a") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "clustorage", "loader", "--name", "app1"),
+                *("--listen", f"127.0.0.1:{cluster.port}", "--data", data),
+            ],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
+    cluster.procs.append(proc)
+    wait_for_port(cluster.port, time.monotonic() + 30, proc)
+    return proc
+
+
+class SlowLoris:
+    """``count`` connections that each send one byte of a handshake a second, and reconnect
+    as soon as the loader closes one (a hostile client without the cookie)."""
+
+    PREFIX = MAGIC + VERSION.to_bytes(2, "big") + bytes(200)
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.socks: list[tuple[socket.socket, int]] = [self._connect() for _ in range(count)]
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> tuple[socket.socket, int]:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", self.port))
+        return sock, 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for index, (sock, sent) in enumerate(self.socks):
+                try:
+                    with contextlib.suppress(BlockingIOError):
+                        if sock.recv(65536) == b"":
+                            raise ConnectionResetError
+                    sent += sock.send(self.PREFIX[sent % len(self.PREFIX) :][:1])
+                    self.socks[index] = (sock, sent)
+                except BlockingIOError:
+                    pass  # still connecting
+                except OSError:
+                    sock.close()
+                    self.socks[index] = self._connect()
+                    self.reconnects += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock, _ in self.socks:
+            sock.close()
+
+
+def test_slow_loris_under_a_low_fd_limit_does_not_starve_members(cluster: Cluster) -> None:
+    """300 connections trickling a handshake at 1 byte/s against a loader limited to 256
+    file descriptors: each is closed by the absolute deadline or the cap, and members
+    still connect and write throughout."""
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    loader = start_loader_with(cluster, low_fd_limit)
+    attack = SlowLoris(cluster.port, 300)
+    try:
+        time.sleep(7)  # past the handshake deadline: the attack is in full swing
+        first = cluster.member("first")
+        assert "ok" in first.started, first.started
+        for i in range(20):
+            assert first.ok(f"node.put('k{i}', {i}); node.get('k{i}')") == i
+            time.sleep(0.25)
+        late = cluster.member("late")
+        assert "ok" in late.started, late.started
+        assert late.ok("node.get('k19')") == 19
+        assert late.ok("node.put('late', 1); node.get('late')") == 1
+        assert attack.reconnects > 300, "the slow connections were never closed"
+        assert loader.poll() is None
+    finally:
+        attack.close()
+    log = cluster.loader_log()
+    assert "no handshake within 5.0s" in log or "over the cap of 32 at once" in log
+    assert "Traceback" not in log
