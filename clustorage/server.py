@@ -10,6 +10,8 @@ and one log line with its address.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Iterator
@@ -34,9 +36,27 @@ from .protocol import (
 )
 from .reactor import Stream, Timer
 
-__all__ = ["ServerConnection"]
+__all__ = ["ServerConnection", "release_memory"]
 
 log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to ask
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the memory freed by dropping a backlog back to the system: glibc keeps freed
+    heap memory (most of a backlog of frames under 128 KiB) for later unless asked."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 # Every connection reads into this one buffer: the loop runs one callback at a time, and
 # the protocol object copies what it needs before the next read.
@@ -79,8 +99,6 @@ class ServerConnection:
         self._into_bulk = False
         self._joined = False
         self._paused = False
-        self._backlog = 0
-        self._progress = time.monotonic()
         self.name = "?"
         self.session = ""
         self.address = "?"
@@ -148,7 +166,6 @@ class ServerConnection:
 
     def pause_writing(self) -> None:
         self._paused = True
-        self._progress = time.monotonic()
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -304,20 +321,38 @@ class ServerConnection:
         if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        # A resync's entries do not count: each is one the loader holds, sent once per
-        # connection, made only as the member drains what went before.
-        counted = type(message) is not messages.SyncEntry
+        # SPEC "Wire and trust": what the loader pushes unasked (hot-loads, deletions,
+        # membership) counts against the backlog cap; a member that stopped reading is
+        # dropped there, and resyncs when it reads again. Answers to its own requests do
+        # not count (a member that stopped reading asks nothing), nor does a resync's
+        # entries: each is one the loader holds, sent once per connection.
+        resync = type(message) is messages.SyncEntry
+        counted = not resync and getattr(message, "rid", None) is None
         backlog = self._transport.get_write_buffer_size() + self._queued
         if counted and backlog > self._timing.write_limit:
-            log.warning("closed %s (%s): it stopped reading", self.address, self.name)
-            self.close()
+            self._drop_for_backlog(backlog)
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
         self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued
-        if self._outbox or not counted or len(blob) >= BULK:
+        if self._outbox or self._paused or resync or len(blob) >= BULK:
+            # Queued as the parts the loader shares between members (a broadcast is encoded
+            # once); this member's frame is made from them only when it drains.
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:
             self._write(self._conn.send_small(envelope, blob))
+
+    def _drop_for_backlog(self, backlog: int) -> None:
+        log.warning(
+            "closed %s (%s): it stopped reading, with %d MiB unsent, over the backlog cap of "
+            "%d MiB; it resyncs when it reads again",
+            self.address,
+            self.name,
+            backlog >> 20,
+            self._timing.write_limit >> 20,
+        )
+        self.close()
+        if self._transport is not None:  # once the stream has let go of its buffers
+            self._transport.call_later(0.1, release_memory)
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).
@@ -339,18 +374,8 @@ class ServerConnection:
             self._joined = False
             self._core.leave(self)
 
-    def _stalled(self, now: float) -> bool:
-        """Whether the peer has drained none of its backlog for ``stalled_after`` seconds."""
-        if not self._paused or self._transport is None:
-            return False
-        backlog = self._transport.get_write_buffer_size()
-        if backlog < self._backlog:
-            self._progress = now
-        self._backlog = backlog
-        return now - self._progress > self._timing.stalled_after
-
     def tick(self, now: float) -> None:
-        """Called every heartbeat: time out silent and stalled peers, send proof of life."""
+        """Called every heartbeat: time out silent peers, send proof of life."""
         timing = self._timing
         if not self._joined:  # its handshake has a deadline of its own
             return
@@ -358,9 +383,6 @@ class ServerConnection:
             log.warning(
                 "closed %s (%s): silent for %.1fs", self.address, self.name, timing.dead_after
             )
-            self.close()
-        elif self._stalled(now):
-            log.warning("closed %s (%s): stopped reading", self.address, self.name)
             self.close()
         elif now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import psutil
 import pytest
 
 from clustorage import messages
@@ -183,7 +185,8 @@ def test_silent_connections_and_garbage_do_not_starve_members(cluster: Cluster) 
 
 
 def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
-    """A member that sends heartbeats but never reads is dropped once it drains nothing."""
+    """A member that sends heartbeats but never reads is dropped once its backlog passes
+    the cap (128 MiB), not before: being slow to read is not being dead."""
     loader = cluster.start_loader()
     writer = cluster.member("writer")
     sock, conn = authenticated(cluster.port, "sleeper")
@@ -191,16 +194,18 @@ def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
     alive = threading.Event()
     beating = keep_alive(sock, conn, alive, 0.5)
     try:
-        for i in range(24):
+        for i in range(20):
+            writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
+        assert "(sleeper): it stopped reading" not in cluster.loader_log()  # 80 MB so far
+        for i in range(20, 40):
             writer.ok(f"node.put('blob{i}', b'x' * 4_000_000)")
         deadline = time.monotonic() + 40
-        while "stopped reading" not in cluster.loader_log() and time.monotonic() < deadline:
+        while "(sleeper): it stopped" not in cluster.loader_log() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert (
-            "closed" in cluster.loader_log()
-            and "(sleeper): stopped reading" in cluster.loader_log()
-        )
-        assert writer.ok("len(node.keys())") == 24
+        log = cluster.loader_log()
+        assert "(sleeper): it stopped reading, with" in log
+        assert "over the backlog cap of 128 MiB" in log
+        assert writer.ok("len(node.keys())") == 40
         assert rss_kib(loader.pid) < 400 * 1024
     finally:
         alive.set()
@@ -332,3 +337,63 @@ def test_slow_loris_under_a_low_fd_limit_does_not_starve_members(cluster: Cluste
     log = cluster.loader_log()
     assert "no handshake within 5.0s" in log or "over the cap of 32 at once" in log
     assert "Traceback" not in log
+
+
+class PeakRss:
+    """The highest resident memory of process ``pid`` while the block runs, in KiB."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._process.memory_info().rss >> 10)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize(("puts", "size"), [(200, 1_000_000), (4000, 60_000)], ids=["1MB", "60KB"])
+def test_members_that_stop_reading_keep_loader_memory_bounded(
+    cluster: Cluster, puts: int, size: int
+) -> None:
+    """4 SIGSTOPped members while another puts 200-240 MB (1 MB or 60 KB values, a key
+    each): the loader shares the frames between them (its memory grows by little more than
+    what it holds), drops each at its backlog cap with one log line, stays under 1.5 GB,
+    and the members catch up once they run again."""
+    loader = cluster.start_loader()
+    stopped = [cluster.member(f"sleeper{i}") for i in range(4)]
+    writer = cluster.member("writer")
+    for member in stopped:
+        os.kill(member.proc.pid, signal.SIGSTOP)
+    baseline = rss_kib(loader.pid)
+    try:
+        with PeakRss(loader.pid) as rss:
+            writer.ok(
+                f"for i in range({puts}):\n    node.put(f'k{{i}}', bytes([i % 256]) * {size})"
+            )
+    finally:
+        for member in stopped:
+            os.kill(member.proc.pid, signal.SIGCONT)
+    assert rss.peak < 1536 * 1024, f"the loader peaked at {rss.peak >> 10} MiB"
+    # Shared, not copied per member: the backlogs cost little beyond what the loader holds.
+    held = puts * size >> 10
+    assert rss.peak - baseline < held + 256 * 1024, (baseline >> 10, rss.peak >> 10)
+    last = f"k{puts - 1}"
+    expected = [puts, (puts - 1) % 256]
+    for member in stopped:
+        deadline = time.monotonic() + 60
+        while member.send(f"(len(node.keys()), node.get({last!r})[0])").get("ok") != expected:
+            assert time.monotonic() < deadline, f"{member.name} did not catch up"
+            time.sleep(0.2)
+    log = cluster.loader_log()
+    assert "Traceback" not in log
+    assert log.count("it stopped reading, with") <= 4
