@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from . import codec
 from .config import private_directory, private_file
-from .errors import StoreError
+from .errors import StoreError, ValueTooLarge
 from .lock import StoreLock
 from .messages import VALUE, Entry
 
@@ -71,12 +72,14 @@ class Store(Protocol):
 # SQLite's own files beside a store: made private before SQLite makes them (it gives them the
 # store's mode), and made private again if an older version made them readable.
 _SIDE_FILES = ("", "-wal", "-shm")
+# Room for a row's header, version, time and flags beside its texts and payload.
+_ROW_OVERHEAD = 64
 
 
 class SQLiteStore:
     """A :class:`Store` in one SQLite file (or in memory for ``:memory:``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_length: int | None = None) -> None:
         self.path = path
         self._lock: StoreLock | None = None
         try:
@@ -87,6 +90,10 @@ class SQLiteStore:
                 for suffix in _SIDE_FILES:
                     private_file(Path(path + suffix))
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if max_length is not None:  # lower than SQLite's own (tests use a small one)
+                self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_length)
+            # The most bytes a row takes: a value over it is refused before SQLite sees it.
+            self.max_length = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
             # Large pages keep big payloads in few overflow pages (takes effect on a new file).
             self._db.execute("PRAGMA page_size=65536")
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -138,8 +145,18 @@ class SQLiteStore:
         """Make ``entry`` durable. A value's ``previous`` payload is dropped; its history stays.
 
         Raises:
+            ValueTooLarge: the entry is over what a row holds; nothing was stored.
             StoreError: the write failed (disk full, file gone); nothing was stored.
         """
+        size = len(entry.payload) + sum(
+            len(text.encode(errors="surrogatepass"))
+            for text in (entry.kind, entry.key, entry.source or "", entry.origin)
+        )
+        if size + _ROW_OVERHEAD > self.max_length:
+            raise ValueTooLarge(
+                f"{entry.key!r} takes {size} bytes, over the {self.max_length} bytes one entry "
+                f"can take in the loader's store {self.path}; {codec.SPLIT_IT}"
+            )
         statements: list[tuple[str, tuple[object, ...]]] = [
             (
                 "INSERT INTO entries (kind, key, version, payload, source, origin, time) "

@@ -397,3 +397,19 @@ def test_members_that_stop_reading_keep_loader_memory_bounded(
     log = cluster.loader_log()
     assert "Traceback" not in log
     assert log.count("it stopped reading, with") <= 4
+
+
+@pytest.mark.timeout(180)
+def test_a_value_over_what_the_store_holds_is_refused_before_it_is_sent(
+    cluster: Cluster,
+) -> None:
+    """A put of 10^9 bytes passes the frame limit (1 GiB) but not what SQLite holds: the
+    caller gets ValueTooLarge naming the one size limit, and nothing is sent or stored."""
+    cluster.start_loader(data=str(cluster.tmp / "data"))
+    member = cluster.member("m")
+    answer = member.send("node.put('huge', b'x' * 1_000_000_000)")
+    assert answer["error"] == "ValueTooLarge", answer
+    assert "over the size limit of 1000000000 bytes" in answer["message"]
+    assert "CLUSTORAGE_MAX_FRAME" not in answer["message"]
+    assert member.ok("node.keys()") == []
+    assert "huge" not in cluster.loader_log()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from clustorage.errors import ValueTooLarge
 from clustorage.messages import FUNCTION, VALUE, Blob, Entry
 from clustorage.store import MemoryStore, SQLiteStore, Store, open_store
 
@@ -116,3 +117,17 @@ def test_open_store_sqlite_survives_reopen(tmp_path: Path) -> None:
         assert payloads(second, VALUE, "k") == [b"", b"two"]
     finally:
         second.close()
+
+
+def test_an_entry_over_the_stores_limit_is_refused_and_nothing_stored(tmp_path: Path) -> None:
+    """An entry over what one row holds raises ValueTooLarge naming the limit, before SQLite
+    sees it; nothing is stored, and an entry under the limit still is."""
+    store = SQLiteStore(str(tmp_path / "s.sqlite3"), max_length=100_000)
+    try:
+        with pytest.raises(ValueTooLarge, match="over the 100000 bytes one entry can take"):
+            store.commit(entry(VALUE, "big", 1, b"x" * 100_000))
+        assert store.history(VALUE, "big") == []
+        store.commit(entry(VALUE, "big", 1, b"x" * 90_000))
+        assert payloads(store, VALUE, "big") == [b"x" * 90_000]
+    finally:
+        store.close()
