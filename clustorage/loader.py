@@ -39,6 +39,7 @@ from .errors import (
     StoreError,
     ValueTooLarge,
 )
+from .keys import printable
 from .messages import (
     FUNCTION,
     VALUE,
@@ -329,7 +330,12 @@ class LoaderCore:
     def _release(self, peer: Peer, message: Release) -> None:
         lease = self._leases.get(message.key)
         if lease is not None and lease.holder[0] is peer:
-            log.info("%s: fn failed on %s (%s)", message.key, peer.name, message.reason)
+            log.info(
+                "%s: fn failed on %s (%s)",
+                printable(message.key),
+                peer.name,
+                printable(message.reason),
+            )
             self._pass_lease(message.key, lease)
 
     def _pass_lease(self, key: str, lease: _Lease) -> None:

@@ -403,6 +403,8 @@ def _decode_meta(data: bytes) -> dict[str, Any]:
         meta = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError("handshake meta is not JSON") from exc
+    except RecursionError:  # nested deeper than the parser goes: no names are that deep
+        raise RemoteProtocolError("handshake meta is nested too deeply") from None
     if not isinstance(meta, dict):
         raise RemoteProtocolError("handshake meta is not a JSON object")
     return meta

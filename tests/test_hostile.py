@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from clustorage import messages
+from clustorage.hello import handshake_meta
 from clustorage.protocol import MAGIC, VERSION, Connection, Role
 from tests.conftest import COOKIE, Cluster, free_port, wait_for_port
 
@@ -413,3 +414,77 @@ def test_a_value_over_what_the_store_holds_is_refused_before_it_is_sent(
     assert "CLUSTORAGE_MAX_FRAME" not in answer["message"]
     assert member.ok("node.keys()") == []
     assert "huge" not in cluster.loader_log()
+
+
+def test_a_key_with_a_lone_surrogate_is_refused_with_a_clear_error(cluster: Cluster) -> None:
+    """A lone surrogate in a key: the member refuses it before sending (ValueError); sent
+    raw, the loader answers ValueError and logs one plain line, no traceback."""
+    cluster.start_loader(data=str(cluster.tmp / "data"))
+    member = cluster.member("m")
+    answer = member.send("node.put('a\\ud800', 1)")
+    assert answer["error"] == "ValueError", answer
+    assert "lone surrogate" in answer["message"]
+    sock, conn = authenticated(cluster.port, "raw")
+    try:
+        requests = [
+            messages.Put(1, "b\ud800", b"\x80\x05K\x01."),
+            messages.Define(2, "f", "def f():\n    return '\ud800'\n", False),
+        ]
+        sock.sendall(b"".join(conn.send(messages.encode(request)) for request in requests))
+        for failed in answers(sock, conn, 2):
+            assert type(failed) is messages.Failed
+            assert failed.error == "ValueError"
+            assert "lone surrogate" in failed.message
+    finally:
+        sock.close()
+    assert member.ok("node.put('fine', 1); node.keys()") == ["fine"]
+    log = cluster.loader_log()
+    assert "refused a Put from raw" in log and "refused a Define from raw" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("name", ["", "\x1b[31mevil\n2026-01-01 INFO clustorage: forged"])
+def test_node_names_the_client_would_reject_are_refused(cluster: Cluster, name: str) -> None:
+    """A peer with the cookie but a name outside [A-Za-z0-9_-]{1,64} is refused with a
+    message saying so; the loader's log line escapes it (no forged lines, no ANSI codes)."""
+    cluster.start_loader()
+    sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    conn = Connection(Role.CLIENT, COOKIE.encode(), handshake_meta(name))
+    try:
+        welcome = None
+        while welcome is None:
+            data = sock.recv(65536)
+            assert data, "closed without an answer"
+            conn.receive_data(data)
+            welcome = conn.next_event()
+            sock.sendall(conn.data_to_send())
+        assert welcome.meta.get("kind") == "invalid_name"  # type: ignore[union-attr]
+        assert "use 1 to 64 characters" in welcome.meta["error"]  # type: ignore[union-attr]
+        assert closed_by_peer(sock, 10)
+    finally:
+        sock.close()
+    log = cluster.loader_log()
+    assert "invalid node name" in log
+    assert "\x1b" not in log and "\nINFO clustorage: forged" not in log
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())
+
+
+def test_handshake_meta_nested_deep_costs_one_connection(cluster: Cluster) -> None:
+    """Meta JSON nested thousands deep (with a valid MAC) closes that connection with one
+    log line, no RecursionError traceback; members are still served."""
+    cluster.start_loader()
+    member = cluster.member("m")
+    sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    conn = Connection(Role.CLIENT, COOKIE.encode(), {"name": "deep"})
+    conn._meta = b'{"name":"deep","x":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    try:
+        conn.receive_data(sock.recv(65536))
+        conn.next_event()
+        sock.sendall(conn.data_to_send())
+        assert closed_by_peer(sock, 10)
+    finally:
+        sock.close()
+    assert member.ok("node.put('k', 1); node.get('k')") == 1
+    log = cluster.loader_log()
+    assert "handshake meta is nested too deeply" in log
+    assert "Traceback" not in log and "RecursionError" not in log
