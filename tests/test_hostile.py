@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -488,3 +489,93 @@ def test_handshake_meta_nested_deep_costs_one_connection(cluster: Cluster) -> No
     log = cluster.loader_log()
     assert "handshake meta is nested too deeply" in log
     assert "Traceback" not in log and "RecursionError" not in log
+
+
+class Impostor:
+    """A listener on 127.0.0.1 that, for each connection, either relays to ``target``
+    flipping one bit of the loader's welcome (a man in the middle) or, without a target,
+    answers the handshake itself with a welcome it cannot sign (an impostor loader)."""
+
+    _HELLO_SIZE = 4 + 2 + 32  # the challenge, then b"W" and the MAC
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = [self.listener]
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self._socks.append(client)
+            if self.target is None:
+                self._spawn(self._pretend, client)
+            else:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self._socks.append(upstream)
+                self._spawn(self._relay, client, upstream, None)
+                self._spawn(self._relay, upstream, client, self._HELLO_SIZE + 5)
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket, flip_at: int | None) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    at = flip_at - seen
+                    data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+                seen += len(data)
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _pretend(client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            client.sendall(MAGIC + VERSION.to_bytes(2, "big") + os.urandom(32))
+            client.recv(65536)  # the member's response: it cannot be checked without the cookie
+            meta = json.dumps({"name": "app1"}).encode()
+            client.sendall(b"W" + os.urandom(32) + struct.pack("!H", len(meta)) + meta)
+            client.recv(65536)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("in_between", [True, False], ids=["man-in-the-middle", "impostor"])
+def test_a_welcome_that_fails_its_mac_is_not_called_a_refused_cookie(
+    cluster: Cluster, in_between: bool
+) -> None:
+    """A welcome altered on the way, or sent by a loader without the cookie: the member says
+    the loader did not prove it knows the cookie, not that our cookie was refused."""
+    cluster.start_loader()
+    impostor = Impostor(cluster.port if in_between else None)
+    try:
+        member = cluster.member("m", loader=f"app1@127.0.0.1:{impostor.port}")
+        assert member.started.get("error") == "AuthenticationError", member.started
+        message = member.started["message"]
+        assert f"the loader at app1@127.0.0.1:{impostor.port} did not prove it knows" in message
+        assert "(wrong cookie there, or someone in between)" in message
+        assert "refused our cookie" not in message
+    finally:
+        impostor.close()
+
+
+def test_a_loader_refusing_our_cookie_is_still_said_so(cluster: Cluster) -> None:
+    """A loader with another cookie refuses ours: the member says so, and how to fix it."""
+    cluster.start_loader()
+    cluster.env["CLUSTORAGE_COOKIE"] = "another-cookie"
+    member = cluster.member("m")
+    assert member.started.get("error") == "AuthenticationError", member.started
+    assert "refused our cookie" in member.started["message"]
