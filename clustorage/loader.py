@@ -238,7 +238,7 @@ class LoaderCore:
         if rid:
             peer.deliver(failure(rid, exc))
         else:
-            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, exc)
+            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, printable(exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
         local = self.peers.get(self.name)
