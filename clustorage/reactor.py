@@ -84,6 +84,11 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.callback = _nothing  # what it would have called is free to go now, not when due
+
+
+def _nothing() -> None:
+    pass
 
 
 class Reactor:

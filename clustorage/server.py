@@ -248,7 +248,11 @@ class ServerConnection:
         """Refuse a request whose text could not be stored or logged (a lone surrogate in a
         key, a name, a source): the requester gets a ValueError, the log one plain line."""
         for field in message:
-            if isinstance(field, str) and (problem := unencodable(field)) is not None:
+            if (
+                isinstance(field, str)
+                and not field.isascii()
+                and (problem := unencodable(field)) is not None
+            ):
                 break
         else:
             return True
