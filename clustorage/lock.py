@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import weakref
 from pathlib import Path
 
 from .config import private_file
@@ -43,6 +44,8 @@ class StoreLock:
             os.close(fd)
             raise
         self._fd: int | None = fd
+        # Released with the object too, so a loader that failed to start does not keep it.
+        self._close = weakref.finalize(self, os.close, fd)
         self.announce("")
 
     def _holder(self) -> str:
@@ -66,5 +69,5 @@ class StoreLock:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
-            os.close(self._fd)
             self._fd = None
+            self._close()

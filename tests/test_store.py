@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from clustorage.errors import ValueTooLarge
+from clustorage.errors import StoreError, ValueTooLarge
 from clustorage.messages import FUNCTION, VALUE, Blob, Entry
 from clustorage.store import MemoryStore, SQLiteStore, Store, open_store
 
@@ -131,3 +132,18 @@ def test_an_entry_over_the_stores_limit_is_refused_and_nothing_stored(tmp_path: 
         assert payloads(store, VALUE, "big") == [b"x" * 90_000]
     finally:
         store.close()
+
+
+def test_one_store_one_loader_in_a_process_too(tmp_path: Path) -> None:
+    """A second SQLiteStore on one file fails with StoreError naming the holder; closing
+    the first, or dropping it unclosed, lets the next one in."""
+    path = str(tmp_path / "s.sqlite3")
+    first = SQLiteStore(path)
+    first.announce("127.0.0.1:4370")
+    with pytest.raises(StoreError, match=r"in use by another loader \(pid \d+, listening on "):
+        SQLiteStore(path)
+    first.close()
+    second = SQLiteStore(path)
+    del second  # never closed: the lock goes with it
+    gc.collect()
+    SQLiteStore(path).close()
