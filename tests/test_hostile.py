@@ -579,3 +579,31 @@ def test_a_loader_refusing_our_cookie_is_still_said_so(cluster: Cluster) -> None
     member = cluster.member("m")
     assert member.started.get("error") == "AuthenticationError", member.started
     assert "refused our cookie" in member.started["message"]
+
+
+def test_the_handshake_deadline_is_absolute(cluster: Cluster) -> None:
+    """A connection trickling a valid-looking handshake, a byte every half second, is closed
+    by the 5 s deadline all the same (it used to restart with every byte)."""
+    cluster.start_loader()
+    sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    sock.recv(65536)  # the challenge
+    sock.settimeout(0.5)
+    prefix = SlowLoris.PREFIX
+    try:
+        closed = False
+        for sent in range(30):  # 15 s: three times the deadline
+            try:
+                if sock.recv(65536) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            try:
+                sock.sendall(prefix[sent : sent + 1])
+            except OSError:
+                closed = True
+                break
+        assert closed, "a trickling handshake outlived the deadline"
+    finally:
+        sock.close()
+    assert "no handshake within 5.0s" in cluster.loader_log()
