@@ -49,6 +49,7 @@ from .errors import (
     ValueTooLarge,
 )
 from .fanout import Fanout
+from .keys import printable
 from .leases import Lease, Leases
 from .messages import (
     FUNCTION,
@@ -352,7 +353,7 @@ class LoaderCore:
         if rid:
             peer.deliver(failure(rid, exc))
         else:
-            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, exc)
+            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, printable(exc))
 
     def _hold(self, where: tuple[str, str]) -> None:
         self._busy.setdefault(where, collections.deque())
@@ -538,7 +539,12 @@ class LoaderCore:
         if lease is None or lease.committing:
             return
         if lease.holder is peer and message.rid in (0, lease.rid):
-            log.info("%s: fn failed on %s (%s)", message.key, peer.name, message.reason)
+            log.info(
+                "%s: fn failed on %s (%s)",
+                printable(message.key),
+                peer.name,
+                printable(message.reason),
+            )
             self._pass_lease(lease)
         elif message.rid:
             self._leases.withdraw(lease, peer, message.rid)

@@ -240,6 +240,11 @@ class MemberClient:
             try:
                 event = conn.next_event()
             except AuthenticationError as exc:
+                if not conn.rejected:  # its welcome failed the MAC: an impostor, or tampering
+                    raise AuthenticationError(
+                        f"the loader at {self.where()} did not prove it knows the cookie "
+                        f"(wrong cookie there, or someone in between)"
+                    ) from exc
                 raise AuthenticationError(
                     f"the loader {self.where()} refused our cookie; use the cluster's "
                     f"cookie (--cookie, --cookie-file, $CLUSTORAGE_COOKIE or ~/.clustorage/cookie)"

@@ -137,6 +137,7 @@ class LoaderRuntime:
             ) from exc
         address = self._server.socket.getsockname()
         self.core.address = f"{address[0]}:{address[1]}"
+        self._store.announce(self.core.address)  # who holds the store, for a second loader
         self._local.address = self.core.address
         for entry in self.core.entries.values():
             self.replica.install(entry, lazy=True)

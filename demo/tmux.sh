@@ -50,7 +50,8 @@ if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
     echo "The demo already runs in tmux session '$session'."
 else
     # The cluster's secret: generated once, private to this user, never in the repository.
-    mkdir -p "$state"
+    # Every folder it makes is private (0700), whatever the umask.
+    (umask 077 && mkdir -p "$state")
     chmod 700 "$state"
     if [ ! -s "$state/cookie" ]; then
         (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/cookie")

@@ -36,7 +36,7 @@ def test_demo_starts_three_nodes_that_see_each_other(tmp_path: Path) -> None:
         HOME=str(home),
         CLUSTORAGE_DEMO_TMUX=f"clustorage-demo-test-{os.getpid()}",
         CLUSTORAGE_DEMO_PORT=str(free_port()),
-        CLUSTORAGE_DEMO_DIR=str(tmp_path / "demo"),
+        CLUSTORAGE_DEMO_DIR=str(tmp_path / "state" / "demo"),
     )
     tmux = Tmux(env, socket=env["CLUSTORAGE_DEMO_TMUX"], session="clustor")
     try:
@@ -48,12 +48,15 @@ def test_demo_starts_three_nodes_that_see_each_other(tmp_path: Path) -> None:
             text=True,
             timeout=60,
             check=False,
+            preexec_fn=lambda: os.umask(0o022),
         )
         assert done.returncode == 0, done.stderr
         assert f"tmux -L {env['CLUSTORAGE_DEMO_TMUX']} attach -t clustor" in done.stdout
         assert {"app1", "app2", "app3"} <= set(tmux.windows())
-        cookie = tmp_path / "demo" / "cookie"
+        cookie = tmp_path / "state" / "demo" / "cookie"
         assert stat.S_IMODE(cookie.stat().st_mode) == 0o600
+        for made in (tmp_path / "state", tmp_path / "state" / "demo"):  # under umask 022
+            assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
         for name in ("app1", "app2", "app3"):
             tmux.wait_for(name, _bottom_has("| 3 nodes |"))
         tmux.send("app3", "get('hello', lambda: 'world')", "Enter")

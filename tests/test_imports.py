@@ -63,6 +63,7 @@ MIDDLE = [
     "liveness",
     "writer",
     "blobs",
+    "lock",
     "__init__",
 ]
 
