@@ -52,6 +52,7 @@ class Run:
     """What one execute request produced."""
 
     status: str
+    execution_count: int = 0  # the N of In[N]
     stdout: str = ""
     stderr: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # the execute_result's mime bundle
@@ -90,7 +91,12 @@ class Kernel:
         reply = self.kc.execute_interactive(
             code, output_hook=messages.append, timeout=timeout, allow_stdin=False
         )
-        run = Run(status=reply["content"]["status"], messages=messages)
+        content = reply["content"]
+        run = Run(
+            status=content["status"],
+            execution_count=content.get("execution_count", 0),
+            messages=messages,
+        )
         for msg in messages:
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import tempfile
@@ -19,6 +20,11 @@ import clustorage
 from clustorage import kernel as kernelspec
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 # -- the kernelspec, as data and as files -------------------------------------------------
@@ -162,9 +168,9 @@ def test_status_shows_every_node(kernels: tuple[Kernel, Kernel]) -> None:
     ka, _ = kernels
     run = ka.ok("%cluster_status")
     page = run.data["text/html"]
-    assert page.startswith("<table")
-    for cell in ("<td>hub</td>", "<td>ka (this node)</td>", "<td>kb</td>", "<td>loader</td>"):
-        assert cell in page
+    assert "<table" in page
+    for name in ("hub", "ka (this node)", "kb", "loader"):
+        assert f">{name}</td>" in page
     assert run.text.startswith("ka is a member of hub@127.0.0.1:")
 
 
@@ -207,9 +213,36 @@ def test_redefinition_in_b_reaches_a(kernels: tuple[Kernel, Kernel]) -> None:
     assert ka.ok("kt_inc(1)").text == "2"
     run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
     assert run.stdout.startswith("kt_inc v2 loaded on ")
-    assert ka.ok("kt_inc(1)").text == "101"
+    run = ka.ok("kt_inc(1)")
+    assert run.text == "101" and run.stdout == "clustorage: kt_inc rebound to v2 from kb\n"
+    assert ka.ok("kt_inc(2)").stdout == ""  # said once
     run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
     assert run.stdout == "kt_inc v2 unchanged (same source)\n"
+
+
+def test_builtin_shadowing_is_said_in_each_kernel_and_undone_by_delete(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """A cluster ascii shadows the builtin: each kernel says so once; deleting restores it."""
+    ka, kb = kernels
+    notice = "now shadows the built-in ascii; builtins.ascii is the original"
+    run = kb.ok("%%cluster_call ascii\nlambda x: 'cluster'\n")
+    assert run.stdout.splitlines()[1] == f"clustorage: ascii v1 from kb {notice}"
+    run = ka.ok("ascii(1)")
+    assert run.text == "'cluster'" and run.stdout == f"clustorage: ascii v1 from kb {notice}\n"
+    assert ka.ok("ascii(2)").stdout == ""
+    assert kb.ok("%cluster_delete --function ascii").stdout == (
+        "deleted function 'ascii'\n"
+        "clustorage: ascii was deleted by kb; the built-in ascii is visible again\n"
+    )
+    deadline = time.monotonic() + 10  # a deletion reaches other nodes asynchronously
+    while (run := ka.ok("ascii(1)")).text != "'1'" and time.monotonic() < deadline:
+        assert run.stdout == ""
+        time.sleep(0.05)
+    assert run.text == "'1'"
+    assert (
+        run.stdout == "clustorage: ascii was deleted by kb; the built-in ascii is visible again\n"
+    )
 
 
 def test_user_variable_is_not_clobbered(kernels: tuple[Kernel, Kernel]) -> None:
@@ -230,18 +263,98 @@ def test_user_variable_is_not_clobbered(kernels: tuple[Kernel, Kernel]) -> None:
 def test_bad_source_is_one_clear_error_and_loads_nothing(
     kernels: tuple[Kernel, Kernel],
 ) -> None:
-    """A syntax error in a %%cluster_call cell: one error line, nothing loaded anywhere."""
+    """A syntax error in a %%cluster_call cell: its line and a caret, nothing loaded anywhere."""
     ka, kb = kernels
     run = kb.run("%%cluster_call kt_bad\ndef kt_bad(:\n    pass\n")
     assert run.status == "error" and run.error is not None
     assert run.error["ename"] == "CompileError"
-    assert run.error["traceback"] == [
-        "CompileError: invalid syntax (<cluster:kt_bad>, line 1, column 12)"
+    assert plain("".join(run.error["traceback"])).splitlines() == [
+        f"  Cell In[{run.execution_count}], line 2",
+        "    def kt_bad(:",
+        "               ^",
+        "CompileError: invalid syntax",
     ]
     assert run.stdout == ""
     for kernel in (ka, kb):
         assert "kt_bad" not in kernel.ok("%cluster_functions").text
         assert kernel.ok("'kt_bad' in dir()").text == "False"
+
+
+def test_get_call_and_node_are_in_the_namespace(kernels: tuple[Kernel, Kernel]) -> None:
+    """In a clustorage kernel, get, call and node are the running node's, as in the shell."""
+    ka, _ = kernels
+    assert ka.ok("node.name, get.__self__ is node, call.__self__ is node").text == (
+        "('ka', True, True)"
+    )
+    assert ka.ok("get('kt.ns', lambda: 'computed')").text == "'computed'"
+
+
+def complete(kernel: Kernel, code: str) -> list[str]:
+    """The matches a kernel's complete_request offers at the end of ``code``."""
+    msg_id = kernel.kc.complete(code, len(code))
+    reply = kernel.kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    content = reply["content"]
+    assert content["status"] == "ok"
+    # Each match replaces code[cursor_start:cursor_end]: give back the whole text.
+    head = code[: content["cursor_start"]]
+    return sorted({head + match for match in content["matches"]})
+
+
+def test_completion_of_keys_and_function_names(kernels: tuple[Kernel, Kernel]) -> None:
+    """complete_request offers cluster keys and function names, in magics and in calls."""
+    ka, kb = kernels
+    ka.ok("%cluster_get kc.answer 42")
+    ka.ok("%cluster_get kc.anchor 'a'")
+    ka.ok("%%cluster_call kc_double\nlambda x: 2 * x\n")
+    kb.ok("1")  # kb's replica has them before its next cell
+    keys = ["kc.anchor", "kc.answer"]
+    for code, prefix in [
+        ("%cluster_get kc.an", "%cluster_get "),
+        ("%%cluster_get kc.an", "%%cluster_get "),
+        ("clustorage.get('kc.an", "clustorage.get('"),
+        ("get('kc.an", "get('"),
+        ('x = get("kc.an', 'x = get("'),
+    ]:
+        assert complete(kb, code) == [prefix + key for key in keys], code
+    for code, prefix in [
+        ("%cluster_call kc_d", "%cluster_call "),
+        ("%cluster_source kc_d", "%cluster_source "),
+        ("call('kc_d", "call('"),
+        ("clustorage.call('kc_d", "clustorage.call('"),
+    ]:
+        assert complete(kb, code) == [prefix + "kc_double"], code
+    assert "kc_double" in complete(kb, "kc_d")
+
+
+def test_compile_error_names_the_cell_line_and_tb_shows_it(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """A syntax error on line 3 of a %%cluster_call cell: Cell In[N], line 3, and a caret."""
+    ka, _ = kernels
+    run = ka.run("%%cluster_call kt_caret\ndef kt_caret(x):\n    return (x +\n")
+    assert run.status == "error" and run.error is not None
+    number = run.execution_count
+    shown = plain("".join(run.error["traceback"]))
+    assert shown.splitlines() == [
+        f"  Cell In[{number}], line 3",
+        "    return (x +",
+        "           ^",
+        "CompileError: '(' was never closed",
+    ], shown
+    again = ka.run("%tb")
+    assert again.error is not None and plain("".join(again.error["traceback"])) == shown
+
+
+def test_cluster_get_cell_traceback_names_the_cell_run(kernels: tuple[Kernel, Kernel]) -> None:
+    """An error in a %%cluster_get cell points at In[N] of that very cell, on its line."""
+    ka, _ = kernels
+    run = ka.run("%%cluster_get kt.zero\nx = 1\nx / 0\n")
+    assert run.status == "error" and run.error is not None
+    text = plain("\n".join(run.error["traceback"]))
+    number = run.execution_count
+    assert f"Cell In[{number}], line 3" in text and f"Cell In[{number + 1}]" not in text
+    assert "----> 3 x / 0" in text
 
 
 # -- the Jupyter protocol, by jupyter_kernel_test -----------------------------------------
