@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -515,6 +516,14 @@ def test_own_definition_does_not_clobber_either(
     assert shell.user_ns["mine"] == 7
 
 
+def arrived(node: clustorage.Node, deleted: str) -> None:
+    """Wait until the deletion of function ``deleted`` reached ``node`` (it is pushed)."""
+    deadline = time.monotonic() + 10
+    while deleted in node.functions() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert deleted not in node.functions()
+
+
 def test_builtin_shadowing_is_said_once_and_delete_restores_the_builtin(
     shell: InteractiveShell,
     member: clustorage.Node,
@@ -531,6 +540,7 @@ def test_builtin_shadowing_is_said_once_and_delete_restores_the_builtin(
     result, out, _ = cell(shell, "import builtins; builtins.sum([1, 2])", capsys)
     assert result.result == 3 and out == ""
     peer.delete("sum", kind="function")
+    arrived(member, "sum")
     result, out, _ = cell(shell, "sum([1, 2, 3])", capsys)
     assert result.result == 6
     assert out == "clustorage: sum was deleted by peer; the built-in sum is visible again\n"
@@ -571,6 +581,7 @@ def test_rebinding_from_elsewhere_is_announced_once_in_the_next_cell(
     result, out, _ = cell(shell, "scale(3)", capsys)
     assert result.result == 30 and out == ""
     peer.delete("scale", kind="function")
+    arrived(member, "scale")
     result, out, _ = cell(shell, "'scale' in dir()", capsys)
     assert result.result is False and out == "clustorage: scale was deleted by peer\n"
 
