@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jupyter_kernel_test as jkt
 import pytest
@@ -355,6 +359,104 @@ def test_cluster_get_cell_traceback_names_the_cell_run(kernels: tuple[Kernel, Ke
     number = run.execution_count
     assert f"Cell In[{number}], line 3" in text and f"Cell In[{number + 1}]" not in text
     assert "----> 3 x / 0" in text
+
+
+def read_iopub(
+    kernel: Kernel, msg_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The kernel's IOPub messages for request ``msg_id``, up to the first one ``until`` likes."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(msg)
+        if until(msg):
+            return seen
+    raise AssertionError(f"no such message in {timeout} s; seen {seen}")
+
+
+def idle(msg: dict[str, Any]) -> bool:
+    return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+
+
+def shown_lines(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(message type, display id, text) of every display and display update."""
+    return [
+        (
+            msg["msg_type"],
+            msg["content"]["transient"]["display_id"],
+            msg["content"]["data"]["text/plain"],
+        )
+        for msg in messages
+        if msg["msg_type"] in ("display_data", "update_display_data")
+    ]
+
+
+@contextlib.contextmanager
+def holding(hub: Cluster, key: str) -> Iterator[threading.Event]:
+    """Another member computes ``key`` until the event is set (or 30 s pass)."""
+    computing, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        computing.set()
+        release.wait(30)
+        return "from holder"
+
+    with clustorage.Node("kt-holder", hub.loader, cookie=COOKIE) as holder:
+        worker = threading.Thread(target=holder.get, args=(key, slow), daemon=True)
+        worker.start()
+        try:
+            assert computing.wait(30)
+            yield release
+        finally:
+            release.set()
+            worker.join(30)
+
+
+def test_a_wait_on_a_lease_shows_who_computes_then_disappears(
+    hub: Cluster, kernels: tuple[Kernel, Kernel]
+) -> None:
+    """While kt-holder computes the key: a line naming it, updated in place, then emptied."""
+    ka, _ = kernels
+    with holding(hub, "kt.slow") as release:
+        msg_id = ka.kc.execute("%cluster_get kt.slow 'mine'")
+        first = read_iopub(ka, msg_id, lambda msg: msg["msg_type"] == "update_display_data")
+        release.set()
+        rest = read_iopub(ka, msg_id, idle)
+    lines = shown_lines(first + rest)
+    kinds = [kind for kind, _, _ in lines]
+    assert kinds[0] == "display_data" and set(kinds[1:]) == {"update_display_data"}
+    assert len({display_id for _, display_id, _ in lines}) == 1  # one line, updated in place
+    assert lines[0][2].startswith("waiting for 'kt.slow': kt-holder is computing it (")
+    assert lines[-1][2] == ""  # gone once the value came
+    results = [msg for msg in rest if msg["msg_type"] == "execute_result"]
+    assert results[0]["content"]["data"]["text/plain"] == "'from holder'"
+
+
+def test_interrupting_a_wait_on_a_lease_is_one_line(
+    hub: Cluster, kernels: tuple[Kernel, Kernel]
+) -> None:
+    """A kernel interrupt while a get waits on another node's lease: one line, no internals."""
+    _, kb = kernels
+    with holding(hub, "kt.stuck"):
+        msg_id = kb.kc.execute("%cluster_get kt.stuck 'mine'")
+        # The live line says the kernel is waiting on the lease: interrupt it now.
+        first = read_iopub(kb, msg_id, lambda msg: msg["msg_type"] == "display_data")
+        kb.km.interrupt_kernel()
+        rest = read_iopub(kb, msg_id, idle)
+    errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
+    assert len(errors) == 1 and errors[0]["traceback"] == [
+        "KeyboardInterrupt: stopped waiting for the value of 'kt.stuck', "
+        "which kt-holder is computing"
+    ]
+    assert [msg for msg in rest if msg["msg_type"] == "stream"] == []
+    assert shown_lines(first + rest)[-1][2] == ""
+    assert kb.ok("%cluster_get kt.stuck").text == "'from holder'"
 
 
 # -- the Jupyter protocol, by jupyter_kernel_test -----------------------------------------

@@ -16,6 +16,7 @@ from clustorage import NotFound
 
 from .base import ClusterMagics, Interrupted
 from .parsing import check_function_name, expression, head
+from .waiting import WaitLine
 
 __all__ = ["ValueMagics"]
 
@@ -76,12 +77,15 @@ class ValueMagics(ClusterMagics):
             computing = False  # still True if fn was interrupted
             return value
 
+        wait = WaitLine(self.session.shell, node, key)
         try:
-            return node.get(key, None if fn is None else compute)
+            with wait:
+                return node.get(key, None if fn is None else compute)
         except KeyboardInterrupt:
             if computing:  # in the user's own code: their traceback
                 raise
-            raise Interrupted(f"stopped waiting for the value of {key!r}") from None
+            by = f", which {wait.holder} is computing" if wait.holder else ""
+            raise Interrupted(f"stopped waiting for the value of {key!r}{by}") from None
         except NotFound:
             if fn is not None:
                 raise
