@@ -40,6 +40,7 @@ FRONT_ENDS = [
     "shell_complete",
     "kernel",
     "cli",
+    "flags",
     "__main__",
 ]
 FRONT_END_MAY_IMPORT = {
@@ -50,7 +51,17 @@ FRONT_END_MAY_IMPORT = {
 }
 
 # Everything else: the asyncio layer, the sync facade, the store, the package itself.
-MIDDLE = ["server", "loader", "member", "reactor", "runtime", "node", "store", "__init__"]
+MIDDLE = [
+    "server",
+    "loader",
+    "member",
+    "probe",
+    "reactor",
+    "runtime",
+    "node",
+    "store",
+    "__init__",
+]
 
 
 # -- reading imports -------------------------------------------------------------------------
