@@ -267,3 +267,46 @@ def test_startup_bench_quick_mode() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"loader shell\s+median\s+\d+\.\d+ s", done.stdout)
     assert re.search(r"member shell \(joining\)\s+median\s+\d+\.\d+ s", done.stdout)
+
+
+def test_shell_named_in_its_loader_address_is_the_loader_there(tmp_path: Path) -> None:
+    """--name app7 --loader app7@127.0.0.1:PORT: this shell is the loader, listening on PORT."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cookie = _cookie_file(tmp_path)
+    port = free_port()
+    address = f"app7@127.0.0.1:{port}"
+    tmux = Tmux(_env(home))
+    try:
+        flags = ("--loader", address, "--cookie-file", str(cookie))
+        tmux.spawn("app7", shell_command("app7", *flags, "--data", ":memory:"))
+        tmux.wait_for("app7", toolbar_has(" app7 | loader | "))
+        screen = tmux.capture("app7")
+        assert f"the loader, on 127.0.0.1:{port}; members join with --loader {address}" in screen
+        tmux.spawn("app8", shell_command("app8", *flags))
+        tmux.wait_for("app8", toolbar_has(" app8 | member | loader app7: connected | 2 nodes"))
+    finally:
+        tmux.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--loader", "app1@127.0.0.1:1", "--data", "DATA"), "--data is a loader's option"),
+        (("--listen", "nonsense", "--data", "DATA"), "--listen 'nonsense': cannot resolve host"),
+    ],
+)
+def test_shell_refuses_flags_it_cannot_honour(
+    tmp_path: Path, flags: tuple[str, ...], expected: str
+) -> None:
+    """--data on a member, or a --listen that cannot work, exit 2 naming it; nothing is made."""
+    home = tmp_path / "home"
+    home.mkdir()
+    data = tmp_path / "data"
+    argv = shell_command("app2", *(str(data) if flag == "DATA" else flag for flag in flags))
+    done = subprocess.run(
+        [*argv, "--cookie", "c"], env=_env(home), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert not data.exists() and list(home.iterdir()) == []
