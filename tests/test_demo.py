@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.tmux_helpers import Tmux, require_tmux
 pytestmark = pytest.mark.timeout(90)
 
 DEMO = ROOT / "demo" / "tmux.sh"
+CLI = [sys.executable, "-m", "clustorage"]
 
 
 def _bottom_has(text: str) -> Callable[[str], bool]:
@@ -116,6 +118,17 @@ def test_demo_hint_restart_of_a_closed_window_and_reset(tmp_path: Path) -> None:
     try:
         assert "Started the demo" in run_demo(env)
         tmux.wait_for("app2", _bottom_has("| 3 nodes |"))
+        # README: how `clustorage status` reaches the demo.
+        loader = f"app1@127.0.0.1:{env['CLUSTORAGE_DEMO_PORT']}"
+        status = subprocess.run(
+            [*CLI, "status", "--loader", loader, "--cookie-file", str(state / "cookie")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (status.returncode, status.stderr) == (0, "")
+        assert "nodes     3" in status.stdout
         tmux.send("app1", "", "C-d")
         wait_windows(tmux, {"app2", "app3"})
         tmux.send("app2", "get('never_stored', lambda: 1)", "Enter")
