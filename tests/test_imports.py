@@ -25,6 +25,7 @@ PURE = [
     "replica",
     "channel",
     "hello",
+    "leases",
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
@@ -60,6 +61,8 @@ MIDDLE = [
     "runtime",
     "node",
     "store",
+    "liveness",
+    "writer",
     "__init__",
 ]
 
