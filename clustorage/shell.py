@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shell = build_shell(node)
         print(_banner(node), flush=True)
         shell.mainloop()
-        shell.detach()
+        shell.close()
     finally:
         clustorage.stop()
     print(f"{node.name} left the cluster.")

@@ -39,6 +39,7 @@ FRONT_ENDS = [
     "shell",
     "shell_ui",
     "shell_complete",
+    "shell_wait",
     "kernel",
     "cli",
     "flags",

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from clustorage import LoadEvent
 from clustorage.shell_complete import cluster_completions
 from clustorage.shell_ui import Snapshot, notice_text, toolbar_fragments
+from clustorage.shell_wait import waiting_text
 from tests.conftest import ROOT, free_port
 from tests.tmux_helpers import Tmux, require_tmux, shell_command
 
@@ -131,6 +133,14 @@ def test_notice_text_names_version_and_origin() -> None:
     assert notice_text(value) == "[cluster] value 'hello' v1 loaded from app1"
 
 
+def test_waiting_text_names_the_holder_and_the_time() -> None:
+    """Waits over a second read 'waiting 3s for KEY: HOLDER computes it'; shorter ones nothing."""
+    assert waiting_text([("k", "app3", 100.5)], 101.0) is None
+    assert waiting_text([("k", "app3", 97.0)], 100.0) == "waiting 3s for 'k': app3 computes it"
+    two = waiting_text([("a", "app1", 98.0), ("b", "app3", 90.0)], 100.0)
+    assert two == "waiting 10s for 'b': app3 computes it (and 1 more)"
+
+
 # -- real shells ---------------------------------------------------------------------------
 
 
@@ -201,6 +211,26 @@ def test_cluster_status_magic(shells: Shells) -> None:
     """%cluster_status in a shell lists the loader and the members."""
     screen = shells.run("app2", "%cluster_status", re.compile(r"app2 \(this node\)\s+member"))
     assert re.search(r"app1\s+loader", screen)
+
+
+def test_toolbar_shows_who_computes_a_key_being_waited_for(shells: Shells) -> None:
+    """While app2's get waits on app1's lease, app2's bottom row names app1 and the wait's
+    length; once the value comes, the row is gone and the value printed."""
+    tmux = shells.tmux
+    mark = shells.home / "computing"
+    shells.run("app1", "import pathlib, time", "app1> import pathlib, time")
+    touch = f"pathlib.Path({str(mark)!r}).touch()"
+    tmux.send("app1", f"get('slow_key', lambda: {touch} or time.sleep(6) or 'slow done')", "Enter")
+    deadline = time.monotonic() + 20
+    while not mark.exists():  # app1 holds the lease
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tmux.send("app2", "get('slow_key', lambda: 'not computed here')", "Enter")
+    waiting = re.compile(r"app2 \| member \| waiting \d+s for 'slow_key': app1 computes it")
+    tmux.wait_for("app2", lambda screen: bool(waiting.search(screen.splitlines()[-1])))
+    screen = tmux.wait_for("app2", re.compile(r"'slow done'\n(.*\n)*app2> $", re.MULTILINE))
+    assert "waiting" not in screen.splitlines()[-1]
+    assert "not computed here" not in screen.replace("lambda: 'not computed here'", "")
 
 
 def test_third_shell_joins_and_leaves_with_ctrl_d(shells: Shells) -> None:
