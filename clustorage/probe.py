@@ -69,7 +69,14 @@ class Probe:
             )
         self.loader = parse_loader(loader) if isinstance(loader, str) else loader
         if timeout is None:
-            timeout = float(env.get("CLUSTORAGE_TIMEOUT") or DEFAULT_TIMEOUT)
+            try:
+                timeout = float(env.get("CLUSTORAGE_TIMEOUT") or DEFAULT_TIMEOUT)
+            except ValueError:
+                raise ConfigError(
+                    f"invalid timeout {env['CLUSTORAGE_TIMEOUT']!r}: use a number of seconds"
+                ) from None
+        if not timeout > 0:
+            raise ConfigError(f"invalid timeout {timeout!r}: use a number of seconds above 0")
         self.timeout = timeout
         secret = resolve_cookie(cookie, cookie_file, env).secret
         self._rids = itertools.count(1)
