@@ -50,3 +50,10 @@ def test_ab_bench_runs(measure: list[str]) -> None:
     done = run([str(BENCH / "ab.py"), str(ROOT), str(ROOT), "--quick", *measure], timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("B/A ")
+
+
+@pytest.mark.timeout(120)
+def test_busy_bench_runs() -> None:
+    done = run([str(BENCH / "busy.py"), "--quick"], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "while it commits" in done.stdout and "nodes that left meanwhile" in done.stdout

@@ -64,6 +64,7 @@ MIDDLE = [
     "store",
     "liveness",
     "writer",
+    "blobs",
     "__init__",
 ]
 
