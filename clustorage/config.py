@@ -243,6 +243,18 @@ def _number(text: str | None, default: float, what: str) -> float:
         raise ConfigError(f"invalid {what} {text!r}: use a number") from None
 
 
+def _own_address(
+    address: LoaderAddress, text: str | LoaderAddress | None, listen: tuple[str, int] | None
+) -> tuple[str, int] | None:
+    """Where a node that names itself as the loader listens: ``listen`` if given (behind a
+    forwarded port it may differ), else the address of ``NAME@HOST:PORT``, else None."""
+    if listen is not None:
+        return listen
+    if isinstance(text, str) and "@" not in text:
+        return None  # NAME alone says nothing of where
+    return (address.host, address.port)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything a node needs to start; build it with :meth:`resolve`."""
@@ -293,10 +305,14 @@ class NodeConfig:
         check_name(name)
         loader = loader or env.get("CLUSTORAGE_LOADER") or None
         address = parse_loader(loader) if isinstance(loader, str) else loader
-        if address is not None and address.name == name:
-            address = None  # naming yourself as the loader means "I am the loader"
-        listen = listen or env.get("CLUSTORAGE_LISTEN") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+        listen = listen or env.get("CLUSTORAGE_LISTEN") or None
         where = parse_listen(listen) if isinstance(listen, str) else listen
+        if address is not None and address.name == name:
+            # Naming yourself as the loader means "I am the loader", listening where that
+            # address says unless --listen says where (SPEC "Addresses and cookie").
+            where = _own_address(address, loader, where)
+            address = None
+        where = where or (DEFAULT_HOST, DEFAULT_PORT)
         data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
         if timeout is None:
             timeout = _number(env.get("CLUSTORAGE_TIMEOUT"), DEFAULT_TIMEOUT, "timeout")

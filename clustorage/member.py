@@ -138,11 +138,18 @@ class MemberClient:
         return str(self.loader)
 
     def unavailable(self, why: str) -> LoaderUnavailable:
-        """The LoaderUnavailable a caller sees, naming the loader and how to start it."""
+        """The LoaderUnavailable a caller sees, naming the loader and how to start it with
+        this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
+        loader, cookie = self.loader, self.config.cookie
+        command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
+        if cookie.source.startswith("file "):
+            command += f" --cookie-file {cookie.source.removeprefix('file ')}"
+        if self.config.data:
+            command += f" --data {self.config.data}"
+        same = "" if cookie.source.startswith("file ") else f" and the cookie of {cookie.source}"
         return LoaderUnavailable(
-            f"the loader {self.loader} is unavailable ({why}); start it with "
-            f"'clustorage loader --name {self.loader.name} --listen "
-            f"{self.loader.host}:{self.loader.port}' or check --loader"
+            f"the loader {loader} is unavailable ({why}); start it with '{command}'{same}, "
+            f"or check --loader"
         )
 
     # -- connecting ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .hello import Timing, handshake_meta, incompatibility
 from .keys import printable, unencodable
 from .liveness import watch
 from .loader import LoaderCore, failure
+from .probe import PROBE_ROLE
 from .protocol import (
     BULK,
     Closed,
@@ -99,6 +100,7 @@ class ServerConnection:
         self._queued = 0  # bytes in the outbox that count against the write limit
         self._into_bulk = False
         self._joined = False
+        self._handle = core.handle  # a probe's connection answers Status and History only
         self._paused = False
         self.name = "?"
         self.session = ""
@@ -141,7 +143,7 @@ class ServerConnection:
             return
         try:
             payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
-            handle = self._core.handle
+            handle = self._handle
             for payload in payloads:
                 message = messages.decode(payload)
                 if self._storable(message):
@@ -182,7 +184,7 @@ class ServerConnection:
             while (event := self._conn.next_event()) is not None:
                 if isinstance(event, Frame):
                     if event.payload and self._storable(message := messages.decode(event.payload)):
-                        self._core.handle(self, message)
+                        self._handle(self, message)
                 elif isinstance(event, Hello):
                     self._hello(dict(event.meta))
                 elif isinstance(event, Closed):
@@ -211,6 +213,9 @@ class ServerConnection:
                 f"the loader at {self._core.address} is named {self._core.name!r}, not {expected!r}"
             )
             self._conn.refuse(problem, kind="wrong_loader", loader=self._core.name)
+        elif meta.get("role") == PROBE_ROLE:
+            self._accept_probe(name)
+            return
         elif problem:
             self._conn.refuse(problem, kind="incompatible")
         elif (clash := self._core.clash(name)) is not None and not self._replaces(clash):
@@ -266,6 +271,27 @@ class ServerConnection:
         if rid:
             self.deliver(failure(rid, ValueError(f"the loader refused the {what}: {problem}")))
         return False
+
+    def _accept_probe(self, name: str) -> None:
+        """Welcome a one-shot status client (``clustorage status``): it never joins, so it
+        is not a node, gets no Members or pushes, and may ask only Status and History."""
+        self.name = name
+        self._handle = self._answer_probe
+        self._conn.accept(
+            handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
+        )
+        self._write(self._conn.data_to_send())
+        self._trusted()
+        log.debug("%s probes from %s", printable(name), self.address)
+
+    def _answer_probe(self, peer: Any, message: messages.Message) -> None:
+        if type(message) in (messages.Status, messages.History):
+            self._core.handle(_ProbeReplies(self), message)
+        else:
+            log.warning(
+                "closed %s (%s): a probe sent a %s", self.address, self.name, type(message).__name__
+            )
+            self.close()
 
     def _replaces(self, clash: Any) -> bool:
         """A node reconnecting before its old connection timed out replaces it."""
@@ -392,3 +418,20 @@ class ServerConnection:
         # that stops reading is dropped when its backlog passes the write limit (deliver).
         if now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())
+
+
+class _ProbeReplies:
+    """A probe as LoaderCore sees it while answering: its answers go out as frames of their
+    own, not counted against the write limit (the probe is not a member)."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.name = connection.name
+        self.address = connection.address
+        self.connected_since = connection.connected_since
+
+    def deliver(
+        self, message: messages.Message, parts: tuple[bytes, messages.Payload] | None = None
+    ) -> None:
+        envelope, blob = messages.encode_parts(message) if parts is None else parts
+        self.connection._queue(envelope, blob, False)

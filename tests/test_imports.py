@@ -40,8 +40,10 @@ FRONT_ENDS = [
     "shell",
     "shell_ui",
     "shell_complete",
+    "shell_wait",
     "kernel",
     "cli",
+    "flags",
     "__main__",
 ]
 FRONT_END_MAY_IMPORT = {
@@ -56,6 +58,7 @@ MIDDLE = [
     "server",
     "loader",
     "member",
+    "probe",
     "reactor",
     "runtime",
     "node",
