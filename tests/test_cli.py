@@ -197,19 +197,26 @@ def test_wildcard_listen_tells_members_a_usable_address(cluster: Cluster) -> Non
     assert result.returncode == 0, result.stderr
 
 
+# Runs the command from a small interpreter: a child forked straight from the test process
+# would count the test process's own memory in its peak (ru_maxrss survives exec).
+_MEASURE = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)
+out = proc.stdout.read().decode()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, out]))
+"""
+
+
 def peak_rss(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run ``argv``; its exit status and its peak resident memory in bytes (from wait4)."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except BaseException:
-        kill(proc)
-        raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    kill(proc)
-    return usage.ru_maxrss * 1024, out
+    """Run ``argv``; its peak resident memory in bytes (from wait4), and what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *argv], env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    code, rss, out = json.loads(done.stdout)
+    assert code == 0, out
+    return int(rss), str(out)
 
 
 @pytest.mark.timeout(240)
