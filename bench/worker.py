@@ -88,24 +88,23 @@ def start_nodes(loader: str, names: list[str], timeout: float) -> list[float]:
     return seconds
 
 
-def start_together(loader: str, names: list[str], timeout: float, budget: float) -> dict[str, Any]:
-    """Start every node at once, then wait until all are connected or ``budget`` seconds
-    passed; how many joined, and when the last one did (seconds after the start)."""
+def start_within(loader: str, names: list[str], timeout: float, budget: float) -> dict[str, Any]:
+    """Start the nodes one after another, each once the one before is connected, until all
+    are or ``budget`` seconds passed; how many joined, and how long it took."""
     import clustorage
 
     start = time.perf_counter()
-    for name in names:
-        nodes().append(clustorage.Node(name=name, loader=loader, timeout=timeout))
     deadline = start + budget
-    waiting = list(nodes())
-    while waiting and time.perf_counter() < deadline:
-        waiting = [node for node in waiting if not node.connected]
-        time.sleep(0.005)
-    return {
-        "joined": len(nodes()) - len(waiting),
-        "total": len(nodes()),
-        "seconds": time.perf_counter() - start,
-    }
+    joined = 0
+    for name in names:
+        node = clustorage.Node(name=name, loader=loader, timeout=timeout)
+        nodes().append(node)
+        while not node.connected and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        if not node.connected:
+            break
+        joined += 1
+    return {"joined": joined, "total": len(names), "seconds": time.perf_counter() - start}
 
 
 @op
@@ -593,10 +592,10 @@ def main() -> int:
     parser.add_argument("--names", default="", help="comma-separated node names to start")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument(
-        "--together",
+        "--budget",
         type=float,
-        metavar="BUDGET",
-        help="start all nodes at once and answer once they joined or BUDGET seconds passed",
+        metavar="SECONDS",
+        help="answer once the nodes joined or SECONDS passed, with how many did",
     )
     parser.add_argument("--manager-server", type=int, metavar="PORT")
     args = parser.parse_args()
@@ -609,8 +608,8 @@ def main() -> int:
     os.dup2(2, 1)
     names = [name for name in args.names.split(",") if name]
     try:
-        if args.together is not None:
-            ready = start_together(args.loader, names, args.timeout, args.together)
+        if args.budget is not None:
+            ready = start_within(args.loader, names, args.timeout, args.budget)
         else:
             ready = {"connect": start_nodes(args.loader, names, args.timeout) if names else []}
     except Exception as exc:
