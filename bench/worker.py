@@ -305,15 +305,20 @@ def watch(key: str, system: str = "default") -> None:
 
 @op
 def watched(key: str, version: int, wait: float, system: str = "default") -> dict[str, Any]:
-    """The time.time() at which ``version`` of ``key`` was installed here, and at which a
-    ``get`` of it then returned (the same moment, give or take, for a value already here; later
-    for one that is fetched on the first get)."""
+    """The time.time() at which ``version`` of ``key`` was installed (or announced) here, and
+    at which a ``get`` of it then returned (the same moment, give or take, for a value already
+    here; later for one that is fetched on the first get)."""
     seen, arrived = STATE[f"watch:{system}:{key}"]
+    node = node_of(system)
+    deadline = time.monotonic() + wait
     with arrived:
-        if not arrived.wait_for(lambda: version in seen, wait):
-            raise TimeoutError(f"version {version} of {key!r} did not arrive within {wait}s")
-        installed = float(seen[version])
-    value = node_of(system).get(key)
+        # A big value may be announced (its version known here) before its bytes come.
+        while version not in seen and node.version(key, "value") < version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"version {version} of {key!r} did not arrive within {wait}s")
+            arrived.wait(0.001)
+        installed = float(seen.get(version, time.time()))
+    value = node.get(key)
     return {"installed": installed, "got": time.time(), "size": size_of(value)}
 
 
