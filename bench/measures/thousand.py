@@ -10,6 +10,7 @@ sent meanwhile) and a member's first get of it."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from typing import Any
 
@@ -50,11 +51,20 @@ def run(bench: Bench) -> None:
     except Exception as exc:
         bench.failed(measure, "clustorage", exc)
     finally:
-        everyone = [*workers, *([extra] if extra else [])]
-        for child in everyone:  # all of them leave at once, then each is waited for
-            with contextlib.suppress(Exception):
-                child.send("exit")
-        bench.stop(loader, *everyone)
+        leave_together([*workers, *([extra] if extra else [])])
+        bench.stop(loader, *workers, *([extra] if extra else []))
+
+
+def leave_together(children: list[Child], wait: float = 10.0) -> None:
+    """Ask every member process to leave at once and give them ``wait`` seconds in all;
+    whoever is still there is then stopped by its PID."""
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.send("exit")
+    deadline = time.monotonic() + wait
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 def join_all(bench: Bench, loader: Loader, workers: list[Child], measure: str) -> int:
