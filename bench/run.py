@@ -30,11 +30,11 @@ from pathlib import Path
 from harness import HERE, Bench
 from measures import (
     cluster,
+    cluster_up,
     hitscript,
     imports,
     ipyparallel,
     many,
-    startup,
     thousand,
     transfer,
 )
@@ -43,7 +43,7 @@ from report import order, summary, table
 
 MEASURES: dict[str, Callable[[Bench], None]] = {
     "imports": imports.run,
-    "startup": startup.run,
+    "cluster-up": cluster_up.run,
     "hit-script": hitscript.run,
     "cluster": cluster.run,
     "many": many.run,
