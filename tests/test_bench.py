@@ -62,12 +62,12 @@ def test_busy_bench_runs() -> None:
     assert "while it commits" in done.stdout and "nodes that left meanwhile" in done.stdout
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(120)
 def test_thousand_member_scenario_runs_quick(tmp_path: Path) -> None:
     """The 1000-member scenario runs with 200 members in quick mode, every phase recorded."""
     results = tmp_path / "results.json"
     argv = [str(BENCH / "run.py"), "--quick", "--only", "thousand", "--json", str(results)]
-    done = run(argv, timeout=140)
+    done = run(argv, timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(results.read_text())["results"]
     measures = {row["measure"] for row in rows}

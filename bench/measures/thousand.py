@@ -81,7 +81,7 @@ def join_all(bench: Bench, loader: Loader, workers: list[Child], measure: str) -
         workers.append(bench.worker(f"thousand-{p}", loader, names, options))
     joined = 0
     for child in workers:
-        answer = child.recv(budget + 60 - (time.perf_counter() - start))
+        answer = child.recv(max(1.0, budget + 30 - (time.perf_counter() - start)))
         joined += answer["joined"]
     seconds = time.perf_counter() - start
     note = (
@@ -117,7 +117,7 @@ def defines(bench: Bench, definer: Child, measure: str, total: int) -> None:
     name = measure + ": define acked by all"
     with bench.attempt(name, "clustorage define", "<= 50 ms"):
         stats = definer.call(
-            "define", iterations=iterations, expect=total + 1, budget=budget, timeout=budget * 3
+            "define", iterations=iterations, expect=total + 1, budget=budget, timeout=budget + 30
         )
         acked = stats.pop("acknowledged_by")
         note = f"acked by {acked}/{total + 1} nodes"
@@ -141,7 +141,7 @@ def misses(bench: Bench, extra: Child, measure: str) -> None:
             prefix="thousand",
             peers={},
             budget=budget,
-            timeout=budget * 3,
+            timeout=budget + 30,
         )
         rounds = stats.pop("rounds")
         ours = stats["clustorage"]
