@@ -22,6 +22,8 @@ from .errors import (
     ClustorageError,
     CompileError,
     ConfigError,
+    DeadlockError,
+    LeaseLost,
     LoaderUnavailable,
     NameClashError,
     NotFound,
@@ -39,7 +41,9 @@ __all__ = [
     "ClustorageError",
     "CompileError",
     "ConfigError",
+    "DeadlockError",
     "Definition",
+    "LeaseLost",
     "LoadEvent",
     "LoaderUnavailable",
     "NameClashError",
@@ -73,6 +77,7 @@ def start(
     listen: str | tuple[str, int] | None = None,
     data: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
+    dead_after: float | None = None,
 ) -> Node:
     """Start this process's default node (see :class:`Node` for the arguments).
 
@@ -93,6 +98,7 @@ def start(
             listen=listen,
             data=data,
             timeout=timeout,
+            dead_after=dead_after,
         )
         return _default
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,6 +18,8 @@ from .errors import (
     ClustorageError,
     CompileError,
     ConfigError,
+    DeadlockError,
+    LeaseLost,
     LoaderUnavailable,
     NameClashError,
     NotFound,
@@ -38,6 +41,7 @@ class Channel(Protocol):
     """How a Node talks to its loader."""
 
     members: tuple[str, ...]
+    pending: Pending
 
     @property
     def connected(self) -> bool: ...
@@ -77,12 +81,17 @@ class Waiter:
 
 
 class Pending:
-    """Requests waiting for answers, by number."""
+    """Requests waiting for answers, by number; ``queued``: those queued on a lease held
+    elsewhere, with the holder's name and since when it computes (``time.time()``)."""
 
     def __init__(self) -> None:
         self._numbers = itertools.count(1)
         self._waiters: dict[int, Waiter] = {}
         self._lock = threading.Lock()
+        self.queued: dict[int, tuple[str, float]] = {}
+
+    def note_queued(self, rid: int, message: Queued) -> None:
+        self.queued[rid] = (message.holder, time.time() - message.held_for)
 
     def open(self, patient: bool = False) -> tuple[int, Waiter]:
         waiter = Waiter()
@@ -103,13 +112,16 @@ class Pending:
     def discard(self, rid: int) -> None:
         with self._lock:
             self._waiters.pop(rid, None)
+        self.queued.pop(rid, None)
 
     def resolve(self, rid: int, reply: Message) -> None:
         if type(reply) is Queued:
             waiter = self._waiters.get(rid)
             if waiter is not None:
                 waiter.queued = True
+                self.note_queued(rid, reply)
             return
+        self.queued.pop(rid, None)
         with self._lock:
             found = self._waiters.pop(rid, None)
         if found is None:
@@ -120,6 +132,7 @@ class Pending:
     def fail_all(self, error: BaseException) -> None:
         with self._lock:
             waiters, self._waiters = self._waiters, {}
+        self.queued.clear()
         for waiter in waiters.values():
             waiter.set(error=error)
 
@@ -146,7 +159,9 @@ _ERRORS: dict[str, type[ClustorageError]] = {
     for cls in (
         AuthenticationError,
         ConfigError,
+        DeadlockError,
         NameClashError,
+        LeaseLost,
         LoaderUnavailable,
         NotFound,
         StoreError,
@@ -182,7 +197,7 @@ def apply_push(replica: Replica, message: Message) -> bool:
     elif type(message) is SyncEntry:  # the loader's word is final on resync
         replica.install(message.entry, force=True)
     elif type(message) is Unload:
-        replica.remove(message.kind, message.key, message.origin)
+        replica.remove(message.kind, message.key, message.version, message.origin)
     elif type(message) is Members:
         return True
     return False
@@ -192,5 +207,5 @@ def apply_sync(replica: Replica, reply: SyncReply) -> None:
     """Make the replica what the loader says it should be (the loader is the truth)."""
     for entry in reply.entries:
         replica.install(entry, force=True)
-    for kind, key in reply.removed:
-        replica.remove(kind, key)
+    for kind, key, version in reply.removed:
+        replica.remove(kind, key, version, force=True)

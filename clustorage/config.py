@@ -36,6 +36,7 @@ __all__ = [
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4370
 DEFAULT_TIMEOUT = 5.0
+DEAD_AFTER = 15.0  # seconds before a peer host that stopped answering is taken for dead
 DEFAULT_MAX_FRAME = 1 << 30
 MEMORY = ":memory:"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -213,6 +214,7 @@ class NodeConfig:
     data: str = ""
     timeout: float = DEFAULT_TIMEOUT
     max_frame: int = DEFAULT_MAX_FRAME
+    dead_after: float = DEAD_AFTER
 
     @property
     def is_loader(self) -> bool:
@@ -238,6 +240,7 @@ class NodeConfig:
         data: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         max_frame: int | None = None,
+        dead_after: float | None = None,
         env: Mapping[str, str] | None = None,
     ) -> NodeConfig:
         """Combine arguments with ``CLUSTORAGE_*`` environment variables and defaults.
@@ -265,6 +268,12 @@ class NodeConfig:
             )
         if max_frame < 65536:
             raise ConfigError(f"invalid frame limit {max_frame}: use at least 65536 bytes")
+        if dead_after is None:
+            dead_after = _number(env.get("CLUSTORAGE_DEAD_AFTER"), DEAD_AFTER, "dead_after")
+        if not dead_after >= 1:
+            raise ConfigError(
+                f"invalid dead_after {dead_after!r}: use a number of seconds, at least 1"
+            )
         return cls(
             name=name,
             cookie=resolve_cookie(cookie, cookie_file, env),
@@ -273,4 +282,5 @@ class NodeConfig:
             data=data_text,
             timeout=timeout,
             max_frame=max_frame,
+            dead_after=dead_after,
         )

@@ -14,6 +14,8 @@
     │       └── FrameTooLarge              ... a frame over the size limit
     ├── CompileError(SyntaxError)          function source did not compile or define NAME
     ├── ValueTooLarge(ValueError)          a value's payload is over the frame limit
+    ├── DeadlockError(RuntimeError)        a fn needs a key whose computation waits on it
+    ├── LeaseLost                          a commit from a holder whose lease passed on
     ├── StoreError(OSError)                the loader's SQLite store cannot be opened or written
     └── RemoteError                        the loader failed a request; carries its message
 """
@@ -25,7 +27,9 @@ __all__ = [
     "ClustorageError",
     "CompileError",
     "ConfigError",
+    "DeadlockError",
     "FrameTooLarge",
+    "LeaseLost",
     "LoaderUnavailable",
     "LocalProtocolError",
     "NameClashError",
@@ -83,6 +87,16 @@ class FrameTooLarge(RemoteProtocolError):
 
 class ValueTooLarge(ClustorageError, ValueError):
     """A value is too large to send in one frame."""
+
+
+class DeadlockError(ClustorageError, RuntimeError):
+    """A ``fn`` needs a key that cannot be computed before it returns: its own key, or one
+    whose computation waits (through other keys, on any node) on a key this thread holds."""
+
+
+class LeaseLost(ClustorageError):
+    """This node's lease on a key passed to another node (it was cut off); its value was
+    not stored. ``get`` the key again for the value the cluster settled on."""
 
 
 class StoreError(ClustorageError, OSError):

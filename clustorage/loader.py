@@ -3,15 +3,22 @@
 Theory of operation
 -------------------
 The loader is the single source of truth. Everything here runs on one thread (the loader's
-event loop), so there are no locks: a request is handled to completion before the next one.
+event loop), so there are no locks. The loop only decides: store writes go to ``Writes``
+(a writer thread, group commit) and compiling goes ``Aside`` (a worker thread); their
+results come back to the loop. Meanwhile requests on that same entry wait their turn, in
+order, and every other request is served (SPEC "The loader never stalls").
 
 * Peers are the connected nodes, the loader's own node included (as an in-process peer).
   A peer is anything with a ``name`` and a non-blocking ``deliver(message)``.
 * Values: a ``Fetch`` with ``lease`` set for a missing key makes the asker the key's
   leaseholder (``LeaseGranted``); later askers are told ``Queued`` and wait in line. The
-  leaseholder's ``Commit`` is stored, then hot-loaded to every other peer, then answered; each
-  waiter gets the value. A ``Release`` (its fn raised) or the leaseholder leaving passes the
-  lease to the next waiter still connected (SPEC "get" 3-4).
+  leaseholder's ``Commit`` (showing its lease's token) is stored, then hot-loaded to every
+  other peer, then answered; each waiter gets the value. A ``Release`` (its fn raised) or
+  the leaseholder leaving passes the lease to the next waiter still connected; a Commit
+  whose lease passed on is refused (``LeaseLost``); a wait that would close a cycle of
+  keys is refused (``DeadlockError``). See :mod:`clustorage.leases` (SPEC "get" 3-4).
+* Every change of an entry has a version, a deletion too (a tombstone), so that replicas
+  converge whatever order they hear of changes in (SPEC "Replicas converge").
 * Functions: a ``Define`` is compiled here; unchanged source makes no new version. A new
   version is stored, then sent to every peer with ``ack`` set; the definer gets ``Defined``
   once every peer connected at that moment has answered ``Loaded``, left, or the ack timeout
@@ -35,10 +42,13 @@ from .compiler import compile_function
 from .errors import (
     ClustorageError,
     CompileError,
+    DeadlockError,
+    LeaseLost,
     RemoteProtocolError,
     StoreError,
     ValueTooLarge,
 )
+from .leases import Lease, Leases
 from .messages import (
     FUNCTION,
     VALUE,
@@ -76,7 +86,7 @@ from .messages import (
 )
 from .store import Store
 
-__all__ = ["LoaderCore", "Peer"]
+__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "work_here"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,16 @@ log = logging.getLogger(__name__)
 # about how many an entry takes besides its key, payload and source.
 SYNC_INLINE = 1 << 20
 _INLINE_OVERHEAD = 64
+
+
+def _deadlock_message(chain: list[str], holder: str) -> str:
+    path = " -> ".join(repr(key) for key in chain)
+    if len(chain) == 2:
+        return f"the fn computing {chain[0]!r} needs {chain[0]!r} itself; compute it another way"
+    return (
+        f"waiting for {chain[1]!r} (computed by {holder}) would never end: {path}; each of "
+        f"these keys' fn needs the next one. Break the cycle"
+    )
 
 
 def _inline_size(*texts: str) -> int:
@@ -110,12 +130,6 @@ Scheduler = Callable[[float, Callable[[], None]], Timer]
 
 
 @dataclass(slots=True)
-class _Lease:
-    holder: tuple[Peer, int]
-    waiters: collections.deque[tuple[Peer, int]] = field(default_factory=collections.deque)
-
-
-@dataclass(slots=True)
 class _Definition:
     requester: Peer
     rid: int
@@ -125,6 +139,48 @@ class _Definition:
     timer: Timer | None = None
 
 
+Done = Callable[[BaseException | None], None]
+
+
+class Writes(Protocol):
+    """Where store writes run: ``job(store)``, then ``done(error or None)`` on the loop."""
+
+    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None: ...
+
+
+class Aside(Protocol):
+    """Where slow work runs (compiling): ``work()``, then ``done(result, error)`` on the loop."""
+
+    def __call__(
+        self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None: ...
+
+
+class WriteHere:
+    """Writes on the caller's thread, at once (for a store that keeps nothing)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None:
+        try:
+            job(self._store)
+        except (StoreError, ValueTooLarge) as exc:
+            done(exc)
+        else:
+            done(None)
+
+
+def work_here(work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    """Slow work on the caller's thread, at once."""
+    try:
+        result = work()
+    except (Exception, SystemExit) as exc:
+        done(None, exc)
+    else:
+        done(result, None)
+
+
 def failure(rid: int, exc: BaseException) -> Failed:
     """The Failed answer that carries ``exc`` to the requester."""
     details: dict[str, Any] = {}
@@ -132,6 +188,18 @@ def failure(rid: int, exc: BaseException) -> Failed:
         details = {"name": exc.name, "lineno": exc.lineno, "offset": exc.offset, "text": exc.text}
         return Failed(rid, "CompileError", exc.msg, details)
     return Failed(rid, type(exc).__name__, str(exc), details)
+
+
+def _subject(message: Message) -> tuple[str, str] | None:
+    """The entry a request reads or writes; requests on one entry are handled in order."""
+    kind = type(message)
+    if kind is Fetch or kind is Delete:
+        return message.kind, message.key  # type: ignore[union-attr]
+    if kind is Commit or kind is Put or kind is Release:
+        return VALUE, message.key  # type: ignore[union-attr]
+    if kind is Define:
+        return FUNCTION, message.name  # type: ignore[union-attr]
+    return None
 
 
 class LoaderCore:
@@ -146,6 +214,8 @@ class LoaderCore:
         ack_timeout: float = 5.0,
         address: str = "",
         max_frame: int = 1 << 30,
+        writes: Writes | None = None,
+        aside: Aside = work_here,
     ) -> None:
         self.name = name
         self.address = address
@@ -155,6 +225,8 @@ class LoaderCore:
         self._synced: set[int] = set()  # peers (by id) that had their resync
         self.started = time.time()
         self._store = store
+        self._writes = writes if writes is not None else WriteHere(store)
+        self._aside = aside
         self._schedule = schedule
         self._ack_timeout = ack_timeout
         self.entries: dict[tuple[str, str], Entry] = {
@@ -162,7 +234,9 @@ class LoaderCore:
         }
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
-        self._leases: dict[str, _Lease] = {}
+        self._leases = Leases()
+        # Entries being written or compiled, with the requests that wait their turn.
+        self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
         self._definitions: list[_Definition] = []
         self._handlers: dict[type, Callable[[Peer, Any], None]] = {
             Fetch: self._fetch,
@@ -189,6 +263,9 @@ class LoaderCore:
         log.info("%s joined from %s (%d nodes)", peer.name, peer.address, len(self.peers))
         self._announce_members()
 
+    def _alive(self, peer: Peer) -> bool:
+        return self.peers.get(peer.name) is peer
+
     def leave(self, peer: Peer) -> None:
         """Forget ``peer``: its leases pass on, definitions stop waiting for it."""
         self._synced.discard(id(peer))
@@ -196,10 +273,9 @@ class LoaderCore:
             return
         del self.peers[peer.name]
         log.info("%s left (%d nodes)", peer.name, len(self.peers))
-        for key, lease in list(self._leases.items()):
-            lease.waiters = collections.deque(w for w in lease.waiters if w[0] is not peer)
-            if lease.holder[0] is peer:
-                self._pass_lease(key, lease)
+        for lease in self._leases.forget_waits_of(peer):
+            if not lease.committing:  # else its write settles it
+                self._pass_lease(lease)
         for definition in list(self._definitions):
             if definition.requester is peer:
                 self._finish(definition, answer=False)
@@ -218,7 +294,14 @@ class LoaderCore:
     # -- dispatch --------------------------------------------------------------------------
 
     def handle(self, peer: Peer, message: Message) -> None:
-        """Carry out one message from ``peer``; answers go back through ``peer.deliver``."""
+        """Carry out one message from ``peer``; answers go back through ``peer.deliver``.
+
+        A request on an entry being written or compiled waits its turn (SPEC "The loader
+        never stalls": only the requests on that entry wait)."""
+        where = _subject(message)
+        if where is not None and where in self._busy:
+            self._busy[where].append((peer, message))
+            return
         handler = self._handlers.get(type(message))
         if handler is None:
             log.warning("%s sent a %s, which only a loader sends", peer.name, type(message))
@@ -238,6 +321,30 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
         else:
             log.warning("%s from %s failed: %s", type(message).__name__, peer.name, exc)
+
+    def _hold(self, where: tuple[str, str]) -> None:
+        self._busy.setdefault(where, collections.deque())
+
+    def _unhold(self, where: tuple[str, str]) -> None:
+        """The entry is written: handle, in order, the requests that waited for it."""
+        waiting = self._busy.pop(where, None)
+        while waiting:
+            peer, message = waiting.popleft()
+            if where in self._busy:  # one of them is writing it again: the rest wait on
+                self._busy[where].extend([(peer, message), *waiting])
+                return
+            if self._alive(peer):
+                self.handle(peer, message)
+
+    def _then(self, peer: Peer, rid: int, action: Callable[[], None]) -> None:
+        """Run ``action`` after a write or a compile; a failure goes to the requester."""
+        try:
+            action()
+        except ClustorageError as exc:
+            peer.deliver(failure(rid, exc))
+        except (Exception, SystemExit) as exc:
+            log.exception("failed to finish a request from %s", peer.name)
+            peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
         local = self.peers.get(self.name)
@@ -269,20 +376,40 @@ class LoaderCore:
             )
 
     def _store_entry(
-        self, kind: str, key: str, payload: Blob, source: str | None, origin: str
-    ) -> Entry:
+        self,
+        kind: str,
+        key: str,
+        payload: Blob,
+        source: str | None,
+        origin: str,
+        then: Callable[[Entry | None, BaseException | None], None],
+    ) -> None:
+        """Write a new version of ``key``; ``then(entry, None)`` once it is durable (and the
+        loader's own), or ``then(None, error)``. Requests on the entry wait meanwhile."""
+        where = (kind, key)
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
         )
-        current = self.entries.get((kind, key))
         try:
             self._check_sendable(entry)
-            self._store.commit(entry, current.version if current is not None else 0)
-        except (StoreError, ValueTooLarge):
-            self._last_version[(kind, key)] -= 1
+        except ValueTooLarge:
+            self._last_version[where] -= 1
             raise
-        self.entries[(kind, key)] = entry
-        return entry
+        current = self.entries.get(where)
+        previous = current.version if current is not None else 0
+        self._hold(where)
+
+        def written(error: BaseException | None) -> None:
+            if error is None:
+                self.entries[where] = entry
+            else:
+                self._last_version[where] -= 1  # nothing else numbered it meanwhile: held
+            try:
+                then(None if error else entry, error)
+            finally:
+                self._unhold(where)
+
+        self._writes.write(lambda store: store.commit(entry, previous), written, len(payload))
 
     # -- values ----------------------------------------------------------------------------
 
@@ -293,75 +420,159 @@ class LoaderCore:
         elif not message.lease or message.kind != VALUE:
             peer.deliver(NotFound(message.rid))
         elif (lease := self._leases.get(message.key)) is None:
-            self._leases[message.key] = _Lease((peer, message.rid))
-            peer.deliver(LeaseGranted(message.rid))
+            lease = self._leases.grant(message.key, peer, message.rid, message.holding)
+            peer.deliver(LeaseGranted(message.rid, lease.token))
+        elif chain := self._leases.cycle(message.key, peer, message.holding):
+            raise DeadlockError(_deadlock_message(chain, lease.holder.name))
         else:
-            lease.waiters.append((peer, message.rid))
-            peer.deliver(Queued(message.rid))
+            self._leases.wait(lease, peer, message.rid, message.holding)
+            peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
-        existing = self.entries.get((VALUE, message.key))
-        if existing is not None:
-            peer.deliver(Committed(message.rid, existing, False))
-            return
-        try:
-            entry = self._store_entry(VALUE, message.key, joined(message.payload), None, peer.name)
-        except (StoreError, ValueTooLarge):
-            if (lease := self._leases.get(message.key)) and lease.holder[0] is peer:
-                self._pass_lease(message.key, lease)
-            raise
-        peer.deliver(Committed(message.rid, entry.without_payload(), True))
-        self._settle(message.key, entry, skip=peer)
+        key = message.key
+        lease = self._leases.get(key)
+        current = lease is not None and lease.token == message.token
+        orphan = (
+            lease is None
+            and (VALUE, key) not in self.entries
+            and self._leases.from_earlier_loader(message.token)
+        )  # its lease died with an earlier loader process, and nobody else computed it
+        if not (current or orphan):
+            holder = f" to {lease.holder.name}" if lease is not None else ""
+            raise LeaseLost(
+                f"{peer.name} lost its lease on {key!r}{holder} (it was cut off from the "
+                f"loader); its value was not stored: get {key!r} again for the cluster's value"
+            )
+        if lease is not None:
+            lease.committing = True
+
+        def stored(entry: Entry | None, error: BaseException | None) -> None:
+            lease = self._leases.get(key)
+            if error is not None:
+                if lease is not None:
+                    lease.committing = False
+                    if not self._alive(lease.holder) or lease.holder is peer:
+                        self._pass_lease(lease)
+                raise error
+            assert entry is not None
+            peer.deliver(Committed(message.rid, entry.without_payload(), True))
+            self._settle(key, entry, skip=peer)
+
+        self._store_entry(
+            VALUE,
+            key,
+            joined(message.payload),
+            None,
+            peer.name,
+            lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+        )
 
     def _put(self, peer: Peer, message: Put) -> None:
-        entry = self._store_entry(VALUE, message.key, joined(message.payload), None, peer.name)
-        peer.deliver(Committed(message.rid, entry.without_payload(), True))
-        self._settle(message.key, entry, skip=peer)
+        def stored(entry: Entry | None, error: BaseException | None) -> None:
+            if error is not None:
+                raise error
+            assert entry is not None
+            peer.deliver(Committed(message.rid, entry.without_payload(), True))
+            self._settle(message.key, entry, skip=peer)
+
+        self._store_entry(
+            VALUE,
+            message.key,
+            joined(message.payload),
+            None,
+            peer.name,
+            lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+        )
 
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
-        lease = self._leases.pop(key, None)
-        if lease is not None:
-            for waiter, rid in lease.waiters:
-                waiter.deliver(Found(rid, entry))
+        for waiter in self._leases.settle(key):
+            waiter.peer.deliver(Found(waiter.rid, entry))
 
     def _release(self, peer: Peer, message: Release) -> None:
+        """The holder's fn failed (``rid`` 0), or a caller stopped waiting for ``rid``."""
         lease = self._leases.get(message.key)
-        if lease is not None and lease.holder[0] is peer:
+        if lease is None or lease.committing:
+            return
+        if lease.holder is peer and message.rid in (0, lease.rid):
             log.info("%s: fn failed on %s (%s)", message.key, peer.name, message.reason)
-            self._pass_lease(message.key, lease)
+            self._pass_lease(lease)
+        elif message.rid:
+            self._leases.withdraw(lease, peer, message.rid)
 
-    def _pass_lease(self, key: str, lease: _Lease) -> None:
-        while lease.waiters:
-            peer, rid = lease.waiters.popleft()
-            if self.peers.get(peer.name) is peer:
-                lease.holder = (peer, rid)
-                peer.deliver(LeaseGranted(rid))
-                return
-        del self._leases[key]
+    def _pass_lease(self, lease: Lease) -> None:
+        if self._leases.pass_on(lease, self._alive) is not None:
+            lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
 
     def _delete(self, peer: Peer, message: Delete) -> None:
-        existed = (message.kind, message.key) in self.entries
-        if existed:
-            version = self._next_version(message.kind, message.key)
-            self._store.delete(message.kind, message.key, version, peer.name)
-            del self.entries[(message.kind, message.key)]
-            self._broadcast(Unload(message.kind, message.key, peer.name))
-        peer.deliver(Deleted(message.rid, existed))
+        where = (message.kind, message.key)
+        if where not in self.entries:
+            peer.deliver(Deleted(message.rid, False, self._last_version.get(where, 0)))
+            return
+        version = self._next_version(*where)
+        self._hold(where)
+
+        def written(error: BaseException | None) -> None:
+            try:
+                if error is not None:
+                    self._last_version[where] -= 1
+                    peer.deliver(failure(message.rid, error))
+                    return
+                self.entries.pop(where, None)
+                self._broadcast(Unload(message.kind, message.key, version, peer.name))
+                peer.deliver(Deleted(message.rid, True, version))
+            finally:
+                self._unhold(where)
+
+        self._writes.write(
+            lambda store: store.delete(message.kind, message.key, version, peer.name), written, 0
+        )
 
     # -- functions -------------------------------------------------------------------------
 
     def _define(self, peer: Peer, message: Define) -> None:
-        current = self.entries.get((FUNCTION, message.name))
+        """Compile aside (module-level code may be slow), store, hot-load with acks."""
+        where = (FUNCTION, message.name)
+        current = self.entries.get(where)
         if current is not None and current.source == message.source and not message.force:
             peer.deliver(Defined(message.rid, current, False, self.member_names(), ()))
             return
-        function = compile_function(message.name, message.source)
-        payload = codec.dump(message.name, function)
-        entry = self._store_entry(FUNCTION, message.name, payload, message.source, peer.name)
-        log.info("%s v%d defined by %s", message.name, entry.version, peer.name)
-        definition = _Definition(peer, message.rid, entry, set(self.peers))
+        self._hold(where)
+
+        def compile_aside() -> Blob:
+            return codec.dump(message.name, compile_function(message.name, message.source))
+
+        def compiled(payload: Blob | None, error: BaseException | None) -> None:
+            if error is not None or payload is None:
+                self._unhold(where)
+                peer.deliver(failure(message.rid, error or RuntimeError("nothing compiled")))
+                return
+            try:  # from here the write holds the entry, and lets go of it when written
+                self._store_entry(
+                    FUNCTION,
+                    message.name,
+                    payload,
+                    message.source,
+                    peer.name,
+                    lambda entry, error: self._then(
+                        peer, message.rid, lambda: self._defined(peer, message.rid, entry, error)
+                    ),
+                )
+            except Exception as exc:
+                self._unhold(where)
+                peer.deliver(failure(message.rid, exc))
+
+        self._aside(compile_aside, compiled)
+
+    def _defined(
+        self, peer: Peer, rid: int, entry: Entry | None, error: BaseException | None
+    ) -> None:
+        if error is not None:
+            raise error
+        assert entry is not None
+        log.info("%s v%d defined by %s", entry.key, entry.version, peer.name)
+        definition = _Definition(peer, rid, entry, set(self.peers))
         self._definitions.append(definition)
         definition.timer = self._schedule(
             self._ack_timeout, lambda: self._finish(definition, answer=True)
@@ -411,9 +622,14 @@ class LoaderCore:
             raise RemoteProtocolError("a connection resynchronises once, when it connects")
         self._synced.add(id(peer))
         held = message.versions
-        removed = tuple(where for where in held if where not in self.entries)
+        removed = tuple(
+            (kind, key, self._last_version.get((kind, key), 0))
+            for (kind, key), version in held.items()
+            if (kind, key) not in self.entries
+            and not version == self._last_version.get((kind, key), 0) != 0  # its tombstone
+        )
         members = self.member_names()
-        room = self._sync_inline - _inline_size(*(key for _, key in removed), *members)
+        room = self._sync_inline - _inline_size(*(key for _, key, _ in removed), *members)
         inline: list[Entry] = []
         for where, entry in self.entries.items():
             if held.get(where) == entry.version:
@@ -446,7 +662,8 @@ class LoaderCore:
             "nodes": nodes,
             "keys": kinds[VALUE],
             "functions": kinds[FUNCTION],
-            "leases": sorted(self._leases),
+            "leases": sorted(lease.key for lease in self._leases),
+            "computing": self._leases.describe(),
         }
 
     def _status(self, peer: Peer, message: Status) -> None:

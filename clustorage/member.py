@@ -34,7 +34,8 @@ from .errors import (
     ProtocolError,
     ValueTooLarge,
 )
-from .hello import DEAD_AFTER, HEARTBEAT, handshake_meta, incompatibility
+from .hello import HEARTBEAT, handshake_meta, incompatibility
+from .liveness import watch
 from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
@@ -163,7 +164,7 @@ class MemberClient:
         sock = socket.create_connection((loader.host, loader.port), timeout=timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            watch(sock, self.config.dead_after)
             meta = handshake_meta(
                 self.config.name, role="member", session=self._session, expect=loader.name
             )
@@ -191,7 +192,7 @@ class MemberClient:
             # versions afresh: none of ours is one of its, whatever the number says.
             held = self.replica.forget_versions()
         else:
-            held = dict(self.replica.versions)
+            held = self.replica.held()
         self._store = store  # from now on, what arrives is numbered by this store
         rid, waiter = self.pending.open()
         self._send(Sync(rid, held))
@@ -351,8 +352,6 @@ class MemberClient:
             while (event := conn.next_event()) is not None:
                 if isinstance(event, Closed):
                     raise _Lost("the loader closed the connection")
-        elif now - self._last_heard > DEAD_AFTER:
-            raise _Lost(f"the loader was silent for {DEAD_AFTER:g}s")
         if now - self._last_sent >= HEARTBEAT:
             with self._send_lock:
                 sock.sendall(conn.heartbeat())
@@ -367,6 +366,7 @@ class MemberClient:
                 self.pending.resolve(rid, message)
             elif type(message) is Queued:
                 self._patient = True
+                self.pending.note_queued(rid, message)
             else:
                 self._answer = message
             return
@@ -544,6 +544,7 @@ class MemberClient:
             self._lost(exc)
             raise self.unavailable(str(exc)) from exc
         finally:
+            self.pending.queued.pop(rid, None)
             self._mine, self._answer = 0, None
 
     def notify(self, build: Build) -> None:

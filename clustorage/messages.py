@@ -110,19 +110,24 @@ class Entry(NamedTuple):
 
 
 class Fetch(NamedTuple):
-    """Give me ``key``; if nobody has it and ``lease`` is set, let me compute it."""
+    """Give me ``key``; if nobody has it and ``lease`` is set, let me compute it.
+
+    ``holding``: the keys whose fn the asking thread is running, outermost first (the
+    loader refuses a wait that would close a cycle: SPEC "get" 4)."""
 
     rid: int
     kind: str
     key: str
     lease: bool
+    holding: tuple[str, ...] = ()
 
 
 class Commit(NamedTuple):
-    """The value my lease on ``key`` computed."""
+    """The value my lease on ``key`` (the one numbered ``token``) computed."""
 
     rid: int
     key: str
+    token: int
     payload: Payload
 
 
@@ -195,15 +200,20 @@ class NotFound(NamedTuple):
 
 
 class Queued(NamedTuple):
-    """Your request is accepted; its answer waits for the lease on its key to settle."""
+    """Your request is accepted; its answer waits for the lease on its key to settle.
+
+    ``holder`` is the node computing it, for ``held_for`` seconds so far."""
 
     rid: int
+    holder: str = ""
+    held_for: float = 0.0
 
 
 class LeaseGranted(NamedTuple):
-    """Nobody has ``key``: run your fn and Commit (or Release)."""
+    """Nobody has ``key``: run your fn and Commit (or Release) with this lease's ``token``."""
 
     rid: int
+    token: int = 0
 
 
 class Committed(NamedTuple):
@@ -225,14 +235,20 @@ class Defined(NamedTuple):
 
 
 class Deleted(NamedTuple):
+    """``version``: the key's tombstone (its last version when it did not exist)."""
+
     rid: int
     existed: bool
+    version: int = 0
 
 
 class SyncReply(NamedTuple):
+    """What differs from what the member holds: entries, and (kind, key, tombstone version)
+    of each key it holds that is gone."""
+
     rid: int
     entries: tuple[Entry, ...]
-    removed: tuple[tuple[str, str], ...]
+    removed: tuple[tuple[str, str, int], ...]
     members: tuple[str, ...]
 
 
@@ -266,10 +282,11 @@ class Load(NamedTuple):
 
 
 class Unload(NamedTuple):
-    """``key`` was deleted (by node ``origin``)."""
+    """``key`` was deleted (by node ``origin``); ``version`` numbers its tombstone."""
 
     kind: str
     key: str
+    version: int
     origin: str
 
 
@@ -371,10 +388,10 @@ class _Wire(NamedTuple):
 
 _WIRE: dict[type, _Wire] = {
     Commit: _Wire(
-        lambda m: (m.rid, m.key, len(m.payload)),
-        lambda blob, rid, key, _: Commit(rid, key, blob),
+        lambda m: (m.rid, m.key, m.token, len(m.payload)),
+        lambda blob, rid, key, token, _: Commit(rid, key, token, blob),
         lambda m: m.payload,
-        lambda data: data[3],
+        lambda data: data[4],
     ),
     Put: _Wire(
         lambda m: (m.rid, m.key, len(m.payload)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -13,7 +14,7 @@ from . import codec
 from .channel import Channel
 from .compiler import check_function_name
 from .config import Cookie, LoaderAddress, NodeConfig
-from .errors import NotFound
+from .errors import DeadlockError, NotFound
 from .keys import Key, normalize_key
 from .messages import (
     FUNCTION,
@@ -30,6 +31,7 @@ from .messages import (
     History,
     HistoryReply,
     LeaseGranted,
+    Message,
     Payload,
     Put,
     Release,
@@ -67,6 +69,8 @@ class Node:
         listen: ``HOST:PORT`` a loader listens on (default ``127.0.0.1:4370``).
         data: a loader's data directory, or ``:memory:``.
         timeout: seconds to wait for the loader before raising LoaderUnavailable.
+        dead_after: seconds after which a peer host that stopped answering is taken for
+            dead (``$CLUSTORAGE_DEAD_AFTER``, default 15); a busy process never is.
 
     Raises:
         ConfigError, AuthenticationError, NameClashError, StoreError: the node cannot start.
@@ -83,6 +87,7 @@ class Node:
         data: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
         max_frame: int | None = None,
+        dead_after: float | None = None,
     ) -> None:
         self.config = NodeConfig.resolve(
             name=name,
@@ -93,6 +98,7 @@ class Node:
             data=data,
             timeout=timeout,
             max_frame=max_frame,
+            dead_after=dead_after,
         )
         self.name = self.config.name
         self.timeout = self.config.timeout
@@ -100,6 +106,8 @@ class Node:
         self._values = self._replica.values
         self._functions = self._replica.functions
         self._change_listeners: list[Callable[[], None]] = []
+        self._thread_state = threading.local()
+        self._asking: dict[int, str] = {}  # request number -> key, for waiting()
         self._stopped = False
         self._channel: Channel
         if self.config.loader is None:
@@ -156,6 +164,10 @@ class Node:
             NotFound: the cluster has no ``key`` and no ``fn`` was given.
             TypeError: the value cannot be serialized (the message names the key).
             LoaderUnavailable: a miss while the loader cannot be reached.
+            DeadlockError: ``fn`` needs ``key`` itself, or a key whose computation waits
+                (through other keys, on any node) for one this thread is computing.
+            LeaseLost: this node was cut off while ``fn`` ran, and the key's lease passed
+                on; the value was not stored.
         """
         try:
             return self._values[key]  # type: ignore[index]
@@ -172,22 +184,83 @@ class Node:
             return values[key]
         if (recorded := self._replica.read_unread(key)) is not MISSING:
             return recorded
-        wants_lease = fn is not None
-        reply = self._channel.request(lambda rid: Fetch(rid, VALUE, key, wants_lease), self.timeout)
+        computing = self._computing()
+        if key in computing:
+            chain = " -> ".join(repr(held) for held in [*computing[computing.index(key) :], key])
+            raise DeadlockError(
+                f"the fn computing {key!r} needs {key!r} itself ({chain}); compute it another way"
+            )
+        try:
+            reply, epoch = self._fetch(key, fn is not None, tuple(computing))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"stopped waiting for {key!r}") from None
         if type(reply) is Found:
-            return self._install(reply.entry)
+            return self._install(reply.entry, epoch=epoch)
         if fn is None or type(reply) is not LeaseGranted:
             raise NotFound(
                 f"the cluster has no value for {key!r}; pass a function that computes it, "
                 f"as in get({key!r}, lambda: ...)"
             )
         value, payload = self._compute(key, fn)
-        reply = self._channel.request(lambda rid: Commit(rid, key, payload), self.timeout)
+        token = reply.token
+        reply, epoch = self._ask(lambda rid: Commit(rid, key, token, payload))
         assert type(reply) is Committed
-        return self._install(reply.entry, value) if reply.mine else self._install(reply.entry)
+        return self._install(reply.entry, value, epoch=epoch)
+
+    def _computing(self) -> list[str]:
+        """The keys whose fn this thread is running, outermost first."""
+        stack: list[str] | None = getattr(self._thread_state, "computing", None)
+        if stack is None:
+            stack = self._thread_state.computing = []
+        return stack
+
+    def _ask(self, build: Callable[[int], Message], patient: bool = False) -> tuple[Message, int]:
+        """Send a request; its answer, and the replica's epoch when it was sent."""
+        epoch = self._replica.epoch
+
+        def built(rid: int) -> Message:
+            nonlocal epoch
+            epoch = self._replica.epoch
+            return build(rid)
+
+        reply = self._channel.request(built, self.timeout, patient)
+        return reply, epoch
+
+    def _fetch(self, key: str, lease: bool, holding: tuple[str, ...]) -> tuple[Message, int]:
+        """Ask the loader for ``key`` (for its lease, if ``lease``); a request this thread
+        stops waiting for is withdrawn, so that its lease cannot end up with nobody."""
+        asked = 0
+
+        def fetch(rid: int) -> Fetch:
+            nonlocal asked
+            asked = rid
+            self._asking[rid] = key
+            return Fetch(rid, VALUE, key, lease, holding)
+
+        try:
+            return self._ask(fetch)
+        except BaseException:
+            if lease and asked:
+                self._channel.notify(lambda _: Release(asked, key, "the caller stopped waiting"))
+            raise
+        finally:
+            self._asking.pop(asked, None)
+
+    def waiting(self) -> list[tuple[str, str, float]]:
+        """What this node's callers wait for: ``(key, holder, since)`` for each ``get``
+        queued on a key another node (or thread) computes; ``since`` is when the holder
+        started (``time.time()`` seconds)."""
+        asking = dict(self._asking)
+        return [
+            (asking[rid], holder, since)
+            for rid, (holder, since) in self._channel.pending.queued.copy().items()
+            if rid in asking
+        ]
 
     def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, Payload]:
         __tracebackhide__ = True
+        computing = self._computing()
+        computing.append(key)
         try:
             value = fn()
             payload = codec.dump_borrowing(key, value)
@@ -196,32 +269,37 @@ class Node:
             reason = f"{type(exc).__name__}: {exc}"
             self._channel.notify(lambda rid: Release(rid, key, reason))
             raise
+        finally:
+            computing.pop()
         return value, payload
 
-    def _install(self, entry: Entry, obj: Any = MISSING) -> Any:
-        self._replica.install(entry, obj)
+    def _install(self, entry: Entry, obj: Any = MISSING, *, epoch: int | None = None) -> Any:
+        """Install an answer's entry (unless something newer is here); the answer's object."""
+        self._replica.install(entry, obj, epoch=epoch)
+        if obj is not MISSING:
+            return obj
         table = self._functions if entry.kind == FUNCTION else self._values
-        try:
-            return table[entry.key]
-        except KeyError:  # deleted meanwhile: the answer still stands
-            return obj if obj is not MISSING else codec.load(entry.payload)
+        held = table.get(entry.key, MISSING)
+        if held is not MISSING and self._replica.version(entry.kind, entry.key) == entry.version:
+            return held
+        return codec.load(entry.payload)  # superseded or deleted meanwhile: the answer stands
 
     def put(self, key: Key, value: Any) -> int:
         """Store ``value`` under ``key`` as a new version everywhere; returns the version."""
         key = normalize_key(key)
         payload = codec.dump_borrowing(key, value)
         codec.check_size(key, payload, self.config.max_frame)
-        reply = self._channel.request(lambda rid: Put(rid, key, payload), self.timeout)
+        reply, epoch = self._ask(lambda rid: Put(rid, key, payload))
         assert type(reply) is Committed
-        self._install(reply.entry, value)
+        self._install(reply.entry, value, epoch=epoch)
         return reply.entry.version
 
     def delete(self, key: Key, kind: str = VALUE) -> bool:
         """Delete a value (or, with ``kind="function"``, a function) everywhere."""
         key = normalize_key(key) if kind == VALUE else check_function_name(str(key))
-        reply = self._channel.request(lambda rid: Delete(rid, kind, key), self.timeout)
+        reply, epoch = self._ask(lambda rid: Delete(rid, kind, key))
         assert type(reply) is Deleted
-        self._replica.remove(kind, key, self.name)
+        self._replica.remove(kind, key, reply.version, self.name, epoch=epoch)
         return reply.existed
 
     def keys(self) -> list[str]:
@@ -245,9 +323,9 @@ class Node:
 
     def _load_function(self, name: str, fn: Source | None) -> Callable[..., Any]:
         check_function_name(name)
-        reply = self._channel.request(lambda rid: Fetch(rid, FUNCTION, name, False), self.timeout)
+        reply, epoch = self._ask(lambda rid: Fetch(rid, FUNCTION, name, False))
         if type(reply) is Found:
-            return self._install(reply.entry)  # type: ignore[no-any-return]
+            return self._install(reply.entry, epoch=epoch)  # type: ignore[no-any-return]
         if fn is None:
             raise NotFound(
                 f"the cluster has no function {name!r}; give its source, as in "
@@ -271,11 +349,12 @@ class Node:
         if not isinstance(text, str):
             raise TypeError(f"the source of {name!r} must be a str, not {type(text).__name__}")
         # Patient: compiling runs the user's module-level code, which may take a while.
-        reply = self._channel.request(
-            lambda rid: Define(rid, name, text, force), self.timeout, patient=True
-        )
+        try:
+            reply, epoch = self._ask(lambda rid: Define(rid, name, text, force), patient=True)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"stopped waiting for the definition of {name!r}") from None
         assert type(reply) is Defined
-        self._install(reply.entry)
+        self._install(reply.entry, epoch=epoch)
         entry = reply.entry
         return Definition(name, entry.version, reply.changed, reply.installed, reply.missing)
 

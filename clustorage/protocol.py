@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 MAGIC = b"CLST"
-VERSION = 2
+VERSION = 3
 NONCE_SIZE = 32
 MAC_SIZE = 32
 TAG_SIZE = 32

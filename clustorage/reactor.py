@@ -298,6 +298,8 @@ class Stream:
             self.abort()
 
     def get_extra_info(self, name: str) -> Any:
+        if name == "socket":
+            return self._sock
         return self._peer if name == "peername" else None
 
     def set_write_buffer_limits(self, high: int) -> None:

@@ -1,7 +1,13 @@
 """A node's local copy of every value and function, and its on_load listeners. No I/O.
 
 Reads (``values[key]``, ``functions[name]``) take no lock: entries are only ever replaced
-whole, by one writer thread, and a dict assignment is atomic.
+whole, under the replica's lock, and a dict assignment is atomic.
+
+Convergence (SPEC "Replicas converge"): the loader numbers every change of a key, a deletion
+included (a tombstone). A change applies only over an older one, so a key's state is that of
+the highest version seen, whatever order answers (on callers' threads) and pushes (on the
+reader's) arrive in. ``epoch`` counts loaders on other stores, whose numbers mean nothing
+here: a change read under an earlier epoch is ignored.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Replica:
         self.functions: dict[str, Callable[..., Any]] = {}
         self.sources: dict[str, str] = {}
         self.versions: dict[tuple[str, str], int] = {}
+        self.tombstones: dict[tuple[str, str], int] = {}  # deleted keys' last versions
+        self.epoch = 0
         self.origins: dict[tuple[str, str], str] = {}
         # Values recorded but not deserialized yet, by key (see install's ``lazy``).
         self._unread: dict[str, Entry] = {}
@@ -75,28 +83,49 @@ class Replica:
 
     def forget_versions(self) -> dict[tuple[str, str], int]:
         """Mark every held version unknown (0), values kept, so that any version installs
-        over it; returns what is held, by (kind, key). For a loader on another store, which
-        numbers its versions afresh."""
+        over it, and forget tombstones; returns what is held, by (kind, key). For a loader
+        on another store, which numbers its versions afresh: changes read under the old
+        numbering (an earlier ``epoch``) are ignored from now on."""
         with self._lock:
+            self.epoch += 1
             self.versions = dict.fromkeys(self.versions, 0)
+            self.tombstones.clear()
             return dict(self.versions)
 
+    def held(self) -> dict[tuple[str, str], int]:
+        """Every version held, tombstones included: what a resync compares."""
+        with self._lock:
+            return {**self.tombstones, **self.versions}
+
     def install(
-        self, entry: Entry, obj: Any = MISSING, *, force: bool = False, lazy: bool = False
+        self,
+        entry: Entry,
+        obj: Any = MISSING,
+        *,
+        force: bool = False,
+        lazy: bool = False,
+        epoch: int | None = None,
     ) -> bool:
-        """Install ``entry`` unless this or a newer version is here; returns whether it was.
+        """Install ``entry`` unless this or a newer version (or tombstone) is here; returns
+        whether it was.
 
         ``obj`` is the already-deserialized object, when the caller has it. ``force``
         installs any version other than the one held (the loader's word is final on resync).
         ``lazy``: a value nobody listens for is only recorded, not deserialized until
         :meth:`read_unread` (or an install of the same version) asks for it. The loader's
-        own node does this.
+        own node does this. ``epoch``: the replica's epoch when the entry was asked for.
         """
         with self._lock:
-            held = self.versions.get((entry.kind, entry.key), 0)
+            if epoch is not None and epoch != self.epoch:
+                return False
+            where = (entry.kind, entry.key)
+            held = self.versions.get(where, 0)
             unread = entry.kind == VALUE and entry.key in self._unread
             if (held == entry.version and not unread) or (held > entry.version and not force):
                 return False
+            if not force and self.tombstones.get(where, 0) >= entry.version:
+                return False
+            self.tombstones.pop(where, None)
             if lazy and obj is MISSING and entry.kind == VALUE and not self._listeners:
                 self._record_unread(entry)
                 return True
@@ -125,16 +154,37 @@ class Replica:
             )
         return True
 
-    def remove(self, kind: str, key: str, origin: str = "") -> bool:
-        """Forget ``key`` (deleted by node ``origin``); returns whether it was here."""
+    def remove(
+        self,
+        kind: str,
+        key: str,
+        version: int,
+        origin: str = "",
+        *,
+        force: bool = False,
+        epoch: int | None = None,
+    ) -> bool:
+        """Record that ``key`` was deleted (by node ``origin``) as tombstone ``version``, and
+        forget what is held unless it is newer; returns whether anything was forgotten.
+
+        ``force``: forget it whatever its version (the loader's word is final on resync).
+        """
         with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                return False
+            where = (kind, key)
+            if not force and max(self.versions.get(where, 0), self.tombstones.get(where, 0)) > (
+                version
+            ):
+                return False
+            self.tombstones[where] = max(version, self.tombstones.get(where, 0))
             existed = key in (self.functions if kind == FUNCTION else self.values)
-            held = (kind, key) in self.versions  # at version 0 after forget_versions
-            version, held_origin = self._forget(kind, key)
+            held = where in self.versions  # at version 0 after forget_versions
+            held_version, held_origin = self._forget(kind, key)
             origin = origin or held_origin
             listeners = list(self._listeners)
         if held:
-            self._notify(listeners, LoadEvent(kind, key, version, origin, None, None, True))
+            self._notify(listeners, LoadEvent(kind, key, held_version, origin, None, None, True))
         return existed or held
 
     def read_unread(self, key: str) -> Any:

@@ -18,7 +18,8 @@ from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, P
 from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .server import ServerConnection
-from .store import open_store
+from .store import MEMORY, open_store
+from .writer import StoreWriter
 
 __all__ = ["LoaderRuntime"]
 
@@ -65,7 +66,7 @@ class LoaderRuntime:
         self.replica = replica
         self.changed = changed
         self.pending = Pending()
-        self.timing = Timing()
+        self.timing = Timing(dead_after=config.dead_after)
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
         self.loop = Reactor()
@@ -73,12 +74,20 @@ class LoaderRuntime:
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         store = open_store(config.database)
+        self._writer = (
+            StoreWriter(store, self.loop.call_soon_threadsafe) if store.path != MEMORY else None
+        )
+        self._compilers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix=f"clustorage-compile-{config.name}"
+        )
         self.core = LoaderCore(
             config.name,
             store,
             self.loop.call_later,
             ack_timeout=config.timeout,
             max_frame=config.max_frame,
+            writes=self._writer,
+            aside=self._aside,
         )
         self._store = store
         self._server: Server | None = None
@@ -94,6 +103,18 @@ class LoaderRuntime:
     @property
     def connected(self) -> bool:
         return True
+
+    def _aside(
+        self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Run ``work`` on a compiling thread; ``done(result, error)`` on the loop."""
+
+        def finished(future: concurrent.futures.Future[Any]) -> None:
+            error = future.exception()
+            result = None if error is not None else future.result()
+            self.loop.call_soon_threadsafe(done, result, error)
+
+        self._compilers.submit(work).add_done_callback(finished)
 
     def _run(self) -> None:
         self.loop.run_forever()
@@ -195,5 +216,8 @@ class LoaderRuntime:
             self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
+        self._compilers.shutdown(wait=False, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.close()
         self._store.close()
         self.pending.fail_all(LoaderUnavailable(f"the loader {self.config.name} has stopped"))

@@ -18,6 +18,7 @@ from typing import Any
 from . import messages
 from .errors import AuthenticationError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
+from .liveness import watch
 from .loader import LoaderCore
 from .protocol import (
     BULK,
@@ -66,8 +67,6 @@ class ServerConnection:
         self._into_bulk = False
         self._joined = False
         self._paused = False
-        self._backlog = 0
-        self._progress = time.monotonic()
         self.name = "?"
         self.session = ""
         self.address = "?"
@@ -85,6 +84,9 @@ class ServerConnection:
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         transport.set_write_buffer_limits(high=4 << 20)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            watch(sock, self._timing.dead_after)
         self._registry.add(self)
         self._write(self._conn.data_to_send())
 
@@ -129,7 +131,6 @@ class ServerConnection:
 
     def pause_writing(self) -> None:
         self._paused = True
-        self._progress = time.monotonic()
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -285,31 +286,16 @@ class ServerConnection:
             self._joined = False
             self._core.leave(self)
 
-    def _stalled(self, now: float) -> bool:
-        """Whether the peer has drained none of its backlog for ``stalled_after`` seconds."""
-        if not self._paused or self._transport is None:
-            return False
-        backlog = self._transport.get_write_buffer_size()
-        if backlog < self._backlog:
-            self._progress = now
-        self._backlog = backlog
-        return now - self._progress > self._timing.stalled_after
-
     def tick(self, now: float) -> None:
-        """Called every heartbeat: time out silent and stalled peers, send proof of life."""
+        """Called every heartbeat: time out handshakes, keep idle connections carrying."""
         timing = self._timing
         if not self._joined:
             if now - self.last_heard > timing.handshake:
                 log.warning("closed %s: no handshake within %.1fs", self.address, timing.handshake)
                 self.close()
             return
-        if now - self.last_heard > timing.dead_after:
-            log.warning(
-                "closed %s (%s): silent for %.1fs", self.address, self.name, timing.dead_after
-            )
-            self.close()
-        elif self._stalled(now):
-            log.warning("closed %s (%s): stopped reading", self.address, self.name)
-            self.close()
-        elif now - self.last_sent >= timing.heartbeat and not self._outbox:
+        # Neither "silent" nor "slow to read" for too long: a busy member is not a dead one
+        # (SPEC "Busy is not dead"). The kernel tells a dead one (clustorage.liveness); one
+        # that stops reading is dropped when its backlog passes the write limit (deliver).
+        if now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())

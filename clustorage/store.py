@@ -8,10 +8,12 @@ nothing, so its store is plain dictionaries with the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -61,6 +63,10 @@ class Store(Protocol):
 
     def history(self, kind: str, key: str) -> list[Entry]: ...
 
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Every write inside commits together, or none does (StoreError)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -102,7 +108,35 @@ class SQLiteStore:
         rows = self._db.execute("SELECT kind, key, MAX(version) FROM entries GROUP BY kind, key")
         return {(kind, key): version for kind, key, version in rows}
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every write inside commits together, or none does.
+
+        Raises:
+            StoreError: a write or the commit failed; everything inside was rolled back.
+        """
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+            raise
+
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        if self._db.in_transaction:  # inside transaction(): it commits, or rolls back
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+            return
         try:
             if len(statements) == 1:  # one statement is its own transaction
                 self._db.execute(*statements[0])
@@ -202,6 +236,10 @@ class MemoryStore:
 
     def history(self, kind: str, key: str) -> list[Entry]:
         return list(self._versions.get((kind, key), ()))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
 
     def close(self) -> None:
         self._versions.clear()

@@ -25,6 +25,7 @@ PURE = [
     "replica",
     "channel",
     "hello",
+    "leases",
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
@@ -50,7 +51,18 @@ FRONT_END_MAY_IMPORT = {
 }
 
 # Everything else: the asyncio layer, the sync facade, the store, the package itself.
-MIDDLE = ["server", "loader", "member", "reactor", "runtime", "node", "store", "__init__"]
+MIDDLE = [
+    "server",
+    "loader",
+    "member",
+    "reactor",
+    "runtime",
+    "node",
+    "store",
+    "liveness",
+    "writer",
+    "__init__",
+]
 
 
 # -- reading imports -------------------------------------------------------------------------

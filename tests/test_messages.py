@@ -54,8 +54,8 @@ FN = Entry(FUNCTION, "add", 1, b"\x80\x05fn", "def add(a, b):\n    return a + b\
 
 SAMPLES: list[Any] = [
     ENTRY,
-    Fetch(1, VALUE, "hello", True),
-    Commit(2, "hello", b"\x80\x05payload"),
+    Fetch(1, VALUE, "hello", True, ("outer",)),
+    Commit(2, "hello", (7 << 32) | 3, b"\x80\x05payload"),
     Release(3, "hello", "ZeroDivisionError: division by zero"),
     Put(4, "user.42", b""),
     Define(5, "add", "lambda a, b: a + b", False),
@@ -66,12 +66,12 @@ SAMPLES: list[Any] = [
     Loaded(FUNCTION, "add", 1),
     Found(10, ENTRY),
     NotFound(11),
-    Queued(12),
-    LeaseGranted(13),
+    Queued(12, "app3", 1.5),
+    LeaseGranted(13, (7 << 32) | 3),
     Committed(14, ENTRY, False),
     Defined(15, FN, True, ("app1", "app2"), ("app3",)),
-    Deleted(16, False),
-    SyncReply(17, (ENTRY, FN), ((VALUE, "gone"),), ("app1", "app2")),
+    Deleted(16, False, 4),
+    SyncReply(17, (ENTRY, FN), ((VALUE, "gone", 5),), ("app1", "app2")),
     StatusReply(
         18,
         {
@@ -88,7 +88,7 @@ SAMPLES: list[Any] = [
     HistoryReply(19, (FN, FN._replace(version=2))),
     Failed(20, "CompileError", "invalid syntax", {"name": "f", "lineno": 1, "offset": 7}),
     Load(FN, True),
-    Unload(VALUE, "hello", "app2"),
+    Unload(VALUE, "hello", 6, "app2"),
     Members(("app1", "app2", "app3")),
     SyncEntry(ENTRY),
 ]

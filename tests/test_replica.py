@@ -68,7 +68,7 @@ def test_a_lazy_value_is_superseded_and_removed_like_any_other() -> None:
     replica.install(value("k", 2, "two"))
     assert replica.values["k"] == "two"
     replica.install(value("gone", 1, "x"), lazy=True)
-    assert replica.remove(VALUE, "gone")
+    assert replica.remove(VALUE, "gone", 2)
     assert replica.keys() == ["k"]
     assert replica.version(VALUE, "gone") == 0
 
@@ -106,7 +106,7 @@ def test_removals_after_forgetting_versions_are_still_announced() -> None:
     events: list[LoadEvent] = []
     replica.on_load(events.append)
     assert replica.forget_versions() == {(VALUE, "k"): 0}
-    assert replica.remove(VALUE, "k")
+    assert replica.remove(VALUE, "k", 0)
     assert [(event.key, event.removed) for event in events] == [("k", True)]
 
 
@@ -120,3 +120,35 @@ def test_a_function_version_that_cannot_load_here_takes_the_older_one_away() -> 
     assert not replica.install(Entry(FUNCTION, "f", 2, broken, None, "m", 1.0))
     assert "f" not in replica.functions
     assert replica.version(FUNCTION, "f") == 0
+
+
+def test_a_tombstone_keeps_an_older_version_from_coming_back() -> None:
+    """A deletion is a version: an older value arriving after it stays out."""
+    replica = Replica()
+    replica.install(value("k", 1, "one"))
+    assert replica.remove(VALUE, "k", 2)
+    assert not replica.install(value("k", 1, "one"))
+    assert "k" not in replica.values
+    assert replica.install(value("k", 3, "three"))
+    assert replica.values["k"] == "three"
+    assert replica.held() == {(VALUE, "k"): 3}
+
+
+def test_an_older_deletion_does_not_remove_a_newer_value() -> None:
+    """A caller's delete answered after a newer put reached the node leaves the put's value."""
+    replica = Replica()
+    replica.install(value("k", 3, "three"))
+    assert not replica.remove(VALUE, "k", 2)
+    assert replica.values["k"] == "three"
+
+
+def test_changes_read_before_a_new_store_are_ignored() -> None:
+    """After forget_versions (a loader on another store), an answer from before is ignored."""
+    replica = Replica()
+    epoch = replica.epoch
+    replica.install(value("k", 5, "old"))
+    replica.forget_versions()
+    assert replica.install(value("k", 1, "new"))
+    assert not replica.install(value("k", 6, "late"), epoch=epoch)
+    assert not replica.remove(VALUE, "k", 9, epoch=epoch)
+    assert replica.values["k"] == "new"
