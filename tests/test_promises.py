@@ -464,12 +464,13 @@ def test_a_fn_that_needs_its_own_key_raises_deadlock_error(cluster: Cluster) -> 
     cluster.procs.append(loader.proc)
     member = cluster.member("m", f"app1@{address}")
     for node in (loader, member):
-        node.start_send("node.get('loop', lambda: node.get('loop', lambda: 1))")
+        key = f"loop-{node.name}"
+        node.start_send(f"node.get({key!r}, lambda: node.get({key!r}, lambda: 1))")
         answer = answer_within(node, 60)
         assert answer.get("error") == "DeadlockError", answer
-        assert "loop" in answer["message"], answer
+        assert key in answer["message"], answer
         assert node.ok("issubclass(clustorage.DeadlockError, RuntimeError)")
-        assert node.ok("node.get('loop', lambda: 2)") == 2
+        assert node.ok(f"node.get({key!r}, lambda: 2)") == 2
     member.start_send(
         "node.get('alpha', lambda: node.get('beta', lambda: node.get('alpha', lambda: 1)))"
     )
