@@ -50,3 +50,11 @@ def test_ab_bench_runs(measure: list[str]) -> None:
     done = run([str(BENCH / "ab.py"), str(ROOT), str(ROOT), "--quick", *measure], timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("B/A ")
+
+
+@pytest.mark.timeout(120)
+def test_stall_bench_runs() -> None:
+    """bench/stall.py --quick times misses beside a big put, with none failing."""
+    done = run([str(BENCH / "stall.py"), "--quick"], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "during big puts" in done.stdout
