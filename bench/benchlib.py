@@ -50,14 +50,16 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 def start_loader(
-    env: Mapping[str, str], cwd: Path | None = None
+    env: Mapping[str, str], cwd: Path | None = None, data: str = ":memory:", stderr: Any = None
 ) -> tuple[str, subprocess.Popen[Any]]:
-    """A loader named L on a free port of 127.0.0.1 keeping nothing, once it listens: its
-    address and process (stop it with :func:`stop_process`)."""
+    """A loader named L on a free port of 127.0.0.1 (keeping nothing, unless ``data`` names
+    a directory), once it listens: its address and process (stop it with
+    :func:`stop_process`). Its log goes to ``stderr`` (a file), else nowhere."""
     port = free_port()
     command = [sys.executable, "-m", "clustorage", "loader", "--name", "L"]
-    command += ["--listen", f"127.0.0.1:{port}", "--data", ":memory:"]
-    process = subprocess.Popen(command, env=dict(env), cwd=cwd, stderr=subprocess.DEVNULL)
+    command += ["--listen", f"127.0.0.1:{port}", "--data", data]
+    stderr = subprocess.DEVNULL if stderr is None else stderr
+    process = subprocess.Popen(command, env=dict(env), cwd=cwd, stderr=stderr)
     try:
         wait_for_port(port)
     except BaseException:

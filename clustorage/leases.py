@@ -2,8 +2,8 @@
 
 No I/O. A lease belongs to one thread of one node (the one whose ``get`` missed), and is
 numbered by a token that its Commit must show: a holder whose lease passed on (it was cut
-off) is told so instead of storing a second value (SPEC "get" 4). Tokens carry the loader's
-incarnation, so a commit whose lease died with an earlier loader process is told apart.
+off) is told so instead of storing a second value (SPEC "get" 4). Tokens carry the loader
+process's incarnation, so a lease granted after a restart never matches one from before.
 
 A waiter names the keys its thread is computing (``holding``). While it waits, each of
 those keys is *blocked on* the key it waits for; a new wait that would lead, through
@@ -77,10 +77,6 @@ class Leases:
         """Whether ``token`` numbers the lease on ``key`` now."""
         lease = self._leases.get(key)
         return lease is not None and lease.token == token
-
-    def from_earlier_loader(self, token: int) -> bool:
-        """Whether ``token`` was handed out by another loader process (before a restart)."""
-        return token >> 32 != self._incarnation
 
     def _mine(self, peer: Any, holding: tuple[str, ...]) -> list[str]:
         return [key for key in holding if (lease := self._leases.get(key)) and lease.holder is peer]

@@ -86,7 +86,7 @@ from .messages import (
 )
 from .store import Store
 
-__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "work_here"]
+__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "commit_entry", "work_here"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,11 @@ Done = Callable[[BaseException | None], None]
 
 
 class Writes(Protocol):
-    """Where store writes run: ``job(store)``, then ``done(error or None)`` on the loop."""
+    """Where store writes run; ``done(error or None)`` follows on the loop thread."""
 
-    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None: ...
+    def commit(self, entry: Entry, previous: int, done: Done) -> None: ...
+
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...
 
 
 class Aside(Protocol):
@@ -156,15 +158,33 @@ class Aside(Protocol):
     ) -> None: ...
 
 
+def commit_entry(store: Store, entry: Entry, previous: int) -> None:
+    """Make ``entry`` durable in ``store``, its payload in a file first if the store says so."""
+    file = store.write_blob(entry.payload) if store.stages(entry) else None
+    try:
+        store.commit(entry, previous, file)
+    except BaseException:
+        if file is not None:
+            store.remove_blob(file)
+        raise
+
+
 class WriteHere:
     """Writes on the caller's thread, at once (for a store that keeps nothing)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def write(self, job: Callable[[Store], None], done: Done, size: int) -> None:
+    def commit(self, entry: Entry, previous: int, done: Done) -> None:
+        self._run(lambda: commit_entry(self._store, entry, previous), done)
+
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None:
+        self._run(lambda: self._store.delete(kind, key, version, origin), done)
+
+    @staticmethod
+    def _run(write: Callable[[], None], done: Done) -> None:
         try:
-            job(self._store)
+            write()
         except (StoreError, ValueTooLarge) as exc:
             done(exc)
         else:
@@ -409,7 +429,7 @@ class LoaderCore:
             finally:
                 self._unhold(where)
 
-        self._writes.write(lambda store: store.commit(entry, previous), written, len(payload))
+        self._writes.commit(entry, previous, written)
 
     # -- values ----------------------------------------------------------------------------
 
@@ -429,43 +449,48 @@ class LoaderCore:
             peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
+        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or the
+        key got a value meanwhile; accepted without a lease when nobody holds one (the
+        holder's connection, or the loader, restarted while fn ran) and the key has none."""
         key = message.key
         lease = self._leases.get(key)
-        current = lease is not None and lease.token == message.token
-        orphan = (
-            lease is None
-            and (VALUE, key) not in self.entries
-            and self._leases.from_earlier_loader(message.token)
-        )  # its lease died with an earlier loader process, and nobody else computed it
-        if not (current or orphan):
+        if (lease is not None and lease.token != message.token) or (
+            lease is None and (VALUE, key) in self.entries
+        ):
             holder = f" to {lease.holder.name}" if lease is not None else ""
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r}{holder} (it was cut off from the "
                 f"loader); its value was not stored: get {key!r} again for the cluster's value"
             )
         if lease is not None:
-            lease.committing = True
+            lease.committing = True  # it settles when written: it does not pass on meanwhile
 
         def stored(entry: Entry | None, error: BaseException | None) -> None:
-            lease = self._leases.get(key)
             if error is not None:
-                if lease is not None:
-                    lease.committing = False
-                    if not self._alive(lease.holder) or lease.holder is peer:
-                        self._pass_lease(lease)
+                self._uncommit(key, lease)
                 raise error
             assert entry is not None
             peer.deliver(Committed(message.rid, entry.without_payload(), True))
             self._settle(key, entry, skip=peer)
 
-        self._store_entry(
-            VALUE,
-            key,
-            joined(message.payload),
-            None,
-            peer.name,
-            lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
-        )
+        try:
+            self._store_entry(
+                VALUE,
+                key,
+                joined(message.payload),
+                None,
+                peer.name,
+                lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+            )
+        except ValueTooLarge:
+            self._uncommit(key, lease)
+            raise
+
+    def _uncommit(self, key: str, lease: Lease | None) -> None:
+        """A leaseholder's value was not stored: the lease passes to the next waiter."""
+        if lease is not None and self._leases.get(key) is lease and lease.committing:
+            lease.committing = False
+            self._pass_lease(lease)
 
     def _put(self, peer: Peer, message: Put) -> None:
         def stored(entry: Entry | None, error: BaseException | None) -> None:
@@ -525,9 +550,7 @@ class LoaderCore:
             finally:
                 self._unhold(where)
 
-        self._writes.write(
-            lambda store: store.delete(message.kind, message.key, version, peer.name), written, 0
-        )
+        self._writes.delete(message.kind, message.key, version, peer.name, written)
 
     # -- functions -------------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from .blobs import FILE_THRESHOLD, BlobFiles
 from .errors import StoreError
-from .messages import VALUE, Entry
+from .messages import VALUE, Blob, Entry
 
 __all__ = ["MEMORY", "MemoryStore", "SQLiteStore", "Store", "open_store"]
 
@@ -35,13 +36,14 @@ CREATE TABLE IF NOT EXISTS entries (
     origin   TEXT    NOT NULL,
     time     REAL    NOT NULL,
     deleted  INTEGER NOT NULL DEFAULT 0,
+    file     TEXT,
     PRIMARY KEY (kind, key, version)
 );
 CREATE TABLE IF NOT EXISTS identity (id TEXT NOT NULL);
 """
 
 _CURRENT = """
-SELECT kind, key, version, payload, source, origin, time FROM entries AS e
+SELECT kind, key, version, payload, source, origin, time, file FROM entries AS e
 WHERE deleted = 0 AND version = (
     SELECT MAX(version) FROM entries WHERE kind = e.kind AND key = e.key)
 """
@@ -57,7 +59,15 @@ class Store(Protocol):
 
     def last_versions(self) -> dict[tuple[str, str], int]: ...
 
-    def commit(self, entry: Entry, previous: int = 0) -> None: ...
+    def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None: ...
+
+    def stages(self, entry: Entry) -> bool:
+        """Whether ``entry``'s payload goes to a file of its own first (write_blob)."""
+        ...
+
+    def write_blob(self, payload: Blob) -> str: ...
+
+    def remove_blob(self, name: str) -> None: ...
 
     def delete(self, kind: str, key: str, version: int, origin: str) -> None: ...
 
@@ -79,12 +89,20 @@ class SQLiteStore:
             if path != MEMORY:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            # Large pages keep big payloads in few overflow pages (takes effect on a new file).
-            self._db.execute("PRAGMA page_size=65536")
+            # Small pages keep a small commit small; big payloads live in files (blobs.py).
+            self._db.execute("PRAGMA page_size=4096")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+            if "file" not in columns:  # a store made before big payloads had files
+                self._db.execute("ALTER TABLE entries ADD COLUMN file TEXT")
             self.identity = self._identity()
+            self._blobs = BlobFiles(Path(f"{path}.blobs"))
+            self._blobs.sweep(
+                {row[0] for row in self._db.execute("SELECT file FROM entries WHERE file > ''")}
+            )
+            self._doomed: list[str] = []  # files to delete once the transaction commits
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the loader's data file {path}: {exc}; choose a writable "
@@ -99,9 +117,41 @@ class SQLiteStore:
         self._db.execute("INSERT INTO identity (id) VALUES (?)", (identity,))
         return identity
 
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        *fields, file = row
+        if file:
+            fields[3] = self._blobs.read(file)
+        return Entry(*fields)
+
     def current(self) -> list[Entry]:
-        """The latest, undeleted version of every key."""
-        return [Entry(*row) for row in self._db.execute(_CURRENT)]
+        """The latest, undeleted version of every key (big payloads mapped from files)."""
+        return [self._entry(row) for row in self._db.execute(_CURRENT)]
+
+    def stages(self, entry: Entry) -> bool:
+        return len(entry.payload) > FILE_THRESHOLD
+
+    def write_blob(self, payload: Blob) -> str:
+        """Write a big payload to a file of its own, durably; the name to commit it with.
+
+        Raises:
+            StoreError: the file could not be written; nothing is left behind.
+        """
+        try:
+            return self._blobs.write(payload)
+        except OSError as exc:
+            raise StoreError(f"the loader could not write {self._blobs.folder}: {exc}") from exc
+
+    def remove_blob(self, name: str) -> None:
+        self._blobs.remove(name)
+
+    def _files_of(self, where: str, args: tuple[object, ...]) -> list[str]:
+        rows = self._db.execute(f"SELECT file FROM entries WHERE file > '' AND {where}", args)
+        return [row[0] for row in rows]
+
+    def _committed(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for name in doomed:
+            self._blobs.remove(name)
 
     def last_versions(self) -> dict[tuple[str, str], int]:
         """The highest version ever used for each key, deleted ones included."""
@@ -123,11 +173,13 @@ class SQLiteStore:
             yield
             self._db.execute("COMMIT")
         except BaseException as exc:
+            self._doomed.clear()
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
             raise
+        self._committed()
 
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         if self._db.in_transaction:  # inside transaction(): it commits, or rolls back
@@ -140,40 +192,50 @@ class SQLiteStore:
         try:
             if len(statements) == 1:  # one statement is its own transaction
                 self._db.execute(*statements[0])
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                self._db.execute(sql, args)
-            self._db.execute("COMMIT")
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._doomed.clear()
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+        self._committed()
 
-    def commit(self, entry: Entry, previous: int = 0) -> None:
-        """Make ``entry`` durable. A value's ``previous`` payload is dropped; its history stays.
+    def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None:
+        """Make ``entry`` durable (its payload already in ``file``, from write_blob, if
+        given). A value's ``previous`` payload is dropped; its history stays.
 
         Raises:
             StoreError: the write failed (disk full, file gone); nothing was stored.
         """
+        fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
         statements: list[tuple[str, tuple[object, ...]]] = [
             (
-                "INSERT INTO entries (kind, key, version, payload, source, origin, time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                tuple(entry),
+                "INSERT INTO entries (kind, key, version, payload, source, origin, time, file) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                fields,
             )
         ]
         if entry.kind == VALUE and previous:
+            where = (entry.kind, entry.key, previous)
+            doomed = self._files_of("kind = ? AND key = ? AND version = ?", where)
             statements.append(
                 (
-                    "UPDATE entries SET payload = NULL WHERE kind = ? AND key = ? AND version = ?",
-                    (entry.kind, entry.key, previous),
+                    "UPDATE entries SET payload = NULL, file = NULL "
+                    "WHERE kind = ? AND key = ? AND version = ?",
+                    where,
                 )
             )
+            self._doomed.extend(doomed)
         self._write(statements)
 
     def delete(self, kind: str, key: str, version: int, origin: str) -> None:
         """Record that ``key`` was deleted, as tombstone ``version``."""
+        if kind == VALUE:
+            self._doomed.extend(self._files_of("kind = ? AND key = ?", (kind, key)))
         self._write(
             [
                 (
@@ -182,7 +244,8 @@ class SQLiteStore:
                     (kind, key, version, origin, time.time()),
                 ),
                 (
-                    "UPDATE entries SET payload = NULL WHERE kind = ? AND key = ? AND kind = ?",
+                    "UPDATE entries SET payload = NULL, file = NULL "
+                    "WHERE kind = ? AND key = ? AND kind = ?",
                     (kind, key, VALUE),
                 ),
             ]
@@ -191,11 +254,11 @@ class SQLiteStore:
     def history(self, kind: str, key: str) -> list[Entry]:
         """Every version of ``key``, oldest first; deletions have version payload ``b''``."""
         rows = self._db.execute(
-            "SELECT kind, key, version, COALESCE(payload, X''), source, origin, time "
+            "SELECT kind, key, version, COALESCE(payload, X''), source, origin, time, file "
             "FROM entries WHERE kind = ? AND key = ? ORDER BY version",
             (kind, key),
         )
-        return [Entry(*row) for row in rows]
+        return [self._entry(row) for row in rows]
 
     def close(self) -> None:
         self._db.close()
@@ -221,7 +284,16 @@ class MemoryStore:
     def last_versions(self) -> dict[tuple[str, str], int]:
         return {where: versions[-1].version for where, versions in self._versions.items()}
 
-    def commit(self, entry: Entry, previous: int = 0) -> None:
+    def stages(self, entry: Entry) -> bool:
+        return False
+
+    def write_blob(self, payload: Blob) -> str:
+        raise StoreError("a store in memory keeps payloads in memory")
+
+    def remove_blob(self, name: str) -> None:
+        pass
+
+    def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None:
         versions = self._versions.setdefault((entry.kind, entry.key), [])
         if entry.kind == VALUE and versions and versions[-1].version == previous:
             versions[-1] = versions[-1].without_payload()

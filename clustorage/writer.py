@@ -1,9 +1,16 @@
-"""The loader's store writes, off its event loop: one writer thread, commits in groups.
+"""The loader's store writes, off its event loop: commits in groups, big payloads apart.
 
-The loop hands a write over and goes on serving; the writer runs every write queued by
-then in one transaction and posts each one's outcome back to the loop. A small write that
-finds the writer idle runs at once on the loop instead: a thread switch each way would
-cost more than the write (SPEC "The loader never stalls": what takes long goes here).
+The loop hands a write over and goes on serving (SPEC "The loader never stalls"). Two
+threads take them:
+
+* the *row* writer runs every row write queued by then in one transaction (group commit)
+  and posts each one's outcome back to the loop. A small write that finds it idle runs at
+  once on the loop instead: a thread switch each way would cost more than the write.
+* the *file* writer first puts a big payload in a file of its own (clustorage.blobs), so
+  that writing 900 MB holds up no other write; its row then joins the row writer's queue.
+
+The loader never has two writes of one entry in flight, so the lanes reorder nothing that
+matters.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from .errors import StoreError, ValueTooLarge
 from .loader import Done
+from .messages import Entry
 from .store import Store
 
 __all__ = ["INLINE_LIMIT", "StoreWriter"]
@@ -26,6 +35,16 @@ INLINE_LIMIT = 64 << 10  # bytes of payload a write may have to run on the loop 
 
 Job = Callable[[Store], None]
 _Queued = tuple[Job, Done]
+Post = Callable[[Callable[[], None]], object]
+T = TypeVar("T")
+
+
+def _call_each(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        try:
+            call()
+        except Exception:
+            log.exception("a store write failed")
 
 
 def _run(job: Job, store: Store) -> BaseException | None:
@@ -36,37 +55,28 @@ def _run(job: Job, store: Store) -> BaseException | None:
     return None
 
 
-class StoreWriter:
-    """A :class:`~clustorage.loader.Writes` with a thread of its own.
+class _Lane(Generic[T]):
+    """One thread that takes what is queued in batches."""
 
-    Args:
-        store: where the writes go.
-        post: runs a function on the loop thread (``call_soon_threadsafe``).
-    """
-
-    def __init__(self, store: Store, post: Callable[[Callable[[], None]], object]) -> None:
-        self._store = store
-        self._post = post
-        self._queue: collections.deque[_Queued] = collections.deque()
+    def __init__(self, name: str, serve: Callable[[list[T]], None]) -> None:
+        self._serve = serve
+        self._queue: collections.deque[T] = collections.deque()
         self._ready = threading.Condition()
-        self._writing = False
+        self.working = False
         self._closing = False
-        self._thread = threading.Thread(
-            target=self._serve, name="clustorage-store-writer", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def write(self, job: Job, done: Done, size: int) -> None:
-        """Run ``job(store)``; ``done(error or None)`` follows on the loop thread."""
+    def idle(self) -> bool:
         with self._ready:
-            inline = size <= INLINE_LIMIT and not self._queue and not self._writing
-            if not inline:
-                self._queue.append((job, done))
-                self._ready.notify()
-        if inline:  # the writer is idle, and only this thread gives it work
-            done(_run(job, self._store))
+            return not self._queue and not self.working
 
-    def _serve(self) -> None:
+    def put(self, item: T) -> None:
+        with self._ready:
+            self._queue.append(item)
+            self._ready.notify()
+
+    def _run(self) -> None:
         while True:
             with self._ready:
                 while not self._queue and not self._closing:
@@ -75,11 +85,70 @@ class StoreWriter:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-                self._writing = True
-            outcomes = self._write_group(batch)
-            with self._ready:
-                self._writing = False
-            self._post(functools.partial(self._report, batch, outcomes))
+                self.working = True
+            try:
+                self._serve(batch)
+            finally:
+                with self._ready:
+                    self.working = False
+
+    def close(self, timeout: float) -> None:
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class StoreWriter:
+    """A :class:`~clustorage.loader.Writes` with threads of its own.
+
+    Args:
+        store: where the writes go.
+        post: runs a function on the loop thread (``call_soon_threadsafe``).
+    """
+
+    def __init__(self, store: Store, post: Post) -> None:
+        self._store = store
+        self._post = post
+        self._rows: _Lane[_Queued] = _Lane("clustorage-store-writer", self._write_rows)
+        self._files: _Lane[Callable[[], None]] = _Lane("clustorage-file-writer", _call_each)
+
+    def commit(self, entry: Entry, previous: int, done: Done) -> None:
+        """Make ``entry`` durable; ``done(error or None)`` follows on the loop thread."""
+        if self._store.stages(entry):
+            self._files.put(functools.partial(self._write_file, entry, previous, done))
+            return
+        self._row(lambda store: store.commit(entry, previous), done, len(entry.payload))
+
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None:
+        """Record the tombstone; ``done(error or None)`` follows on the loop thread."""
+        self._row(lambda store: store.delete(kind, key, version, origin), done, 0)
+
+    def _row(self, job: Job, done: Done, size: int) -> None:
+        if size <= INLINE_LIMIT and self._rows.idle():  # only this thread gives it work
+            done(_run(job, self._store))
+        else:
+            self._rows.put((job, done))
+
+    def _write_file(self, entry: Entry, previous: int, done: Done) -> None:
+        """On the file lane: put ``entry``'s payload in its file, then queue its row."""
+        try:
+            file = self._store.write_blob(entry.payload)
+        except (StoreError, OSError) as exc:
+            self._post(functools.partial(done, exc))
+            return
+
+        def row_done(error: BaseException | None) -> None:
+            if error is not None:
+                self._store.remove_blob(file)
+            done(error)
+
+        self._rows.put((lambda store: store.commit(entry, previous, file), row_done))
+
+    def _write_rows(self, batch: list[_Queued]) -> None:
+        outcomes = self._write_group(batch)
+        self._post(functools.partial(self._report, batch, outcomes))
 
     def _write_group(self, batch: list[_Queued]) -> list[BaseException | None]:
         """Every write of ``batch`` in one transaction; if that fails, each on its own,
@@ -106,9 +175,6 @@ class StoreWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued writes (their outcomes are no longer reported), then stop."""
-        with self._ready:
-            self._closing = True
-            self._post = lambda function: None
-            self._ready.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        self._post = lambda function: None
+        self._files.close(timeout)
+        self._rows.close(timeout)

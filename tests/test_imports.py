@@ -61,6 +61,7 @@ MIDDLE = [
     "store",
     "liveness",
     "writer",
+    "blobs",
     "__init__",
 ]
 
