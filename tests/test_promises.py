@@ -250,7 +250,8 @@ def test_a_leaseholder_holding_the_gil_keeps_its_lease(cluster: Cluster, tmp_pat
 
 
 def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path) -> None:
-    """A holder SIGSTOPped past dead_after, then continued, commits; the waiter gets its value."""
+    """A holder SIGSTOPped past dead_after keeps its lease (the waiter sees who holds it), then
+    continued, commits; the waiter gets its value."""
     short_liveness(cluster)
     cluster.start_loader()
     holder, waiter = cluster.member("holder"), cluster.member("waiter")
@@ -267,15 +268,23 @@ def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path)
         "node.get('paused', paused)"
     )
     wait_until(started.exists, 30, "the holder starts its fn")
-    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('paused', fn)")
+    waiter.ok(
+        "import threading\n" + counted_fn(runs, "waiter", "from waiter") + "got = []\n"
+        "waiting_thread = threading.Thread(target=lambda: got.append(node.get('paused', fn)))\n"
+        "waiting_thread.start()\n"
+    )
     os.kill(holder.proc.pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: waiter.ok("node.waiting()"), 10, "the waiter sees who computes")
+        ((key, who, _since),) = waiter.ok("node.waiting()")
+        assert (key, who) == ("paused", "holder")
         time.sleep(8)  # past dead_after (3 s): a stimulus, not a measurement
     finally:
         os.kill(holder.proc.pid, signal.SIGCONT)
+    assert waiter.ok("[k for k, who, since in node.waiting()]") == ["paused"]
     go.touch()
     assert answer_within(holder, 60) == {"ok": "from holder"}
-    assert answer_within(waiter, 60) == {"ok": "from holder"}
+    assert waiter.ok("waiting_thread.join(60)\ngot") == ["from holder"]
     assert runs.read_text() == "holder\n"
     assert dropped(cluster, ("holder", "waiter")) == []
 
@@ -487,18 +496,18 @@ def test_a_fn_that_needs_its_own_key_raises_deadlock_error(cluster: Cluster) -> 
     assert member.ok("node.get('alpha', lambda: 3)") == 3
 
 
-def test_a_cycle_across_two_members_raises_deadlock_error_on_one(
-    cluster: Cluster, tmp_path: Path
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_cycle_across_members_raises_deadlock_error_on_one(
+    cluster: Cluster, tmp_path: Path, size: int
 ) -> None:
-    """One member computes 'alpha' needing 'beta', the other 'beta' needing 'alpha': one gets
-    DeadlockError naming both keys, the other completes; nothing hangs."""
+    """Each member computes its key needing the next member's, round a cycle: one gets
+    DeadlockError naming every key of it, the others complete with one value; nothing hangs."""
     cluster.start_loader()
-    one, two = cluster.member("one"), cluster.member("two")
-    scripts = {
-        one: ("alpha", "beta", tmp_path / "alpha-held", tmp_path / "beta-held"),
-        two: ("beta", "alpha", tmp_path / "beta-held", tmp_path / "alpha-held"),
-    }
-    for member, (mine, other, held, theirs) in scripts.items():
+    keys = ["alpha", "beta", "gamma"][:size]
+    members = [cluster.member(f"m{i}") for i in range(size)]
+    for index, member in enumerate(members):
+        mine, other = keys[index], keys[(index + 1) % size]
+        held, theirs = tmp_path / f"{mine}-held", tmp_path / f"{other}-held"
         member.start_send(
             "import pathlib, time\n"
             "def needs_other():\n"
@@ -508,12 +517,14 @@ def test_a_cycle_across_two_members_raises_deadlock_error_on_one(
             f"    return node.get({other!r}, lambda: 'from ' + node.name)\n"
             f"node.get({mine!r}, needs_other)"
         )
-    answers = {member.name: answer_within(member, 60) for member in scripts}
+    answers = {member.name: answer_within(member, 60) for member in members}
     errors = [a for a in answers.values() if "error" in a]
     assert len(errors) == 1, answers
     assert errors[0]["error"] == "DeadlockError", answers
-    assert "alpha" in errors[0]["message"] and "beta" in errors[0]["message"], answers
-    (winner,) = (name for name, a in answers.items() if "ok" in a)
-    assert answers[winner] == {"ok": f"from {winner}"}
-    for member in scripts:
-        assert member.ok("[node.get('alpha'), node.get('beta')]") == [f"from {winner}"] * 2
+    assert all(key in errors[0]["message"] for key in keys), answers
+    values = {a["ok"] for a in answers.values() if "ok" in a}
+    assert len(values) == 1, answers
+    (value,) = values
+    assert value in {f"from {member.name}" for member in members}
+    for member in members:
+        assert member.ok(f"[node.get(key) for key in {keys!r}]") == [value] * size
