@@ -183,13 +183,15 @@ if {busy}:  # a busy thread beside the storm widens the races between answers an
 """
 
 
+@pytest.mark.parametrize("store", ["durable", "memory"])
 def test_a_storm_with_a_loader_kill_converges_on_every_member(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, store: str
 ) -> None:
     """Four members put, define and delete a few keys at random; the loader is killed -9 and
-    restarted mid-storm; once writes stop every replica equals the loader's."""
+    restarted mid-storm (on its store, or on a fresh one in memory); once writes stop every
+    replica equals the loader's."""
     seed = 1306
-    data = str(tmp_path / "data")
+    data = str(tmp_path / "data") if store == "durable" else ":memory:"
     loader = cluster.start_loader(data=data)
     stop = tmp_path / "stop"
     members = [cluster.member(f"m{i}") for i in range(4)]
