@@ -21,7 +21,7 @@ from tests.test_netns import PORT, Hosts
 
 pytestmark = pytest.mark.timeout(180)
 
-NETNS_LOADER = ("ip", "netns", "exec")
+IN_NAMESPACE = ("ip", "netns", "exec")
 LOADER = (sys.executable, "-m", "clustorage", "loader", "--name", "app1")
 
 # Defined in a member: its replica as plain data, {key: [value, version]} and
@@ -98,15 +98,12 @@ def counted_fn(runs: Path, who: str, value: str) -> str:
 # -- Replicas converge -------------------------------------------------------------------
 
 
-def test_a_put_racing_a_delete_leaves_every_replica_equal_to_the_loader(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_a_put_racing_a_delete_leaves_every_replica_equal_to_the_loader(cluster: Cluster) -> None:
     """One member puts k0..k99 (busy thread beside it), another deletes each on sight: all agree."""
     cluster.start_loader()
     putter, deleter, observer = (cluster.member(n) for n in ("putter", "deleter", "observer"))
-    done = tmp_path / "puts-done"
     putter.start_send(
-        "import threading, pathlib\n"
+        "import threading\n"
         "stop = []\n"
         "def busy():\n"
         "    while not stop:\n"
@@ -119,7 +116,6 @@ def test_a_put_racing_a_delete_leaves_every_replica_equal_to_the_loader(
         "    node.put(f'k{i}', i)\n"
         "stop.append(True)\n"
         "spinner.join()\n"
-        f"pathlib.Path({str(done)!r}).touch()\n"
     )
     deleted = deleter.ok(
         "import time\n"
@@ -343,7 +339,7 @@ def test_a_cut_off_holders_late_commit_raises_lease_lost(
     data = str(tmp_path / "data")
     log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
     loader = subprocess.Popen(
-        [*NETNS_LOADER, hosts.loader, *LOADER, "--listen", f"0.0.0.0:{PORT}", "--data", data],
+        [*IN_NAMESPACE, hosts.loader, *LOADER, "--listen", f"0.0.0.0:{PORT}", "--data", data],
         env=cluster.env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -352,7 +348,7 @@ def test_a_cut_off_holders_late_commit_raises_lease_lost(
     cluster.procs.append(loader)
     members = {}
     for name, (ns, _inner, address) in hosts.links.items():
-        members[name] = cluster.member(name, f"app1@{address}:{PORT}", ("ip", "netns", "exec", ns))
+        members[name] = cluster.member(name, f"app1@{address}:{PORT}", (*IN_NAMESPACE, ns))
     holder, waiter = members["a"], members["b"]
     wait_until(lambda: holder.ok("node.connected") and waiter.ok("node.connected"), 30, "joined")
     started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
