@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from .config import Cookie, LoaderAddress
 from .errors import (
@@ -33,7 +34,9 @@ from .errors import (
     ValueTooLarge,
 )
 from .keys import Key
-from .node import Definition, Node, Source
+from .node import Definition, Source
+from .node import Node as _Node
+from .probe import Probe
 from .replica import LoadEvent
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "NameClashError",
     "Node",
     "NotFound",
+    "Probe",
     "ProtocolError",
     "RemoteError",
     "StoreError",
@@ -66,6 +70,25 @@ __version__ = "0.1.0"
 
 _default: Node | None = None
 _default_lock = threading.Lock()
+_entered: list[Node] = []  # nodes inside a ``with`` block, innermost last
+
+
+class Node(_Node):
+    __doc__ = _Node.__doc__
+
+    def __enter__(self) -> Self:
+        _entered.append(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self in _entered:
+            _entered.remove(self)
+        super().__exit__(exc_type, exc, tb)
 
 
 def start(
@@ -152,19 +175,37 @@ def define(name: str, source: Source, force: bool = True) -> Definition:
     return _node().define(name, source, force)
 
 
+def _functions_node() -> Node:
+    """The node ``clustorage.functions`` reads: the default node, else the innermost one
+    in a ``with clustorage.Node(...)`` block."""
+    node = _default
+    if node is None:
+        node = next((entered for entered in reversed(_entered) if not entered.stopped), None)
+    if node is None:
+        raise RuntimeError(
+            "no clustorage node is running: call clustorage.start(...) first, "
+            "or use clustorage.functions inside 'with clustorage.Node(...)'"
+        )
+    return node
+
+
 class _Functions:
-    """``clustorage.functions.NAME``: the default node's loaded function NAME."""
+    """``clustorage.functions.NAME``: function NAME as loaded on the default node (or, without
+    one, on the node of the innermost ``with clustorage.Node(...)`` block)."""
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("__"):
             raise AttributeError(name)
         try:
-            return _node().function(name)
+            return _functions_node().function(name)
         except NotFound as exc:
             raise AttributeError(str(exc)) from None
 
     def __dir__(self) -> list[str]:
-        return _node().functions() if _default is not None else []
+        try:
+            return _functions_node().functions()
+        except RuntimeError:
+            return []
 
     def __repr__(self) -> str:
         return f"<clustorage.functions: {', '.join(self.__dir__()) or 'none loaded'}>"

@@ -30,7 +30,15 @@ from .errors import (
 from .messages import Failed, Load, Members, Message, Queued, SyncEntry, SyncReply, Unload
 from .replica import Replica
 
-__all__ = ["Channel", "Pending", "Waiter", "apply_push", "apply_sync", "raise_failure"]
+__all__ = [
+    "Channel",
+    "Pending",
+    "Waiter",
+    "apply_push",
+    "apply_sync",
+    "merge_members",
+    "raise_failure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +217,15 @@ def apply_sync(replica: Replica, reply: SyncReply) -> None:
         replica.install(entry, force=True)
     for kind, key, version in reply.removed:
         replica.remove(kind, key, version, force=True)
+
+
+def merge_members(current: tuple[str, ...], news: Members) -> tuple[str, ...]:
+    """The node names after ``news``: the loader (first in ``current``) first, then the
+    others in order."""
+    if not current:
+        return current
+    loader, others = current[0], set(current[1:])
+    others |= set(news.present)
+    others -= set(news.gone)
+    others.discard(loader)
+    return (loader, *sorted(others))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,20 +14,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from . import ClustorageError, Node
-from .config import generated_name
+from . import ClustorageError, ConfigError, LoaderUnavailable, Node, Probe
+from .flags import add_node_flags, check_listen, member_hint, name_from
 
 __all__ = ["main"]
 
-
-def _cookie_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--cookie",
-        help="the cluster secret (default: $CLUSTORAGE_COOKIE, else ~/.clustorage/cookie)",
-    )
-    group.add_argument("--cookie-file", metavar="F", help="read the cluster secret from F")
-    parser.add_argument("--timeout", type=float, help="seconds to wait for the loader (default 5)")
+NO_LOADER = (
+    "name the loader to ask with --loader NAME[@HOST[:PORT]] (or $CLUSTORAGE_LOADER), "
+    "e.g. --loader app1 for a loader on 127.0.0.1:4370, or --loader app1@127.0.0.1:43700 "
+    "with --cookie-file ~/.clustorage/demo/cookie for the demo"
+)
+NO_NAME = (
+    "name the loader with --name NAME (or $CLUSTORAGE_NAME): its store is "
+    "DIR/NAME.sqlite3, so the same name opens the same store at every restart"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,21 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     loader = commands.add_parser("loader", help="run a headless loader in the foreground")
-    loader.add_argument("--name", help="the loader's node name (default: $CLUSTORAGE_NAME)")
-    loader.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:4370")
-    loader.add_argument("--data", metavar="DIR", help="where the SQLite store lives, or :memory:")
-    _cookie_options(loader)
+    add_node_flags(
+        loader,
+        name="the loader's name, required (default: $CLUSTORAGE_NAME); its store is "
+        "DIR/NAME.sqlite3",
+        listen=True,
+        data=True,
+    )
 
     for name, text in (
         ("status", "print the cluster's state"),
         ("history", "print every version of a function or value"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument(
-            "--loader", metavar="NAME[@HOST[:PORT]]", help="default $CLUSTORAGE_LOADER"
-        )
+        add_node_flags(sub, loader="the loader to ask, required (default: $CLUSTORAGE_LOADER)")
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
-        _cookie_options(sub)
         if name == "history":
             sub.add_argument("key", help="the function name (or value key with --value)")
             sub.add_argument("--value", action="store_true", help="KEY names a value")
@@ -61,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_loader(args: argparse.Namespace) -> int:
+    name = name_from(args)
+    if name is None:
+        raise ConfigError(NO_NAME)
+    check_listen(args.listen, name)  # before the store is created
     node = Node(
-        args.name,
+        name,
         None,
         cookie=args.cookie,
         cookie_file=args.cookie_file,
@@ -72,11 +77,11 @@ def _run_loader(args: argparse.Namespace) -> int:
     )
     host, port = node.address
     logging.getLogger("clustorage").info(
-        "loader %s ready on %s:%d (members: --loader %s)",
+        "loader %s ready on %s:%d (members: %s)",
         node.name,
         host,
         port,
-        node.loader_address,
+        member_hint(node.name, host, port),
     )
     done = threading.Event()
 
@@ -92,18 +97,13 @@ def _run_loader(args: argparse.Namespace) -> int:
     return 0
 
 
-def _member(args: argparse.Namespace) -> Node:
-    node = Node(
-        f"cli-{generated_name()}"[:64],
-        args.loader,
-        cookie=args.cookie,
-        cookie_file=args.cookie_file,
-        timeout=args.timeout,
+def _probe(args: argparse.Namespace) -> Probe:
+    """A one-shot connection to the loader: it does not join, so nothing is downloaded."""
+    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
+        raise ConfigError(NO_LOADER)
+    return Probe(
+        args.loader, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
     )
-    if not node.connected:
-        node.stop()
-        raise SystemExit(f"clustorage: cannot reach the loader {node.loader_address}")
-    return node
 
 
 def _since(epoch: float) -> str:
@@ -112,14 +112,12 @@ def _since(epoch: float) -> str:
 
 
 def _print_status(status: dict[str, Any]) -> None:
-    cluster = status.get("cluster", {})
+    cluster = status["cluster"]
     print(f"loader    {status['loader']}  (store: {cluster.get('store', '?')})")
-    print(f"keys      {cluster.get('keys', status['keys'])}")
-    print(f"functions {cluster.get('functions', status['functions'])}")
+    print(f"keys      {status['keys']}")
+    print(f"functions {status['functions']}")
     print(f"nodes     {len(status['nodes'])}")
     for node in status["nodes"]:
-        if node["name"] == status["name"]:
-            continue
         print(
             f"  {node['name']:<24} {node['role']:<7} {node['address']:<22} "
             f"up {_since(node['connected_since'])}"
@@ -127,12 +125,17 @@ def _print_status(status: dict[str, Any]) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    node = _member(args)
-    try:
-        status = node.status()
-    finally:
-        node.stop()
-    status["nodes"] = [n for n in status["nodes"] if n["name"] != node.name]
+    with _probe(args) as probe:
+        cluster = probe.status()
+        loader = str(probe.loader)
+    status = {
+        "loader": loader,
+        "connected": True,
+        "keys": cluster["keys"],
+        "functions": cluster["functions"],
+        "nodes": cluster["nodes"],
+        "cluster": cluster,
+    }
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -141,11 +144,8 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_history(args: argparse.Namespace) -> int:
-    node = _member(args)
-    try:
-        entries = node.history(args.key, "value" if args.value else "function")
-    finally:
-        node.stop()
+    with _probe(args) as probe:
+        entries = probe.history(args.key, "value" if args.value else "function")
     rows: list[dict[str, Any]] = [
         {
             "version": entry.version,
@@ -173,14 +173,21 @@ def _run_history(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clustorage`` command."""
     args = _parser().parse_args(argv)
+    quiet = args.command != "loader"  # status and history print results, not a log
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     run = {"loader": _run_loader, "status": _run_status, "history": _run_history}[args.command]
     try:
         return run(args)
+    except ConfigError as exc:
+        print(f"clustorage {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except LoaderUnavailable as exc:
+        print(f"clustorage {args.command}: {exc}", file=sys.stderr)
+        return 1
     except ClustorageError as exc:
         print(f"clustorage {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -10,12 +10,13 @@ import cloudpickle
 from .errors import ValueTooLarge
 from .messages import Blob, Gathered, Payload
 
-__all__ = ["check_size", "dump", "dump_borrowing", "load"]
+__all__ = ["check_size", "dump", "dump_borrowing", "load", "size_limit"]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
 # What every "over the frame limit" error tells the user to do.
 RAISE_THE_LIMIT = "raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
+SPLIT_IT = "store it as several smaller values"
 
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
@@ -108,10 +109,20 @@ def load(payload: Blob) -> Any:
     return pickle.loads(payload)
 
 
+def size_limit(max_frame: int) -> int:
+    """The size limit of a value (SPEC "Durability"): one number, the smaller of the frame
+    limit and what the loader's store can hold. A payload too big for one SQLite row has a
+    file of its own there (clustorage.blobs), so the frame limit is the one that binds."""
+    return max_frame
+
+
 def check_size(key: str, payload: Payload, max_frame: int) -> None:
-    """Raise ValueTooLarge if ``payload`` cannot travel in one frame of ``max_frame`` bytes."""
-    if len(payload) + ENVELOPE + len(key.encode(errors="surrogatepass")) > max_frame:
+    """Raise ValueTooLarge if ``payload`` is over the size limit: if it cannot travel in one
+    frame of ``max_frame`` bytes, or the loader's store could not hold it."""
+    limit = size_limit(max_frame)
+    if len(payload) + ENVELOPE + len(key.encode(errors="surrogatepass")) > limit:
+        where = "the frame limit" if limit == max_frame else "what the loader's store holds"
         raise ValueTooLarge(
-            f"{key!r} is {len(payload)} bytes serialized, over the frame limit of {max_frame} "
-            f"bytes; {RAISE_THE_LIMIT}"
+            f"{key!r} is {len(payload)} bytes serialized, over the size limit of {limit} "
+            f"bytes ({where}); {RAISE_THE_LIMIT if limit == max_frame else SPLIT_IT}"
         )

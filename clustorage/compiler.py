@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import keyword
 import linecache
 import textwrap
 import traceback
@@ -29,9 +30,16 @@ def filename(name: str) -> str:
 
 
 def check_function_name(name: str) -> str:
-    """Return ``name`` if it can name a function, else raise ValueError."""
+    """Return ``name`` if it can name a function, else raise ValueError (SPEC "call" 8).
+
+    A Python keyword (``def``, ``None``, ``True`` ...) is refused: no namespace could bind it.
+    """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"invalid function name {name!r}: use a Python identifier such as 'sum'")
+    if keyword.iskeyword(name):
+        raise ValueError(
+            f"invalid function name {name!r}: it is a Python keyword; choose another name"
+        )
     return name
 
 

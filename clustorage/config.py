@@ -6,6 +6,7 @@ Flags win over environment variables, which win over files (SPEC "Addresses and 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -30,6 +32,8 @@ __all__ = [
     "generated_name",
     "parse_listen",
     "parse_loader",
+    "private_directory",
+    "private_file",
     "resolve_cookie",
 ]
 
@@ -60,6 +64,42 @@ def generated_name() -> str:
 def clustorage_home() -> Path:
     """``~/.clustorage``: cookie, history and default data live here."""
     return Path.home() / ".clustorage"
+
+
+def private_directory(path: Path) -> Path:
+    """Make ``path`` and its missing parents private to this user (0700), whatever the umask.
+
+    A folder that exists already is left as it is; one that group or others may enter gets
+    a logged warning (the user may have opened it on purpose), not a refusal.
+    """
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+    if path not in missing:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                log.warning(
+                    "%s is open to group or others (mode %o): what Clustorage keeps there "
+                    "may be read by other users; run: chmod 700 %s",
+                    path,
+                    mode,
+                    path,
+                )
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty, or make it, private to this user (0600), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return path
 
 
 def _split_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
@@ -141,7 +181,7 @@ class Cookie:
 
 def _create_cookie_file(path: Path) -> None:
     """Write a fresh secret to ``path`` atomically; a node that races us keeps the winner's."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(path.parent)
     draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -203,6 +243,18 @@ def _number(text: str | None, default: float, what: str) -> float:
         raise ConfigError(f"invalid {what} {text!r}: use a number") from None
 
 
+def _own_address(
+    address: LoaderAddress, text: str | LoaderAddress | None, listen: tuple[str, int] | None
+) -> tuple[str, int] | None:
+    """Where a node that names itself as the loader listens: ``listen`` if given (behind a
+    forwarded port it may differ), else the address of ``NAME@HOST:PORT``, else None."""
+    if listen is not None:
+        return listen
+    if isinstance(text, str) and "@" not in text:
+        return None  # NAME alone says nothing of where
+    return (address.host, address.port)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything a node needs to start; build it with :meth:`resolve`."""
@@ -253,10 +305,14 @@ class NodeConfig:
         check_name(name)
         loader = loader or env.get("CLUSTORAGE_LOADER") or None
         address = parse_loader(loader) if isinstance(loader, str) else loader
-        if address is not None and address.name == name:
-            address = None  # naming yourself as the loader means "I am the loader"
-        listen = listen or env.get("CLUSTORAGE_LISTEN") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+        listen = listen or env.get("CLUSTORAGE_LISTEN") or None
         where = parse_listen(listen) if isinstance(listen, str) else listen
+        if address is not None and address.name == name:
+            # Naming yourself as the loader means "I am the loader", listening where that
+            # address says unless --listen says where (SPEC "Addresses and cookie").
+            where = _own_address(address, loader, where)
+            address = None
+        where = where or (DEFAULT_HOST, DEFAULT_PORT)
         data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
         if timeout is None:
             timeout = _number(env.get("CLUSTORAGE_TIMEOUT"), DEFAULT_TIMEOUT, "timeout")

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
 
 from .config import DEAD_AFTER
+from .errors import ConfigError
 
-__all__ = ["HEARTBEAT", "Timing", "handshake_meta", "incompatibility"]
+__all__ = [
+    "DEAD_AFTER",
+    "HEARTBEAT",
+    "MAX_BACKLOG",
+    "Timing",
+    "handshake_meta",
+    "incompatibility",
+    "max_backlog",
+]
 
 # Idle connections carry a frame this often, so that a cut link shows as unacknowledged
 # data (see clustorage.liveness); nobody is judged dead for missing one.
 HEARTBEAT = 1.0
+HANDSHAKE = 5.0  # SPEC "Wire and trust": in all, not per byte
+MAX_BACKLOG = 128 << 20
+
+
+def max_backlog(env: Mapping[str, str] | None = None) -> int:
+    """The loader's backlog cap per member, in bytes: ``$CLUSTORAGE_MAX_BACKLOG`` or 128 MiB.
+
+    Raises:
+        ConfigError: the variable is not a number of bytes of at least 1 MiB.
+    """
+    text = (os.environ if env is None else env).get("CLUSTORAGE_MAX_BACKLOG", "")
+    if not text:
+        return MAX_BACKLOG
+    if not (text.isascii() and text.isdigit()) or int(text) < 1 << 20:
+        raise ConfigError(
+            f"invalid CLUSTORAGE_MAX_BACKLOG {text!r}: use a number of bytes, at least 1048576"
+        )
+    return int(text)
 
 
 class Timing:
@@ -24,15 +53,14 @@ class Timing:
         *,
         heartbeat: float = HEARTBEAT,
         dead_after: float = DEAD_AFTER,
-        handshake: float = 5.0,
-        stalled_after: float = 10.0,
-        write_limit: int = 1 << 30,
+        handshake: float = HANDSHAKE,
+        write_limit: int | None = None,
     ) -> None:
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.handshake = handshake
-        self.stalled_after = stalled_after
-        self.write_limit = write_limit
+        # Unsent bytes a member may have queued before it is dropped (default max_backlog()).
+        self.write_limit = max_backlog() if write_limit is None else write_limit
 
 
 def handshake_meta(name: str, **extra: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import clustorage
+
 __all__ = [
     "DISPLAY_NAME",
     "KERNEL_NAME",
@@ -30,6 +32,7 @@ __all__ = [
     "get_kernel_dict",
     "install",
     "launch",
+    "load_ipython_extension",
     "main",
     "write_kernel_spec",
 ]
@@ -143,12 +146,25 @@ def install(
         shutil.rmtree(staging.parent, ignore_errors=True)
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """The kernel's extension: ``%load_ext clustorage``, and ``get``, ``call`` and ``node``
+    of the running node in the namespace, as in the shell (unless the user takes them)."""
+    from .magics import load_ipython_extension as load_magics
+    from .magics import session_for
+
+    load_magics(ipython)
+    session = session_for(ipython)
+    if session is not None:
+        session.bind_api = True
+        session.follow(clustorage.default_node())
+
+
 def launch(argv: Sequence[str] | None = None) -> None:
     """Start ipykernel with the clustorage extension loaded (``python -m clustorage.kernel``)."""
     from ipykernel.kernelapp import IPKernelApp
 
     args = list(sys.argv[1:] if argv is None else argv)
-    IPKernelApp.launch_instance(argv=["--ext=clustorage", *args])
+    IPKernelApp.launch_instance(argv=["--ext=clustorage.kernel", *args])
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -48,6 +48,8 @@ from .errors import (
     StoreError,
     ValueTooLarge,
 )
+from .fanout import Fanout
+from .keys import printable
 from .leases import Lease, Leases
 from .messages import (
     FUNCTION,
@@ -89,6 +91,10 @@ from .store import Store
 __all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "commit_entry", "work_here"]
 
 log = logging.getLogger(__name__)
+
+# A change whose payload is bigger goes to each node at once, in a frame of its own, not
+# copied into the fan-out's frame.
+FANOUT_INLINE = 64 << 10
 
 # How many bytes of entries a SyncReply carries at most (the others go before it), and
 # about how many an entry takes besides its key, payload and source.
@@ -254,6 +260,7 @@ class LoaderCore:
         }
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
+        self._fanout = Fanout(self._remote_peers, lambda call: self._schedule(0, call))
         self._leases = Leases()
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
@@ -281,7 +288,7 @@ class LoaderCore:
         """Add an authenticated peer whose name is free (check :meth:`clash` first)."""
         self.peers[peer.name] = peer
         log.info("%s joined from %s (%d nodes)", peer.name, peer.address, len(self.peers))
-        self._announce_members()
+        self._announce_member(peer.name, True)
 
     def _alive(self, peer: Peer) -> bool:
         return self.peers.get(peer.name) is peer
@@ -302,14 +309,20 @@ class LoaderCore:
             elif peer.name in definition.waiting:
                 definition.waiting.discard(peer.name)
                 self._maybe_finish(definition)
-        self._announce_members()
+        self._announce_member(peer.name, False)
 
     def member_names(self) -> tuple[str, ...]:
         others = sorted(name for name in self.peers if name != self.name)
         return (self.name, *others)
 
-    def _announce_members(self) -> None:
-        self._broadcast(Members(self.member_names()))
+    def _announce_member(self, name: str, connected: bool) -> None:
+        local = self.peers.get(self.name)
+        if local is not None:
+            local.deliver(Members((name,), ()) if connected else Members((), (name,)))
+        self._fanout.membership(name, connected)
+
+    def _remote_peers(self) -> list[Peer]:
+        return [peer for name, peer in self.peers.items() if name != self.name]
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -340,7 +353,7 @@ class LoaderCore:
         if rid:
             peer.deliver(failure(rid, exc))
         else:
-            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, exc)
+            log.warning("%s from %s failed: %s", type(message).__name__, peer.name, printable(exc))
 
     def _hold(self, where: tuple[str, str]) -> None:
         self._busy.setdefault(where, collections.deque())
@@ -367,13 +380,18 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
+        """Tell every node of a change: small ones in the fan-out's next pass (``skip``
+        hears of it too, harmlessly: it has that version), big ones at once, encoded once."""
         local = self.peers.get(self.name)
-        parts = None  # encoded once, for the first remote peer
-        for peer in list(self.peers.values()):
-            if peer is not skip and peer is not local:
-                parts = encode_parts(message) if parts is None else parts
-                peer.deliver(message, parts)
-        if local is not None and local is not skip:  # last: the network need not wait for it
+        entry = getattr(message, "entry", None)
+        if entry is None or len(entry.payload) <= FANOUT_INLINE:
+            self._fanout.push(message)
+        else:
+            parts = encode_parts(message)
+            for peer in self._remote_peers():
+                if peer is not skip:
+                    peer.deliver(message, parts)
+        if local is not None and local is not skip:
             local.deliver(message)
 
     def _next_version(self, kind: str, key: str) -> int:
@@ -521,7 +539,12 @@ class LoaderCore:
         if lease is None or lease.committing:
             return
         if lease.holder is peer and message.rid in (0, lease.rid):
-            log.info("%s: fn failed on %s (%s)", message.key, peer.name, message.reason)
+            log.info(
+                "%s: fn failed on %s (%s)",
+                printable(message.key),
+                peer.name,
+                printable(message.reason),
+            )
             self._pass_lease(lease)
         elif message.rid:
             self._leases.withdraw(lease, peer, message.rid)

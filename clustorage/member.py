@@ -23,7 +23,15 @@ import time
 from collections.abc import Callable
 
 from . import codec, messages
-from .channel import Build, Pending, Waiter, apply_push, apply_sync, raise_failure
+from .channel import (
+    Build,
+    Pending,
+    Waiter,
+    apply_push,
+    apply_sync,
+    merge_members,
+    raise_failure,
+)
 from .config import NodeConfig
 from .errors import (
     AuthenticationError,
@@ -36,7 +44,7 @@ from .errors import (
 )
 from .hello import HEARTBEAT, handshake_meta, incompatibility
 from .liveness import watch
-from .messages import Failed, Load, Loaded, Message, Queued, Sync, SyncReply
+from .messages import Failed, Load, Loaded, Message, Pushes, Queued, Sync, SyncReply
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
@@ -130,11 +138,18 @@ class MemberClient:
         return str(self.loader)
 
     def unavailable(self, why: str) -> LoaderUnavailable:
-        """The LoaderUnavailable a caller sees, naming the loader and how to start it."""
+        """The LoaderUnavailable a caller sees, naming the loader and how to start it with
+        this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
+        loader, cookie = self.loader, self.config.cookie
+        command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
+        if cookie.source.startswith("file "):
+            command += f" --cookie-file {cookie.source.removeprefix('file ')}"
+        if self.config.data:
+            command += f" --data {self.config.data}"
+        same = "" if cookie.source.startswith("file ") else f" and the cookie of {cookie.source}"
         return LoaderUnavailable(
-            f"the loader {self.loader} is unavailable ({why}); start it with "
-            f"'clustorage loader --name {self.loader.name} --listen "
-            f"{self.loader.host}:{self.loader.port}' or check --loader"
+            f"the loader {loader} is unavailable ({why}); start it with '{command}'{same}, "
+            f"or check --loader"
         )
 
     # -- connecting ------------------------------------------------------------------------
@@ -232,6 +247,11 @@ class MemberClient:
             try:
                 event = conn.next_event()
             except AuthenticationError as exc:
+                if not conn.rejected:  # its welcome failed the MAC: an impostor, or tampering
+                    raise AuthenticationError(
+                        f"the loader at {self.where()} did not prove it knows the cookie "
+                        f"(wrong cookie there, or someone in between)"
+                    ) from exc
                 raise AuthenticationError(
                     f"the loader {self.where()} refused our cookie; use the cluster's "
                     f"cookie (--cookie, --cookie-file, $CLUSTORAGE_COOKIE or ~/.clustorage/cookie)"
@@ -358,6 +378,10 @@ class MemberClient:
             self._last_sent = now
 
     def _dispatch(self, message: Message) -> None:
+        if type(message) is Pushes:
+            for frame in message.frames:
+                self._dispatch(messages.decode(frame))
+            return
         rid = getattr(message, "rid", None)
         if rid is not None:
             if type(message) is SyncReply:  # applied in its place: later pushes go on top
@@ -381,7 +405,7 @@ class MemberClient:
 
     def _push(self, message: Message) -> None:
         if apply_push(self.replica, message):
-            self.members = message.names  # type: ignore[union-attr]
+            self.members = merge_members(self.members, message)  # type: ignore[arg-type]
             self.changed()
 
     def _apply(self, change: Callable[[], None]) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "Message",
     "NotFound",
     "Payload",
+    "Pushes",
     "Put",
     "Queued",
     "Release",
@@ -291,9 +292,17 @@ class Unload(NamedTuple):
 
 
 class Members(NamedTuple):
-    """The names of the nodes now connected (the loader first)."""
+    """Nodes that joined (``present``) and left (``gone``) since the last Members; a
+    joining node has the whole list from its SyncReply."""
 
-    names: tuple[str, ...]
+    present: tuple[str, ...]
+    gone: tuple[str, ...]
+
+
+class Pushes(NamedTuple):
+    """Several pushes in one frame, each an encoded message (see clustorage.fanout)."""
+
+    frames: tuple[bytes, ...]
 
 
 class SyncEntry(NamedTuple):
@@ -329,6 +338,7 @@ Message = (
     | Unload
     | Members
     | SyncEntry
+    | Pushes
 )
 
 # Type codes are part of the wire protocol: append, never renumber.
@@ -359,6 +369,7 @@ _TYPES: tuple[type, ...] = (
     Unload,
     Members,
     SyncEntry,
+    Pushes,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]

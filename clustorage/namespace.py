@@ -9,7 +9,12 @@ background thread, so no output lands in whichever cell ran last.
 
 Binding never clobbers the user's own objects (SPEC "call" 8): a name is (re)bound only if it
 is absent or holds a cluster version of that function; otherwise it is left alone and a one-line
-notice says where the cluster's version is. Values are never bound, only functions.
+notice says where the cluster's version is. A function named like a builtin is bound, and a
+notice says once that it shadows the builtin; when it is deleted the builtin shows through
+again, and a notice says so. A new version arriving from another node rebinds the name with a
+one-line notice (SPEC "call" 9), unless the owner announces hot-loads itself
+(``announce_rebinds=False``). Values are never bound, only functions. Notices are given by
+:meth:`NamespaceSync.apply`, on the owner's thread: in a notebook, in the next cell's output.
 
 >>> sync = NamespaceSync(shell.user_ns)
 >>> sync.attach(clustorage.default_node())
@@ -18,6 +23,7 @@ notice says where the cluster's version is. Values are never bound, only functio
 
 from __future__ import annotations
 
+import builtins
 import sys
 import threading
 from collections.abc import Callable, MutableMapping
@@ -49,6 +55,8 @@ class NamespaceSync:
             (default: print it to stdout). Called from :meth:`apply`, on the owner's thread.
         wakeup: called (from the node's background thread) whenever something was queued, so
             an event loop can schedule :meth:`apply`; may also be set later as ``sync.wakeup``.
+        announce_rebinds: give a notice when a version from another node replaces the one
+            bound, or another node deletes it (off where the owner announces every hot-load).
 
     Thread safety: :meth:`queue` (the ``on_load`` listener) may run on any thread; every other
     method belongs to the namespace's owner thread.
@@ -60,15 +68,19 @@ class NamespaceSync:
         *,
         notice: Callable[[str], None] | None = None,
         wakeup: Callable[[], None] | None = None,
+        announce_rebinds: bool = True,
     ) -> None:
         self.namespace = namespace
         self.notice = notice or _print_notice
         self.wakeup = wakeup
+        self.announce_rebinds = announce_rebinds
         self.node: Node | None = None
-        self._pending: dict[str, None] = {}  # an ordered set of names to look at
+        # Names to look at, in order, with the load event that queued them (if any).
+        self._pending: dict[str, LoadEvent | None] = {}
         self._lock = threading.Lock()
         self._installed: dict[str, Any] = {}  # name -> the object this sync bound
         self._noticed: set[str] = set()
+        self._shadowing: set[str] = set()  # bound names that shadow a builtin, told once
         self._unsubscribe: Callable[[], None] | None = None
 
     # -- node ------------------------------------------------------------------------------
@@ -85,7 +97,7 @@ class NamespaceSync:
         self._unsubscribe = node.on_load(self.queue)
         with self._lock:  # subscribed first, so nothing loaded meanwhile is missed
             for name in node.functions():
-                self._pending[name] = None
+                self._pending.setdefault(name, None)
 
     def detach(self) -> None:
         """Stop following the node; names already bound stay bound."""
@@ -103,7 +115,7 @@ class NamespaceSync:
         if event.kind != FUNCTION:
             return
         with self._lock:
-            self._pending[event.key] = None
+            self._pending[event.key] = event
         wakeup = self.wakeup
         if wakeup is not None:
             wakeup()
@@ -111,7 +123,7 @@ class NamespaceSync:
     def request(self, name: str) -> None:
         """Queue ``name`` to be looked at on the next :meth:`apply`."""
         with self._lock:
-            self._pending[name] = None
+            self._pending.setdefault(name, None)
 
     @property
     def pending(self) -> list[str]:
@@ -128,19 +140,21 @@ class NamespaceSync:
             The names whose binding changed.
         """
         with self._lock:
-            names, self._pending = list(self._pending), {}
+            pending, self._pending = self._pending, {}
         node = self.node
         if node is None:
             return []
         changed = []
-        for name in names:
+        for name, event in pending.items():
+            origin = event.origin if event is not None else None
             try:
                 function = node.function(name)
             except KeyError:  # removed from the cluster (NotFound is a KeyError)
-                if self.unbind(name):
+                if self.unbind(name, origin=origin):
                     changed.append(name)
             else:
-                if self.bind(name, function):
+                version = event.version if event is not None else node.version(name)
+                if self.bind(name, function, version=version, origin=origin):
                     changed.append(name)
         return changed
 
@@ -151,8 +165,18 @@ class NamespaceSync:
             held is self._installed.get(name) or is_cluster_function(held, name)
         )
 
-    def bind(self, name: str, function: Any) -> bool:
+    def _from_elsewhere(self, origin: str | None) -> bool:
+        node = self.node
+        return origin is not None and (node is None or origin != node.name)
+
+    def bind(
+        self, name: str, function: Any, *, version: int = 0, origin: str | None = None
+    ) -> bool:
         """Bind ``name`` to ``function`` unless the user's own object holds the name.
+
+        Args:
+            version, origin: the function's version and the node that defined it, for
+                notices.
 
         Returns:
             Whether the namespace changed.
@@ -167,15 +191,38 @@ class NamespaceSync:
             return False
         self._noticed.discard(name)
         self._installed[name] = function
-        if self.namespace.get(name) is function:
+        held = self.namespace.get(name)
+        if held is function:
             return False
         self.namespace[name] = function
+        what = f"{name} v{version}" if version else name
+        if origin is not None:
+            what += f" from {origin}"
+        if hasattr(builtins, name) and name not in self._shadowing:
+            self._shadowing.add(name)
+            self.notice(
+                f"clustorage: {what} now shadows the built-in {name}; "
+                f"builtins.{name} is the original"
+            )
+        elif held is not None and self.announce_rebinds and self._from_elsewhere(origin):
+            self.notice(f"clustorage: {name} rebound to {what.removeprefix(name).strip()}")
         return True
 
-    def unbind(self, name: str) -> bool:
-        """Remove ``name`` if it holds a cluster version; returns whether it did."""
+    def unbind(self, name: str, *, origin: str | None = None) -> bool:
+        """Remove ``name`` if it holds a cluster version; returns whether it did.
+
+        Args:
+            origin: the node that deleted the function, for the notice.
+        """
         owned = self.owns(name)
         self._installed.pop(name, None)
-        if owned:
-            del self.namespace[name]
-        return owned
+        if not owned:
+            return False
+        del self.namespace[name]
+        by = f" by {origin}" if origin is not None else ""
+        if name in self._shadowing:
+            self._shadowing.discard(name)
+            self.notice(f"clustorage: {name} was deleted{by}; the built-in {name} is visible again")
+        elif self.announce_rebinds and self._from_elsewhere(origin):
+            self.notice(f"clustorage: {name} was deleted{by}")
+        return True

@@ -403,6 +403,8 @@ def _decode_meta(data: bytes) -> dict[str, Any]:
         meta = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError("handshake meta is not JSON") from exc
+    except RecursionError:  # nested deeper than the parser goes: no names are that deep
+        raise RemoteProtocolError("handshake meta is nested too deeply") from None
     if not isinstance(meta, dict):
         raise RemoteProtocolError("handshake meta is not a JSON object")
     return meta
@@ -456,6 +458,9 @@ class Connection:
         self._send_seq = 0
         self._recv_seq = 0
         self.peer_meta: dict[str, Any] = {}
+        # Client: the server sent REJECT (it refused our cookie), as opposed to a welcome
+        # that failed its MAC (the server did not prove the cookie: wrong one, or tampering).
+        self.rejected = False
         if role is Role.SERVER:
             self._snonce = secrets.token_bytes(NONCE_SIZE)
             self._outbox += _HELLO.pack(MAGIC, VERSION, self._snonce)
@@ -605,6 +610,7 @@ class Connection:
             return None
         kind = self._buffer[:1]
         if kind == b"R":
+            self.rejected = True
             raise AuthenticationError("the loader refused our cookie")
         if kind != b"W":
             raise RemoteProtocolError("the peer answered the handshake with garbage")
@@ -626,7 +632,10 @@ class Connection:
             meta,
         )
         if not hmac.compare_digest(expected, server_mac):
-            raise AuthenticationError("the loader does not know the cluster cookie")
+            raise AuthenticationError(
+                "the loader did not prove it knows the cookie (wrong cookie there, or someone "
+                "in between)"
+            )
         self.peer_meta = _decode_meta(meta)
         if "error" in self.peer_meta:
             self._move("refused")

@@ -23,6 +23,7 @@ import heapq
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 import threading
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Reactor", "Stream", "StreamProtocol", "Timer"]
+__all__ = ["Reactor", "Server", "Stream", "StreamProtocol", "Timer", "untrusted_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ IDLE_WAIT = 1.0
 # and being woken costs more than it, in latency and in cold caches.
 SPIN = 50e-6
 ACCEPT_PAUSE = 1.0  # after running out of file descriptors or memory
+REPORT_EVERY = 10.0  # seconds between two log lines about connections refused for the cap
+
+
+def untrusted_cap() -> int:
+    """How many connections may wait for their protocol's trust at once: an eighth of this
+    process's file descriptors (16 to 256), so that they never take the ones members need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(16, min(256, soft // 8))
 
 
 class StreamProtocol(Protocol):
@@ -73,6 +84,11 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.callback = _nothing  # what it would have called is free to go now, not when due
+
+
+def _nothing() -> None:
+    pass
 
 
 class Reactor:
@@ -210,14 +226,26 @@ class Reactor:
                 self._poller.unregister(fd)
 
     def listen(
-        self, host: str, port: int, protocol_factory: Callable[[], StreamProtocol]
+        self,
+        host: str,
+        port: int,
+        protocol_factory: Callable[[], StreamProtocol],
+        max_untrusted: int | None = None,
     ) -> Server:
-        """Accept connections on ``host:port``, each a :class:`Stream` to a new protocol."""
-        return Server(self, host, port, protocol_factory)
+        """Accept connections on ``host:port``, each a :class:`Stream` to a new protocol;
+        at most ``max_untrusted`` (default :func:`untrusted_cap`) not yet trusted at once."""
+        return Server(self, host, port, protocol_factory, max_untrusted)
 
 
 class Server:
-    """A listening socket whose connections become streams."""
+    """A listening socket whose connections become streams.
+
+    A new stream is on probation until its protocol calls :meth:`Stream.trust` (a loader's
+    connection: once the peer proved it knows the cookie). At most ``max_untrusted`` streams
+    are on probation: each connection over that closes the oldest of them, so connections
+    that never finish their handshake cannot take the file descriptors or the loop from
+    members (SPEC "Wire and trust"), whose handshakes take a round trip.
+    """
 
     def __init__(
         self,
@@ -225,9 +253,14 @@ class Server:
         host: str,
         port: int,
         protocol_factory: Callable[[], StreamProtocol],
+        max_untrusted: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._factory = protocol_factory
+        self.max_untrusted = untrusted_cap() if max_untrusted is None else max_untrusted
+        self.untrusted: dict[Stream, None] = {}  # oldest first
+        self._evicted = 0
+        self._reported = 0.0
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
@@ -243,7 +276,9 @@ class Server:
         reactor.register(sock, READ, self._accept)
 
     def _accept(self, mask: int) -> None:
-        for _ in range(64):
+        # Fewer than the cap at a time: a connection outlives the batch that accepted it, to
+        # answer its challenge, even while the cap closes the oldest.
+        for _ in range(max(1, min(64, self.max_untrusted // 2))):
             try:
                 sock, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -258,7 +293,23 @@ class Server:
                 else:
                     log.warning("accept failed: %s", exc)
                 return
-            Stream(self._reactor, sock, self._factory())
+            while len(self.untrusted) >= self.max_untrusted:
+                self._evict(next(iter(self.untrusted)))
+            Stream(self._reactor, sock, self._factory(), self)
+
+    def _evict(self, stream: Stream) -> None:
+        del self.untrusted[stream]
+        stream.abort()
+        self._evicted += 1
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY:
+            log.warning(
+                "closed %d connection(s) that had not finished their handshake: over the "
+                "cap of %d at once (oldest first)",
+                self._evicted,
+                self.max_untrusted,
+            )
+            self._evicted, self._reported = 0, now
 
     def _resume(self) -> None:
         if self.socket.fileno() != -1:
@@ -272,7 +323,13 @@ class Server:
 class Stream:
     """One connection: reads into its protocol's buffer, writes with flow control."""
 
-    def __init__(self, reactor: Reactor, sock: socket.socket, protocol: StreamProtocol) -> None:
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        protocol: StreamProtocol,
+        server: Server | None = None,
+    ) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -290,6 +347,9 @@ class Stream:
             self._peer: Any = sock.getpeername()
         except OSError:
             self._peer = None
+        self._server = server
+        if server is not None:
+            server.untrusted[self] = None
         reactor.register(sock, READ, self._ready)
         try:
             protocol.connection_made(self)
@@ -307,6 +367,19 @@ class Stream:
 
     def get_write_buffer_size(self) -> int:
         return self._size
+
+    def trust(self) -> None:
+        """The protocol vouches for its peer: the stream is off probation (see Server)."""
+        self._off_probation()
+
+    def _off_probation(self) -> None:
+        if self._server is not None:
+            self._server.untrusted.pop(self, None)
+            self._server = None
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """:meth:`Reactor.call_later` of the stream's loop."""
+        return self._reactor.call_later(delay, callback)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -413,6 +486,7 @@ class Stream:
         if self._closed:
             return
         self._closed = self._closing = True
+        self._off_probation()
         self._reactor.unregister(self._sock)
         self._sock.close()
         self._pending.clear()

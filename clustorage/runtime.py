@@ -73,7 +73,15 @@ class LoaderRuntime:
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
-        store = open_store(config.database)
+        # Listen before the store is opened, so a loader that cannot listen creates no file.
+        # The loop does not run yet: nothing is accepted before the core exists.
+        self._server: Server | None = self._listen()
+        try:
+            store = open_store(config.database)
+        except BaseException:
+            self._server.close()
+            self.loop.close()
+            raise
         self._writer = (
             StoreWriter(store, self.loop.call_soon_threadsafe) if store.path != MEMORY else None
         )
@@ -90,7 +98,6 @@ class LoaderRuntime:
             aside=self._aside,
         )
         self._store = store
-        self._server: Server | None = None
         self._heartbeat: Timer | None = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
@@ -119,11 +126,11 @@ class LoaderRuntime:
     def _run(self) -> None:
         self.loop.run_forever()
 
-    def _start(self) -> tuple[str, int]:
+    def _listen(self) -> Server:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
         try:
-            self._server = self.loop.listen(
+            return self.loop.listen(
                 host,
                 port,
                 lambda: ServerConnection(
@@ -131,12 +138,17 @@ class LoaderRuntime:
                 ),
             )
         except OSError as exc:
+            self.loop.close()
             raise ConfigError(
                 f"the loader {self.config.name} cannot listen on {host}:{port}: {exc.strerror}; "
                 f"is another loader running there? choose another address with --listen HOST:PORT"
             ) from exc
+
+    def _start(self) -> tuple[str, int]:
+        assert self._server is not None
         address = self._server.socket.getsockname()
         self.core.address = f"{address[0]}:{address[1]}"
+        self._store.announce(self.core.address)  # who holds the store, for a second loader
         self._local.address = self.core.address
         for entry in self.core.entries.values():
             self.replica.install(entry, lazy=True)

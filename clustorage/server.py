@@ -10,16 +10,21 @@ and one log line with its address.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from . import messages
-from .errors import AuthenticationError, ProtocolError
+from .config import check_name
+from .errors import AuthenticationError, ConfigError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
+from .keys import printable, unencodable
 from .liveness import watch
-from .loader import LoaderCore
+from .loader import LoaderCore, failure
+from .probe import PROBE_ROLE
 from .protocol import (
     BULK,
     Closed,
@@ -31,15 +36,43 @@ from .protocol import (
     bulk_digests_by_speed,
     frame_size,
 )
-from .reactor import Stream
+from .reactor import Stream, Timer
 
-__all__ = ["ServerConnection"]
+__all__ = ["ServerConnection", "release_memory"]
 
 log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to ask
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the memory freed by dropping a backlog back to the system: glibc keeps freed
+    heap memory (most of a backlog of frames under 128 KiB) for later unless asked."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 # Every connection reads into this one buffer: the loop runs one callback at a time, and
 # the protocol object copies what it needs before the next read.
 _READ_BUFFER = memoryview(bytearray(1 << 20))
+
+
+def _invalid_name(name: object) -> str | None:
+    """Why a peer's node name is refused (SPEC "Cluster model": the loader checks names
+    too), or None."""
+    try:
+        check_name(name)  # type: ignore[arg-type]  # it checks the type too
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 class ServerConnection:
@@ -59,6 +92,7 @@ class ServerConnection:
             bulk_digests=bulk_digests_by_speed(),
         )
         self._transport: Stream | None = None
+        self._deadline: Timer | None = None
         # Frames waiting to go out, part by part, each with whether it counts in _queued.
         self._outbox: collections.deque[tuple[Iterator[bytes | memoryview], bool]] = (
             collections.deque()
@@ -66,6 +100,7 @@ class ServerConnection:
         self._queued = 0  # bytes in the outbox that count against the write limit
         self._into_bulk = False
         self._joined = False
+        self._handle = core.handle  # a probe's connection answers Status and History only
         self._paused = False
         self.name = "?"
         self.session = ""
@@ -88,6 +123,8 @@ class ServerConnection:
         if sock is not None:
             watch(sock, self._timing.dead_after)
         self._registry.add(self)
+        # SPEC "Wire and trust": the handshake is done within this, however the bytes trickle.
+        self._deadline = transport.call_later(self._timing.handshake, self._handshake_overdue)
         self._write(self._conn.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -106,9 +143,11 @@ class ServerConnection:
             return
         try:
             payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
-            handle = self._core.handle
+            handle = self._handle
             for payload in payloads:
-                handle(self, messages.decode(payload))
+                message = messages.decode(payload)
+                if self._storable(message):
+                    handle(self, message)
                 if self._transport is None or self._transport.is_closing():
                     return
         except ProtocolError as exc:
@@ -121,6 +160,8 @@ class ServerConnection:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._conn.release()
         self._outbox.clear()
         self._queued = 0
@@ -142,8 +183,8 @@ class ServerConnection:
         try:
             while (event := self._conn.next_event()) is not None:
                 if isinstance(event, Frame):
-                    if event.payload:
-                        self._core.handle(self, messages.decode(event.payload))
+                    if event.payload and self._storable(message := messages.decode(event.payload)):
+                        self._handle(self, message)
                 elif isinstance(event, Hello):
                     self._hello(dict(event.meta))
                 elif isinstance(event, Closed):
@@ -159,16 +200,22 @@ class ServerConnection:
             self.close(flush=True)
 
     def _hello(self, meta: dict[str, Any]) -> None:
-        name = str(meta.get("name", ""))
+        name = meta.get("name", "")
         self.session = str(meta.get("session", ""))
         expected = meta.get("expect")
         ours = handshake_meta(self._core.name)
         problem = incompatibility(ours, meta)
-        if expected and expected != self._core.name:
+        if (invalid := _invalid_name(name)) is not None:
+            problem = invalid
+            self._conn.refuse(problem, kind="invalid_name")
+        elif expected and expected != self._core.name:
             problem = (
                 f"the loader at {self._core.address} is named {self._core.name!r}, not {expected!r}"
             )
             self._conn.refuse(problem, kind="wrong_loader", loader=self._core.name)
+        elif meta.get("role") == PROBE_ROLE:
+            self._accept_probe(name)
+            return
         elif problem:
             self._conn.refuse(problem, kind="incompatible")
         elif (clash := self._core.clash(name)) is not None and not self._replaces(clash):
@@ -178,7 +225,7 @@ class ServerConnection:
             )
             self._conn.refuse(problem, kind="name_clash")
         if problem:
-            log.warning("refused %s from %s: %s", name, self.address, problem)
+            log.warning("refused %s from %s: %s", printable(name), self.address, printable(problem))
             self.close(flush=True)
             return
         self.name = name
@@ -186,8 +233,65 @@ class ServerConnection:
             handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
         )
         self._write(self._conn.data_to_send())
+        self._trusted()
         self._joined = True
         self._core.join(self)
+
+    def _trusted(self) -> None:
+        """The peer proved it knows the cookie: no handshake deadline, no cap (see reactor)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._transport is not None:
+            self._transport.trust()
+
+    def _handshake_overdue(self) -> None:
+        self._deadline = None
+        if not self._joined and self._transport is not None:
+            log.warning(
+                "closed %s: no handshake within %.1fs", self.address, self._timing.handshake
+            )
+            self.close()
+
+    def _storable(self, message: messages.Message) -> bool:
+        """Refuse a request whose text could not be stored or logged (a lone surrogate in a
+        key, a name, a source): the requester gets a ValueError, the log one plain line."""
+        for field in message:
+            if (
+                isinstance(field, str)
+                and not field.isascii()
+                and (problem := unencodable(field)) is not None
+            ):
+                break
+        else:
+            return True
+        what = type(message).__name__
+        log.warning("refused a %s from %s (%s): %s", what, self.name, self.address, problem)
+        rid = getattr(message, "rid", 0)
+        if rid:
+            self.deliver(failure(rid, ValueError(f"the loader refused the {what}: {problem}")))
+        return False
+
+    def _accept_probe(self, name: str) -> None:
+        """Welcome a one-shot status client (``clustorage status``): it never joins, so it
+        is not a node, gets no Members or pushes, and may ask only Status and History."""
+        self.name = name
+        self._handle = self._answer_probe
+        self._conn.accept(
+            handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
+        )
+        self._write(self._conn.data_to_send())
+        self._trusted()
+        log.debug("%s probes from %s", printable(name), self.address)
+
+    def _answer_probe(self, peer: Any, message: messages.Message) -> None:
+        if type(message) in (messages.Status, messages.History):
+            self._core.handle(_ProbeReplies(self), message)
+        else:
+            log.warning(
+                "closed %s (%s): a probe sent a %s", self.address, self.name, type(message).__name__
+            )
+            self.close()
 
     def _replaces(self, clash: Any) -> bool:
         """A node reconnecting before its old connection timed out replaces it."""
@@ -251,20 +355,38 @@ class ServerConnection:
         if it stopped reading."""
         if not self._joined or self._transport is None or self._transport.is_closing():
             return
-        # A resync's entries do not count: each is one the loader holds, sent once per
-        # connection, made only as the member drains what went before.
-        counted = type(message) is not messages.SyncEntry
+        # SPEC "Wire and trust": what the loader pushes unasked (hot-loads, deletions,
+        # membership) counts against the backlog cap; a member that stopped reading is
+        # dropped there, and resyncs when it reads again. Answers to its own requests do
+        # not count (a member that stopped reading asks nothing), nor does a resync's
+        # entries: each is one the loader holds, sent once per connection.
+        resync = type(message) is messages.SyncEntry
+        counted = not resync and getattr(message, "rid", None) is None
         backlog = self._transport.get_write_buffer_size() + self._queued
         if counted and backlog > self._timing.write_limit:
-            log.warning("closed %s (%s): it stopped reading", self.address, self.name)
-            self.close()
+            self._drop_for_backlog(backlog)
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
         self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued
-        if self._outbox or not counted or len(blob) >= BULK:
+        if self._outbox or self._paused or resync or len(blob) >= BULK:
+            # Queued as the parts the loader shares between members (a broadcast is encoded
+            # once); this member's frame is made from them only when it drains.
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
         else:
             self._write(self._conn.send_small(envelope, blob))
+
+    def _drop_for_backlog(self, backlog: int) -> None:
+        log.warning(
+            "closed %s (%s): it stopped reading, with %d MiB unsent, over the backlog cap of "
+            "%d MiB; it resyncs when it reads again",
+            self.address,
+            self.name,
+            backlog >> 20,
+            self._timing.write_limit >> 20,
+        )
+        self.close()
+        if self._transport is not None:  # once the stream has let go of its buffers
+            self._transport.call_later(0.1, release_memory)
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).
@@ -287,15 +409,29 @@ class ServerConnection:
             self._core.leave(self)
 
     def tick(self, now: float) -> None:
-        """Called every heartbeat: time out handshakes, keep idle connections carrying."""
+        """Called every heartbeat: keep idle connections carrying."""
         timing = self._timing
-        if not self._joined:
-            if now - self.last_heard > timing.handshake:
-                log.warning("closed %s: no handshake within %.1fs", self.address, timing.handshake)
-                self.close()
+        if not self._joined:  # its handshake has a deadline of its own
             return
         # Neither "silent" nor "slow to read" for too long: a busy member is not a dead one
         # (SPEC "Busy is not dead"). The kernel tells a dead one (clustorage.liveness); one
         # that stops reading is dropped when its backlog passes the write limit (deliver).
         if now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())
+
+
+class _ProbeReplies:
+    """A probe as LoaderCore sees it while answering: its answers go out as frames of their
+    own, not counted against the write limit (the probe is not a member)."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.name = connection.name
+        self.address = connection.address
+        self.connected_since = connection.connected_since
+
+    def deliver(
+        self, message: messages.Message, parts: tuple[bytes, messages.Payload] | None = None
+    ) -> None:
+        envelope, blob = messages.encode_parts(message) if parts is None else parts
+        self.connection._queue(envelope, blob, False)

@@ -28,6 +28,7 @@ from typing import Any
 
 import clustorage
 from clustorage import ClustorageError, ConfigError, Node
+from clustorage.flags import add_node_flags, check_listen, is_loader, member_hint
 
 __all__ = ["build_shell", "main"]
 
@@ -39,25 +40,31 @@ def _parser() -> argparse.ArgumentParser:
         "computed once for everyone, call() a function defined once and hot-loaded everywhere.",
         epilog="Every flag falls back to its environment variable (CLUSTORAGE_NAME, "
         "CLUSTORAGE_LOADER, CLUSTORAGE_COOKIE, CLUSTORAGE_LISTEN, CLUSTORAGE_DATA). "
-        "Without a loader, this shell is the loader. Ctrl-D leaves.",
+        "Without a loader (or with a loader named like this node), this shell is the loader. "
+        "Ctrl-D leaves.",
     )
-    parser.add_argument("--name", help="this node's name, also the prompt (default: generated)")
-    parser.add_argument(
-        "--loader",
-        metavar="NAME[@HOST[:PORT]]",
-        help="join the cluster of this loader (default: be the loader)",
+    add_node_flags(
+        parser,
+        name="this node's name, also the prompt (default: $CLUSTORAGE_NAME, else generated)",
+        loader="join the cluster of this loader (default: $CLUSTORAGE_LOADER, else be the loader)",
+        listen=True,
+        data="the loader's SQLite directory, or :memory: for none; a loader's option only "
+        "(default: $CLUSTORAGE_DATA, else ~/.clustorage/data)",
     )
-    cookie = parser.add_mutually_exclusive_group()
-    cookie.add_argument("--cookie", help="the cluster secret (default: ~/.clustorage/cookie)")
-    cookie.add_argument("--cookie-file", metavar="F", help="read the cluster secret from F")
-    parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="where a loader listens (default 127.0.0.1:4370)"
-    )
-    parser.add_argument(
-        "--data", metavar="DIR", help="a loader's SQLite directory, or :memory: for none"
-    )
-    parser.add_argument("--timeout", type=float, help="seconds to wait for the loader (default 5)")
     return parser
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be ignored, and a listen address a loader cannot use, before
+    anything is created (SPEC "Terminal")."""
+    if is_loader(args.name, args.loader):
+        check_listen(args.listen, args.name, args.loader)
+    elif args.data:
+        loader = args.loader or "$CLUSTORAGE_LOADER"
+        raise ConfigError(
+            f"--data is a loader's option, and this shell is a member of {loader}, whose "
+            "loader keeps the store; drop --data here, or give it to the loader"
+        )
 
 
 def _config(name: str) -> Any:
@@ -91,7 +98,10 @@ def _banner(node: Node) -> str:
 
     snap = snapshot(node)
     if node.is_loader:
-        where = f"the loader, on {node.address[0]}:{node.address[1]}"
+        host, port = node.address
+        where = (
+            f"the loader, on {host}:{port}; members join with {member_hint(node.name, host, port)}"
+        )
     else:
         where = f"member of {node.loader_address}"
     counts = ", ".join(
@@ -147,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the shell; returns the exit status (0 after Ctrl-D)."""
     args = _parser().parse_args(argv)
     try:
+        _check_flags(args)
         node = clustorage.start(
             args.name,
             args.loader,
@@ -167,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shell = build_shell(node)
         print(_banner(node), flush=True)
         shell.mainloop()
-        shell.detach()
+        shell.close()
     finally:
         clustorage.stop()
     print(f"{node.name} left the cluster.")

@@ -8,7 +8,9 @@ prompt_toolkit ``PromptSession`` (inside ``patch_stdout(raw=True)``) and evaluat
   ``~/.clustorage/history/NAME``;
 - the bottom toolbar draws a :class:`Snapshot` of the node, replaced whole by the node's
   ``on_change``/``on_load`` callbacks (local reads only) and redrawn with the thread-safe
-  ``Application.invalidate()``: drawing never touches the network;
+  ``Application.invalidate()``: drawing never touches the network; a ``get`` waiting over a
+  second on a lease held elsewhere shows there too, even while a cell runs
+  (:mod:`clustorage.shell_wait`);
 - a hot-load made by another node is announced in one line above the prompt. While the
   prompt is up, the line is printed to the patched stdout, which prompt_toolkit draws above
   the line being typed without disturbing it; while a cell runs, it waits for the cell to end.
@@ -23,6 +25,7 @@ import inspect
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,10 +38,12 @@ from traitlets import Unicode, default
 
 import clustorage
 from clustorage import LoadEvent, Node
+from clustorage.config import private_directory
 
 from .magics import session_for
 from .namespace import NamespaceSync
 from .shell_complete import ClusterMatcher
+from .shell_wait import WaitLine, waiting_fragments
 
 __all__ = [
     "ClusterPrompts",
@@ -57,7 +62,7 @@ NOTICE = "[cluster]"
 def history_path(name: str) -> Path:
     """``~/.clustorage/history/NAME``, created private (mode 0600) if missing."""
     path = Path.home() / ".clustorage" / "history" / name
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(path.parent)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     return path
@@ -175,6 +180,7 @@ class ClusterShell(TerminalInteractiveShell):
         self._at_prompt = False
         self._ready = False
         self._sync: NamespaceSync | None = None
+        self._wait_line: WaitLine | None = None
         super().__init__(**kwargs)
         if self.pt_app is not None:
             history = FileHistory(str(history_path(self.cluster_name)))
@@ -193,6 +199,30 @@ class ClusterShell(TerminalInteractiveShell):
             self._sync = session.sync
             session.sync.wakeup = self._wakeup
         self._follow(node)
+        self._wait_line = WaitLine(self._waits, self._toolbar_prefix, self._prompt_up, self._redraw)
+        self._wait_line.start()
+
+    def _waits(self) -> list[tuple[str, str, float]]:
+        """The node's waits on leases held elsewhere (local state); none if it stopped."""
+        node = self._node
+        if node is None or node.stopped:
+            return []
+        try:
+            return node.waiting()
+        except Exception:  # a toolbar that raises would end the prompt
+            return []
+
+    def _toolbar_prefix(self) -> str:
+        snap = self._snapshot
+        return f" {snap.name} | {snap.role} " if snap is not None else " "
+
+    def _prompt_up(self) -> bool:
+        return self._at_prompt
+
+    def _redraw(self) -> None:
+        app = self.pt_app.app if self.pt_app is not None else None
+        if app is not None:
+            app.invalidate()
 
     def _follow(self, node: Node | None) -> None:
         """Listen to ``node`` (``%cluster_stop``/``%cluster_start`` change it), or to none."""
@@ -204,6 +234,12 @@ class ClusterShell(TerminalInteractiveShell):
             self.cluster_name = node.name
             self._unsubscribe = [node.on_change(self._on_change), node.on_load(self._on_load)]
             self._wakeup()
+
+    def close(self) -> None:
+        """Before the shell exits: stop listening to the node, stop drawing waits."""
+        self.detach()
+        if self._wait_line is not None:
+            self._wait_line.stop()
 
     def _bind_names(self, old: Node | None, new: Node | None) -> None:
         """Point ``get``, ``call`` and ``node`` at ``new``, unless the user rebound them."""
@@ -321,4 +357,4 @@ class ClusterShell(TerminalInteractiveShell):
         snap = self._snapshot
         if snap is None:
             return [("", " no node runs here: %cluster_start --name NAME [--loader LOADER] ")]
-        return toolbar_fragments(snap)
+        return toolbar_fragments(snap) + waiting_fragments(self._waits(), time.time())

@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import codec
 from .blobs import FILE_THRESHOLD, BlobFiles
-from .errors import StoreError
+from .config import private_directory, private_file
+from .errors import StoreError, ValueTooLarge
+from .lock import StoreLock
 from .messages import VALUE, Blob, Entry
 
 __all__ = ["MEMORY", "MemoryStore", "SQLiteStore", "Store", "open_store"]
@@ -77,18 +80,37 @@ class Store(Protocol):
         """Every write inside commits together, or none does (StoreError)."""
         ...
 
+    def announce(self, address: str) -> None: ...
+
     def close(self) -> None: ...
+
+
+# SQLite's own files beside a store: made private before SQLite makes them (it gives them the
+# store's mode), and made private again if an older version made them readable.
+_SIDE_FILES = ("", "-wal", "-shm")
+# Room for a row's header, version, time and flags beside its texts and payload.
+_ROW_OVERHEAD = 64
 
 
 class SQLiteStore:
     """A :class:`Store` in one SQLite file (or in memory for ``:memory:``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_length: int | None = None) -> None:
         self.path = path
+        self._lock: StoreLock | None = None
         try:
             if path != MEMORY:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Private whatever the umask; one loader per store (SPEC "Durability").
+                private_directory(Path(path).parent)
+                self._lock = StoreLock(path)
+                for suffix in _SIDE_FILES:
+                    private_file(Path(path + suffix))
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if max_length is not None:  # lower than SQLite's own (tests use a small one)
+                self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_length)
+            # The most bytes a row takes: an entry over it is refused before SQLite sees it
+            # (a payload that big has a file of its own, so only a huge source can be).
+            self.max_length = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
             # Small pages keep a small commit small; big payloads live in files (blobs.py).
             self._db.execute("PRAGMA page_size=4096")
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -103,7 +125,11 @@ class SQLiteStore:
                 {row[0] for row in self._db.execute("SELECT file FROM entries WHERE file > ''")}
             )
             self._doomed: list[str] = []  # files to delete once the transaction commits
+        except StoreError:
+            raise
         except (OSError, sqlite3.Error) as exc:
+            if self._lock is not None:
+                self._lock.release()
             raise StoreError(
                 f"cannot open the loader's data file {path}: {exc}; choose a writable "
                 f"directory with --data DIR (or --data :memory: to keep nothing)"
@@ -209,9 +235,19 @@ class SQLiteStore:
         given). A value's ``previous`` payload is dropped; its history stays.
 
         Raises:
+            ValueTooLarge: the entry is over what a row holds; nothing was stored.
             StoreError: the write failed (disk full, file gone); nothing was stored.
         """
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
+        size = (0 if file else len(entry.payload)) + sum(
+            len(text.encode(errors="surrogatepass"))
+            for text in (entry.kind, entry.key, entry.source or "", entry.origin)
+        )
+        if size + _ROW_OVERHEAD > self.max_length:
+            raise ValueTooLarge(
+                f"{entry.key!r} takes {size} bytes, over the {self.max_length} bytes one entry "
+                f"can take in the loader's store {self.path}; {codec.SPLIT_IT}"
+            )
         statements: list[tuple[str, tuple[object, ...]]] = [
             (
                 "INSERT INTO entries (kind, key, version, payload, source, origin, time, file) "
@@ -260,8 +296,16 @@ class SQLiteStore:
         )
         return [self._entry(row) for row in rows]
 
+    def announce(self, address: str) -> None:
+        """Say, in the store's lock file, that this loader listens on ``address``."""
+        if self._lock is not None:
+            self._lock.announce(address)
+
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class MemoryStore:
@@ -312,6 +356,9 @@ class MemoryStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         yield
+
+    def announce(self, address: str) -> None:
+        """Nothing to say: a store in memory is this process's alone."""
 
     def close(self) -> None:
         self._versions.clear()

@@ -3,8 +3,9 @@
 # "clustor": app1 (the loader), app2 and app3 (members). Sets itself up on a fresh machine
 # (scripts/bootstrap.sh: a .venv with clustorage, and tmux if missing).
 #
-#   demo/tmux.sh                   start (or re-attach to) the demo
-#   tmux kill-session -t clustor   end it
+#   demo/tmux.sh                   start the demo, or restart the windows that closed, and attach
+#   demo/tmux.sh --reset           end it and delete its state (cookie and data): a clean start
+#   tmux kill-session -t clustor   end it, keeping its state
 #
 # Environment (all optional):
 #   CLUSTORAGE_DEMO_PORT    the loader's port on 127.0.0.1 (default 43700)
@@ -43,43 +44,78 @@ if [ -n "${CLUSTORAGE_DEMO_TMUX:-}" ]; then
 fi
 attach_hint="${tmux_cmd[*]} attach -t $session"
 
+if [ "${1:-}" = "--reset" ]; then
+    if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
+        "${tmux_cmd[@]}" kill-session -t "=$session"
+        echo "Ended tmux session '$session'."
+    fi
+    rm -f "$state/cookie"
+    rm -rf "$state/data"
+    rmdir "$state" 2>/dev/null || true
+    echo "Deleted the demo's cookie and data in $state; demo/tmux.sh starts afresh."
+    exit 0
+fi
+
 "$here/scripts/bootstrap.sh"
 command -v tmux >/dev/null 2>&1 || { echo "the demo needs tmux; install it and run again." >&2; exit 2; }
 
-if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
-    echo "The demo already runs in tmux session '$session'."
-else
-    # The cluster's secret: generated once, private to this user, never in the repository.
-    mkdir -p "$state"
-    chmod 700 "$state"
-    if [ ! -s "$state/cookie" ]; then
-        (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/cookie")
-    fi
-    chmod 600 "$state/cookie"
+# The windows of the session that are still open (none when there is no session).
+open_windows() {
+    "${tmux_cmd[@]}" list-windows -t "=$session" -F '#{window_name}' 2>/dev/null || true
+}
 
-    "${tmux_cmd[@]}" new-session -d -s "$session" -n app1 -x 160 -y 45 \
-        "$self" --window app1 "$port" "$state"
-    # Members join once the loader's prompt is up (it listens by then).
+# Open window $1 (a new session for the first one) running its node.
+open_window() {
+    if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
+        "${tmux_cmd[@]}" new-window -d -t "=$session:" -n "$1" "$self" --window "$1" "$port" "$state"
+    else
+        "${tmux_cmd[@]}" new-session -d -s "$session" -n "$1" -x 160 -y 45 \
+            "$self" --window "$1" "$port" "$state"
+    fi
+}
+
+# Wait until the loader's prompt is up (it listens by then), or fail showing its window.
+wait_for_loader() {
+    local screen=""
     for _ in $(seq 1 300); do
         screen="$("${tmux_cmd[@]}" capture-pane -p -J -t "=$session:app1" 2>/dev/null || true)"
         case "$screen" in
-            *"app1> "*) break ;;
+            *"app1> "*) return 0 ;;
             *"exited with status"*) break ;;
         esac
         sleep 0.1
     done
-    case "$screen" in
-        *"app1> "*) ;;
-        *)
-            echo "app1 did not start; its window says:" >&2
-            echo "$screen" >&2
-            echo "(see it with: $attach_hint)" >&2
-            exit 1
-            ;;
-    esac
-    for name in app2 app3; do
-        "${tmux_cmd[@]}" new-window -d -t "=$session:" -n "$name" "$self" --window "$name" "$port" "$state"
-    done
+    echo "app1 did not start; its window says:" >&2
+    echo "$screen" >&2
+    echo "(see it with: $attach_hint)" >&2
+    exit 1
+}
+
+# The cluster's secret: generated once, private to this user, never in the repository.
+# Every folder it makes is private (0700), whatever the umask.
+(umask 077 && mkdir -p "$state")
+chmod 700 "$state"
+if [ ! -s "$state/cookie" ]; then
+    (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/cookie")
+fi
+chmod 600 "$state/cookie"
+
+running="$(open_windows)"
+started=()
+for name in app1 app2 app3; do
+    if ! grep -qx "$name" <<<"$running"; then
+        open_window "$name"
+        started+=("$name")
+        # Members join once the loader listens.
+        if [ "$name" = app1 ]; then wait_for_loader; fi
+    fi
+done
+if [ -z "$running" ]; then
+    echo "Started the demo in tmux session '$session': windows app1 (loader), app2, app3."
+elif [ "${#started[@]}" -eq 0 ]; then
+    echo "The demo already runs in tmux session '$session': windows app1 (loader), app2, app3."
+else
+    echo "The demo runs in tmux session '$session'; restarted window(s): ${started[*]}."
 fi
 
 if [ -t 0 ] && [ -t 1 ] && [ "${CLUSTORAGE_DEMO_DETACH:-0}" != 1 ]; then
@@ -88,6 +124,5 @@ if [ -t 0 ] && [ -t 1 ] && [ "${CLUSTORAGE_DEMO_DETACH:-0}" != 1 ]; then
     fi
     exec "${tmux_cmd[@]}" attach -t "=$session"
 fi
-echo "The demo runs in tmux session '$session': windows app1 (loader), app2, app3."
 echo "Attach:  $attach_hint"
-echo "End it:  ${tmux_cmd[*]} kill-session -t $session"
+echo "End it:  ${tmux_cmd[*]} kill-session -t $session   (demo/tmux.sh --reset also deletes its state)"

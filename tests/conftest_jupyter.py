@@ -6,13 +6,16 @@ into a temporary ``--prefix``; each one is shut down and, if it lingers, killed 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
@@ -47,11 +50,38 @@ def isolated_env(home: Path, jupyter_path: Path, **extra: str) -> dict[str, str]
     return env
 
 
+def processes_with_home(home: Path) -> list[psutil.Process]:
+    """Live processes whose HOME is ``home``: whatever a test started there and left."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("HOME") == str(home) and process.status() != "zombie":
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def reap(home: Path, grace: float = 10) -> list[psutil.Process]:
+    """Wait up to ``grace`` seconds for processes with HOME ``home`` to end, then kill them
+    by PID; returns those that had to be killed."""
+    deadline = time.monotonic() + grace
+    left = processes_with_home(home)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = processes_with_home(home)
+    for process in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+    return left
+
+
 @dataclass
 class Run:
     """What one execute request produced."""
 
     status: str
+    execution_count: int = 0  # the N of In[N]
     stdout: str = ""
     stderr: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # the execute_result's mime bundle
@@ -90,7 +120,12 @@ class Kernel:
         reply = self.kc.execute_interactive(
             code, output_hook=messages.append, timeout=timeout, allow_stdin=False
         )
-        run = Run(status=reply["content"]["status"], messages=messages)
+        content = reply["content"]
+        run = Run(
+            status=content["status"],
+            execution_count=content.get("execution_count", 0),
+            messages=messages,
+        )
         for msg in messages:
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":

@@ -133,6 +133,15 @@ def test_invalid_function_name(name: str) -> None:
         compile_function(name, "lambda: 1")
 
 
+@pytest.mark.parametrize("name", ["def", "None", "True", "lambda", "import"])
+def test_keyword_function_name(name: str) -> None:
+    """A Python keyword cannot name a function: refused by the check and by the compiler."""
+    with pytest.raises(ValueError, match="keyword"):
+        check_function_name(name)
+    with pytest.raises(ValueError, match="keyword"):
+        compile_function(name, "lambda: 1")
+
+
 def test_traceback_shows_the_source_line() -> None:
     """A traceback through a compiled function shows <cluster:NAME> and its source text."""
     fn = compile_function("ratio", "def ratio(a, b):\n    scaled = a * 10\n    return scaled / b\n")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -21,9 +23,12 @@ from clustorage.config import (
     check_name,
     parse_listen,
     parse_loader,
+    private_directory,
+    private_file,
     resolve_cookie,
 )
 from clustorage.errors import ConfigError
+from clustorage.hello import MAX_BACKLOG, max_backlog
 
 SECRET = "s3cret-value-that-must-not-leak"
 
@@ -404,3 +409,71 @@ def test_resolve_rejects_a_bad_max_frame(home: Path) -> None:
     """A CLUSTORAGE_MAX_FRAME that is not a number is a ConfigError, not a bare ValueError."""
     with pytest.raises(ConfigError):
         NodeConfig.resolve(env={**ENV, "CLUSTORAGE_MAX_FRAME": "big"})
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """This process's umask is 022 (the usual one) for the test."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_private_directory_makes_each_missing_folder_0700(tmp_path: Path, umask_022: None) -> None:
+    """Every folder private_directory makes, parents included, is 0700 under umask 022."""
+    made = private_directory(tmp_path / "a" / "b" / "c")
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", made):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert made == tmp_path / "a" / "b" / "c"
+
+
+def test_private_directory_warns_about_an_open_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder the user opened to others is left as it is, with a warning naming it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="clustorage.config"):
+        private_directory(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert f"{shared} is open to group or others (mode 755)" in caplog.text
+
+
+def test_private_file_creates_or_tightens_to_0600(tmp_path: Path) -> None:
+    """private_file creates a file 0600 under umask 0, and makes a 0644 one 0600."""
+    old = os.umask(0)
+    try:
+        made = private_file(tmp_path / "new")
+    finally:
+        os.umask(old)
+    left = tmp_path / "left"
+    left.write_text("kept")
+    left.chmod(0o644)
+    private_file(left)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert (stat.S_IMODE(left.stat().st_mode), left.read_text()) == (0o600, "kept")
+
+
+def test_home_cookie_folder_is_private_under_umask_022(home: Path, umask_022: None) -> None:
+    """The cookie made on first use, and the ~/.clustorage made for it, are 0600 and 0700."""
+    resolve_cookie(env={})
+    assert stat.S_IMODE((home / ".clustorage").stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / ".clustorage" / "cookie").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", MAX_BACKLOG), ("1048576", 1 << 20), ("268435456", 256 << 20)]
+)
+def test_max_backlog_from_the_environment(text: str, expected: int) -> None:
+    """$CLUSTORAGE_MAX_BACKLOG sets the loader's backlog cap per member, 128 MiB by default."""
+    assert max_backlog({"CLUSTORAGE_MAX_BACKLOG": text}) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "1000", "1e9"])
+def test_a_bad_max_backlog_is_a_config_error(text: str) -> None:
+    """A backlog cap that is not a number of bytes of at least 1 MiB is refused, saying so."""
+    with pytest.raises(ConfigError, match="CLUSTORAGE_MAX_BACKLOG"):
+        max_backlog({"CLUSTORAGE_MAX_BACKLOG": text})

@@ -26,6 +26,7 @@ PURE = [
     "channel",
     "hello",
     "leases",
+    "fanout",
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
@@ -39,8 +40,10 @@ FRONT_ENDS = [
     "shell",
     "shell_ui",
     "shell_complete",
+    "shell_wait",
     "kernel",
     "cli",
+    "flags",
     "__main__",
 ]
 FRONT_END_MAY_IMPORT = {
@@ -55,6 +58,7 @@ MIDDLE = [
     "server",
     "loader",
     "member",
+    "probe",
     "reactor",
     "runtime",
     "node",
@@ -62,6 +66,7 @@ MIDDLE = [
     "liveness",
     "writer",
     "blobs",
+    "lock",
     "__init__",
 ]
 
@@ -70,19 +75,34 @@ MIDDLE = [
 
 
 def module_names() -> list[str]:
-    """Every module of the package, by short name."""
-    return sorted(path.stem for path in PACKAGE.glob("*.py"))
+    """Every module of the package, by short name (``magics`` for a subpackage)."""
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    modules |= {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    return sorted(modules)
 
 
 def source_of(name: str) -> Path:
-    """The file of module ``name``."""
-    return PACKAGE / f"{name}.py"
+    """The file of module ``name`` (a subpackage's ``__init__.py``)."""
+    package = PACKAGE / name / "__init__.py"
+    return package if package.exists() else PACKAGE / f"{name}.py"
 
 
-def resolve(module: str | None, level: int, names: list[str]) -> list[str]:
-    """The full module names one import statement of a clustorage module reaches."""
-    # Every module lives directly in the package, so '.' is clustorage itself.
-    base = (module or "") if level == 0 else "clustorage" + (f".{module}" if module else "")
+def sources_of(name: str) -> list[tuple[str, Path]]:
+    """``(package, file)`` for each file of module ``name``: one, or a subpackage's all."""
+    if source_of(name).name == "__init__.py":
+        return [(f"clustorage.{name}", path) for path in sorted((PACKAGE / name).glob("*.py"))]
+    return [("clustorage", source_of(name))]
+
+
+def resolve(
+    module: str | None, level: int, names: list[str], package: str = "clustorage"
+) -> list[str]:
+    """The full module names one import statement of a module of ``package`` reaches."""
+    if level == 0:
+        base = module or ""
+    else:
+        parent = package.rsplit(".", level - 1)[0] if level > 1 else package
+        base = parent + (f".{module}" if module else "")
     if base != "clustorage":
         return [base]
     reached = []
@@ -93,15 +113,24 @@ def resolve(module: str | None, level: int, names: list[str]) -> list[str]:
 
 
 def imports_of(name: str) -> set[str]:
-    """Every module ``name`` imports, anywhere in its body (lazy imports included)."""
-    tree = ast.parse(source_of(name).read_text(), filename=str(source_of(name)))
+    """Every module ``name`` imports, anywhere in its body (lazy imports included).
+
+    A subpackage's imports of its own modules are its business and are left out.
+    """
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            found.update(resolve(node.module, node.level, [a.name for a in node.names]))
-    return found
+    for package, path in sources_of(name):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names = [a.name for a in node.names]
+                found.update(resolve(node.module, node.level, names, package))
+    return {
+        module
+        for module in found
+        if not (module == f"clustorage.{name}" or module.startswith(f"clustorage.{name}."))
+    }
 
 
 def present(names: list[str]) -> list[str]:
@@ -133,6 +162,8 @@ def test_resolve_relative_imports() -> None:
     assert resolve("errors", 1, ["ConfigError"]) == ["clustorage.errors"]
     assert resolve("os.path", 0, ["join"]) == ["os.path"]
     assert resolve("clustorage", 0, ["errors"]) == ["clustorage.errors"]
+    assert resolve("session", 1, ["load"], "clustorage.magics") == ["clustorage.magics.session"]
+    assert resolve(None, 2, ["errors"], "clustorage.magics") == ["clustorage.errors"]
 
 
 @pytest.mark.parametrize("name", present(PURE))

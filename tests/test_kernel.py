@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jupyter_kernel_test as jkt
 import pytest
@@ -19,6 +24,11 @@ import clustorage
 from clustorage import kernel as kernelspec
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 # -- the kernelspec, as data and as files -------------------------------------------------
@@ -162,9 +172,9 @@ def test_status_shows_every_node(kernels: tuple[Kernel, Kernel]) -> None:
     ka, _ = kernels
     run = ka.ok("%cluster_status")
     page = run.data["text/html"]
-    assert page.startswith("<table")
-    for cell in ("<td>hub</td>", "<td>ka (this node)</td>", "<td>kb</td>", "<td>loader</td>"):
-        assert cell in page
+    assert "<table" in page
+    for name in ("hub", "ka (this node)", "kb", "loader"):
+        assert f">{name}</td>" in page
     assert run.text.startswith("ka is a member of hub@127.0.0.1:")
 
 
@@ -207,9 +217,36 @@ def test_redefinition_in_b_reaches_a(kernels: tuple[Kernel, Kernel]) -> None:
     assert ka.ok("kt_inc(1)").text == "2"
     run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
     assert run.stdout.startswith("kt_inc v2 loaded on ")
-    assert ka.ok("kt_inc(1)").text == "101"
+    run = ka.ok("kt_inc(1)")
+    assert run.text == "101" and run.stdout == "clustorage: kt_inc rebound to v2 from kb\n"
+    assert ka.ok("kt_inc(2)").stdout == ""  # said once
     run = kb.ok("%%cluster_call kt_inc\ndef kt_inc(x):\n    return x + 100\n")
     assert run.stdout == "kt_inc v2 unchanged (same source)\n"
+
+
+def test_builtin_shadowing_is_said_in_each_kernel_and_undone_by_delete(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """A cluster ascii shadows the builtin: each kernel says so once; deleting restores it."""
+    ka, kb = kernels
+    notice = "now shadows the built-in ascii; builtins.ascii is the original"
+    run = kb.ok("%%cluster_call ascii\nlambda x: 'cluster'\n")
+    assert run.stdout.splitlines()[1] == f"clustorage: ascii v1 from kb {notice}"
+    run = ka.ok("ascii(1)")
+    assert run.text == "'cluster'" and run.stdout == f"clustorage: ascii v1 from kb {notice}\n"
+    assert ka.ok("ascii(2)").stdout == ""
+    assert kb.ok("%cluster_delete --function ascii").stdout == (
+        "deleted function 'ascii'\n"
+        "clustorage: ascii was deleted by kb; the built-in ascii is visible again\n"
+    )
+    deadline = time.monotonic() + 10  # a deletion reaches other nodes asynchronously
+    while (run := ka.ok("ascii(1)")).text != "'1'" and time.monotonic() < deadline:
+        assert run.stdout == ""
+        time.sleep(0.05)
+    assert run.text == "'1'"
+    assert (
+        run.stdout == "clustorage: ascii was deleted by kb; the built-in ascii is visible again\n"
+    )
 
 
 def test_user_variable_is_not_clobbered(kernels: tuple[Kernel, Kernel]) -> None:
@@ -230,18 +267,196 @@ def test_user_variable_is_not_clobbered(kernels: tuple[Kernel, Kernel]) -> None:
 def test_bad_source_is_one_clear_error_and_loads_nothing(
     kernels: tuple[Kernel, Kernel],
 ) -> None:
-    """A syntax error in a %%cluster_call cell: one error line, nothing loaded anywhere."""
+    """A syntax error in a %%cluster_call cell: its line and a caret, nothing loaded anywhere."""
     ka, kb = kernels
     run = kb.run("%%cluster_call kt_bad\ndef kt_bad(:\n    pass\n")
     assert run.status == "error" and run.error is not None
     assert run.error["ename"] == "CompileError"
-    assert run.error["traceback"] == [
-        "CompileError: invalid syntax (<cluster:kt_bad>, line 1, column 12)"
+    assert plain("".join(run.error["traceback"])).splitlines() == [
+        f"  Cell In[{run.execution_count}], line 2",
+        "    def kt_bad(:",
+        "               ^",
+        "CompileError: invalid syntax",
     ]
     assert run.stdout == ""
     for kernel in (ka, kb):
         assert "kt_bad" not in kernel.ok("%cluster_functions").text
         assert kernel.ok("'kt_bad' in dir()").text == "False"
+
+
+def test_get_call_and_node_are_in_the_namespace(kernels: tuple[Kernel, Kernel]) -> None:
+    """In a clustorage kernel, get, call and node are the running node's, as in the shell."""
+    ka, _ = kernels
+    assert ka.ok("node.name, get.__self__ is node, call.__self__ is node").text == (
+        "('ka', True, True)"
+    )
+    assert ka.ok("get('kt.ns', lambda: 'computed')").text == "'computed'"
+
+
+def complete(kernel: Kernel, code: str) -> list[str]:
+    """The matches a kernel's complete_request offers at the end of ``code``."""
+    msg_id = kernel.kc.complete(code, len(code))
+    reply = kernel.kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    content = reply["content"]
+    assert content["status"] == "ok"
+    # Each match replaces code[cursor_start:cursor_end]: give back the whole text.
+    head = code[: content["cursor_start"]]
+    return sorted({head + match for match in content["matches"]})
+
+
+def test_completion_of_keys_and_function_names(kernels: tuple[Kernel, Kernel]) -> None:
+    """complete_request offers cluster keys and function names, in magics and in calls."""
+    ka, kb = kernels
+    ka.ok("%cluster_get kc.answer 42")
+    ka.ok("%cluster_get kc.anchor 'a'")
+    ka.ok("%%cluster_call kc_double\nlambda x: 2 * x\n")
+    kb.ok("1")  # kb's replica has them before its next cell
+    keys = ["kc.anchor", "kc.answer"]
+    for code, prefix in [
+        ("%cluster_get kc.an", "%cluster_get "),
+        ("%%cluster_get kc.an", "%%cluster_get "),
+        ("clustorage.get('kc.an", "clustorage.get('"),
+        ("get('kc.an", "get('"),
+        ('x = get("kc.an', 'x = get("'),
+    ]:
+        assert complete(kb, code) == [prefix + key for key in keys], code
+    for code, prefix in [
+        ("%cluster_call kc_d", "%cluster_call "),
+        ("%cluster_source kc_d", "%cluster_source "),
+        ("call('kc_d", "call('"),
+        ("clustorage.call('kc_d", "clustorage.call('"),
+    ]:
+        assert complete(kb, code) == [prefix + "kc_double"], code
+    assert "kc_double" in complete(kb, "kc_d")
+
+
+def test_compile_error_names_the_cell_line_and_tb_shows_it(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """A syntax error on line 3 of a %%cluster_call cell: Cell In[N], line 3, and a caret."""
+    ka, _ = kernels
+    run = ka.run("%%cluster_call kt_caret\ndef kt_caret(x):\n    return (x +\n")
+    assert run.status == "error" and run.error is not None
+    number = run.execution_count
+    shown = plain("".join(run.error["traceback"]))
+    assert shown.splitlines() == [
+        f"  Cell In[{number}], line 3",
+        "    return (x +",
+        "           ^",
+        "CompileError: '(' was never closed",
+    ], shown
+    again = ka.run("%tb")
+    assert again.error is not None and plain("".join(again.error["traceback"])) == shown
+
+
+def test_cluster_get_cell_traceback_names_the_cell_run(kernels: tuple[Kernel, Kernel]) -> None:
+    """An error in a %%cluster_get cell points at In[N] of that very cell, on its line."""
+    ka, _ = kernels
+    run = ka.run("%%cluster_get kt.zero\nx = 1\nx / 0\n")
+    assert run.status == "error" and run.error is not None
+    text = plain("\n".join(run.error["traceback"]))
+    number = run.execution_count
+    assert f"Cell In[{number}], line 3" in text and f"Cell In[{number + 1}]" not in text
+    assert "----> 3 x / 0" in text
+
+
+def read_iopub(
+    kernel: Kernel, msg_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The kernel's IOPub messages for request ``msg_id``, up to the first one ``until`` likes."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(msg)
+        if until(msg):
+            return seen
+    raise AssertionError(f"no such message in {timeout} s; seen {seen}")
+
+
+def idle(msg: dict[str, Any]) -> bool:
+    return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+
+
+def shown_lines(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(message type, display id, text) of every display and display update."""
+    return [
+        (
+            msg["msg_type"],
+            msg["content"]["transient"]["display_id"],
+            msg["content"]["data"]["text/plain"],
+        )
+        for msg in messages
+        if msg["msg_type"] in ("display_data", "update_display_data")
+    ]
+
+
+@contextlib.contextmanager
+def holding(hub: Cluster, key: str) -> Iterator[threading.Event]:
+    """Another member computes ``key`` until the event is set (or 30 s pass)."""
+    computing, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        computing.set()
+        release.wait(30)
+        return "from holder"
+
+    with clustorage.Node("kt-holder", hub.loader, cookie=COOKIE) as holder:
+        worker = threading.Thread(target=holder.get, args=(key, slow), daemon=True)
+        worker.start()
+        try:
+            assert computing.wait(30)
+            yield release
+        finally:
+            release.set()
+            worker.join(30)
+
+
+def test_a_wait_on_a_lease_shows_who_computes_then_disappears(
+    hub: Cluster, kernels: tuple[Kernel, Kernel]
+) -> None:
+    """While kt-holder computes the key: a line naming it, updated in place, then emptied."""
+    ka, _ = kernels
+    with holding(hub, "kt.slow") as release:
+        msg_id = ka.kc.execute("%cluster_get kt.slow 'mine'")
+        first = read_iopub(ka, msg_id, lambda msg: msg["msg_type"] == "update_display_data")
+        release.set()
+        rest = read_iopub(ka, msg_id, idle)
+    lines = shown_lines(first + rest)
+    kinds = [kind for kind, _, _ in lines]
+    assert kinds[0] == "display_data" and set(kinds[1:]) == {"update_display_data"}
+    assert len({display_id for _, display_id, _ in lines}) == 1  # one line, updated in place
+    assert lines[0][2].startswith("waiting for 'kt.slow': kt-holder is computing it (")
+    assert lines[-1][2] == ""  # gone once the value came
+    results = [msg for msg in rest if msg["msg_type"] == "execute_result"]
+    assert results[0]["content"]["data"]["text/plain"] == "'from holder'"
+
+
+def test_interrupting_a_wait_on_a_lease_is_one_line(
+    hub: Cluster, kernels: tuple[Kernel, Kernel]
+) -> None:
+    """A kernel interrupt while a get waits on another node's lease: one line, no internals."""
+    _, kb = kernels
+    with holding(hub, "kt.stuck"):
+        msg_id = kb.kc.execute("%cluster_get kt.stuck 'mine'")
+        # The live line says the kernel is waiting on the lease: interrupt it now.
+        first = read_iopub(kb, msg_id, lambda msg: msg["msg_type"] == "display_data")
+        kb.km.interrupt_kernel()
+        rest = read_iopub(kb, msg_id, idle)
+    errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
+    assert len(errors) == 1 and errors[0]["traceback"] == [
+        "KeyboardInterrupt: stopped waiting for the value of 'kt.stuck', "
+        "which kt-holder is computing"
+    ]
+    assert [msg for msg in rest if msg["msg_type"] == "stream"] == []
+    assert shown_lines(first + rest)[-1][2] == ""
+    assert kb.ok("%cluster_get kt.stuck").text == "'from holder'"
 
 
 # -- the Jupyter protocol, by jupyter_kernel_test -----------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,26 @@ def test_cluster_start_twice_is_a_usage_error(
         shell.run_line_magic("cluster_start", "--name other")
 
 
+def test_bare_cluster_start_asks_for_a_name_and_creates_nothing(
+    shell: InteractiveShell, home: Path
+) -> None:
+    """A loader without --name would get a new store each time: refused, no file made."""
+    with pytest.raises(UsageError, match="--name NAME"):
+        shell.run_line_magic("cluster_start", "")
+    assert clustorage.default_node() is None
+    assert not list(home.rglob("*.sqlite3"))
+
+
+def test_failed_listen_leaves_no_store_file(shell: InteractiveShell, home: Path) -> None:
+    """A loader that cannot listen ("Address already in use") leaves no store behind."""
+    with clustorage.Node("first", listen="127.0.0.1:0", data=str(home / "first")) as first:
+        busy = f"{first.address[0]}:{first.address[1]}"
+        with pytest.raises(clustorage.ConfigError, match="cannot listen"):
+            shell.run_line_magic("cluster_start", f"--name second --listen {busy}")
+    assert clustorage.default_node() is None
+    assert [p.name for p in home.rglob("*.sqlite3*") if "second" in p.name] == []
+
+
 def test_cluster_start_bad_flag_is_a_usage_error(shell: InteractiveShell) -> None:
     """An unknown flag is a UsageError, not a traceback."""
     with pytest.raises(UsageError):
@@ -234,6 +256,14 @@ def test_cluster_get_miss_without_expr_is_one_line(
         "NotFound: the cluster has no value for 'nothing.here'; give an expression that "
         "computes it, as in %cluster_get nothing.here EXPR"
     ]
+
+
+def test_cluster_get_without_a_key_says_key_is_required(
+    shell: InteractiveShell, member: clustorage.Node
+) -> None:
+    """A bare %cluster_get names KEY as required and EXPR as optional."""
+    with pytest.raises(UsageError, match=r"needs a KEY.*optional EXPR"):
+        shell.run_line_magic("cluster_get", "")
 
 
 def test_keys_and_delete(
@@ -318,20 +348,71 @@ def test_cluster_call_bad_argument_is_a_usage_error(
         shell.run_line_magic("cluster_call", "not-a-name")
 
 
-def test_compile_error_is_one_line_and_loads_nothing(
+def plain(text: str) -> str:
+    """``text`` without terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_compile_error_shows_the_cell_line_and_loads_nothing(
     shell: InteractiveShell,
     member: clustorage.Node,
     peer: clustorage.Node,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Bad cell source: CompileError as one line with <cluster:NAME>, nothing loaded."""
+    """Bad cell source: the line as numbered in the cell, a caret; nothing loaded."""
     result, out, _ = cell(shell, "%%cluster_call broken\ndef broken(:\n    pass\n", capsys)
     assert isinstance(result.error_in_exec, clustorage.CompileError)
-    assert out.strip().splitlines() == [
-        "CompileError: invalid syntax (<cluster:broken>, line 1, column 12)"
-    ]
+    lines = plain(out).strip().splitlines()
+    assert lines[0].endswith(":2") or lines[0].endswith(", line 2"), lines
+    assert lines[1:] == ["    def broken(:", "               ^", "CompileError: invalid syntax"]
     assert "broken" not in member.functions() and "broken" not in peer.functions()
     assert "broken" not in shell.user_ns
+
+
+def test_compile_error_line_counts_blank_and_indented_cells(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Leading blank lines and a common indent do not shift the line or the caret."""
+    code = "%%cluster_call broken\n\n  def broken(a):\n      return (a +\n"
+    _, out, _ = cell(shell, code, capsys)
+    lines = plain(out).strip().splitlines()
+    assert lines[0].endswith(":4") or lines[0].endswith(", line 4"), lines
+    assert lines[1:] == [
+        "    return (a +",
+        "           ^",
+        "CompileError: '(' was never closed",
+    ]
+
+
+def test_tb_shows_the_last_compile_error(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """%tb after a CompileError shows that error again, not "No traceback available"."""
+    _, first, _ = cell(shell, "%%cluster_call broken\ndef broken(:\n    pass\n", capsys)
+    _, again, err = cell(shell, "%tb", capsys)
+    assert "No traceback" not in err and plain(again) == plain(first)
+
+
+def test_tb_shows_the_full_traceback_of_a_one_line_error(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clustorage error is one line in its cell; %tb then shows where it came from."""
+    _, out, _ = cell(shell, "%cluster_get nothing.here", capsys)
+    assert out.count("\n") == 1
+    _, tb, _ = cell(shell, "%tb", capsys)
+    assert "Traceback" in plain(tb) and "NotFound" in plain(tb)
+
+
+@pytest.mark.parametrize("name", ["def", "None", "True"])
+def test_keyword_function_names_are_refused(
+    shell: InteractiveShell, member: clustorage.Node, name: str
+) -> None:
+    """A function named like a Python keyword: a clear error, nothing sent anywhere."""
+    with pytest.raises(UsageError, match="keyword"):
+        shell.run_cell_magic("cluster_call", name, "lambda: 1\n")
+    with pytest.raises(ValueError, match="keyword"):
+        member.define(name, "lambda: 1")
+    assert member.functions() == []
 
 
 def test_error_in_a_cluster_function_shows_its_source_not_the_magic(
@@ -435,6 +516,76 @@ def test_own_definition_does_not_clobber_either(
     assert shell.user_ns["mine"] == 7
 
 
+def arrived(node: clustorage.Node, deleted: str) -> None:
+    """Wait until the deletion of function ``deleted`` reached ``node`` (it is pushed)."""
+    deadline = time.monotonic() + 10
+    while deleted in node.functions() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert deleted not in node.functions()
+
+
+def test_builtin_shadowing_is_said_once_and_delete_restores_the_builtin(
+    shell: InteractiveShell,
+    member: clustorage.Node,
+    peer: clustorage.Node,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A cluster sum shadows the built-in: said once, in the next cell; deleting restores it."""
+    peer.define("sum", "def sum(a, b):\n    return a + b\n")
+    result, out, _ = cell(shell, "sum(2, 3)", capsys)
+    assert result.result == 5
+    assert out == (
+        "clustorage: sum v1 from peer now shadows the built-in sum; builtins.sum is the original\n"
+    )
+    result, out, _ = cell(shell, "import builtins; builtins.sum([1, 2])", capsys)
+    assert result.result == 3 and out == ""
+    peer.delete("sum", kind="function")
+    arrived(member, "sum")
+    result, out, _ = cell(shell, "sum([1, 2, 3])", capsys)
+    assert result.result == 6
+    assert out == "clustorage: sum was deleted by peer; the built-in sum is visible again\n"
+
+
+def test_own_shadowing_definition_is_said_after_its_load_line(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """%%cluster_call print: loaded, then the shadowing notice; %cluster_delete undoes it."""
+    _, out, _ = cell(shell, "%%cluster_call len\nlambda xs: -1\n", capsys)
+    assert out.splitlines()[0].startswith("len v1 loaded on ")
+    assert out.splitlines()[1] == (
+        "clustorage: len v1 from nb now shadows the built-in len; builtins.len is the original"
+    )
+    assert shell.run_cell("len([1])").result == -1
+    _, out, _ = cell(shell, "%cluster_delete --function len", capsys)
+    assert out == (
+        "deleted function 'len'\n"
+        "clustorage: len was deleted by nb; the built-in len is visible again\n"
+    )
+    assert shell.run_cell("len([1])").result == 1
+
+
+def test_rebinding_from_elsewhere_is_announced_once_in_the_next_cell(
+    shell: InteractiveShell,
+    member: clustorage.Node,
+    peer: clustorage.Node,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A new version from another node: one line in the next cell, none in the ones after."""
+    peer.define("scale", "lambda x: x")
+    result, out, _ = cell(shell, "scale(2)", capsys)
+    assert result.result == 2 and out == ""  # a new name: bound silently
+    peer.define("scale", "lambda x: 10 * x")
+    assert capsys.readouterr() == ("", "")  # nothing from the background thread
+    result, out, _ = cell(shell, "scale(2)", capsys)
+    assert result.result == 20 and out == "clustorage: scale rebound to v2 from peer\n"
+    result, out, _ = cell(shell, "scale(3)", capsys)
+    assert result.result == 30 and out == ""
+    peer.delete("scale", kind="function")
+    arrived(member, "scale")
+    result, out, _ = cell(shell, "'scale' in dir()", capsys)
+    assert result.result is False and out == "clustorage: scale was deleted by peer\n"
+
+
 def test_cluster_stop_keeps_bound_functions(
     shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -475,8 +626,86 @@ def test_cluster_status_text_and_html(
     assert "1 key, 0 functions" in text
     for name in ("hub", "nb (this node)", "peer"):
         assert name in text
+    cells = html_cells(status._repr_html_())
+    assert ("td", "left", "peer") in cells and ("td", "left", "member") in cells
+
+
+class _Cells(HTMLParser):
+    """The table cells of an HTML page, as (tag, text-align, text), and its paragraphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[tuple[str, str, str]] = []
+        self.paragraphs: list[str] = []
+        self._open: tuple[str, str] | None = None
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag in ("td", "th", "p"):
+            style = dict(attrs).get("style") or ""
+            align = re.search(r"text-align:\s*(\w+)", style)
+            self._open = (tag, align.group(1) if align else "")
+
+    def handle_data(self, data: str) -> None:
+        if self._open is None:
+            return
+        tag, align = self._open
+        if tag == "p":
+            self.paragraphs.append(data)
+        else:
+            self.cells.append((tag, align, data))
+        self._open = None
+
+
+def html_cells(page: str) -> list[tuple[str, str, str]]:
+    """(tag, text-align, text) of every table cell in ``page``."""
+    parser = _Cells()
+    parser.feed(page)
+    return parser.cells
+
+
+def test_status_html_aligns_names_left_and_numbers_right() -> None:
+    """In notebooks: words left, durations right, the summary a paragraph, not a caption."""
+    nodes = [
+        {"name": "app1", "role": "loader", "address": "local", "connected_since": 995.0},
+        {"name": "app2", "role": "member", "address": "10.0.0.2:5", "connected_since": 875.0},
+    ]
+    status = ClusterStatus({"name": "app2", "loader": "app1@h:1", "nodes": nodes}, now=1000.0)
     page = status._repr_html_()
-    assert page.startswith("<table") and "<td>peer</td>" in page and "<td>member</td>" in page
+    assert "<caption" not in page
+    parser = _Cells()
+    parser.feed(page)
+    assert parser.paragraphs[0].startswith("app2 is a member of app1@h:1")
+    assert parser.cells == [
+        ("th", "left", "node"),
+        ("th", "left", "role"),
+        ("th", "left", "address"),
+        ("th", "right", "connected for"),
+        ("td", "left", "app1"),
+        ("td", "left", "loader"),
+        ("td", "left", "local"),
+        ("td", "right", "5s"),
+        ("td", "left", "app2 (this node)"),
+        ("td", "left", "member"),
+        ("td", "left", "10.0.0.2:5"),
+        ("td", "right", "2m 05s"),
+    ]
+
+
+def test_status_with_the_loader_down_says_so_in_html_too(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loader does not answer: text and HTML both say so, not an empty table."""
+    from conftest import free_port
+
+    port = free_port()
+    shell.run_line_magic("cluster_start", f"--name nb --loader gone@127.0.0.1:{port} --timeout 0.5")
+    status = shell.run_line_magic("cluster_status", "")
+    assert "the loader does not answer" in repr(status)
+    page = status._repr_html_()
+    assert "<table" not in page and "the loader does not answer" in page
+    assert "not connected" in page
 
 
 def test_status_durations() -> None:

@@ -36,6 +36,7 @@ from clustorage.messages import (
     Loaded,
     Members,
     NotFound,
+    Pushes,
     Put,
     Queued,
     Release,
@@ -89,7 +90,8 @@ SAMPLES: list[Any] = [
     Failed(20, "CompileError", "invalid syntax", {"name": "f", "lineno": 1, "offset": 7}),
     Load(FN, True),
     Unload(VALUE, "hello", 6, "app2"),
-    Members(("app1", "app2", "app3")),
+    Members(("app2", "app3"), ("app4",)),
+    Pushes((encode(Members(("app2",), ())), encode(Unload(VALUE, "k", 2, "app2")))),
     SyncEntry(ENTRY),
 ]
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import nbformat
-import psutil
 import pytest
 from conftest import ROOT
-from conftest_jupyter import CLUSTORAGE_VARIABLES, install_kernelspec, isolated_env
+from conftest_jupyter import CLUSTORAGE_VARIABLES, install_kernelspec, isolated_env, reap
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,18 +19,6 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The clustorage kernelspec installed into a temporary prefix."""
     return install_kernelspec(tmp_path_factory.mktemp("prefix"))
-
-
-def processes_with_home(home: Path) -> list[psutil.Process]:
-    """Live processes whose HOME is ``home``: whatever the notebook started and left."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("HOME") == str(home) and process.status() != "zombie":
-                found.append(process)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return found
 
 
 def test_there_are_notebooks() -> None:
@@ -68,13 +52,7 @@ def test_notebook_runs_top_to_bottom_and_cleans_up(
     try:
         client.execute()
     finally:
-        deadline = time.monotonic() + 10
-        left = processes_with_home(home)
-        while left and time.monotonic() < deadline:
-            time.sleep(0.2)
-            left = processes_with_home(home)
-        for process in left:
-            os.kill(process.pid, signal.SIGKILL)
+        left = reap(home)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count for cell in code)
     errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import io
 import itertools
 import pickle
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +23,12 @@ from hypothesis import strategies as st
 import clustorage.codec
 import clustorage.messages
 from clustorage.errors import AuthenticationError, ProtocolError
+from clustorage.hello import Timing, handshake_meta
+from clustorage.loader import LoaderCore
 from clustorage.protocol import MAGIC, VERSION, Connection, Event, Frame, Role, State
+from clustorage.reactor import Reactor, Server
+from clustorage.server import ServerConnection
+from clustorage.store import MemoryStore
 from tests.protocol_helpers import CLIENT_META, COOKIE, SERVER_META, ConnectionPair
 
 FUZZ = settings(
@@ -233,3 +243,132 @@ def test_arbitrary_bytes_to_open_server(data: bytes, cuts: list[int]) -> None:
     server = copy.deepcopy(OPEN_SERVER)
     events = feed(server, split(data, cuts), eof=True)
     assert delivered(events) == []
+
+
+# -- the loader's handshake deadline and cap, against a real server on 127.0.0.1 -----------
+
+CAP = 4
+DEADLINE = 0.3
+TRICKLE = MAGIC + VERSION.to_bytes(2, "big") + bytes(200)  # a response that never ends
+
+
+class _LoaderOnLoop:
+    """A loader's server (core, connections, reactor) on a thread of its own, as in a loader
+    process, with a small cap on unauthenticated connections and a short deadline."""
+
+    def __init__(self) -> None:
+        self.reactor = Reactor()
+        self._thread = threading.Thread(target=self.reactor.run_forever, daemon=True)
+        self._thread.start()
+        core = LoaderCore("app1", MemoryStore(), self.reactor.call_later)
+        timing = Timing(handshake=DEADLINE)
+        registry: set[Any] = set()
+        self.server: Server = self.on_loop(
+            lambda: self.reactor.listen(
+                "127.0.0.1",
+                0,
+                lambda: ServerConnection(core, COOKIE, timing, 1 << 20, registry),
+                max_untrusted=CAP,
+            )
+        )
+        self.port = int(self.server.socket.getsockname()[1])
+        self.honest = itertools.count()
+
+    def on_loop(self, function: Callable[[], Any]) -> Any:
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.reactor.call_soon_threadsafe(lambda: done.set_result(function()))
+        return done.result(10)
+
+    def untrusted(self) -> int:
+        return int(self.on_loop(lambda: len(self.server.untrusted)))
+
+    def handshake(self) -> State:
+        """An honest member's handshake; the state it ends in."""
+        meta = handshake_meta(f"honest{next(self.honest)}")
+        client = Connection(Role.CLIENT, COOKIE, meta)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            while client.state not in (State.OPEN, State.ERROR, State.CLOSED):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                client.receive_data(data)
+                client.next_event()
+                sock.sendall(client.data_to_send())
+        return client.state
+
+    def close(self) -> None:
+        self.on_loop(self.server.close)
+        self.reactor.stop()
+        self._thread.join(10)
+        self.reactor.close()
+
+
+@pytest.fixture(scope="module")
+def loader_on_loop() -> Iterator[_LoaderOnLoop]:
+    """One loader server for the whole module's examples."""
+    loader = _LoaderOnLoop()
+    yield loader
+    loader.close()
+
+
+def _open(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", port))
+    return sock
+
+
+def _trickle(sock: socket.socket, sent: int) -> int | None:
+    """Send the next byte of a never-ending response; None once the loader closed ``sock``."""
+    try:
+        with contextlib.suppress(BlockingIOError):
+            if sock.recv(65536) == b"":
+                return None
+        return sent + sock.send(TRICKLE[sent % len(TRICKLE) :][:1])
+    except BlockingIOError:
+        return sent
+    except OSError:
+        return None
+
+
+def _trickle_all(socks: list[tuple[socket.socket, int]]) -> list[tuple[socket.socket, int]]:
+    """A byte more on each socket; those the loader closed are closed and left out."""
+    left = []
+    for sock, sent in socks:
+        now = _trickle(sock, sent)
+        if now is None:
+            sock.close()
+        else:
+            left.append((sock, now))
+    return left
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plan=st.lists(st.sampled_from(["open", "trickle", "close", "honest"]), max_size=30))
+@pytest.mark.timeout(300)
+def test_handshake_deadline_and_cap(loader_on_loop: _LoaderOnLoop, plan: list[str]) -> None:
+    """Whatever mix of trickling connections, closes and honest members: never more than
+    the cap wait unauthenticated, every honest member gets in, and every trickling
+    connection is closed (the deadline is absolute, however often bytes arrive)."""
+    loader = loader_on_loop
+    trickling: list[tuple[socket.socket, int]] = []
+    try:
+        for step in plan:
+            if step == "open":
+                trickling.append((_open(loader.port), 0))
+            elif step == "trickle":
+                trickling = _trickle_all(trickling)
+            elif step == "close" and trickling:
+                trickling.pop(0)[0].close()
+            elif step == "honest":
+                assert loader.handshake() is State.OPEN
+            assert loader.untrusted() <= CAP
+        for _ in range(60):  # 3 s of a byte per socket every 50 ms: ten times the deadline
+            trickling = _trickle_all(trickling)
+            if not trickling:
+                break
+            time.sleep(0.05)
+        assert trickling == [], "a trickling connection outlived the handshake deadline"
+    finally:
+        for sock, _ in trickling:
+            sock.close()

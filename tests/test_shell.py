@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from clustorage import LoadEvent
 from clustorage.shell_complete import cluster_completions
 from clustorage.shell_ui import Snapshot, notice_text, toolbar_fragments
+from clustorage.shell_wait import waiting_text
 from tests.conftest import ROOT, free_port
 from tests.tmux_helpers import Tmux, require_tmux, shell_command
 
@@ -131,6 +133,14 @@ def test_notice_text_names_version_and_origin() -> None:
     assert notice_text(value) == "[cluster] value 'hello' v1 loaded from app1"
 
 
+def test_waiting_text_names_the_holder_and_the_time() -> None:
+    """Waits over a second read 'waiting 3s for KEY: HOLDER computes it'; shorter ones nothing."""
+    assert waiting_text([("k", "app3", 100.5)], 101.0) is None
+    assert waiting_text([("k", "app3", 97.0)], 100.0) == "waiting 3s for 'k': app3 computes it"
+    two = waiting_text([("a", "app1", 98.0), ("b", "app3", 90.0)], 100.0)
+    assert two == "waiting 10s for 'b': app3 computes it (and 1 more)"
+
+
 # -- real shells ---------------------------------------------------------------------------
 
 
@@ -203,6 +213,26 @@ def test_cluster_status_magic(shells: Shells) -> None:
     assert re.search(r"app1\s+loader", screen)
 
 
+def test_toolbar_shows_who_computes_a_key_being_waited_for(shells: Shells) -> None:
+    """While app2's get waits on app1's lease, app2's bottom row names app1 and the wait's
+    length; once the value comes, the row is gone and the value printed."""
+    tmux = shells.tmux
+    mark = shells.home / "computing"
+    shells.run("app1", "import pathlib, time", "app1> import pathlib, time")
+    touch = f"pathlib.Path({str(mark)!r}).touch()"
+    tmux.send("app1", f"get('slow_key', lambda: {touch} or time.sleep(6) or 'slow done')", "Enter")
+    deadline = time.monotonic() + 20
+    while not mark.exists():  # app1 holds the lease
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tmux.send("app2", "get('slow_key', lambda: 'not computed here')", "Enter")
+    waiting = re.compile(r"app2 \| member \| waiting \d+s for 'slow_key': app1 computes it")
+    tmux.wait_for("app2", lambda screen: bool(waiting.search(screen.splitlines()[-1])))
+    screen = tmux.wait_for("app2", re.compile(r"'slow done'\n(.*\n)*app2> $", re.MULTILINE))
+    assert "waiting" not in screen.splitlines()[-1]
+    assert "not computed here" not in screen.replace("lambda: 'not computed here'", "")
+
+
 def test_third_shell_joins_and_leaves_with_ctrl_d(shells: Shells) -> None:
     """A third shell raises the node count, sees earlier functions, and Ctrl-D exits with 0."""
     tmux = shells.tmux
@@ -267,3 +297,46 @@ def test_startup_bench_quick_mode() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"loader shell\s+median\s+\d+\.\d+ s", done.stdout)
     assert re.search(r"member shell \(joining\)\s+median\s+\d+\.\d+ s", done.stdout)
+
+
+def test_shell_named_in_its_loader_address_is_the_loader_there(tmp_path: Path) -> None:
+    """--name app7 --loader app7@127.0.0.1:PORT: this shell is the loader, listening on PORT."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cookie = _cookie_file(tmp_path)
+    port = free_port()
+    address = f"app7@127.0.0.1:{port}"
+    tmux = Tmux(_env(home))
+    try:
+        flags = ("--loader", address, "--cookie-file", str(cookie))
+        tmux.spawn("app7", shell_command("app7", *flags, "--data", ":memory:"))
+        tmux.wait_for("app7", toolbar_has(" app7 | loader | "))
+        screen = tmux.capture("app7")
+        assert f"the loader, on 127.0.0.1:{port}; members join with --loader {address}" in screen
+        tmux.spawn("app8", shell_command("app8", *flags))
+        tmux.wait_for("app8", toolbar_has(" app8 | member | loader app7: connected | 2 nodes"))
+    finally:
+        tmux.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--loader", "app1@127.0.0.1:1", "--data", "DATA"), "--data is a loader's option"),
+        (("--listen", "nonsense", "--data", "DATA"), "--listen 'nonsense': cannot resolve host"),
+    ],
+)
+def test_shell_refuses_flags_it_cannot_honour(
+    tmp_path: Path, flags: tuple[str, ...], expected: str
+) -> None:
+    """--data on a member, or a --listen that cannot work, exit 2 naming it; nothing is made."""
+    home = tmp_path / "home"
+    home.mkdir()
+    data = tmp_path / "data"
+    argv = shell_command("app2", *(str(data) if flag == "DATA" else flag for flag in flags))
+    done = subprocess.run(
+        [*argv, "--cookie", "c"], env=_env(home), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert not data.exists() and list(home.iterdir()) == []

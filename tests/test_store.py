@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from clustorage.errors import StoreError, ValueTooLarge
 from clustorage.messages import FUNCTION, VALUE, Blob, Entry
 from clustorage.store import MemoryStore, SQLiteStore, Store, open_store
 
@@ -116,3 +118,32 @@ def test_open_store_sqlite_survives_reopen(tmp_path: Path) -> None:
         assert payloads(second, VALUE, "k") == [b"", b"two"]
     finally:
         second.close()
+
+
+def test_an_entry_over_the_stores_limit_is_refused_and_nothing_stored(tmp_path: Path) -> None:
+    """An entry over what one row holds raises ValueTooLarge naming the limit, before SQLite
+    sees it; nothing is stored, and an entry under the limit still is."""
+    store = SQLiteStore(str(tmp_path / "s.sqlite3"), max_length=100_000)
+    try:
+        with pytest.raises(ValueTooLarge, match="over the 100000 bytes one entry can take"):
+            store.commit(entry(VALUE, "big", 1, b"x" * 100_000))
+        assert store.history(VALUE, "big") == []
+        store.commit(entry(VALUE, "big", 1, b"x" * 90_000))
+        assert payloads(store, VALUE, "big") == [b"x" * 90_000]
+    finally:
+        store.close()
+
+
+def test_one_store_one_loader_in_a_process_too(tmp_path: Path) -> None:
+    """A second SQLiteStore on one file fails with StoreError naming the holder; closing
+    the first, or dropping it unclosed, lets the next one in."""
+    path = str(tmp_path / "s.sqlite3")
+    first = SQLiteStore(path)
+    first.announce("127.0.0.1:4370")
+    with pytest.raises(StoreError, match=r"in use by another loader \(pid \d+, listening on "):
+        SQLiteStore(path)
+    first.close()
+    second = SQLiteStore(path)
+    del second  # never closed: the lock goes with it
+    gc.collect()
+    SQLiteStore(path).close()

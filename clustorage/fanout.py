@@ -1,0 +1,96 @@
+"""Pushes to every connected node, off the request path. No I/O.
+
+A request's answer goes out at once; what every other node must hear of it (a hot-load, a
+deletion, who joined) waits in a queue. A *pass* takes everything queued, encodes it once as
+one ``Pushes`` frame, and hands that frame to every peer, a few peers at a time, handing the
+loop back between slices so that requests keep being answered (SPEC "The loader never
+stalls"). What is queued during a pass goes in the next one, so under a burst of writes a
+node receives one frame per pass, not one per write, and membership news is one delta per
+pass, not the whole list per join: joining N nodes costs O(N) frames, not O(N²).
+
+Order: a node may now hear of a change after it heard of a newer one (a request's answer
+goes first). Every change carries its version, and replicas apply only newer ones, so this
+reorders nothing that is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .messages import Members, Message, Pushes, encode, encode_parts
+
+__all__ = ["SLICE", "Fanout"]
+
+SLICE = 0.0005  # seconds of delivering before the loop is handed back
+
+
+class Fanout:
+    """The queue of pushes and the passes that deliver them.
+
+    Args:
+        peers: the peers to deliver to now (remote ones; the loader's own node is told
+            directly).
+        later: runs a function on the loop once it has served what is ready.
+    """
+
+    def __init__(
+        self, peers: Callable[[], Iterable[Any]], later: Callable[[Callable[[], None]], object]
+    ) -> None:
+        self._peers = peers
+        self._later = later
+        self._queued: list[bytes] = []
+        self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
+        self._pass: list[Any] | None = None  # peers this pass has yet to reach
+        self._frame: tuple[Message, tuple[bytes, bytes]] | None = None
+
+    def push(self, message: Message) -> None:
+        """Deliver ``message`` to every peer in a coming pass."""
+        self._queued.append(encode(message))
+        self._start()
+
+    def membership(self, name: str, connected: bool) -> None:
+        """Tell every peer, in a coming pass, that ``name`` joined or left."""
+        self._joined[name] = connected
+        self._start()
+
+    @property
+    def idle(self) -> bool:
+        return self._pass is None and not self._queued and not self._joined
+
+    def _start(self) -> None:
+        if self._pass is None:
+            self._pass = []
+            self._later(self._begin)
+
+    def _begin(self) -> None:
+        if self._joined:
+            joined, self._joined = self._joined, {}
+            present = tuple(sorted(name for name, on in joined.items() if on))
+            gone = tuple(sorted(name for name, on in joined.items() if not on))
+            self._queued.append(encode(Members(present, gone)))
+        if not self._queued:
+            self._pass = None
+            return
+        message = Pushes(tuple(self._queued))
+        self._queued = []
+        self._frame = (message, encode_parts(message))  # type: ignore[assignment]
+        self._pass = list(self._peers())
+        self._pass.reverse()  # popped from the end: in the peers' order
+        self._deliver()
+
+    def _deliver(self) -> None:
+        peers, frame = self._pass, self._frame
+        assert peers is not None and frame is not None
+        message, parts = frame
+        stop = time.monotonic() + SLICE
+        while peers:
+            peers.pop().deliver(message, parts)
+            if time.monotonic() > stop and peers:
+                self._later(self._deliver)
+                return
+        self._frame = None
+        self._pass = None
+        if self._queued or self._joined:
+            self._start()

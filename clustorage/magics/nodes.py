@@ -1,0 +1,116 @@
+# mypy: disallow-subclassing-any=False, disallow-untyped-decorators=False
+# mypy: disallow-untyped-calls=False
+"""``%cluster_start``, ``%cluster_stop``, ``%cluster_status``: this process's node."""
+
+from __future__ import annotations
+
+import os
+
+from IPython.core.error import UsageError
+from IPython.core.magic import line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+import clustorage
+from clustorage import Node
+
+from .base import ClusterMagics
+from .display import ClusterStatus
+
+__all__ = ["NodeMagics"]
+
+
+@magics_class
+class NodeMagics(ClusterMagics):
+    """Start, stop and inspect this process's node."""
+
+    @magic_arguments()
+    @argument(
+        "--name",
+        "-n",
+        help="this node's name (default: $CLUSTORAGE_NAME; a member's may be generated, a "
+        "loader needs one)",
+    )
+    @argument(
+        "--loader",
+        "-l",
+        metavar="NAME[@HOST[:PORT]]",
+        help="the loader to join (default: $CLUSTORAGE_LOADER; none: this node is the loader)",
+    )
+    @argument("--cookie", help="the cluster's secret (default: $CLUSTORAGE_COOKIE, else file)")
+    @argument("--cookie-file", metavar="FILE", help="read the secret from FILE (mode 0600)")
+    @argument("--listen", metavar="HOST:PORT", help="where a loader listens (127.0.0.1:4370)")
+    @argument("--data", metavar="DIR", help="a loader's data directory, or :memory:")
+    @argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for the loader")
+    @line_magic
+    def cluster_start(self, line: str) -> Node:
+        """Start this kernel's node: join the loader's cluster, or be the loader.
+
+        Without --loader (and without $CLUSTORAGE_LOADER) this node is the loader, and needs
+        a --name (its store is named after it). Flags
+        not given fall back to the CLUSTORAGE_* environment variables. Functions already in
+        the cluster are bound into your namespace.
+
+        In [1]: %cluster_start --name app2 --loader app1@127.0.0.1:4370
+        Out[1]: <clustorage.Node app2 (member of app1@127.0.0.1:4370, connected)>
+        """
+        args = parse_argstring(self.cluster_start, line)
+        running = clustorage.default_node()
+        if running is not None:
+            raise UsageError(
+                f"this process already runs node {running.name!r} ({running.role} of "
+                f"{running.loader_address}); run %cluster_stop first"
+            )
+        name = args.name or os.environ.get("CLUSTORAGE_NAME")
+        if not name and not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
+            # A loader's name picks its store file: a generated one would make a new,
+            # empty store at every start.
+            raise UsageError(
+                "a loader needs a name, which also names its store: %cluster_start --name "
+                "NAME (or join a loader with --loader NAME[@HOST[:PORT]])"
+            )
+        node = clustorage.start(
+            name=args.name,
+            loader=args.loader,
+            cookie=args.cookie,
+            cookie_file=args.cookie_file,
+            listen=args.listen,
+            data=args.data,
+            timeout=args.timeout,
+        )
+        self.session.follow(node)
+        self.session.sync.apply()
+        return node
+
+    @magic_arguments()
+    @line_magic
+    def cluster_stop(self, line: str) -> None:
+        """Stop this kernel's node (a loader stops serving). Bound functions stay usable.
+
+        In [1]: %cluster_stop
+        stopped node app2
+        """
+        parse_argstring(self.cluster_stop, line)
+        node = clustorage.default_node()
+        if node is None:
+            print("no clustorage node runs here")
+            return
+        self.session.follow(None)
+        clustorage.stop()
+        print(f"stopped node {node.name}")
+
+    @magic_arguments()
+    @line_magic
+    def cluster_status(self, line: str) -> ClusterStatus:
+        """The loader, every connected node (role, address, connected for), keys and functions.
+
+        An HTML table in notebooks, a text table in terminals.
+
+        In [1]: %cluster_status
+        Out[1]:
+        app2 is a member of app1@127.0.0.1:4370 (connected); 2 keys, 1 function
+          node               role    address          connected for
+          app1               loader  local            5m 02s
+          app2 (this node)   member  127.0.0.1:51506  12s
+        """
+        parse_argstring(self.cluster_status, line)
+        return ClusterStatus(self.session.node().status())

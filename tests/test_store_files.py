@@ -1,0 +1,136 @@
+"""The store on disk: private files whatever the umask, and one loader per store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, free_port, kill, wait_for_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def loader(
+    cluster: Cluster, data: str | None, port: int, log: str = "loader", **env: str
+) -> subprocess.Popen[Any]:
+    """A real ``clustorage loader`` started under umask 022 (``data`` None: the default)."""
+    command = [sys.executable, "-m", "clustorage", "loader", "--name", "app1"]
+    command += ["--listen", f"127.0.0.1:{port}"] + ([] if data is None else ["--data", data])
+    with open(cluster.tmp / f"{log}.log", "a") as out:
+        proc = subprocess.Popen(
+            command,
+            env=dict(cluster.env, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: os.umask(0o022),
+        )
+    cluster.procs.append(proc)
+    return proc
+
+
+def started(cluster: Cluster, proc: subprocess.Popen[Any], port: int) -> subprocess.Popen[Any]:
+    wait_for_port(port, time.monotonic() + 30, proc)
+    cluster.port = port
+    return proc
+
+
+def test_everything_the_loader_makes_is_private_under_umask_022(cluster: Cluster) -> None:
+    """Under umask 022 the home folder, the data folder, the cookie, the store and SQLite's
+    -wal and -shm files are created 0700 / 0600."""
+    env = {k: v for k, v in cluster.env.items() if k != "CLUSTORAGE_COOKIE"}
+    cluster.env = env  # the cookie file is made on first use, under the same umask
+    port = free_port()
+    started(cluster, loader(cluster, None, port), port)
+    member = cluster.member("m")
+    member.ok("node.put('secret', b'x' * 100_000)")
+    member.ok("node.put('big secret', b'x' * 2_000_000)")  # a file of its own
+    home = Path(env["HOME"]) / ".clustorage"
+    data = home / "data"
+    blobs = data / "app1.sqlite3.blobs"
+    assert (mode(home), mode(data), mode(blobs)) == (0o700, 0o700, 0o700)
+    files = sorted(path.name for path in data.iterdir())
+    assert files == [f"app1.sqlite3{s}" for s in ("", "-shm", "-wal", ".blobs", ".lock")]
+    (blob,) = blobs.iterdir()
+    for path in [home / "cookie", *data.iterdir(), blob]:
+        if path != blobs:
+            assert mode(path) == 0o600, path
+
+
+def test_a_data_folder_the_loader_makes_is_private(cluster: Cluster) -> None:
+    """``--data`` naming folders that do not exist: each one made is 0700, the files 0600."""
+    top = cluster.tmp / "made"
+    port = free_port()
+    started(cluster, loader(cluster, str(top / "deeper" / "data"), port), port)
+    cluster.member("m").ok("node.put('k', 1)")
+    for folder in (top, top / "deeper", top / "deeper" / "data"):
+        assert mode(folder) == 0o700, folder
+    for path in (top / "deeper" / "data").iterdir():
+        assert mode(path) == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_store_folder_opened_by_its_user_gets_a_warning(cluster: Cluster) -> None:
+    """A data folder the user made 0755 is used as it is, with one warning in the log."""
+    shared = cluster.tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    port = free_port()
+    started(cluster, loader(cluster, str(shared), port), port)
+    assert cluster.member("m").ok("node.put('k', 1)") == 1
+    assert mode(shared) == 0o755
+    log = (cluster.tmp / "loader.log").read_text()
+    assert f"{shared} is open to group or others (mode 755)" in log
+    assert mode(shared / "app1.sqlite3") == 0o600
+
+
+def test_store_files_left_readable_are_made_private(cluster: Cluster) -> None:
+    """A store an older version left 0644 is made 0600 when a loader opens it."""
+    data = cluster.tmp / "old"
+    data.mkdir(mode=0o700)
+    (data / "app1.sqlite3").touch(mode=0o644)
+    (data / "app1.sqlite3").chmod(0o644)
+    port = free_port()
+    started(cluster, loader(cluster, str(data), port), port)
+    assert mode(data / "app1.sqlite3") == 0o600
+
+
+def test_a_second_loader_on_one_store_exits_2_naming_the_first(cluster: Cluster) -> None:
+    """Two loaders on one data file: the second exits 2 naming the file, the first's pid and
+    address; the first goes on serving."""
+    data = str(cluster.tmp / "data")
+    first_port, second_port = free_port(), free_port()
+    first = started(cluster, loader(cluster, data, first_port), first_port)
+    member = cluster.member("m")
+    member.ok("node.put('k', 'one')")
+    second = loader(cluster, data, second_port, log="second")
+    assert second.wait(30) == 2
+    said = (cluster.tmp / "second.log").read_text()
+    assert f"{data}/app1.sqlite3 is in use by another loader" in said
+    assert f"pid {first.pid}, listening on 127.0.0.1:{first_port}" in said
+    assert member.ok("node.put('k', 'two'); node.get('k')") == "two"
+
+
+def test_the_lock_does_not_outlive_a_kill_9(cluster: Cluster) -> None:
+    """A loader killed with kill -9 leaves no lock behind: a new one opens the store at once,
+    with what the first acknowledged."""
+    data = str(cluster.tmp / "data")
+    port = free_port()
+    first = started(cluster, loader(cluster, data, port), port)
+    cluster.member("m").ok("node.put('kept', 42)")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    kill(first)
+    second = started(cluster, loader(cluster, data, port, log="second"), port)
+    assert second.poll() is None
+    assert cluster.member("m2").ok("node.get('kept')") == 42
