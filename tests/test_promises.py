@@ -432,6 +432,32 @@ def test_a_big_commit_does_not_stall_other_members(cluster: Cluster, tmp_path: P
     assert small.ok("node.get('small0')") == 0
 
 
+def test_a_member_reading_beside_a_big_push_is_not_dropped(cluster: Cluster) -> None:
+    """A member busy with its own requests while a 200 MB value (over the loader's backlog cap)
+    goes out is reading, not stalled: it is not dropped, and it gets the value."""
+    cluster.start_loader()
+    big, reader = cluster.member("big"), cluster.member("reader")
+    reader.ok(
+        "import threading\n"
+        "served, failures, stop = [0], [], []\n"
+        "def misses():\n"
+        "    while not stop:\n"
+        "        try:\n"
+        "            node.get(f'miss{served[0]}', lambda: 0)\n"
+        "        except clustorage.ClustorageError as exc:\n"
+        "            failures.append(f'{type(exc).__name__}: {exc}')\n"
+        "            return\n"
+        "        served[0] += 1\n"
+        "misses_thread = threading.Thread(target=misses)\n"
+        "misses_thread.start()\n"
+    )
+    assert big.ok("node.put('big', bytes(200 * 10**6))") == 1
+    assert reader.ok("stop.append(1)\nmisses_thread.join(60)\nfailures") == []
+    assert reader.ok("served[0]") > 0
+    assert dropped(cluster, ("big", "reader")) == []
+    assert reader.ok("len(node.get('big'))") == 200 * 10**6
+
+
 def test_a_slow_definition_does_not_stall_other_members(cluster: Cluster, tmp_path: Path) -> None:
     """Compiling source that sleeps 6 s at import delays only its define: other members' misses
     are served meanwhile, nobody is dropped, and the function works everywhere after."""
