@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "rss_bytes", "start_loader", "stop_process", "summarize", "wait_for_port"]
+__all__ = [
+    "free_port",
+    "rss_bytes",
+    "start_loader",
+    "stop_process",
+    "summarize",
+    "tcp_bytes_sent",
+    "wait_for_port",
+]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
@@ -90,3 +100,19 @@ def rss_bytes(pid: int | None = None) -> int:
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"no VmRSS for process {pid}") from None
     return int(psutil.Process(pid).memory_info().rss)
+
+
+def tcp_bytes_sent(port: int) -> int | None:
+    """Bytes sent so far on the established TCP connections whose local port is ``port``
+    (a server's, so: what it sent to its clients), from the kernel's TCP_INFO through
+    ``ss``; None where ``ss`` is not installed. Connections that closed no longer count."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return sum(int(sent) for sent in re.findall(r"\bbytes_sent:(\d+)", out))

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -35,7 +36,7 @@ from benchlib import rss_bytes, summarize
 
 Handler = Callable[..., Any]
 OPS: dict[str, Handler] = {}
-STATE: dict[str, Any] = {"nodes": [], "held": []}
+STATE: dict[str, Any] = {"nodes": [], "held": [], "systems": {}}
 SOURCE = "def bench_fn(x):\n    return x + {n}\n"
 
 
@@ -66,6 +67,11 @@ def nodes() -> list[Any]:
     return STATE["nodes"]  # type: ignore[no-any-return]
 
 
+def node_of(system: str) -> Any:
+    """The node through which this process measures ``system`` ("default": its first node)."""
+    return STATE["systems"][system] if system != "default" else nodes()[0]
+
+
 def start_nodes(loader: str, names: list[str], timeout: float) -> list[float]:
     import clustorage
 
@@ -80,6 +86,37 @@ def start_nodes(loader: str, names: list[str], timeout: float) -> list[float]:
         seconds.append(time.perf_counter() - start)
         nodes().append(node)
     return seconds
+
+
+def start_within(loader: str, names: list[str], timeout: float, budget: float) -> dict[str, Any]:
+    """Start the nodes one after another, each once the one before is connected, until all
+    are or ``budget`` seconds passed; how many joined, and how long it took."""
+    import clustorage
+
+    start = time.perf_counter()
+    deadline = start + budget
+    joined = 0
+    for name in names:
+        node = clustorage.Node(name=name, loader=loader, timeout=timeout)
+        nodes().append(node)
+        while not node.connected and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        if not node.connected:
+            break
+        joined += 1
+    return {"joined": joined, "total": len(names), "seconds": time.perf_counter() - start}
+
+
+@op
+def join(loader: str, name: str, system: str, wait: float) -> float:
+    """One more node, on another loader, measured as ``system``; seconds to connect."""
+    import clustorage
+
+    start = time.perf_counter()
+    node = clustorage.Node(name=name, loader=loader, timeout=wait)
+    STATE["systems"][system] = node
+    wait_connected(node, wait)
+    return time.perf_counter() - start
 
 
 def wait_connected(node: Any, timeout: float) -> None:
@@ -134,9 +171,9 @@ def hit(iterations: int) -> dict[str, Any]:
     return {name: timed(values) for name, values in samples.items()}
 
 
-def clustorage_miss(prefix: str) -> Callable[[], Any]:
+def clustorage_miss(prefix: str, system: str = "default") -> Callable[[], Any]:
     """One miss: get with a trivial fn, a fresh key each time."""
-    node = nodes()[0]
+    node = node_of(system)
     counter = iter(range(10**9))
 
     def one() -> Any:
@@ -147,16 +184,24 @@ def clustorage_miss(prefix: str) -> Callable[[], Any]:
 
 
 @op
-def misses(iterations: int, prefix: str, peers: dict[str, int]) -> dict[str, Any]:
-    """Miss latency of clustorage and of each peer (kind: port), taking turns in rounds so
-    that whatever else the machine does hits them alike. A system that fails is left out of
-    the rounds after, with ``{"error": ...}`` in its place."""
+def misses(
+    iterations: int,
+    prefix: str,
+    peers: dict[str, int],
+    clusters: dict[str, str] | None = None,
+    budget: float | None = None,
+) -> dict[str, Any]:
+    """Miss latency of clustorage (each of ``clusters``: label -> system) and of each peer
+    (kind: port), taking turns in rounds so that whatever else the machine does hits them
+    alike. A system that fails is left out of the rounds after, with ``{"error": ...}`` in its
+    place. Rounds stop after ``budget`` seconds; ``rounds`` says how many ran."""
     failed: dict[str, str] = {}
     systems: dict[str, Callable[[], Any]] = {}
-    for name in ("clustorage", *peers):
+    clusters = clusters or {"clustorage": "default"}
+    for name in (*clusters, *peers):
         try:
-            if name == "clustorage":
-                systems[name] = clustorage_miss(f"{prefix}-{name}")
+            if name in clusters:
+                systems[name] = clustorage_miss(f"{prefix}-{name}", clusters[name])
             else:
                 systems[name] = peer_miss_op(name, peers[name], f"{prefix}-{name}")
             per_op(systems[name], min(50, iterations))  # warm up
@@ -165,7 +210,12 @@ def misses(iterations: int, prefix: str, peers: dict[str, int]) -> dict[str, Any
             systems.pop(name, None)
     rounds = max(1, min(10, iterations // 100))
     samples: dict[str, list[int]] = {name: [] for name in systems}
+    deadline = time.perf_counter() + budget if budget else math.inf
+    done = 0
     for _ in range(rounds):
+        if time.perf_counter() > deadline:
+            break
+        done += 1
         for name, one in list(systems.items()):
             try:
                 samples[name] += per_op(one, iterations // rounds)
@@ -173,7 +223,8 @@ def misses(iterations: int, prefix: str, peers: dict[str, int]) -> dict[str, Any
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 del systems[name]
     results: dict[str, Any] = {name: timed(samples[name]) for name in systems}
-    return {**results, **{name: {"error": error} for name, error in failed.items()}}
+    errors = {name: {"error": error} for name, error in failed.items()}
+    return {**results, **errors, "rounds": {"done": done, "of": rounds}}
 
 
 @op
@@ -192,13 +243,17 @@ def connect_cycle(loader: str, iterations: int, wait: float) -> dict[str, Any]:
 
 
 @op
-def define(iterations: int, expect: int) -> dict[str, Any]:
-    """``define(name, source, force=True)`` until it returns acknowledged by every node."""
+def define(iterations: int, expect: int, budget: float | None = None) -> dict[str, Any]:
+    """``define(name, source, force=True)`` until it returns acknowledged by every node;
+    no new define starts after ``budget`` seconds (``done`` says how many ran)."""
     node = nodes()[0]
     samples = []
     short = []
     missing: set[str] = set()
+    deadline = time.perf_counter() + budget if budget else math.inf
     for i in range(iterations):
+        if time.perf_counter() > deadline:
+            break
         source = SOURCE.format(n=i)
         start = time.perf_counter_ns()
         definition = node.define("bench_fn", source, force=True)
@@ -210,13 +265,14 @@ def define(iterations: int, expect: int) -> dict[str, Any]:
     result["acknowledged_by"] = expect if not short else min(short)
     result["short"] = len(short)
     result["missing"] = sorted(missing)[:10]
+    result["done"] = len(samples)
     return result
 
 
 @op
-def writes(start_at: float, duration: float, prefix: str) -> dict[str, Any]:
+def writes(start_at: float, duration: float, prefix: str, system: str = "default") -> Any:
     """Acknowledged ``put``s, one after another, from ``start_at`` for ``duration`` seconds."""
-    node = nodes()[0]
+    node = node_of(system)
     return count_until(start_at, duration, lambda i: node.put(f"{prefix}-{i % 64}", i))
 
 
@@ -232,8 +288,8 @@ def count_until(start_at: float, duration: float, write: Callable[[int], Any]) -
 
 
 @op
-def watch(key: str) -> None:
-    """Record when each version of ``key`` is installed in the first node."""
+def watch(key: str, system: str = "default") -> None:
+    """Record when each version of ``key`` is installed in the node of ``system``."""
     seen: dict[int, float] = {}
     arrived = threading.Condition()
 
@@ -243,32 +299,72 @@ def watch(key: str) -> None:
                 seen[event.version] = time.time()
                 arrived.notify_all()
 
-    nodes()[0].on_load(listener)
-    STATE[f"watch:{key}"] = (seen, arrived)
+    node_of(system).on_load(listener)
+    STATE[f"watch:{system}:{key}"] = (seen, arrived)
 
 
 @op
-def watched(key: str, version: int, wait: float) -> float:
-    """The time.time() at which ``version`` of ``key`` was installed here."""
-    seen, arrived = STATE[f"watch:{key}"]
+def watched(key: str, version: int, wait: float, system: str = "default") -> dict[str, Any]:
+    """The time.time() at which ``version`` of ``key`` was installed (or announced) here, and
+    at which a ``get`` of it then returned (the same moment, give or take, for a value already
+    here; later for one that is fetched on the first get)."""
+    seen, arrived = STATE[f"watch:{system}:{key}"]
+    node = node_of(system)
+    deadline = time.monotonic() + wait
     with arrived:
-        if not arrived.wait_for(lambda: version in seen, wait):
-            raise TimeoutError(f"version {version} of {key!r} did not arrive within {wait}s")
-        return float(seen[version])
+        # A big value may be announced (its version known here) before its bytes come.
+        while version not in seen and node.version(key, "value") < version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"version {version} of {key!r} did not arrive within {wait}s")
+            arrived.wait(0.001)
+        installed = float(seen.get(version, time.time()))
+    value = node.get(key)
+    return {"installed": installed, "got": time.time(), "size": size_of(value)}
+
+
+def size_of(value: Any) -> int:
+    """Bytes of a bytes value, a numpy array or a pandas DataFrame."""
+    if hasattr(value, "memory_usage"):
+        return int(value.memory_usage(index=True, deep=False).sum())
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    return len(value)
 
 
 @op
-def make_value(size: int) -> None:
-    STATE["value"] = b"x" * size
+def make_value(size: int, kind: str = "bytes") -> int:
+    """Prepare a value of about ``size`` bytes: bytes, a numpy array of float64 or a pandas
+    DataFrame of four float64 columns; its exact size."""
+    if kind == "bytes":
+        STATE["value"] = b"x" * size
+    else:
+        import numpy as np
+
+        values = np.arange(size // 8, dtype=np.float64)
+        if kind == "numpy":
+            STATE["value"] = values
+        else:
+            import pandas as pd
+
+            STATE["value"] = pd.DataFrame(values.reshape(-1, 4), columns=list("abcd"))
+    return size_of(STATE["value"])
 
 
 @op
-def put(key: str) -> dict[str, Any]:
+def put(key: str, system: str = "default") -> dict[str, Any]:
     """Put the prepared value; when it started and returned (time.time())."""
     value = STATE["value"]
     start = time.time()
-    version = nodes()[0].put(key, value)
+    version = node_of(system).put(key, value)
     return {"start": start, "end": time.time(), "version": version}
+
+
+@op
+def get_timed(key: str, system: str = "default") -> dict[str, Any]:
+    """``get(key)`` of a value that exists; how long it took and how big the value is."""
+    start = time.perf_counter()
+    value = node_of(system).get(key)
+    return {"seconds": time.perf_counter() - start, "size": size_of(value)}
 
 
 @op
@@ -298,11 +394,16 @@ def manager_table(port: int) -> Any:
     return manager.table()  # type: ignore[attr-defined]
 
 
+def is_redis(kind: str) -> bool:
+    """Whether peer ``kind`` is a Redis server ("redis", or "redis-aof" with persistence)."""
+    return kind.startswith("redis")
+
+
 def peer(kind: str, port: int) -> Any:
     """One client per process and kind, reused by every measurement."""
     key = f"{kind}:{port}"
     if key not in STATE:
-        STATE[key] = redis_client(port) if kind == "redis" else manager_table(port)
+        STATE[key] = redis_client(port) if is_redis(kind) else manager_table(port)
     return STATE[key]
 
 
@@ -312,7 +413,7 @@ def peer_connect(kind: str, port: int, iterations: int) -> dict[str, Any]:
     samples = []
     for _ in range(iterations):
         start = time.perf_counter_ns()
-        if kind == "redis":
+        if is_redis(kind):
             client = redis_client(port)
             client.ping()
             samples.append(time.perf_counter_ns() - start)
@@ -329,7 +430,7 @@ def peer_connect(kind: str, port: int, iterations: int) -> dict[str, Any]:
 def peer_hit(kind: str, port: int, iterations: int) -> dict[str, Any]:
     """GET of a key that is there (Redis) / ``proxy.get`` (managers)."""
     client = peer(kind, port)
-    if kind == "redis":
+    if is_redis(kind):
         client.set("hello", pickle.dumps("world"))
         per_op(lambda: client.get("hello"), min(200, iterations))
         return timed(per_op(lambda: client.get("hello"), iterations))
@@ -353,13 +454,13 @@ def peer_miss_op(kind: str, port: int, prefix: str) -> Callable[[], None]:
         if client.get(key) is None:
             client[key] = key
 
-    return redis_one if kind == "redis" else manager_one
+    return redis_one if is_redis(kind) else manager_one
 
 
 @op
 def peer_writes(kind: str, port: int, start_at: float, duration: float, prefix: str) -> Any:
     client = peer(kind, port)
-    if kind == "redis":
+    if is_redis(kind):
         return count_until(
             start_at, duration, lambda i: client.set(f"{prefix}-{i % 64}", pickle.dumps(i))
         )
@@ -372,7 +473,7 @@ def peer_put(kind: str, port: int, key: str) -> dict[str, Any]:
     client = peer(kind, port)
     value = STATE["value"]
     start = time.time()
-    if kind == "redis":
+    if is_redis(kind):
         client.set(key, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     else:
         client[key] = value
@@ -383,7 +484,7 @@ def peer_put(kind: str, port: int, key: str) -> dict[str, Any]:
 def peer_fetch(kind: str, port: int, key: str) -> dict[str, Any]:
     client = peer(kind, port)
     start = time.time()
-    value = pickle.loads(client.get(key)) if kind == "redis" else client.get(key)
+    value = pickle.loads(client.get(key)) if is_redis(kind) else client.get(key)
     end = time.time()
     return {"start": start, "end": end, "size": len(value)}
 
@@ -391,7 +492,7 @@ def peer_fetch(kind: str, port: int, key: str) -> dict[str, Any]:
 @op
 def peer_delete(kind: str, port: int, key: str) -> None:
     client = peer(kind, port)
-    if kind == "redis":
+    if is_redis(kind):
         client.delete(key)
     else:
         client.pop(key, None)
@@ -401,7 +502,7 @@ def peer_delete(kind: str, port: int, key: str) -> None:
 def peer_hold(kind: str, port: int, count: int) -> int:
     """Open ``count`` more connections and keep them (for the server's RSS)."""
     for _ in range(count):
-        if kind == "redis":
+        if is_redis(kind):
             client = redis_client(port)
             client.ping()
         else:
@@ -495,6 +596,12 @@ def main() -> int:
     parser.add_argument("--loader", help="NAME@HOST:PORT of the loader")
     parser.add_argument("--names", default="", help="comma-separated node names to start")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="answer once the nodes joined or SECONDS passed, with how many did",
+    )
     parser.add_argument("--manager-server", type=int, metavar="PORT")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -506,11 +613,14 @@ def main() -> int:
     os.dup2(2, 1)
     names = [name for name in args.names.split(",") if name]
     try:
-        connect = start_nodes(args.loader, names, args.timeout) if names else []
+        if args.budget is not None:
+            ready = start_within(args.loader, names, args.timeout, args.budget)
+        else:
+            ready = {"connect": start_nodes(args.loader, names, args.timeout) if names else []}
     except Exception as exc:
         answers.write(json.dumps({"error": repr(exc), "traceback": traceback.format_exc()}) + "\n")
         return 1
-    answers.write(json.dumps({"ok": {"connect": connect, "pid": os.getpid()}}) + "\n")
+    answers.write(json.dumps({"ok": {**ready, "pid": os.getpid()}}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         name = request.pop("op")
@@ -521,7 +631,7 @@ def main() -> int:
         except BaseException as exc:
             answer = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         answers.write(json.dumps(answer) + "\n")
-    for node in reversed(nodes()):
+    for node in [*reversed(nodes()), *STATE["systems"].values()]:
         node.stop()
     if "ipp" in STATE:
         ipyparallel_stop()

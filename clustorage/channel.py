@@ -27,7 +27,17 @@ from .errors import (
     StoreError,
     ValueTooLarge,
 )
-from .messages import Failed, Load, Members, Message, Queued, SyncEntry, SyncReply, Unload
+from .messages import (
+    Announce,
+    Failed,
+    Load,
+    Members,
+    Message,
+    Queued,
+    SyncEntry,
+    SyncReply,
+    Unload,
+)
 from .replica import Replica
 
 __all__ = [
@@ -204,6 +214,8 @@ def apply_push(replica: Replica, message: Message) -> bool:
         replica.install(message.entry)
     elif type(message) is SyncEntry:  # the loader's word is final on resync
         replica.install(message.entry, force=True)
+    elif type(message) is Announce:
+        replica.announce(message.entry)
     elif type(message) is Unload:
         replica.remove(message.kind, message.key, message.version, message.origin)
     elif type(message) is Members:
@@ -215,6 +227,8 @@ def apply_sync(replica: Replica, reply: SyncReply) -> None:
     """Make the replica what the loader says it should be (the loader is the truth)."""
     for entry in reply.entries:
         replica.install(entry, force=True)
+    for entry in reply.announced:
+        replica.announce(entry, force=True)
     for kind, key, version in reply.removed:
         replica.remove(kind, key, version, force=True)
 

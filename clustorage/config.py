@@ -41,6 +41,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4370
 DEFAULT_TIMEOUT = 5.0
 DEAD_AFTER = 15.0  # seconds before a peer host that stopped answering is taken for dead
+EAGER_LIMIT = 1 << 20  # bytes: a bigger value is announced, and sent to nodes that get it
 DEFAULT_MAX_FRAME = 1 << 30
 MEMORY = ":memory:"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -267,6 +268,7 @@ class NodeConfig:
     timeout: float = DEFAULT_TIMEOUT
     max_frame: int = DEFAULT_MAX_FRAME
     dead_after: float = DEAD_AFTER
+    eager_limit: int = EAGER_LIMIT
 
     @property
     def is_loader(self) -> bool:
@@ -293,6 +295,7 @@ class NodeConfig:
         timeout: float | None = None,
         max_frame: int | None = None,
         dead_after: float | None = None,
+        eager_limit: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> NodeConfig:
         """Combine arguments with ``CLUSTORAGE_*`` environment variables and defaults.
@@ -330,6 +333,14 @@ class NodeConfig:
             raise ConfigError(
                 f"invalid dead_after {dead_after!r}: use a number of seconds, at least 1"
             )
+        if eager_limit is None:
+            eager_limit = int(
+                _number(env.get("CLUSTORAGE_EAGER_LIMIT"), EAGER_LIMIT, "eager limit")
+            )
+        if eager_limit < 0:
+            raise ConfigError(
+                f"invalid eager limit {eager_limit}: use a number of bytes, 0 or more"
+            )
         return cls(
             name=name,
             cookie=resolve_cookie(cookie, cookie_file, env),
@@ -339,4 +350,5 @@ class NodeConfig:
             timeout=timeout,
             max_frame=max_frame,
             dead_after=dead_after,
+            eager_limit=eager_limit,
         )

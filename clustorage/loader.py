@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from . import codec
 from .compiler import compile_function
+from .config import EAGER_LIMIT
 from .errors import (
     ClustorageError,
     CompileError,
@@ -54,6 +55,7 @@ from .leases import Lease, Leases
 from .messages import (
     FUNCTION,
     VALUE,
+    Announce,
     Blob,
     Commit,
     Committed,
@@ -88,7 +90,15 @@ from .messages import (
 )
 from .store import Store
 
-__all__ = ["Aside", "LoaderCore", "Peer", "WriteHere", "Writes", "commit_entry", "work_here"]
+__all__ = [
+    "Aside",
+    "LoaderCore",
+    "Peer",
+    "WriteHere",
+    "Writes",
+    "commit_entry",
+    "work_here",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +156,13 @@ class _Definition:
 
 
 Done = Callable[[BaseException | None], None]
+Stored = Callable[[Blob | None, BaseException | None], None]  # the payload as stored, or why not
 
 
 class Writes(Protocol):
     """Where store writes run; ``done(error or None)`` follows on the loop thread."""
 
-    def commit(self, entry: Entry, previous: int, done: Done) -> None: ...
+    def commit(self, entry: Entry, previous: int, done: Stored) -> None: ...
 
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...
 
@@ -164,8 +175,9 @@ class Aside(Protocol):
     ) -> None: ...
 
 
-def commit_entry(store: Store, entry: Entry, previous: int) -> None:
-    """Make ``entry`` durable in ``store``, its payload in a file first if the store says so."""
+def commit_entry(store: Store, entry: Entry, previous: int) -> Blob:
+    """Make ``entry`` durable in ``store``, its payload in a file first if the store says so;
+    the payload as the store keeps it (a big one mapped from its file, not in memory)."""
     file = store.write_blob(entry.payload) if store.stages(entry) else None
     try:
         store.commit(entry, previous, file)
@@ -173,6 +185,7 @@ def commit_entry(store: Store, entry: Entry, previous: int) -> None:
         if file is not None:
             store.remove_blob(file)
         raise
+    return entry.payload if file is None else store.read_blob(file)
 
 
 class WriteHere:
@@ -181,16 +194,17 @@ class WriteHere:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def commit(self, entry: Entry, previous: int, done: Done) -> None:
-        self._run(lambda: commit_entry(self._store, entry, previous), done)
+    def commit(self, entry: Entry, previous: int, done: Stored) -> None:
+        try:
+            payload = commit_entry(self._store, entry, previous)
+        except (StoreError, ValueTooLarge) as exc:
+            done(None, exc)
+        else:
+            done(payload, None)
 
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None:
-        self._run(lambda: self._store.delete(kind, key, version, origin), done)
-
-    @staticmethod
-    def _run(write: Callable[[], None], done: Done) -> None:
         try:
-            write()
+            self._store.delete(kind, key, version, origin)
         except (StoreError, ValueTooLarge) as exc:
             done(exc)
         else:
@@ -242,11 +256,13 @@ class LoaderCore:
         max_frame: int = 1 << 30,
         writes: Writes | None = None,
         aside: Aside = work_here,
+        eager_limit: int = EAGER_LIMIT,
     ) -> None:
         self.name = name
         self.address = address
         self.store_identity = store.identity
         self._max_frame = max_frame
+        self._eager_limit = eager_limit
         self._sync_inline = min(SYNC_INLINE, max_frame // 4)
         self._synced: set[int] = set()  # peers (by id) that had their resync
         self.started = time.time()
@@ -384,7 +400,9 @@ class LoaderCore:
         hears of it too, harmlessly: it has that version), big ones at once, encoded once."""
         local = self.peers.get(self.name)
         entry = getattr(message, "entry", None)
-        if entry is None or len(entry.payload) <= FANOUT_INLINE:
+        if entry is not None and self._on_demand(entry):
+            self._fanout.push(Announce(entry.without_payload(), len(entry.payload)))
+        elif entry is None or len(entry.payload) <= FANOUT_INLINE:
             self._fanout.push(message)
         else:
             parts = encode_parts(message)
@@ -437,13 +455,20 @@ class LoaderCore:
         previous = current.version if current is not None else 0
         self._hold(where)
 
-        def written(error: BaseException | None) -> None:
+        def written(stored: Blob | None, error: BaseException | None) -> None:
+            kept = (
+                entry
+                if stored is None or stored is entry.payload
+                else entry._replace(
+                    payload=stored  # served from the store from now on, not from memory
+                )
+            )
             if error is None:
-                self.entries[where] = entry
+                self.entries[where] = kept
             else:
                 self._last_version[where] -= 1  # nothing else numbered it meanwhile: held
             try:
-                then(None if error else entry, error)
+                then(None if error else kept, error)
             finally:
                 self._unhold(where)
 
@@ -677,8 +702,17 @@ class LoaderCore:
         members = self.member_names()
         room = self._sync_inline - _inline_size(*(key for _, key, _ in removed), *members)
         inline: list[Entry] = []
+        announced: list[Entry] = []
         for where, entry in self.entries.items():
             if held.get(where) == entry.version:
+                continue
+            if self._on_demand(entry):  # its bytes go only to nodes that get it
+                size = _inline_size(entry.key, entry.origin)
+                if size <= room:
+                    announced.append(entry.without_payload())
+                    room -= size
+                else:
+                    peer.deliver(Announce(entry.without_payload(), len(entry.payload)))
                 continue
             size = len(entry.payload) + _inline_size(entry.key, entry.source or "", entry.origin)
             if size <= room:
@@ -686,7 +720,12 @@ class LoaderCore:
                 room -= size
             else:
                 peer.deliver(SyncEntry(entry))
-        peer.deliver(SyncReply(message.rid, tuple(inline), removed, members))
+        peer.deliver(SyncReply(message.rid, tuple(inline), removed, members, tuple(announced)))
+
+    def _on_demand(self, entry: Entry) -> bool:
+        """Whether ``entry`` is a big value: announced to every node, its bytes sent only to
+        those that get it (SPEC "Big values travel on demand")."""
+        return entry.kind == VALUE and len(entry.payload) > self._eager_limit
 
     def status(self) -> dict[str, Any]:
         """The cluster as the loader sees it (what ``clustorage status`` prints)."""

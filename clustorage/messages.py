@@ -23,6 +23,7 @@ from .errors import RemoteProtocolError
 __all__ = [
     "FUNCTION",
     "VALUE",
+    "Announce",
     "Blob",
     "Commit",
     "Committed",
@@ -244,13 +245,14 @@ class Deleted(NamedTuple):
 
 
 class SyncReply(NamedTuple):
-    """What differs from what the member holds: entries, and (kind, key, tombstone version)
-    of each key it holds that is gone."""
+    """What differs from what the member holds: entries, (kind, key, tombstone version) of
+    each key it holds that is gone, and big values announced without their payload."""
 
     rid: int
     entries: tuple[Entry, ...]
     removed: tuple[tuple[str, str, int], ...]
     members: tuple[str, ...]
+    announced: tuple[Entry, ...] = ()
 
 
 class StatusReply(NamedTuple):
@@ -299,6 +301,14 @@ class Members(NamedTuple):
     gone: tuple[str, ...]
 
 
+class Announce(NamedTuple):
+    """A new version of a big value (``entry`` without its payload, ``size`` bytes): its
+    bytes come on the first ``get`` (SPEC "Big values travel on demand")."""
+
+    entry: Entry
+    size: int
+
+
 class Pushes(NamedTuple):
     """Several pushes in one frame, each an encoded message (see clustorage.fanout)."""
 
@@ -339,6 +349,7 @@ Message = (
     | Members
     | SyncEntry
     | Pushes
+    | Announce
 )
 
 # Type codes are part of the wire protocol: append, never renumber.
@@ -370,6 +381,7 @@ _TYPES: tuple[type, ...] = (
     Members,
     SyncEntry,
     Pushes,
+    Announce,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]
@@ -439,8 +451,14 @@ _WIRE: dict[type, _Wire] = {
         lambda blob, rid, entry, *rest: Defined(rid, Entry(*entry), *rest),
     ),
     SyncReply: _Wire(
-        lambda m: (m.rid, tuple(map(tuple, m.entries)), *m[2:]),
-        lambda blob, rid, entries, *rest: SyncReply(rid, _entries(entries), *rest),
+        lambda m: (m.rid, tuple(map(tuple, m.entries)), *m[2:4], tuple(map(tuple, m.announced))),
+        lambda blob, rid, entries, removed, members, announced: SyncReply(
+            rid, _entries(entries), removed, members, _entries(announced)
+        ),
+    ),
+    Announce: _Wire(
+        lambda m: (tuple(m.entry), m.size),
+        lambda blob, entry, size: Announce(Entry(*entry), size),
     ),
     HistoryReply: _Wire(
         lambda m: (m.rid, tuple(map(tuple, m.entries))),

@@ -71,6 +71,8 @@ class Node:
         timeout: seconds to wait for the loader before raising LoaderUnavailable.
         dead_after: seconds after which a peer host that stopped answering is taken for
             dead (``$CLUSTORAGE_DEAD_AFTER``, default 15); a busy process never is.
+        eager_limit: a loader's: values of more bytes are announced to every node and sent
+            only to those that get them (``$CLUSTORAGE_EAGER_LIMIT``, default 1 MiB).
 
     Raises:
         ConfigError, AuthenticationError, NameClashError, StoreError: the node cannot start.
@@ -88,6 +90,7 @@ class Node:
         timeout: float | None = None,
         max_frame: int | None = None,
         dead_after: float | None = None,
+        eager_limit: int | None = None,
     ) -> None:
         self.config = NodeConfig.resolve(
             name=name,
@@ -99,6 +102,7 @@ class Node:
             timeout=timeout,
             max_frame=max_frame,
             dead_after=dead_after,
+            eager_limit=eager_limit,
         )
         self.name = self.config.name
         self.timeout = self.config.timeout

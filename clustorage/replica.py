@@ -63,6 +63,8 @@ class Replica:
         self.origins: dict[tuple[str, str], str] = {}
         # Values recorded but not deserialized yet, by key (see install's ``lazy``).
         self._unread: dict[str, Entry] = {}
+        # Big values announced, whose bytes are fetched on first read (see announce).
+        self._announced: dict[str, Entry] = {}
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
@@ -120,17 +122,21 @@ class Replica:
                 return False
             where = (entry.kind, entry.key)
             held = self.versions.get(where, 0)
-            unread = entry.kind == VALUE and entry.key in self._unread
+            unread = entry.kind == VALUE and (
+                entry.key in self._unread or entry.key in self._announced
+            )
             if (held == entry.version and not unread) or (held > entry.version and not force):
                 return False
             if not force and self.tombstones.get(where, 0) >= entry.version:
                 return False
             self.tombstones.pop(where, None)
+            if entry.kind == VALUE:
+                self._announced.pop(entry.key, None)
             if lazy and obj is MISSING and entry.kind == VALUE and not self._listeners:
                 self._record_unread(entry)
                 return True
             if unread:
-                del self._unread[entry.key]
+                self._unread.pop(entry.key, None)
             if obj is MISSING:
                 try:
                     obj = codec.load(entry.payload)
@@ -153,6 +159,27 @@ class Replica:
                 LoadEvent(entry.kind, entry.key, entry.version, entry.origin, obj, entry.source),
             )
         return True
+
+    def announce(self, entry: Entry, *, force: bool = False) -> bool:
+        """Record a version of a big value without its bytes (``entry`` has no payload):
+        the value held before is dropped, and reading the key fetches it from the loader
+        (SPEC "Big values travel on demand"). ``force`` as for :meth:`install`."""
+        with self._lock:
+            where = (VALUE, entry.key)
+            held = max(self.versions.get(where, 0), self.tombstones.get(where, 0))
+            if held == entry.version or (held > entry.version and not force):
+                return False
+            self.tombstones.pop(where, None)
+            self.values.pop(entry.key, None)
+            self._unread.pop(entry.key, None)
+            self._announced[entry.key] = entry
+            self.versions[where] = entry.version
+            self.origins[where] = entry.origin
+        return True
+
+    def announced(self, key: str) -> bool:
+        """Whether ``key``'s current version is known here without its bytes."""
+        return key in self._announced
 
     def remove(
         self,
@@ -212,6 +239,7 @@ class Replica:
         else:
             self.values.pop(key, None)
             self._unread.pop(key, None)
+            self._announced.pop(key, None)
         return self.versions.pop((kind, key), 0), self.origins.pop((kind, key), "")
 
     def _record_unread(self, entry: Entry) -> None:
@@ -232,9 +260,9 @@ class Replica:
         return True
 
     def keys(self) -> list[str]:
-        """Every value key, sorted (unread ones too)."""
+        """Every value key, sorted (unread and announced ones too)."""
         with self._lock:
-            return sorted([*self.values, *self._unread])
+            return sorted([*self.values, *self._unread, *self._announced])
 
     def function_names(self) -> list[str]:
         return sorted(self.functions)

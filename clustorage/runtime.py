@@ -96,6 +96,7 @@ class LoaderRuntime:
             max_frame=config.max_frame,
             writes=self._writer,
             aside=self._aside,
+            eager_limit=config.eager_limit,
         )
         self._store = store
         self._heartbeat: Timer | None = None

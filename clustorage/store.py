@@ -72,6 +72,8 @@ class Store(Protocol):
 
     def remove_blob(self, name: str) -> None: ...
 
+    def read_blob(self, name: str) -> Blob: ...
+
     def delete(self, kind: str, key: str, version: int, origin: str) -> None: ...
 
     def history(self, kind: str, key: str) -> list[Entry]: ...
@@ -169,6 +171,13 @@ class SQLiteStore:
 
     def remove_blob(self, name: str) -> None:
         self._blobs.remove(name)
+
+    def read_blob(self, name: str) -> Blob:
+        """The payload in file ``name``, mapped from the file."""
+        try:
+            return self._blobs.read(name)
+        except OSError as exc:
+            raise StoreError(f"the loader could not read {self._blobs.folder}: {exc}") from exc
 
     def _files_of(self, where: str, args: tuple[object, ...]) -> list[str]:
         rows = self._db.execute(f"SELECT file FROM entries WHERE file > '' AND {where}", args)
@@ -336,6 +345,9 @@ class MemoryStore:
 
     def remove_blob(self, name: str) -> None:
         pass
+
+    def read_blob(self, name: str) -> Blob:
+        raise StoreError("a store in memory keeps payloads in memory")
 
     def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None:
         versions = self._versions.setdefault((entry.kind, entry.key), [])

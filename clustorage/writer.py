@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import StoreError, ValueTooLarge
-from .loader import Done
+from .loader import Done, Stored
 from .messages import Entry
 from .store import Store
 
@@ -114,12 +114,16 @@ class StoreWriter:
         self._rows: _Lane[_Queued] = _Lane("clustorage-store-writer", self._write_rows)
         self._files: _Lane[Callable[[], None]] = _Lane("clustorage-file-writer", _call_each)
 
-    def commit(self, entry: Entry, previous: int, done: Done) -> None:
-        """Make ``entry`` durable; ``done(error or None)`` follows on the loop thread."""
+    def commit(self, entry: Entry, previous: int, done: Stored) -> None:
+        """Make ``entry`` durable; ``done(payload as stored, error)`` follows on the loop."""
         if self._store.stages(entry):
             self._files.put(functools.partial(self._write_file, entry, previous, done))
             return
-        self._row(lambda store: store.commit(entry, previous), done, len(entry.payload))
+
+        def row_done(error: BaseException | None) -> None:
+            done(None if error else entry.payload, error)
+
+        self._row(lambda store: store.commit(entry, previous), row_done, len(entry.payload))
 
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None:
         """Record the tombstone; ``done(error or None)`` follows on the loop thread."""
@@ -131,18 +135,24 @@ class StoreWriter:
         else:
             self._rows.put((job, done))
 
-    def _write_file(self, entry: Entry, previous: int, done: Done) -> None:
+    def _write_file(self, entry: Entry, previous: int, done: Stored) -> None:
         """On the file lane: put ``entry``'s payload in its file, then queue its row."""
         try:
             file = self._store.write_blob(entry.payload)
         except (StoreError, OSError) as exc:
-            self._post(functools.partial(done, exc))
+            self._post(functools.partial(done, None, exc))
             return
 
         def row_done(error: BaseException | None) -> None:
             if error is not None:
                 self._store.remove_blob(file)
-            done(error)
+                done(None, error)
+                return
+            try:
+                stored = self._store.read_blob(file)
+            except StoreError:  # committed all the same: serve it from memory
+                stored = entry.payload
+            done(stored, None)
 
         self._rows.put((lambda store: store.commit(entry, previous, file), row_done))
 

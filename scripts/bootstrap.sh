@@ -33,6 +33,14 @@ if [ "$extras" = bench ] && ! command -v redis-server >/dev/null 2>&1 \
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || true
 fi
 
+# The JupyterLab check in a real browser drives Debian's Chromium.
+if [ "$extras" = browser ] && [ ! -x /usr/bin/chromium ] \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (apt-get) for the browser check" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
+fi
+
 venv="$here/.venv"
 stamp="$venv/.clustorage-$extras"
 if [ ! -x "$venv/bin/python" ]; then

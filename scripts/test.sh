@@ -3,7 +3,8 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k handshake
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$here/scripts/bootstrap.sh" test
+# The test extras, and JupyterLab, Playwright and Chromium for the browser check.
+"$here/scripts/bootstrap.sh" browser
 cd "$here"
 bin="$here/.venv/bin"
 "$bin/ruff" format --check clustorage tests bench demo

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +60,52 @@ def test_busy_bench_runs() -> None:
     done = run([str(BENCH / "busy.py"), "--quick"], timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "while it commits" in done.stdout and "nodes that left meanwhile" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_thousand_member_scenario_runs_quick(tmp_path: Path) -> None:
+    """The 1000-member scenario runs with 200 members in quick mode, every phase recorded."""
+    results = tmp_path / "results.json"
+    argv = [str(BENCH / "run.py"), "--quick", "--only", "thousand", "--json", str(results)]
+    done = run(argv, timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(results.read_text())["results"]
+    measures = {row["measure"] for row in rows}
+    prefix = "200 members on one loader"
+    for phase in ("all joined", "define acked by all", "trivial miss from one more member"):
+        assert f"{prefix}: {phase}" in measures, sorted(measures)
+    assert f"{prefix}: loader RSS" in measures
+    assert any(
+        row["measure"].startswith(f"{prefix}: ") and "MB value" in row["measure"] for row in rows
+    )
+    failed = [row for row in rows if row["note"].startswith("FAILED")]
+    assert not failed, failed
+
+
+@pytest.mark.timeout(30)
+def test_tcp_bytes_sent_counts_what_a_server_sent() -> None:
+    """tcp_bytes_sent sums the bytes a server sent on its port's connections."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    sys.path.insert(0, str(BENCH))
+    try:
+        from benchlib import tcp_bytes_sent
+    finally:
+        sys.path.remove(str(BENCH))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            before = tcp_bytes_sent(port)
+            for i, connection in enumerate(accepted):
+                connection.sendall(b"x" * (100_000 * (i + 1)))
+            for i, client in enumerate(clients):
+                received = 0
+                while received < 100_000 * (i + 1):
+                    received += len(client.recv(1 << 20))
+            assert before is not None
+            assert tcp_bytes_sent(port) == before + 300_000
+        finally:
+            for sock in [*clients, *accepted]:
+                sock.close()

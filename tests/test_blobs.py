@@ -90,9 +90,9 @@ def test_a_big_write_holds_up_no_small_one(tmp_path: Path) -> None:
             reported.notify_all()
 
     writer = StoreWriter(store, post)
-    writer.commit(value(1, BIG), 0, lambda error: outcomes.append(("big", error)))
+    writer.commit(value(1, BIG), 0, lambda stored, error: outcomes.append(("big", error)))
     small = Entry(VALUE, "small", 1, b"x" * (100 << 10), None, "m", 1.0)
-    writer.commit(small, 0, lambda error: outcomes.append(("small", error)))
+    writer.commit(small, 0, lambda stored, error: outcomes.append(("small", error)))
     with reported:
         assert reported.wait_for(lambda: outcomes, 20)
     assert outcomes == [("small", None)]

@@ -188,7 +188,9 @@ def test_silent_connections_and_garbage_do_not_starve_members(cluster: Cluster) 
 
 def test_member_that_stops_reading_is_dropped(cluster: Cluster) -> None:
     """A member that sends heartbeats but never reads is dropped once its backlog passes
-    the cap (128 MiB), not before: being slow to read is not being dead."""
+    the cap (128 MiB), not before: being slow to read is not being dead. (Values of 4 MB
+    are pushed to every node here: the eager limit is raised over them.)"""
+    cluster.env["CLUSTORAGE_EAGER_LIMIT"] = str(1 << 30)
     loader = cluster.start_loader()
     writer = cluster.member("writer")
     sock, conn = authenticated(cluster.port, "sleeper")

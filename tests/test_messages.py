@@ -19,6 +19,7 @@ from clustorage.errors import CompileError, RemoteProtocolError
 from clustorage.messages import (
     FUNCTION,
     VALUE,
+    Announce,
     Commit,
     Committed,
     Define,
@@ -72,7 +73,8 @@ SAMPLES: list[Any] = [
     Committed(14, ENTRY, False),
     Defined(15, FN, True, ("app1", "app2"), ("app3",)),
     Deleted(16, False, 4),
-    SyncReply(17, (ENTRY, FN), ((VALUE, "gone", 5),), ("app1", "app2")),
+    SyncReply(17, (ENTRY, FN), ((VALUE, "gone", 5),), ("app1", "app2"), (ENTRY.without_payload(),)),
+    Announce(ENTRY.without_payload(), 1 << 30),
     StatusReply(
         18,
         {
