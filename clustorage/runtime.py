@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .aioloop import make_loop
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
-from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, open_store
@@ -69,13 +69,13 @@ class LoaderRuntime:
         self.timing = Timing(dead_after=config.dead_after)
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
-        self.loop = Reactor()
+        self.loop = make_loop()
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         # Listen before the store is opened, so a loader that cannot listen creates no file.
         # The loop does not run yet: nothing is accepted before the core exists.
-        self._server: Server | None = self._listen()
+        self._server: Any = self._listen()
         try:
             store = open_store(config.database)
         except BaseException:
@@ -99,7 +99,7 @@ class LoaderRuntime:
             eager_limit=config.eager_limit,
         )
         self._store = store
-        self._heartbeat: Timer | None = None
+        self._heartbeat: Any = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
         try:
@@ -127,7 +127,7 @@ class LoaderRuntime:
     def _run(self) -> None:
         self.loop.run_forever()
 
-    def _listen(self) -> Server:
+    def _listen(self) -> Any:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
         try:
