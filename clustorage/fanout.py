@@ -41,13 +41,17 @@ class Fanout:
         self._peers = peers
         self._later = later
         self._queued: list[bytes] = []
+        self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
         self._frame: tuple[Message, tuple[bytes, bytes]] | None = None
 
-    def push(self, message: Message) -> None:
-        """Deliver ``message`` to every peer in a coming pass."""
+    def push(self, message: Message, skip: Any = None) -> None:
+        """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
+        request made it, already has it: it is left out of a pass whose every push is
+        from it, as a lone writer's are)."""
         self._queued.append(encode(message))
+        self._skip.add(id(skip))
         self._start()
 
     def membership(self, name: str, connected: bool) -> None:
@@ -70,13 +74,15 @@ class Fanout:
             present = tuple(sorted(name for name, on in joined.items() if on))
             gone = tuple(sorted(name for name, on in joined.items() if not on))
             self._queued.append(encode(Members(present, gone)))
+            self._skip.add(id(None))
         if not self._queued:
             self._pass = None
             return
         message = Pushes(tuple(self._queued))
-        self._queued = []
+        skip = next(iter(self._skip)) if len(self._skip) == 1 else id(None)
+        self._queued, self._skip = [], set()
         self._frame = (message, encode_parts(message))  # type: ignore[assignment]
-        self._pass = list(self._peers())
+        self._pass = [peer for peer in self._peers() if id(peer) != skip]
         self._pass.reverse()  # popped from the end: in the peers' order
         self._deliver()
 

@@ -396,14 +396,15 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
-        """Tell every node of a change: small ones in the fan-out's next pass (``skip``
-        hears of it too, harmlessly: it has that version), big ones at once, encoded once."""
+        """Tell every node but ``skip`` of a change: small ones in the fan-out's next pass
+        (where ``skip`` may hear of it too, harmlessly: it has that version), big values
+        announced, other big ones at once, encoded once."""
         local = self.peers.get(self.name)
         entry = getattr(message, "entry", None)
         if entry is not None and self._on_demand(entry):
             self._fanout.push(Announce(entry.without_payload(), len(entry.payload)))
         elif entry is None or len(entry.payload) <= FANOUT_INLINE:
-            self._fanout.push(message)
+            self._fanout.push(message, skip)
         else:
             parts = encode_parts(message)
             for peer in self._remote_peers():
