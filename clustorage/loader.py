@@ -257,6 +257,7 @@ class LoaderCore:
         writes: Writes | None = None,
         aside: Aside = work_here,
         eager_limit: int = EAGER_LIMIT,
+        soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -276,7 +277,9 @@ class LoaderCore:
         }
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
-        self._fanout = Fanout(self._remote_peers, lambda call: self._schedule(0, call))
+        self._fanout = Fanout(
+            self._remote_peers, soon if soon is not None else lambda call: schedule(0, call)
+        )
         self._leases = Leases()
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}

@@ -97,6 +97,7 @@ class LoaderRuntime:
             writes=self._writer,
             aside=self._aside,
             eager_limit=config.eager_limit,
+            soon=self.loop.call_soon,
         )
         self._store = store
         self._heartbeat: Any = None

@@ -1,4 +1,5 @@
-"""The fan-out: pushes queued, encoded once per pass, delivered a slice at a time."""
+"""The fan-out: pushes queued, encoded once per pass, delivered a slice at a time; a pass
+of one push sends it as it is, several go in one Pushes frame."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ class Peer:
         self.parts.append(parts)
 
     def heard(self) -> list[Any]:
-        return [decode(frame) for pushes in self.frames for frame in pushes.frames]
+        """Every push, out of the Pushes frames that carried several."""
+        heard: list[Any] = []
+        for message in self.frames:
+            if isinstance(message, Pushes):
+                heard += [decode(frame) for frame in message.frames]
+            else:
+                heard.append(message)
+        return heard
 
 
 class Loop:
