@@ -154,8 +154,17 @@ class Pending:
         for waiter in waiters.values():
             waiter.set(error=error)
 
-    def wait(self, rid: int, waiter: Waiter, timeout: float, alive: Callable[[], bool]) -> Message:
+    def wait(
+        self,
+        rid: int,
+        waiter: Waiter,
+        timeout: float,
+        alive: Callable[[], bool],
+        whole: float | None = None,
+    ) -> Message:
         """The answer to ``rid``. A queued request waits as long as the connection lives.
+
+        ``timeout`` may be what is left of the caller's ``whole`` timeout.
 
         Raises:
             LoaderUnavailable: no answer in ``timeout`` seconds, or the connection was lost.
@@ -163,7 +172,9 @@ class Pending:
         while not waiter.wait(timeout):
             if not (waiter.queued and alive()):
                 self.discard(rid)
-                raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
+                said = whole if whole is not None else timeout
+                raise LoaderUnavailable(f"no answer from the loader within {said:g}s")
+            timeout = max(timeout, 0.25)  # queued: check on the connection now and then
         if waiter.error is not None:
             raise waiter.error
         assert waiter.reply is not None

@@ -509,7 +509,9 @@ class MemberClient:
             finally:
                 self._io_lock.release()
         self._last_answer = time.monotonic()
-        return self.pending.wait(rid, waiter, max(remaining, 0.0), lambda: self._is_ready)
+        return self.pending.wait(
+            rid, waiter, max(remaining, 0.0), lambda: self._is_ready, whole=timeout
+        )
 
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send a request and wait for its answer (a ``patient`` one while connected).
