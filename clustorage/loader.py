@@ -122,6 +122,11 @@ def _deadlock_message(chain: list[str], holder: str) -> str:
     )
 
 
+def _same_commit(current: Entry, peer: Peer, message: Commit) -> bool:
+    """Whether ``current`` is the value ``message`` commits, from the same node."""
+    return current.origin == peer.name and bytes(current.payload) == bytes(joined(message.payload))
+
+
 def _inline_size(*texts: str) -> int:
     """About how many bytes ``texts`` take inside a message, with room for framing."""
     return sum(len(text.encode(errors="surrogatepass")) + _INLINE_OVERHEAD for text in texts)
@@ -497,6 +502,11 @@ class LoaderCore:
         holder's connection, or the loader, restarted while fn ran) and the key has none."""
         key = message.key
         lease = self._leases.get(key)
+        current = self.entries.get((VALUE, key))
+        if lease is None and current is not None and _same_commit(current, peer, message):
+            # Sent again after a takeover (its first answer was lost): already stored.
+            peer.deliver(Committed(message.rid, current.without_payload(), True))
+            return
         if (lease is not None and lease.token != message.token) or (
             lease is None and (VALUE, key) in self.entries
         ):

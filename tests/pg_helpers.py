@@ -1,0 +1,174 @@
+"""A private PostgreSQL server for the tests: initdb into a temporary folder, run as a
+non-root user (``nobody`` when the tests run as root), on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def _bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install 'clustorage[postgres]')"
+    if _bin() is None:
+        return "PostgreSQL is not installed (scripts/bootstrap.sh installs Debian's postgresql)"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root without runuser: cannot start PostgreSQL as another user"
+    return None
+
+
+class PostgresServer:
+    """One private server; :meth:`database` makes a fresh database and gives its URL."""
+
+    def __init__(self) -> None:
+        reason = unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        bin_dir = _bin()
+        assert bin_dir is not None
+        self.bin = bin_dir
+        self.folder = Path(tempfile.mkdtemp(prefix="clustorage-pg-"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.user: str | None = None
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            self.user = "nobody"
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        self.start()
+
+    def _command(self, argv: list[str]) -> list[str]:
+        return ["runuser", "-u", self.user, "--", *argv] if self.user else argv
+
+    def _run(self, argv: list[str]) -> None:
+        subprocess.run(
+            self._command(argv), check=True, capture_output=True, timeout=60, cwd=self.folder
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the server keeps it
+        self.proc = subprocess.Popen(
+            self._command(
+                [
+                    str(self.bin / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.folder),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=200",
+                ]
+            ),
+            stdout=log,
+            stderr=log,
+            cwd=self.folder,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        import psycopg
+
+        while True:
+            try:
+                psycopg.connect(self.url("postgres"), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "PostgreSQL did not start: " + (self.folder / "server.log").read_text()
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the server now (immediate shutdown), by its PID."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)  # runuser passes it on to postgres
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._stop_postmaster()
+
+    def _stop_postmaster(self) -> None:
+        """runuser may have ended before the server: stop the one its pid file names."""
+        pidfile = self.data / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGQUIT)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def database(self) -> str:
+        """A fresh, empty database: its URL."""
+        import psycopg
+
+        name = f"t_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
