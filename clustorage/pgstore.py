@@ -117,10 +117,6 @@ def connect(url: str, dead_after: float, **options: Any) -> Any:
     )
 
 
-class Fenced(StoreError):
-    """Another loader took over: this one's writes are refused."""
-
-
 class PostgresStore:
     """A :class:`~clustorage.store.Store` in PostgreSQL, the rows of loader ``name``.
 
@@ -223,7 +219,7 @@ class PostgresStore:
             "SELECT epoch FROM clustorage_leader WHERE loader = %s FOR SHARE", (self.name,)
         ).fetchone()
         if row is None or int(row[0]) != self.epoch:
-            raise Fenced(
+            raise StoreError(
                 f"the loader's epoch {self.epoch} is over (now {row[0] if row else 'none'}): "
                 f"another loader of {self.name} took over; nothing was stored"
             )
