@@ -172,6 +172,30 @@ class Writes(Protocol):
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...
 
 
+class LeaseBook(Protocol):
+    """Where a loader with standbys keeps its leases, so that a takeover sees which keys
+    were being computed, by whom (clustorage.pgstore)."""
+
+    def lease_granted(self, key: str, holder: str, token: int) -> None: ...
+
+    def lease_ended(self, key: str) -> None: ...
+
+    def leases(self) -> list[tuple[str, str, int]]: ...
+
+
+class _Absent:
+    """The holder of a lease granted by a former loader, until it asks again or commits."""
+
+    address = "?"
+    connected_since = 0.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def deliver(self, message: Message, parts: tuple[bytes, Payload] | None = None) -> None:
+        pass
+
+
 class Aside(Protocol):
     """Where slow work runs (compiling): ``work()``, then ``done(result, error)`` on the loop."""
 
@@ -262,6 +286,8 @@ class LoaderCore:
         writes: Writes | None = None,
         aside: Aside = work_here,
         eager_limit: int = EAGER_LIMIT,
+        book: LeaseBook | None = None,
+        lease_grace: float = 0.0,
     ) -> None:
         self.name = name
         self.address = address
@@ -283,6 +309,9 @@ class LoaderCore:
         self.peers: dict[str, Peer] = {}
         self._fanout = Fanout(self._remote_peers, lambda call: self._schedule(0, call))
         self._leases = Leases()
+        self._book = book
+        if book is not None:
+            self._adopt(book, lease_grace)
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
         self._definitions: list[_Definition] = []
@@ -479,6 +508,37 @@ class LoaderCore:
 
         self._writes.commit(entry, previous, written)
 
+    # -- leases kept in the store (loaders with standbys) ----------------------------------
+
+    def _adopt(self, book: LeaseBook, grace: float) -> None:
+        """Take over the leases of a former loader: their holders may still commit (with
+        their token) or ask again; after ``grace`` seconds, the others' waiters get them."""
+        adopted = [
+            self._leases.adopt(key, _Absent(holder), token)
+            for key, holder, token in book.leases()
+            if (VALUE, key) not in self.entries
+        ]
+        if adopted:
+            log.info("took over %d leases: %s", len(adopted), [lease.key for lease in adopted])
+            self._schedule(grace, self._expire_adopted)
+
+    def _expire_adopted(self) -> None:
+        for lease in self._leases:
+            if type(lease.holder) is _Absent and not lease.committing:
+                log.info("%s: its holder %s did not come back", lease.key, lease.holder.name)
+                self._pass_lease(lease)
+
+    def _book_grant(self, lease: Lease) -> None:
+        if self._book is not None:
+            self._book.lease_granted(lease.key, lease.holder.name, lease.token)
+
+    def _book_end(self, key: str) -> None:
+        if self._book is not None:
+            try:
+                self._book.lease_ended(key)
+            except StoreError as exc:
+                log.warning("%s: the end of its lease was not recorded: %s", printable(key), exc)
+
     # -- values ----------------------------------------------------------------------------
 
     def _fetch(self, peer: Peer, message: Fetch) -> None:
@@ -489,6 +549,15 @@ class LoaderCore:
             peer.deliver(NotFound(message.rid))
         elif (lease := self._leases.get(message.key)) is None:
             lease = self._leases.grant(message.key, peer, message.rid, message.holding)
+            try:
+                self._book_grant(lease)
+            except StoreError:
+                self._leases.settle(message.key)
+                raise
+            peer.deliver(LeaseGranted(message.rid, lease.token))
+        elif type(lease.holder) is _Absent and lease.holder.name == peer.name:
+            # Its holder asks again after a takeover: its lease, with the same token.
+            lease.holder, lease.rid, lease.holding = peer, message.rid, message.holding
             peer.deliver(LeaseGranted(message.rid, lease.token))
         elif chain := self._leases.cycle(message.key, peer, message.holding):
             raise DeadlockError(_deadlock_message(chain, lease.holder.name))
@@ -565,6 +634,8 @@ class LoaderCore:
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
+        if self._leases.get(key) is not None:
+            self._book_end(key)
         for waiter in self._leases.settle(key):
             waiter.peer.deliver(Found(waiter.rid, entry))
 
@@ -585,8 +656,14 @@ class LoaderCore:
             self._leases.withdraw(lease, peer, message.rid)
 
     def _pass_lease(self, lease: Lease) -> None:
-        if self._leases.pass_on(lease, self._alive) is not None:
-            lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
+        if self._leases.pass_on(lease, self._alive) is None:
+            self._book_end(lease.key)
+            return
+        try:
+            self._book_grant(lease)
+        except StoreError as exc:
+            log.warning("%s: its new holder was not recorded: %s", printable(lease.key), exc)
+        lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
 
     def _delete(self, peer: Peer, message: Delete) -> None:
         where = (message.kind, message.key)

@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS clustorage_identity (
     loader TEXT PRIMARY KEY,
     id     TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS clustorage_leases (
+    loader TEXT             NOT NULL,
+    key    TEXT             NOT NULL,
+    holder TEXT             NOT NULL,
+    token  BIGINT           NOT NULL,
+    since  DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (loader, key)
+);
 CREATE TABLE IF NOT EXISTS clustorage_leader (
     loader  TEXT PRIMARY KEY,
     epoch   BIGINT           NOT NULL,
@@ -313,6 +321,32 @@ class PostgresStore:
             (self.name, kind, key),
         )
         return [self._entry(row) for row in rows]
+
+    def lease_granted(self, key: str, holder: str, token: int) -> None:
+        """Record that ``holder`` computes ``key`` under lease ``token``."""
+        self._write(
+            [
+                (
+                    "INSERT INTO clustorage_leases (loader, key, holder, token, since) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (loader, key) DO UPDATE SET "
+                    "holder = EXCLUDED.holder, token = EXCLUDED.token, since = EXCLUDED.since",
+                    (self.name, key, holder, token, time.time()),
+                )
+            ]
+        )
+
+    def lease_ended(self, key: str) -> None:
+        """Record that nobody computes ``key`` any more."""
+        self._write(
+            [("DELETE FROM clustorage_leases WHERE loader = %s AND key = %s", (self.name, key))]
+        )
+
+    def leases(self) -> list[tuple[str, str, int]]:
+        """Every lease recorded: ``(key, holder, token)``."""
+        rows = self._read(
+            "SELECT key, holder, token FROM clustorage_leases WHERE loader = %s", (self.name,)
+        )
+        return [(str(key), str(holder), int(token)) for key, holder, token in rows]
 
     def announce(self, address: str) -> None:
         """Nothing to say here: the leader row says who is active (clustorage.leadership)."""

@@ -126,6 +126,8 @@ class LoaderRuntime:
             writes=self._writer,
             aside=self._aside,
             eager_limit=self.config.eager_limit,
+            book=self._store if self._standby is not None else None,  # type: ignore[arg-type]
+            lease_grace=self.config.dead_after + self.config.timeout,
         )
 
     @property
