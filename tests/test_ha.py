@@ -316,3 +316,21 @@ def test_an_invalid_store_is_refused_with_what_to_use(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "postgresql://USER@HOST/DB" in done.stderr
+
+
+def test_a_loader_address_lists_the_active_loader_and_its_standbys() -> None:
+    """--loader NAME@HOST:PORT,HOST:PORT parses to every address, in order, and prints back."""
+    from clustorage.config import LoaderAddress, NodeConfig, parse_loader
+
+    address = parse_loader("app1@hostA:4370,hostB,[::1]:4371")
+    assert address.addresses == (("hostA", 4370), ("hostB", 4370), ("::1", 4371))
+    assert str(address) == "app1@hostA:4370,hostB:4370,[::1]:4371"
+    assert parse_loader("app1@h:1") == LoaderAddress("app1", "h", 1)
+    config = NodeConfig.resolve(
+        name="m", env={"CLUSTORAGE_LOADER": "app1@a:1,b:2", "CLUSTORAGE_COOKIE": "c"}
+    )
+    assert config.loader is not None and config.loader.addresses == (("a", 1), ("b", 2))
+    stored = NodeConfig.resolve(
+        name="app1", env={"CLUSTORAGE_STORE": "postgresql://db/x", "CLUSTORAGE_COOKIE": "c"}
+    )
+    assert stored.store == "postgresql://db/x"
