@@ -96,11 +96,20 @@ class Campaign:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        failing = ""  # the last failure logged: a standby that cannot reach the database
+        while not self._stopping.is_set():  # says so once, not twice a second
             try:
                 self._once()
+                failing = ""
             except StoreError as exc:
-                log.warning("loader %s: %s", self._leadership.name, exc)
+                why = str(exc).partition(":")[0]
+                log.log(
+                    logging.WARNING if why != failing else logging.DEBUG,
+                    "loader %s: %s",
+                    self._leadership.name,
+                    exc,
+                )
+                failing = why
                 if self.active:
                     self.lose()
             self._stopping.wait(POLL)

@@ -45,7 +45,9 @@ def unavailable() -> str | None:
 class PostgresServer:
     """One private server; :meth:`database` makes a fresh database and gives its URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: str = "127.0.0.1", trusted: str = "") -> None:
+        """``listen``: the addresses to listen on; ``trusted``: a network (CIDR) whose
+        clients are let in, besides 127.0.0.1."""
         reason = unavailable()
         if reason is not None:
             pytest.skip(reason)
@@ -60,6 +62,7 @@ class PostgresServer:
             self.user = "nobody"
             entry = pwd.getpwnam(self.user)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.listen = listen
         self.proc: subprocess.Popen[bytes] | None = None
         self._run(
             [
@@ -75,6 +78,9 @@ class PostgresServer:
                 "--no-sync",
             ],
         )
+        if trusted:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {trusted} trust\n")
         self.start()
 
     def _command(self, argv: list[str]) -> list[str]:
@@ -99,7 +105,7 @@ class PostgresServer:
                     "-k",
                     str(self.folder),
                     "-c",
-                    "listen_addresses=127.0.0.1",
+                    f"listen_addresses={self.listen}",
                     "-c",
                     "fsync=off",
                     "-c",

@@ -71,6 +71,15 @@ class HACluster(Cluster):
         assert row is not None
         return int(row[0]), int(str(row[1]).rpartition(":")[2])
 
+    def since(self) -> float:
+        """When the active loader took the lock (time.time() on this machine)."""
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=5) as db:
+            row = db.execute("SELECT since FROM clustorage_leader").fetchone()
+        assert row is not None
+        return float(row[0])
+
     def wait_leader(self, after: int = 0, timeout: float = 30) -> tuple[int, int]:
         """The leader once its epoch is over ``after``."""
         deadline = time.monotonic() + timeout
@@ -334,3 +343,167 @@ def test_a_loader_address_lists_the_active_loader_and_its_standbys() -> None:
         name="app1", env={"CLUSTORAGE_STORE": "postgresql://db/x", "CLUSTORAGE_COOKIE": "c"}
     )
     assert stored.store == "postgresql://db/x"
+
+
+class LoaderHosts:
+    """Two namespaces, a loader host each, linked to this one (PostgreSQL, members) by veth
+    pairs: 10.251.N.1 here, 10.251.N.2 there."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.names = [f"clh{tag}a", f"clh{tag}b"]
+        self.made: list[str] = []
+
+    def address(self, index: int) -> str:
+        return f"10.251.{index + 1}.2"
+
+    def create(self) -> None:
+        for index, ns in enumerate(self.names):
+            result = _ip("netns", "add", ns)
+            if result.returncode != 0:
+                raise OSError(result.stderr.strip())
+            self.made.append(ns)
+            here, there = f"vh{ns[-7:]}", f"vt{ns[-7:]}"
+            net = f"10.251.{index + 1}"
+            for args in (
+                ("link", "add", here, "type", "veth", "peer", there, "netns", ns),
+                ("addr", "add", f"{net}.1/30", "dev", here),
+                ("link", "set", here, "up"),
+                ("-n", ns, "addr", "add", f"{net}.2/30", "dev", there),
+                ("-n", ns, "link", "set", there, "up"),
+                ("-n", ns, "link", "set", "lo", "up"),
+            ):
+                result = _ip(*args)
+                if result.returncode != 0:
+                    raise OSError(result.stderr.strip())
+
+    def cut(self, index: int, up: bool) -> None:
+        ns = self.names[index]
+        result = _ip("-n", ns, "link", "set", f"vt{ns[-7:]}", "up" if up else "down")
+        assert result.returncode == 0, result.stderr
+
+    def destroy(self) -> None:
+        for ns in self.made:  # its veth pair goes with it
+            _ip("netns", "del", ns)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture
+def loader_hosts() -> Any:
+    """Network namespaces for two loader hosts, removed after the test."""
+    import shutil
+
+    if sys.platform != "linux" or shutil.which("ip") is None:
+        pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces (ip netns add)")
+    made = LoaderHosts()
+    try:
+        made.create()
+    except OSError as exc:
+        made.destroy()
+        pytest.skip(f"this machine cannot create network namespaces: {exc}")
+    try:
+        yield made
+    finally:
+        made.destroy()
+
+
+PARTITIONED = r"""
+import threading, time
+acked, refused = {}, collections.Counter()
+stop = threading.Event()
+
+def puts():
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            node.put(f"cut{i}", i)
+            acked[f"cut{i}"] = time.time()
+        except clustorage.ClustorageError as exc:
+            refused[type(exc).__name__] += 1
+        time.sleep(0.02)
+
+worker = threading.Thread(target=puts, daemon=True)
+worker.start()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_partitioned_active_loader_acknowledges_nothing_after_losing_its_lock(
+    tmp_path: Path, loader_hosts: LoaderHosts
+) -> None:
+    """The active loader's host is cut off: the standby takes over within dead_after, the
+    former active (still serving a member on its own host) stores and acknowledges
+    nothing from then on, and every write it acknowledged before is kept."""
+    server = PostgresServer(listen="127.0.0.1,10.251.1.1,10.251.2.1", trusted="10.251.0.0/16")
+    url = server.database()
+    cluster = HACluster(tmp_path, url)
+    port = 4370
+    try:
+        for index, ns in enumerate(loader_hosts.names):
+            log = open(tmp_path / f"loader-{index}.log", "w")  # noqa: SIM115
+            remote = url.replace("127.0.0.1", f"10.251.{index + 1}.1")
+            proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    sys.executable,
+                    "-m",
+                    "clustorage",
+                    "loader",
+                    "--name",
+                    "app1",
+                    "--listen",
+                    f"{loader_hosts.address(index)}:{port}",
+                    "--store",
+                    remote,
+                ],
+                env=cluster.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            cluster.procs.append(proc)
+            if index == 0:
+                epoch, _ = cluster.wait_leader()
+        listed = ",".join(f"{loader_hosts.address(i)}:{port}" for i in range(2))
+        outside = cluster.member("outside", f"app1@{listed}")
+        inside = cluster.member(
+            "inside",
+            f"app1@{loader_hosts.address(0)}:{port}",
+            ("ip", "netns", "exec", loader_hosts.names[0]),
+        )
+        assert inside.ok("node.put('before', 1)") == 1
+        inside.ok("import collections\n" + PARTITIONED)
+        time.sleep(0.5)
+        loader_hosts.cut(0, up=False)
+        cut_at = time.time()
+        epoch, _ = cluster.wait_leader(after=epoch, timeout=30)
+        taken_at = cluster.since()
+        deadline = time.monotonic() + 30
+        while "ok" not in (answer := outside.send("node.put('after', 2)")):
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+        time.sleep(1.0)
+        acked, refused = inside.ok("stop.set(); worker.join(30); [acked, dict(refused)]")
+        late = [key for key, when in acked.items() if when >= taken_at]
+        assert late == [], f"the former active acknowledged {late} after the takeover"
+        assert refused, "the partitioned member's puts should have failed"
+        assert (tmp_path / "loader-0.log").read_text().count("lost its lock") >= 1
+        assert taken_at - cut_at < 2 * float(DEAD_AFTER) + 5
+        loader_hosts.cut(0, up=True)
+        check = outside.ok(
+            f"keys = {json.dumps(sorted(acked))}\n[k for k in keys if node.get(k) is None]"
+        )
+        assert check == []
+        assert outside.ok("[node.get('before'), node.get('after')]") == [1, 2]
+    finally:
+        cluster.close()
+        server.close()
