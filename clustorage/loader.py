@@ -178,7 +178,9 @@ class LeaseBook(Protocol):
 
     def lease_granted(self, key: str, holder: str, token: int) -> None: ...
 
-    def lease_ended(self, key: str) -> None: ...
+    def lease_ended(self, key: str) -> None:
+        """Nobody computes ``key`` any more (committing a value of ``key`` ends it too)."""
+        ...
 
     def leases(self) -> list[tuple[str, str, int]]: ...
 
@@ -634,9 +636,7 @@ class LoaderCore:
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
-        if self._leases.get(key) is not None:
-            self._book_end(key)
-        for waiter in self._leases.settle(key):
+        for waiter in self._leases.settle(key):  # its lease's record went with the value
             waiter.peer.deliver(Found(waiter.rid, entry))
 
     def _release(self, peer: Peer, message: Release) -> None:

@@ -176,6 +176,12 @@ class MemberClient:
         """The LoaderUnavailable a caller sees, naming the loader and how to start it with
         this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
         loader, cookie = self.loader, self.config.cookie
+        if loader.standbys:  # loaders on one PostgreSQL store: none of them is active
+            return LoaderUnavailable(
+                f"no active loader among {loader} ({why}); a standby takes over within "
+                f"dead_after, or start one with 'clustorage loader --name {loader.name} "
+                f"--store postgresql://...' on a listed address"
+            )
         command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
         if cookie.source.startswith("file "):
             command += f" --cookie-file {cookie.source.removeprefix('file ')}"

@@ -255,9 +255,14 @@ class PostgresStore:
             except psycopg.Error as exc:
                 raise self._error(exc) from exc
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]], flush: bool = True) -> None:
+        """Run ``statements`` in one transaction (or the one open); ``flush``: wait for the
+        commit to reach the disk (a lease's record need not: it is seen at once by the
+        next loader, and only a crash of the database itself could lose it)."""
         with self.transaction():
             try:
+                if not flush:
+                    self._db.execute("SET LOCAL synchronous_commit TO OFF")
                 for sql, args in statements:
                     self._db.execute(sql, args)
             except psycopg.Error as exc:
@@ -289,6 +294,13 @@ class PostgresStore:
                     "UPDATE clustorage_entries SET payload = NULL "
                     "WHERE loader = %s AND kind = %s AND key = %s AND version = %s",
                     (self.name, entry.kind, entry.key, previous),
+                )
+            )
+        if entry.kind == VALUE:  # the key has its value: whoever computed it is done
+            statements.append(
+                (
+                    "DELETE FROM clustorage_leases WHERE loader = %s AND key = %s",
+                    (self.name, entry.key),
                 )
             )
         self._write(statements)
@@ -332,13 +344,15 @@ class PostgresStore:
                     "holder = EXCLUDED.holder, token = EXCLUDED.token, since = EXCLUDED.since",
                     (self.name, key, holder, token, time.time()),
                 )
-            ]
+            ],
+            flush=False,
         )
 
     def lease_ended(self, key: str) -> None:
         """Record that nobody computes ``key`` any more."""
         self._write(
-            [("DELETE FROM clustorage_leases WHERE loader = %s AND key = %s", (self.name, key))]
+            [("DELETE FROM clustorage_leases WHERE loader = %s AND key = %s", (self.name, key))],
+            flush=False,
         )
 
     def leases(self) -> list[tuple[str, str, int]]:

@@ -45,9 +45,10 @@ def unavailable() -> str | None:
 class PostgresServer:
     """One private server; :meth:`database` makes a fresh database and gives its URL."""
 
-    def __init__(self, listen: str = "127.0.0.1", trusted: str = "") -> None:
+    def __init__(self, listen: str = "127.0.0.1", trusted: str = "", fsync: bool = False) -> None:
         """``listen``: the addresses to listen on; ``trusted``: a network (CIDR) whose
-        clients are let in, besides 127.0.0.1."""
+        clients are let in, besides 127.0.0.1; ``fsync``: whether commits reach the disk
+        (the tests kill processes, not the machine, so they do without)."""
         reason = unavailable()
         if reason is not None:
             pytest.skip(reason)
@@ -63,6 +64,7 @@ class PostgresServer:
             entry = pwd.getpwnam(self.user)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
         self.listen = listen
+        self.fsync = fsync
         self.proc: subprocess.Popen[bytes] | None = None
         self._run(
             [
@@ -107,7 +109,7 @@ class PostgresServer:
                     "-c",
                     f"listen_addresses={self.listen}",
                     "-c",
-                    "fsync=off",
+                    f"fsync={'on' if self.fsync else 'off'}",
                     "-c",
                     "max_connections=200",
                 ]

@@ -257,7 +257,11 @@ def test_a_former_active_cannot_write_after_a_takeover(pg_url: str) -> None:
         assert lock2.active() == "a:1"
         first.commit(Entry(VALUE, "k", 1, b"one", None, "m", 1.0))
         lock1.drop()  # its session ends (as when its host is cut off): the lock is free
-        second.epoch = lock2.acquire("b:2")
+        deadline = time.monotonic() + 10
+        while (epoch := lock2.acquire("b:2")) is None:  # once the server ended the session
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second.epoch = epoch
         assert second.epoch == 2
         with pytest.raises(StoreError, match="another loader of app1 took over"):
             first.commit(Entry(VALUE, "k", 2, b"two", None, "m", 2.0), previous=1)
@@ -507,3 +511,17 @@ def test_a_partitioned_active_loader_acknowledges_nothing_after_losing_its_lock(
     finally:
         cluster.close()
         server.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_no_active_loader_a_write_names_every_listed_address(ha: HACluster) -> None:
+    """Every listed loader gone: a put raises LoaderUnavailable naming both addresses."""
+    member = ha.member("m1")
+    assert member.ok("node.put('k', 1)") == 1
+    for proc in ha.loaders.values():
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    answer = member.send("node.put('k', 2)")
+    assert answer.get("error") == "LoaderUnavailable", answer
+    assert ha.loader in answer["message"]
+    assert member.ok("node.get('k')") == 1  # what it holds still reads
