@@ -525,3 +525,18 @@ def test_with_no_active_loader_a_write_names_every_listed_address(ha: HACluster)
     assert answer.get("error") == "LoaderUnavailable", answer
     assert ha.loader in answer["message"]
     assert member.ok("node.get('k')") == 1  # what it holds still reads
+
+
+def test_only_safe_requests_are_sent_again_after_a_takeover() -> None:
+    """Reads, unforced definitions and commits are retried once; puts, deletes and a miss
+    asking for the lease are not (they raise LoaderUnavailable)."""
+    from clustorage.member import _retryable
+    from clustorage.messages import FUNCTION, Commit, Define, Delete, Fetch, History, Put, Status
+
+    assert _retryable(Fetch(1, VALUE, "k", False, ()))
+    assert not _retryable(Fetch(1, VALUE, "k", True, ()))
+    assert _retryable(Status(1)) and _retryable(History(1, FUNCTION, "f"))
+    assert _retryable(Define(1, "f", "def f(): pass", False))
+    assert not _retryable(Define(1, "f", "def f(): pass", True))
+    assert _retryable(Commit(1, "k", 7, b"v"))
+    assert not _retryable(Put(1, "k", b"v")) and not _retryable(Delete(1, VALUE, "k"))
