@@ -87,7 +87,9 @@ class LoaderRuntime:
             self.loop.close()
             raise
         self._writer = (
-            StoreWriter(store, self.loop.call_soon_threadsafe) if store.path != MEMORY else None
+            StoreWriter(store, self.loop.call_soon_threadsafe, inline=not config.store)
+            if store.path != MEMORY
+            else None
         )
         self._compilers = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix=f"clustorage-compile-{config.name}"
