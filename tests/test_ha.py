@@ -540,3 +540,32 @@ def test_only_safe_requests_are_sent_again_after_a_takeover() -> None:
     assert not _retryable(Define(1, "f", "def f(): pass", True))
     assert _retryable(Commit(1, "k", 7, b"v"))
     assert not _retryable(Put(1, "k", b"v")) and not _retryable(Delete(1, VALUE, "k"))
+
+
+def test_a_kernelspec_names_a_loader_and_its_standbys() -> None:
+    """--loader NAME@A,B goes into the kernelspec as written, and a kernel parses it."""
+    from clustorage.config import parse_loader
+    from clustorage.kernel import get_kernel_dict
+
+    spec = get_kernel_dict(loader="app1@hostA:4370,hostB:4370")
+    assert spec["env"]["CLUSTORAGE_LOADER"] == "app1@hostA:4370,hostB:4370"
+    assert parse_loader(spec["env"]["CLUSTORAGE_LOADER"]).addresses == (
+        ("hostA", 4370),
+        ("hostB", 4370),
+    )
+
+
+@pytest.mark.timeout(120)
+def test_the_ha_bench_runs(pg_url: str) -> None:
+    """bench/ha.py --quick runs against a database and prints both figures."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "ha.py"), "--quick", "--store", pg_url],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PostgreSQL" in done.stdout and "SQLite" in done.stdout
+    assert "takeover, 2 kill -9" in done.stdout
