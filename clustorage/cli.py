@@ -100,15 +100,6 @@ def _run_loader(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe(args: argparse.Namespace) -> Probe:
-    """A one-shot connection to the loader: it does not join, so nothing is downloaded."""
-    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
-        raise ConfigError(NO_LOADER)
-    return Probe(
-        args.loader, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
-    )
-
-
 def _since(epoch: float) -> str:
     seconds = int(time.time() - epoch)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
@@ -184,9 +175,28 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(args: argparse.Namespace) -> list[Any]:
+    """The key's history from the first listed loader that is active."""
+    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
+        raise ConfigError(NO_LOADER)
+    listed = parse_loader(args.loader or os.environ.get("CLUSTORAGE_LOADER", ""))
+    failures: list[LoaderUnavailable] = []
+    for host, port in listed.addresses:
+        where = listed if not listed.standbys else LoaderAddress(listed.name, host, port)
+        try:
+            with Probe(
+                where, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
+            ) as probe:
+                return list(probe.history(args.key, "value" if args.value else "function"))
+        except LoaderUnavailable as exc:  # down, or a standby: the next one
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    raise LoaderUnavailable("no active loader answers: " + "; ".join(map(str, failures)))
+
+
 def _run_history(args: argparse.Namespace) -> int:
-    with _probe(args) as probe:
-        entries = probe.history(args.key, "value" if args.value else "function")
+    entries = _history(args)
     rows: list[dict[str, Any]] = [
         {
             "version": entry.version,

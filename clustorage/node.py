@@ -63,7 +63,8 @@ class Node:
     Args:
         name: this node's name (``$CLUSTORAGE_NAME``, else generated).
         loader: ``NAME[@HOST[:PORT]]`` of the loader (``$CLUSTORAGE_LOADER``); none means this
-            node is the loader.
+            node is the loader. ``NAME@HOST:PORT,HOST:PORT`` lists a loader and its standbys
+            (SPEC "High availability"): the member follows the active one.
         cookie, cookie_file: the cluster secret (else ``$CLUSTORAGE_COOKIE``, else
             ``~/.clustorage/cookie``).
         listen: ``HOST:PORT`` a loader listens on (default ``127.0.0.1:4370``).

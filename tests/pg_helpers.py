@@ -55,7 +55,10 @@ class PostgresServer:
         bin_dir = _bin()
         assert bin_dir is not None
         self.bin = bin_dir
-        self.folder = Path(tempfile.mkdtemp(prefix="clustorage-pg-"))
+        # As root the server runs as nobody, who must reach its folder: /tmp, whatever
+        # $TMPDIR says (a private temporary directory would keep it out).
+        base = "/tmp" if os.geteuid() == 0 and Path("/tmp").is_dir() else None
+        self.folder = Path(tempfile.mkdtemp(prefix="clustorage-pg-", dir=base))
         self.data = self.folder / "data"
         self.port = free_port()
         self.user: str | None = None

@@ -225,7 +225,8 @@ def test_kill_9_of_the_active_loader_during_a_storm_loses_nothing(ha: HACluster)
 @pytest.mark.timeout(60)
 def test_a_standby_sends_members_to_the_active_loader(ha: HACluster) -> None:
     """A member that lists the standby first is told where the active one is, and joins it;
-    ``clustorage status`` names the active loader and the standby."""
+    ``clustorage status`` names the active loader and the standby; ``history`` asks the
+    active one."""
     _, active = ha.wait_leader()
     standby = next(port for port in ha.ports if port != active)
     member = ha.member("m1", f"app1@127.0.0.1:{standby},127.0.0.1:{active}")
@@ -240,6 +241,17 @@ def test_a_standby_sends_members_to_the_active_loader(ha: HACluster) -> None:
     assert done.returncode == 0, done.stderr
     loaders = {entry["address"]: entry["role"] for entry in json.loads(done.stdout)["loaders"]}
     assert loaders == {f"127.0.0.1:{active}": "active", f"127.0.0.1:{standby}": "standby"}
+    member.ok("node.define('f', 'def f():\\n    return 1\\n')")
+    listed = f"app1@127.0.0.1:{standby},127.0.0.1:{active}"
+    done = subprocess.run(
+        [sys.executable, "-m", "clustorage", "history", "f", "--loader", listed, "--json"],
+        env=ha.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [row["version"] for row in json.loads(done.stdout)] == [1]
 
 
 @pytest.mark.timeout(60)
