@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .aioloop import make_loop
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
-from .reactor import Reactor, Server, Timer
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, Store, open_store
@@ -73,13 +73,13 @@ class LoaderRuntime:
         self.timing = Timing(dead_after=config.dead_after)
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
-        self.loop = Reactor()
+        self.loop = make_loop()
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         # Listen before the store is opened, so a loader that cannot listen creates no file.
         # The loop does not run yet: nothing is accepted before the core exists.
-        self._server: Server | None = self._listen()
+        self._server: Any = self._listen()
         try:
             store = self._open_store()
         except BaseException:
@@ -102,7 +102,7 @@ class LoaderRuntime:
 
             self._standby = StandbyCore(config.name, store.identity, "", store.path)
         self.core: LoaderCore = self._standby or self._new_core()
-        self._heartbeat: Timer | None = None
+        self._heartbeat: Any = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
         try:
@@ -128,6 +128,7 @@ class LoaderRuntime:
             writes=self._writer,
             aside=self._aside,
             eager_limit=self.config.eager_limit,
+            soon=self.loop.call_soon,
             book=self._store if self._standby is not None else None,  # type: ignore[arg-type]
             lease_grace=self.config.dead_after + self.config.timeout,
         )
@@ -205,7 +206,7 @@ class LoaderRuntime:
     def _run(self) -> None:
         self.loop.run_forever()
 
-    def _listen(self) -> Server:
+    def _listen(self) -> Any:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
         try:

@@ -109,3 +109,11 @@ def test_tcp_bytes_sent_counts_what_a_server_sent() -> None:
         finally:
             for sock in [*clients, *accepted]:
                 sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_loops_bench_runs() -> None:
+    pytest.importorskip("uvloop", reason="uvloop is not installed (the test extra has it)")
+    done = run([str(BENCH / "loops.py"), "--quick"], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "uvloop/reactor" in done.stdout

@@ -62,6 +62,7 @@ MIDDLE = [
     "member",
     "probe",
     "reactor",
+    "aioloop",
     "runtime",
     "node",
     "store",
