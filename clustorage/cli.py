@@ -87,12 +87,11 @@ def _run_loader(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     host, port = node.address
+    hint = member_hint(node.name, host, port)
+    if node.config.store:  # one of several: members list them all
+        hint += ",HOST:PORT of each standby; it serves once it holds the store's lock"
     logging.getLogger("clustorage").info(
-        "loader %s ready on %s:%d (members: %s)",
-        node.name,
-        host,
-        port,
-        member_hint(node.name, host, port),
+        "loader %s ready on %s:%d (members: %s)", node.name, host, port, hint
     )
     while not done.wait(3600):
         pass
