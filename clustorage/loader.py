@@ -26,6 +26,9 @@ order, and every other request is served (SPEC "The loader never stalls").
 * Every version is committed to the store before anyone is told of it (SPEC "Durability").
 * A peer that joins sends ``Sync`` with the versions it holds and receives what differs:
   big entries as ``SyncEntry`` frames of their own, then a ``SyncReply`` with the rest.
+* With standbys on one PostgreSQL store, each lease is also recorded there (``LeaseBook``)
+  before its holder hears of it; a loader that takes over adopts them (SPEC "High
+  availability"), so a holder still computing commits to it and the waiters wait for it.
 """
 
 from __future__ import annotations
