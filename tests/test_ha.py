@@ -241,6 +241,14 @@ def test_a_standby_sends_members_to_the_active_loader(ha: HACluster) -> None:
     assert done.returncode == 0, done.stderr
     loaders = {entry["address"]: entry["role"] for entry in json.loads(done.stdout)["loaders"]}
     assert loaders == {f"127.0.0.1:{active}": "active", f"127.0.0.1:{standby}": "standby"}
+    text = subprocess.run(
+        [sys.executable, "-m", "clustorage", "status", "--loader", ha.loader],
+        env=ha.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert f"127.0.0.1:{standby}" in text and "standby" in text and "active" in text
     member.ok("node.define('f', 'def f():\\n    return 1\\n')")
     listed = f"app1@127.0.0.1:{standby},127.0.0.1:{active}"
     done = subprocess.run(
