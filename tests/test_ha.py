@@ -589,3 +589,42 @@ def test_the_ha_bench_runs(pg_url: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "PostgreSQL" in done.stdout and "SQLite" in done.stdout
     assert "takeover, 2 kill -9" in done.stdout
+
+
+READS = r"""
+import threading
+reads, failed = [0], []
+stop = threading.Event()
+
+def loop():
+    while not stop.is_set():
+        try:
+            node.history('k', 'value')
+            reads[0] += 1
+        except clustorage.ClustorageError as exc:
+            failed.append(repr(exc))
+
+worker = threading.Thread(target=loop, daemon=True)
+worker.start()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_reads_in_flight_during_a_takeover_are_sent_again(ha: HACluster) -> None:
+    """A member reading in a loop while the active loader is killed sees no error: the read
+    cut off by the kill goes again to the loader that took over."""
+    member = ha.member("m1")
+    member.ok("node.put('k', 1)")
+    member.ok(READS)
+    epoch, active = ha.wait_leader()
+    time.sleep(0.5)
+    os.kill(ha.loaders[active].pid, signal.SIGKILL)
+    ha.loaders[active].wait(5)
+    ha.wait_leader(after=epoch)
+    before = member.ok("reads[0]")
+    deadline = time.monotonic() + 20
+    while member.ok("reads[0]") < before + 20:  # reading from the new active loader
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    reads, failed = member.ok("stop.set(); worker.join(20); [reads[0], failed]")
+    assert failed == [] and reads > 20
