@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from . import ClustorageError, ConfigError, LoaderUnavailable, Node, Probe
+from .config import LoaderAddress, parse_loader
 from .flags import add_node_flags, check_listen, member_hint, name_from
 
 __all__ = ["main"]
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "DIR/NAME.sqlite3",
         listen=True,
         data=True,
+        store=True,
     )
 
     for name, text in (
@@ -81,30 +83,21 @@ def _run_loader(args: argparse.Namespace) -> int:
         cookie_file=args.cookie_file,
         listen=args.listen,
         data=args.data,
+        store=args.store,
         timeout=args.timeout,
     )
     host, port = node.address
+    hint = member_hint(node.name, host, port)
+    if node.config.store:  # one of several: members list them all
+        hint += ",HOST:PORT of each standby; it serves once it holds the store's lock"
     logging.getLogger("clustorage").info(
-        "loader %s ready on %s:%d (members: %s)",
-        node.name,
-        host,
-        port,
-        member_hint(node.name, host, port),
+        "loader %s ready on %s:%d (members: %s)", node.name, host, port, hint
     )
     while not done.wait(3600):
         pass
     node.stop()
     logging.getLogger("clustorage").info("loader %s stopped", node.name)
     return 0
-
-
-def _probe(args: argparse.Namespace) -> Probe:
-    """A one-shot connection to the loader: it does not join, so nothing is downloaded."""
-    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
-        raise ConfigError(NO_LOADER)
-    return Probe(
-        args.loader, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
-    )
 
 
 def _since(epoch: float) -> str:
@@ -117,6 +110,9 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"loader    {status['loader']}  (store: {cluster.get('store', '?')})")
     print(f"keys      {status['keys']}")
     print(f"functions {status['functions']}")
+    if len(status["loaders"]) > 1:
+        for row in status["loaders"]:
+            print(f"  {row['address']:<24} {row['role']}")
     print(f"nodes     {len(status['nodes'])}")
     for node in status["nodes"]:
         print(
@@ -125,17 +121,52 @@ def _print_status(status: dict[str, Any]) -> None:
         )
 
 
+def _loaders(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any] | None, str, list[dict[str, Any]]]:
+    """The active loader's status and address, and each listed loader's role (a probe to
+    each)."""
+    listed = parse_loader(args.loader or os.environ.get("CLUSTORAGE_LOADER", ""))
+    cluster: dict[str, Any] | None = None
+    active = ""
+    loaders: list[dict[str, Any]] = []
+    for host, port in listed.addresses:
+        where = LoaderAddress(listed.name, host, port)
+        row: dict[str, Any] = {"address": str(where).partition("@")[2]}
+        try:
+            with Probe(
+                where, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
+            ) as probe:
+                answer = probe.status()
+        except LoaderUnavailable as exc:
+            row.update(role="unreachable", error=str(exc))
+        else:
+            row["role"] = answer.get("role", "active")
+            if row["role"] == "standby":
+                row["active"] = answer.get("active", "")
+            elif cluster is None:
+                cluster, active = answer, str(where)
+        loaders.append(row)
+    return cluster, active, loaders
+
+
 def _run_status(args: argparse.Namespace) -> int:
-    with _probe(args) as probe:
-        cluster = probe.status()
-        loader = str(probe.loader)
+    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
+        raise ConfigError(NO_LOADER)
+    cluster, active, loaders = _loaders(args)
+    if cluster is None:
+        if len(loaders) == 1:
+            raise LoaderUnavailable(loaders[0].get("error", "the loader stands by"))
+        reasons = "; ".join(f"{row['address']}: {row.get('error', row['role'])}" for row in loaders)
+        raise LoaderUnavailable(f"no active loader answers ({reasons})")
     status = {
-        "loader": loader,
+        "loader": active,
         "connected": True,
         "keys": cluster["keys"],
         "functions": cluster["functions"],
         "nodes": cluster["nodes"],
         "cluster": cluster,
+        "loaders": loaders,
     }
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -144,9 +175,28 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history(args: argparse.Namespace) -> list[Any]:
+    """The key's history from the first listed loader that is active."""
+    if not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
+        raise ConfigError(NO_LOADER)
+    listed = parse_loader(args.loader or os.environ.get("CLUSTORAGE_LOADER", ""))
+    failures: list[LoaderUnavailable] = []
+    for host, port in listed.addresses:
+        where = listed if not listed.standbys else LoaderAddress(listed.name, host, port)
+        try:
+            with Probe(
+                where, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
+            ) as probe:
+                return list(probe.history(args.key, "value" if args.value else "function"))
+        except LoaderUnavailable as exc:  # down, or a standby: the next one
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    raise LoaderUnavailable("no active loader answers: " + "; ".join(map(str, failures)))
+
+
 def _run_history(args: argparse.Namespace) -> int:
-    with _probe(args) as probe:
-        entries = probe.history(args.key, "value" if args.value else "function")
+    entries = _history(args)
     rows: list[dict[str, Any]] = [
         {
             "version": entry.version,

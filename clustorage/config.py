@@ -134,20 +134,35 @@ class LoaderAddress:
     name: str
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    # More loaders of this name (standbys on one PostgreSQL store), tried in turn.
+    standbys: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every listed address of the loader, the first one first."""
+        return ((self.host, self.port), *self.standbys)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.name}@{host}:{self.port}"
+        where = ",".join(_show(host, port) for host, port in self.addresses)
+        return f"{self.name}@{where}"
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_loader(text: str) -> LoaderAddress:
-    """Parse ``NAME[@HOST[:PORT]]`` (defaults 127.0.0.1 and 4370)."""
+    """Parse ``NAME[@HOST[:PORT][,HOST[:PORT]...]]`` (defaults 127.0.0.1 and 4370); several
+    addresses name the active loader and its standbys, in the order members try them."""
     name, _, where = text.partition("@")
     check_name(name, "loader name")
     if not where:
         return LoaderAddress(name)
-    host, port = _split_host_port(where, DEFAULT_PORT, "loader address")
-    return LoaderAddress(name, host, port)
+    addresses = [
+        _split_host_port(part.strip(), DEFAULT_PORT, "loader address") for part in where.split(",")
+    ]
+    (host, port), *standbys = addresses
+    return LoaderAddress(name, host, port, tuple(standbys))
 
 
 class Cookie:
@@ -265,6 +280,7 @@ class NodeConfig:
     loader: LoaderAddress | None = None
     listen: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT)
     data: str = ""
+    store: str = ""  # a loader's PostgreSQL store (postgresql://...), else SQLite in data
     timeout: float = DEFAULT_TIMEOUT
     max_frame: int = DEFAULT_MAX_FRAME
     dead_after: float = DEAD_AFTER
@@ -297,6 +313,7 @@ class NodeConfig:
         dead_after: float | None = None,
         eager_limit: int | None = None,
         env: Mapping[str, str] | None = None,
+        store: str | None = None,
     ) -> NodeConfig:
         """Combine arguments with ``CLUSTORAGE_*`` environment variables and defaults.
 
@@ -317,6 +334,12 @@ class NodeConfig:
             address = None
         where = where or (DEFAULT_HOST, DEFAULT_PORT)
         data_text = os.fspath(data) if data is not None else env.get("CLUSTORAGE_DATA", "")
+        store = store or env.get("CLUSTORAGE_STORE") or ""
+        if store and not store.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"invalid store {store!r}: use a PostgreSQL URL, postgresql://USER@HOST/DB "
+                f"(leave --store out to keep the store in SQLite under --data)"
+            )
         if timeout is None:
             timeout = _number(env.get("CLUSTORAGE_TIMEOUT"), DEFAULT_TIMEOUT, "timeout")
         if not timeout > 0:
@@ -347,6 +370,7 @@ class NodeConfig:
             loader=address,
             listen=where,
             data=data_text,
+            store=store,
             timeout=timeout,
             max_frame=max_frame,
             dead_after=dead_after,

@@ -28,8 +28,16 @@ _HELP = {
     f"{DEFAULT_HOST}:{DEFAULT_PORT})",
     "data": "a loader's SQLite directory, or :memory: for none (default: $CLUSTORAGE_DATA, "
     "else ~/.clustorage/data)",
+    "store": "keep the loader's store in PostgreSQL, shared with its standbys "
+    "(default: $CLUSTORAGE_STORE, else SQLite under --data)",
 }
-_METAVAR = {"name": "NAME", "loader": "NAME[@HOST[:PORT]]", "listen": "HOST:PORT", "data": "DIR"}
+_METAVAR = {
+    "name": "NAME",
+    "loader": "NAME[@HOST[:PORT][,HOST[:PORT]...]]",
+    "listen": "HOST:PORT",
+    "data": "DIR",
+    "store": "postgresql://...",
+}
 
 
 def add_node_flags(parser: argparse.ArgumentParser, **flags: str | bool) -> None:
@@ -37,8 +45,8 @@ def add_node_flags(parser: argparse.ArgumentParser, **flags: str | bool) -> None
 
     Args:
         parser: the command's parser.
-        flags: ``name``, ``loader``, ``listen``, ``data``: True for the usual help text, or
-            the help text this command needs.
+        flags: ``name``, ``loader``, ``listen``, ``data``, ``store``: True for the usual
+            help text, or the help text this command needs.
     """
     for flag, wanted in flags.items():
         if flag not in _HELP:

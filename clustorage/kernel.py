@@ -71,7 +71,8 @@ def get_kernel_dict(
         executable: the Python that runs the kernel (default: this one).
         display_name: the name shown in launchers (default "Clustorage (Python 3)").
         node_name: ``CLUSTORAGE_NAME`` for the kernel (alone: the kernel is the loader).
-        loader: ``CLUSTORAGE_LOADER`` for the kernel, ``NAME[@HOST[:PORT]]``.
+        loader: ``CLUSTORAGE_LOADER`` for the kernel, ``NAME[@HOST[:PORT]]``, or
+            ``NAME@HOST:PORT,HOST:PORT`` for a loader and its standbys.
 
     Raises:
         ValueError: a node or loader name is not valid.
@@ -195,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--display-name", metavar="D", help=f"name in launchers ({DISPLAY_NAME})")
     sub.add_argument("--node-name", metavar="N", help="CLUSTORAGE_NAME for the kernel")
     sub.add_argument(
-        "--loader", metavar="NAME[@HOST[:PORT]]", help="CLUSTORAGE_LOADER for the kernel"
+        "--loader",
+        metavar="NAME[@HOST[:PORT][,HOST[:PORT]...]]",
+        help="CLUSTORAGE_LOADER for the kernel",
     )
     return parser
 

@@ -73,6 +73,12 @@ class Leases:
         self._leases[key] = lease
         return lease
 
+    def adopt(self, key: str, holder: Any, token: int) -> Lease:
+        """Take over a lease granted by a former loader (same store), with its token."""
+        lease = Lease(key, holder, 0, token, ())
+        self._leases[key] = lease
+        return lease
+
     def is_current(self, key: str, token: int) -> bool:
         """Whether ``token`` numbers the lease on ``key`` now."""
         lease = self._leases.get(key)

@@ -26,6 +26,9 @@ order, and every other request is served (SPEC "The loader never stalls").
 * Every version is committed to the store before anyone is told of it (SPEC "Durability").
 * A peer that joins sends ``Sync`` with the versions it holds and receives what differs:
   big entries as ``SyncEntry`` frames of their own, then a ``SyncReply`` with the rest.
+* With standbys on one PostgreSQL store, each lease is also recorded there (``LeaseBook``)
+  before its holder hears of it; a loader that takes over adopts them (SPEC "High
+  availability"), so a holder still computing commits to it and the waiters wait for it.
 """
 
 from __future__ import annotations
@@ -122,6 +125,11 @@ def _deadlock_message(chain: list[str], holder: str) -> str:
     )
 
 
+def _same_commit(current: Entry, peer: Peer, message: Commit) -> bool:
+    """Whether ``current`` is the value ``message`` commits, from the same node."""
+    return current.origin == peer.name and bytes(current.payload) == bytes(joined(message.payload))
+
+
 def _inline_size(*texts: str) -> int:
     """About how many bytes ``texts`` take inside a message, with room for framing."""
     return sum(len(text.encode(errors="surrogatepass")) + _INLINE_OVERHEAD for text in texts)
@@ -165,6 +173,32 @@ class Writes(Protocol):
     def commit(self, entry: Entry, previous: int, done: Stored) -> None: ...
 
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...
+
+
+class LeaseBook(Protocol):
+    """Where a loader with standbys keeps its leases, so that a takeover sees which keys
+    were being computed, by whom (clustorage.pgstore)."""
+
+    def lease_granted(self, key: str, holder: str, token: int) -> None: ...
+
+    def lease_ended(self, key: str) -> None:
+        """Nobody computes ``key`` any more (committing a value of ``key`` ends it too)."""
+        ...
+
+    def leases(self) -> list[tuple[str, str, int]]: ...
+
+
+class _Absent:
+    """The holder of a lease granted by a former loader, until it asks again or commits."""
+
+    address = "?"
+    connected_since = 0.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def deliver(self, message: Message, parts: tuple[bytes, Payload] | None = None) -> None:
+        pass
 
 
 class Aside(Protocol):
@@ -258,6 +292,8 @@ class LoaderCore:
         aside: Aside = work_here,
         eager_limit: int = EAGER_LIMIT,
         soon: Callable[[Callable[[], None]], object] | None = None,
+        book: LeaseBook | None = None,
+        lease_grace: float = 0.0,
     ) -> None:
         self.name = name
         self.address = address
@@ -281,6 +317,9 @@ class LoaderCore:
             self._remote_peers, soon if soon is not None else lambda call: schedule(0, call)
         )
         self._leases = Leases()
+        self._book = book
+        if book is not None:
+            self._adopt(book, lease_grace)
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
         self._definitions: list[_Definition] = []
@@ -478,6 +517,37 @@ class LoaderCore:
 
         self._writes.commit(entry, previous, written)
 
+    # -- leases kept in the store (loaders with standbys) ----------------------------------
+
+    def _adopt(self, book: LeaseBook, grace: float) -> None:
+        """Take over the leases of a former loader: their holders may still commit (with
+        their token) or ask again; after ``grace`` seconds, the others' waiters get them."""
+        adopted = [
+            self._leases.adopt(key, _Absent(holder), token)
+            for key, holder, token in book.leases()
+            if (VALUE, key) not in self.entries
+        ]
+        if adopted:
+            log.info("took over %d leases: %s", len(adopted), [lease.key for lease in adopted])
+            self._schedule(grace, self._expire_adopted)
+
+    def _expire_adopted(self) -> None:
+        for lease in self._leases:
+            if type(lease.holder) is _Absent and not lease.committing:
+                log.info("%s: its holder %s did not come back", lease.key, lease.holder.name)
+                self._pass_lease(lease)
+
+    def _book_grant(self, lease: Lease) -> None:
+        if self._book is not None:
+            self._book.lease_granted(lease.key, lease.holder.name, lease.token)
+
+    def _book_end(self, key: str) -> None:
+        if self._book is not None:
+            try:
+                self._book.lease_ended(key)
+            except StoreError as exc:
+                log.warning("%s: the end of its lease was not recorded: %s", printable(key), exc)
+
     # -- values ----------------------------------------------------------------------------
 
     def _fetch(self, peer: Peer, message: Fetch) -> None:
@@ -488,6 +558,15 @@ class LoaderCore:
             peer.deliver(NotFound(message.rid))
         elif (lease := self._leases.get(message.key)) is None:
             lease = self._leases.grant(message.key, peer, message.rid, message.holding)
+            try:
+                self._book_grant(lease)
+            except StoreError:
+                self._leases.settle(message.key)
+                raise
+            peer.deliver(LeaseGranted(message.rid, lease.token))
+        elif type(lease.holder) is _Absent and lease.holder.name == peer.name:
+            # Its holder asks again after a takeover: its lease, with the same token.
+            lease.holder, lease.rid, lease.holding = peer, message.rid, message.holding
             peer.deliver(LeaseGranted(message.rid, lease.token))
         elif chain := self._leases.cycle(message.key, peer, message.holding):
             raise DeadlockError(_deadlock_message(chain, lease.holder.name))
@@ -501,6 +580,11 @@ class LoaderCore:
         holder's connection, or the loader, restarted while fn ran) and the key has none."""
         key = message.key
         lease = self._leases.get(key)
+        current = self.entries.get((VALUE, key))
+        if lease is None and current is not None and _same_commit(current, peer, message):
+            # Sent again after a takeover (its first answer was lost): already stored.
+            peer.deliver(Committed(message.rid, current.without_payload(), True))
+            return
         if (lease is not None and lease.token != message.token) or (
             lease is None and (VALUE, key) in self.entries
         ):
@@ -559,7 +643,7 @@ class LoaderCore:
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
-        for waiter in self._leases.settle(key):
+        for waiter in self._leases.settle(key):  # its lease's record went with the value
             waiter.peer.deliver(Found(waiter.rid, entry))
 
     def _release(self, peer: Peer, message: Release) -> None:
@@ -579,8 +663,14 @@ class LoaderCore:
             self._leases.withdraw(lease, peer, message.rid)
 
     def _pass_lease(self, lease: Lease) -> None:
-        if self._leases.pass_on(lease, self._alive) is not None:
-            lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
+        if self._leases.pass_on(lease, self._alive) is None:
+            self._book_end(lease.key)
+            return
+        try:
+            self._book_grant(lease)
+        except StoreError as exc:
+            log.warning("%s: its new holder was not recorded: %s", printable(lease.key), exc)
+        lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
 
     def _delete(self, peer: Peer, message: Delete) -> None:
         where = (message.kind, message.key)

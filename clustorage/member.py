@@ -32,7 +32,7 @@ from .channel import (
     merge_members,
     raise_failure,
 )
-from .config import NodeConfig
+from .config import NodeConfig, parse_listen
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -44,7 +44,21 @@ from .errors import (
 )
 from .hello import HEARTBEAT, handshake_meta, incompatibility
 from .liveness import watch
-from .messages import Failed, Load, Loaded, Message, Pushes, Queued, Sync, SyncReply
+from .messages import (
+    Commit,
+    Define,
+    Failed,
+    Fetch,
+    History,
+    Load,
+    Loaded,
+    Message,
+    Pushes,
+    Queued,
+    Status,
+    Sync,
+    SyncReply,
+)
 from .protocol import BULK, Closed, Connection, Role, Welcome
 from .replica import Replica
 
@@ -91,6 +105,26 @@ class _Lost(Exception):
     """The connection ended; the reader reconnects."""
 
 
+class _Standby(_Lost):
+    """The loader there stands by; ``active`` is where it says the active one is."""
+
+    def __init__(self, message: str, active: str) -> None:
+        super().__init__(message)
+        self.active = active
+
+
+def _retryable(message: Message | None) -> bool:
+    """Whether a request cut off by a takeover may be sent again to the next loader: reads,
+    an unforced definition (unchanged source makes no new version) and a leaseholder's
+    commit (the loader takes the same value from the same node once)."""
+    kind = type(message)
+    if kind is Fetch:
+        return not message.lease  # type: ignore[union-attr]
+    if kind is Define:
+        return not message.force  # type: ignore[union-attr]
+    return kind in (Status, History, Commit)
+
+
 def _too_large(exc: LocalProtocolError) -> ValueTooLarge:
     return ValueTooLarge(f"{exc}; {codec.RAISE_THE_LIMIT}")
 
@@ -102,6 +136,7 @@ class MemberClient:
         assert config.loader is not None
         self.config = config
         self.loader = config.loader
+        self._target = (config.loader.host, config.loader.port)  # the one tried next
         self.replica = replica
         self.changed = changed
         self.members: tuple[str, ...] = ()
@@ -141,6 +176,12 @@ class MemberClient:
         """The LoaderUnavailable a caller sees, naming the loader and how to start it with
         this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
         loader, cookie = self.loader, self.config.cookie
+        if loader.standbys:  # loaders on one PostgreSQL store: none of them is active
+            return LoaderUnavailable(
+                f"no active loader among {loader} ({why}); a standby takes over within "
+                f"dead_after, or start one with 'clustorage loader --name {loader.name} "
+                f"--store postgresql://...' on a listed address"
+            )
         command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
         if cookie.source.startswith("file "):
             command += f" --cookie-file {cookie.source.removeprefix('file ')}"
@@ -174,9 +215,39 @@ class MemberClient:
         self._thread.start()
 
     def _connect(self) -> None:
+        """Connect to the listed loaders in turn, following a standby to the active one."""
+        addresses = self.loader.addresses
+        error: BaseException | None = None
+        for _ in range(len(addresses) + 1):
+            try:
+                self._connect_to(self._target)
+                return
+            except _Standby as exc:
+                error = exc
+                self._target = self._after(exc.active)
+            except (OSError, _Lost) as exc:
+                error = exc
+                self._target = self._after("")
+            if len(addresses) == 1:
+                break
+        assert error is not None
+        raise error
+
+    def _after(self, active: str) -> tuple[str, int]:
+        """The address to try next: the active loader a standby named, if listed, else the
+        next listed one."""
+        addresses = self.loader.addresses
+        with contextlib.suppress(ConfigError):
+            named = parse_listen(active) if active else None
+            if named in addresses:
+                return named
+        at = addresses.index(self._target) if self._target in addresses else -1
+        return addresses[(at + 1) % len(addresses)]
+
+    def _connect_to(self, target: tuple[str, int]) -> None:
         loader = self.loader
         timeout = self.config.timeout
-        sock = socket.create_connection((loader.host, loader.port), timeout=timeout)
+        sock = socket.create_connection(target, timeout=timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             watch(sock, self.config.dead_after)
@@ -269,6 +340,8 @@ class MemberClient:
         kind = welcome.get("kind")
         if kind == "name_clash":
             raise NameClashError(str(error))
+        if kind == "standby":
+            raise _Standby(str(error), str(welcome.get("active") or ""))
         if kind == "wrong_loader":
             raise ConfigError(
                 f"{error}; use --loader {welcome.get('loader')}@{self.loader.host}:"
@@ -516,9 +589,30 @@ class MemberClient:
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send a request and wait for its answer (a ``patient`` one while connected).
 
+        With standbys listed, a request cut off by a takeover is sent once more to the next
+        active loader where that is safe (see :func:`_retryable`).
+
         Raises:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
         """
+        if not self.loader.standbys:
+            return self._request(build, timeout, patient)
+        sent: list[Message] = []
+
+        def remember(rid: int) -> Message:
+            sent.append(build(rid))
+            return sent[-1]
+
+        try:
+            return self._request(remember, timeout, patient)
+        except LoaderUnavailable as exc:
+            if self._stopping or not sent or not _retryable(sent[-1]):
+                raise
+            log.info("%s: retrying a %s (%s)", self.config.name, type(sent[-1]).__name__, exc)
+            self._wait_ready(timeout + self.config.dead_after)
+            return self._request(build, timeout, patient)
+
+    def _request(self, build: Build, timeout: float, patient: bool) -> Message:
         self._check_thread()
         if self._is_ready and self._io_lock.acquire(blocking=False):
             try:

@@ -63,11 +63,14 @@ class Node:
     Args:
         name: this node's name (``$CLUSTORAGE_NAME``, else generated).
         loader: ``NAME[@HOST[:PORT]]`` of the loader (``$CLUSTORAGE_LOADER``); none means this
-            node is the loader.
+            node is the loader. ``NAME@HOST:PORT,HOST:PORT`` lists a loader and its standbys
+            (SPEC "High availability"): the member follows the active one.
         cookie, cookie_file: the cluster secret (else ``$CLUSTORAGE_COOKIE``, else
             ``~/.clustorage/cookie``).
         listen: ``HOST:PORT`` a loader listens on (default ``127.0.0.1:4370``).
         data: a loader's data directory, or ``:memory:``.
+        store: a loader's PostgreSQL store, ``postgresql://...`` (``$CLUSTORAGE_STORE``):
+            several loaders of one name may share it, one active and the others standing by.
         timeout: seconds to wait for the loader before raising LoaderUnavailable.
         dead_after: seconds after which a peer host that stopped answering is taken for
             dead (``$CLUSTORAGE_DEAD_AFTER``, default 15); a busy process never is.
@@ -91,6 +94,7 @@ class Node:
         max_frame: int | None = None,
         dead_after: float | None = None,
         eager_limit: int | None = None,
+        store: str | None = None,
     ) -> None:
         self.config = NodeConfig.resolve(
             name=name,
@@ -103,6 +107,7 @@ class Node:
             max_frame=max_frame,
             dead_after=dead_after,
             eager_limit=eager_limit,
+            store=store,
         )
         self.name = self.config.name
         self.timeout = self.config.timeout

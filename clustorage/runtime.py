@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .aioloop import make_loop
 from .channel import Build, Pending, apply_push
@@ -18,8 +18,12 @@ from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
 from .replica import Replica
 from .server import ServerConnection
-from .store import MEMORY, open_store
+from .store import MEMORY, Store, open_store
 from .writer import StoreWriter
+
+if TYPE_CHECKING:  # psycopg is imported only by loaders with a PostgreSQL store
+    from .pgstore import PostgresStore
+    from .standby import Campaign, StandbyCore
 
 __all__ = ["LoaderRuntime"]
 
@@ -77,29 +81,27 @@ class LoaderRuntime:
         # The loop does not run yet: nothing is accepted before the core exists.
         self._server: Any = self._listen()
         try:
-            store = open_store(config.database)
+            store = self._open_store()
         except BaseException:
             self._server.close()
             self.loop.close()
             raise
         self._writer = (
-            StoreWriter(store, self.loop.call_soon_threadsafe) if store.path != MEMORY else None
+            StoreWriter(store, self.loop.call_soon_threadsafe, inline=not config.store)
+            if store.path != MEMORY
+            else None
         )
         self._compilers = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix=f"clustorage-compile-{config.name}"
         )
-        self.core = LoaderCore(
-            config.name,
-            store,
-            self.loop.call_later,
-            ack_timeout=config.timeout,
-            max_frame=config.max_frame,
-            writes=self._writer,
-            aside=self._aside,
-            eager_limit=config.eager_limit,
-            soon=self.loop.call_soon,
-        )
         self._store = store
+        self._campaign: Campaign | None = None
+        self._standby: StandbyCore | None = None
+        if config.store:  # with standbys, a loader is one until it takes the lock (_promote)
+            from .standby import StandbyCore
+
+            self._standby = StandbyCore(config.name, store.identity, "", store.path)
+        self.core: LoaderCore = self._standby or self._new_core()
         self._heartbeat: Any = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
@@ -109,9 +111,85 @@ class LoaderRuntime:
             self.close()
             raise
 
+    def _open_store(self) -> Store:
+        if not self.config.store:
+            return open_store(self.config.database)
+        from .pgstore import PostgresStore
+
+        return PostgresStore(self.config.store, self.config.name, self.config.dead_after)
+
+    def _new_core(self) -> LoaderCore:
+        return LoaderCore(
+            self.config.name,
+            self._store,
+            self.loop.call_later,
+            ack_timeout=self.config.timeout,
+            max_frame=self.config.max_frame,
+            writes=self._writer,
+            aside=self._aside,
+            eager_limit=self.config.eager_limit,
+            soon=self.loop.call_soon,
+            book=self._store if self._standby is not None else None,  # type: ignore[arg-type]
+            lease_grace=self.config.dead_after + self.config.timeout,
+        )
+
     @property
     def connected(self) -> bool:
-        return True
+        return self.core is not self._standby
+
+    def _campaign_for(self, store: PostgresStore, standby: StandbyCore) -> Campaign:
+        """Stand by until this loader takes the lock of its PostgreSQL store."""
+        from .leadership import Leadership
+        from .standby import Campaign
+
+        leadership = Leadership(self.config.store, self.config.name, self.config.dead_after)
+        return Campaign(
+            leadership,
+            store,
+            standby,
+            lambda epoch: self.loop.call_soon_threadsafe(self._promote, epoch),
+            lambda: self.loop.call_soon_threadsafe(self._step_down),
+        )
+
+    def _promote(self, epoch: int) -> None:
+        """On the loop: take over, with everything the store holds now."""
+        standby = self._standby
+        if standby is None or self.core is not standby:
+            return
+        for connection in list(self._connections):
+            connection.close()  # probes of the standby; members were refused already
+        try:
+            core = self._new_core()
+        except Exception:
+            log.exception("loader %s could not read its store to take over", self.config.name)
+            if self._campaign is not None:
+                self._campaign.lose()
+            return
+        core.address = standby.address
+        self.core = core
+        for entry in core.entries.values():
+            self.replica.install(entry, lazy=True)
+        core.join(self._local)
+        log.info(
+            "loader %s active on %s (epoch %d) with %d entries",
+            self.config.name,
+            core.address,
+            epoch,
+            len(core.entries),
+        )
+        self.changed()
+
+    def _step_down(self) -> None:
+        """On the loop: this loader lost its lock; it serves nobody until it takes it again."""
+        standby = self._standby
+        if standby is None or self.core is standby:
+            return
+        for connection in list(self._connections):
+            connection.close()
+        self.core.leave(self._local)
+        self.core = standby
+        self.pending.fail_all(LoaderUnavailable(standby.refusal()))
+        self.changed()
 
     def _aside(
         self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
@@ -152,6 +230,15 @@ class LoaderRuntime:
         self.core.address = f"{address[0]}:{address[1]}"
         self._store.announce(self.core.address)  # who holds the store, for a second loader
         self._local.address = self.core.address
+        if self._standby is not None:
+            from .pgstore import PostgresStore
+
+            assert isinstance(self._store, PostgresStore)
+            self._standby.address = self.core.address
+            self._campaign = self._campaign_for(self._store, self._standby)
+            self._campaign.start()
+            log.info("loader %s listening on %s", self.config.name, self.core.address)
+            return address[0], address[1]
         for entry in self.core.entries.values():
             self.replica.install(entry, lazy=True)
         self.core.join(self._local)
@@ -221,6 +308,8 @@ class LoaderRuntime:
         """Stop serving, close every connection and the store."""
         if self.loop.is_closed():
             return
+        if self._campaign is not None:
+            self._campaign.stop()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             try:
                 self.submit(self._shutdown, 5)

@@ -216,6 +216,9 @@ class ServerConnection:
         elif meta.get("role") == PROBE_ROLE:
             self._accept_probe(name)
             return
+        elif (active := getattr(self._core, "standby_of", None)) is not None:
+            problem = f"standby; the active loader is {active or 'not known yet'}"
+            self._conn.refuse(problem, kind="standby", active=active)
         elif problem:
             self._conn.refuse(problem, kind="incompatible")
         elif (clash := self._core.clash(name)) is not None and not self._replaces(clash):

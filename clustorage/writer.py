@@ -106,10 +106,13 @@ class StoreWriter:
     Args:
         store: where the writes go.
         post: runs a function on the loop thread (``call_soon_threadsafe``).
+        inline: whether a small write may run on the loop (not for a store across the
+            network, whose commit waits for a round trip and a flush).
     """
 
-    def __init__(self, store: Store, post: Post) -> None:
+    def __init__(self, store: Store, post: Post, inline: bool = True) -> None:
         self._store = store
+        self._inline = inline
         self._post = post
         self._rows: _Lane[_Queued] = _Lane("clustorage-store-writer", self._write_rows)
         self._files: _Lane[Callable[[], None]] = _Lane("clustorage-file-writer", _call_each)
@@ -130,7 +133,9 @@ class StoreWriter:
         self._row(lambda store: store.delete(kind, key, version, origin), done, 0)
 
     def _row(self, job: Job, done: Done, size: int) -> None:
-        if size <= INLINE_LIMIT and self._rows.idle():  # only this thread gives it work
+        if (
+            self._inline and size <= INLINE_LIMIT and self._rows.idle()
+        ):  # only this thread gives it work
             done(_run(job, self._store))
         else:
             self._rows.put((job, done))

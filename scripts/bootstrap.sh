@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, idempotently:
-# a virtualenv in .venv with clustorage installed (editable) and, where missing, tmux.
+# a virtualenv in .venv with clustorage installed (editable) and, where missing, tmux
+# (and PostgreSQL, for the high-availability tests).
 # Usage: scripts/bootstrap.sh [EXTRAS]   (EXTRAS defaults to "test")
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +24,15 @@ if ! command -v tmux >/dev/null 2>&1; then
     else
         echo "tmux is not installed; install it with your package manager (brew/apt/dnf install tmux)." >&2
     fi
+fi
+
+# The high-availability tests start a private PostgreSQL server (Debian's initdb and postgres).
+if [ "$extras" != bench ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && ! command -v initdb >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing postgresql (apt-get) for the high-availability tests" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null || true
 fi
 
 # The benchmarks compare against Redis when its server is installed.

@@ -210,3 +210,18 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("CLUSTORAGE_NAME", "CLUSTORAGE_LOADER", "CLUSTORAGE_LISTEN", "CLUSTORAGE_DATA"):
         monkeypatch.delenv(name, raising=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A private PostgreSQL server for the session (skips where none can run)."""
+    from tests.pg_helpers import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The URL of a fresh, empty PostgreSQL database."""
+    return str(postgres.database())

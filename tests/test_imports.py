@@ -32,6 +32,8 @@ IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 
 # The one module allowed to import sqlite3.
 SQLITE_ONLY = "store"
+# The modules allowed to import psycopg (the optional PostgreSQL store).
+PSYCOPG_ONLY = {"pgstore", "leadership"}
 
 # Front-ends: only the public API (clustorage, its errors, config) and each other.
 FRONT_ENDS = [
@@ -68,6 +70,9 @@ MIDDLE = [
     "writer",
     "blobs",
     "lock",
+    "pgstore",
+    "leadership",
+    "standby",
     "__init__",
 ]
 
@@ -186,6 +191,12 @@ def test_only_the_store_imports_sqlite3() -> None:
     """sqlite3 appears in store.py and nowhere else in the package."""
     users = {name for name in module_names() if "sqlite3" in map(top_level, imports_of(name))}
     assert users == {SQLITE_ONLY}
+
+
+def test_only_the_postgresql_store_imports_psycopg() -> None:
+    """psycopg (an optional extra) is imported by the PostgreSQL store and its lock only."""
+    users = {name for name in module_names() if "psycopg" in map(top_level, imports_of(name))}
+    assert users == PSYCOPG_ONLY
 
 
 @pytest.mark.parametrize("name", present(FRONT_ENDS))

@@ -15,12 +15,18 @@ from clustorage.store import MemoryStore, SQLiteStore, Store, open_store
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Each store implementation, fresh."""
-    made: Store = (
-        SQLiteStore(str(tmp_path / "s.sqlite3")) if request.param == "sqlite" else MemoryStore()
-    )
+    made: Store
+    if request.param == "postgresql":
+        from clustorage.pgstore import PostgresStore
+
+        made = PostgresStore(request.getfixturevalue("pg_url"), "app1")
+    elif request.param == "sqlite":
+        made = SQLiteStore(str(tmp_path / "s.sqlite3"))
+    else:
+        made = MemoryStore()
     yield made
     made.close()
 
