@@ -187,6 +187,9 @@ def test_wildcard_listen_tells_members_a_usable_address(cluster: Cluster) -> Non
         )
     cluster.procs.append(proc)
     wait_for_port(port, time.monotonic() + 30, proc)
+    deadline = time.monotonic() + 30  # it logs once it listens: a moment after the port opens
+    while "ready on" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     ready = next(line for line in log.read_text().splitlines() if "ready on" in line)
     hint = ready.partition("members: ")[2]
     assert f"--loader app1@{socket.gethostname()}:{port}" in hint
