@@ -17,12 +17,13 @@ import os
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 
-from . import codec, messages
+from . import codec, messages, tls
 from .channel import (
     Build,
     Pending,
@@ -45,7 +46,7 @@ from .errors import (
 from .hello import HEARTBEAT, handshake_meta, incompatibility
 from .liveness import watch
 from .messages import Failed, Load, Loaded, Message, Pushes, Queued, Sync, SyncReply
-from .protocol import BULK, Closed, Connection, Role, Welcome
+from .protocol import BULK, Closed, Connection, Role, State, Welcome
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -78,6 +79,28 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
         return sock.recv_into(buffer, size)
     except (BlockingIOError, TimeoutError):
         return -1
+
+
+def _receive_tls(
+    sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool
+) -> int:
+    """:func:`_receive` over TLS, which takes no MSG_DONTWAIT: wait for the socket, then read
+    a record (or what TLS decrypted and holds already)."""
+    assert isinstance(sock, ssl.SSLSocket)
+    if not sock.pending():
+        spin_until = time.perf_counter() + SPIN if block else 0.0
+        while not select.select([sock], [], [], 0)[0]:
+            if time.perf_counter() >= spin_until:
+                if not block or not select.select([sock], [], [], RECV_WAIT)[0]:
+                    return -1
+                break
+            os.sched_yield()
+    return sock.recv_into(buffer, size)
+
+
+def _buffered(sock: socket.socket) -> bool:
+    """Whether TLS holds decrypted bytes of ``sock`` that no poll would report."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 class _ThreadState(threading.local):
@@ -126,6 +149,9 @@ class MemberClient:
         self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
         self._patient = False
+        files = tls.node_files(config)
+        self._context = None if files is None else tls.client_context(files)  # or ConfigError
+        self._receive = _receive if self._context is None else _receive_tls
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-member-{config.name}", daemon=True
         )
@@ -180,6 +206,8 @@ class MemberClient:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             watch(sock, self.config.dead_after)
+            if self._context is not None:
+                sock = tls.connect(self._context, sock, loader.host, self.where())
             meta = handshake_meta(
                 self.config.name, role="member", session=self._session, expect=loader.name
             )
@@ -242,7 +270,12 @@ class MemberClient:
             if remaining <= 0:
                 raise _Lost(f"no handshake from {self.where()} within {timeout:g}s")
             sock.settimeout(remaining)
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ssl.SSLError as exc:
+                raise tls.refusal(exc, self.where()) from None
+            if self._context is None and conn.state is State.AWAIT_CHALLENGE:
+                tls.check_reply(data, self.where())
             conn.receive_data(data)
             try:
                 event = conn.next_event()
@@ -337,7 +370,8 @@ class MemberClient:
                     finally:
                         self._io_lock.release()
                 continue
-            select.select([sock], [], [], HEARTBEAT)
+            if not _buffered(sock):
+                select.select([sock], [], [], HEARTBEAT)
             with self._io_lock:
                 if self._sock is not sock:
                     raise _Lost("the connection was dropped")
@@ -353,10 +387,11 @@ class MemberClient:
         if sock is None or conn is None:
             raise _Lost("not connected")
         space = conn.receive_buffer()
+        receive = self._receive
         if space is None:  # else straight into a big payload that is arriving
-            size = _receive(sock, self._recv_buffer, RECV_SIZE, block)
+            size = receive(sock, self._recv_buffer, RECV_SIZE, block)
         else:
-            size = _receive(sock, space, len(space), block)
+            size = receive(sock, space, len(space), block)
         now = time.monotonic()
         if size > 0 and space is not None:
             self._last_heard = now

@@ -73,6 +73,8 @@ class Node:
             dead (``$CLUSTORAGE_DEAD_AFTER``, default 15); a busy process never is.
         eager_limit: a loader's: values of more bytes are announced to every node and sent
             only to those that get them (``$CLUSTORAGE_EAGER_LIMIT``, default 1 MiB).
+        tls_cert, tls_key, tls_ca: PEM files for TLS (``$CLUSTORAGE_TLS_CERT``, ``_KEY``,
+            ``_CA``): all three or none; ``clustorage tls init`` makes them.
 
     Raises:
         ConfigError, AuthenticationError, NameClashError, StoreError: the node cannot start.
@@ -91,6 +93,9 @@ class Node:
         max_frame: int | None = None,
         dead_after: float | None = None,
         eager_limit: int | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = NodeConfig.resolve(
             name=name,
@@ -103,6 +108,9 @@ class Node:
             max_frame=max_frame,
             dead_after=dead_after,
             eager_limit=eager_limit,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
         )
         self.name = self.config.name
         self.timeout = self.config.timeout

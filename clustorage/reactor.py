@@ -26,6 +26,7 @@ import os
 import resource
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ IDLE_WAIT = 1.0
 SPIN = 50e-6
 ACCEPT_PAUSE = 1.0  # after running out of file descriptors or memory
 REPORT_EVERY = 10.0  # seconds between two log lines about connections refused for the cap
+# A send that must wait for the socket (a TLS stream's too: see clustorage.tls).
+_AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def untrusted_cap() -> int:
@@ -70,6 +73,9 @@ class StreamProtocol(Protocol):
     def pause_writing(self) -> None: ...
 
     def resume_writing(self) -> None: ...
+
+
+StreamFactory = Callable[["Reactor", socket.socket, StreamProtocol, "Server"], "Stream"]
 
 
 class Timer:
@@ -231,10 +237,12 @@ class Reactor:
         port: int,
         protocol_factory: Callable[[], StreamProtocol],
         max_untrusted: int | None = None,
+        stream: StreamFactory | None = None,
     ) -> Server:
-        """Accept connections on ``host:port``, each a :class:`Stream` to a new protocol;
-        at most ``max_untrusted`` (default :func:`untrusted_cap`) not yet trusted at once."""
-        return Server(self, host, port, protocol_factory, max_untrusted)
+        """Accept connections on ``host:port``, each a :class:`Stream` (or what ``stream``
+        makes) to a new protocol; at most ``max_untrusted`` (default :func:`untrusted_cap`)
+        not yet trusted at once."""
+        return Server(self, host, port, protocol_factory, max_untrusted, stream)
 
 
 class Server:
@@ -254,9 +262,11 @@ class Server:
         port: int,
         protocol_factory: Callable[[], StreamProtocol],
         max_untrusted: int | None = None,
+        stream: StreamFactory | None = None,
     ) -> None:
         self._reactor = reactor
         self._factory = protocol_factory
+        self._stream: StreamFactory = Stream if stream is None else stream
         self.max_untrusted = untrusted_cap() if max_untrusted is None else max_untrusted
         self.untrusted: dict[Stream, None] = {}  # oldest first
         self._evicted = 0
@@ -295,7 +305,7 @@ class Server:
                 return
             while len(self.untrusted) >= self.max_untrusted:
                 self._evict(next(iter(self.untrusted)))
-            Stream(self._reactor, sock, self._factory(), self)
+            self._stream(self._reactor, sock, self._factory(), self)
 
     def _evict(self, stream: Stream) -> None:
         del self.untrusted[stream]
@@ -422,7 +432,7 @@ class Stream:
         if not self._pending:
             try:
                 sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
                 sent = 0
             except OSError as exc:  # told later, as asyncio does: the writer is mid-work
                 self._closing = True
@@ -444,7 +454,7 @@ class Stream:
         while pending:
             try:
                 sent = self._sock.send(pending[0])
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
                 break
             except OSError as exc:
                 self._lose(exc)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import tls
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
@@ -69,6 +70,8 @@ class LoaderRuntime:
         self.timing = Timing(dead_after=config.dead_after)
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
+        files = tls.node_files(config)
+        self._context = None if files is None else tls.server_context(files)  # or ConfigError
         self.loop = Reactor()
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
@@ -130,14 +133,16 @@ class LoaderRuntime:
     def _listen(self) -> Server:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
-        try:
-            return self.loop.listen(
-                host,
-                port,
-                lambda: ServerConnection(
-                    self.core, cookie, self.timing, self.config.max_frame, self._connections
-                ),
+
+        def connection() -> ServerConnection:
+            return ServerConnection(
+                self.core, cookie, self.timing, self.config.max_frame, self._connections
             )
+
+        try:
+            if self._context is not None:
+                return tls.listen_tls(self.loop, self._context, host, port, connection)
+            return self.loop.listen(host, port, connection)
         except OSError as exc:
             self.loop.close()
             raise ConfigError(

@@ -67,6 +67,8 @@ MIDDLE = [
     "writer",
     "blobs",
     "lock",
+    "tls",
+    "tls_init",
     "__init__",
 ]
 
