@@ -241,10 +241,15 @@ class TLSStream(Stream):
             self._heard = True
             if self._silence is not None:
                 self._silence.cancel()
-            if first[:1] != bytes([_HANDSHAKE_RECORD]):
-                what = f"first byte 0x{first[0]:02x}" if first else "closed at once"
+            if not first:  # connected and closed: a port check, say
+                log.debug("%s closed before its TLS handshake", self._where())
+                self.abort()
+                return
+            if first[0] != _HANDSHAKE_RECORD:
                 log.warning(
-                    "refused %s: not TLS (%s); this loader speaks TLS only", self._where(), what
+                    "refused %s: not TLS (first byte 0x%02x); this loader speaks TLS only",
+                    self._where(),
+                    first[0],
                 )
                 self.abort()
                 return
@@ -274,6 +279,14 @@ class TLSStream(Stream):
             try:
                 size = sock.recv_into(protocol.get_buffer(-1))
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except ssl.SSLError as exc:
+                log.warning(
+                    "closed %s: a TLS record failed its check (%s): altered on the way",
+                    self._where(),
+                    _why(exc),
+                )
+                self._lose(exc)
                 return
             except OSError as exc:
                 self._lose(exc)
