@@ -43,6 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
+BATCH = 64 << 10  # bytes of small frames gathered into one TLS record (16 KiB each at most)
 READS_PER_WAKEUP = 64  # TLS records read per readiness (16 KiB each at most)
 _HANDSHAKE_RECORD = 0x16
 _ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
@@ -74,6 +75,7 @@ def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
         context.num_tickets = 0  # no resumption: a ticket arriving later would cost a read
     else:
         context.check_hostname = True
+        context.sslsocket_class = _MemberSocket
     try:
         context.load_verify_locations(cafile=files.ca)
     except (OSError, ssl.SSLError) as exc:
@@ -146,6 +148,18 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
     )
 
 
+class _MemberSocket(ssl.SSLSocket):
+    """A blocking TLS socket whose ``sendall`` is one TLS write: on a blocking socket it
+    returns once everything is written (or raises), without ``ssl``'s loop around it."""
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        sslobj = getattr(self, "_sslobj", None)
+        if flags or sslobj is None or self.gettimeout() is not None:
+            super().sendall(data, flags)
+            return
+        sslobj.write(data)
+
+
 def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
     """Wrap a connected blocking socket and do the TLS handshake (within its timeout).
 
@@ -188,6 +202,8 @@ class TLSStream(Stream):
     ) -> None:
         self._handshaking = True
         self._heard = False
+        self._batch: list[bytes | memoryview] = []
+        self._batched = 0
         tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self._silence: Timer | None = reactor.call_later(SILENCE, self._silent)
         super().__init__(reactor, tls, protocol, server)
@@ -197,11 +213,45 @@ class TLSStream(Stream):
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     def write(self, data: bytes | memoryview) -> None:
-        if not self._handshaking:
-            super().write(data)
-        elif not self._closing and data:
+        if self._closing or not data:
+            return
+        if self._handshaking:
             self._pending.append(memoryview(data))
             self._size += len(data)
+            return
+        # Small frames written in one turn of the loop (an answer and a hot-load, say) go
+        # out as one TLS record at the end of it: each record costs a write and a read.
+        size = len(data)
+        if size >= BATCH:
+            self._flush_batch()
+            super().write(data)
+            return
+        self._batch.append(data)
+        self._batched += size
+        if self._batched >= BATCH:
+            self._flush_batch()
+        elif len(self._batch) == 1:
+            self._reactor.call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if batch:
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            batch.clear()
+            self._batched = 0
+            super().write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._batched
+
+    def close(self) -> None:
+        self._flush_batch()
+        super().close()
+
+    def abort(self) -> None:
+        self._batch.clear()
+        self._batched = 0
+        super().abort()
 
     def _ready(self, mask: int) -> None:
         if self._handshaking:
@@ -303,8 +353,8 @@ class TLSStream(Stream):
                 log.exception("closed a connection: handling what it sent failed")
                 self.abort()
                 return
-            if self._closing:
-                return
+            if self._closing or not sock.pending():
+                return  # the poller reports what the kernel holds: no failing read to learn it
         else:
             if sock.pending():  # decrypted bytes the poller cannot see: read them next turn
                 self._reactor.call_soon(self._read_more)
