@@ -95,7 +95,15 @@ def _receive_tls(
                     return -1
                 break
             os.sched_yield()
-    return sock.recv_into(buffer, size)
+    total = sock.recv_into(buffer, size)
+    if total >= tls.RECORD:  # a big payload streaming in: take what has come, one call
+        view = memoryview(buffer)
+        while total < size and (sock.pending() or select.select([sock], [], [], 0)[0]):
+            got = sock.recv_into(view[total:], size - total)
+            if not got:
+                break
+            total += got
+    return total
 
 
 def _buffered(sock: socket.socket) -> bool:

@@ -43,8 +43,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
-BATCH = 64 << 10  # bytes of small frames gathered into one TLS record (16 KiB each at most)
-READS_PER_WAKEUP = 64  # TLS records read per readiness (16 KiB each at most)
+BATCH = 64 << 10  # bytes of small frames gathered into one TLS write (of 16 KiB records)
+READS_PER_WAKEUP = 64  # TLS records read per readiness, at most, while they stream in
+RECORD = 16384  # the payload of a full TLS record: a read this big means more is streaming
 _HANDSHAKE_RECORD = 0x16
 _ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
@@ -353,8 +354,10 @@ class TLSStream(Stream):
                 log.exception("closed a connection: handling what it sent failed")
                 self.abort()
                 return
-            if self._closing or not sock.pending():
-                return  # the poller reports what the kernel holds: no failing read to learn it
+            if self._closing:
+                return
+            if size < RECORD and not sock.pending():
+                return  # a request: the poller reports what follows, without a failing read
         else:
             if sock.pending():  # decrypted bytes the poller cannot see: read them next turn
                 self._reactor.call_soon(self._read_more)
