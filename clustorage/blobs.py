@@ -1,10 +1,13 @@
 """Big payloads as files beside the store, so that writing one holds up no other write.
 
-A payload over ``FILE_THRESHOLD`` is written to a file of its own (fsync'd, then renamed
-into place, then the folder fsync'd) before the store's row that names it commits: the row
-is the commit point, so a kill -9 at any moment leaves either no row (and a stray file,
-swept at the next start) or a row and its whole file. A file is read back mapped, not
-copied into memory. Files and their folder are private to the user (0600 / 0700).
+A payload over ``FILE_THRESHOLD`` is written to a file of its own, then renamed into place,
+before the store's row that names it commits: the row is the commit point, so a kill -9 at
+any moment leaves either no row (and a stray file, swept at the next start) or a row and its
+whole file (SPEC "Durability"). Like the store's WAL commits (``synchronous=NORMAL``), a file
+is not fsync'd: a power cut may lose the latest writes. A file's name carries its size, so a
+file cut short that way is told at the next start and its entry is left out, never read as
+a shorter value. A file is read back mapped, not copied into memory. Files and their folder
+are private to the user (0600 / 0700).
 """
 
 from __future__ import annotations
@@ -35,41 +38,39 @@ class BlobFiles:
         os.chmod(folder, 0o700)
 
     def write(self, payload: Blob) -> str:
-        """Make ``payload`` durable in a new file; its name (for :meth:`read`).
+        """Put ``payload`` in a new file; its name (for :meth:`read`).
 
         Raises:
             OSError: it could not be written (disk full...); nothing is left behind.
         """
-        name = secrets.token_hex(16)
+        view = memoryview(payload).cast("B")
+        name = f"{secrets.token_hex(16)}-{len(view)}"
         temporary = self.folder / f"{name}.partial"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(payload).cast("B")
             for start in range(0, len(view), _CHUNK):
                 chunk = view[start : start + _CHUNK]
                 while chunk:
                     chunk = chunk[os.write(fd, chunk) :]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             temporary.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.rename(temporary, self.folder / name)
-        self._sync_folder()
         return name
 
-    def _sync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def read(self, name: str) -> Blob:
-        """The payload in file ``name``, mapped read-only."""
+        """The payload in file ``name``, mapped read-only.
+
+        Raises:
+            OSError: the file is missing, or shorter or longer than what was written.
+        """
+        expected = int(name.rpartition("-")[2]) if "-" in name else None
         with open(self.folder / name, "rb") as file:
             size = os.fstat(file.fileno()).st_size
+            if expected is not None and size != expected:
+                raise OSError(f"{self.folder / name} has {size} bytes, not the {expected} written")
             if size == 0:
                 return b""
             return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ))

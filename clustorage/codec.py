@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from typing import Any
 
 import cloudpickle
@@ -17,6 +18,9 @@ ENVELOPE = 4096
 # What every "over the frame limit" error tells the user to do.
 RAISE_THE_LIMIT = "raise it with CLUSTORAGE_MAX_FRAME (or max_frame=) on every node"
 SPLIT_IT = "store it as several smaller values"
+# How a payload with out-of-band buffers starts (a pickle starts with its PROTO opcode,
+# 0x80): then the number of buffers, the pickle's length and each buffer's, little-endian.
+_OUT_OF_BAND = b"\x00oob"
 
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
@@ -78,9 +82,11 @@ def dump(key: str, value: Any) -> bytes:
 
 
 def dump_borrowing(key: str, value: Any) -> Payload:
-    """:func:`dump`, except that big read-only buffers inside the value (a large bytes, a
-    str's UTF-8, a read-only array) are referenced, not copied, in a
-    :class:`~clustorage.messages.Gathered` payload: send it, then drop it.
+    """:func:`dump`, except that big buffers inside the value are not copied into the
+    pickle: a large bytes, a str's UTF-8 or a read-only array is referenced in a
+    :class:`~clustorage.messages.Gathered` payload (send it, then drop it), and arrays'
+    buffers (numpy, pandas: pickle protocol 5) travel out of band, after the pickle, so
+    that :func:`load` hands them to the value without copying them.
 
     Raises:
         TypeError: cloudpickle cannot serialize the value; the message names the key.
@@ -89,12 +95,35 @@ def dump_borrowing(key: str, value: Any) -> Payload:
     if plain and (not isinstance(value, _SIZED) or len(value) < BORROW_AT):
         return dump(key, value)
     gatherer = _Gatherer()
+    buffers: list[Blob] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        """Keep a big contiguous buffer apart (False); anything else goes in the pickle."""
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous
+            return True
+        if raw.nbytes < BORROW_AT:
+            return True
+        # A buffer its owner may change is copied, as pickle would: what is hashed must be
+        # what is sent.
+        buffers.append(raw if raw.readonly else raw.tobytes())
+        return False
+
     pickler = pickle.Pickler if plain else cloudpickle.CloudPickler
     try:
-        pickler(gatherer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        pickler(gatherer, protocol=5, buffer_callback=out_of_band).dump(value)
     except Exception as exc:
         raise _unserializable(key, value, exc) from exc
-    return gatherer.payload()
+    pickled = gatherer.payload()
+    if not buffers:
+        return pickled
+    lengths = [len(buffer) for buffer in buffers]
+    header = _OUT_OF_BAND + struct.pack(
+        f"<I{len(lengths) + 1}Q", len(lengths), len(pickled), *lengths
+    )
+    inner = pickled.parts if isinstance(pickled, Gathered) else (pickled,)
+    return Gathered((header, *inner, *buffers))
 
 
 def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
@@ -105,8 +134,21 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
 
 
 def load(payload: Blob) -> Any:
-    """Deserialize a payload made by :func:`dump` (from an authenticated peer only)."""
-    return pickle.loads(payload)
+    """Deserialize a payload made by :func:`dump` or :func:`dump_borrowing` (from an
+    authenticated peer only). Out-of-band buffers are handed to the value as views of
+    ``payload``, not copied."""
+    if payload[:4] != _OUT_OF_BAND:
+        return pickle.loads(payload)
+    view = memoryview(payload)
+    (count,) = struct.unpack_from("<I", view, 4)
+    sizes = struct.unpack_from(f"<{count + 1}Q", view, 8)
+    start = 8 + 8 * (count + 1)
+    pickled, start = view[start : start + sizes[0]], start + sizes[0]
+    buffers = []
+    for size in sizes[1:]:
+        buffers.append(view[start : start + size])
+        start += size
+    return pickle.loads(pickled, buffers=buffers)
 
 
 def size_limit(max_frame: int) -> int:

@@ -360,11 +360,13 @@ class ServerConnection:
         # dropped there, and resyncs when it reads again. Answers to its own requests do
         # not count (a member that stopped reading asks nothing), nor does a resync's
         # entries: each is one the loader holds, sent once per connection.
+        # What counts is what waits in the outbox: once the member stops reading, the
+        # stream pauses (at its high-water mark) and every push waits there. The stream's
+        # own buffer is left out: it may hold a big answer the member is reading.
         resync = type(message) is messages.SyncEntry
         counted = not resync and getattr(message, "rid", None) is None
-        backlog = self._transport.get_write_buffer_size() + self._queued
-        if counted and backlog > self._timing.write_limit:
-            self._drop_for_backlog(backlog)
+        if counted and self._queued > self._timing.write_limit:
+            self._drop_for_backlog(self._queued + self._transport.get_write_buffer_size())
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
         self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued

@@ -152,8 +152,17 @@ class SQLiteStore:
         return Entry(*fields)
 
     def current(self) -> list[Entry]:
-        """The latest, undeleted version of every key (big payloads mapped from files)."""
-        return [self._entry(row) for row in self._db.execute(_CURRENT)]
+        """The latest, undeleted version of every key (big payloads mapped from files).
+
+        A big payload whose file is missing or cut short (a power cut before the kernel
+        wrote it out) leaves its key out, with a logged error: never a shorter value."""
+        entries = []
+        for row in self._db.execute(_CURRENT):
+            try:
+                entries.append(self._entry(row))
+            except OSError as exc:
+                log.error("left out %s %r version %s: %s", row[0], row[1], row[2], exc)
+        return entries
 
     def stages(self, entry: Entry) -> bool:
         return len(entry.payload) > FILE_THRESHOLD

@@ -103,3 +103,21 @@ def test_a_big_write_holds_up_no_small_one(tmp_path: Path) -> None:
     writer.close()
     assert {e.key for e in store.current()} == {"k", "small"}
     store.close()
+
+
+def test_a_file_cut_short_leaves_its_key_out_not_a_shorter_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A big payload's file shorter than written (a power cut): its key is left out, logged."""
+    path = tmp_path / "s.sqlite3"
+    store = SQLiteStore(str(path))
+    commit_entry(store, value(1, BIG), 0)
+    store.commit(Entry(VALUE, "other", 1, b"small", None, "m", 1.0))
+    store.close()
+    (name,) = files(path)
+    with open(Path(f"{path}.blobs") / name, "r+b") as file:
+        file.truncate(1000)
+    again = SQLiteStore(str(path))
+    assert [entry.key for entry in again.current()] == ["other"]
+    assert "left out value 'k' version 1" in caplog.text
+    again.close()

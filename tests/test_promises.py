@@ -1,0 +1,554 @@
+"""SPEC's promises under stress, with real processes: replicas converge, busy is not dead,
+the loader never stalls, a lost lease is refused, a deadlock is an error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Cluster, Member, free_port
+from tests.test_netns import PORT, Hosts
+
+pytestmark = pytest.mark.timeout(180)
+
+IN_NAMESPACE = ("ip", "netns", "exec")
+LOADER = (sys.executable, "-m", "clustorage", "loader", "--name", "app1")
+
+# Defined in a member: its replica as plain data, {key: [value, version]} and
+# {function: [what it returns, version]}, to compare with another node's.
+SNAPSHOT = """
+def snapshot():
+    values = {}
+    for key in node.keys():
+        try:
+            values[key] = [node.get(key), node.version(key, 'value')]
+        except clustorage.NotFound:
+            pass
+    functions = {}
+    for name in node.functions():
+        try:
+            functions[name] = [node.call(name), node.version(name)]
+        except clustorage.NotFound:
+            pass
+    return [values, functions]
+"""
+
+
+def wait_until(check: Callable[[], object], seconds: float, what: str) -> None:
+    """Poll ``check`` until it is true; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {seconds}s: {what}")
+
+
+def answer_within(member: Member, seconds: float) -> dict[str, Any]:
+    """The member's answer to what was started with start_send; fail if it hangs."""
+    box: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: box.append(member.answer()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if not box:
+        raise AssertionError(f"{member.name} gave no answer within {seconds}s (hung)")
+    return box[0]
+
+
+def converged(members: list[Member], reference: Member) -> Callable[[], bool]:
+    """A check that every member's replica equals ``reference``'s (a late joiner's)."""
+
+    def check() -> bool:
+        wanted = reference.ok("snapshot()")
+        return all(member.ok("snapshot()") == wanted for member in members)
+
+    return check
+
+
+def dropped(cluster: Cluster, names: tuple[str, ...]) -> list[str]:
+    """Loader log lines saying one of ``names`` was closed or left."""
+    return [
+        line
+        for line in cluster.loader_log().splitlines()
+        if any(f"({name})" in line or f"{name} left" in line for name in names)
+        and ("closed" in line or " left" in line)
+    ]
+
+
+def counted_fn(runs: Path, who: str, value: str) -> str:
+    """Source of a function ``fn`` that records its run in ``runs`` and returns ``value``."""
+    return (
+        "def fn():\n"
+        f"    with open({str(runs)!r}, 'a') as out:\n"
+        f"        out.write({who + chr(10)!r})\n"
+        f"    return {value!r}\n"
+    )
+
+
+# -- Replicas converge -------------------------------------------------------------------
+
+
+def test_a_put_racing_a_delete_leaves_every_replica_equal_to_the_loader(cluster: Cluster) -> None:
+    """One member puts k0..k99 (busy thread beside it), another deletes each on sight: all agree."""
+    cluster.start_loader()
+    putter, deleter, observer = (cluster.member(n) for n in ("putter", "deleter", "observer"))
+    putter.start_send(
+        "import threading\n"
+        "stop = []\n"
+        "def busy():\n"
+        "    while not stop:\n"
+        "        total = 0\n"
+        "        for i in range(10000):\n"
+        "            total += i\n"
+        "spinner = threading.Thread(target=busy, daemon=True)\n"
+        "spinner.start()\n"
+        "for i in range(100):\n"
+        "    node.put(f'k{i}', i)\n"
+        "stop.append(True)\n"
+        "spinner.join()\n"
+    )
+    deleted = deleter.ok(
+        "import time\n"
+        "deleted = set()\n"
+        "deadline = time.monotonic() + 90\n"
+        "while len(deleted) < 100 and time.monotonic() < deadline:\n"
+        "    for key in node.keys():\n"
+        "        node.delete(key)\n"
+        "        deleted.add(key)\n"
+        "len(deleted)"
+    )
+    assert answer_within(putter, 90) == {"ok": None}
+    assert deleted == 100
+    late = cluster.member("late")
+    members = [putter, deleter, observer, late]
+    for member in members:
+        member.ok(SNAPSHOT)
+    assert late.ok("snapshot()") == [{}, {}]
+    wait_until(converged(members[:-1], late), 30, "every replica equals the loader's")
+
+
+STORM = """
+import random, threading, time, pathlib, clustorage
+rng = random.Random({seed})
+stop = pathlib.Path({stop!r})
+storm_errors = []
+storm_counts = {{'done': 0, 'outage': 0}}
+def storm():
+    n = 0
+    while not stop.exists():
+        n += 1
+        op = rng.random()
+        key = f's{{rng.randrange(3)}}'
+        name = f'g{{rng.randrange(2)}}'
+        try:
+            if op < 0.4:
+                node.put(key, [node.name, n])
+            elif op < 0.75:
+                node.delete(key)
+            elif op < 0.82:
+                node.define(name, f'lambda: [{{node.name!r}}, {{n}}]')
+            elif op < 0.88:
+                node.delete(name, kind='function')
+            else:
+                node.get(key, lambda: [node.name, n])
+            storm_counts['done'] += 1
+        except (clustorage.LoaderUnavailable, clustorage.LeaseLost):
+            storm_counts['outage'] += 1
+            time.sleep(0.05)
+        except Exception as exc:
+            storm_errors.append(f'{{type(exc).__name__}}: {{exc}}')
+def busy():
+    while not stop.exists():
+        total = 0
+        for i in range(10000):
+            total += i
+storm_thread = threading.Thread(target=storm)
+storm_thread.start()
+if {busy}:  # a busy thread beside the storm widens the races between answers and pushes
+    threading.Thread(target=busy, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("store", ["durable", "memory"])
+def test_a_storm_with_a_loader_kill_converges_on_every_member(
+    cluster: Cluster, tmp_path: Path, store: str
+) -> None:
+    """Four members put, define and delete a few keys at random; the loader is killed -9 and
+    restarted mid-storm (on its store, or on a fresh one in memory); once writes stop every
+    replica equals the loader's."""
+    seed = 1306
+    data = str(tmp_path / "data") if store == "durable" else ":memory:"
+    loader = cluster.start_loader(data=data)
+    stop = tmp_path / "stop"
+    members = [cluster.member(f"m{i}") for i in range(4)]
+    for index, member in enumerate(members):
+        member.ok(STORM.format(seed=seed + index, stop=str(stop), busy=index < 2))
+    time.sleep(1.5)  # let the storm run before the kill: a stimulus, not a measurement
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait(10)
+    time.sleep(1.0)
+    cluster.start_loader(data=data)
+    wait_until(
+        lambda: all(m.ok("node.connected") for m in members), 30, f"members reconnect (seed {seed})"
+    )
+    time.sleep(4)  # and after the restart
+    stop.touch()
+    for member in members:
+        assert member.ok("storm_thread.join(60)\nstorm_thread.is_alive()") is False
+        assert member.ok("storm_errors") == [], f"seed {seed}"
+        assert member.ok("storm_counts['done']") > 0, member.ok("storm_counts")
+    late = cluster.member("late")
+    for member in [*members, late]:
+        member.ok(SNAPSHOT)
+    wait_until(converged(members, late), 30, f"every replica equals the loader's (seed {seed})")
+
+
+# -- Busy is not dead ----------------------------------------------------------------------
+
+
+def short_liveness(cluster: Cluster) -> None:
+    """dead_after of 3 s everywhere: a busy node outlasting it must still be alive."""
+    cluster.env["CLUSTORAGE_DEAD_AFTER"] = "3"
+
+
+def test_a_leaseholder_holding_the_gil_keeps_its_lease(cluster: Cluster, tmp_path: Path) -> None:
+    """A holder whose fn holds the GIL for seconds (past dead_after) commits; the waiter's fn
+    never runs, and nobody is dropped."""
+    short_liveness(cluster)
+    cluster.start_loader()
+    holder, waiter = cluster.member("holder"), cluster.member("waiter")
+    started, runs = tmp_path / "started", tmp_path / "runs"
+    holder.start_send(
+        "import pathlib\n"
+        "def busy():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    sum(range(5 * 10**8))  # one C call, the GIL held throughout (~7 s here)\n"
+        f"    with open({str(runs)!r}, 'a') as out:\n"
+        "        out.write('holder\\n')\n"
+        "    return 'from holder'\n"
+        "node.get('busy', busy)"
+    )
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('busy', fn)")
+    assert answer_within(holder, 120) == {"ok": "from holder"}
+    assert answer_within(waiter, 60) == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
+    assert dropped(cluster, ("holder", "waiter")) == []
+    assert holder.ok("node.connected") and waiter.ok("node.connected")
+
+
+def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path) -> None:
+    """A holder SIGSTOPped past dead_after keeps its lease (the waiter sees who holds it), then
+    continued, commits; the waiter gets its value."""
+    short_liveness(cluster)
+    cluster.start_loader()
+    holder, waiter = cluster.member("holder"), cluster.member("waiter")
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(
+        "import pathlib, time\n"
+        "def paused():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        f"    while not pathlib.Path({str(go)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        f"    with open({str(runs)!r}, 'a') as out:\n"
+        "        out.write('holder\\n')\n"
+        "    return 'from holder'\n"
+        "node.get('paused', paused)"
+    )
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.ok(
+        "import threading\n" + counted_fn(runs, "waiter", "from waiter") + "got = []\n"
+        "waiting_thread = threading.Thread(target=lambda: got.append(node.get('paused', fn)))\n"
+        "waiting_thread.start()\n"
+    )
+    os.kill(holder.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: waiter.ok("node.waiting()"), 10, "the waiter sees who computes")
+        ((key, who, _since),) = waiter.ok("node.waiting()")
+        assert (key, who) == ("paused", "holder")
+        time.sleep(8)  # past dead_after (3 s): a stimulus, not a measurement
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    assert waiter.ok("[k for k, who, since in node.waiting()]") == ["paused"]
+    go.touch()
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert waiter.ok("waiting_thread.join(60)\ngot") == ["from holder"]
+    assert runs.read_text() == "holder\n"
+    assert dropped(cluster, ("holder", "waiter")) == []
+
+
+def test_a_killed_leaseholders_lease_passes_on_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    """kill -9 of the holder is noticed from the closed socket, long before dead_after."""
+    cluster.env["CLUSTORAGE_DEAD_AFTER"] = "600"
+    cluster.start_loader()
+    holder, waiter = cluster.member("holder"), cluster.member("waiter")
+    started, runs = tmp_path / "started", tmp_path / "runs"
+    holder.start_send(
+        "import pathlib, time\n"
+        "def doomed():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(600)\n"
+        "node.get('doomed', doomed)"
+    )
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('doomed', fn)")
+    time.sleep(0.5)
+    os.kill(holder.proc.pid, signal.SIGKILL)
+    assert answer_within(waiter, 60) == {"ok": "from waiter"}
+    assert runs.read_text() == "waiter\n"
+
+
+# -- A lease lost across a cut link ------------------------------------------------------
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Network namespaces made for this test and removed after it (as in test_netns)."""
+    if sys.platform != "linux" or shutil.which("ip") is None:
+        pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces (ip netns add)")
+    made = Hosts()
+    try:
+        made.create()
+    except OSError as exc:
+        made.destroy()
+        pytest.skip(f"this machine cannot create network namespaces: {exc}")
+    try:
+        yield made
+    finally:
+        made.destroy()
+
+
+def test_a_cut_off_holders_late_commit_raises_lease_lost(
+    cluster: Cluster, hosts: Hosts, tmp_path: Path
+) -> None:
+    """The holder's link is cut: both ends notice within dead_after, the lease passes to the
+    waiter, who commits; healed, the holder reconnects and its commit raises LeaseLost."""
+    short_liveness(cluster)
+    data = str(tmp_path / "data")
+    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
+    loader = subprocess.Popen(
+        [*IN_NAMESPACE, hosts.loader, *LOADER, "--listen", f"0.0.0.0:{PORT}", "--data", data],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    cluster.procs.append(loader)
+    members = {}
+    for name, (ns, _inner, address) in hosts.links.items():
+        members[name] = cluster.member(name, f"app1@{address}:{PORT}", (*IN_NAMESPACE, ns))
+    holder, waiter = members["a"], members["b"]
+    wait_until(lambda: holder.ok("node.connected") and waiter.ok("node.connected"), 30, "joined")
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.ok(
+        "import pathlib, threading, time\n"
+        "def cut_off():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        f"    while not pathlib.Path({str(go)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        f"    with open({str(runs)!r}, 'a') as out:\n"
+        "        out.write('holder\\n')\n"
+        "    return 'from holder'\n"
+        "outcome = []\n"
+        "def attempt():\n"
+        "    try:\n"
+        "        outcome.append(['ok', node.get('contested', cut_off)])\n"
+        "    except Exception as exc:\n"
+        "        outcome.append([type(exc).__name__, str(exc)])\n"
+        "attempt_thread = threading.Thread(target=attempt)\n"
+        "attempt_thread.start()\n"
+    )
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('contested', fn)")
+    time.sleep(0.5)
+    hosts.cut("a", up=False)
+    assert answer_within(waiter, 60) == {"ok": "from waiter"}
+    wait_until(lambda: "a left" in cluster.loader_log(), 30, "the loader notices the cut")
+    wait_until(lambda: not holder.ok("node.connected"), 30, "the holder notices the cut")
+    hosts.cut("a", up=True)
+    wait_until(lambda: holder.ok("node.connected"), 30, "the holder reconnects once healed")
+    go.touch()
+    outcome = holder.ok("attempt_thread.join(60)\noutcome")
+    assert len(outcome) == 1 and outcome[0][0] == "LeaseLost", outcome
+    assert "contested" in outcome[0][1], outcome
+    assert runs.read_text() == "waiter\nholder\n"
+    wait_until(
+        lambda: holder.ok("node.get('contested')") == "from waiter", 10, "the waiter's value"
+    )
+    assert waiter.ok("node.get('contested')") == "from waiter"
+    assert waiter.ok("node.connected")
+
+
+# -- The loader never stalls --------------------------------------------------------------
+
+
+def test_a_big_commit_does_not_stall_other_members(cluster: Cluster, tmp_path: Path) -> None:
+    """While a ~600 MB put is sent and committed to a durable store, another member's misses and
+    puts are all served, nobody is dropped, and the big put returns its version."""
+    cluster.start_loader(data=str(tmp_path / "data"))
+    big, small = cluster.member("big"), cluster.member("small")
+    done = tmp_path / "big-done"
+    big.start_send(
+        "import pathlib\n"
+        "version = node.put('big', bytes(600 * 10**6))\n"
+        f"pathlib.Path({str(done)!r}).touch()\n"
+        "version"
+    )
+    served, failure = small.ok(
+        "import pathlib, time\n"
+        f"done = pathlib.Path({str(done)!r})\n"
+        "served, failure = 0, None\n"
+        "deadline = time.monotonic() + 120\n"
+        "while (served < 50 or not done.exists()) and time.monotonic() < deadline:\n"
+        "    try:\n"
+        "        what = f'miss{served}'\n"
+        "        assert node.get(what, lambda: served) == served\n"
+        "        what = f'put small{served}'\n"
+        "        node.put(f'small{served}', served)\n"
+        "    except clustorage.ClustorageError as exc:\n"
+        "        failure = f'{what}: {type(exc).__name__}: {exc}'\n"
+        "        break\n"
+        "    served += 1\n"
+        "[served, failure]"
+    )
+    answer = answer_within(big, 120)
+    assert failure is None, f"after {served} served, during the big put: {failure}"
+    assert served >= 50
+    assert answer == {"ok": 1}, answer
+    assert dropped(cluster, ("big", "small")) == []
+    assert big.ok("node.connected") and small.ok("node.connected")
+    assert small.ok("node.get('small0')") == 0
+
+
+def test_a_member_reading_beside_a_big_push_is_not_dropped(cluster: Cluster) -> None:
+    """A member busy with its own requests while a 200 MB value (over the loader's backlog cap)
+    goes out is reading, not stalled: it is not dropped, and it gets the value."""
+    cluster.start_loader()
+    big, reader = cluster.member("big"), cluster.member("reader")
+    reader.ok(
+        "import threading\n"
+        "served, failures, stop = [0], [], []\n"
+        "def misses():\n"
+        "    while not stop:\n"
+        "        try:\n"
+        "            node.get(f'miss{served[0]}', lambda: 0)\n"
+        "        except clustorage.ClustorageError as exc:\n"
+        "            failures.append(f'{type(exc).__name__}: {exc}')\n"
+        "            return\n"
+        "        served[0] += 1\n"
+        "misses_thread = threading.Thread(target=misses)\n"
+        "misses_thread.start()\n"
+    )
+    assert big.ok("node.put('big', bytes(200 * 10**6))") == 1
+    assert reader.ok("stop.append(1)\nmisses_thread.join(60)\nfailures") == []
+    assert reader.ok("served[0]") > 0
+    assert dropped(cluster, ("big", "reader")) == []
+    assert reader.ok("len(node.get('big'))") == 200 * 10**6
+
+
+def test_a_slow_definition_does_not_stall_other_members(cluster: Cluster, tmp_path: Path) -> None:
+    """Compiling source that sleeps 6 s at import delays only its define: other members' misses
+    are served meanwhile, nobody is dropped, and the function works everywhere after."""
+    cluster.start_loader()
+    definer, one, two = (cluster.member(n) for n in ("definer", "one", "two"))
+    done = tmp_path / "defined"
+    definer.start_send(
+        "import pathlib\n"
+        "d = node.define('slow', 'import time\\ntime.sleep(6)\\ndef slow(): return 1')\n"
+        f"pathlib.Path({str(done)!r}).touch()\n"
+        "[d.version, sorted(d.installed)]"
+    )
+    misses = (
+        "import pathlib, time\n"
+        f"done = pathlib.Path({str(done)!r})\n"
+        "served = 0\n"
+        "deadline = time.monotonic() + 120\n"
+        "while (served < 20 or not done.exists()) and time.monotonic() < deadline:\n"
+        "    assert node.get(f'{node.name}{served}', lambda: served) == served\n"
+        "    served += 1\n"
+        "served"
+    )
+    one.start_send(misses)
+    assert two.ok(misses) >= 20
+    assert answer_within(one, 120)["ok"] >= 20
+    answer = answer_within(definer, 120)
+    assert "ok" in answer, answer
+    assert answer["ok"][0] == 1
+    assert {"definer", "one", "two"} <= set(answer["ok"][1])
+    for member in (definer, one, two):
+        assert member.ok("node.call('slow')") == 1
+    assert dropped(cluster, ("definer", "one", "two")) == []
+
+
+# -- DeadlockError -----------------------------------------------------------------------
+
+
+def test_a_fn_that_needs_its_own_key_raises_deadlock_error(cluster: Cluster) -> None:
+    """On the loader's own node and on a member, re-entering a key (directly or through
+    another key) raises DeadlockError naming the keys; the lease is free afterwards."""
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(cluster.env, CLUSTORAGE_LISTEN=address, CLUSTORAGE_DATA=":memory:")
+    loader = Member(env, "app1", None)
+    cluster.procs.append(loader.proc)
+    member = cluster.member("m", f"app1@{address}")
+    for node in (loader, member):
+        key = f"loop-{node.name}"
+        node.start_send(f"node.get({key!r}, lambda: node.get({key!r}, lambda: 1))")
+        answer = answer_within(node, 60)
+        assert answer.get("error") == "DeadlockError", answer
+        assert key in answer["message"], answer
+        assert node.ok("issubclass(clustorage.DeadlockError, RuntimeError)")
+        assert node.ok(f"node.get({key!r}, lambda: 2)") == 2
+    member.start_send(
+        "node.get('alpha', lambda: node.get('beta', lambda: node.get('alpha', lambda: 1)))"
+    )
+    answer = answer_within(member, 60)
+    assert answer.get("error") == "DeadlockError", answer
+    assert "alpha" in answer["message"] and "beta" in answer["message"], answer
+    assert member.ok("node.get('alpha', lambda: 3)") == 3
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_cycle_across_members_raises_deadlock_error_on_one(
+    cluster: Cluster, tmp_path: Path, size: int
+) -> None:
+    """Each member computes its key needing the next member's, round a cycle: one gets
+    DeadlockError naming every key of it, the others complete with one value; nothing hangs."""
+    cluster.start_loader()
+    keys = ["alpha", "beta", "gamma"][:size]
+    members = [cluster.member(f"m{i}") for i in range(size)]
+    for index, member in enumerate(members):
+        mine, other = keys[index], keys[(index + 1) % size]
+        held, theirs = tmp_path / f"{mine}-held", tmp_path / f"{other}-held"
+        member.start_send(
+            "import pathlib, time\n"
+            "def needs_other():\n"
+            f"    pathlib.Path({str(held)!r}).touch()\n"
+            f"    while not pathlib.Path({str(theirs)!r}).exists():\n"
+            "        time.sleep(0.02)\n"
+            f"    return node.get({other!r}, lambda: 'from ' + node.name)\n"
+            f"node.get({mine!r}, needs_other)"
+        )
+    answers = {member.name: answer_within(member, 60) for member in members}
+    errors = [a for a in answers.values() if "error" in a]
+    assert len(errors) == 1, answers
+    assert errors[0]["error"] == "DeadlockError", answers
+    assert all(key in errors[0]["message"] for key in keys), answers
+    values = {a["ok"] for a in answers.values() if "ok" in a}
+    assert len(values) == 1, answers
+    (value,) = values
+    assert value in {f"from {member.name}" for member in members}
+    for member in members:
+        assert member.ok(f"[node.get(key) for key in {keys!r}]") == [value] * size
