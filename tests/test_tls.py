@@ -316,6 +316,34 @@ def test_byte_flipped_in_between_closes_and_applies_nothing(
         relay.close()
 
 
+def test_tls_handshake_within_the_handshake_deadline(tls_cluster: Cluster, certs: Path) -> None:
+    """A connection that starts TLS and stalls is closed by the 5 s handshake deadline; the
+    loader serves members meanwhile."""
+    with socket.create_connection(("127.0.0.1", tls_cluster.port), timeout=30) as stalled:
+        stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and no more
+        good = member(tls_cluster, "m1", tls_env(certs, "m1"))
+        assert good.ok("node.get('k', lambda: 1)") == 1
+        assert stalled.recv(100) == b""  # closed by the loader, not by this timeout
+    wait_for(lambda: "no handshake within 5.0s" in tls_cluster.loader_log(), 10)
+
+
+def test_shell_takes_the_tls_flags(cluster: Cluster, certs: Path) -> None:
+    """clustorage-shell has --tls-cert/--tls-key/--tls-ca: a key of another certificate is
+    refused before anything starts, naming both files."""
+    flags = ["--tls-cert", str(certs / "m1.pem"), "--tls-key", str(certs / "m2-key.pem")]
+    flags += ["--tls-ca", str(certs / "ca.pem")]
+    done = subprocess.run(
+        [sys.executable, "-m", "clustorage.shell", "--name", "m1", "--loader", "app1", *flags],
+        env=cluster.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "does not match the certificate" in done.stderr and "m2-key.pem" in done.stderr
+
+
 def test_tls_init_makes_private_files_and_names_the_extra(tmp_path: Path) -> None:
     """'clustorage tls init' writes keys 0600 in a 0700 folder; without cryptography it
     names the extra to install."""
