@@ -26,7 +26,6 @@ import os
 import resource
 import select
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -46,8 +45,6 @@ IDLE_WAIT = 1.0
 SPIN = 50e-6
 ACCEPT_PAUSE = 1.0  # after running out of file descriptors or memory
 REPORT_EVERY = 10.0  # seconds between two log lines about connections refused for the cap
-# A send that must wait for the socket (a TLS stream's too: see clustorage.tls).
-_AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def untrusted_cap() -> int:
@@ -432,7 +429,7 @@ class Stream:
         if not self._pending:
             try:
                 sent = self._sock.send(data)
-            except _AGAIN:
+            except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:  # told later, as asyncio does: the writer is mid-work
                 self._closing = True
@@ -454,7 +451,7 @@ class Stream:
         while pending:
             try:
                 sent = self._sock.send(pending[0])
-            except _AGAIN:
+            except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._lose(exc)

@@ -21,11 +21,11 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .config import NodeConfig
 from .errors import AuthenticationError, ConfigError
-from .reactor import READ, WRITE, Reactor, Server, Stream, StreamProtocol, Timer
+from .reactor import Reactor, Server, Stream, StreamProtocol, Timer
 
 __all__ = [
     "SILENCE",
@@ -44,8 +44,7 @@ log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
 BATCH = 64 << 10  # bytes of small frames gathered into one TLS write (of 16 KiB records)
-READS_PER_WAKEUP = 64  # TLS records read per readiness, at most, while they stream in
-RECORD = 16384  # the payload of a full TLS record: a read this big means more is streaming
+RECORD = 16384  # the payload of a full TLS record: a read this big means more is coming
 _HANDSHAKE_RECORD = 0x16
 _ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
@@ -186,11 +185,21 @@ def check_reply(data: bytes, where: str) -> None:
 # -- the loader's side -----------------------------------------------------------------------
 
 
+# Every TLS stream reads the socket into this one buffer: the loop runs one callback at a
+# time, and the bytes go into the stream's TLS object before the next read.
+_RAW = memoryview(bytearray(1 << 20))
+
+
 class TLSStream(Stream):
-    """A :class:`Stream` over TLS: handshakes on readiness, then reads and writes records.
+    """A :class:`Stream` over TLS, TLS done in memory (``ssl.SSLObject`` over two
+    ``MemoryBIO``): one ``recv`` takes every record that has come and one ``send`` takes
+    what a turn of the loop wrote, as on a plaintext stream, where TLS on the socket would
+    make two reads of every record.
 
     The protocol is told of the connection at once (its handshake deadline then covers the
-    TLS handshake); what it writes meanwhile waits for TLS to be up.
+    TLS handshake); what it writes meanwhile waits for TLS to be up. Small frames written in
+    one turn of the loop (an answer and a hot-load, say) go out as one TLS write at the end
+    of it.
     """
 
     def __init__(
@@ -201,31 +210,34 @@ class TLSStream(Stream):
         protocol: StreamProtocol,
         server: Server | None = None,
     ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshaking = True
         self._heard = False
+        self._early: list[bytes | memoryview] = []  # written before TLS was up
         self._batch: list[bytes | memoryview] = []
         self._batched = 0
-        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self._silence: Timer | None = reactor.call_later(SILENCE, self._silent)
-        super().__init__(reactor, tls, protocol, server)
+        super().__init__(reactor, sock, protocol, server)
 
     def _where(self) -> str:
         peer = self._peer
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
+    # -- writing ---------------------------------------------------------------------------
+
     def write(self, data: bytes | memoryview) -> None:
         if self._closing or not data:
             return
         if self._handshaking:
-            self._pending.append(memoryview(data))
-            self._size += len(data)
+            self._early.append(data)
+            self._batched += len(data)
             return
-        # Small frames written in one turn of the loop (an answer and a hot-load, say) go
-        # out as one TLS record at the end of it: each record costs a write and a read.
         size = len(data)
         if size >= BATCH:
             self._flush_batch()
-            super().write(data)
+            self._send_records(data)
             return
         self._batch.append(data)
         self._batched += size
@@ -236,11 +248,26 @@ class TLSStream(Stream):
 
     def _flush_batch(self) -> None:
         batch = self._batch
-        if batch:
+        if batch and not self._handshaking:
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             batch.clear()
             self._batched = 0
-            super().write(data)
+            self._send_records(data)
+
+    def _send_records(self, data: bytes | memoryview) -> None:
+        if self._closing:
+            return
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            log.warning("closed %s: TLS cannot send (%s)", self._where(), _why(exc))
+            self.abort()
+            return
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        if self._outgoing.pending:
+            super().write(self._outgoing.read())
 
     def get_write_buffer_size(self) -> int:
         return self._size + self._batched
@@ -251,20 +278,11 @@ class TLSStream(Stream):
 
     def abort(self) -> None:
         self._batch.clear()
+        self._early.clear()
         self._batched = 0
         super().abort()
 
-    def _ready(self, mask: int) -> None:
-        if self._handshaking:
-            if self._closing:
-                self._lose(None)
-            else:
-                self._shake()
-            return
-        if mask & READ and not self._closing:
-            self._read()
-        if mask & WRITE and not self._closed:
-            self._drain()
+    # -- reading ---------------------------------------------------------------------------
 
     def _silent(self) -> None:
         self._silence = None
@@ -277,59 +295,90 @@ class TLSStream(Stream):
             FLAGS,
         )
         with contextlib.suppress(OSError):
-            socket.socket.send(self._sock, _ALERT)
+            self._sock.send(_ALERT)
         self.abort()
 
-    def _shake(self) -> None:
-        sock: Any = self._sock
-        if not self._heard:
-            try:
-                first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                first = b""
-            self._heard = True
-            if self._silence is not None:
-                self._silence.cancel()
-            if not first:  # connected and closed: a port check, say
-                log.debug("%s closed before its TLS handshake", self._where())
-                self.abort()
-                return
-            if first[0] != _HANDSHAKE_RECORD:
-                log.warning(
-                    "refused %s: not TLS (first byte 0x%02x); this loader speaks TLS only",
-                    self._where(),
-                    first[0],
-                )
-                self.abort()
-                return
+    def _first_byte(self) -> bool:
+        """Whether the peer starts a TLS handshake (else it is closed, with a log line)."""
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._reactor.modify(sock, READ, self._ready)
-            return
-        except ssl.SSLWantWriteError:
-            self._reactor.modify(sock, READ | WRITE, self._ready)
-            return
-        except (ssl.SSLError, OSError) as exc:
-            log.warning("refused %s: TLS handshake failed (%s)", self._where(), _why(exc))
-            self.abort()
-            return
-        self._handshaking = False
-        self._reactor.modify(sock, READ | WRITE if self._pending else READ, self._ready)
-        if self._pending:
-            self._drain()
-        if not self._closing:
-            self._read()  # records that came with the handshake's last flight
+            first = self._sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            first = b""
+        self._heard = True
+        if self._silence is not None:
+            self._silence.cancel()
+        if not first:  # connected and closed: a port check, say
+            log.debug("%s closed before its TLS handshake", self._where())
+        elif first[0] != _HANDSHAKE_RECORD:
+            log.warning(
+                "refused %s: not TLS (first byte 0x%02x); this loader speaks TLS only",
+                self._where(),
+                first[0],
+            )
+        else:
+            return True
+        self.abort()
+        return False
 
     def _read(self) -> None:
-        sock: Any = self._sock
-        protocol = self._protocol
-        for _ in range(READS_PER_WAKEUP):
+        if not self._heard and not self._first_byte():
+            return
+        try:
+            size = self._sock.recv_into(_RAW)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if not size:
+            self._end()
+            return
+        self._incoming.write(_RAW[:size])
+        if self._handshaking and not self._shake():
+            return
+        self._records()
+
+    def _shake(self) -> bool:
+        """Go on with the TLS handshake; whether it is done (and the stream open)."""
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_pending()
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self._send_pending()  # the alert that tells the peer why
+            log.warning("refused %s: TLS handshake failed (%s)", self._where(), _why(exc))
+            self.close()
+            return False
+        self._handshaking = False
+        early, self._early = self._early, []
+        self._batched = 0
+        self._send_pending()
+        for data in early:
+            self.write(data)
+        return True
+
+    def _records(self) -> None:
+        """Hand the protocol every record that has come in whole, as many at a time as its
+        buffer takes (a big payload then arrives in big pieces, as without TLS)."""
+        tls, protocol = self._tls, self._protocol
+        while not self._closing:
             try:
-                size = sock.recv_into(protocol.get_buffer(-1))
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                buffer = protocol.get_buffer(-1)
+                filled, room = 0, len(buffer)
+                while filled < room:
+                    size = cast(int, tls.read(room - filled, buffer[filled:]))
+                    if not size:
+                        break
+                    filled += size
+            except ssl.SSLWantReadError:
+                if filled:
+                    self._hand(filled)
+                return
+            except ssl.SSLZeroReturnError:
+                self._end()
                 return
             except ssl.SSLError as exc:
                 log.warning(
@@ -339,39 +388,29 @@ class TLSStream(Stream):
                 )
                 self._lose(exc)
                 return
-            except OSError as exc:
-                self._lose(exc)
-                return
             except Exception:
                 log.exception("closed a connection: handling what it sent failed")
                 self.abort()
                 return
-            if not size:
-                break
-            try:
-                protocol.buffer_updated(size)
-            except Exception:
-                log.exception("closed a connection: handling what it sent failed")
-                self.abort()
+            if not filled:
+                self._end()
                 return
-            if self._closing:
-                return
-            if size < RECORD and not sock.pending():
-                return  # a request: the poller reports what follows, without a failing read
-        else:
-            if sock.pending():  # decrypted bytes the poller cannot see: read them next turn
-                self._reactor.call_soon(self._read_more)
-            return
+            self._hand(filled)
+
+    def _hand(self, size: int) -> None:
         try:
-            protocol.eof_received()
+            self._protocol.buffer_updated(size)
+        except Exception:
+            log.exception("closed a connection: handling what it sent failed")
+            self.abort()
+
+    def _end(self) -> None:
+        try:
+            self._protocol.eof_received()
         except Exception:
             log.exception("a connection's end of file was not handled cleanly")
         finally:
             self.close()
-
-    def _read_more(self) -> None:
-        if not self._closing:
-            self._read()
 
 
 def listen_tls(
