@@ -84,9 +84,9 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
 def _receive_tls(
     sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool
 ) -> int:
-    """:func:`_receive` over TLS, which takes no MSG_DONTWAIT: wait for the socket, then read
-    a record (or what TLS decrypted and holds already)."""
-    assert isinstance(sock, ssl.SSLSocket)
+    """:func:`_receive` over TLS: wait for the socket unless TLS holds bytes already, then
+    read records (the receive timeout then bounds waiting for the rest of one)."""
+    assert isinstance(sock, tls.TLSSocket)
     if not sock.pending():
         spin_until = time.perf_counter() + SPIN if block else 0.0
         while not select.select([sock], [], [], 0)[0]:
@@ -95,11 +95,17 @@ def _receive_tls(
                     return -1
                 break
             os.sched_yield()
-    total = sock.recv_into(buffer, size)
+    try:
+        total = sock.recv_into(buffer, size)
+    except (BlockingIOError, TimeoutError):  # the rest of a record is late
+        return -1
     if total >= tls.RECORD:  # a big payload streaming in: take what has come, one call
         view = memoryview(buffer)
         while total < size and (sock.pending() or select.select([sock], [], [], 0)[0]):
-            got = sock.recv_into(view[total:], size - total)
+            try:
+                got = sock.recv_into(view[total:], size - total)
+            except (BlockingIOError, TimeoutError):
+                break
             if not got:
                 break
             total += got
@@ -108,7 +114,7 @@ def _receive_tls(
 
 def _buffered(sock: socket.socket) -> bool:
     """Whether TLS holds decrypted bytes of ``sock`` that no poll would report."""
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+    return isinstance(sock, tls.TLSSocket) and sock.pending() > 0
 
 
 class _ThreadState(threading.local):

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ from .reactor import Reactor, Server, Stream, StreamProtocol, Timer
 __all__ = [
     "SILENCE",
     "TLSFiles",
+    "TLSSocket",
     "TLSStream",
     "check_reply",
     "client_context",
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
 BATCH = 64 << 10  # bytes of small frames gathered into one TLS write (of 16 KiB records)
+RAW = 1 << 20  # bytes a member's TLS socket reads at once
 RECORD = 16384  # the payload of a full TLS record: a read this big means more is coming
 _HANDSHAKE_RECORD = 0x16
 _ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
@@ -75,7 +78,6 @@ def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
         context.num_tickets = 0  # no resumption: a ticket arriving later would cost a read
     else:
         context.check_hostname = True
-        context.sslsocket_class = _MemberSocket
     try:
         context.load_verify_locations(cafile=files.ca)
     except (OSError, ssl.SSLError) as exc:
@@ -148,28 +150,111 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
     )
 
 
-class _MemberSocket(ssl.SSLSocket):
-    """A blocking TLS socket whose ``sendall`` is one TLS write: on a blocking socket it
-    returns once everything is written (or raises), without ``ssl``'s loop around it."""
+class TLSSocket(socket.socket):
+    """A member's blocking socket with TLS done in memory (``ssl.SSLObject`` over two
+    ``MemoryBIO``): one ``recv`` takes every record that has come, where TLS on the socket
+    reads each in two, and ``sendall`` sends a message's records at once.
+
+    TLS state is touched under a lock held only while bytes are encrypted or decrypted,
+    never while waiting on the network: a member reads on one thread while others send.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
+        timeout = sock.gettimeout()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.settimeout(timeout)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+        self._raw = memoryview(bytearray(RAW))
+        self._lock = threading.Lock()  # the TLS object
+        self._sending = threading.Lock()  # the order of records on the wire
+
+    def handshake(self) -> None:
+        """Do the TLS handshake, within the socket's timeout.
+
+        Raises:
+            ssl.SSLError: TLS failed; OSError: the connection did.
+        """
+        while True:
+            try:
+                with self._lock:
+                    self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                wanting = True
+            else:
+                wanting = False
+            self._flush()
+            if not wanting:
+                return
+            if not self._fill():
+                raise ConnectionResetError("the loader closed the connection in TLS's handshake")
+
+    def _fill(self) -> bool:
+        """Read what the socket has into TLS (blocking as the socket does); False at its end."""
+        size = super().recv_into(self._raw)
+        if size:
+            with self._lock:
+                self._incoming.write(self._raw[:size])
+        return bool(size)
+
+    def _flush(self) -> None:
+        with self._sending:
+            with self._lock:
+                data = self._outgoing.read()
+            if data:
+                super().sendall(data)
+
+    def pending(self) -> int:
+        """Bytes TLS holds that the socket will not report: decrypted, or records whole."""
+        return self._tls.pending() + self._incoming.pending
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        size = nbytes or len(buffer)
+        while True:
+            with self._lock:
+                try:
+                    got = int(self._tls.read(size, buffer))
+                except ssl.SSLWantReadError:
+                    got = -1
+                except ssl.SSLZeroReturnError:
+                    return 0
+                answer = self._outgoing.pending  # TLS's own messages, if any
+            if answer:
+                self._flush()
+            if got >= 0:
+                return got
+            if not self._fill():
+                return 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        buffer = bytearray(bufsize)
+        return bytes(buffer[: self.recv_into(buffer, bufsize)])
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        sslobj = getattr(self, "_sslobj", None)
-        if flags or sslobj is None or self.gettimeout() is not None:
-            super().sendall(data, flags)
-            return
-        sslobj.write(data)
+        with self._sending:
+            with self._lock:
+                self._tls.write(data)
+                records = self._outgoing.read()
+            super().sendall(records)
 
 
-def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> ssl.SSLSocket:
-    """Wrap a connected blocking socket and do the TLS handshake (within its timeout).
+def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> TLSSocket:
+    """Take over a connected blocking socket and do the TLS handshake (within its timeout).
 
     Raises:
         ConfigError, AuthenticationError: see :func:`refusal`.
     """
+    tls = TLSSocket(sock, context, host)
     try:
-        return context.wrap_socket(sock, server_hostname=host)
+        tls.handshake()
     except ssl.SSLError as exc:
+        tls.close()
         raise refusal(exc, where) from None
+    except BaseException:
+        tls.close()
+        raise
+    return tls
 
 
 def check_reply(data: bytes, where: str) -> None:
