@@ -81,40 +81,9 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
         return -1
 
 
-def _receive_tls(
-    sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool
-) -> int:
-    """:func:`_receive` over TLS: wait for the socket unless TLS holds bytes already, then
-    read records (the receive timeout then bounds waiting for the rest of one)."""
-    assert isinstance(sock, tls.TLSSocket)
-    if not sock.pending():
-        spin_until = time.perf_counter() + SPIN if block else 0.0
-        while not select.select([sock], [], [], 0)[0]:
-            if time.perf_counter() >= spin_until:
-                if not block or not select.select([sock], [], [], RECV_WAIT)[0]:
-                    return -1
-                break
-            os.sched_yield()
-    try:
-        total = sock.recv_into(buffer, size)
-    except (BlockingIOError, TimeoutError):  # the rest of a record is late
-        return -1
-    if total >= tls.RECORD:  # a big payload streaming in: take what has come, one call
-        view = memoryview(buffer)
-        while total < size and (sock.pending() or select.select([sock], [], [], 0)[0]):
-            try:
-                got = sock.recv_into(view[total:], size - total)
-            except (BlockingIOError, TimeoutError):
-                break
-            if not got:
-                break
-            total += got
-    return total
-
-
 def _buffered(sock: socket.socket) -> bool:
-    """Whether TLS holds decrypted bytes of ``sock`` that no poll would report."""
-    return isinstance(sock, tls.TLSSocket) and sock.pending() > 0
+    """Whether TLS may hold records of ``sock`` that no poll would report."""
+    return isinstance(sock, tls.TLSSocket) and sock.pending()
 
 
 class _ThreadState(threading.local):
@@ -165,7 +134,6 @@ class MemberClient:
         self._patient = False
         files = tls.node_files(config)
         self._context = None if files is None else tls.client_context(files)  # or ConfigError
-        self._receive = _receive if self._context is None else _receive_tls
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-member-{config.name}", daemon=True
         )
@@ -401,11 +369,10 @@ class MemberClient:
         if sock is None or conn is None:
             raise _Lost("not connected")
         space = conn.receive_buffer()
-        receive = self._receive
         if space is None:  # else straight into a big payload that is arriving
-            size = receive(sock, self._recv_buffer, RECV_SIZE, block)
+            size = _receive(sock, self._recv_buffer, RECV_SIZE, block)
         else:
-            size = receive(sock, space, len(space), block)
+            size = _receive(sock, space, len(space), block)
         now = time.monotonic()
         if size > 0 and space is not None:
             self._last_heard = now

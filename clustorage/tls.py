@@ -153,7 +153,9 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
 class TLSSocket(socket.socket):
     """A member's blocking socket with TLS done in memory (``ssl.SSLObject`` over two
     ``MemoryBIO``): one ``recv`` takes every record that has come, where TLS on the socket
-    reads each in two, and ``sendall`` sends a message's records at once.
+    reads each in two, and ``sendall`` sends a message's records at once. It reads and
+    writes as a plain socket does (MSG_DONTWAIT and the receive timeout included), so the
+    member's code is the same over TLS.
 
     TLS state is touched under a lock held only while bytes are encrypted or decrypted,
     never while waiting on the network: a member reads on one thread while others send.
@@ -169,6 +171,8 @@ class TLSSocket(socket.socket):
         self._raw = memoryview(bytearray(RAW))
         self._lock = threading.Lock()  # the TLS object
         self._sending = threading.Lock()  # the order of records on the wire
+        self._more = False  # the last read filled its buffer: TLS may hold more
+        self._ended = False
 
     def handshake(self) -> None:
         """Do the TLS handshake, within the socket's timeout.
@@ -205,31 +209,51 @@ class TLSSocket(socket.socket):
             if data:
                 super().sendall(data)
 
-    def pending(self) -> int:
-        """Bytes TLS holds that the socket will not report: decrypted, or records whole."""
-        return self._tls.pending() + self._incoming.pending
+    def pending(self) -> bool:
+        """Whether TLS may hold records that the socket will not report: the last read
+        stopped because the buffer was full."""
+        return self._more
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        size = nbytes or len(buffer)
+        """Decrypt into ``buffer`` every whole record there is, reading the socket (with
+        ``flags``: MSG_DONTWAIT works as on any socket) only when there is none."""
+        view = memoryview(buffer).cast("B")
+        size = nbytes or len(view)
         while True:
-            with self._lock:
-                try:
-                    got = int(self._tls.read(size, buffer))
-                except ssl.SSLWantReadError:
-                    got = -1
-                except ssl.SSLZeroReturnError:
-                    return 0
-                answer = self._outgoing.pending  # TLS's own messages, if any
-            if answer:
-                self._flush()
-            if got >= 0:
+            got = self._decrypt(view, size)
+            if got or self._ended:
                 return got
-            if not self._fill():
+            received = super().recv_into(self._raw, 0, flags)
+            if not received:
                 return 0
+            with self._lock:
+                self._incoming.write(self._raw[:received])
+
+    def _decrypt(self, view: memoryview, size: int) -> int:
+        total = 0
+        with self._lock:
+            while total < size:
+                try:
+                    got = int(self._tls.read(size - total, view[total:]))
+                except ssl.SSLWantReadError:
+                    self._more = False
+                    break
+                except ssl.SSLZeroReturnError:
+                    got = 0
+                if not got:
+                    self._ended = True
+                    break
+                total += got
+            else:
+                self._more = True
+            answer = self._outgoing.pending  # TLS's own messages, if any
+        if answer:
+            self._flush()
+        return total
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         buffer = bytearray(bufsize)
-        return bytes(buffer[: self.recv_into(buffer, bufsize)])
+        return bytes(buffer[: self.recv_into(buffer, bufsize, flags)])
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         with self._sending:
