@@ -105,15 +105,17 @@ def issue(
     hosts: Sequence[str],
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
+    local: bool = True,
 ) -> Any:
-    """A node certificate for ``key``, signed by the CA, naming ``hosts`` (and 127.0.0.1,
-    localhost); valid from ``not_before`` to ``not_after`` (default: now, NODE_DAYS on)."""
+    """A node certificate for ``key``, signed by the CA, naming ``hosts`` (and, if ``local``,
+    127.0.0.1 and localhost); valid from ``not_before`` to ``not_after`` (default: now,
+    NODE_DAYS on)."""
     x509 = _crypto()
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     names: list[Any] = []
-    for host in dict.fromkeys([*hosts, *ALWAYS]):
+    for host in dict.fromkeys([*hosts, *(ALWAYS if local else ())]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:

@@ -204,6 +204,34 @@ def test_expired_certificate_is_refused(tls_cluster: Cluster, certs: Path, tmp_p
     assert good.ok("node.get('k', lambda: 1)") == 1
 
 
+def test_loader_certificate_must_name_its_host(
+    cluster: Cluster, certs: Path, tmp_path: Path
+) -> None:
+    """A member refuses a loader whose certificate names another host than the one dialled."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca_cert = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((certs / "ca-key.pem").read_bytes(), None)
+    key = tls_init.new_key()
+    cert = tls_init.issue(ca_cert, ca_key, key, "app1", ["elsewhere.example"], local=False)
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    tls_init.write_key(folder / "app1-key.pem", key)
+    tls_init.write_cert(folder / "app1.pem", cert)
+    plain_env = cluster.env
+    cluster.env = {
+        **plain_env,
+        **tls_env(folder, "app1"),
+        "CLUSTORAGE_TLS_CA": str(certs / "ca.pem"),
+    }
+    cluster.start_loader()
+    cluster.env = plain_env
+    wary = member(cluster, "m1", tls_env(certs, "m1"))
+    assert wary.started["error"] == "AuthenticationError"
+    assert "address mismatch" in wary.started["message"]
+
+
 def test_key_of_another_certificate_is_refused_at_start(cluster: Cluster, certs: Path) -> None:
     """A key that does not match its certificate stops the loader at start, naming both."""
     env = {**cluster.env, **tls_env(certs, "app1"), "CLUSTORAGE_TLS_KEY": str(certs / "m1-key.pem")}
@@ -244,8 +272,9 @@ def test_key_of_another_certificate_is_refused_at_start(cluster: Cluster, certs:
 class FlippingRelay:
     """A TCP relay between a member and the loader that flips one byte on request."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, upstream: bool = True) -> None:
         self.target = target
+        self.upstream = upstream  # flip member -> loader, else loader -> member
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.flip_next = threading.Event()  # flip a byte of the next member -> loader chunk
@@ -267,7 +296,7 @@ class FlippingRelay:
     def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while data := source.recv(65536):
-                if upstream and self.flip_next.is_set() and len(data) > 10:
+                if upstream is self.upstream and self.flip_next.is_set() and len(data) > 10:
                     self.flip_next.clear()
                     data = data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:]
                     self.flipped.set()
@@ -312,6 +341,36 @@ def test_byte_flipped_in_between_closes_and_applies_nothing(
         wait_for(lambda: m1.ok("node.connected"), 20)
         m1.ok("node.put('honest', 2)")
         assert status(tls_cluster, certs)["keys"] == 1
+    finally:
+        relay.close()
+
+
+def test_byte_flipped_towards_the_member_drops_it_unapplied(
+    tls_cluster: Cluster, certs: Path
+) -> None:
+    """A byte flipped on its way to a member: TLS refuses the record, the member drops the
+    connection (the loader sees it leave), reconnects and gets the value by resync once."""
+    relay = FlippingRelay(tls_cluster.port, upstream=False)
+    try:
+        env = dict(tls_cluster.env, **tls_env(certs, "m1"))
+        m1 = Member(env, "m1", f"app1@127.0.0.1:{relay.port}")
+        tls_cluster.procs.append(m1.proc)
+        m2 = member(tls_cluster, "m2", tls_env(certs, "m2"))
+        assert m1.started == {"ok": "m1"} and m2.started == {"ok": "m2"}
+        m1.ok(
+            "seen = []\n"
+            "node.on_load(lambda event: seen.append(event.key))\n"
+            "import logging; logging.getLogger().setLevel(logging.WARNING)"
+        )
+        relay.flip_next.set()
+        m2.ok("node.put('pushed', 1)")
+        wait_for(relay.flipped.is_set, 10)
+        wait_for(lambda: tls_cluster.loader_log().count("m1 joined") == 2, 20)
+        assert "m1 left" in tls_cluster.loader_log()
+        wait_for(lambda: m1.ok("'pushed' in node.keys()"), 20)  # after its resync
+        assert m1.ok("node.get('pushed')") == 1
+        # The hot-load in the flipped record was never applied: the value came by resync.
+        assert m1.ok("seen.count('pushed')") == 1
     finally:
         relay.close()
 
