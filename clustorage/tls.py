@@ -231,8 +231,12 @@ class TLSSocket(socket.socket):
 
     def _decrypt(self, view: memoryview, size: int) -> int:
         total = 0
+        tls, incoming = self._tls, self._incoming
         with self._lock:
             while total < size:
+                if not incoming.pending and not tls.pending():
+                    self._more = False  # read no further: a failing read costs more
+                    break
                 try:
                     got = int(self._tls.read(size - total, view[total:]))
                 except ssl.SSLWantReadError:
@@ -472,12 +476,14 @@ class TLSStream(Stream):
     def _records(self) -> None:
         """Hand the protocol every record that has come in whole, as many at a time as its
         buffer takes (a big payload then arrives in big pieces, as without TLS)."""
-        tls, protocol = self._tls, self._protocol
+        tls, protocol, incoming = self._tls, self._protocol, self._incoming
         while not self._closing:
+            if not incoming.pending and not tls.pending():
+                return  # read no further: a read that fails costs more than this check
             try:
                 buffer = protocol.get_buffer(-1)
                 filled, room = 0, len(buffer)
-                while filled < room:
+                while filled < room and (incoming.pending or tls.pending()):
                     size = cast(int, tls.read(room - filled, buffer[filled:]))
                     if not size:
                         break
