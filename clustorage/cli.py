@@ -88,6 +88,14 @@ def _run_loader(args: argparse.Namespace) -> int:
     if name is None:
         raise ConfigError(NO_NAME)
     check_listen(args.listen, name)  # before the store is created
+    done = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        done.set()
+
+    # Before the loader listens: a signal from then on stops it cleanly.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     node = Node(
         name,
         None,
@@ -108,13 +116,6 @@ def _run_loader(args: argparse.Namespace) -> int:
         port,
         member_hint(node.name, host, port),
     )
-    done = threading.Event()
-
-    def stop(signum: int, frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     while not done.wait(3600):
         pass
     node.stop()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .messages import Members, Message, Pushes, encode, encode_parts
+from .messages import Members, Message, Payload, Pushes, encode_parts, joined
 
 __all__ = ["SLICE", "Fanout"]
 
@@ -40,14 +40,18 @@ class Fanout:
     ) -> None:
         self._peers = peers
         self._later = later
-        self._queued: list[bytes] = []
+        self._queued: list[tuple[Message, tuple[bytes, Payload]]] = []
+        self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
-        self._frame: tuple[Message, tuple[bytes, bytes]] | None = None
+        self._frame: tuple[Message, tuple[bytes, Payload]] | None = None
 
-    def push(self, message: Message) -> None:
-        """Deliver ``message`` to every peer in a coming pass."""
-        self._queued.append(encode(message))
+    def push(self, message: Message, skip: Any = None) -> None:
+        """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
+        request made it, already has it: it is left out of a pass whose every push is
+        from it, as a lone writer's are)."""
+        self._queued.append((message, encode_parts(message)))
+        self._skip.add(id(skip))
         self._start()
 
     def membership(self, name: str, connected: bool) -> None:
@@ -66,17 +70,23 @@ class Fanout:
 
     def _begin(self) -> None:
         if self._joined:
-            joined, self._joined = self._joined, {}
-            present = tuple(sorted(name for name, on in joined.items() if on))
-            gone = tuple(sorted(name for name, on in joined.items() if not on))
-            self._queued.append(encode(Members(present, gone)))
+            news, self._joined = self._joined, {}
+            present = tuple(sorted(name for name, on in news.items() if on))
+            gone = tuple(sorted(name for name, on in news.items() if not on))
+            members = Members(present, gone)
+            self._queued.append((members, encode_parts(members)))
+            self._skip.add(id(None))
         if not self._queued:
             self._pass = None
             return
-        message = Pushes(tuple(self._queued))
-        self._queued = []
-        self._frame = (message, encode_parts(message))  # type: ignore[assignment]
-        self._pass = list(self._peers())
+        if len(self._queued) == 1:  # as it is: no Pushes around it
+            self._frame = self._queued[0]
+        else:
+            pushes = Pushes(tuple(envelope + joined(blob) for _, (envelope, blob) in self._queued))
+            self._frame = (pushes, encode_parts(pushes))
+        skip = next(iter(self._skip)) if len(self._skip) == 1 else id(None)
+        self._queued, self._skip = [], set()
+        self._pass = [peer for peer in self._peers() if id(peer) != skip]
         self._pass.reverse()  # popped from the end: in the peers' order
         self._deliver()
 

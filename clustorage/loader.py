@@ -257,6 +257,7 @@ class LoaderCore:
         writes: Writes | None = None,
         aside: Aside = work_here,
         eager_limit: int = EAGER_LIMIT,
+        soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -276,7 +277,9 @@ class LoaderCore:
         }
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
-        self._fanout = Fanout(self._remote_peers, lambda call: self._schedule(0, call))
+        self._fanout = Fanout(
+            self._remote_peers, soon if soon is not None else lambda call: schedule(0, call)
+        )
         self._leases = Leases()
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
@@ -396,14 +399,15 @@ class LoaderCore:
             peer.deliver(failure(rid, exc))
 
     def _broadcast(self, message: Message, skip: Peer | None = None) -> None:
-        """Tell every node of a change: small ones in the fan-out's next pass (``skip``
-        hears of it too, harmlessly: it has that version), big ones at once, encoded once."""
+        """Tell every node but ``skip`` of a change: small ones in the fan-out's next pass
+        (where ``skip`` may hear of it too, harmlessly: it has that version), big values
+        announced, other big ones at once, encoded once."""
         local = self.peers.get(self.name)
         entry = getattr(message, "entry", None)
         if entry is not None and self._on_demand(entry):
             self._fanout.push(Announce(entry.without_payload(), len(entry.payload)))
         elif entry is None or len(entry.payload) <= FANOUT_INLINE:
-            self._fanout.push(message)
+            self._fanout.push(message, skip)
         else:
             parts = encode_parts(message)
             for peer in self._remote_peers():

@@ -431,7 +431,10 @@ class Node:
         return self._replica.on_load(callback)
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback()`` when nodes join or leave or the loader connection changes."""
+        """Call ``callback()`` when nodes join or leave, or the connection to the loader drops
+        or comes back: for keeping a status display current (the shell's toolbar uses it).
+        It runs on a background thread and must return quickly; returns an unsubscribe
+        function."""
         self._change_listeners.append(callback)
         return lambda: self._change_listeners.remove(callback)
 

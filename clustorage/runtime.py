@@ -10,13 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import tls
+from .aioloop import make_loop
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
-from .reactor import Reactor, Server, Timer
+from .reactor import Reactor
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, open_store
@@ -72,13 +73,19 @@ class LoaderRuntime:
         self._connections: set[ServerConnection] = set()
         files = tls.node_files(config)
         self._context = None if files is None else tls.server_context(files)  # or ConfigError
-        self.loop = Reactor()
+        self.loop = make_loop()
+        if self._context is not None and not isinstance(self.loop, Reactor):
+            self.loop.close()
+            raise ConfigError(
+                "TLS runs on the loader's own loop only: unset $CLUSTORAGE_LOOP (it is for "
+                "measuring asyncio and uvloop)"
+            )
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         # Listen before the store is opened, so a loader that cannot listen creates no file.
         # The loop does not run yet: nothing is accepted before the core exists.
-        self._server: Server | None = self._listen()
+        self._server: Any = self._listen()
         try:
             store = open_store(config.database)
         except BaseException:
@@ -100,9 +107,10 @@ class LoaderRuntime:
             writes=self._writer,
             aside=self._aside,
             eager_limit=config.eager_limit,
+            soon=self.loop.call_soon,
         )
         self._store = store
-        self._heartbeat: Timer | None = None
+        self._heartbeat: Any = None
         self._local = _LocalPeer(self, config.name)
         self._thread.start()
         try:
@@ -130,7 +138,7 @@ class LoaderRuntime:
     def _run(self) -> None:
         self.loop.run_forever()
 
-    def _listen(self) -> Server:
+    def _listen(self) -> Any:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
 
@@ -141,6 +149,7 @@ class LoaderRuntime:
 
         try:
             if self._context is not None:
+                assert isinstance(self.loop, Reactor)  # see __init__
                 return tls.listen_tls(self.loop, self._context, host, port, connection)
             return self.loop.listen(host, port, connection)
         except OSError as exc:

@@ -119,3 +119,11 @@ def test_tls_bench_runs() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for figure in ("TLS/plaintext median, miss", "define, acked by 8", "MB, put + get"):
         assert figure in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_loops_bench_runs() -> None:
+    pytest.importorskip("uvloop", reason="uvloop is not installed (the test extra has it)")
+    done = run([str(BENCH / "loops.py"), "--quick"], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "uvloop/reactor" in done.stdout

@@ -60,6 +60,7 @@ MIDDLE = [
     "member",
     "probe",
     "reactor",
+    "aioloop",
     "runtime",
     "node",
     "store",

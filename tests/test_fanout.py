@@ -1,0 +1,104 @@
+"""The fan-out: pushes queued, encoded once per pass, delivered a slice at a time; a pass
+of one push sends it as it is, several go in one Pushes frame."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from clustorage.fanout import Fanout
+from clustorage.messages import VALUE, Entry, Load, Members, Pushes, Unload, decode
+
+
+class Peer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames: list[Pushes] = []
+        self.parts: list[Any] = []
+
+    def deliver(self, message: Any, parts: Any = None) -> None:
+        self.frames.append(message)
+        self.parts.append(parts)
+
+    def heard(self) -> list[Any]:
+        """Every push, out of the Pushes frames that carried several."""
+        heard: list[Any] = []
+        for message in self.frames:
+            if isinstance(message, Pushes):
+                heard += [decode(frame) for frame in message.frames]
+            else:
+                heard.append(message)
+        return heard
+
+
+class Loop:
+    """Runs what the fan-out schedules when told to, as the loader's loop would."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+
+    def later(self, call: Callable[[], None]) -> None:
+        self.calls.append(call)
+
+    def run(self) -> None:
+        while self.calls:
+            self.calls.pop(0)()
+
+
+def entry(key: str, version: int) -> Entry:
+    return Entry(VALUE, key, version, b"\x80\x05K\x01.", None, "w", 1.0)
+
+
+def test_pushes_queued_before_a_pass_go_out_in_one_frame_encoded_once() -> None:
+    """Three pushes before the loop comes round: each peer gets one frame, the same parts."""
+    peers = [Peer("a"), Peer("b")]
+    loop = Loop()
+    fanout = Fanout(lambda: peers, loop.later)
+    messages = [Load(entry("k", 1), False), Load(entry("k", 2), False), Unload(VALUE, "k", 3, "w")]
+    for message in messages:
+        fanout.push(message)
+    loop.run()
+    for peer in peers:
+        assert len(peer.frames) == 1 and peer.heard() == messages
+    assert peers[0].parts[0] is peers[1].parts[0]
+    assert fanout.idle
+
+
+def test_a_pass_whose_every_push_came_from_one_peer_leaves_it_out() -> None:
+    """A lone writer does not hear of its own writes again; a mixed pass goes to everyone."""
+    writer, other = Peer("w"), Peer("o")
+    loop = Loop()
+    fanout = Fanout(lambda: [writer, other], loop.later)
+    fanout.push(Load(entry("k", 1), False), writer)
+    loop.run()
+    assert (len(writer.frames), len(other.frames)) == (0, 1)
+    fanout.push(Load(entry("k", 2), False), writer)
+    fanout.push(Load(entry("j", 1), False), other)
+    loop.run()
+    assert (len(writer.frames), len(other.frames)) == (1, 2)
+
+
+def test_membership_news_is_one_delta_per_pass() -> None:
+    """Joins and leaves between passes: one Members with each name's last state."""
+    peer = Peer("a")
+    loop = Loop()
+    fanout = Fanout(lambda: [peer], loop.later)
+    for name in ("n1", "n2", "n3"):
+        fanout.membership(name, True)
+    fanout.membership("n2", False)
+    loop.run()
+    assert peer.heard() == [Members(("n1", "n3"), ("n2",))]
+
+
+def test_pushes_during_a_pass_wait_for_the_next_one() -> None:
+    """What is queued while a pass delivers goes in a pass of its own, after it."""
+    peers = [Peer(str(i)) for i in range(3)]
+    loop = Loop()
+    fanout = Fanout(lambda: peers, loop.later)
+    fanout.push(Load(entry("k", 1), False))
+    loop.calls.pop(0)()  # the pass begins (and, here, ends: three peers fit in a slice)
+    fanout.push(Load(entry("k", 2), False))
+    loop.run()
+    for peer in peers:
+        assert [m.entry.version for m in peer.heard()] == [1, 2]
+        assert len(peer.frames) == 2
