@@ -38,6 +38,7 @@ from .node import Definition, Source
 from .node import Node as _Node
 from .probe import Probe
 from .replica import LoadEvent
+from .tls_init import init_tls
 
 __all__ = [
     "AuthenticationError",
@@ -62,6 +63,7 @@ __all__ = [
     "define",
     "functions",
     "get",
+    "init_tls",
     "start",
     "stop",
 ]
@@ -101,6 +103,9 @@ def start(
     data: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     dead_after: float | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
 ) -> Node:
     """Start this process's default node (see :class:`Node` for the arguments).
 
@@ -122,6 +127,9 @@ def start(
             data=data,
             timeout=timeout,
             dead_after=dead_after,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
         )
         return _default
 

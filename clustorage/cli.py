@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from . import ClustorageError, ConfigError, LoaderUnavailable, Node, Probe
+from . import ClustorageError, ConfigError, LoaderUnavailable, Node, Probe, init_tls
 from .config import LoaderAddress, parse_loader
 from .flags import add_node_flags, check_listen, member_hint, name_from
 
@@ -60,6 +60,28 @@ def _parser() -> argparse.ArgumentParser:
         if name == "history":
             sub.add_argument("key", help="the function name (or value key with --value)")
             sub.add_argument("--value", action="store_true", help="KEY names a value")
+
+    tls = commands.add_parser("tls", help="TLS key material for a cluster without a PKI")
+    actions = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = actions.add_parser(
+        "init",
+        help="make a private CA and node certificates in DIR (needs: pip install clustorage[tls])",
+    )
+    init.add_argument("dir", metavar="DIR", help="the folder to write them to (made 0700)")
+    init.add_argument(
+        "--node",
+        action="append",
+        metavar="NAME",
+        help="a node to make a certificate for (repeat; default: node); writes NAME.pem and "
+        "NAME-key.pem",
+    )
+    init.add_argument(
+        "--host",
+        action="append",
+        metavar="H",
+        help="a host name or address the loader is reached at (repeat); 127.0.0.1 and "
+        "localhost are always in",
+    )
     return parser
 
 
@@ -85,6 +107,9 @@ def _run_loader(args: argparse.Namespace) -> int:
         data=args.data,
         store=args.store,
         timeout=args.timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
     )
     host, port = node.address
     hint = member_hint(node.name, host, port)
@@ -98,6 +123,20 @@ def _run_loader(args: argparse.Namespace) -> int:
     node.stop()
     logging.getLogger("clustorage").info("loader %s stopped", node.name)
     return 0
+
+
+def _probe(where: LoaderAddress, args: argparse.Namespace) -> Probe:
+    """A one-shot connection to the loader at ``where``: it does not join, so nothing is
+    downloaded."""
+    return Probe(
+        where,
+        cookie=args.cookie,
+        cookie_file=args.cookie_file,
+        timeout=args.timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
 
 
 def _since(epoch: float) -> str:
@@ -134,9 +173,7 @@ def _loaders(
         where = LoaderAddress(listed.name, host, port)
         row: dict[str, Any] = {"address": str(where).partition("@")[2]}
         try:
-            with Probe(
-                where, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
-            ) as probe:
+            with _probe(where, args) as probe:
                 answer = probe.status()
         except LoaderUnavailable as exc:
             row.update(role="unreachable", error=str(exc))
@@ -184,9 +221,7 @@ def _history(args: argparse.Namespace) -> list[Any]:
     for host, port in listed.addresses:
         where = listed if not listed.standbys else LoaderAddress(listed.name, host, port)
         try:
-            with Probe(
-                where, cookie=args.cookie, cookie_file=args.cookie_file, timeout=args.timeout
-            ) as probe:
+            with _probe(where, args) as probe:
                 return list(probe.history(args.key, "value" if args.value else "function"))
         except LoaderUnavailable as exc:  # down, or a standby: the next one
             failures.append(exc)
@@ -221,16 +256,28 @@ def _run_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tls(args: argparse.Namespace) -> int:
+    made = init_tls(args.dir, args.node or ["node"], args.host or [])
+    for path in made:
+        print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clustorage`` command."""
     args = _parser().parse_args(argv)
-    quiet = args.command != "loader"  # status and history print results, not a log
+    quiet = args.command != "loader"  # the others print results, not a log
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    run = {"loader": _run_loader, "status": _run_status, "history": _run_history}[args.command]
+    run = {
+        "loader": _run_loader,
+        "status": _run_status,
+        "history": _run_history,
+        "tls": _run_tls,
+    }[args.command]
     try:
         return run(args)
     except ConfigError as exc:

@@ -35,6 +35,7 @@ __all__ = [
     "private_directory",
     "private_file",
     "resolve_cookie",
+    "resolve_tls",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -250,6 +251,34 @@ def resolve_cookie(
     return _read_cookie_file(clustorage_home() / "cookie", create=True)
 
 
+def resolve_tls(
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+    ca: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[str, str, str]:
+    """The TLS files (certificate, key, CA) from arguments, else ``$CLUSTORAGE_TLS_*``: all
+    three, or three empty strings for none (a node without TLS).
+
+    Raises:
+        ConfigError: some but not all of the three are given, naming the missing ones.
+    """
+    env = os.environ if env is None else env
+    given = {
+        what: os.fspath(value) if value else env.get(f"CLUSTORAGE_TLS_{what.upper()}", "")
+        for what, value in (("cert", cert), ("key", key), ("ca", ca))
+    }
+    missing = [
+        f"--tls-{what} (or $CLUSTORAGE_TLS_{what.upper()})" for what, v in given.items() if not v
+    ]
+    if missing and len(missing) < 3:
+        raise ConfigError(
+            f"TLS needs a certificate, its key and the cluster's CA: missing {', '.join(missing)}; "
+            f"'clustorage tls init DIR' makes them"
+        )
+    return given["cert"], given["key"], given["ca"]
+
+
 def _number(text: str | None, default: float, what: str) -> float:
     if not text:
         return default
@@ -285,6 +314,9 @@ class NodeConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     dead_after: float = DEAD_AFTER
     eager_limit: int = EAGER_LIMIT
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     @property
     def is_loader(self) -> bool:
@@ -312,6 +344,9 @@ class NodeConfig:
         max_frame: int | None = None,
         dead_after: float | None = None,
         eager_limit: int | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         store: str | None = None,
     ) -> NodeConfig:
@@ -364,6 +399,7 @@ class NodeConfig:
             raise ConfigError(
                 f"invalid eager limit {eager_limit}: use a number of bytes, 0 or more"
             )
+        tls = resolve_tls(tls_cert, tls_key, tls_ca, env)
         return cls(
             name=name,
             cookie=resolve_cookie(cookie, cookie_file, env),
@@ -375,4 +411,7 @@ class NodeConfig:
             max_frame=max_frame,
             dead_after=dead_after,
             eager_limit=eager_limit,
+            tls_cert=tls[0],
+            tls_key=tls[1],
+            tls_ca=tls[2],
         )

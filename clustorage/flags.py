@@ -63,6 +63,16 @@ def add_node_flags(parser: argparse.ArgumentParser, **flags: str | bool) -> None
     parser.add_argument(
         "--timeout", type=float, metavar="S", help="seconds to wait for the loader (default 5)"
     )
+    for what, text in _TLS_HELP.items():
+        parser.add_argument(f"--tls-{what}", metavar="FILE", help=text)
+
+
+_TLS_HELP = {
+    "cert": "this node's TLS certificate, PEM (default: $CLUSTORAGE_TLS_CERT); with --tls-key "
+    "and --tls-ca the node speaks TLS 1.3 only ('clustorage tls init' makes all three)",
+    "key": "the private key of --tls-cert, PEM (default: $CLUSTORAGE_TLS_KEY)",
+    "ca": "the cluster's CA certificate, PEM (default: $CLUSTORAGE_TLS_CA)",
+}
 
 
 def is_loader(name: str | None, loader: str | None, env: Mapping[str, str] | None = None) -> bool:

@@ -64,6 +64,9 @@ def get_kernel_dict(
     display_name: str | None = None,
     node_name: str | None = None,
     loader: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> dict[str, Any]:
     """The kernel.json contents: the template with this Python and the cluster settings.
 
@@ -73,9 +76,11 @@ def get_kernel_dict(
         node_name: ``CLUSTORAGE_NAME`` for the kernel (alone: the kernel is the loader).
         loader: ``CLUSTORAGE_LOADER`` for the kernel, ``NAME[@HOST[:PORT]]``, or
             ``NAME@HOST:PORT,HOST:PORT`` for a loader and its standbys.
+        tls_cert, tls_key, tls_ca: ``CLUSTORAGE_TLS_CERT``/``_KEY``/``_CA``: the paths of
+            the kernel's TLS files, all three or none (paths only: no key material).
 
     Raises:
-        ValueError: a node or loader name is not valid.
+        ValueError: a node or loader name is not valid, or only some TLS files are given.
     """
     spec: dict[str, Any] = json.loads((RESOURCES / "kernel.json").read_text())
     spec["argv"][0] = executable or sys.executable
@@ -89,9 +94,24 @@ def get_kernel_dict(
     if loader:
         _check_node_name(loader.partition("@")[0], "loader name")
         env["CLUSTORAGE_LOADER"] = loader
+    env.update(_tls_env(tls_cert, tls_key, tls_ca))
     if env:
         spec["env"] = env
     return spec
+
+
+def _tls_env(cert: str | None, key: str | None, ca: str | None) -> dict[str, str]:
+    given = {"CERT": cert, "KEY": key, "CA": ca}
+    missing = [f"--tls-{what.lower()}" for what, path in given.items() if not path]
+    if len(missing) == 3:
+        return {}
+    if missing:
+        raise ValueError(
+            f"TLS needs --tls-cert, --tls-key and --tls-ca: missing {', '.join(missing)}"
+        )
+    return {
+        f"CLUSTORAGE_TLS_{what}": str(Path(str(path)).resolve()) for what, path in given.items()
+    }
 
 
 def write_kernel_spec(path: str | Path | None = None, **kernel: Any) -> Path:
@@ -117,6 +137,9 @@ def install(
     node_name: str | None = None,
     loader: str | None = None,
     kernel_spec_manager: Any = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> str:
     """Install the kernelspec through jupyter_client; returns where it went.
 
@@ -124,7 +147,8 @@ def install(
         user: install for this user only.
         prefix: install into ``PREFIX/share/jupyter/kernels`` (e.g. ``sys.prefix``).
         kernel_name: the kernelspec's name (default ``clustorage``).
-        display_name, node_name, loader: see :func:`get_kernel_dict`.
+        display_name, node_name, loader, tls_cert, tls_key, tls_ca: see
+            :func:`get_kernel_dict`.
         kernel_spec_manager: a ``KernelSpecManager`` (default: a new one).
 
     Raises:
@@ -136,7 +160,14 @@ def install(
     manager = kernel_spec_manager or KernelSpecManager()
     if kernel_name != KERNEL_NAME and display_name is None:
         display_name = f"{DISPLAY_NAME} [{kernel_name}]"
-    staging = write_kernel_spec(display_name=display_name, node_name=node_name, loader=loader)
+    staging = write_kernel_spec(
+        display_name=display_name,
+        node_name=node_name,
+        loader=loader,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+    )
     try:
         return str(
             manager.install_kernel_spec(
@@ -200,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME[@HOST[:PORT][,HOST[:PORT]...]]",
         help="CLUSTORAGE_LOADER for the kernel",
     )
+    for what in ("cert", "key", "ca"):
+        sub.add_argument(
+            f"--tls-{what}",
+            metavar="FILE",
+            help=f"CLUSTORAGE_TLS_{what.upper()} for the kernel (its path only is written)",
+        )
     return parser
 
 
@@ -215,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             display_name=args.display_name,
             node_name=args.node_name,
             loader=args.loader,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
     except ValueError as exc:
         print(f"clustorage-kernel: {exc}", file=sys.stderr)

@@ -17,12 +17,13 @@ import os
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 
-from . import codec, messages
+from . import codec, messages, tls
 from .channel import (
     Build,
     Pending,
@@ -59,7 +60,7 @@ from .messages import (
     Sync,
     SyncReply,
 )
-from .protocol import BULK, Closed, Connection, Role, Welcome
+from .protocol import BULK, Closed, Connection, Role, State, Welcome
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -92,6 +93,11 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
         return sock.recv_into(buffer, size)
     except (BlockingIOError, TimeoutError):
         return -1
+
+
+def _buffered(sock: socket.socket) -> bool:
+    """Whether TLS may hold records of ``sock`` that no poll would report."""
+    return isinstance(sock, tls.TLSSocket) and sock.pending()
 
 
 class _ThreadState(threading.local):
@@ -161,6 +167,8 @@ class MemberClient:
         self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
         self._patient = False
+        files = tls.node_files(config)
+        self._context = None if files is None else tls.client_context(files)  # or ConfigError
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-member-{config.name}", daemon=True
         )
@@ -251,6 +259,8 @@ class MemberClient:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             watch(sock, self.config.dead_after)
+            if self._context is not None:
+                sock = tls.connect(self._context, sock, target[0], self.where())
             meta = handshake_meta(
                 self.config.name, role="member", session=self._session, expect=loader.name
             )
@@ -313,7 +323,12 @@ class MemberClient:
             if remaining <= 0:
                 raise _Lost(f"no handshake from {self.where()} within {timeout:g}s")
             sock.settimeout(remaining)
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ssl.SSLError as exc:
+                raise tls.refusal(exc, self.where()) from None
+            if self._context is None and conn.state is State.AWAIT_CHALLENGE:
+                tls.check_reply(data, self.where())
             conn.receive_data(data)
             try:
                 event = conn.next_event()
@@ -410,7 +425,8 @@ class MemberClient:
                     finally:
                         self._io_lock.release()
                 continue
-            select.select([sock], [], [], HEARTBEAT)
+            if not _buffered(sock):
+                select.select([sock], [], [], HEARTBEAT)
             with self._io_lock:
                 if self._sock is not sock:
                     raise _Lost("the connection was dropped")

@@ -76,6 +76,8 @@ class Node:
             dead (``$CLUSTORAGE_DEAD_AFTER``, default 15); a busy process never is.
         eager_limit: a loader's: values of more bytes are announced to every node and sent
             only to those that get them (``$CLUSTORAGE_EAGER_LIMIT``, default 1 MiB).
+        tls_cert, tls_key, tls_ca: PEM files for TLS (``$CLUSTORAGE_TLS_CERT``, ``_KEY``,
+            ``_CA``): all three or none; ``clustorage tls init`` makes them.
 
     Raises:
         ConfigError, AuthenticationError, NameClashError, StoreError: the node cannot start.
@@ -95,6 +97,9 @@ class Node:
         dead_after: float | None = None,
         eager_limit: int | None = None,
         store: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = NodeConfig.resolve(
             name=name,
@@ -108,6 +113,9 @@ class Node:
             dead_after=dead_after,
             eager_limit=eager_limit,
             store=store,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
         )
         self.name = self.config.name
         self.timeout = self.config.timeout

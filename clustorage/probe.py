@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from . import messages
+from . import messages, tls
 from .channel import raise_failure
 from .config import (
     DEFAULT_TIMEOUT,
@@ -26,11 +27,12 @@ from .config import (
     generated_name,
     parse_loader,
     resolve_cookie,
+    resolve_tls,
 )
 from .errors import AuthenticationError, ConfigError, LoaderUnavailable, ProtocolError
 from .hello import handshake_meta
 from .messages import FUNCTION, Entry, Failed, History, HistoryReply, Status, StatusReply
-from .protocol import Closed, Connection, Frame, Role, Welcome
+from .protocol import Closed, Connection, Frame, Role, State, Welcome
 
 __all__ = ["PROBE_ROLE", "Probe"]
 
@@ -45,6 +47,7 @@ class Probe:
         loader: ``NAME[@HOST[:PORT]]`` (else ``$CLUSTORAGE_LOADER``).
         cookie, cookie_file: the cluster secret, as for :class:`clustorage.Node`.
         timeout: seconds to wait for the loader (else ``$CLUSTORAGE_TIMEOUT``, else 5).
+        tls_cert, tls_key, tls_ca: TLS files, as for :class:`clustorage.Node`.
 
     Raises:
         ConfigError: no loader named, or the loader answers with another name.
@@ -59,6 +62,9 @@ class Probe:
         cookie: str | bytes | None = None,
         cookie_file: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         env = os.environ if env is None else env
@@ -79,6 +85,8 @@ class Probe:
             raise ConfigError(f"invalid timeout {timeout!r}: use a number of seconds above 0")
         self.timeout = timeout
         secret = resolve_cookie(cookie, cookie_file, env).secret
+        cert, key, ca = resolve_tls(tls_cert, tls_key, tls_ca, env)
+        self._context = tls.client_context(tls.TLSFiles(cert, key, ca)) if cert else None
         self._rids = itertools.count(1)
         self._sock = self._open()
         try:
@@ -104,11 +112,18 @@ class Probe:
     def _open(self) -> socket.socket:
         where = (self.loader.host, self.loader.port)
         try:
-            return socket.create_connection(where, timeout=self.timeout)
+            sock = socket.create_connection(where, timeout=self.timeout)
         except OSError as exc:
             raise LoaderUnavailable(
                 f"cannot reach the loader {self.loader} ({exc.strerror or exc})"
             ) from exc
+        if self._context is None:
+            return sock
+        try:
+            return tls.connect(self._context, sock, self.loader.host, str(self.loader))
+        except BaseException:
+            sock.close()
+            raise
 
     def _read(self, conn: Connection, deadline: float) -> None:
         """One read from the loader into ``conn``; raises LoaderUnavailable past ``deadline``."""
@@ -117,7 +132,12 @@ class Probe:
             raise LoaderUnavailable(f"no answer from the loader {self.loader} in {self.timeout:g}s")
         self._sock.settimeout(remaining)
         try:
-            conn.receive_data(self._sock.recv(_RECV))
+            data = self._sock.recv(_RECV)
+            if self._context is None and conn.state is State.AWAIT_CHALLENGE:
+                tls.check_reply(data, str(self.loader))
+            conn.receive_data(data)
+        except ssl.SSLError as exc:
+            raise tls.refusal(exc, str(self.loader)) from None
         except TimeoutError:
             raise LoaderUnavailable(
                 f"no answer from the loader {self.loader} in {self.timeout:g}s"

@@ -585,6 +585,11 @@ class Connection:
 
     def _parse_response(self) -> Event | None:
         if len(self._buffer) >= 4 and self._buffer[:4] != MAGIC:
+            if self._buffer[:2] == b"\x16\x03":  # a TLS handshake record
+                raise RemoteProtocolError(
+                    "the peer speaks TLS and this loader does not: start the loader with "
+                    "--tls-cert/--tls-key/--tls-ca, or the member without them"
+                )
             raise RemoteProtocolError("the peer is not speaking the clustorage protocol")
         if len(self._buffer) < _RESPONSE.size:
             return None

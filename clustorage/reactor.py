@@ -72,6 +72,9 @@ class StreamProtocol(Protocol):
     def resume_writing(self) -> None: ...
 
 
+StreamFactory = Callable[["Reactor", socket.socket, StreamProtocol, "Server"], "Stream"]
+
+
 class Timer:
     """A call scheduled with :meth:`Reactor.call_later`; :meth:`cancel` unschedules it."""
 
@@ -231,10 +234,12 @@ class Reactor:
         port: int,
         protocol_factory: Callable[[], StreamProtocol],
         max_untrusted: int | None = None,
+        stream: StreamFactory | None = None,
     ) -> Server:
-        """Accept connections on ``host:port``, each a :class:`Stream` to a new protocol;
-        at most ``max_untrusted`` (default :func:`untrusted_cap`) not yet trusted at once."""
-        return Server(self, host, port, protocol_factory, max_untrusted)
+        """Accept connections on ``host:port``, each a :class:`Stream` (or what ``stream``
+        makes) to a new protocol; at most ``max_untrusted`` (default :func:`untrusted_cap`)
+        not yet trusted at once."""
+        return Server(self, host, port, protocol_factory, max_untrusted, stream)
 
 
 class Server:
@@ -254,9 +259,11 @@ class Server:
         port: int,
         protocol_factory: Callable[[], StreamProtocol],
         max_untrusted: int | None = None,
+        stream: StreamFactory | None = None,
     ) -> None:
         self._reactor = reactor
         self._factory = protocol_factory
+        self._stream: StreamFactory = Stream if stream is None else stream
         self.max_untrusted = untrusted_cap() if max_untrusted is None else max_untrusted
         self.untrusted: dict[Stream, None] = {}  # oldest first
         self._evicted = 0
@@ -295,7 +302,7 @@ class Server:
                 return
             while len(self.untrusted) >= self.max_untrusted:
                 self._evict(next(iter(self.untrusted)))
-            Stream(self._reactor, sock, self._factory(), self)
+            self._stream(self._reactor, sock, self._factory(), self)
 
     def _evict(self, stream: Stream) -> None:
         del self.untrusted[stream]

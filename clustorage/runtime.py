@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import tls
 from .aioloop import make_loop
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
@@ -16,6 +17,7 @@ from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
+from .reactor import Reactor
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, Store, open_store
@@ -73,7 +75,15 @@ class LoaderRuntime:
         self.timing = Timing(dead_after=config.dead_after)
         self.members: tuple[str, ...] = (config.name,)
         self._connections: set[ServerConnection] = set()
+        files = tls.node_files(config)
+        self._context = None if files is None else tls.server_context(files)  # or ConfigError
         self.loop = make_loop()
+        if self._context is not None and not isinstance(self.loop, Reactor):
+            self.loop.close()
+            raise ConfigError(
+                "TLS runs on the loader's own loop only: unset $CLUSTORAGE_LOOP (it is for "
+                "measuring asyncio and uvloop)"
+            )
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
@@ -209,14 +219,17 @@ class LoaderRuntime:
     def _listen(self) -> Any:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
-        try:
-            return self.loop.listen(
-                host,
-                port,
-                lambda: ServerConnection(
-                    self.core, cookie, self.timing, self.config.max_frame, self._connections
-                ),
+
+        def connection() -> ServerConnection:
+            return ServerConnection(
+                self.core, cookie, self.timing, self.config.max_frame, self._connections
             )
+
+        try:
+            if self._context is not None:
+                assert isinstance(self.loop, Reactor)  # see __init__
+                return tls.listen_tls(self.loop, self._context, host, port, connection)
+            return self.loop.listen(host, port, connection)
         except OSError as exc:
             self.loop.close()
             raise ConfigError(

@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen=args.listen,
             data=args.data,
             timeout=args.timeout,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
     except ConfigError as exc:
         print(f"clustorage-shell: {exc}", file=sys.stderr)

@@ -4,7 +4,9 @@
 # (scripts/bootstrap.sh: a .venv with clustorage, and tmux if missing).
 #
 #   demo/tmux.sh                   start the demo, or restart the windows that closed, and attach
-#   demo/tmux.sh --reset           end it and delete its state (cookie and data): a clean start
+#   demo/tmux.sh --tls             the same over TLS, with certificates made by 'clustorage tls
+#                                  init' in the demo's state folder (needs clustorage[tls])
+#   demo/tmux.sh --reset           end it and delete its state (cookie, data, certificates)
 #   tmux kill-session -t clustor   end it, keeping its state
 #
 # Environment (all optional):
@@ -17,11 +19,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 self="$here/demo/tmux.sh"
 session=clustor
 
-# One window's program: called by tmux as `demo/tmux.sh --window NAME PORT DIR`.
+# One window's program: called by tmux as `demo/tmux.sh --window NAME PORT DIR [tls]`.
 if [ "${1:-}" = "--window" ]; then
     name="$2"
     export CLUSTORAGE_DEMO_PORT="$3" CLUSTORAGE_DEMO_DIR="$4"
     unset CLUSTORAGE_NAME CLUSTORAGE_LOADER CLUSTORAGE_COOKIE CLUSTORAGE_LISTEN CLUSTORAGE_DATA
+    unset CLUSTORAGE_TLS_CERT CLUSTORAGE_TLS_KEY CLUSTORAGE_TLS_CA
+    if [ "${5:-}" = tls ]; then
+        export CLUSTORAGE_TLS_CERT="$4/tls/$name.pem" CLUSTORAGE_TLS_KEY="$4/tls/$name-key.pem"
+        export CLUSTORAGE_TLS_CA="$4/tls/ca.pem"
+    fi
     set -a
     # shellcheck source=/dev/null
     . "$here/demo/env/$name"
@@ -36,6 +43,11 @@ if [ "${1:-}" = "--window" ]; then
     exit "$status"
 fi
 
+tls=""
+if [ "${1:-}" = "--tls" ]; then
+    tls=tls
+    shift
+fi
 port="${CLUSTORAGE_DEMO_PORT:-43700}"
 state="${CLUSTORAGE_DEMO_DIR:-$HOME/.clustorage/demo}"
 tmux_cmd=(tmux)
@@ -50,7 +62,7 @@ if [ "${1:-}" = "--reset" ]; then
         echo "Ended tmux session '$session'."
     fi
     rm -f "$state/cookie"
-    rm -rf "$state/data"
+    rm -rf "$state/data" "$state/tls"
     rmdir "$state" 2>/dev/null || true
     echo "Deleted the demo's cookie and data in $state; demo/tmux.sh starts afresh."
     exit 0
@@ -67,10 +79,11 @@ open_windows() {
 # Open window $1 (a new session for the first one) running its node.
 open_window() {
     if "${tmux_cmd[@]}" has-session -t "=$session" 2>/dev/null; then
-        "${tmux_cmd[@]}" new-window -d -t "=$session:" -n "$1" "$self" --window "$1" "$port" "$state"
+        "${tmux_cmd[@]}" new-window -d -t "=$session:" -n "$1" \
+            "$self" --window "$1" "$port" "$state" $tls
     else
         "${tmux_cmd[@]}" new-session -d -s "$session" -n "$1" -x 160 -y 45 \
-            "$self" --window "$1" "$port" "$state"
+            "$self" --window "$1" "$port" "$state" $tls
     fi
 }
 
@@ -99,6 +112,10 @@ if [ ! -s "$state/cookie" ]; then
     (umask 077 && "$here/.venv/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$state/cookie")
 fi
 chmod 600 "$state/cookie"
+# Over TLS: a private CA and a certificate per node, made once (keys 0600).
+if [ -n "$tls" ] && [ ! -s "$state/tls/ca.pem" ]; then
+    "$here/.venv/bin/clustorage" tls init "$state/tls" --node app1 --node app2 --node app3 >/dev/null
+fi
 
 running="$(open_windows)"
 started=()

@@ -112,6 +112,16 @@ def test_tcp_bytes_sent_counts_what_a_server_sent() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_tls_bench_runs() -> None:
+    """bench/tls.py --quick prints each figure with TLS beside plaintext."""
+    pytest.importorskip("cryptography")
+    done = run([str(BENCH / "tls.py"), "--quick"], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for figure in ("TLS/plaintext median, miss", "define, acked by 8", "MB, put + get"):
+        assert figure in done.stdout
+
+
+@pytest.mark.timeout(120)
 def test_loops_bench_runs() -> None:
     pytest.importorskip("uvloop", reason="uvloop is not installed (the test extra has it)")
     done = run([str(BENCH / "loops.py"), "--quick"], timeout=110)

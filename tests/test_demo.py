@@ -154,3 +154,34 @@ def test_demo_hint_restart_of_a_closed_window_and_reset(tmp_path: Path) -> None:
     finally:
         tmux.run("kill-session", "-t", "clustor", check=False)
         tmux.close()
+
+
+@pytest.mark.timeout(150)
+def test_demo_over_tls(tmp_path: Path) -> None:
+    """tmux.sh --tls: certificates made in the demo's state, three nodes over TLS, and a
+    status without them is told the loader speaks TLS."""
+    require_tmux()
+    pytest.importorskip("cryptography")
+    env = demo_env(tmp_path)
+    state = tmp_path / "demo"
+    tmux = Tmux(env, socket=env["CLUSTORAGE_DEMO_TMUX"], session="clustor")
+    try:
+        assert "Started the demo" in run_demo(env, "--tls")
+        for name in ("app1", "app2", "app3"):
+            assert stat.S_IMODE((state / "tls" / f"{name}-key.pem").stat().st_mode) == 0o600
+            tmux.wait_for(name, _bottom_has("| 3 nodes |"))
+        tmux.send("app3", "get('hello', lambda: 'world')", "Enter")
+        tmux.wait_for("app1", "[cluster] value 'hello' v1 loaded from app3")
+        loader = f"app1@127.0.0.1:{env['CLUSTORAGE_DEMO_PORT']}"
+        ask = [*CLI, "status", "--loader", loader, "--cookie-file", str(state / "cookie")]
+        tls = ["--tls-cert", str(state / "tls" / "app2.pem")]
+        tls += ["--tls-key", str(state / "tls" / "app2-key.pem")]
+        tls += ["--tls-ca", str(state / "tls" / "ca.pem")]
+        status = subprocess.run([*ask, *tls], env=env, capture_output=True, text=True, timeout=30)
+        assert (status.returncode, status.stderr) == (0, "")
+        assert "nodes     3" in status.stdout
+        plain = subprocess.run(ask, env=env, capture_output=True, text=True, timeout=30)
+        assert plain.returncode == 2 and "speaks TLS" in plain.stderr
+    finally:
+        tmux.run("kill-session", "-t", "clustor", check=False)
+        tmux.close()

@@ -73,6 +73,8 @@ MIDDLE = [
     "pgstore",
     "leadership",
     "standby",
+    "tls",
+    "tls_init",
     "__init__",
 ]
 

@@ -92,6 +92,27 @@ def test_install_into_a_prefix_never_writes_the_cookie(
     assert json.loads(text)["env"] == {"CLUSTORAGE_NAME": "app2", "CLUSTORAGE_LOADER": "app1"}
 
 
+def test_install_with_tls_writes_paths_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tls-cert/--tls-key/--tls-ca write absolute paths into env, never what the files hold;
+    some but not all of them is a usage error."""
+    key = tmp_path / "k-key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nsentinel-key\n")
+    flags = ["--tls-cert", str(tmp_path / "k.pem"), "--tls-key", str(key)]
+    flags += ["--tls-ca", str(tmp_path / "ca.pem")]
+    assert kernelspec.main(["install", "--prefix", str(tmp_path), *flags]) == 0
+    text = (tmp_path / "share/jupyter/kernels/clustorage/kernel.json").read_text()
+    assert "sentinel-key" not in text
+    assert json.loads(text)["env"] == {
+        "CLUSTORAGE_TLS_CERT": str(tmp_path / "k.pem"),
+        "CLUSTORAGE_TLS_KEY": str(key),
+        "CLUSTORAGE_TLS_CA": str(tmp_path / "ca.pem"),
+    }
+    assert kernelspec.main(["install", "--prefix", str(tmp_path), *flags[:2]]) == 2
+    assert "missing --tls-key, --tls-ca" in capsys.readouterr().err
+
+
 def test_install_with_another_name(tmp_path: Path) -> None:
     """--name K installs under K with a display name that tells it apart."""
     assert kernelspec.main(["install", "--prefix", str(tmp_path), "--name", "cs-app3"]) == 0

@@ -754,3 +754,29 @@ def test_unload_removes_magics_and_hooks(shell: InteractiveShell) -> None:
     assert not LINE_MAGICS & set(shell.magics_manager.magics["line"])
     assert shell.custom_exceptions == ()
     assert session_for(shell) is None
+
+
+def test_cluster_start_over_tls(shell: InteractiveShell, tmp_path: Path) -> None:
+    """%cluster_start --tls-cert/--tls-key/--tls-ca joins a TLS loader."""
+    pytest.importorskip("cryptography")
+    folder = tmp_path / "tls"
+    clustorage.init_tls(folder, ["hub", "nb"], [])
+
+    def files(name: str) -> dict[str, Path]:
+        return {
+            "tls_cert": folder / f"{name}.pem",
+            "tls_key": folder / f"{name}-key.pem",
+            "tls_ca": folder / "ca.pem",
+        }
+
+    with clustorage.Node(
+        "hub", cookie=COOKIE, listen="127.0.0.1:0", data=":memory:", **files("hub")
+    ) as hub:
+        hub.put("greeting", "hello")
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in files("nb").items())
+        node = shell.run_line_magic(
+            "cluster_start", f"--name nb --loader {hub.loader_address} {flags}"
+        )
+        assert isinstance(node, clustorage.Node) and node.config.tls_cert
+        assert node.get("greeting") == "hello"
+        clustorage.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, Member
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,6 +107,38 @@ def wait_for(check: object, seconds: float) -> None:
 
 def test_cut_link_reconnects_and_resyncs(cluster: Cluster, hosts: Hosts, tmp_path: Path) -> None:
     """A member whose link is cut keeps its hits, then reconnects and resyncs when it is back."""
+    cut_and_heal(cluster, hosts, tmp_path, tls=False)
+
+
+def test_cut_link_heals_over_tls(cluster: Cluster, hosts: Hosts, tmp_path: Path) -> None:
+    """The same over TLS, with certificates from 'clustorage tls init' naming the loader's
+    addresses on both links."""
+    pytest.importorskip("cryptography")
+    cut_and_heal(cluster, hosts, tmp_path, tls=True)
+
+
+def cut_and_heal(cluster: Cluster, hosts: Hosts, tmp_path: Path, tls: bool) -> None:
+    envs = {name: cluster.env for name in ("app1", *hosts.links)}
+    if tls:
+        folder = tmp_path / "tls"
+        made = subprocess.run(
+            [sys.executable, "-m", "clustorage", "tls", "init", str(folder)]
+            + [a for name in envs for a in ("--node", name)]
+            + [a for *_, address in hosts.links.values() for a in ("--host", address)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        envs = {
+            name: dict(
+                cluster.env,
+                CLUSTORAGE_TLS_CERT=str(folder / f"{name}.pem"),
+                CLUSTORAGE_TLS_KEY=str(folder / f"{name}-key.pem"),
+                CLUSTORAGE_TLS_CA=str(folder / "ca.pem"),
+            )
+            for name in envs
+        }
     log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
     options = ["--name", "app1", "--listen", f"0.0.0.0:{PORT}", "--data", str(tmp_path / "data")]
     loader = subprocess.Popen(
@@ -121,7 +153,7 @@ def test_cut_link_reconnects_and_resyncs(cluster: Cluster, hosts: Hosts, tmp_pat
             "loader",
             *options,
         ],
-        env=cluster.env,
+        env=envs["app1"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -130,7 +162,8 @@ def test_cut_link_reconnects_and_resyncs(cluster: Cluster, hosts: Hosts, tmp_pat
     members = {}
     for name, (ns, _inner, address) in hosts.links.items():
         prefix = ("ip", "netns", "exec", ns)
-        members[name] = cluster.member(name, f"app1@{address}:{PORT}", prefix)
+        members[name] = Member(envs[name], name, f"app1@{address}:{PORT}", prefix)
+        cluster.procs.append(members[name].proc)
     a, b = members["a"], members["b"]
     wait_for(lambda: a.ok("node.connected") and b.ok("node.connected"), 30)
     a.ok("node.put('before', 1)")

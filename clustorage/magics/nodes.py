@@ -41,6 +41,11 @@ class NodeMagics(ClusterMagics):
     @argument("--listen", metavar="HOST:PORT", help="where a loader listens (127.0.0.1:4370)")
     @argument("--data", metavar="DIR", help="a loader's data directory, or :memory:")
     @argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for the loader")
+    @argument(
+        "--tls-cert", metavar="FILE", help="this node's TLS certificate ($CLUSTORAGE_TLS_CERT)"
+    )
+    @argument("--tls-key", metavar="FILE", help="its private key ($CLUSTORAGE_TLS_KEY)")
+    @argument("--tls-ca", metavar="FILE", help="the cluster's CA certificate ($CLUSTORAGE_TLS_CA)")
     @line_magic
     def cluster_start(self, line: str) -> Node:
         """Start this kernel's node: join the loader's cluster, or be the loader.
@@ -76,6 +81,9 @@ class NodeMagics(ClusterMagics):
             listen=args.listen,
             data=args.data,
             timeout=args.timeout,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         )
         self.session.follow(node)
         self.session.sync.apply()
