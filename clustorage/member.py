@@ -536,6 +536,8 @@ class MemberClient:
                 sock, conn = self._sock, self._conn
                 if sock is None or conn is None:
                     raise self.unavailable("not connected")
+                if conn.state is not State.OPEN:  # the loader closed it; the reader reconnects
+                    raise self.unavailable(f"the connection is {conn.state.value}")
                 if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
                     frame = conn.send_small(envelope, blob)
                     sending = True
@@ -687,7 +689,7 @@ class MemberClient:
         """Send a message that has no answer, if connected."""
         try:
             self._send(build(0))
-        except (OSError, LoaderUnavailable) as exc:
+        except (OSError, LoaderUnavailable, ProtocolError) as exc:
             log.debug("%s: could not notify the loader: %s", self.config.name, exc)
 
     def close(self) -> None:
