@@ -9,7 +9,7 @@ from typing import Any
 
 import cloudpickle
 
-from .config import DEAD_AFTER
+from .config import DEAD_AFTER, LoaderAddress
 from .errors import ConfigError
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "HEARTBEAT",
     "MAX_BACKLOG",
     "Timing",
+    "check_welcome",
     "handshake_meta",
     "incompatibility",
     "max_backlog",
@@ -83,3 +84,20 @@ def incompatibility(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
                 f"move between them; use the same {label} version on every node"
             )
     return None
+
+
+def check_welcome(welcome: Mapping[str, Any], loader: LoaderAddress) -> None:
+    """Raise ConfigError if ``welcome`` refuses us, or comes from a loader not named as in
+    ``loader`` (refusals a caller handles itself, like a name clash, come first)."""
+    error = welcome.get("error")
+    if welcome.get("kind") == "wrong_loader":
+        raise ConfigError(
+            f"{error}; use --loader {welcome.get('loader')}@{loader.host}:{loader.port}"
+        )
+    if error:
+        raise ConfigError(str(error))
+    if welcome.get("name") != loader.name:
+        raise ConfigError(
+            f"the loader at {loader.host}:{loader.port} is named "
+            f"{welcome.get('name')!r}, not {loader.name!r}"
+        )

@@ -43,7 +43,7 @@ from .errors import (
     ProtocolError,
     ValueTooLarge,
 )
-from .hello import HEARTBEAT, handshake_meta, incompatibility
+from .hello import HEARTBEAT, check_welcome, handshake_meta, incompatibility
 from .liveness import watch
 from .messages import (
     Commit,
@@ -357,18 +357,7 @@ class MemberClient:
             raise NameClashError(str(error))
         if kind == "standby":
             raise _Standby(str(error), str(welcome.get("active") or ""))
-        if kind == "wrong_loader":
-            raise ConfigError(
-                f"{error}; use --loader {welcome.get('loader')}@{self.loader.host}:"
-                f"{self.loader.port}"
-            )
-        if error:
-            raise ConfigError(str(error))
-        if welcome.get("name") != self.loader.name:
-            raise ConfigError(
-                f"the loader at {self.loader.host}:{self.loader.port} is named "
-                f"{welcome.get('name')!r}, not {self.loader.name!r}"
-            )
+        check_welcome(welcome, self.loader)
         problem = incompatibility(meta, welcome)
         if problem:
             raise ConfigError(problem)

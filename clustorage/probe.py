@@ -30,7 +30,7 @@ from .config import (
     resolve_tls,
 )
 from .errors import AuthenticationError, ConfigError, LoaderUnavailable, ProtocolError
-from .hello import handshake_meta
+from .hello import check_welcome, handshake_meta
 from .messages import FUNCTION, Entry, Failed, History, HistoryReply, Status, StatusReply
 from .protocol import Closed, Connection, Frame, Role, State, Welcome
 
@@ -162,24 +162,9 @@ class Probe:
                 raise LoaderUnavailable(f"the loader {self.loader}: {exc}") from exc
             self._sock.sendall(conn.data_to_send())
             if isinstance(event, Welcome):
-                self._check_welcome(dict(event.meta))
+                check_welcome(dict(event.meta), self.loader)
                 return conn
             self._read(conn, deadline)
-
-    def _check_welcome(self, welcome: dict[str, Any]) -> None:
-        error = welcome.get("error")
-        if welcome.get("kind") == "wrong_loader":
-            raise ConfigError(
-                f"{error}; use --loader {welcome.get('loader')}@{self.loader.host}:"
-                f"{self.loader.port}"
-            )
-        if error:
-            raise ConfigError(str(error))
-        if welcome.get("name") != self.loader.name:
-            raise ConfigError(
-                f"the loader at {self.loader.host}:{self.loader.port} is named "
-                f"{welcome.get('name')!r}, not {self.loader.name!r}"
-            )
 
     def _ask(self, message: messages.Message, rid: int) -> messages.Message:
         conn = self._conn

@@ -18,6 +18,7 @@ from clustorage.errors import StoreError
 from clustorage.messages import VALUE, Entry
 from tests.conftest import Cluster, Member, free_port, wait_for_port
 from tests.pg_helpers import PostgresServer
+from tests.test_netns import namespaces
 
 DEAD_AFTER = "2"
 
@@ -418,22 +419,8 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def loader_hosts() -> Any:
     """Network namespaces for two loader hosts, removed after the test."""
-    import shutil
-
-    if sys.platform != "linux" or shutil.which("ip") is None:
-        pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (ip netns add)")
-    made = LoaderHosts()
-    try:
-        made.create()
-    except OSError as exc:
-        made.destroy()
-        pytest.skip(f"this machine cannot create network namespaces: {exc}")
-    try:
+    with namespaces(LoaderHosts()) as made:
         yield made
-    finally:
-        made.destroy()
 
 
 PARTITIONED = r"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,14 +79,14 @@ class Hosts:
             ip("netns", "del", ns)
 
 
-@pytest.fixture
-def hosts() -> Iterator[Hosts]:
-    """Network namespaces made for this test and removed after it."""
+@contextlib.contextmanager
+def namespaces(made: Any) -> Iterator[Any]:
+    """``made``'s network namespaces, created, then removed; skips the test where this
+    machine cannot make them."""
     if sys.platform != "linux" or shutil.which("ip") is None:
         pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces (ip netns add)")
-    made = Hosts()
     try:
         made.create()
     except OSError as exc:
@@ -94,6 +96,13 @@ def hosts() -> Iterator[Hosts]:
         yield made
     finally:
         made.destroy()
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Network namespaces made for this test and removed after it."""
+    with namespaces(Hosts()) as made:
+        yield made
 
 
 def wait_for(check: object, seconds: float) -> None:

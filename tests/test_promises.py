@@ -4,7 +4,6 @@ the loader never stalls, a lost lease is refused, a deadlock is an error."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cluster, Member, free_port
-from tests.test_netns import PORT, Hosts
+from tests.test_netns import PORT, Hosts, namespaces
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -314,20 +313,8 @@ def test_a_killed_leaseholders_lease_passes_on_at_once(cluster: Cluster, tmp_pat
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
     """Network namespaces made for this test and removed after it (as in test_netns)."""
-    if sys.platform != "linux" or shutil.which("ip") is None:
-        pytest.skip("needs Linux with iproute2 ('ip') to make network namespaces")
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (ip netns add)")
-    made = Hosts()
-    try:
-        made.create()
-    except OSError as exc:
-        made.destroy()
-        pytest.skip(f"this machine cannot create network namespaces: {exc}")
-    try:
+    with namespaces(Hosts()) as made:
         yield made
-    finally:
-        made.destroy()
 
 
 def test_a_cut_off_holders_late_commit_raises_lease_lost(
