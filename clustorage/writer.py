@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import StoreError, ValueTooLarge
-from .loader import Done, Stored
 from .messages import Entry
 from .store import Store
+from .writes import Done, Stored
 
 __all__ = ["INLINE_LIMIT", "StoreWriter"]
 

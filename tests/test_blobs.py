@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from clustorage.blobs import FILE_THRESHOLD
-from clustorage.loader import commit_entry
 from clustorage.messages import VALUE, Entry
 from clustorage.store import SQLiteStore
 from clustorage.writer import StoreWriter
+from clustorage.writes import commit_entry
 
 pytestmark = pytest.mark.timeout(60)
 

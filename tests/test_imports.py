@@ -68,6 +68,7 @@ MIDDLE = [
     "store",
     "liveness",
     "writer",
+    "writes",
     "blobs",
     "lock",
     "pgstore",
