@@ -16,7 +16,7 @@ from typing import Any
 
 from . import ClustorageError, ConfigError, LoaderUnavailable, Node, Probe, init_tls
 from .config import LoaderAddress, parse_loader
-from .flags import add_node_flags, check_listen, member_hint, name_from
+from .flags import add_node_flags, check_listen, member_hint, name_from, node_options
 
 __all__ = ["main"]
 
@@ -98,19 +98,7 @@ def _run_loader(args: argparse.Namespace) -> int:
     # Before the loader listens: a signal from then on stops it cleanly.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    node = Node(
-        name,
-        None,
-        cookie=args.cookie,
-        cookie_file=args.cookie_file,
-        listen=args.listen,
-        data=args.data,
-        store=args.store,
-        timeout=args.timeout,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_ca=args.tls_ca,
-    )
+    node = Node(name, None, store=args.store, **node_options(args))
     host, port = node.address
     hint = member_hint(node.name, host, port)
     if node.config.store:  # one of several: members list them all

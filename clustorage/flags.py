@@ -9,6 +9,7 @@ import errno
 import os
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, parse_listen
 from .errors import ConfigError
@@ -19,7 +20,20 @@ __all__ = [
     "is_loader",
     "member_hint",
     "name_from",
+    "node_options",
 ]
+
+# The keyword arguments of clustorage.start and Node that the node flags give, by name.
+_NODE_OPTIONS = (
+    "cookie",
+    "cookie_file",
+    "listen",
+    "data",
+    "timeout",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+)
 
 _HELP = {
     "name": "this node's name (default: $CLUSTORAGE_NAME)",
@@ -73,6 +87,12 @@ _TLS_HELP = {
     "key": "the private key of --tls-cert, PEM (default: $CLUSTORAGE_TLS_KEY)",
     "ca": "the cluster's CA certificate, PEM (default: $CLUSTORAGE_TLS_CA)",
 }
+
+
+def node_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the node flags in ``args`` (a namespace from add_node_flags, or a magic's)
+    say for clustorage.start or Node, as keyword arguments."""
+    return {option: getattr(args, option) for option in _NODE_OPTIONS}
 
 
 def is_loader(name: str | None, loader: str | None, env: Mapping[str, str] | None = None) -> bool:

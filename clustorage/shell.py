@@ -28,7 +28,7 @@ from typing import Any
 
 import clustorage
 from clustorage import ClustorageError, ConfigError, Node
-from clustorage.flags import add_node_flags, check_listen, is_loader, member_hint
+from clustorage.flags import add_node_flags, check_listen, is_loader, member_hint, node_options
 
 __all__ = ["build_shell", "main"]
 
@@ -158,18 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_flags(args)
-        node = clustorage.start(
-            args.name,
-            args.loader,
-            cookie=args.cookie,
-            cookie_file=args.cookie_file,
-            listen=args.listen,
-            data=args.data,
-            timeout=args.timeout,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_ca=args.tls_ca,
-        )
+        node = clustorage.start(args.name, args.loader, **node_options(args))
     except ConfigError as exc:
         print(f"clustorage-shell: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 import clustorage
 from clustorage import Node
+from clustorage.flags import node_options
 
 from .base import ClusterMagics
 from .display import ClusterStatus
@@ -73,18 +74,7 @@ class NodeMagics(ClusterMagics):
                 "a loader needs a name, which also names its store: %cluster_start --name "
                 "NAME (or join a loader with --loader NAME[@HOST[:PORT]])"
             )
-        node = clustorage.start(
-            name=args.name,
-            loader=args.loader,
-            cookie=args.cookie,
-            cookie_file=args.cookie_file,
-            listen=args.listen,
-            data=args.data,
-            timeout=args.timeout,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_ca=args.tls_ca,
-        )
+        node = clustorage.start(name=args.name, loader=args.loader, **node_options(args))
         self.session.follow(node)
         self.session.sync.apply()
         return node
