@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .messages import Members, Message, Payload, Pushes, encode_parts, joined
+from .messages import Members, Message, Payload, Pushes, encode, encode_parts
 
 __all__ = ["SLICE", "Fanout"]
 
@@ -40,7 +40,7 @@ class Fanout:
     ) -> None:
         self._peers = peers
         self._later = later
-        self._queued: list[tuple[Message, tuple[bytes, Payload]]] = []
+        self._queued: list[Message] = []
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
@@ -50,7 +50,7 @@ class Fanout:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
         request made it, already has it: it is left out of a pass whose every push is
         from it, as a lone writer's are)."""
-        self._queued.append((message, encode_parts(message)))
+        self._queued.append(message)
         self._skip.add(id(skip))
         self._start()
 
@@ -73,20 +73,20 @@ class Fanout:
             news, self._joined = self._joined, {}
             present = tuple(sorted(name for name, on in news.items() if on))
             gone = tuple(sorted(name for name, on in news.items() if not on))
-            members = Members(present, gone)
-            self._queued.append((members, encode_parts(members)))
+            self._queued.append(Members(present, gone))
             self._skip.add(id(None))
-        if not self._queued:
+        queued, skip = self._queued, (next(iter(self._skip)) if len(self._skip) == 1 else id(None))
+        self._queued, self._skip = [], set()
+        peers = [peer for peer in self._peers() if id(peer) != skip]
+        if not queued or not peers:  # nobody to tell (a lone writer's own writes): not encoded
             self._pass = None
             return
-        if len(self._queued) == 1:  # as it is: no Pushes around it
-            self._frame = self._queued[0]
+        if len(queued) == 1:  # as it is: no Pushes around it
+            self._frame = (queued[0], encode_parts(queued[0]))
         else:
-            pushes = Pushes(tuple(envelope + joined(blob) for _, (envelope, blob) in self._queued))
+            pushes = Pushes(tuple(map(encode, queued)))
             self._frame = (pushes, encode_parts(pushes))
-        skip = next(iter(self._skip)) if len(self._skip) == 1 else id(None)
-        self._queued, self._skip = [], set()
-        self._pass = [peer for peer in self._peers() if id(peer) != skip]
+        self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
         self._deliver()
 

@@ -58,9 +58,6 @@ class Leases:
     def __iter__(self) -> Iterator[Lease]:
         return iter(list(self._leases.values()))
 
-    def __len__(self) -> int:
-        return len(self._leases)
-
     def get(self, key: str) -> Lease | None:
         return self._leases.get(key)
 
@@ -78,11 +75,6 @@ class Leases:
         lease = Lease(key, holder, 0, token, ())
         self._leases[key] = lease
         return lease
-
-    def is_current(self, key: str, token: int) -> bool:
-        """Whether ``token`` numbers the lease on ``key`` now."""
-        lease = self._leases.get(key)
-        return lease is not None and lease.token == token
 
     def _mine(self, peer: Any, holding: tuple[str, ...]) -> list[str]:
         return [key for key in holding if (lease := self._leases.get(key)) and lease.holder is peer]
