@@ -11,15 +11,16 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import summarize
+from benchlib import rss_bytes, summarize
 from children import MEMORY, Child, Loader, worker_argv
 from peers import Peer
-from report import MB
+from report import MB, verdict
 
 HERE = Path(__file__).resolve().parent
 
@@ -129,6 +130,20 @@ class Bench:
         row = {"measure": measure, "system": system, "unit": unit, **stats, "note": note, **extra}
         self.records.append(row)
         return row
+
+    def loader_rss(self, loader: Loader, measure: str, note: str, limit_mb: int) -> None:
+        """Record the loader's resident memory, after a second to settle, against a limit."""
+        time.sleep(1.0)
+        rss = rss_bytes(loader.pid)
+        self.record(
+            measure + ": loader RSS",
+            "clustorage loader",
+            "B",
+            summarize([rss]),
+            note,
+            target=f"<= {limit_mb} MB",
+            verdict=verdict(rss <= limit_mb * MB),
+        )
 
     def single(self, measure: str, system: str, unit: str, value: float, note: str = "") -> None:
         self.record(measure, system, unit, summarize([value]), note)

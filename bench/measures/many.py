@@ -9,7 +9,7 @@ import time
 from benchlib import rss_bytes, summarize
 from children import Child
 from harness import Bench
-from report import MB, verdict
+from report import verdict
 
 
 def run(bench: Bench) -> None:
@@ -57,17 +57,7 @@ def run(bench: Bench) -> None:
                 target="<= 50 ms",
                 verdict=verdict(stats["median"] <= 0.05 and not stats["short"]),
             )
-            time.sleep(1.0)
-            rss = rss_bytes(loader.pid)
-            bench.record(
-                measure + ": loader RSS",
-                "clustorage loader",
-                "B",
-                summarize([rss]),
-                "idle, after the defines",
-                target="<= 150 MB",
-                verdict=verdict(rss <= 150 * MB),
-            )
+            bench.loader_rss(loader, measure, "idle, after the defines", 150)
         for peer in bench.peers:
             with bench.attempt(measure + ": server RSS", peer.label):
                 for child in workers:

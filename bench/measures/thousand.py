@@ -14,7 +14,7 @@ import subprocess
 import time
 from typing import Any
 
-from benchlib import rss_bytes, summarize, tcp_bytes_sent
+from benchlib import summarize, tcp_bytes_sent
 from children import BenchError, Child, Loader
 from harness import Bench
 from report import MB, fmt, verdict
@@ -36,17 +36,7 @@ def run(bench: Bench) -> None:
         extra = bench.worker("thousand-extra", loader, ("extra",))
         extra.recv(60)
         misses(bench, extra, measure)
-        time.sleep(1.0)
-        rss = rss_bytes(loader.pid)
-        bench.record(
-            measure + ": loader RSS",
-            "clustorage loader",
-            "B",
-            summarize([rss]),
-            "after the defines and misses",
-            target="<= 200 MB",
-            verdict=verdict(rss <= 200 * MB),
-        )
+        bench.loader_rss(loader, measure, "after the defines and misses", 200)
         big_value(bench, loader, extra, workers[0], measure, total)
     except Exception as exc:
         bench.failed(measure, "clustorage", exc)
