@@ -21,6 +21,12 @@ import clustorage
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 COOKIE = "test-cookie-not-secret"
+LOADER = [sys.executable, "-m", "clustorage", "loader"]
+
+
+def loader_argv(name: str, listen: str, *options: str) -> list[str]:
+    """``clustorage loader --name NAME --listen LISTEN OPTIONS...`` in this Python."""
+    return [*LOADER, "--name", name, "--listen", listen, *options]
 
 
 def free_port() -> int:
@@ -145,18 +151,7 @@ class Cluster:
         self.loader_name = name
         log = open(self.tmp / f"loader-{name}.log", "a")  # noqa: SIM115
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "clustorage",
-                "loader",
-                "--name",
-                name,
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--data",
-                data,
-            ],
+            loader_argv(name, f"127.0.0.1:{self.port}", "--data", data),
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

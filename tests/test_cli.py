@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, free_port, kill, wait_for_port
+from tests.conftest import LOADER, Cluster, free_port, kill, wait_for_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,9 +95,6 @@ def test_second_loader_on_a_taken_port_says_so(cluster: Cluster) -> None:
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{cluster.port}" in result.stderr
     assert "--listen HOST:PORT" in result.stderr
-
-
-LOADER = [sys.executable, "-m", "clustorage", "loader"]
 
 
 def files_under(path: Path) -> list[Path]:

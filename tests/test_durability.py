@@ -6,18 +6,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import clustorage
-from tests.conftest import COOKIE, Cluster, node_pair
+from tests.conftest import COOKIE, LOADER, Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(120)
 
-LOADER = [sys.executable, "-m", "clustorage", "loader"]
 BURST = (
     "import threading, clustorage\n"
     "acked = []\n"

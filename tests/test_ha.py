@@ -16,7 +16,7 @@ import pytest
 
 from clustorage.errors import StoreError
 from clustorage.messages import VALUE, Entry
-from tests.conftest import Cluster, Member, free_port, wait_for_port
+from tests.conftest import Cluster, Member, free_port, loader_argv, wait_for_port
 from tests.pg_helpers import PostgresServer
 from tests.test_netns import namespaces
 
@@ -41,18 +41,7 @@ class HACluster(Cluster):
         """A ``clustorage loader --store URL`` on ``port``; returns once it listens."""
         log = open(self.tmp / f"loader-{port}.log", "a")  # noqa: SIM115
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "clustorage",
-                "loader",
-                "--name",
-                "app1",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--store",
-                self.url,
-            ],
+            loader_argv("app1", f"127.0.0.1:{port}", "--store", self.url),
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -331,18 +320,7 @@ def test_postgresql_restarted_loses_no_acknowledged_write(tmp_path: Path) -> Non
 def test_an_invalid_store_is_refused_with_what_to_use(tmp_path: Path) -> None:
     """--store that is not a PostgreSQL URL is refused, naming the form to use."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clustorage",
-            "loader",
-            "--name",
-            "app1",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--store",
-            "mysql://x",
-        ],
+        loader_argv("app1", f"127.0.0.1:{free_port()}", "--store", "mysql://x"),
         env=dict(os.environ, HOME=str(tmp_path), CLUSTORAGE_COOKIE="c" * 20),
         capture_output=True,
         text=True,
@@ -465,16 +443,9 @@ def test_a_partitioned_active_loader_acknowledges_nothing_after_losing_its_lock(
                     "netns",
                     "exec",
                     ns,
-                    sys.executable,
-                    "-m",
-                    "clustorage",
-                    "loader",
-                    "--name",
-                    "app1",
-                    "--listen",
-                    f"{loader_hosts.address(index)}:{port}",
-                    "--store",
-                    remote,
+                    *loader_argv(
+                        "app1", f"{loader_hosts.address(index)}:{port}", "--store", remote
+                    ),
                 ],
                 env=cluster.env,
                 stdout=log,

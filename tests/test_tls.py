@@ -19,7 +19,7 @@ import pytest
 
 import clustorage
 from clustorage import tls_init
-from tests.conftest import COOKIE, ROOT, Cluster, Member, free_port
+from tests.conftest import COOKIE, ROOT, Cluster, Member, free_port, loader_argv
 
 pytest.importorskip("cryptography")
 pytestmark = pytest.mark.timeout(90)
@@ -236,18 +236,7 @@ def test_key_of_another_certificate_is_refused_at_start(cluster: Cluster, certs:
     """A key that does not match its certificate stops the loader at start, naming both."""
     env = {**cluster.env, **tls_env(certs, "app1"), "CLUSTORAGE_TLS_KEY": str(certs / "m1-key.pem")}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clustorage",
-            "loader",
-            "--name",
-            "app1",
-            "--data",
-            ":memory:",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-        ],
+        loader_argv("app1", f"127.0.0.1:{free_port()}", "--data", ":memory:"),
         env=env,
         capture_output=True,
         text=True,
