@@ -73,6 +73,10 @@ RECV_SIZE = 1 << 20
 RECV_WAIT = 0.25
 LINGER = 0.002
 SPIN = 100e-6  # how long a caller polls for its answer before sleeping (see _receive)
+RELAYED = (
+    ", or, over TLS, something between this node and the loader relays the connection "
+    "(the cookie is proven on one TLS session only): check the loader's address"
+)
 
 
 def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool) -> int:
@@ -97,7 +101,7 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
 
 def _buffered(sock: socket.socket) -> bool:
     """Whether TLS may hold records of ``sock`` that no poll would report."""
-    return isinstance(sock, tls.TLSSocket) and sock.pending()
+    return isinstance(sock, tls.TLSSocket) and sock.pending() > 0
 
 
 class _ThreadState(threading.local):
@@ -265,7 +269,11 @@ class MemberClient:
                 self.config.name, role="member", session=self._session, expect=loader.name
             )
             conn = Connection(
-                Role.CLIENT, self.config.cookie.secret, meta, max_frame=self.config.max_frame
+                Role.CLIENT,
+                self.config.cookie.secret,
+                meta,
+                max_frame=self.config.max_frame,
+                binding=tls.channel_binding(sock),
             )
             welcome = self._handshake(sock, conn, meta, timeout)
             sock.settimeout(None)
@@ -338,9 +346,11 @@ class MemberClient:
                         f"the loader at {self.where()} did not prove it knows the cookie "
                         f"(wrong cookie there, or someone in between)"
                     ) from exc
+                relayed = "" if conn.tagged else RELAYED
                 raise AuthenticationError(
                     f"the loader {self.where()} refused our cookie; use the cluster's "
                     f"cookie (--cookie, --cookie-file, $CLUSTORAGE_COOKIE or ~/.clustorage/cookie)"
+                    f"{relayed}"
                 ) from exc
             sock.sendall(conn.data_to_send())
             if isinstance(event, Welcome):
@@ -439,7 +449,9 @@ class MemberClient:
         if size > 0 and space is not None:
             self._last_heard = now
             self._received += 1
-            conn.received_into(size)
+            ended = conn.received_into(size)
+            if ended is not None:
+                self._dispatch(messages.decode(ended))
         elif size > 0:
             self._last_heard = now
             for payload in conn.read_frames(self._recv_view[:size]):

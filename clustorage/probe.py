@@ -148,7 +148,7 @@ class Probe:
     def _handshake(self, secret: bytes) -> Connection:
         name = f"probe-{generated_name()}"[:64]
         meta = handshake_meta(name, role=PROBE_ROLE, expect=self.loader.name)
-        conn = Connection(Role.CLIENT, secret, meta)
+        conn = Connection(Role.CLIENT, secret, meta, binding=tls.channel_binding(self._sock))
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -16,6 +16,15 @@ server MAC is HMAC-SHA256(cookie, "clustorage/server" | snonce | cnonce | client
 each side proves the cookie over nonces the other chose, and the cookie never crosses the wire.
 Meta (small JSON: names and versions) is parsed only after its MAC has been checked.
 
+Inside TLS (SPEC "Wire and trust"), both MACs and the session also cover the TLS session's
+channel binding (``tls-unique``: the first Finished message, which hashes the whole TLS
+handshake), so the cookie handshake proves the cookie *on this TLS connection*: a relay
+between two TLS connections, even one holding a certificate of the cluster's CA, fails it.
+TLS then authenticates, orders and numbers every record with keys only the two ends have,
+so frames carry no tag of their own (``tagged`` is False) and big blobs are not hashed: a
+byte flipped on the way fails TLS's record check and ends the connection before any of it
+is read.
+
 Both sides then derive one key per direction from the cookie and both nonces. A frame is::
 
     length (u32) | sequence (u64) | blob length (u32) | payload | tag (32 bytes)
@@ -247,6 +256,19 @@ class _Digests:
 _DIGESTS = _Digests()
 
 
+class _NoHash:
+    """The hash of a blob inside TLS, which needs none (see the module docstring)."""
+
+    def update(self, data: memoryview) -> None:
+        pass
+
+    def copy(self) -> _NoHash:
+        return self
+
+
+_NO_HASH = _NoHash()
+
+
 def _huge_pages() -> bool:
     """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
     try:
@@ -344,7 +366,13 @@ class _Bulk:
     __slots__ = ("__weakref__", "blob_start", "data", "filled", "hasher", "header", "length", "seq")
 
     def __init__(
-        self, header: bytes, length: int, seq: int, blob: int, algorithm: str, populate: bool
+        self,
+        header: bytes,
+        length: int,
+        seq: int,
+        blob: int,
+        algorithm: str | None,
+        populate: bool,
     ) -> None:
         self.header = header
         self.length = length
@@ -359,8 +387,8 @@ class _Bulk:
             with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
                 self.data.madvise(mmap.MADV_HUGEPAGE)
         self.filled = 0
-        self.hasher: Any = _hasher(algorithm)
-        if blob >= THREAD_HASH_AT and _HashingThread.available():
+        self.hasher: Any = _NO_HASH if algorithm is None else _hasher(algorithm)
+        if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
             hashing = _HashingThread(algorithm)
             weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
             if hashing.start():
@@ -431,6 +459,7 @@ class Connection:
         *,
         max_frame: int = 1 << 30,
         bulk_digests: Sequence[str] = BULK_DIGESTS,
+        binding: bytes = b"",
     ) -> None:
         if not cookie:
             raise LocalProtocolError("an empty cookie cannot authenticate anything")
@@ -454,6 +483,11 @@ class Connection:
         self._send_tagger = _NO_TAGGER
         self._recv_tagger = _NO_TAGGER
         self._bulk: _Bulk | None = None
+        self._binding = b""
+        self.tagged = True  # frames carry a tag: False inside TLS (see bind)
+        self._tag_size = TAG_SIZE
+        if binding:
+            self.bind(binding)
         self.bulk_digest = BASELINE_DIGEST
         self._send_seq = 0
         self._recv_seq = 0
@@ -471,6 +505,16 @@ class Connection:
     def __repr__(self) -> str:
         return f"<Connection {self.role.value} {self.state.name}>"
 
+    def bind(self, binding: bytes) -> None:
+        """Run over TLS: prove the cookie on the TLS session whose channel binding this is,
+        and send and take frames without tags. Before the handshake's MACs (a server can
+        bind once its TLS handshake is done, before the client's response is read)."""
+        if self._client_mac or not binding:
+            raise LocalProtocolError("bind a connection to TLS before its handshake, once")
+        self._binding = binding
+        self.tagged = False
+        self._tag_size = 0
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Connection:
         """An independent copy (MAC states are not picklable, so copy.deepcopy needs this)."""
         clone = copy.copy(self)
@@ -482,7 +526,7 @@ class Connection:
             clone._bulk = copy.copy(self._bulk)
             clone._bulk.data = mmap.mmap(-1, self._bulk.length)
             clone._bulk.data[:] = self._bulk.data[:]
-            clone._bulk.hasher = self._bulk.hasher.copy()
+            clone._bulk.hasher = self._bulk.hasher.copy() if self.tagged else _NO_HASH
         return clone
 
     # -- state ---------------------------------------------------------------------------
@@ -575,7 +619,12 @@ class Connection:
         self._check_magic(magic, version)
         self._cnonce = secrets.token_bytes(NONCE_SIZE)
         self._client_mac = _mac(
-            self._cookie, b"clustorage/client", self._snonce, self._cnonce, self._meta
+            self._cookie,
+            b"clustorage/client",
+            self._snonce,
+            self._cnonce,
+            self._meta,
+            self._binding,
         )
         self._outbox += _RESPONSE.pack(
             MAGIC, VERSION, self._cnonce, self._client_mac, len(self._meta)
@@ -601,7 +650,9 @@ class Connection:
             return None
         meta = bytes(self._buffer[_RESPONSE.size : _RESPONSE.size + size])
         del self._buffer[: _RESPONSE.size + size]
-        expected = _mac(self._cookie, b"clustorage/client", self._snonce, cnonce, meta)
+        expected = _mac(
+            self._cookie, b"clustorage/client", self._snonce, cnonce, meta, self._binding
+        )
         if not hmac.compare_digest(expected, client_mac):
             self._outbox += _REJECT.pack(b"R", 0)
             raise AuthenticationError("the peer does not know the cluster cookie")
@@ -635,6 +686,7 @@ class Connection:
             self._cnonce,
             self._client_mac,
             meta,
+            self._binding,
         )
         if not hmac.compare_digest(expected, server_mac):
             raise AuthenticationError(
@@ -678,20 +730,23 @@ class Connection:
                 # A member trusts its loader's header; the loader does not let a member's
                 # header alone make it stall or hold memory (pages come as bytes do).
                 populate = self.role is Role.CLIENT
-                self._bulk = _Bulk(
-                    bytes(buffer[:_HEAD]), length, seq, blob, self.bulk_digest, populate
-                )
+                algorithm = self.bulk_digest if self.tagged else None
+                self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate)
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
             del buffer[:_HEAD]
             return self._continue_bulk()
         end = _HEAD + length
-        if len(buffer) < end + TAG_SIZE:
+        tag_size = self._tag_size
+        if len(buffer) < end + tag_size:
             return None
         with memoryview(buffer) as view:
-            self._check(seq, _tag(self._recv_tagger, view[:end]), view[end : end + TAG_SIZE])
+            if tag_size:
+                self._check(seq, _tag(self._recv_tagger, view[:end]), view[end : end + tag_size])
+            else:
+                self._count(seq)
             payload = bytes(view[_HEAD:end])
-        del buffer[: end + TAG_SIZE]
+        del buffer[: end + tag_size]
         return payload
 
     def _continue_bulk(self) -> memoryview | None:
@@ -703,8 +758,12 @@ class Connection:
             taken = bulk.feed(view)
             view.release()
             del buffer[:taken]
-        if bulk.filled < bulk.length or len(buffer) < TAG_SIZE:
+        if bulk.filled < bulk.length or len(buffer) < self._tag_size:
             return None
+        if not self.tagged:
+            self._count(bulk.seq)
+            self._bulk = None
+            return memoryview(bulk.data)
         digest = bulk.hasher.digest()
         envelope = memoryview(bulk.data)[: bulk.blob_start]
         tag = _tag(self._recv_tagger, bulk.header, envelope, digest)
@@ -717,6 +776,9 @@ class Connection:
     def _check(self, seq: int, tag: bytes, received: bytes | bytearray | memoryview) -> None:
         if not hmac.compare_digest(tag, received):
             raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
+        self._count(seq)
+
+    def _count(self, seq: int) -> None:
         if seq != self._recv_seq:
             raise RemoteProtocolError(
                 f"frame sequence {seq}, expected {self._recv_seq} (replayed or reordered)"
@@ -731,12 +793,16 @@ class Connection:
             return None
         return memoryview(bulk.data)[bulk.filled :]
 
-    def received_into(self, size: int) -> None:
-        """``size`` bytes were received into :meth:`receive_buffer`'s view."""
+    def received_into(self, size: int) -> memoryview | None:
+        """``size`` bytes were received into :meth:`receive_buffer`'s view; the payload,
+        when they end a frame that has no tag to wait for (inside TLS)."""
         bulk = self._bulk
         if bulk is None or size > bulk.length - bulk.filled:
             raise LocalProtocolError("received_into without a receive_buffer to match")
         bulk.account(size)
+        if self.tagged or bulk.filled < bulk.length:
+            return None
+        return self._continue_bulk()
 
     def read_frames(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
         """Take bytes from an open connection's peer; the payloads of the frames they complete.
@@ -775,17 +841,20 @@ class Connection:
         payloads: list[bytes | memoryview] = []
         size = len(data)
         start = 0
-        tagger, max_frame = self._recv_tagger, self.max_frame
+        tagger, max_frame, tag_size = self._recv_tagger, self.max_frame, self._tag_size
         while size - start >= _HEAD:
             length, seq, blob = _unpack_header(data, start)
             body = start + _HEAD
             end = body + length
-            if blob or length > max_frame or end + TAG_SIZE > size:
+            if blob or length > max_frame or end + tag_size > size:
                 break
-            self._check(seq, _tag(tagger, data[start:end]), data[end : end + TAG_SIZE])
+            if tag_size:
+                self._check(seq, _tag(tagger, data[start:end]), data[end : end + tag_size])
+            else:
+                self._count(seq)
             if length:
                 payloads.append(bytes(data[body:end]))
-            start = end + TAG_SIZE
+            start = end + tag_size
         return payloads, start
 
     # -- output --------------------------------------------------------------------------
@@ -824,11 +893,14 @@ class Connection:
             self._cnonce,
             self._client_mac,
             data,
+            self._binding,
         )
         return _WELCOME.pack(b"W", server_mac, len(data)) + data
 
     def _derive_keys(self) -> None:
-        session = _mac(self._cookie, b"clustorage/session", self._snonce, self._cnonce)
+        session = _mac(
+            self._cookie, b"clustorage/session", self._snonce, self._cnonce, self._binding
+        )
         to_server = _mac(session, b"client-to-server")
         to_client = _mac(session, b"server-to-client")
         send_key, recv_key = (
@@ -859,6 +931,8 @@ class Connection:
             LocalProtocolError: the connection is not open, or the payload is over the limit.
         """
         header = self._header(len(payload), 0)
+        if not self.tagged:
+            return header + payload
         return b"".join((header, payload, _tag(self._send_tagger, header, payload)))
 
     def send_small(self, envelope: bytes, blob: Payload) -> bytes:
@@ -889,6 +963,12 @@ class Connection:
         self, header: bytes, envelope: bytes, blob: Payload
     ) -> Iterator[bytes | memoryview]:
         yield header + envelope
+        if not self.tagged:
+            for part in blob.parts if isinstance(blob, Gathered) else (blob,):
+                view = memoryview(part)
+                for start in range(0, len(view), CHUNK):
+                    yield view[start : start + CHUNK]
+            return
         if isinstance(blob, Gathered):
             parts, digest = blob.parts, None
         else:

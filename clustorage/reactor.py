@@ -330,6 +330,8 @@ class Server:
 class Stream:
     """One connection: reads into its protocol's buffer, writes with flow control."""
 
+    _WOULD_BLOCK: tuple[type[Exception], ...] = (BlockingIOError, InterruptedError)
+
     def __init__(
         self,
         reactor: Reactor,
@@ -342,6 +344,7 @@ class Stream:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reactor = reactor
         self._sock = sock
+        self._send: Callable[[bytes | memoryview], int] = sock.send
         self._protocol = protocol
         self._pending: collections.deque[memoryview] = collections.deque()
         self._size = 0
@@ -428,8 +431,8 @@ class Stream:
             return
         if not self._pending:
             try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
+                sent = self._send(data)
+            except self._WOULD_BLOCK:
                 sent = 0
             except OSError as exc:  # told later, as asyncio does: the writer is mid-work
                 self._closing = True
@@ -450,8 +453,8 @@ class Stream:
         pending = self._pending
         while pending:
             try:
-                sent = self._sock.send(pending[0])
-            except (BlockingIOError, InterruptedError):
+                sent = self._send(pending[0])
+            except self._WOULD_BLOCK:
                 break
             except OSError as exc:
                 self._lose(exc)

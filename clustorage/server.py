@@ -135,9 +135,19 @@ class ServerConnection:
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = time.monotonic()
         if self._into_bulk:  # the bytes went straight into a big payload
-            self._conn.received_into(nbytes)
+            try:
+                ended = self._conn.received_into(nbytes)
+                if ended is not None and self._storable(message := messages.decode(ended)):
+                    self._handle(self, message)
+            except ProtocolError as exc:
+                log.warning("closed %s (%s): %s", self.address, self.name, exc)
+                self.close(flush=True)
             return
         if self._conn.state is not State.OPEN:
+            if self._conn.state is State.AWAIT_RESPONSE and self._conn.tagged:
+                binding = self._transport and self._transport.get_extra_info("channel_binding")
+                if binding:  # TLS is up (see protocol.Connection.bind)
+                    self._conn.bind(binding)
             self._conn.receive_data(_READ_BUFFER[:nbytes])
             self._pump()
             return
@@ -193,7 +203,8 @@ class ServerConnection:
                 if self._transport is None or self._transport.is_closing():
                     return
         except AuthenticationError:
-            log.warning("refused %s: wrong cookie", self.address)
+            relayed = "" if self._conn.tagged else " (or, over TLS, a relay in between)"
+            log.warning("refused %s: wrong cookie%s", self.address, relayed)
             self.close(flush=True)
         except ProtocolError as exc:
             log.warning("closed %s (%s): %s", self.address, self.name, exc)

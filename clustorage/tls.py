@@ -2,10 +2,13 @@
 the member's wrapping, and the refusals both ends report.
 
 TLS 1.3 only, certificates checked both ways against one CA, the loader's host name checked
-by members. The cookie handshake and the per-frame tags run inside TLS unchanged: TLS keeps
-what crosses the network private and refuses peers without a certificate of the CA, the
-cookie still proves the peer belongs to this cluster, and a tag failure still ends a
-connection whatever carried it.
+by members. TLS keeps what crosses the network private and refuses peers without a
+certificate of the CA; the cookie handshake runs inside it, bound to the TLS session
+(:func:`channel_binding`), so the cookie is proven on this connection and no other, and
+frames go without tags of their own (see ``protocol``'s docstring).
+
+Both ends let OpenSSL read and write the socket itself: a record goes from the socket to
+the protocol's buffer (or back) in one call, with no Python in between.
 
 The loader speaks first in clustorage's own handshake and a TLS client speaks first in
 TLS, so a member without TLS meeting a TLS loader would wait in silence: a TLS connection
@@ -17,9 +20,12 @@ clustorage's hello where a TLS record belongs (:func:`refusal`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import select
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,6 +39,7 @@ __all__ = [
     "TLSFiles",
     "TLSSocket",
     "TLSStream",
+    "channel_binding",
     "check_reply",
     "client_context",
     "connect",
@@ -45,8 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
-BATCH = 64 << 10  # bytes of small frames gathered into one TLS write (of 16 KiB records)
-RAW = 1 << 20  # bytes a member's TLS socket reads at once
 RECORD = 16384  # the payload of a full TLS record: a read this big means more is coming
 _HANDSHAKE_RECORD = 0x16
 _ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
@@ -117,7 +122,7 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
 
 def client_context(files: TLSFiles) -> ssl.SSLContext:
     """A member's (or probe's) context: TLS 1.3, the loader's certificate and host checked."""
-    return _context(files, server=False)
+    return _client_context(_context(files, server=False))
 
 
 def _why(exc: BaseException) -> str:
@@ -150,121 +155,137 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
     )
 
 
-class TLSSocket(socket.socket):
-    """A member's blocking socket with TLS done in memory (``ssl.SSLObject`` over two
-    ``MemoryBIO``): one ``recv`` takes every record that has come, where TLS on the socket
-    reads each in two, and ``sendall`` sends a message's records at once. It reads and
-    writes as a plain socket does (MSG_DONTWAIT and the receive timeout included), so the
-    member's code is the same over TLS.
+def _tls_object(sock: socket.socket) -> Any:
+    """An ``ssl.SSLSocket``'s own TLS object (``_ssl._SSLSocket``, None once closed): its
+    ``read``, ``write`` and ``pending`` are the socket's without the Python checks that
+    ``ssl.py`` wraps around every call, which cost more than a small record's cipher."""
+    return getattr(sock, "_sslobj", None)
 
-    TLS state is touched under a lock held only while bytes are encrypted or decrypted,
-    never while waiting on the network: a member reads on one thread while others send.
+
+class TLSSocket(ssl.SSLSocket):
+    """A member's TLS socket (a client context's ``sslsocket_class``): OpenSSL reads and
+    writes the socket itself, and it reads and writes as a plain blocking socket does
+    (``MSG_DONTWAIT``, the receive timeout and ``settimeout`` included), so the member's
+    code is the same over TLS.
+
+    A member reads on one thread while others send, and one TLS connection must not be
+    used by two threads at once: after the handshake the socket is non-blocking, every
+    call into TLS is made under a lock, and waiting for the network (``poll``) happens
+    outside it.
     """
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
-        timeout = sock.gettimeout()
-        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        self.settimeout(timeout)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
-        self._raw = memoryview(bytearray(RAW))
-        self._lock = threading.Lock()  # the TLS object
-        self._sending = threading.Lock()  # the order of records on the wire
-        self._more = False  # the last read filled its buffer: TLS may hold more
-        self._ended = False
+    _lock: threading.Lock
+    _readable: select.poll
+    _writable: select.poll
+    _open = False  # the handshake is done: waiting is emulated from here on
+    _wait: float | None = None  # settimeout's value once open
 
-    def handshake(self) -> None:
-        """Do the TLS handshake, within the socket's timeout.
+    def open(self) -> None:
+        """After the handshake: make the socket non-blocking and wait with ``poll``."""
+        self._lock = threading.Lock()
+        self._wait = self.gettimeout()
+        self._readable, self._writable = select.poll(), select.poll()
+        self._readable.register(self.fileno(), select.POLLIN)
+        self._writable.register(self.fileno(), select.POLLOUT)
+        socket.socket.settimeout(self, 0.0)
+        self._open = True
+
+    def settimeout(self, value: float | None) -> None:
+        if self._open:
+            self._wait = value
+        else:
+            super().settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._wait if self._open else super().gettimeout()
+
+    def _ready_for(self, events: int, poll: bool = False) -> bool:
+        """Whether the socket is ready for ``events``; unless ``poll``, wait until it is:
+        within settimeout's value, or else within the receive timeout (SO_RCVTIMEO) for
+        reads and for ever for writes.
 
         Raises:
-            ssl.SSLError: TLS failed; OSError: the connection did.
+            TimeoutError: it was not, in time.
         """
-        while True:
-            try:
-                with self._lock:
-                    self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                wanting = True
-            else:
-                wanting = False
-            self._flush()
-            if not wanting:
-                return
-            if not self._fill():
-                raise ConnectionResetError("the loader closed the connection in TLS's handshake")
+        poller = self._readable if events == select.POLLIN else self._writable
+        if poll:
+            return bool(poller.poll(0))
+        wait = self._wait
+        if wait is None and events == select.POLLIN:
+            seconds, micros = struct.unpack(
+                "ll", self.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+            )
+            wait = seconds + micros / 1e6 or None
+        if not poller.poll(None if wait is None else wait * 1000):
+            raise TimeoutError("timed out")
+        return True
 
-    def _fill(self) -> bool:
-        """Read what the socket has into TLS (blocking as the socket does); False at its end."""
-        size = super().recv_into(self._raw)
-        if size:
-            with self._lock:
-                self._incoming.write(self._raw[:size])
-        return bool(size)
+    def _tls(self) -> Any:
+        tls = _tls_object(self)
+        if tls is None:
+            raise OSError(errno.EBADF, "the TLS connection is closed")
+        return tls
 
-    def _flush(self) -> None:
-        with self._sending:
-            with self._lock:
-                data = self._outgoing.read()
-            if data:
-                super().sendall(data)
+    def pending(self) -> int:
+        """How many bytes TLS holds that no poll of the socket would report."""
+        tls = _tls_object(self)
+        return 0 if tls is None else int(tls.pending())
 
-    def pending(self) -> bool:
-        """Whether TLS may hold records that the socket will not report: the last read
-        stopped because the buffer was full."""
-        return self._more
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Decrypt into ``buffer`` every whole record there is, reading the socket (with
-        ``flags``: MSG_DONTWAIT works as on any socket) only when there is none."""
-        view = memoryview(buffer).cast("B")
+    def recv_into(self, buffer: Any, nbytes: int | None = 0, flags: int = 0) -> int:
+        """Decrypt into ``buffer`` what has come, up to ``nbytes``; 0 at the end."""
+        if not self._open:
+            return super().recv_into(buffer, nbytes or None, flags)
+        view = memoryview(buffer)
         size = nbytes or len(view)
+        tls = self._tls()
         while True:
-            got = self._decrypt(view, size)
-            if got or self._ended:
-                return got
-            received = super().recv_into(self._raw, 0, flags)
-            if not received:
-                return 0
+            if not tls.pending() and not self._ready_for(select.POLLIN, poll=True):
+                if flags & socket.MSG_DONTWAIT:
+                    raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
+                self._ready_for(select.POLLIN)
+            total = 0
             with self._lock:
-                self._incoming.write(self._raw[:received])
-
-    def _decrypt(self, view: memoryview, size: int) -> int:
-        total = 0
-        tls, incoming = self._tls, self._incoming
-        with self._lock:
-            while total < size:
-                if not incoming.pending and not tls.pending():
-                    self._more = False  # read no further: a failing read costs more
-                    break
                 try:
-                    got = int(self._tls.read(size - total, view[total:]))
-                except ssl.SSLWantReadError:
-                    self._more = False
-                    break
-                except ssl.SSLZeroReturnError:
-                    got = 0
-                if not got:
-                    self._ended = True
-                    break
-                total += got
-            else:
-                self._more = True
-            answer = self._outgoing.pending  # TLS's own messages, if any
-        if answer:
-            self._flush()
-        return total
+                    while True:
+                        got = int(tls.read(size - total, view[total:] if total else view))
+                        if not got:
+                            return total
+                        total += got
+                        if total >= size or (got < RECORD and not tls.pending()):
+                            return total
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    if total:
+                        return total
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return total
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        buffer = bytearray(bufsize)
-        return bytes(buffer[: self.recv_into(buffer, bufsize, flags)])
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        buffer = bytearray(buflen)
+        return bytes(buffer[: self.recv_into(buffer, buflen, flags)])
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        with self._sending:
+        if not self._open:
+            super().sendall(data, flags)
+            return
+        view = memoryview(data)
+        tls = self._tls()
+        while True:
             with self._lock:
-                self._tls.write(data)
-                records = self._outgoing.read()
-            super().sendall(records)
+                try:
+                    tls.write(view)  # whole, or SSLWantWriteError: then again, the same
+                    return
+                except ssl.SSLWantWriteError:
+                    pass
+            self._ready_for(select.POLLOUT)
+
+    def shutdown(self, how: int) -> None:
+        """Shut the socket down (waking a reader) and leave TLS to close()."""
+        socket.socket.shutdown(self, how)
+
+
+def _client_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.sslsocket_class = TLSSocket
+    return context
 
 
 def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str) -> TLSSocket:
@@ -273,16 +294,25 @@ def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str)
     Raises:
         ConfigError, AuthenticationError: see :func:`refusal`.
     """
-    tls = TLSSocket(sock, context, host)
     try:
-        tls.handshake()
+        tls = cast(TLSSocket, context.wrap_socket(sock, server_hostname=host))  # handshakes
     except ssl.SSLError as exc:
-        tls.close()
+        sock.close()
         raise refusal(exc, where) from None
     except BaseException:
-        tls.close()
+        sock.close()
         raise
+    tls.open()
     return tls
+
+
+def channel_binding(sock: socket.socket) -> bytes:
+    """What the cookie handshake is bound to over TLS: ``tls-unique``, the first Finished
+    message of the TLS handshake, the same at both ends and unique to this TLS session
+    (sessions are never resumed here: the loader issues no tickets). b"" without TLS."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return b""
+    return sock.get_channel_binding("tls-unique") or b""
 
 
 def check_reply(data: bytes, where: str) -> None:
@@ -298,22 +328,17 @@ def check_reply(data: bytes, where: str) -> None:
 # -- the loader's side -----------------------------------------------------------------------
 
 
-# Every TLS stream reads the socket into this one buffer: the loop runs one callback at a
-# time, and the bytes go into the stream's TLS object before the next read.
-_RAW = memoryview(bytearray(1 << 20))
-
-
 class TLSStream(Stream):
-    """A :class:`Stream` over TLS, TLS done in memory (``ssl.SSLObject`` over two
-    ``MemoryBIO``): one ``recv`` takes every record that has come and one ``send`` takes
-    what a turn of the loop wrote, as on a plaintext stream, where TLS on the socket would
-    make two reads of every record.
+    """A :class:`Stream` over TLS on the socket itself (a non-blocking ``ssl.SSLSocket``):
+    records are encrypted and decrypted by OpenSSL straight between the socket and the
+    protocol's buffer, with no Python in between, so an answer costs about what it costs
+    in plaintext plus the cipher.
 
     The protocol is told of the connection at once (its handshake deadline then covers the
-    TLS handshake); what it writes meanwhile waits for TLS to be up. Small frames written in
-    one turn of the loop (an answer and a hot-load, say) go out as one TLS write at the end
-    of it.
+    TLS handshake); what it writes meanwhile waits for TLS to be up.
     """
+
+    _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
 
     def __init__(
         self,
@@ -323,14 +348,11 @@ class TLSStream(Stream):
         protocol: StreamProtocol,
         server: Server | None = None,
     ) -> None:
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._context = context
         self._handshaking = True
         self._heard = False
         self._early: list[bytes | memoryview] = []  # written before TLS was up
-        self._batch: list[bytes | memoryview] = []
-        self._batched = 0
+        self._early_size = 0
         self._silence: Timer | None = reactor.call_later(SILENCE, self._silent)
         super().__init__(reactor, sock, protocol, server)
 
@@ -338,61 +360,28 @@ class TLSStream(Stream):
         peer = self._peer
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
+    def get_extra_info(self, name: str) -> Any:
+        """``channel_binding``: the TLS session's (see :func:`channel_binding`), once up."""
+        if name == "channel_binding":
+            return None if self._handshaking else channel_binding(self._sock)
+        return super().get_extra_info(name)
+
     # -- writing ---------------------------------------------------------------------------
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._closing or not data:
-            return
         if self._handshaking:
-            self._early.append(data)
-            self._batched += len(data)
+            if not self._closing and data:
+                self._early.append(data)
+                self._early_size += len(data)
             return
-        size = len(data)
-        if size >= BATCH:
-            self._flush_batch()
-            self._send_records(data)
-            return
-        self._batch.append(data)
-        self._batched += size
-        if self._batched >= BATCH:
-            self._flush_batch()
-        elif len(self._batch) == 1:
-            self._reactor.call_soon(self._flush_batch)
-
-    def _flush_batch(self) -> None:
-        batch = self._batch
-        if batch and not self._handshaking:
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            batch.clear()
-            self._batched = 0
-            self._send_records(data)
-
-    def _send_records(self, data: bytes | memoryview) -> None:
-        if self._closing:
-            return
-        try:
-            self._tls.write(data)
-        except ssl.SSLError as exc:
-            log.warning("closed %s: TLS cannot send (%s)", self._where(), _why(exc))
-            self.abort()
-            return
-        self._send_pending()
-
-    def _send_pending(self) -> None:
-        if self._outgoing.pending:
-            super().write(self._outgoing.read())
+        super().write(data)
 
     def get_write_buffer_size(self) -> int:
-        return self._size + self._batched
-
-    def close(self) -> None:
-        self._flush_batch()
-        super().close()
+        return self._size + self._early_size
 
     def abort(self) -> None:
-        self._batch.clear()
         self._early.clear()
-        self._batched = 0
+        self._early_size = 0
         super().abort()
 
     # -- reading ---------------------------------------------------------------------------
@@ -412,7 +401,8 @@ class TLSStream(Stream):
         self.abort()
 
     def _first_byte(self) -> bool:
-        """Whether the peer starts a TLS handshake (else it is closed, with a log line)."""
+        """Whether the peer starts a TLS handshake (then the socket is wrapped in TLS); else
+        it is closed, with a log line."""
         try:
             first = self._sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -431,6 +421,9 @@ class TLSStream(Stream):
                 first[0],
             )
         else:
+            self._sock = self._context.wrap_socket(
+                self._sock, server_side=True, do_handshake_on_connect=False
+            )
             return True
         self.abort()
         return False
@@ -438,79 +431,63 @@ class TLSStream(Stream):
     def _read(self) -> None:
         if not self._heard and not self._first_byte():
             return
-        try:
-            size = self._sock.recv_into(_RAW)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lose(exc)
-            return
-        if not size:
-            self._end()
-            return
-        self._incoming.write(_RAW[:size])
         if self._handshaking and not self._shake():
             return
-        self._records()
-
-    def _shake(self) -> bool:
-        """Go on with the TLS handshake; whether it is done (and the stream open)."""
+        tls, protocol = _tls_object(self._sock), self._protocol
+        filled = 0
         try:
-            self._tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._send_pending()
-            return False
-        except (ssl.SSLError, OSError) as exc:
-            self._send_pending()  # the alert that tells the peer why
-            log.warning("refused %s: TLS handshake failed (%s)", self._where(), _why(exc))
-            self.close()
-            return False
-        self._handshaking = False
-        early, self._early = self._early, []
-        self._batched = 0
-        self._send_pending()
-        for data in early:
-            self.write(data)
-        return True
-
-    def _records(self) -> None:
-        """Hand the protocol every record that has come in whole, as many at a time as its
-        buffer takes (a big payload then arrives in big pieces, as without TLS)."""
-        tls, protocol, incoming = self._tls, self._protocol, self._incoming
-        while not self._closing:
-            if not incoming.pending and not tls.pending():
-                return  # read no further: a read that fails costs more than this check
-            try:
+            while not self._closing:  # fill the protocol's buffer, then hand it over
                 buffer = protocol.get_buffer(-1)
                 filled, room = 0, len(buffer)
-                while filled < room and (incoming.pending or tls.pending()):
-                    size = cast(int, tls.read(room - filled, buffer[filled:]))
+                while filled < room:
+                    size = tls.read(room - filled, buffer[filled:] if filled else buffer)
                     if not size:
                         break
                     filled += size
-            except ssl.SSLWantReadError:
-                if filled:
-                    self._hand(filled)
-                return
-            except ssl.SSLZeroReturnError:
-                self._end()
-                return
-            except ssl.SSLError as exc:
-                log.warning(
-                    "closed %s: a TLS record failed its check (%s): altered on the way",
-                    self._where(),
-                    _why(exc),
-                )
-                self._lose(exc)
-                return
-            except Exception:
-                log.exception("closed a connection: handling what it sent failed")
-                self.abort()
-                return
-            if not filled:
-                self._end()
-                return
-            self._hand(filled)
+                    if size < RECORD and not tls.pending():
+                        break  # epoll tells of what the kernel holds; TLS holds no more
+                if not filled:
+                    self._end()
+                    return
+                protocol.buffer_updated(filled)
+                if filled < room:
+                    return
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            if filled:
+                self._hand(filled)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self._end()
+        except ssl.SSLError as exc:
+            log.warning(
+                "closed %s: a TLS record failed its check (%s): altered on the way",
+                self._where(),
+                _why(exc),
+            )
+            self._lose(exc)
+        except OSError as exc:
+            self._lose(exc)
+        except Exception:
+            log.exception("closed a connection: handling what it sent failed")
+            self.abort()
+
+    def _shake(self) -> bool:
+        """Go on with the TLS handshake; whether it is done (and the stream open)."""
+        sock = cast(ssl.SSLSocket, self._sock)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("refused %s: TLS handshake failed (%s)", self._where(), _why(exc))
+            self.abort()
+            return False
+        self._handshaking = False
+        self._send = _tls_object(sock).write  # ssl.SSLSocket.send without its checks
+        early, self._early = self._early, []
+        self._early_size = 0
+        for data in early:
+            self.write(data)
+        return True
 
     def _hand(self, size: int) -> None:
         try:

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -360,6 +361,80 @@ def test_byte_flipped_towards_the_member_drops_it_unapplied(
         assert m1.ok("node.get('pushed')") == 1
         # The hot-load in the flipped record was never applied: the value came by resync.
         assert m1.ok("seen.count('pushed')") == 1
+    finally:
+        relay.close()
+
+
+class TerminatingRelay:
+    """A relay that holds certificates of the cluster's CA but not the cookie: it ends the
+    member's TLS with the loader's certificate, opens its own TLS to the loader with a member's
+    certificate, and passes the bytes between the two, reading all of them."""
+
+    def __init__(self, certs: Path, target: int) -> None:
+        self.target = target
+        self.seen = bytearray()
+        self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server.load_cert_chain(certs / "app1.pem", certs / "app1-key.pem")
+        self.server.load_verify_locations(certs / "ca.pem")
+        self.server.verify_mode = ssl.CERT_REQUIRED
+        self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.client.load_cert_chain(certs / "m2.pem", certs / "m2-key.pem")
+        self.client.load_verify_locations(certs / "ca.pem")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+                member_side = self.server.wrap_socket(raw, server_side=True)
+                loader_side = self.client.wrap_socket(
+                    socket.create_connection(("127.0.0.1", self.target)),
+                    server_hostname="127.0.0.1",
+                )
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            self.sockets += [member_side, loader_side]
+            for source, sink in ((member_side, loader_side), (loader_side, member_side)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self.seen += data
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_relay_with_the_clusters_certificates_fails_the_cookie_handshake(
+    tls_cluster: Cluster, certs: Path
+) -> None:
+    """Inside TLS the cookie handshake is bound to the TLS session (tls-unique), so a relay
+    holding certificates of the cluster's CA, but not the cookie, cannot join two TLS
+    sessions into one cluster connection: both ends refuse, and no frame crosses."""
+    relay = TerminatingRelay(certs, tls_cluster.port)
+    try:
+        env = dict(tls_cluster.env, **tls_env(certs, "m1"))
+        tricked = Member(env, "m1", f"app1@127.0.0.1:{relay.port}")
+        tls_cluster.procs.append(tricked.proc)
+        assert tricked.started["error"] == "AuthenticationError", tricked.started
+        assert "relays the connection" in tricked.started["message"]
+        wait_for(lambda: "wrong cookie" in tls_cluster.loader_log(), 10)
+        assert "m1 joined" not in tls_cluster.loader_log()
+        assert relay.seen.startswith(b"CLST")  # it read the handshake, and no more came
+        good = member(tls_cluster, "m3", tls_env(certs, "m3"))
+        assert good.ok("node.get('k', lambda: 1)") == 1
     finally:
         relay.close()
 
