@@ -4,9 +4,11 @@ Two loaders run side by side, alike but for their event loop (``CLUSTORAGE_LOOP=
 and ``=uvloop``): a trivial miss is timed from this process against each in turn, batch by
 batch, and so is fan-out: a ``define`` acknowledged by N member nodes (in two processes per
 loader). Batches alternate, so both loops see the same machine. STYLE.md: the reactor stays
-only while uvloop is more than 15 % slower on these.
+only while uvloop is more than 15 % slower on these. With ``--tls`` every connection is TLS:
+the reactor's (OpenSSL on the socket, ``clustorage/tls.py``) beside uvloop's own.
 
     .venv/bin/python bench/loops.py            # 10 rounds; 16 members per loader
+    .venv/bin/python bench/loops.py --tls      # the same over TLS (needs clustorage[tls])
     .venv/bin/python bench/loops.py --quick    # 2 rounds; 4 members, for the tests
 """
 
@@ -18,7 +20,9 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from benchlib import free_port, stop_process, wait_for_port
@@ -32,6 +36,17 @@ nodes = [clustorage.Node(f"{sys.argv[2]}-{i}", sys.argv[1]) for i in range(int(s
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+
+def tls_files(folder: Path | None, name: str) -> dict[str, str]:
+    """The CLUSTORAGE_TLS_* variables of node ``name`` (none without TLS)."""
+    if folder is None:
+        return {}
+    return {
+        "CLUSTORAGE_TLS_CERT": str(folder / f"{name}.pem"),
+        "CLUSTORAGE_TLS_KEY": str(folder / f"{name}-key.pem"),
+        "CLUSTORAGE_TLS_CA": str(folder / "ca.pem"),
+    }
 
 
 def start_loader(kind: str, env: dict[str, str]) -> tuple[str, subprocess.Popen[Any]]:
@@ -80,20 +95,38 @@ def define_batch(node: clustorage.Node, n: int, expected: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, 4 members")
+    parser.add_argument("--tls", action="store_true", help="every connection over TLS")
     args = parser.parse_args(argv)
-    rounds, misses, defines = (2, 100, 5) if args.quick else (10, 500, 20)
-    per_process = 2 if args.quick else 8
+    with tempfile.TemporaryDirectory() as temp:
+        certs = None
+        if args.tls:
+            certs = Path(temp)
+            clustorage.init_tls(certs, ["L", "timer", "m"], [])
+        return run(args.quick, certs)
+
+
+def run(quick: bool, certs: Path | None) -> int:
+    rounds, misses, defines = (2, 100, 5) if quick else (10, 500, 20)
+    per_process = 2 if quick else 8
     env = dict(os.environ, CLUSTORAGE_COOKIE=secrets.token_hex(16))
     os.environ["CLUSTORAGE_COOKIE"] = env["CLUSTORAGE_COOKIE"]
     processes: list[subprocess.Popen[Any]] = []
     nodes: dict[str, clustorage.Node] = {}
     try:
+        member_env = dict(env, **tls_files(certs, "m"))
+        timer = tls_files(certs, "timer")
         for kind in LOOPS:
-            address, loader = start_loader(kind, env)
+            address, loader = start_loader(kind, dict(env, **tls_files(certs, "L")))
             processes.append(loader)
             for half in ("a", "b"):
-                processes.append(start_members(address, f"{kind}{half}", per_process, env))
-            nodes[kind] = clustorage.Node(f"timer-{kind}", address)
+                processes.append(start_members(address, f"{kind}{half}", per_process, member_env))
+            nodes[kind] = clustorage.Node(
+                f"timer-{kind}",
+                address,
+                tls_cert=timer.get("CLUSTORAGE_TLS_CERT"),
+                tls_key=timer.get("CLUSTORAGE_TLS_KEY"),
+                tls_ca=timer.get("CLUSTORAGE_TLS_CA"),
+            )
         expected = 2 * per_process + 2  # the members, the timer and the loader's own node
         results: dict[str, dict[str, list[float]]] = {k: {"miss": [], "define": []} for k in LOOPS}
         for kind in LOOPS:  # warm up
@@ -105,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[kind]["miss"].append(miss_batch(nodes[kind], f"r{round_}-", misses))
             for kind in order:
                 results[kind]["define"].append(define_batch(nodes[kind], defines, expected))
-        print(f"loader loops side by side, {rounds} rounds, {2 * per_process} members each")
+        over = " over TLS" if certs else ""
+        print(f"loader loops side by side{over}, {rounds} rounds, {2 * per_process} members each")
         for measure, label in (("miss", "miss"), ("define", f"define acked by {expected}")):
             medians = {kind: statistics.median(results[kind][measure]) for kind in LOOPS}
             for kind in LOOPS:

@@ -4,13 +4,15 @@ For measuring the hand-written reactor against a well-kept event loop (``bench/l
 chosen with ``$CLUSTORAGE_LOOP`` (``reactor``, the default; ``asyncio``; ``uvloop``). The
 same :class:`~.server.ServerConnection` runs on either: it is an asyncio buffered protocol
 in all but name. What this loop does not do is cap unauthenticated connections (the
-reactor's :class:`~.reactor.Server` does): it is for measuring, not for hostile networks.
+reactor's :class:`~.reactor.Server` does), nor tell a member without TLS why it is refused
+(:mod:`~.tls` does): it is for measuring, not for hostile networks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,9 @@ class _Transport:
         self.abort = transport.abort
 
     def get_extra_info(self, name: str) -> Any:
+        if name == "channel_binding":  # see tls.channel_binding
+            tls = self._transport.get_extra_info("ssl_object")
+            return None if tls is None else tls.get_channel_binding("tls-unique")
         return self._transport.get_extra_info(name)
 
     def set_write_buffer_limits(self, high: int) -> None:
@@ -124,11 +129,20 @@ class AsyncioLoop:
     def is_closed(self) -> bool:
         return self._loop.is_closed()
 
-    def listen(self, host: str, port: int, factory: Callable[[], StreamProtocol]) -> _Server:
-        """Listen on ``host:port`` (before the loop runs, as the runtime does)."""
+    def listen(
+        self,
+        host: str,
+        port: int,
+        factory: Callable[[], StreamProtocol],
+        tls: ssl.SSLContext | None = None,
+    ) -> _Server:
+        """Listen on ``host:port`` (before the loop runs, as the runtime does), with the loop's
+        own TLS under ``tls``."""
         loop = self._loop
         server = loop.run_until_complete(
-            loop.create_server(lambda: _Protocol(factory(), loop), host, port, backlog=1024)
+            loop.create_server(
+                lambda: _Protocol(factory(), loop), host, port, backlog=1024, ssl=tls
+            )
         )
         return _Server(server)
 

@@ -78,12 +78,6 @@ class LoaderRuntime:
         files = tls.node_files(config)
         self._context = None if files is None else tls.server_context(files)  # or ConfigError
         self.loop = make_loop()
-        if self._context is not None and not isinstance(self.loop, Reactor):
-            self.loop.close()
-            raise ConfigError(
-                "TLS runs on the loader's own loop only: unset $CLUSTORAGE_LOOP (it is for "
-                "measuring asyncio and uvloop)"
-            )
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
@@ -226,9 +220,10 @@ class LoaderRuntime:
             )
 
         try:
-            if self._context is not None:
-                assert isinstance(self.loop, Reactor)  # see __init__
+            if self._context is not None and isinstance(self.loop, Reactor):
                 return tls.listen_tls(self.loop, self._context, host, port, connection)
+            if self._context is not None:  # asyncio or uvloop's own TLS, for bench/loops.py
+                return self.loop.listen(host, port, connection, tls=self._context)
             return self.loop.listen(host, port, connection)
         except OSError as exc:
             self.loop.close()
