@@ -220,11 +220,12 @@ class LoaderRuntime:
             )
 
         try:
-            if self._context is not None and isinstance(self.loop, Reactor):
-                return tls.listen_tls(self.loop, self._context, host, port, connection)
-            if self._context is not None:  # asyncio or uvloop's own TLS, for bench/loops.py
-                return self.loop.listen(host, port, connection, tls=self._context)
-            return self.loop.listen(host, port, connection)
+            if isinstance(self.loop, Reactor):
+                if self._context is not None:
+                    return tls.listen_tls(self.loop, self._context, host, port, connection)
+                return self.loop.listen(host, port, connection)
+            # asyncio or uvloop, with the loop's own TLS: for bench/loops.py
+            return self.loop.listen(host, port, connection, tls=self._context)
         except OSError as exc:
             self.loop.close()
             raise ConfigError(
