@@ -40,8 +40,17 @@ def loader(
     return proc
 
 
-def started(cluster: Cluster, proc: subprocess.Popen[Any], port: int) -> subprocess.Popen[Any]:
-    wait_for_port(port, time.monotonic() + 30, proc)
+def started(
+    cluster: Cluster, proc: subprocess.Popen[Any], port: int, log: str = "loader"
+) -> subprocess.Popen[Any]:
+    """Once the loader serves: its port accepts as soon as it listens, before its store is
+    open, so wait for the line it logs once the store is open too."""
+    deadline = time.monotonic() + 30
+    wait_for_port(port, deadline, proc)
+    path = cluster.tmp / f"{log}.log"
+    while f"listening on 127.0.0.1:{port} with" not in path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, path.read_text()
+        time.sleep(0.05)
     cluster.port = port
     return proc
 
@@ -131,6 +140,6 @@ def test_the_lock_does_not_outlive_a_kill_9(cluster: Cluster) -> None:
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     kill(first)
-    second = started(cluster, loader(cluster, data, port, log="second"), port)
+    second = started(cluster, loader(cluster, data, port, log="second"), port, log="second")
     assert second.poll() is None
     assert cluster.member("m2").ok("node.get('kept')") == 42
