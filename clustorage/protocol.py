@@ -40,29 +40,26 @@ sequence number (replay, reorder, drop) or tag (forgery, corruption) is the peer
 ends the connection. An empty payload is a heartbeat.
 
 Every state change is in ``_TRANSITIONS``; anything else raises, naming role and state.
+
+This module holds the handshake, the framing and the state machine, and does no I/O. What
+moving a big blob fast takes (the bulk digests, the buffer a bulk frame arrives into, the
+thread that hashes it, the digests of verified blobs) is in ``bulk``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import enum
-import functools
 import hashlib
 import hmac
 import json
-import mmap
-import os
-import queue
 import secrets
 import struct
-import threading
-import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .bulk import BASELINE_DIGEST, BULK_DIGESTS, VERIFIED, ArrivingFrame, new_hasher
 from .errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -70,13 +67,6 @@ from .errors import (
     RemoteProtocolError,
 )
 from .messages import Gathered, Payload, joined
-
-try:
-    import blake3
-
-    _BLAKE3: tuple[str, ...] = ("blake3",)
-except ImportError:  # not installed here (PyPy, a platform without a wheel): stdlib digests remain
-    _BLAKE3 = ()
 
 __all__ = [
     "BASELINE_DIGEST",
@@ -95,7 +85,6 @@ __all__ = [
     "Role",
     "State",
     "Welcome",
-    "bulk_digests_by_speed",
     "frame_size",
 ]
 
@@ -179,14 +168,9 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
 
 # A tagger is a keyed BLAKE2b state, copied for each frame (cheaper than keying it again).
 # A blob of BULK bytes or more is hashed with the bulk digest the server chose for the
-# connection: the fastest on its CPU of those the client has (BLAKE3 where the blake3 package
-# is installed, several times faster than the others; else SHA-256 on a CPU with SHA extensions).
+# connection, and arrives into a buffer of its own (both in ``bulk``).
 BULK = 1 << 16
-BASELINE_DIGEST = "blake2b"  # every node has it
-BULK_DIGESTS = (*_BLAKE3, BASELINE_DIGEST, "sha256")
 CHUNK = 1 << 20
-_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _NO_TAGGER = hashlib.blake2b(key=b"not yet derived", digest_size=TAG_SIZE)
 
 
@@ -199,219 +183,6 @@ def _tag(tagger: Any, *parts: bytes | bytearray | memoryview) -> bytes:
     for part in parts:
         digest.update(part)
     return digest.digest()  # type: ignore[no-any-return]
-
-
-def _hasher(algorithm: str) -> Any:
-    if algorithm == "blake3":
-        return blake3.blake3()
-    return hashlib.sha256() if algorithm == "sha256" else hashlib.blake2b(digest_size=32)
-
-
-@functools.cache
-def bulk_digests_by_speed() -> tuple[str, ...]:
-    """The bulk digests of this process, fastest on this CPU first (measured once, in a few
-    milliseconds)."""
-    sample = bytes(1 << 20)
-    timings = {}
-    for algorithm in BULK_DIGESTS:
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            _hasher(algorithm).update(sample)
-            best = min(best, time.perf_counter() - start)
-        timings[algorithm] = best
-    return tuple(sorted(BULK_DIGESTS, key=timings.__getitem__))
-
-
-class _Digests:
-    """Digests of blobs this process verified, so that forwarding one does not hash it again.
-
-    A received blob is the tail of a buffer nobody writes to after it is handed over; the
-    cache knows the few most recent by that buffer, without keeping them alive. (No weakref
-    callbacks: one can run inside ``remember``, from a garbage collection, under the lock.)
-    """
-
-    def __init__(self, size: int = 2) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._known: dict[int, tuple[weakref.ref[Any], int, str, bytes]] = {}
-
-    def remember(self, owner: Any, length: int, algorithm: str, digest: bytes) -> None:
-        known = (weakref.ref(owner), length, algorithm, digest)
-        with self._lock:
-            self._known.pop(id(owner), None)
-            self._known[id(owner)] = known
-            while len(self._known) > self._size:
-                self._known.pop(next(iter(self._known)))
-
-    def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
-        owner = blob.obj if isinstance(blob, memoryview) else blob
-        with self._lock:
-            known = self._known.get(id(owner))
-        if known is None or known[0]() is not owner or known[1:3] != (len(blob), algorithm):
-            return None
-        return known[3]
-
-
-_DIGESTS = _Digests()
-
-
-class _NoHash:
-    """The hash of a blob inside TLS, which needs none (see the module docstring)."""
-
-    def update(self, data: memoryview) -> None:
-        pass
-
-    def copy(self) -> _NoHash:
-        return self
-
-
-_NO_HASH = _NoHash()
-
-
-def _huge_pages() -> bool:
-    """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
-            return "[never]" not in setting.read()
-    except OSError:
-        return False
-
-
-_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
-# A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
-# receiving and hashing overlap; with HASHING_THREADS such threads running in this process
-# already, a frame is hashed inline.
-THREAD_HASH_AT = 1 << 22
-HASHING_THREADS = 2
-_HASHING = "clustorage-hash"
-
-
-class _HashingThread:
-    """A hash state updated on a thread of its own, for one blob that is arriving.
-
-    Its thread ends at :meth:`digest`, or at :meth:`abandon` when the frame will not finish
-    (the connection failed or was dropped, or the frame was collected unfinished).
-    """
-
-    def __init__(self, algorithm: str) -> None:
-        self._hasher = _hasher(algorithm)
-        self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
-        self._failure: BaseException | None = None
-        self._abandoned = False
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name=_HASHING, daemon=True)
-
-    @staticmethod
-    def available() -> bool:
-        """Whether fewer than HASHING_THREADS hashing threads run in this process."""
-        running = sum(thread.name == _HASHING for thread in threading.enumerate())
-        return running < HASHING_THREADS
-
-    def start(self) -> bool:
-        """Start the thread; False when no thread could be had (then hash inline)."""
-        try:
-            self._thread.start()
-        except RuntimeError:
-            return False
-        return True
-
-    def _run(self) -> None:
-        while (part := self._parts.get()) is not None:
-            if isinstance(part, threading.Event):
-                part.set()
-            elif self._failure is None and not self._abandoned:
-                try:
-                    self._hasher.update(part)
-                except BaseException as exc:  # re-raised by digest(), on the caller's thread
-                    self._failure = exc
-
-    def update(self, part: memoryview) -> None:
-        self._parts.put(part)
-
-    def abandon(self) -> None:
-        """The frame will not finish: skip what is queued, and end."""
-        self._abandoned = True
-        self._parts.put(None)
-
-    def _check_process(self) -> None:
-        if os.getpid() != self._pid:
-            raise LocalProtocolError(
-                "this process was forked while a big frame was arriving; only the parent "
-                "can finish that frame"
-            )
-
-    def digest(self) -> bytes:
-        self._check_process()
-        self._parts.put(None)
-        self._thread.join()
-        if self._failure is not None:
-            raise self._failure
-        return self._hasher.digest()  # type: ignore[no-any-return]
-
-    def copy(self) -> Any:
-        """A plain hash state with every part given so far."""
-        self._check_process()
-        caught_up = threading.Event()
-        self._parts.put(caught_up)
-        while not caught_up.wait(0.05):
-            if not self._thread.is_alive():
-                raise LocalProtocolError("the frame's hashing ended before it was copied")
-        return self._hasher.copy()
-
-
-class _Bulk:
-    """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
-
-    __slots__ = ("__weakref__", "blob_start", "data", "filled", "hasher", "header", "length", "seq")
-
-    def __init__(
-        self,
-        header: bytes,
-        length: int,
-        seq: int,
-        blob: int,
-        algorithm: str | None,
-        populate: bool,
-    ) -> None:
-        self.header = header
-        self.length = length
-        self.seq = seq
-        self.blob_start = length - blob
-        # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
-        # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
-        # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
-        flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
-        self.data = mmap.mmap(-1, length, flags=flags)
-        if _HUGE_PAGES:
-            with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
-                self.data.madvise(mmap.MADV_HUGEPAGE)
-        self.filled = 0
-        self.hasher: Any = _NO_HASH if algorithm is None else _hasher(algorithm)
-        if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
-            hashing = _HashingThread(algorithm)
-            weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
-            if hashing.start():
-                self.hasher = hashing
-
-    def abandon(self) -> None:
-        """This frame will not finish: let its hashing thread, if any, end now."""
-        if isinstance(self.hasher, _HashingThread):
-            self.hasher.abandon()
-
-    def feed(self, data: memoryview) -> int:
-        """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
-        take = min(len(data), self.length - self.filled)
-        self.data[self.filled : self.filled + take] = data[:take]
-        self.account(take)
-        return take
-
-    def account(self, size: int) -> None:
-        """``size`` more bytes of the payload are in ``data``: hash those of the blob."""
-        start, end = self.filled, self.filled + size
-        if end > self.blob_start:
-            self.hasher.update(memoryview(self.data)[max(start, self.blob_start) : end])
-        self.filled = end
 
 
 def frame_size(payload_size: int) -> int:
@@ -482,7 +253,7 @@ class Connection:
         self._client_mac = b""
         self._send_tagger = _NO_TAGGER
         self._recv_tagger = _NO_TAGGER
-        self._bulk: _Bulk | None = None
+        self._bulk: ArrivingFrame | None = None
         self._binding = b""
         self.tagged = True  # frames carry a tag: False inside TLS (see bind)
         self._tag_size = TAG_SIZE
@@ -523,10 +294,7 @@ class Connection:
         for name in ("_send_tagger", "_recv_tagger"):
             setattr(clone, name, getattr(self, name).copy())
         if self._bulk is not None:
-            clone._bulk = copy.copy(self._bulk)
-            clone._bulk.data = mmap.mmap(-1, self._bulk.length)
-            clone._bulk.data[:] = self._bulk.data[:]
-            clone._bulk.hasher = self._bulk.hasher.copy() if self.tagged else _NO_HASH
+            clone._bulk = self._bulk.clone()
         return clone
 
     # -- state ---------------------------------------------------------------------------
@@ -731,7 +499,9 @@ class Connection:
                 # header alone make it stall or hold memory (pages come as bytes do).
                 populate = self.role is Role.CLIENT
                 algorithm = self.bulk_digest if self.tagged else None
-                self._bulk = _Bulk(bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate)
+                self._bulk = ArrivingFrame(
+                    bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate
+                )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
             del buffer[:_HEAD]
@@ -770,7 +540,7 @@ class Connection:
         self._check(bulk.seq, tag, buffer[:TAG_SIZE])
         del buffer[:TAG_SIZE]
         self._bulk = None
-        _DIGESTS.remember(bulk.data, bulk.length - bulk.blob_start, self.bulk_digest, digest)
+        VERIFIED.remember(bulk.data, bulk.length - bulk.blob_start, self.bulk_digest, digest)
         return memoryview(bulk.data)
 
     def _check(self, seq: int, tag: bytes, received: bytes | bytearray | memoryview) -> None:
@@ -972,8 +742,8 @@ class Connection:
         if isinstance(blob, Gathered):
             parts, digest = blob.parts, None
         else:
-            parts, digest = (blob,), _DIGESTS.find(blob, self.bulk_digest)
-        hasher = _hasher(self.bulk_digest) if digest is None else None
+            parts, digest = (blob,), VERIFIED.find(blob, self.bulk_digest)
+        hasher = new_hasher(self.bulk_digest) if digest is None else None
         for part in parts:
             view = memoryview(part)
             for start in range(0, len(view), CHUNK):

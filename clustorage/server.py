@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import messages
+from .bulk import bulk_digests_by_speed
 from .config import check_name
 from .errors import AuthenticationError, ConfigError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
@@ -33,7 +34,6 @@ from .protocol import (
     Hello,
     Role,
     State,
-    bulk_digests_by_speed,
     frame_size,
 )
 from .reactor import Stream, Timer

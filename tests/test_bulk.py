@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import clustorage
+import clustorage.bulk
 import clustorage.protocol
 from clustorage.protocol import BULK
 from clustorage.replica import LoadEvent
@@ -246,7 +247,7 @@ def test_the_loader_ends_the_hashing_of_a_member_that_left_mid_frame(
 ) -> None:
     """A member that leaves halfway through a big frame leaves no hashing thread (nor its
     half-filled buffer) behind on the loader, whose next big frames are hashed as fast."""
-    monkeypatch.setattr(clustorage.protocol, "THREAD_HASH_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "THREAD_HASH_AT", BULK)
 
     def hashing() -> int:
         return sum(thread.name == "clustorage-hash" for thread in threading.enumerate())

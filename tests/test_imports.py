@@ -19,6 +19,7 @@ PURE = [
     "config",
     "keys",
     "protocol",
+    "bulk",  # threads and mapped memory for the protocol, no sockets
     "messages",
     "codec",
     "compiler",

@@ -17,7 +17,9 @@ import weakref
 import psutil
 import pytest
 
+import clustorage.bulk
 import clustorage.protocol
+from clustorage.bulk import VerifiedDigests, bulk_digests_by_speed
 from clustorage.errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -42,7 +44,6 @@ from clustorage.protocol import (
     Role,
     State,
     Welcome,
-    bulk_digests_by_speed,
 )
 from tests.protocol_helpers import (
     CLIENT_META,
@@ -666,7 +667,7 @@ def test_a_verified_blob_is_forwarded_without_hashing_it_again(
         raise AssertionError("the blob was hashed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(clustorage.protocol, "_hasher", no_hashing)
+        patch.setattr(clustorage.protocol, "new_hasher", no_hashing)
         forwarded = b"".join(bytes(p) for p in outbound.server.send_bulk(b"env", received))
     assert outbound.client.read_frames(forwarded) == [b"env" + blob]
 
@@ -874,7 +875,7 @@ def wait_for_no_hashing_thread(seconds: float = 10.0) -> None:
 @pytest.fixture
 def thread_hashed(monkeypatch: pytest.MonkeyPatch) -> int:
     """Blobs of BULK bytes and more are hashed on a thread (big blobs, at test sizes)."""
-    monkeypatch.setattr(clustorage.protocol, "THREAD_HASH_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "THREAD_HASH_AT", BULK)
     wait_for_no_hashing_thread()
     return BULK
 
@@ -1023,7 +1024,7 @@ class _Owner:
 def test_the_digest_cache_survives_a_collection_inside_it() -> None:
     """A verified buffer freed by a garbage collection that runs while the cache is being
     written to (any allocation can start one) must not deadlock it."""
-    digests = clustorage.protocol._Digests()
+    digests = VerifiedDigests()
     threshold = gc.get_threshold()
     gc.collect()
     try:

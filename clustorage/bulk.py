@@ -1,0 +1,283 @@
+"""The machinery that moves big blobs: digests, hashing threads and receive buffers.
+
+The wire protocol (``protocol``) says what a bulk frame is; this module holds what it takes
+to move one fast, which a pure protocol object cannot be: threads, mapped memory, a cache.
+
+- Bulk digests. A blob of ``protocol.BULK`` bytes or more is hashed with the bulk digest the
+  server chose for the connection: the fastest on its CPU (:func:`bulk_digests_by_speed`) of
+  those the client has (BLAKE3 where the blake3 package is installed, several times faster
+  than the others; else SHA-256 on a CPU with SHA extensions).
+- Receive buffers. A bulk frame arrives into its own anonymous mmap (:class:`ArrivingFrame`),
+  mapped in huge pages where the kernel has them, or all at once up front (MAP_POPULATE)
+  where it trusts the sender; its blob is hashed as its bytes come in.
+- Hashing threads. A blob of ``THREAD_HASH_AT`` bytes or more is hashed on a thread of its
+  own, beside the one receiving it, so that receiving and hashing overlap; the thread ends
+  with its frame, or as soon as the frame will not finish.
+- Verified digests. The digests of the last few blobs this process verified
+  (:data:`VERIFIED`), so that the loader forwards a blob without hashing it again.
+
+Inside TLS a blob is not hashed at all: TLS checks every record, so a bulk frame arriving
+there has a hash state that does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import mmap
+import os
+import queue
+import threading
+import time
+import weakref
+from typing import Any
+
+from .errors import LocalProtocolError
+
+try:
+    import blake3
+
+    _BLAKE3: tuple[str, ...] = ("blake3",)
+except ImportError:  # not installed here (PyPy, a platform without a wheel): stdlib digests remain
+    _BLAKE3 = ()
+
+__all__ = [
+    "BASELINE_DIGEST",
+    "BULK_DIGESTS",
+    "HASHING_THREADS",
+    "THREAD_HASH_AT",
+    "VERIFIED",
+    "ArrivingFrame",
+    "VerifiedDigests",
+    "bulk_digests_by_speed",
+    "new_hasher",
+]
+
+BASELINE_DIGEST = "blake2b"  # every node has it
+BULK_DIGESTS = (*_BLAKE3, BASELINE_DIGEST, "sha256")
+_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def new_hasher(algorithm: str) -> Any:
+    """A fresh hash state of the bulk digest ``algorithm``."""
+    if algorithm == "blake3":
+        return blake3.blake3()
+    return hashlib.sha256() if algorithm == "sha256" else hashlib.blake2b(digest_size=32)
+
+
+@functools.cache
+def bulk_digests_by_speed() -> tuple[str, ...]:
+    """The bulk digests of this process, fastest on this CPU first (measured once, in a few
+    milliseconds)."""
+    sample = bytes(1 << 20)
+    timings = {}
+    for algorithm in BULK_DIGESTS:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            new_hasher(algorithm).update(sample)
+            best = min(best, time.perf_counter() - start)
+        timings[algorithm] = best
+    return tuple(sorted(BULK_DIGESTS, key=timings.__getitem__))
+
+
+class VerifiedDigests:
+    """Digests of blobs this process verified, so that forwarding one does not hash it again.
+
+    A received blob is the tail of a buffer nobody writes to after it is handed over; the
+    cache knows the few most recent by that buffer, without keeping them alive. (No weakref
+    callbacks: one can run inside ``remember``, from a garbage collection, under the lock.)
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._known: dict[int, tuple[weakref.ref[Any], int, str, bytes]] = {}
+
+    def remember(self, owner: Any, length: int, algorithm: str, digest: bytes) -> None:
+        known = (weakref.ref(owner), length, algorithm, digest)
+        with self._lock:
+            self._known.pop(id(owner), None)
+            self._known[id(owner)] = known
+            while len(self._known) > self._size:
+                self._known.pop(next(iter(self._known)))
+
+    def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
+        owner = blob.obj if isinstance(blob, memoryview) else blob
+        with self._lock:
+            known = self._known.get(id(owner))
+        if known is None or known[0]() is not owner or known[1:3] != (len(blob), algorithm):
+            return None
+        return known[3]
+
+
+VERIFIED = VerifiedDigests()
+
+
+class _NoHash:
+    """The hash of a blob inside TLS, which needs none (TLS checks every record)."""
+
+    def update(self, data: memoryview) -> None:
+        pass
+
+    def copy(self) -> _NoHash:
+        return self
+
+
+_NO_HASH = _NoHash()
+
+
+def _huge_pages() -> bool:
+    """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
+
+
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
+# A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
+# receiving and hashing overlap; with HASHING_THREADS such threads running in this process
+# already, a frame is hashed inline.
+THREAD_HASH_AT = 1 << 22
+HASHING_THREADS = 2
+_HASHING = "clustorage-hash"
+
+
+class _HashingThread:
+    """A hash state updated on a thread of its own, for one blob that is arriving.
+
+    Its thread ends at :meth:`digest`, or at :meth:`abandon` when the frame will not finish
+    (the connection failed or was dropped, or the frame was collected unfinished).
+    """
+
+    def __init__(self, algorithm: str) -> None:
+        self._hasher = new_hasher(algorithm)
+        self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._abandoned = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name=_HASHING, daemon=True)
+
+    @staticmethod
+    def available() -> bool:
+        """Whether fewer than HASHING_THREADS hashing threads run in this process."""
+        running = sum(thread.name == _HASHING for thread in threading.enumerate())
+        return running < HASHING_THREADS
+
+    def start(self) -> bool:
+        """Start the thread; False when no thread could be had (then hash inline)."""
+        try:
+            self._thread.start()
+        except RuntimeError:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while (part := self._parts.get()) is not None:
+            if isinstance(part, threading.Event):
+                part.set()
+            elif self._failure is None and not self._abandoned:
+                try:
+                    self._hasher.update(part)
+                except BaseException as exc:  # re-raised by digest(), on the caller's thread
+                    self._failure = exc
+
+    def update(self, part: memoryview) -> None:
+        self._parts.put(part)
+
+    def abandon(self) -> None:
+        """The frame will not finish: skip what is queued, and end."""
+        self._abandoned = True
+        self._parts.put(None)
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise LocalProtocolError(
+                "this process was forked while a big frame was arriving; only the parent "
+                "can finish that frame"
+            )
+
+    def digest(self) -> bytes:
+        self._check_process()
+        self._parts.put(None)
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._hasher.digest()  # type: ignore[no-any-return]
+
+    def copy(self) -> Any:
+        """A plain hash state with every part given so far."""
+        self._check_process()
+        caught_up = threading.Event()
+        self._parts.put(caught_up)
+        while not caught_up.wait(0.05):
+            if not self._thread.is_alive():
+                raise LocalProtocolError("the frame's hashing ended before it was copied")
+        return self._hasher.copy()
+
+
+class ArrivingFrame:
+    """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
+
+    __slots__ = ("__weakref__", "blob_start", "data", "filled", "hasher", "header", "length", "seq")
+
+    def __init__(
+        self,
+        header: bytes,
+        length: int,
+        seq: int,
+        blob: int,
+        algorithm: str | None,
+        populate: bool,
+    ) -> None:
+        self.header = header
+        self.length = length
+        self.seq = seq
+        self.blob_start = length - blob
+        # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
+        # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
+        # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
+        flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
+        self.data = mmap.mmap(-1, length, flags=flags)
+        if _HUGE_PAGES:
+            with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
+                self.data.madvise(mmap.MADV_HUGEPAGE)
+        self.filled = 0
+        self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
+        if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
+            hashing = _HashingThread(algorithm)
+            weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
+            if hashing.start():
+                self.hasher = hashing
+
+    def abandon(self) -> None:
+        """This frame will not finish: let its hashing thread, if any, end now."""
+        if isinstance(self.hasher, _HashingThread):
+            self.hasher.abandon()
+
+    def feed(self, data: memoryview) -> int:
+        """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
+        take = min(len(data), self.length - self.filled)
+        self.data[self.filled : self.filled + take] = data[:take]
+        self.account(take)
+        return take
+
+    def account(self, size: int) -> None:
+        """``size`` more bytes of the payload are in ``data``: hash those of the blob."""
+        start, end = self.filled, self.filled + size
+        if end > self.blob_start:
+            self.hasher.update(memoryview(self.data)[max(start, self.blob_start) : end])
+        self.filled = end
+
+    def clone(self) -> ArrivingFrame:
+        """An independent copy: its own buffer, and a plain hash state of what came so far."""
+        clone = copy.copy(self)
+        clone.data = mmap.mmap(-1, self.length)
+        clone.data[:] = self.data[:]
+        clone.hasher = self.hasher.copy()
+        return clone
