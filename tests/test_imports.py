@@ -61,7 +61,7 @@ MIDDLE = [
     "loader",
     "member",
     "probe",
-    "reactor",
+    "listener",
     "aioloop",
     "runtime",
     "node",
