@@ -122,7 +122,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def __repr__(self) -> str:
         return f"<ServerConnection {self.name} from {self.address}>"
 
-    # -- stream callbacks -------------------------------------------------------------------
+    # -- protocol callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)

@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 
 from clustorage import aioloop, tls
+from clustorage.errors import ConfigError
 from clustorage.listener import Listener, Newcomer
 
 pytestmark = pytest.mark.timeout(30)
@@ -323,3 +324,17 @@ def test_running_out_of_file_descriptors_pauses_accepting(tmp_path: Path) -> Non
     assert float(lines["cpu"]) < 0.5
     assert lines["accepted"] == "4"
     assert done.stderr.count("cannot accept connections") <= 3
+
+
+def test_the_loop_is_uvloop_unless_the_environment_says_asyncio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """$CLUSTORAGE_LOOP chooses asyncio's own loop; unset, uvloop where it is installed; an
+    unknown name is a ConfigError naming the choices."""
+    monkeypatch.setenv("CLUSTORAGE_LOOP", "asyncio")
+    assert aioloop.loop_kind() == "asyncio"
+    monkeypatch.delenv("CLUSTORAGE_LOOP")
+    assert aioloop.loop_kind() == KINDS[0]
+    monkeypatch.setenv("CLUSTORAGE_LOOP", "epoll")
+    with pytest.raises(ConfigError, match="choose one of uvloop, asyncio"):
+        aioloop.loop_kind()
