@@ -48,8 +48,13 @@ def test_cpu_bench_runs() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("measure", [[], ["--transfer"]], ids=["miss", "transfer"])
+@pytest.mark.parametrize(
+    "measure", [[], ["--transfer"], ["--tls"]], ids=["miss", "transfer", "tls"]
+)
 def test_ab_bench_runs(measure: list[str]) -> None:
+    """bench/ab.py --quick runs two trees side by side and prints their ratio."""
+    if "--tls" in measure:
+        pytest.importorskip("cryptography")
     done = run([str(BENCH / "ab.py"), str(ROOT), str(ROOT), "--quick", *measure], timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("B/A ")
