@@ -7,7 +7,8 @@ machine; it prints each tree's median batch and their ratio.
 
     git worktree add /tmp/before HEAD~1
     .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
-    .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put -> hot-load
+    .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
+    .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
 Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
@@ -17,18 +18,23 @@ bench/README.md come from; a smaller difference needs more rounds, or is not the
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from benchlib import start_loader, stop_process
 
+import clustorage
+
 MB = 1_000_000
+_BATCHES = itertools.count()
 
 # Each member program reads a count per line and answers with one figure per line.
 MISSES = r"""
@@ -46,24 +52,42 @@ for line in sys.stdin:
     print((time.perf_counter() - start) / n * 1e6, flush=True)
 """
 
+# A fresh key each batch (the one before deleted first, so that the loader holds one value):
+# values over 1 MiB travel on demand, so the reader's get fetches it, as a member's would.
 WRITER = r"""
 import sys, time, clustorage
 node = clustorage.Node("a", sys.argv[1], cookie=sys.argv[2], timeout=60)
 value = b"x" * int(sys.argv[3])
+previous = None
 print("ready", flush=True)
 for line in sys.stdin:
+    if previous is not None:
+        node.delete(previous)
+    previous = f"big{line.strip()}"
     start = time.time()
-    version = node.put("big", value)
-    print(start, version, flush=True)
+    node.put(previous, value)
+    print(start, flush=True)
 """
 
 READER = r"""
-import sys, threading, time, clustorage
+import sys, time, clustorage
 node = clustorage.Node("b", sys.argv[1], cookie=sys.argv[2], timeout=60)
-node.on_load(lambda event: event.key == "big" and print(time.time(), event.version, flush=True))
 print("ready", flush=True)
-threading.Event().wait()
+for line in sys.stdin:
+    size = len(node.get(f"big{line.strip()}"))
+    print(time.time(), size, flush=True)
 """
+
+
+def tls_files(certs: Path | None, name: str) -> dict[str, str]:
+    """The CLUSTORAGE_TLS_* variables of node ``name`` (none without TLS)."""
+    if certs is None:
+        return {}
+    return {
+        "CLUSTORAGE_TLS_CERT": str(certs / f"{name}.pem"),
+        "CLUSTORAGE_TLS_KEY": str(certs / f"{name}-key.pem"),
+        "CLUSTORAGE_TLS_CA": str(certs / "ca.pem"),
+    }
 
 
 class BenchError(Exception):
@@ -78,10 +102,13 @@ class Tree:
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     figures: list[float] = field(default_factory=list)
 
-    def start(self, programs: list[tuple[str, ...]]) -> list[subprocess.Popen[str]]:
+    def start(
+        self, programs: list[tuple[str, ...]], certs: Path | None
+    ) -> list[subprocess.Popen[str]]:
         cookie = secrets.token_hex(16)
         env = {**os.environ, "PYTHONPATH": str(self.path), "CLUSTORAGE_COOKIE": cookie}
-        address, loader = start_loader(env, cwd=self.path)
+        address, loader = start_loader({**env, **tls_files(certs, "L")}, cwd=self.path)
+        env.update(tls_files(certs, "member"))
         self.processes.append(loader)
         members = []
         for program, *arguments in programs:
@@ -129,13 +156,15 @@ def miss_batch(members: list[subprocess.Popen[str]], count: int) -> float:
 
 
 def transfer_batch(members: list[subprocess.Popen[str]], size: int) -> float:
-    """MB/s from the writer's put until the reader has installed the value."""
+    """MB/s from the writer's put of a fresh key until the reader's get of it returns."""
     writer, reader = members
-    write_line(writer, "go")
-    started, version = read_line(writer)
-    arrived, installed = read_line(reader)
-    if installed != version:
-        raise BenchError(f"the reader installed version {installed}, not {version}")
+    key = str(next(_BATCHES))
+    write_line(writer, key)
+    (started,) = read_line(writer)
+    write_line(reader, key)
+    arrived, got = read_line(reader)
+    if int(got) != size:
+        raise BenchError(f"the reader got {got} bytes, not {size}")
     return size / MB / (float(arrived) - float(started))
 
 
@@ -145,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfer", action="store_true", help="100 MB values, not misses")
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
+    parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as temp:
+        certs = None
+        if args.tls:
+            certs = Path(temp)
+            clustorage.init_tls(certs, ["L", "member"], [])
+        return run(args, certs)
+
+
+def run(args: argparse.Namespace, certs: Path | None) -> int:
     rounds = 2 if args.quick else args.rounds
     if args.transfer:
         size = MB if args.quick else 100 * MB
@@ -157,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         unit, higher_is_better = "us per miss", False
     trees = [Tree(path.resolve()) for path in args.trees]
     try:
-        members = [tree.start(programs) for tree in trees]
+        members = [tree.start(programs, certs) for tree in trees]
         batch: Any = transfer_batch if args.transfer else miss_batch
         for first in (0, 1):  # one batch each to warm up, not counted
             batch(members[first], size)

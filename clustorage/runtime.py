@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -10,14 +11,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import tls
-from .aioloop import make_loop
+from .aioloop import new_loop
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
+from .listener import Listener, Newcomer
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
-from .reactor import Reactor
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, Store, open_store
@@ -77,13 +78,13 @@ class LoaderRuntime:
         self._connections: set[ServerConnection] = set()
         files = tls.node_files(config)
         self._context = None if files is None else tls.server_context(files)  # or ConfigError
-        self.loop = make_loop()
+        self.loop = new_loop()
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
         # Listen before the store is opened, so a loader that cannot listen creates no file.
         # The loop does not run yet: nothing is accepted before the core exists.
-        self._server: Any = self._listen()
+        self._server = self._listen()
         try:
             store = self._open_store()
         except BaseException:
@@ -91,7 +92,7 @@ class LoaderRuntime:
             self.loop.close()
             raise
         self._writer = (
-            StoreWriter(store, self.loop.call_soon_threadsafe, inline=not config.store)
+            StoreWriter(store, self._post, inline=not config.store)
             if store.path != MEMORY
             else None
         )
@@ -151,8 +152,8 @@ class LoaderRuntime:
             leadership,
             store,
             standby,
-            lambda epoch: self.loop.call_soon_threadsafe(self._promote, epoch),
-            lambda: self.loop.call_soon_threadsafe(self._step_down),
+            lambda epoch: self._post(self._promote, epoch),
+            lambda: self._post(self._step_down),
         )
 
     def _promote(self, epoch: int) -> None:
@@ -203,29 +204,37 @@ class LoaderRuntime:
         def finished(future: concurrent.futures.Future[Any]) -> None:
             error = future.exception()
             result = None if error is not None else future.result()
-            self.loop.call_soon_threadsafe(done, result, error)
+            self._post(done, result, error)
 
         self._compilers.submit(work).add_done_callback(finished)
+
+    def _post(self, callback: Callable[..., object], *args: Any) -> None:
+        """Call ``callback(*args)`` on the loop, from any thread; not once the loop is closed
+        (the loader has stopped: what was done is of no use any more)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
 
     def _run(self) -> None:
         self.loop.run_forever()
 
-    def _listen(self) -> Any:
+    def _listen(self) -> Listener:
         host, port = self.config.listen
         cookie = self.config.cookie.secret
 
-        def connection() -> ServerConnection:
+        def connection(newcomer: Newcomer) -> ServerConnection:
             return ServerConnection(
-                self.core, cookie, self.timing, self.config.max_frame, self._connections
+                self.core, cookie, self.timing, self.config.max_frame, self._connections, newcomer
             )
 
         try:
-            if isinstance(self.loop, Reactor):
-                if self._context is not None:
-                    return tls.listen_tls(self.loop, self._context, host, port, connection)
-                return self.loop.listen(host, port, connection)
-            # asyncio or uvloop, with the loop's own TLS: for bench/loops.py
-            return self.loop.listen(host, port, connection, tls=self._context)
+            return Listener(
+                self.loop,
+                host,
+                port,
+                connection,
+                handshake=self.timing.handshake,
+                context=self._context,
+            )
         except OSError as exc:
             self.loop.close()
             raise ConfigError(
@@ -234,7 +243,6 @@ class LoaderRuntime:
             ) from exc
 
     def _start(self) -> tuple[str, int]:
-        assert self._server is not None
         address = self._server.socket.getsockname()
         self.core.address = f"{address[0]}:{address[1]}"
         self._store.announce(self.core.address)  # who holds the store, for a second loader
@@ -301,14 +309,12 @@ class LoaderRuntime:
         return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
 
     def notify(self, build: Build) -> None:
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.core.handle, self._local, build(0))
+        self._post(self.core.handle, self._local, build(0))
 
     def _shutdown(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._server is not None:
-            self._server.close()
+        self._server.close()
         for connection in list(self._connections):
             connection.close()
         self.core.leave(self._local)
@@ -324,7 +330,7 @@ class LoaderRuntime:
                 self.submit(self._shutdown, 5)
             except Exception:
                 log.exception("loader %s: unclean shutdown", self.config.name)
-            self.loop.stop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()

@@ -1,28 +1,31 @@
 """The loader's network side: connections around the sans-I/O protocol and LoaderCore.
 
-Each TCP connection is one :class:`ServerConnection` (a protocol of a
-:class:`~clustorage.reactor.Stream`); ``buffer_updated`` feeds the protocol object and hands
-decoded messages to the core. A peer that breaks the protocol, does not know
+Each TCP connection is one :class:`ServerConnection`, an asyncio buffered protocol (accepted
+by a :class:`~clustorage.listener.Listener`); ``buffer_updated`` feeds the protocol object
+and hands decoded messages to the core. A peer that breaks the protocol, does not know
 the cookie, stays silent through the handshake or stops reading costs one closed connection
 and one log line with its address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import ctypes.util
 import logging
+import ssl
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from . import messages
+from . import messages, tls
 from .bulk import bulk_digests_by_speed
 from .config import check_name
 from .errors import AuthenticationError, ConfigError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .keys import printable, unencodable
+from .listener import Newcomer
 from .liveness import watch
 from .loader import LoaderCore, failure
 from .probe import PROBE_ROLE
@@ -36,7 +39,6 @@ from .protocol import (
     State,
     frame_size,
 )
-from .reactor import Stream, Timer
 
 __all__ = ["ServerConnection", "release_memory"]
 
@@ -75,11 +77,17 @@ def _invalid_name(name: object) -> str | None:
     return None
 
 
-class ServerConnection:
-    """One member's connection to the loader."""
+class ServerConnection(asyncio.BufferedProtocol):
+    """One member's connection to the loader; ``newcomer``: its probation (see listener)."""
 
     def __init__(
-        self, core: LoaderCore, cookie: bytes, timing: Timing, max_frame: int, registry: set[Any]
+        self,
+        core: LoaderCore,
+        cookie: bytes,
+        timing: Timing,
+        max_frame: int,
+        registry: set[Any],
+        newcomer: Newcomer | None = None,
     ) -> None:
         self._core = core
         self._timing = timing
@@ -91,8 +99,10 @@ class ServerConnection:
             max_frame=max_frame,
             bulk_digests=bulk_digests_by_speed(),
         )
-        self._transport: Stream | None = None
-        self._deadline: Timer | None = None
+        self._newcomer = newcomer
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         # Frames waiting to go out, part by part, each with whether it counts in _queued.
         self._outbox: collections.deque[tuple[Iterator[bytes | memoryview], bool]] = (
             collections.deque()
@@ -112,10 +122,11 @@ class ServerConnection:
     def __repr__(self) -> str:
         return f"<ServerConnection {self.name} from {self.address}>"
 
-    # -- stream callbacks -------------------------------------------------------------------
+    # -- protocol callbacks -----------------------------------------------------------------
 
-    def connection_made(self, transport: Stream) -> None:
-        self._transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self._loop = loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         transport.set_write_buffer_limits(high=4 << 20)
@@ -123,8 +134,11 @@ class ServerConnection:
         if sock is not None:
             watch(sock, self._timing.dead_after)
         self._registry.add(self)
-        # SPEC "Wire and trust": the handshake is done within this, however the bytes trickle.
-        self._deadline = transport.call_later(self._timing.handshake, self._handshake_overdue)
+        # SPEC "Wire and trust": the handshake is done within this, however the bytes trickle,
+        # counted from the accept (a TLS handshake came first).
+        since = time.monotonic() if self._newcomer is None else self._newcomer.since
+        left = self._timing.handshake - (time.monotonic() - since)
+        self._deadline = loop.call_later(max(left, 0.0), self._handshake_overdue)
         self._write(self._conn.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -145,8 +159,8 @@ class ServerConnection:
             return
         if self._conn.state is not State.OPEN:
             if self._conn.state is State.AWAIT_RESPONSE and self._conn.tagged:
-                binding = self._transport and self._transport.get_extra_info("channel_binding")
-                if binding:  # TLS is up (see protocol.Connection.bind)
+                tls_object = self._transport and self._transport.get_extra_info("ssl_object")
+                if binding := tls.channel_binding(tls_object):  # see protocol.Connection.bind
                     self._conn.bind(binding)
             self._conn.receive_data(_READ_BUFFER[:nbytes])
             self._pump()
@@ -170,6 +184,16 @@ class ServerConnection:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+            exc, ssl.SSLZeroReturnError | ssl.SSLEOFError
+        ):
+            log.warning(
+                "closed %s: a TLS record failed its check (%s): altered on the way",
+                self.address,
+                tls.why(exc),
+            )
+        if self._newcomer is not None:
+            self._newcomer.gone()
         if self._deadline is not None:
             self._deadline.cancel()
         self._conn.release()
@@ -252,12 +276,12 @@ class ServerConnection:
         self._core.join(self)
 
     def _trusted(self) -> None:
-        """The peer proved it knows the cookie: no handshake deadline, no cap (see reactor)."""
+        """The peer proved it knows the cookie: no handshake deadline, no cap (see listener)."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if self._transport is not None:
-            self._transport.trust()
+        if self._newcomer is not None:
+            self._newcomer.trust()
 
     def _handshake_overdue(self) -> None:
         self._deadline = None
@@ -401,8 +425,8 @@ class ServerConnection:
             self._timing.write_limit >> 20,
         )
         self.close()
-        if self._transport is not None:  # once the stream has let go of its buffers
-            self._transport.call_later(0.1, release_memory)
+        if self._loop is not None:  # once the transport has let go of its buffers
+            self._loop.call_later(0.1, release_memory)
 
     def close(self, *, flush: bool = False) -> None:
         """Close the connection (after sending what the protocol queued, if ``flush``).

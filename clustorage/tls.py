@@ -1,5 +1,5 @@
-"""TLS across untrusted networks (SPEC "Wire and trust"): contexts, the loader's TLS stream,
-the member's wrapping, and the refusals both ends report.
+"""TLS across untrusted networks (SPEC "Wire and trust"): contexts, the member's wrapping,
+and the refusals both ends report.
 
 TLS 1.3 only, certificates checked both ways against one CA, the loader's host name checked
 by members. TLS keeps what crosses the network private and refuses peers without a
@@ -7,19 +7,21 @@ certificate of the CA; the cookie handshake runs inside it, bound to the TLS ses
 (:func:`channel_binding`), so the cookie is proven on this connection and no other, and
 frames go without tags of their own (see ``protocol``'s docstring).
 
-Both ends let OpenSSL read and write the socket itself: a record goes from the socket to
-the protocol's buffer (or back) in one call, with no Python in between.
+A member lets OpenSSL read and write the socket itself: a record goes from the socket to
+its buffer (or back) in one call, with no Python in between. The loader uses its event
+loop's own TLS (:mod:`~.listener`).
 
 The loader speaks first in clustorage's own handshake and a TLS client speaks first in
 TLS, so a member without TLS meeting a TLS loader would wait in silence: a TLS connection
-that has sent nothing for :data:`SILENCE` seconds is sent a TLS alert and closed, which such
-a member recognises (:func:`check_reply`). A TLS member meeting a loader without TLS reads
-clustorage's hello where a TLS record belongs (:func:`refusal`).
+that has sent nothing for :data:`SILENCE` seconds is sent a TLS alert (:data:`ALERT`) and
+closed, which such a member recognises (:func:`check_reply`). A TLS member meeting a loader
+without TLS reads clustorage's hello where a TLS record belongs (:func:`refusal`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import select
@@ -32,29 +34,32 @@ from typing import Any, cast
 
 from .config import NodeConfig
 from .errors import AuthenticationError, ConfigError
-from .reactor import Reactor, Server, Stream, StreamProtocol, Timer
 
 __all__ = [
+    "ALERT",
+    "FLAGS",
+    "HANDSHAKE_RECORD",
     "SILENCE",
+    "LoaderContext",
     "TLSFiles",
     "TLSSocket",
-    "TLSStream",
     "channel_binding",
     "check_reply",
     "client_context",
     "connect",
-    "listen_tls",
+    "handshake_on",
     "node_files",
     "refusal",
     "server_context",
+    "why",
 ]
 
 log = logging.getLogger(__name__)
 
 SILENCE = 1.0  # seconds a TLS client may take to start its handshake: it starts at once
 RECORD = 16384  # the payload of a full TLS record: a read this big means more is coming
-_HANDSHAKE_RECORD = 0x16
-_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
+HANDSHAKE_RECORD = 0x16
+ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
 FLAGS = "--tls-cert/--tls-key/--tls-ca"
 
@@ -76,7 +81,11 @@ def node_files(config: NodeConfig) -> TLSFiles | None:
 
 
 def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context = (
+        LoaderContext(ssl.PROTOCOL_TLS_SERVER)
+        if server
+        else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    )
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     if server:
@@ -87,7 +96,7 @@ def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
         context.load_verify_locations(cafile=files.ca)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"cannot use the CA certificate {files.ca} (--tls-ca): {_why(exc)}; give the "
+            f"cannot use the CA certificate {files.ca} (--tls-ca): {why(exc)}; give the "
             f"cluster's ca.pem (made by 'clustorage tls init')"
         ) from None
     try:
@@ -100,7 +109,7 @@ def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
             ) from None
         raise ConfigError(
             f"cannot use the certificate {files.cert} with the key {files.key} "
-            f"(--tls-cert, --tls-key): {_why(exc)}"
+            f"(--tls-cert, --tls-key): {why(exc)}"
         ) from None
     except OSError as exc:
         raise ConfigError(
@@ -125,7 +134,59 @@ def client_context(files: TLSFiles) -> ssl.SSLContext:
     return _client_context(_context(files, server=False))
 
 
-def _why(exc: BaseException) -> str:
+_handshaking: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
+    "clustorage_tls_handshaking", default=None
+)
+
+
+def handshake_on(sock: socket.socket) -> None:
+    """Name, in this context (a task's), the socket whose TLS handshake the event loop's TLS
+    is about to do under a :class:`LoaderContext`."""
+    _handshaking.set(sock)
+
+
+class _LoaderTLSObject(ssl.SSLObject):
+    """A loader's TLS object (see :class:`LoaderContext`)."""
+
+    alert_to: socket.socket | None = None
+    outgoing: ssl.MemoryBIO | None = None
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            if self.alert_to is not None and self.outgoing is not None and self.outgoing.pending:
+                with contextlib.suppress(OSError):
+                    self.alert_to.send(self.outgoing.read())
+            raise
+
+
+class LoaderContext(ssl.SSLContext):
+    """The loader's TLS context. An event loop's TLS closes a connection whose handshake
+    failed without sending the alert TLS wrote, which tells the member why (an unknown CA,
+    an expired certificate); this context's TLS objects send it themselves, on the socket
+    :func:`handshake_on` named."""
+
+    sslobject_class = _LoaderTLSObject
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        tls = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if isinstance(tls, _LoaderTLSObject):
+            tls.outgoing = outgoing
+            tls.alert_to = _handshaking.get()
+        return tls
+
+
+def why(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return str(exc.verify_message)
     if isinstance(exc, ssl.SSLError) and exc.reason:
@@ -150,7 +211,7 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
             f"that names the loader's host and has not expired"
         )
     return AuthenticationError(
-        f"the loader at {where} refused this node's TLS certificate ({_why(exc)}); give this "
+        f"the loader at {where} refused this node's TLS certificate ({why(exc)}); give this "
         f"node a certificate of the loader's CA that has not expired ({FLAGS})"
     )
 
@@ -306,13 +367,14 @@ def connect(context: ssl.SSLContext, sock: socket.socket, host: str, where: str)
     return tls
 
 
-def channel_binding(sock: socket.socket) -> bytes:
+def channel_binding(tls: object) -> bytes:
     """What the cookie handshake is bound to over TLS: ``tls-unique``, the first Finished
     message of the TLS handshake, the same at both ends and unique to this TLS session
-    (sessions are never resumed here: the loader issues no tickets). b"" without TLS."""
-    if not isinstance(sock, ssl.SSLSocket):
+    (sessions are never resumed here: the loader issues no tickets). ``tls``: a member's
+    socket, or a loader's transport's ``ssl_object``; b"" without TLS."""
+    if not isinstance(tls, ssl.SSLSocket | ssl.SSLObject):
         return b""
-    return sock.get_channel_binding("tls-unique") or b""
+    return tls.get_channel_binding("tls-unique") or b""
 
 
 def check_reply(data: bytes, where: str) -> None:
@@ -321,202 +383,5 @@ def check_reply(data: bytes, where: str) -> None:
     Raises:
         ConfigError: ``data`` (the first bytes from the loader) is a TLS record.
     """
-    if len(data) >= 2 and data[0] in (0x15, _HANDSHAKE_RECORD) and data[1] == 0x03:
+    if len(data) >= 2 and data[0] in (0x15, HANDSHAKE_RECORD) and data[1] == 0x03:
         raise ConfigError(f"the loader at {where} speaks TLS: start this node with {FLAGS}")
-
-
-# -- the loader's side -----------------------------------------------------------------------
-
-
-class TLSStream(Stream):
-    """A :class:`Stream` over TLS on the socket itself (a non-blocking ``ssl.SSLSocket``):
-    records are encrypted and decrypted by OpenSSL straight between the socket and the
-    protocol's buffer, with no Python in between, so an answer costs about what it costs
-    in plaintext plus the cipher.
-
-    The protocol is told of the connection at once (its handshake deadline then covers the
-    TLS handshake); what it writes meanwhile waits for TLS to be up.
-    """
-
-    _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
-
-    def __init__(
-        self,
-        context: ssl.SSLContext,
-        reactor: Reactor,
-        sock: socket.socket,
-        protocol: StreamProtocol,
-        server: Server | None = None,
-    ) -> None:
-        self._context = context
-        self._handshaking = True
-        self._heard = False
-        self._early: list[bytes | memoryview] = []  # written before TLS was up
-        self._early_size = 0
-        self._silence: Timer | None = reactor.call_later(SILENCE, self._silent)
-        super().__init__(reactor, sock, protocol, server)
-
-    def _where(self) -> str:
-        peer = self._peer
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-
-    def get_extra_info(self, name: str) -> Any:
-        """``channel_binding``: the TLS session's (see :func:`channel_binding`), once up."""
-        if name == "channel_binding":
-            return None if self._handshaking else channel_binding(self._sock)
-        return super().get_extra_info(name)
-
-    # -- writing ---------------------------------------------------------------------------
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self._handshaking:
-            if not self._closing and data:
-                self._early.append(data)
-                self._early_size += len(data)
-            return
-        super().write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._size + self._early_size
-
-    def abort(self) -> None:
-        self._early.clear()
-        self._early_size = 0
-        super().abort()
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def _silent(self) -> None:
-        self._silence = None
-        if self._heard or self._closing:
-            return
-        log.warning(
-            "refused %s: it sent nothing, as a member without TLS would; this loader "
-            "speaks TLS only (start members with %s)",
-            self._where(),
-            FLAGS,
-        )
-        with contextlib.suppress(OSError):
-            self._sock.send(_ALERT)
-        self.abort()
-
-    def _first_byte(self) -> bool:
-        """Whether the peer starts a TLS handshake (then the socket is wrapped in TLS); else
-        it is closed, with a log line."""
-        try:
-            first = self._sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            first = b""
-        self._heard = True
-        if self._silence is not None:
-            self._silence.cancel()
-        if not first:  # connected and closed: a port check, say
-            log.debug("%s closed before its TLS handshake", self._where())
-        elif first[0] != _HANDSHAKE_RECORD:
-            log.warning(
-                "refused %s: not TLS (first byte 0x%02x); this loader speaks TLS only",
-                self._where(),
-                first[0],
-            )
-        else:
-            self._sock = self._context.wrap_socket(
-                self._sock, server_side=True, do_handshake_on_connect=False
-            )
-            return True
-        self.abort()
-        return False
-
-    def _read(self) -> None:
-        if not self._heard and not self._first_byte():
-            return
-        if self._handshaking and not self._shake():
-            return
-        tls, protocol = _tls_object(self._sock), self._protocol
-        filled = 0
-        try:
-            while not self._closing:  # fill the protocol's buffer, then hand it over
-                buffer = protocol.get_buffer(-1)
-                filled, room = 0, len(buffer)
-                while filled < room:
-                    size = tls.read(room - filled, buffer[filled:] if filled else buffer)
-                    if not size:
-                        break
-                    filled += size
-                    if size < RECORD and not tls.pending():
-                        break  # epoll tells of what the kernel holds; TLS holds no more
-                if not filled:
-                    self._end()
-                    return
-                protocol.buffer_updated(filled)
-                if filled < room:
-                    return
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-            if filled:
-                self._hand(filled)
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            self._end()
-        except ssl.SSLError as exc:
-            log.warning(
-                "closed %s: a TLS record failed its check (%s): altered on the way",
-                self._where(),
-                _why(exc),
-            )
-            self._lose(exc)
-        except OSError as exc:
-            self._lose(exc)
-        except Exception:
-            log.exception("closed a connection: handling what it sent failed")
-            self.abort()
-
-    def _shake(self) -> bool:
-        """Go on with the TLS handshake; whether it is done (and the stream open)."""
-        sock = cast(ssl.SSLSocket, self._sock)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return False
-        except (ssl.SSLError, OSError) as exc:
-            log.warning("refused %s: TLS handshake failed (%s)", self._where(), _why(exc))
-            self.abort()
-            return False
-        self._handshaking = False
-        self._send = _tls_object(sock).write  # ssl.SSLSocket.send without its checks
-        early, self._early = self._early, []
-        self._early_size = 0
-        for data in early:
-            self.write(data)
-        return True
-
-    def _hand(self, size: int) -> None:
-        try:
-            self._protocol.buffer_updated(size)
-        except Exception:
-            log.exception("closed a connection: handling what it sent failed")
-            self.abort()
-
-    def _end(self) -> None:
-        try:
-            self._protocol.eof_received()
-        except Exception:
-            log.exception("a connection's end of file was not handled cleanly")
-        finally:
-            self.close()
-
-
-def listen_tls(
-    reactor: Reactor,
-    context: ssl.SSLContext,
-    host: str,
-    port: int,
-    protocol_factory: Any,
-) -> Server:
-    """:meth:`Reactor.listen`, each connection a :class:`TLSStream` under ``context``."""
-
-    def stream(
-        reactor: Reactor, sock: socket.socket, protocol: StreamProtocol, server: Server
-    ) -> Stream:
-        return TLSStream(context, reactor, sock, protocol, server)
-
-    return reactor.listen(host, port, protocol_factory, stream=stream)

@@ -234,7 +234,7 @@ def test_a_value_larger_than_the_write_buffer_reaches_every_node(cluster: Cluste
 
 
 def test_idle_nodes_stop_polling(cluster: Cluster) -> None:
-    """Both ends poll briefly for an answer after each exchange, then sleep: an idle
+    """A member polls briefly for an answer after each exchange, then sleeps: an idle
     loader and an idle member use next to no CPU."""
     loader = psutil.Process(cluster.start_loader().pid)
     member = cluster.member("busy")

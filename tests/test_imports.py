@@ -62,7 +62,7 @@ MIDDLE = [
     "loader",
     "member",
     "probe",
-    "reactor",
+    "listener",
     "aioloop",
     "runtime",
     "node",

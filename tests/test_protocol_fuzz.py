@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 
 import clustorage.codec
 import clustorage.messages
+from clustorage.aioloop import new_loop
 from clustorage.errors import AuthenticationError, ProtocolError
 from clustorage.hello import Timing, handshake_meta
+from clustorage.listener import Listener, Newcomer
 from clustorage.loader import LoaderCore
 from clustorage.protocol import MAGIC, VERSION, Connection, Event, Frame, Role, State
-from clustorage.reactor import Reactor, Server
 from clustorage.server import ServerConnection
 from clustorage.store import MemoryStore
 from tests.protocol_helpers import CLIENT_META, COOKIE, SERVER_META, ConnectionPair
@@ -253,22 +254,23 @@ TRICKLE = MAGIC + VERSION.to_bytes(2, "big") + bytes(200)  # a response that nev
 
 
 class _LoaderOnLoop:
-    """A loader's server (core, connections, reactor) on a thread of its own, as in a loader
-    process, with a small cap on unauthenticated connections and a short deadline."""
+    """A loader's server (core, connections, listener) on a loop thread of its own, as in a
+    loader process, with a small cap on unauthenticated connections and a short deadline."""
 
     def __init__(self) -> None:
-        self.reactor = Reactor()
-        self._thread = threading.Thread(target=self.reactor.run_forever, daemon=True)
+        self.loop = new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        core = LoaderCore("app1", MemoryStore(), self.reactor.call_later)
+        core = LoaderCore("app1", MemoryStore(), self.loop.call_later)
         timing = Timing(handshake=DEADLINE)
         registry: set[Any] = set()
-        self.server: Server = self.on_loop(
-            lambda: self.reactor.listen(
-                "127.0.0.1",
-                0,
-                lambda: ServerConnection(core, COOKIE, timing, 1 << 20, registry),
-                max_untrusted=CAP,
+
+        def connection(newcomer: Newcomer) -> ServerConnection:
+            return ServerConnection(core, COOKIE, timing, 1 << 20, registry, newcomer)
+
+        self.server: Listener = self.on_loop(
+            lambda: Listener(
+                self.loop, "127.0.0.1", 0, connection, handshake=DEADLINE, max_untrusted=CAP
             )
         )
         self.port = int(self.server.socket.getsockname()[1])
@@ -276,7 +278,7 @@ class _LoaderOnLoop:
 
     def on_loop(self, function: Callable[[], Any]) -> Any:
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.reactor.call_soon_threadsafe(lambda: done.set_result(function()))
+        self.loop.call_soon_threadsafe(lambda: done.set_result(function()))
         return done.result(10)
 
     def untrusted(self) -> int:
@@ -298,9 +300,9 @@ class _LoaderOnLoop:
 
     def close(self) -> None:
         self.on_loop(self.server.close)
-        self.reactor.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-        self.reactor.close()
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
