@@ -220,9 +220,10 @@ class LoaderRuntime:
             )
 
         try:
-            if self._context is not None and isinstance(self.loop, Reactor):
-                return tls.listen_tls(self.loop, self._context, host, port, connection)
-            if self._context is not None:  # asyncio or uvloop's own TLS, for bench/loops.py
+            if self._context is not None:
+                if isinstance(self.loop, Reactor):
+                    return tls.listen_tls(self.loop, self._context, host, port, connection)
+                # asyncio or uvloop's own TLS, for bench/loops.py
                 return self.loop.listen(host, port, connection, tls=self._context)
             return self.loop.listen(host, port, connection)
         except OSError as exc:
