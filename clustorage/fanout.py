@@ -8,6 +8,11 @@ stalls"). What is queued during a pass goes in the next one, so under a burst of
 node receives one frame per pass, not one per write, and membership news is one delta per
 pass, not the whole list per join: joining N nodes costs O(N) frames, not O(N²).
 
+A pass that needed more than one slice (hundreds of peers) is followed by a rest as long
+as it spent delivering, before the next pass begins: the fan-out takes at most half of the
+loop's time however fast changes come, and what changes meanwhile reaches every node in one
+frame of the next pass, not in one frame per change that every node must read and check.
+
 Order: a node may now hear of a change after it heard of a newer one (a request's answer
 goes first). Every change carries its version, and replicas apply only newer ones, so this
 reorders nothing that is kept.
@@ -33,13 +38,20 @@ class Fanout:
         peers: the peers to deliver to now (remote ones; the loader's own node is told
             directly).
         later: runs a function on the loop once it has served what is ready.
+        after: runs a function on the loop in so many seconds (without it, no rest).
     """
 
     def __init__(
-        self, peers: Callable[[], Iterable[Any]], later: Callable[[Callable[[], None]], object]
+        self,
+        peers: Callable[[], Iterable[Any]],
+        later: Callable[[Callable[[], None]], object],
+        after: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self._peers = peers
         self._later = later
+        self._after = after
+        self._spent = 0.0  # seconds the pass under way spent delivering
+        self._rest_until = 0.0  # no pass begins before this (see the module docstring)
         self._queued: list[Message] = []
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
@@ -66,7 +78,11 @@ class Fanout:
     def _start(self) -> None:
         if self._pass is None:
             self._pass = []
-            self._later(self._begin)
+            rest = self._rest_until - time.monotonic()
+            if rest > 0 and self._after is not None:
+                self._after(rest, self._begin)
+            else:
+                self._later(self._begin)
 
     def _begin(self) -> None:
         if self._joined:
@@ -88,18 +104,25 @@ class Fanout:
             self._frame = (pushes, encode_parts(pushes))
         self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
+        self._spent = 0.0
         self._deliver()
 
     def _deliver(self) -> None:
         peers, frame = self._pass, self._frame
         assert peers is not None and frame is not None
         message, parts = frame
-        stop = time.monotonic() + SLICE
+        began = time.monotonic()
+        stop = began + SLICE
         while peers:
             peers.pop().deliver(message, parts)
-            if time.monotonic() > stop and peers:
+            if (now := time.monotonic()) > stop and peers:
+                self._spent += now - began
                 self._later(self._deliver)
                 return
+        now = time.monotonic()
+        self._spent += now - began
+        if self._spent > SLICE:
+            self._rest_until = now + self._spent
         self._frame = None
         self._pass = None
         if self._queued or self._joined:

@@ -241,7 +241,9 @@ class LoaderCore:
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
         self._fanout = Fanout(
-            self._remote_peers, soon if soon is not None else lambda call: schedule(0, call)
+            self._remote_peers,
+            soon if soon is not None else lambda call: schedule(0, call),
+            schedule,
         )
         self._leases = Leases()
         self._book = book
