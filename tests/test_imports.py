@@ -60,6 +60,7 @@ MIDDLE = [
     "server",
     "loader",
     "member",
+    "readers",
     "probe",
     "reactor",
     "aioloop",
