@@ -51,6 +51,8 @@ class Fanout:
         self._later = later
         self._after = after
         self._spent = 0.0  # seconds the pass under way spent delivering
+        self._resting = False  # the coming pass waits for the end of a rest
+        self._turn = 0  # passes scheduled so far
         self._rest_until = 0.0  # no pass begins before this (see the module docstring)
         self._queued: list[Message] = []
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
@@ -58,13 +60,14 @@ class Fanout:
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
         self._frame: tuple[Message, tuple[bytes, Payload]] | None = None
 
-    def push(self, message: Message, skip: Any = None) -> None:
+    def push(self, message: Message, skip: Any = None, *, urgent: bool = False) -> None:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
         request made it, already has it: it is left out of a pass whose every push is
-        from it, as a lone writer's are)."""
+        from it, as a lone writer's are). An ``urgent`` one, which someone waits for
+        (a definition to acknowledge), cuts a rest short."""
         self._queued.append(message)
         self._skip.add(id(skip))
-        self._start()
+        self._start(urgent)
 
     def membership(self, name: str, connected: bool) -> None:
         """Tell every peer, in a coming pass, that ``name`` joined or left."""
@@ -75,16 +78,23 @@ class Fanout:
     def idle(self) -> bool:
         return self._pass is None and not self._queued and not self._joined
 
-    def _start(self) -> None:
-        if self._pass is None:
+    def _start(self, urgent: bool = False) -> None:
+        if self._pass is None or (urgent and self._resting):
             self._pass = []
+            self._turn += 1
+            turn = self._turn
             rest = self._rest_until - time.monotonic()
-            if rest > 0 and self._after is not None:
-                self._after(rest, self._begin)
+            after = self._after
+            self._resting = rest > 0 and after is not None and not urgent
+            if after is not None and self._resting:
+                after(rest, lambda: self._begin(turn))
             else:
-                self._later(self._begin)
+                self._later(lambda: self._begin(turn))
 
-    def _begin(self) -> None:
+    def _begin(self, turn: int) -> None:
+        if turn != self._turn:  # a rest cut short: the pass began already
+            return
+        self._resting = False
         if self._joined:
             news, self._joined = self._joined, {}
             present = tuple(sorted(name for name, on in news.items() if on))

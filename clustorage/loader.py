@@ -375,7 +375,9 @@ class LoaderCore:
         if entry is not None and self._on_demand(entry):
             self._fanout.push(Announce(entry.without_payload(), len(entry.payload)))
         elif entry is None or len(entry.payload) <= FANOUT_INLINE:
-            self._fanout.push(message, skip)
+            # A definition is waited for: it does not wait for the fan-out's rest.
+            urgent = isinstance(message, Load) and message.ack
+            self._fanout.push(message, skip, urgent=urgent)
         else:
             parts = encode_parts(message)
             for peer in self._remote_peers():

@@ -156,3 +156,31 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     fanout.push(Load(entry("k", 5), False))
     loop.run()
     assert not rests and len(quick[0].frames) == 2
+
+
+def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A definition waited for goes out at once, with what rested; the rest's end then
+    begins nothing."""
+    clock = Clock()
+    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
+
+    class Slow(Peer):
+        def deliver(self, message: Any, parts: Any = None) -> None:
+            clock.now += SLICE
+            super().deliver(message, parts)
+
+    peers = [Slow(str(i)) for i in range(3)]
+    loop = Loop()
+    rests: list[tuple[float, Callable[[], None]]] = []
+    fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    fanout.push(Load(entry("k", 2), False))
+    assert len(rests) == 1 and not loop.calls
+    fanout.push(Load(entry("f", 1), True), urgent=True)
+    loop.run()
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "k", "f"]
+    rests.pop()[1]()
+    loop.run()
+    assert all(len(peer.frames) == 2 for peer in peers) and fanout.idle
