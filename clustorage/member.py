@@ -729,6 +729,7 @@ class MemberClient:
     def close(self) -> None:
         """Disconnect and stop reconnecting."""
         self._stopping = True
+        self._ended.set()
         with self._send_lock:
             sock = self._sock
         if sock is not None:

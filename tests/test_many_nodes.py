@@ -73,9 +73,9 @@ def test_nodes_of_one_process_reconnect_after_the_loader_restarts(cluster: Clust
     with nodes_on(cluster, 6) as nodes:
         loader.kill()
         loader.wait(10)
-        assert wait_until(lambda: not any(node.status()["connected"] for node in nodes))
+        assert wait_until(lambda: not any(node.connected for node in nodes))
         cluster.start_loader()
-        assert wait_until(lambda: all(node.status()["connected"] for node in nodes))
+        assert wait_until(lambda: all(node.connected for node in nodes))
         definition = nodes[-1].define("again", "lambda: 'back'")
         assert len(definition.installed) == 7
         assert all(node.call("again", []) == "back" for node in nodes)
