@@ -139,6 +139,28 @@ def _too_large(exc: LocalProtocolError) -> ValueTooLarge:
     return ValueTooLarge(f"{exc}; {codec.RAISE_THE_LIMIT}")
 
 
+class _Following:
+    """One connection of a member, as the shared reader reads it."""
+
+    __slots__ = ("client", "sock")
+
+    def __init__(self, client: MemberClient, sock: socket.socket) -> None:
+        self.client = client
+        self.sock = sock
+
+    def readable(self, retry: bool) -> float | None:
+        return self.client.readable(self.sock, retry)
+
+    def due(self, now: float) -> bool:
+        return self.client.due(now)
+
+    def ended(self, error: BaseException) -> None:
+        self.client.ended(self.sock, error)
+
+    def __repr__(self) -> str:
+        return f"<following {self.client.config.name}>"
+
+
 class MemberClient:
     """A member node's channel to its loader (see the module docstring)."""
 
@@ -422,30 +444,30 @@ class MemberClient:
         self._ended.clear()
         self._ended_by = None
         self._followed = sock
+        following = _Following(self, sock)
         reader = shared_reader()
-        reader.watch(sock, self)
+        fd = reader.watch(sock, following)
         try:
             while not self._stopping and self._sock is sock:
                 if self._ended.wait(HEARTBEAT):
                     break
         finally:
-            reader.forget(sock, self)
+            reader.forget(fd, following)
             self._followed = None
         if self._ended_by is not None:
             raise self._ended_by
 
-    def readable(self, retry: bool) -> float | None:
-        """Read what arrived, for the shared reader; or, while a caller waits for its
-        answer or just had it, LINGER: the seconds until it tries again. The caller reads
-        its answer itself: a second thread woken by every answer would cost each request
-        two thread switches."""
+    def readable(self, sock: socket.socket, retry: bool) -> float | None:
+        """Read what arrived on ``sock``, for the shared reader; or, while a caller waits
+        for its answer or just had it, LINGER: the seconds until it tries again. The
+        caller reads its answer itself: a second thread woken by every answer would cost
+        each request two thread switches."""
         if not retry and (self.pending.busy() or time.monotonic() - self._last_answer < LINGER):
             return LINGER
         if not self._io_lock.acquire(blocking=False):
             return LINGER
         try:
-            sock = self._sock
-            if sock is None or sock is not self._followed:
+            if sock is not self._sock or sock is not self._followed:
                 raise _Lost("the connection was dropped")
             self._read_once(block=False)
             while _buffered(sock):
@@ -458,10 +480,12 @@ class MemberClient:
         """Whether a heartbeat is due (the shared reader then calls :meth:`readable`)."""
         return now - self._last_sent >= HEARTBEAT
 
-    def ended(self, error: BaseException) -> None:
-        """The shared reader's read failed: this node's thread reconnects."""
-        self._ended_by = error
-        self._ended.set()
+    def ended(self, sock: socket.socket, error: BaseException) -> None:
+        """The shared reader's read of ``sock`` failed: this node's thread reconnects,
+        unless it has done so already."""
+        if sock is self._followed:
+            self._ended_by = error
+            self._ended.set()
 
     def _read_once(self, block: bool) -> None:
         """One read (holding the io lock), up to RECV_WAIT long if ``block``; idle: heartbeat.

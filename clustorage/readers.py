@@ -66,8 +66,9 @@ class SharedReader:
         self._thread = threading.Thread(target=self._run, name="clustorage-reader", daemon=True)
         self._thread.start()
 
-    def watch(self, sock: socket.socket, watched: Watched) -> None:
-        """Read ``sock`` for ``watched`` from now on, until it fails or :meth:`forget`."""
+    def watch(self, sock: socket.socket, watched: Watched) -> int:
+        """Read ``sock`` for ``watched`` from now on, until it fails or :meth:`forget`;
+        returns the socket's number, to forget it by once it is closed."""
         fd = sock.fileno()
         with self._lock:
             self._watched[fd] = (sock, watched)
@@ -76,11 +77,12 @@ class SharedReader:
             except FileExistsError:  # a closed socket's number, still registered
                 self._poller.modify(fd, READ)
         self._wake()
+        return fd
 
-    def forget(self, sock: socket.socket, watched: Watched) -> None:
-        """Stop reading ``sock`` for ``watched`` (a socket about to close)."""
+    def forget(self, fd: int, watched: Watched) -> None:
+        """Stop reading socket number ``fd`` for ``watched``."""
         with self._lock:
-            self._unwatch(sock.fileno(), watched)
+            self._unwatch(fd, watched)
 
     def _unwatch(self, fd: int, watched: Watched) -> None:
         """(The lock held.) Forget ``fd`` if it is still ``watched``'s: its number may
