@@ -43,10 +43,10 @@ from .replica import Replica
 __all__ = [
     "Channel",
     "Pending",
+    "Roster",
     "Waiter",
     "apply_push",
     "apply_sync",
-    "merge_members",
     "raise_failure",
 ]
 
@@ -58,8 +58,10 @@ Build = Callable[[int], Message]
 class Channel(Protocol):
     """How a Node talks to its loader."""
 
-    members: tuple[str, ...]
     pending: Pending
+
+    @property
+    def members(self) -> tuple[str, ...]: ...
 
     @property
     def connected(self) -> bool: ...
@@ -244,13 +246,40 @@ def apply_sync(replica: Replica, reply: SyncReply) -> None:
         replica.remove(kind, key, version, force=True)
 
 
-def merge_members(current: tuple[str, ...], news: Members) -> tuple[str, ...]:
-    """The node names after ``news``: the loader (first in ``current``) first, then the
-    others in order."""
-    if not current:
-        return current
-    loader, others = current[0], set(current[1:])
-    others |= set(news.present)
-    others -= set(news.gone)
-    others.discard(loader)
-    return (loader, *sorted(others))
+class Roster:
+    """The names of the nodes a member knows of, the loader first and the others in order.
+
+    The ordered tuple is made when asked for, not on every change: a thousand nodes joining
+    are a thousand changes to each of them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loader = ""
+        self._others: set[str] = set()
+        self._names: tuple[str, ...] | None = ()
+
+    def reset(self, names: tuple[str, ...]) -> None:
+        """The loader (first) and the others, as a resync or a welcome says; () when
+        disconnected."""
+        with self._lock:
+            self._loader = names[0] if names else ""
+            self._others = set(names[1:])
+            self._others.discard(self._loader)
+            self._names = None
+
+    def merge(self, news: Members) -> None:
+        """Add who joined, drop who left (nothing while disconnected)."""
+        with self._lock:
+            if not self._loader:
+                return
+            self._others.update(news.present)
+            self._others.difference_update(news.gone)
+            self._others.discard(self._loader)
+            self._names = None
+
+    def names(self) -> tuple[str, ...]:
+        with self._lock:
+            if self._names is None:
+                self._names = (self._loader, *sorted(self._others)) if self._loader else ()
+            return self._names

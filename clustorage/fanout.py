@@ -8,6 +8,11 @@ stalls"). What is queued during a pass goes in the next one, so under a burst of
 node receives one frame per pass, not one per write, and membership news is one delta per
 pass, not the whole list per join: joining N nodes costs O(N) frames, not O(N²).
 
+A pass that needed more than one slice (hundreds of peers) is followed by a rest as long
+as it spent delivering, before the next pass begins: the fan-out takes at most half of the
+loop's time however fast changes come, and what changes meanwhile reaches every node in one
+frame of the next pass, not in one frame per change that every node must read and check.
+
 Order: a node may now hear of a change after it heard of a newer one (a request's answer
 goes first). Every change carries its version, and replicas apply only newer ones, so this
 reorders nothing that is kept.
@@ -33,26 +38,36 @@ class Fanout:
         peers: the peers to deliver to now (remote ones; the loader's own node is told
             directly).
         later: runs a function on the loop once it has served what is ready.
+        after: runs a function on the loop in so many seconds (without it, no rest).
     """
 
     def __init__(
-        self, peers: Callable[[], Iterable[Any]], later: Callable[[Callable[[], None]], object]
+        self,
+        peers: Callable[[], Iterable[Any]],
+        later: Callable[[Callable[[], None]], object],
+        after: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self._peers = peers
         self._later = later
+        self._after = after
+        self._spent = 0.0  # seconds the pass under way spent delivering
+        self._resting = False  # the coming pass waits for the end of a rest
+        self._turn = 0  # passes scheduled so far
+        self._rest_until = 0.0  # no pass begins before this (see the module docstring)
         self._queued: list[Message] = []
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
         self._frame: tuple[Message, tuple[bytes, Payload]] | None = None
 
-    def push(self, message: Message, skip: Any = None) -> None:
+    def push(self, message: Message, skip: Any = None, *, urgent: bool = False) -> None:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
         request made it, already has it: it is left out of a pass whose every push is
-        from it, as a lone writer's are)."""
+        from it, as a lone writer's are). An ``urgent`` one, which someone waits for
+        (a definition to acknowledge), cuts a rest short."""
         self._queued.append(message)
         self._skip.add(id(skip))
-        self._start()
+        self._start(urgent)
 
     def membership(self, name: str, connected: bool) -> None:
         """Tell every peer, in a coming pass, that ``name`` joined or left."""
@@ -63,12 +78,23 @@ class Fanout:
     def idle(self) -> bool:
         return self._pass is None and not self._queued and not self._joined
 
-    def _start(self) -> None:
-        if self._pass is None:
+    def _start(self, urgent: bool = False) -> None:
+        if self._pass is None or (urgent and self._resting):
             self._pass = []
-            self._later(self._begin)
+            self._turn += 1
+            turn = self._turn
+            rest = self._rest_until - time.monotonic()
+            after = self._after
+            self._resting = rest > 0 and after is not None and not urgent
+            if after is not None and self._resting:
+                after(rest, lambda: self._begin(turn))
+            else:
+                self._later(lambda: self._begin(turn))
 
-    def _begin(self) -> None:
+    def _begin(self, turn: int) -> None:
+        if turn != self._turn:  # a rest cut short: the pass began already
+            return
+        self._resting = False
         if self._joined:
             news, self._joined = self._joined, {}
             present = tuple(sorted(name for name, on in news.items() if on))
@@ -88,18 +114,25 @@ class Fanout:
             self._frame = (pushes, encode_parts(pushes))
         self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
+        self._spent = 0.0
         self._deliver()
 
     def _deliver(self) -> None:
         peers, frame = self._pass, self._frame
         assert peers is not None and frame is not None
         message, parts = frame
-        stop = time.monotonic() + SLICE
+        began = time.monotonic()
+        stop = began + SLICE
         while peers:
             peers.pop().deliver(message, parts)
-            if time.monotonic() > stop and peers:
+            if (now := time.monotonic()) > stop and peers:
+                self._spent += now - began
                 self._later(self._deliver)
                 return
+        now = time.monotonic()
+        self._spent += now - began
+        if self._spent > SLICE:
+            self._rest_until = now + self._spent
         self._frame = None
         self._pass = None
         if self._queued or self._joined:

@@ -241,7 +241,9 @@ class LoaderCore:
         self._last_version = store.last_versions()
         self.peers: dict[str, Peer] = {}
         self._fanout = Fanout(
-            self._remote_peers, soon if soon is not None else lambda call: schedule(0, call)
+            self._remote_peers,
+            soon if soon is not None else lambda call: schedule(0, call),
+            schedule,
         )
         self._leases = Leases()
         self._book = book
@@ -373,7 +375,9 @@ class LoaderCore:
         if entry is not None and self._on_demand(entry):
             self._fanout.push(Announce(entry.without_payload(), len(entry.payload)))
         elif entry is None or len(entry.payload) <= FANOUT_INLINE:
-            self._fanout.push(message, skip)
+            # A definition is waited for: it does not wait for the fan-out's rest.
+            urgent = isinstance(message, Load) and message.ack
+            self._fanout.push(message, skip, urgent=urgent)
         else:
             parts = encode_parts(message)
             for peer in self._remote_peers():

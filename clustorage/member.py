@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import secrets
-import select
 import socket
 import ssl
 import struct
@@ -27,10 +26,10 @@ from . import codec, messages, tls
 from .channel import (
     Build,
     Pending,
+    Roster,
     Waiter,
     apply_push,
     apply_sync,
-    merge_members,
     raise_failure,
 )
 from .config import NodeConfig, parse_listen
@@ -61,6 +60,7 @@ from .messages import (
     SyncReply,
 )
 from .protocol import BULK, Closed, Connection, Role, State, Welcome
+from .readers import shared_reader
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -139,6 +139,28 @@ def _too_large(exc: LocalProtocolError) -> ValueTooLarge:
     return ValueTooLarge(f"{exc}; {codec.RAISE_THE_LIMIT}")
 
 
+class _Following:
+    """One connection of a member, as the shared reader reads it."""
+
+    __slots__ = ("client", "sock")
+
+    def __init__(self, client: MemberClient, sock: socket.socket) -> None:
+        self.client = client
+        self.sock = sock
+
+    def readable(self, retry: bool) -> float | None:
+        return self.client.readable(self.sock, retry)
+
+    def due(self, now: float) -> bool:
+        return self.client.due(now)
+
+    def ended(self, error: BaseException) -> None:
+        self.client.ended(self.sock, error)
+
+    def __repr__(self) -> str:
+        return f"<following {self.client.config.name}>"
+
+
 class MemberClient:
     """A member node's channel to its loader (see the module docstring)."""
 
@@ -149,7 +171,7 @@ class MemberClient:
         self._target = (config.loader.host, config.loader.port)  # the one tried next
         self.replica = replica
         self.changed = changed
-        self.members: tuple[str, ...] = ()
+        self._roster = Roster()
         self.pending = Pending()
         self._session = secrets.token_hex(8)
         self._sock: socket.socket | None = None
@@ -171,6 +193,9 @@ class MemberClient:
         self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
         self._patient = False
+        self._followed: socket.socket | None = None  # the socket the shared reader reads
+        self._ended = threading.Event()  # the connection ended: reconnect
+        self._ended_by: BaseException | None = None
         files = tls.node_files(config)
         self._context = None if files is None else tls.client_context(files)  # or ConfigError
         self._thread = threading.Thread(
@@ -180,6 +205,10 @@ class MemberClient:
     @property
     def connected(self) -> bool:
         return self._is_ready
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self._roster.names()
 
     def where(self) -> str:
         return str(self.loader)
@@ -289,7 +318,7 @@ class MemberClient:
         with self._send_lock:
             self._sock, self._conn = sock, conn
         self._last_heard = self._last_sent = time.monotonic()
-        self.members = (str(welcome.get("name", loader.name)),)
+        self._roster.reset((str(welcome.get("name", loader.name)),))
         store = welcome.get("store")
         if self._store is not None and store != self._store:
             # Another store (a loader that kept nothing, or another data file) numbers its
@@ -380,7 +409,7 @@ class MemberClient:
         while not self._stopping:
             if self._is_ready:
                 try:
-                    self._read_forever()
+                    self._follow()
                 except (_Lost, OSError, ValueError, ProtocolError) as exc:
                     if not self._stopping:
                         log.warning(
@@ -406,30 +435,57 @@ class MemberClient:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
 
-    def _read_forever(self) -> None:
-        """The fallback reader: reads pushes while no caller is reading its own answer.
+    def _follow(self) -> None:
+        """While connected, the process's shared reader reads the pushes (see
+        :mod:`clustorage.readers`); this thread waits for the connection to end."""
+        sock = self._sock
+        if sock is None:
+            raise _Lost("not connected")
+        self._ended.clear()
+        self._ended_by = None
+        self._followed = sock
+        following = _Following(self, sock)
+        reader = shared_reader()
+        fd = reader.watch(sock, following)
+        try:
+            while not self._stopping and self._sock is sock:
+                if self._ended.wait(HEARTBEAT):
+                    break
+        finally:
+            reader.forget(fd, following)
+            self._followed = None
+        if self._ended_by is not None:
+            raise self._ended_by
 
-        It stays off the socket while requests are in flight or just finished: a second
-        thread woken by every answer would cost each request two thread switches.
-        """
-        while not self._stopping:
-            sock = self._sock
-            if sock is None:
-                raise _Lost("not connected")
-            if self.pending.busy() or time.monotonic() - self._last_answer < LINGER:
-                time.sleep(LINGER)
-                if self._io_lock.acquire(blocking=False):
-                    try:
-                        self._read_once(block=False)
-                    finally:
-                        self._io_lock.release()
-                continue
-            if not _buffered(sock):
-                select.select([sock], [], [], HEARTBEAT)
-            with self._io_lock:
-                if self._sock is not sock:
-                    raise _Lost("the connection was dropped")
+    def readable(self, sock: socket.socket, retry: bool) -> float | None:
+        """Read what arrived on ``sock``, for the shared reader; or, while a caller waits
+        for its answer or just had it, LINGER: the seconds until it tries again. The
+        caller reads its answer itself: a second thread woken by every answer would cost
+        each request two thread switches."""
+        if not retry and (self.pending.busy() or time.monotonic() - self._last_answer < LINGER):
+            return LINGER
+        if not self._io_lock.acquire(blocking=False):
+            return LINGER
+        try:
+            if sock is not self._sock or sock is not self._followed:
+                raise _Lost("the connection was dropped")
+            self._read_once(block=False)
+            while _buffered(sock):
                 self._read_once(block=False)
+        finally:
+            self._io_lock.release()
+        return None
+
+    def due(self, now: float) -> bool:
+        """Whether a heartbeat is due (the shared reader then calls :meth:`readable`)."""
+        return now - self._last_sent >= HEARTBEAT
+
+    def ended(self, sock: socket.socket, error: BaseException) -> None:
+        """The shared reader's read of ``sock`` failed: this node's thread reconnects,
+        unless it has done so already."""
+        if sock is self._followed:
+            self._ended_by = error
+            self._ended.set()
 
     def _read_once(self, block: bool) -> None:
         """One read (holding the io lock), up to RECV_WAIT long if ``block``; idle: heartbeat.
@@ -491,11 +547,11 @@ class MemberClient:
 
     def _resync(self, reply: SyncReply) -> None:
         apply_sync(self.replica, reply)
-        self.members = reply.members
+        self._roster.reset(reply.members)
 
     def _push(self, message: Message) -> None:
         if apply_push(self.replica, message):
-            self.members = merge_members(self.members, message)  # type: ignore[arg-type]
+            self._roster.merge(message)  # type: ignore[arg-type]
             self.changed()
 
     def _apply(self, change: Callable[[], None]) -> None:
@@ -513,6 +569,7 @@ class MemberClient:
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
         with self._ready:
             self._is_ready = False
+        self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a reader waiting on it at once
@@ -521,7 +578,7 @@ class MemberClient:
             conn.release()
         self.pending.fail_all(self.unavailable(why))
         if was_ready:
-            self.members = ()
+            self._roster.reset(())
             if threading.current_thread() is self._thread:  # the one that would reconnect
                 self._apply(self.changed)
             else:
@@ -696,6 +753,7 @@ class MemberClient:
     def close(self) -> None:
         """Disconnect and stop reconnecting."""
         self._stopping = True
+        self._ended.set()
         with self._send_lock:
             sock = self._sock
         if sock is not None:

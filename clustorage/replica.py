@@ -28,6 +28,32 @@ MISSING: Any = object()  # "no object given": None is a value like any other
 log = logging.getLogger(__name__)
 
 
+# Functions loaded in this process, by name and payload: the Node objects of one process
+# (a hundred of them, say) that receive one definition load it once and share it. Each
+# still installs it, and acknowledges it, itself.
+_SHARED_LIMIT = 64 << 10  # bytes of payload above which a function is not kept here
+_SHARED_COUNT = 256
+_shared_functions: dict[tuple[str, bytes], Any] = {}
+_shared_lock = threading.Lock()
+
+
+def _load_function(entry: Entry) -> Any:
+    """``entry``'s function, as loaded (and pointed at its source) in this process before,
+    or loaded now."""
+    payload = entry.payload
+    if type(payload) is not bytes or len(payload) > _SHARED_LIMIT:
+        return restore_filename(entry.key, codec.load(payload))
+    where = (entry.key, payload)
+    function = _shared_functions.get(where)
+    if function is None:
+        function = restore_filename(entry.key, codec.load(payload))
+        with _shared_lock:
+            if len(_shared_functions) >= _SHARED_COUNT:  # the oldest goes
+                del _shared_functions[next(iter(_shared_functions))]
+            _shared_functions[where] = function
+    return function
+
+
 def _cannot_load(entry: Entry) -> str:
     return (
         f"the {entry.kind} {entry.key!r} (version {entry.version}, from {entry.origin}) "
@@ -139,11 +165,15 @@ class Replica:
                 self._unread.pop(entry.key, None)
             if obj is MISSING:
                 try:
-                    obj = codec.load(entry.payload)
+                    if entry.kind == FUNCTION:
+                        obj = _load_function(entry)
+                    else:
+                        obj = codec.load(entry.payload)
                 except Exception as exc:  # whatever unpickling raises
                     return self._unloadable(entry, exc)
-            if entry.kind == FUNCTION:
+            elif entry.kind == FUNCTION:
                 obj = restore_filename(entry.key, obj)
+            if entry.kind == FUNCTION:
                 if entry.source is not None:
                     register_source(entry.key, entry.source)
                     self.sources[entry.key] = entry.source

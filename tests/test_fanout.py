@@ -1,12 +1,16 @@
 """The fan-out: pushes queued, encoded once per pass, delivered a slice at a time; a pass
-of one push sends it as it is, several go in one Pushes frame."""
+of one push sends it as it is, several go in one Pushes frame; a long pass is followed by a
+rest."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from clustorage.fanout import Fanout
+import pytest
+
+import clustorage.fanout as fanout_module
+from clustorage.fanout import SLICE, Fanout
 from clustorage.messages import VALUE, Entry, Load, Members, Pushes, Unload, decode
 
 
@@ -102,3 +106,81 @@ def test_pushes_during_a_pass_wait_for_the_next_one() -> None:
     for peer in peers:
         assert [m.entry.version for m in peer.heard()] == [1, 2]
         assert len(peer.frames) == 2
+
+
+class Clock:
+    """A fake ``time.monotonic`` that a slow peer's delivery moves on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Delivering took three slices: the next pass begins only that long after, and carries
+    everything queued meanwhile in one frame; a one-slice pass needs no rest."""
+    clock = Clock()
+    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
+
+    class Slow(Peer):
+        def deliver(self, message: Any, parts: Any = None) -> None:
+            clock.now += SLICE
+            super().deliver(message, parts)
+
+    peers = [Slow(str(i)) for i in range(3)]
+    loop = Loop()
+    rests: list[tuple[float, Callable[[], None]]] = []
+    fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    assert not rests
+    fanout.push(Load(entry("k", 2), False))
+    fanout.push(Load(entry("k", 3), False))
+    assert loop.calls == [] and len(rests) == 1
+    assert rests[0][0] == pytest.approx(3 * SLICE)
+    clock.now += rests[0][0]
+    rests.pop()[1]()
+    loop.run()
+    for peer in peers:
+        assert [m.entry.version for m in peer.heard()] == [1, 2, 3]
+        assert len(peer.frames) == 2
+
+    quick = [Peer("q")]
+    fanout = Fanout(lambda: quick, loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 4), False))
+    loop.run()
+    fanout.push(Load(entry("k", 5), False))
+    loop.run()
+    assert not rests and len(quick[0].frames) == 2
+
+
+def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A definition waited for goes out at once, with what rested; the rest's end then
+    begins nothing."""
+    clock = Clock()
+    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
+
+    class Slow(Peer):
+        def deliver(self, message: Any, parts: Any = None) -> None:
+            clock.now += SLICE
+            super().deliver(message, parts)
+
+    peers = [Slow(str(i)) for i in range(3)]
+    loop = Loop()
+    rests: list[tuple[float, Callable[[], None]]] = []
+    fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    fanout.push(Load(entry("k", 2), False))
+    assert len(rests) == 1 and not loop.calls
+    fanout.push(Load(entry("f", 1), True), urgent=True)
+    loop.run()
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "k", "f"]
+    rests.pop()[1]()
+    loop.run()
+    assert all(len(peer.frames) == 2 for peer in peers) and fanout.idle

@@ -61,6 +61,7 @@ MIDDLE = [
     "server",
     "loader",
     "member",
+    "readers",
     "probe",
     "listener",
     "aioloop",

@@ -32,10 +32,16 @@ def run(bench: Bench) -> None:
     extra: Child | None = None
     try:
         join_all(bench, loader, workers, measure)
+        before = cpu_split(loader, workers)
         defines(bench, workers[0], measure, total)
+        record_cpu(bench, measure + ": define acked by all", "define", before, loader, workers)
         extra = bench.worker("thousand-extra", loader, ("extra",))
         extra.recv(60)
+        before = cpu_split(loader, workers)
         misses(bench, extra, measure)
+        record_cpu(
+            bench, measure + ": trivial miss from one more member", "miss", before, loader, workers
+        )
         bench.loader_rss(loader, measure, "after the defines and misses", 200)
         big_value(bench, loader, extra, workers[0], measure, total)
     except Exception as exc:
@@ -43,6 +49,45 @@ def run(bench: Bench) -> None:
     finally:
         leave_together([*workers, *([extra] if extra else [])])
         bench.stop(loader, *workers, *([extra] if extra else []))
+
+
+def cpu_split(loader: Loader, workers: list[Child]) -> tuple[float, float] | None:
+    """CPU seconds used so far by the loader and by the member processes together (None
+    without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+
+    def used(pid: int) -> float:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
+    return used(loader.pid), sum(used(child.pid) for child in workers)
+
+
+def record_cpu(
+    bench: Bench,
+    name: str,
+    what: str,
+    before: tuple[float, float] | None,
+    loader: Loader,
+    workers: list[Child],
+) -> None:
+    """The loader's and the member processes' CPU per ``what`` since ``before``."""
+    after = cpu_split(loader, workers)
+    count = bench.sizes.thousand_define
+    if what == "miss":  # with the worker's warm-up
+        count = bench.sizes.thousand_miss + min(50, bench.sizes.thousand_miss)
+    if before is None or after is None:
+        return
+    plural = "misses" if what == "miss" else what + "s"
+    note = f"CPU time over the phase / {count} {plural} (psutil)"
+    bench.single(name, f"loader CPU, per {what}", "s", (after[0] - before[0]) / count, note)
+    bench.single(name, f"members' CPU, per {what}", "s", (after[1] - before[1]) / count, note)
 
 
 def leave_together(children: list[Child], wait: float = 10.0) -> None:
