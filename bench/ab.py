@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchlib import start_loader, stop_process
+from benchlib import start_loader, stop_process, tls_files
 
 import clustorage
 
@@ -77,17 +77,6 @@ for line in sys.stdin:
     size = len(node.get(f"big{line.strip()}"))
     print(time.time(), size, flush=True)
 """
-
-
-def tls_files(certs: Path | None, name: str) -> dict[str, str]:
-    """The CLUSTORAGE_TLS_* variables of node ``name`` (none without TLS)."""
-    if certs is None:
-        return {}
-    return {
-        "CLUSTORAGE_TLS_CERT": str(certs / f"{name}.pem"),
-        "CLUSTORAGE_TLS_KEY": str(certs / f"{name}-key.pem"),
-        "CLUSTORAGE_TLS_CA": str(certs / "ca.pem"),
-    }
 
 
 class BenchError(Exception):

@@ -27,6 +27,18 @@ __all__ = [
 ]
 
 
+def tls_files(certs: Path | None, name: str) -> dict[str, str]:
+    """The CLUSTORAGE_TLS_* variables of node ``name``'s files in ``certs`` (made by
+    ``clustorage.init_tls``); none without TLS."""
+    if certs is None:
+        return {}
+    return {
+        "CLUSTORAGE_TLS_CERT": str(certs / f"{name}.pem"),
+        "CLUSTORAGE_TLS_KEY": str(certs / f"{name}-key.pem"),
+        "CLUSTORAGE_TLS_CA": str(certs / "ca.pem"),
+    }
+
+
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
     """Median, minimum, maximum and 99th percentile (nearest rank) of ``samples``."""
     if not samples:

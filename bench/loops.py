@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import free_port, stop_process, wait_for_port
+from benchlib import free_port, stop_process, tls_files, wait_for_port
 
 import clustorage
 
@@ -36,17 +36,6 @@ nodes = [clustorage.Node(f"{sys.argv[2]}-{i}", sys.argv[1]) for i in range(int(s
 print("ready", flush=True)
 sys.stdin.read()
 """
-
-
-def tls_files(folder: Path | None, name: str) -> dict[str, str]:
-    """The CLUSTORAGE_TLS_* variables of node ``name`` (none without TLS)."""
-    if folder is None:
-        return {}
-    return {
-        "CLUSTORAGE_TLS_CERT": str(folder / f"{name}.pem"),
-        "CLUSTORAGE_TLS_KEY": str(folder / f"{name}-key.pem"),
-        "CLUSTORAGE_TLS_CA": str(folder / "ca.pem"),
-    }
 
 
 def start_loader(kind: str, env: dict[str, str]) -> tuple[str, subprocess.Popen[Any]]:

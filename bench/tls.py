@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from benchlib import start_loader, stop_process, summarize
+from benchlib import start_loader, stop_process, summarize, tls_files
 
 import clustorage
 
@@ -48,23 +48,15 @@ for line in sys.stdin:
 """
 
 
-def tls_env(folder: Path, name: str) -> dict[str, str]:
-    return {
-        "CLUSTORAGE_TLS_CERT": str(folder / f"{name}.pem"),
-        "CLUSTORAGE_TLS_KEY": str(folder / f"{name}-key.pem"),
-        "CLUSTORAGE_TLS_CA": str(folder / "ca.pem"),
-    }
-
-
 class Mode:
     """One loader, plaintext or TLS, with the environment its processes need."""
 
     def __init__(self, label: str, env: dict[str, str], certs: Path | None) -> None:
         self.label = label
         self.certs = certs
-        self.env = dict(env, **(tls_env(certs, "L") if certs else {}))
+        self.env = dict(env, **tls_files(certs, "L"))
         self.address, self.loader = start_loader(self.env)
-        self.env = dict(env, **(tls_env(certs, "member") if certs else {}))
+        self.env = dict(env, **tls_files(certs, "member"))
         self.node = clustorage.Node(f"timer-{label}", self.address, **self.files("timer"))
 
     def files(self, name: str) -> dict[str, Any]:

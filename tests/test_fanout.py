@@ -118,11 +118,14 @@ class Clock:
         return self.now
 
 
-def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
+Rests = list[tuple[float, Callable[[], None]]]
+
+
+def slow_fanout(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Delivering took three slices: the next pass begins only that long after, and carries
-    everything queued meanwhile in one frame; a one-slice pass needs no rest."""
+) -> tuple[Clock, list[Peer], Loop, Rests, Fanout]:
+    """A fan-out to three peers that each take a whole slice to deliver to, on a fake clock;
+    the rests it asks for are recorded, not scheduled."""
     clock = Clock()
     monkeypatch.setattr(fanout_module.time, "monotonic", clock)
 
@@ -131,10 +134,19 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
             clock.now += SLICE
             super().deliver(message, parts)
 
-    peers = [Slow(str(i)) for i in range(3)]
+    peers: list[Peer] = [Slow(str(i)) for i in range(3)]
     loop = Loop()
-    rests: list[tuple[float, Callable[[], None]]] = []
+    rests: Rests = []
     fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
+    return clock, peers, loop, rests, fanout
+
+
+def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Delivering took three slices: the next pass begins only that long after, and carries
+    everything queued meanwhile in one frame; a one-slice pass needs no rest."""
+    clock, peers, loop, rests, fanout = slow_fanout(monkeypatch)
     fanout.push(Load(entry("k", 1), False))
     loop.run()
     assert not rests
@@ -161,18 +173,7 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
 def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """A definition waited for goes out at once, with what rested; the rest's end then
     begins nothing."""
-    clock = Clock()
-    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
-
-    class Slow(Peer):
-        def deliver(self, message: Any, parts: Any = None) -> None:
-            clock.now += SLICE
-            super().deliver(message, parts)
-
-    peers = [Slow(str(i)) for i in range(3)]
-    loop = Loop()
-    rests: list[tuple[float, Callable[[], None]]] = []
-    fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
+    _, peers, loop, rests, fanout = slow_fanout(monkeypatch)
     fanout.push(Load(entry("k", 1), False))
     loop.run()
     fanout.push(Load(entry("k", 2), False))

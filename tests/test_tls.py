@@ -259,49 +259,70 @@ def test_key_of_another_certificate_is_refused_at_start(cluster: Cluster, certs:
     assert half.returncode == 2 and "missing --tls-key" in half.stderr
 
 
-class FlippingRelay:
-    """A TCP relay between a member and the loader that flips one byte on request."""
+class Relay:
+    """A TCP relay between members and the loader, on a port of its own."""
 
-    def __init__(self, target: int, upstream: bool = True) -> None:
+    def __init__(self, target: int) -> None:
         self.target = target
-        self.upstream = upstream  # flip member -> loader, else loader -> member
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
-        self.flip_next = threading.Event()  # flip a byte of the next member -> loader chunk
-        self.flipped = threading.Event()
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def ends(self, member_side: socket.socket) -> tuple[socket.socket, socket.socket]:
+        """The member's end and the loader's, for a connection the relay accepted."""
+        return member_side, socket.create_connection(("127.0.0.1", self.target))
+
+    def carry(self, data: bytes, upstream: bool) -> bytes:
+        """What goes on of ``data``, which came from the member if ``upstream``."""
+        return data
 
     def _accept(self) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                member_side, loader_side = self.ends(self.listener.accept()[0])
             except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            self.sockets += [member_side, loader_side]
+            for source, sink, upstream in (
+                (member_side, loader_side, True),
+                (loader_side, member_side, False),
+            ):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, upstream), daemon=True
+                ).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if upstream is self.upstream and self.flip_next.is_set() and len(data) > 10:
-                    self.flip_next.clear()
-                    data = data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:]
-                    self.flipped.set()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                sink.sendall(self.carry(data, upstream))
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.listener.close()
         for sock in self.sockets:
             sock.close()
+
+
+class FlippingRelay(Relay):
+    """A relay that flips one byte on request."""
+
+    def __init__(self, target: int, upstream: bool = True) -> None:
+        self.upstream = upstream  # flip member -> loader, else loader -> member
+        self.flip_next = threading.Event()  # flip a byte of the next chunk that way
+        self.flipped = threading.Event()
+        super().__init__(target)
+
+    def carry(self, data: bytes, upstream: bool) -> bytes:
+        if upstream is self.upstream and self.flip_next.is_set() and len(data) > 10:
+            self.flip_next.clear()
+            data = data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:]
+            self.flipped.set()
+        return data
 
 
 def test_byte_flipped_in_between_closes_and_applies_nothing(
@@ -365,13 +386,12 @@ def test_byte_flipped_towards_the_member_drops_it_unapplied(
         relay.close()
 
 
-class TerminatingRelay:
+class TerminatingRelay(Relay):
     """A relay that holds certificates of the cluster's CA but not the cookie: it ends the
     member's TLS with the loader's certificate, opens its own TLS to the loader with a member's
     certificate, and passes the bytes between the two, reading all of them."""
 
     def __init__(self, certs: Path, target: int) -> None:
-        self.target = target
         self.seen = bytearray()
         self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.server.load_cert_chain(certs / "app1.pem", certs / "app1-key.pem")
@@ -380,41 +400,18 @@ class TerminatingRelay:
         self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.client.load_cert_chain(certs / "m2.pem", certs / "m2-key.pem")
         self.client.load_verify_locations(certs / "ca.pem")
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-                member_side = self.server.wrap_socket(raw, server_side=True)
-                loader_side = self.client.wrap_socket(
-                    socket.create_connection(("127.0.0.1", self.target)),
-                    server_hostname="127.0.0.1",
-                )
-            except OSError:
-                if self.listener.fileno() < 0:
-                    return
-                continue
-            self.sockets += [member_side, loader_side]
-            for source, sink in ((member_side, loader_side), (loader_side, member_side)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+    def ends(self, member_side: socket.socket) -> tuple[socket.socket, socket.socket]:
+        plain = socket.create_connection(("127.0.0.1", self.target))
+        return (
+            self.server.wrap_socket(member_side, server_side=True),
+            self.client.wrap_socket(plain, server_hostname="127.0.0.1"),
+        )
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                self.seen += data
-                sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
+    def carry(self, data: bytes, upstream: bool) -> bytes:
+        self.seen += data
+        return data
 
 
 def test_a_relay_with_the_clusters_certificates_fails_the_cookie_handshake(
