@@ -58,6 +58,7 @@ class Fanout:
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
+        self._urgent = False  # something queued is waited for: the next pass may not rest
         self._frame: tuple[Message, tuple[bytes, Payload]] | None = None
 
     def push(self, message: Message, skip: Any = None, *, urgent: bool = False) -> None:
@@ -67,6 +68,7 @@ class Fanout:
         (a definition to acknowledge), cuts a rest short."""
         self._queued.append(message)
         self._skip.add(id(skip))
+        self._urgent = self._urgent or urgent
         self._start(urgent)
 
     def membership(self, name: str, connected: bool) -> None:
@@ -102,7 +104,7 @@ class Fanout:
             self._queued.append(Members(present, gone))
             self._skip.add(id(None))
         queued, skip = self._queued, (next(iter(self._skip)) if len(self._skip) == 1 else id(None))
-        self._queued, self._skip = [], set()
+        self._queued, self._skip, self._urgent = [], set(), False
         peers = [peer for peer in self._peers() if id(peer) != skip]
         if not queued or not peers:  # nobody to tell (a lone writer's own writes): not encoded
             self._pass = None
@@ -136,4 +138,4 @@ class Fanout:
         self._frame = None
         self._pass = None
         if self._queued or self._joined:
-            self._start()
+            self._start(self._urgent)  # a definition pushed during the pass: no rest

@@ -60,7 +60,7 @@ from .messages import (
     SyncReply,
 )
 from .protocol import BULK, Closed, Connection, Role, State, Welcome
-from .readers import shared_reader
+from .readers import SharedReader, shared_reader
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -194,6 +194,7 @@ class MemberClient:
         self._answer: Message | None = None
         self._patient = False
         self._followed: socket.socket | None = None  # the socket the shared reader reads
+        self._watch: tuple[SharedReader, int, _Following] | None = None
         self._ended = threading.Event()  # the connection ended: reconnect
         self._ended_by: BaseException | None = None
         files = tls.node_files(config)
@@ -447,11 +448,13 @@ class MemberClient:
         following = _Following(self, sock)
         reader = shared_reader()
         fd = reader.watch(sock, following)
+        self._watch = (reader, fd, following)
         try:
             while not self._stopping and self._sock is sock:
                 if self._ended.wait(HEARTBEAT):
                     break
         finally:
+            self._watch = None
             reader.forget(fd, following)
             self._followed = None
         if self._ended_by is not None:
@@ -475,6 +478,13 @@ class MemberClient:
         finally:
             self._io_lock.release()
         return None
+
+    def _resume_reading(self) -> None:
+        """The shared reader reads this connection again, if it stepped aside for us."""
+        watch = self._watch
+        if watch is not None:
+            reader, fd, following = watch
+            reader.resume(fd, following)
 
     def due(self, now: float) -> bool:
         """Whether a heartbeat is due (the shared reader then calls :meth:`readable`)."""
@@ -518,9 +528,13 @@ class MemberClient:
             while (event := conn.next_event()) is not None:
                 if isinstance(event, Closed):
                     raise _Lost("the loader closed the connection")
-        if now - self._last_sent >= HEARTBEAT:
-            with self._send_lock:
+        # No heartbeat while another thread sends (it proves life as well): this may be the
+        # process's shared reader, which must not wait behind a big upload.
+        if now - self._last_sent >= HEARTBEAT and self._send_lock.acquire(blocking=False):
+            try:
                 sock.sendall(conn.heartbeat())
+            finally:
+                self._send_lock.release()
             self._last_sent = now
 
     def _dispatch(self, message: Message) -> None:
@@ -657,6 +671,7 @@ class MemberClient:
                 self._lost(exc)
             finally:
                 self._io_lock.release()
+                self._resume_reading()
         self._last_answer = time.monotonic()
         return self.pending.wait(
             rid, waiter, max(remaining, 0.0), lambda: self._is_ready, whole=timeout
@@ -696,6 +711,7 @@ class MemberClient:
             finally:
                 self._io_lock.release()
                 self._last_answer = time.monotonic()
+                self._resume_reading()
             if type(answer) is Failed:
                 raise_failure(answer)
             return answer

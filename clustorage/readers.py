@@ -8,8 +8,10 @@ each of them lands on the loader's send. Here one thread polls every connection 
 process instead: a push to all of them wakes it once, and it reads each connection that has
 data in turn.
 
-A connection whose own caller is reading its answer is left to that caller: it is not
-polled for a moment (``readable`` says how long), or the poll would report it over and over.
+A connection whose own caller is reading its answer is left to that caller: it is parked,
+not polled, for a moment (``readable`` says how long, and each retry that finds the caller
+still there waits twice as long, up to TICK), or the poll would report it over and over; the
+caller resumes it (:meth:`SharedReader.resume`) when it is done.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class SharedReader:
         self._lock = threading.Lock()
         self._watched: dict[int, tuple[socket.socket, Watched]] = {}
         self._later: list[tuple[float, int, int, Watched]] = []  # when, order, fd, watched
+        self._parked: dict[int, float] = {}  # fd: the wait before its next retry
         self._order = itertools.count()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -72,6 +75,7 @@ class SharedReader:
         fd = sock.fileno()
         with self._lock:
             self._watched[fd] = (sock, watched)
+            self._parked.pop(fd, None)  # a closed socket's number, parked
             try:
                 self._poller.register(fd, READ)
             except FileExistsError:  # a closed socket's number, still registered
@@ -84,56 +88,90 @@ class SharedReader:
         with self._lock:
             self._unwatch(fd, watched)
 
+    def resume(self, fd: int, watched: Watched) -> None:
+        """Poll socket number ``fd`` for ``watched`` again at once, if it was parked (its
+        caller, who read it meanwhile, is done)."""
+        if fd not in self._parked:
+            return
+        with self._lock:
+            if self._mine(fd, watched) and self._unpark(fd):
+                self._wake()
+
     def _unwatch(self, fd: int, watched: Watched) -> None:
         """(The lock held.) Forget ``fd`` if it is still ``watched``'s: its number may
         already belong to a newer connection."""
         if not self._mine(fd, watched):
             return
         del self._watched[fd]
+        if self._parked.pop(fd, None) is None:
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.unregister(fd)
+
+    def _park(self, fd: int, wait: float) -> None:
+        """(The lock held.) Poll ``fd`` no more (not even for a hang-up) until unparked."""
+        if fd not in self._parked:
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.unregister(fd)
+        self._parked[fd] = wait
+
+    def _unpark(self, fd: int) -> bool:
+        """(The lock held.) Poll ``fd`` again; whether it was parked."""
+        if self._parked.pop(fd, None) is None:
+            return False
         with contextlib.suppress(OSError, ValueError):
-            self._poller.unregister(fd)
+            self._poller.register(fd, READ)
+        return True
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_write.send(b"\0")
 
     def _run(self) -> None:
-        wake = self._wake_read.fileno()
         next_tick = time.monotonic() + TICK
         while True:
-            now = time.monotonic()
-            wait = next_tick - now
-            if self._later:
-                wait = min(wait, self._later[0][0] - now)
             try:
-                events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
-            except InterruptedError:
+                next_tick = self._turn(next_tick)
+            except Exception:  # every node of the process depends on this thread
+                log.exception("the shared reader's loop failed; it goes on")
+                time.sleep(0.01)
+
+    def _turn(self, next_tick: float) -> float:
+        """One poll and what it reports, retries and ticks; the next tick's time."""
+        wake = self._wake_read.fileno()
+        now = time.monotonic()
+        wait = next_tick - now
+        if self._later:
+            wait = min(wait, self._later[0][0] - now)
+        try:
+            events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
+        except InterruptedError:
+            return next_tick
+        for fd, _ in events:
+            if fd == wake:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while self._wake_read.recv(4096):
+                        pass
                 continue
-            for fd, _ in events:
-                if fd == wake:
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        while self._wake_read.recv(4096):
-                            pass
-                    continue
-                current = self._watched.get(fd)
-                if current is not None:
-                    self._read(fd, current[1], retry=False)
-            now = time.monotonic()
-            while self._later and self._later[0][0] <= now:
-                _, _, fd, watched = heapq.heappop(self._later)
-                self._read(fd, watched, retry=True)
-            if now >= next_tick:
-                next_tick = now + TICK
-                with self._lock:
-                    everyone = [(fd, watched) for fd, (_, watched) in self._watched.items()]
-                for fd, watched in everyone:
-                    if watched.due(now):
-                        self._read(fd, watched, retry=True)
+            current = self._watched.get(fd)
+            if current is not None:
+                self._read(fd, current[1], retry=False)
+        now = time.monotonic()
+        while self._later and self._later[0][0] <= now:
+            _, _, fd, watched = heapq.heappop(self._later)
+            self._read(fd, watched, retry=True)
+        if now >= next_tick:
+            next_tick = now + TICK
+            with self._lock:
+                everyone = [(fd, watched) for fd, (_, watched) in self._watched.items()]
+            for fd, watched in everyone:
+                if watched.due(now):
+                    self._read(fd, watched, retry=True)
+        return next_tick
 
     def _read(self, fd: int, watched: Watched, *, retry: bool) -> None:
         try:
             delay = watched.readable(retry)
-        except Exception as exc:
+        except BaseException as exc:  # a listener's SystemExit too: that connection ends
             with self._lock:
                 self._unwatch(fd, watched)
             try:
@@ -141,17 +179,19 @@ class SharedReader:
             except Exception:
                 log.exception("the shared reader failed on %r", watched)
             return
-        if delay is not None:  # not polled meanwhile, or the poll would report it again
+        if delay is not None:  # parked meanwhile, or the poll would report it again
             with self._lock:
-                if self._mine(fd, watched):
-                    with contextlib.suppress(OSError):
-                        self._poller.modify(fd, 0)
+                if not self._mine(fd, watched):
+                    return
+                before = self._parked.get(fd)
+                if retry and before is not None:
+                    delay = min(max(delay, 2 * before), TICK)
+                self._park(fd, delay)
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
-        elif retry:
+        elif fd in self._parked:
             with self._lock:
                 if self._mine(fd, watched):
-                    with contextlib.suppress(OSError):
-                        self._poller.modify(fd, READ)
+                    self._unpark(fd)
 
     def _mine(self, fd: int, watched: Watched) -> bool:
         current = self._watched.get(fd)
@@ -161,6 +201,15 @@ class SharedReader:
 _reader: SharedReader | None = None
 _reader_pid = 0
 _reader_lock = threading.Lock()
+
+
+def _forked() -> None:
+    """In a forked child: the parent's reader thread is not there, nor maybe its lock."""
+    global _reader, _reader_lock
+    _reader, _reader_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def shared_reader() -> SharedReader:

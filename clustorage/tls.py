@@ -282,6 +282,8 @@ class TLSSocket(ssl.SSLSocket):
         return True
 
     def _tls(self) -> Any:
+        """(The lock held.) The TLS object, as long as the socket is open: once closed, its
+        number may already be another connection's."""
         tls = _tls_object(self)
         if tls is None:
             raise OSError(errno.EBADF, "the TLS connection is closed")
@@ -289,8 +291,18 @@ class TLSSocket(ssl.SSLSocket):
 
     def pending(self) -> int:
         """How many bytes TLS holds that no poll of the socket would report."""
-        tls = _tls_object(self)
-        return 0 if tls is None else int(tls.pending())
+        if not self._open:
+            return 0
+        with self._lock:
+            tls = _tls_object(self)
+            return 0 if tls is None else int(tls.pending())
+
+    def _real_close(self) -> None:
+        if not self._open:
+            super()._real_close()  # type: ignore[misc]
+            return
+        with self._lock:  # no thread is inside TLS, and none gets in after
+            super()._real_close()  # type: ignore[misc]
 
     def recv_into(self, buffer: Any, nbytes: int | None = 0, flags: int = 0) -> int:
         """Decrypt into ``buffer`` what has come, up to ``nbytes``; 0 at the end."""
@@ -298,14 +310,14 @@ class TLSSocket(ssl.SSLSocket):
             return super().recv_into(buffer, nbytes or None, flags)
         view = memoryview(buffer)
         size = nbytes or len(view)
-        tls = self._tls()
         while True:
-            if not tls.pending() and not self._ready_for(select.POLLIN, poll=True):
+            if not self.pending() and not self._ready_for(select.POLLIN, poll=True):
                 if flags & socket.MSG_DONTWAIT:
                     raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
                 self._ready_for(select.POLLIN)
             total = 0
             with self._lock:
+                tls = self._tls()
                 try:
                     while True:
                         got = int(tls.read(size - total, view[total:] if total else view))
@@ -329,11 +341,10 @@ class TLSSocket(ssl.SSLSocket):
             super().sendall(data, flags)
             return
         view = memoryview(data)
-        tls = self._tls()
         while True:
             with self._lock:
                 try:
-                    tls.write(view)  # whole, or SSLWantWriteError: then again, the same
+                    self._tls().write(view)  # whole, or SSLWantWriteError: then again, the same
                     return
                 except ssl.SSLWantWriteError:
                     pass

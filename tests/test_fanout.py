@@ -185,3 +185,19 @@ def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> No
     rests.pop()[1]()
     loop.run()
     assert all(len(peer.frames) == 2 for peer in peers) and fanout.idle
+
+
+def test_a_definition_pushed_during_a_long_pass_goes_out_after_it_without_a_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An urgent push that comes while a pass of several slices is under way is sent in the
+    pass right after it, not after a rest."""
+    _, peers, loop, rests, fanout = slow_fanout(monkeypatch)
+    fanout.push(Load(entry("k", 1), False))
+    loop.calls.pop(0)()  # the pass begins: one peer, then the slice is spent
+    assert loop.calls
+    fanout.push(Load(entry("f", 1), True), urgent=True)
+    loop.run()
+    assert not rests
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "f"]

@@ -1,0 +1,99 @@
+"""The process's shared reader, on real sockets: a connection whose caller reads it is
+parked and retried ever less often, resumed when the caller is done, and a failing
+connection ends its own watch, not the thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from clustorage.readers import TICK, SharedReader
+
+pytestmark = pytest.mark.timeout(30)
+
+LINGER = 0.002
+
+
+class Busy:
+    """A connection whose caller holds it while ``busy`` is set: the reader is told to come
+    back later, as a member does while a caller reads its own answer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.busy = True
+        self.calls = 0
+        self.received = b""
+        self.got = threading.Event()
+        self.error: BaseException | None = None
+
+    def readable(self, retry: bool) -> float | None:
+        self.calls += 1
+        if self.busy:
+            return LINGER
+        self.received += self.sock.recv(100)
+        self.got.set()
+        return None
+
+    def ended(self, error: BaseException) -> None:
+        self.error = error
+
+    def due(self, now: float) -> bool:
+        return False
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    here, there = socket.socketpair()
+    here.setblocking(False)
+    yield here, there
+    here.close()
+    there.close()
+
+
+def test_a_held_connection_is_retried_ever_less_often_then_resumed_at_once(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    here, there = pair
+    reader = SharedReader()
+    watched = Busy(here)
+    fd = reader.watch(here, watched)
+    there.send(b"x")  # it stays unread while the caller holds the connection
+    time.sleep(3 * TICK)
+    # Retrying every LINGER would be 3 * TICK / LINGER = 750 calls; doubling, about a dozen.
+    assert 2 <= watched.calls <= 30, watched.calls
+    watched.busy = False
+    reader.resume(fd, watched)  # the caller is done: read it now, not at the next retry
+    assert watched.got.wait(TICK / 2)
+    assert watched.received == b"x"
+    reader.forget(fd, watched)
+
+
+def test_a_connection_whose_read_fails_ends_alone(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    here, there = pair
+    other_here, other_there = socket.socketpair()
+    other_here.setblocking(False)
+    reader = SharedReader()
+
+    class Failing(Busy):
+        def readable(self, retry: bool) -> float | None:
+            raise SystemExit("a listener called sys.exit")
+
+    failing, fine = Failing(here), Busy(other_here)
+    fine.busy = False
+    reader.watch(here, failing)
+    reader.watch(other_here, fine)
+    there.send(b"a")
+    deadline = time.monotonic() + 10
+    while failing.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(failing.error, SystemExit)
+    other_there.send(b"b")  # the thread lives on for the others
+    assert fine.got.wait(10) and fine.received == b"b"
+    other_here.close()
+    other_there.close()
