@@ -60,7 +60,7 @@ from .messages import (
     SyncReply,
 )
 from .protocol import BULK, Closed, Connection, Role, State, Welcome
-from .readers import SharedReader, shared_reader
+from .readers import TICK, SharedReader, shared_reader
 from .replica import Replica
 
 __all__ = ["MemberClient"]
@@ -73,6 +73,7 @@ RECV_SIZE = 1 << 20
 RECV_WAIT = 0.25
 LINGER = 0.002
 SPIN = 100e-6  # how long a caller polls for its answer before sleeping (see _receive)
+RESUME_AFTER = 10 * LINGER  # a caller read this long: resume the shared reader at once
 RELAYED = (
     ", or, over TLS, something between this node and the loader relays the connection "
     "(the cookie is proven on one TLS session only): check the loader's address"
@@ -195,6 +196,7 @@ class MemberClient:
         self._patient = False
         self._followed: socket.socket | None = None  # the socket the shared reader reads
         self._watch: tuple[SharedReader, int, _Following] | None = None
+        self._held_since = 0.0  # when the caller reading its own answer began
         self._ended = threading.Event()  # the connection ended: reconnect
         self._ended_by: BaseException | None = None
         files = tls.node_files(config)
@@ -465,10 +467,14 @@ class MemberClient:
         for its answer or just had it, LINGER: the seconds until it tries again. The
         caller reads its answer itself: a second thread woken by every answer would cost
         each request two thread switches."""
-        if not retry and (self.pending.busy() or time.monotonic() - self._last_answer < LINGER):
+        now = time.monotonic()
+        if not retry and (self.pending.busy() or now - self._last_answer < LINGER):
             return LINGER
         if not self._io_lock.acquire(blocking=False):
-            return LINGER
+            # A caller reads meanwhile: come back in a while, the longer it has been at it
+            # (one waiting for another node's fn may take minutes), then it resumes us.
+            held = self._held_since
+            return min(max(LINGER, (now - held) / 2), TICK) if held else LINGER
         try:
             if sock is not self._sock or sock is not self._followed:
                 raise _Lost("the connection was dropped")
@@ -479,10 +485,15 @@ class MemberClient:
             self._io_lock.release()
         return None
 
-    def _resume_reading(self) -> None:
-        """The shared reader reads this connection again, if it stepped aside for us."""
+    def _release_io(self) -> None:
+        """A caller is done reading: after a long wait, the shared reader, which stepped
+        aside for longer and longer meanwhile, reads this connection again at once (not
+        after every request: that would wake it for every answer)."""
+        held, self._held_since = self._held_since, 0.0
+        self._io_lock.release()
+        self._last_answer = now = time.monotonic()
         watch = self._watch
-        if watch is not None:
+        if watch is not None and now - held > RESUME_AFTER:
             reader, fd, following = watch
             reader.resume(fd, following)
 
@@ -663,6 +674,7 @@ class MemberClient:
         """
         remaining = timeout
         if self._io_lock.acquire(blocking=False):
+            self._held_since = time.monotonic()
             try:
                 deadline = time.monotonic() + timeout
                 self._read_until(lambda: waiter.done, deadline, lambda: waiter.queued)
@@ -670,8 +682,7 @@ class MemberClient:
             except (_Lost, OSError, ProtocolError) as exc:
                 self._lost(exc)
             finally:
-                self._io_lock.release()
-                self._resume_reading()
+                self._release_io()
         self._last_answer = time.monotonic()
         return self.pending.wait(
             rid, waiter, max(remaining, 0.0), lambda: self._is_ready, whole=timeout
@@ -706,12 +717,11 @@ class MemberClient:
     def _request(self, build: Build, timeout: float, patient: bool) -> Message:
         self._check_thread()
         if self._is_ready and self._io_lock.acquire(blocking=False):
+            self._held_since = time.monotonic()
             try:
                 answer = self._request_reading(build, timeout, patient)
             finally:
-                self._io_lock.release()
-                self._last_answer = time.monotonic()
-                self._resume_reading()
+                self._release_io()
             if type(answer) is Failed:
                 raise_failure(answer)
             return answer

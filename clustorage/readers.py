@@ -9,9 +9,8 @@ process instead: a push to all of them wakes it once, and it reads each connecti
 data in turn.
 
 A connection whose own caller is reading its answer is left to that caller: it is parked,
-not polled, for a moment (``readable`` says how long, and each retry that finds the caller
-still there waits twice as long, up to TICK), or the poll would report it over and over; the
-caller resumes it (:meth:`SharedReader.resume`) when it is done.
+not polled, for a moment (``readable`` says how long), or the poll would report it over and
+over; a caller done after a long wait resumes it (:meth:`SharedReader.resume`).
 """
 
 from __future__ import annotations
@@ -66,8 +65,17 @@ class SharedReader:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._poller.register(self._wake_read.fileno(), READ)
+        self._running = True
         self._thread = threading.Thread(target=self._run, name="clustorage-reader", daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """End the thread (the process's own reader runs as long as the process)."""
+        self._running = False
+        self._wake()
+        self._thread.join()
+        self._wake_read.close()
+        self._wake_write.close()
 
     def watch(self, sock: socket.socket, watched: Watched) -> int:
         """Read ``sock`` for ``watched`` from now on, until it fails or :meth:`forget`;
@@ -128,7 +136,7 @@ class SharedReader:
 
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK
-        while True:
+        while self._running:
             try:
                 next_tick = self._turn(next_tick)
             except Exception:  # every node of the process depends on this thread
@@ -183,9 +191,6 @@ class SharedReader:
             with self._lock:
                 if not self._mine(fd, watched):
                     return
-                before = self._parked.get(fd)
-                if retry and before is not None:
-                    delay = min(max(delay, 2 * before), TICK)
                 self._park(fd, delay)
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
         elif fd in self._parked:

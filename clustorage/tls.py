@@ -290,12 +290,11 @@ class TLSSocket(ssl.SSLSocket):
         return tls
 
     def pending(self) -> int:
-        """How many bytes TLS holds that no poll of the socket would report."""
-        if not self._open:
-            return 0
-        with self._lock:
-            tls = _tls_object(self)
-            return 0 if tls is None else int(tls.pending())
+        """How many bytes TLS holds that no poll of the socket would report. Without the
+        lock: it reads the receiving side's state only, which nobody but the reader
+        (holding the lock) changes, and the object outlives a close while referenced."""
+        tls = _tls_object(self)
+        return 0 if tls is None else int(tls.pending())
 
     def _real_close(self) -> None:
         if not self._open:
