@@ -464,9 +464,9 @@ class MemberClient:
 
     def readable(self, sock: socket.socket, retry: bool) -> float | None:
         """Read what arrived on ``sock``, for the shared reader; or, while a caller waits
-        for its answer or just had it, LINGER: the seconds until it tries again. The
-        caller reads its answer itself: a second thread woken by every answer would cost
-        each request two thread switches."""
+        for its answer or just had it, the seconds until it tries again. The caller reads
+        its answer itself: a second thread woken by every answer would cost each request
+        two thread switches."""
         now = time.monotonic()
         if not retry and (self.pending.busy() or now - self._last_answer < LINGER):
             return LINGER
@@ -484,6 +484,13 @@ class MemberClient:
         finally:
             self._io_lock.release()
         return None
+
+    def _take_io(self) -> bool:
+        """Whether this caller may read its answer itself (then :meth:`_release_io`)."""
+        if not self._io_lock.acquire(blocking=False):
+            return False
+        self._held_since = time.monotonic()
+        return True
 
     def _release_io(self) -> None:
         """A caller is done reading: after a long wait, the shared reader, which stepped
@@ -673,8 +680,7 @@ class MemberClient:
         thread is reading, it hands us the answer instead.
         """
         remaining = timeout
-        if self._io_lock.acquire(blocking=False):
-            self._held_since = time.monotonic()
+        if self._take_io():
             try:
                 deadline = time.monotonic() + timeout
                 self._read_until(lambda: waiter.done, deadline, lambda: waiter.queued)
@@ -716,8 +722,7 @@ class MemberClient:
 
     def _request(self, build: Build, timeout: float, patient: bool) -> Message:
         self._check_thread()
-        if self._is_ready and self._io_lock.acquire(blocking=False):
-            self._held_since = time.monotonic()
+        if self._is_ready and self._take_io():
             try:
                 answer = self._request_reading(build, timeout, patient)
             finally:

@@ -148,15 +148,6 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = time.monotonic()
-        if self._into_bulk:  # the bytes went straight into a big payload
-            try:
-                ended = self._conn.received_into(nbytes)
-                if ended is not None and self._storable(message := messages.decode(ended)):
-                    self._handle(self, message)
-            except ProtocolError as exc:
-                log.warning("closed %s (%s): %s", self.address, self.name, exc)
-                self.close(flush=True)
-            return
         if self._conn.state is not State.OPEN:
             if self._conn.state is State.AWAIT_RESPONSE and self._conn.tagged:
                 tls_object = self._transport and self._transport.get_extra_info("ssl_object")
@@ -166,7 +157,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._pump()
             return
         try:
-            payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
+            if self._into_bulk:  # the bytes went straight into a big payload
+                ended = self._conn.received_into(nbytes)  # inside TLS, it may end there
+                payloads: list[bytes | memoryview] = [] if ended is None else [ended]
+            else:
+                payloads = self._conn.read_frames(_READ_BUFFER[:nbytes])
             handle = self._handle
             for payload in payloads:
                 message = messages.decode(payload)
