@@ -24,14 +24,11 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchlib import start_loader, stop_process, tls_files
-
-import clustorage
+from benchlib import certificates, start_loader, stop_process, tls_files
 
 MB = 1_000_000
 _BATCHES = itertools.count()
@@ -165,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
     parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as temp:
-        certs = None
-        if args.tls:
-            certs = Path(temp)
-            clustorage.init_tls(certs, ["L", "member"], [])
+    with certificates(["L", "member"], args.tls) as certs:
         return run(args, certs)
 
 

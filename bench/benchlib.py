@@ -3,6 +3,7 @@ units, free ports and resident memory."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -11,8 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,20 @@ __all__ = [
     "tcp_bytes_sent",
     "wait_for_port",
 ]
+
+
+@contextlib.contextmanager
+def certificates(names: Sequence[str], wanted: bool = True) -> Iterator[Path | None]:
+    """A CA and a certificate for each node of ``names`` (``clustorage.init_tls``) in a
+    temporary folder, for as long as the block runs; None when not ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    import clustorage  # here: the modules that share this one measure its import
+
+    with tempfile.TemporaryDirectory() as temp:
+        clustorage.init_tls(Path(temp), list(names), [])
+        yield Path(temp)
 
 
 def tls_files(certs: Path | None, name: str) -> dict[str, str]:

@@ -20,12 +20,11 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import free_port, stop_process, tls_files, wait_for_port
+from benchlib import certificates, free_port, stop_process, tls_files, wait_for_port
 
 import clustorage
 
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds, 4 members")
     parser.add_argument("--tls", action="store_true", help="every connection over TLS")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as temp:
-        certs = None
-        if args.tls:
-            certs = Path(temp)
-            clustorage.init_tls(certs, ["L", "timer", "m"], [])
+    with certificates(["L", "timer", "m"], args.tls) as certs:
         return run(args.quick, certs)
 
 

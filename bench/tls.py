@@ -23,13 +23,12 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from benchlib import start_loader, stop_process, summarize, tls_files
+from benchlib import certificates, start_loader, stop_process, summarize, tls_files
 
 import clustorage
 
@@ -169,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("CLUSTORAGE_NAME", "CLUSTORAGE_LOADER", "CLUSTORAGE_LISTEN", "CLUSTORAGE_DATA"):
         env.pop(name, None)
     os.environ["CLUSTORAGE_COOKIE"] = env["CLUSTORAGE_COOKIE"]
-    with tempfile.TemporaryDirectory() as temp:
-        certs = Path(temp) / "tls"
-        clustorage.init_tls(certs, ["L", "timer", "member"], [])
+    with certificates(["L", "timer", "member"]) as certs:
+        assert certs is not None
         plain = Mode("plain", env, None)
         tls = Mode("tls", env, certs)
         try:
