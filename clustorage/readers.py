@@ -59,7 +59,7 @@ class SharedReader:
         self._lock = threading.Lock()
         self._watched: dict[int, tuple[socket.socket, Watched]] = {}
         self._later: list[tuple[float, int, int, Watched]] = []  # when, order, fd, watched
-        self._parked: dict[int, float] = {}  # fd: the wait before its next retry
+        self._parked: set[int] = set()  # sockets not polled until their retry or resume
         self._order = itertools.count()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -83,7 +83,7 @@ class SharedReader:
         fd = sock.fileno()
         with self._lock:
             self._watched[fd] = (sock, watched)
-            self._parked.pop(fd, None)  # a closed socket's number, parked
+            self._parked.discard(fd)  # a closed socket's number, parked
             try:
                 self._poller.register(fd, READ)
             except FileExistsError:  # a closed socket's number, still registered
@@ -111,21 +111,24 @@ class SharedReader:
         if not self._mine(fd, watched):
             return
         del self._watched[fd]
-        if self._parked.pop(fd, None) is None:
+        if fd in self._parked:
+            self._parked.discard(fd)
+        else:
             with contextlib.suppress(OSError, ValueError):
                 self._poller.unregister(fd)
 
-    def _park(self, fd: int, wait: float) -> None:
+    def _park(self, fd: int) -> None:
         """(The lock held.) Poll ``fd`` no more (not even for a hang-up) until unparked."""
         if fd not in self._parked:
             with contextlib.suppress(OSError, ValueError):
                 self._poller.unregister(fd)
-        self._parked[fd] = wait
+        self._parked.add(fd)
 
     def _unpark(self, fd: int) -> bool:
         """(The lock held.) Poll ``fd`` again; whether it was parked."""
-        if self._parked.pop(fd, None) is None:
+        if fd not in self._parked:
             return False
+        self._parked.discard(fd)
         with contextlib.suppress(OSError, ValueError):
             self._poller.register(fd, READ)
         return True
@@ -191,7 +194,7 @@ class SharedReader:
             with self._lock:
                 if not self._mine(fd, watched):
                     return
-                self._park(fd, delay)
+                self._park(fd)
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
         elif fd in self._parked:
             with self._lock:
