@@ -172,9 +172,7 @@ class LoaderRuntime:
             return
         core.address = standby.address
         self.core = core
-        for entry in core.entries.values():
-            self.replica.install(entry, lazy=True)
-        core.join(self._local)
+        self._serve_local()
         log.info(
             "loader %s active on %s (epoch %d) with %d entries",
             self.config.name,
@@ -183,6 +181,13 @@ class LoaderRuntime:
             len(core.entries),
         )
         self.changed()
+
+    def _serve_local(self) -> None:
+        """The loader's own node: what the core holds, loaded when first asked for, and a
+        member of its cluster."""
+        for entry in self.core.entries.values():
+            self.replica.install(entry, lazy=True)
+        self.core.join(self._local)
 
     def _step_down(self) -> None:
         """On the loop: this loader lost its lock; it serves nobody until it takes it again."""
@@ -256,9 +261,7 @@ class LoaderRuntime:
             self._campaign.start()
             log.info("loader %s listening on %s", self.config.name, self.core.address)
             return address[0], address[1]
-        for entry in self.core.entries.values():
-            self.replica.install(entry, lazy=True)
-        self.core.join(self._local)
+        self._serve_local()
         self._heartbeat = self.loop.call_later(self.timing.heartbeat / 2, self._heartbeats)
         log.info(
             "loader %s listening on %s with %d entries from %s",
