@@ -9,6 +9,7 @@ machine; it prints each tree's median batch and their ratio.
     .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
     .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
+    .venv/bin/python bench/ab.py /tmp/before . --writes 8       # acked puts/s, 8 writers, durable
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
 Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
@@ -18,12 +19,15 @@ bench/README.md come from; a smaller difference needs more rounds, or is not the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -76,6 +80,25 @@ for line in sys.stdin:
 """
 
 
+# Acked puts in a loop over 64 keys of its own, from a start time for a while; one count per
+# line. Every writer of a tree starts at once, on a durable loader, as run.py's writes do.
+WRITES = r"""
+import sys, time, clustorage
+node = clustorage.Node(sys.argv[3], sys.argv[1], cookie=sys.argv[2], timeout=60)
+node.put(f"{sys.argv[3]}-warm", 0)
+print("ready", flush=True)
+for line in sys.stdin:
+    start_at, seconds = map(float, line.split())
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    end, count = start_at + seconds, 0
+    while time.time() < end:
+        node.put(f"{sys.argv[3]}-{count % 64}", count)
+        count += 1
+    print(count, flush=True)
+"""
+
+
 class BenchError(Exception):
     """A child process failed or did not answer."""
 
@@ -87,13 +110,19 @@ class Tree:
     path: Path
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     figures: list[float] = field(default_factory=list)
+    cpu_per_op: list[list[float]] = field(default_factory=list)
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the loader, and of its members together."""
+        seconds = [process_cpu(process.pid) for process in self.processes]
+        return seconds[0], sum(seconds[1:])
 
     def start(
-        self, programs: list[tuple[str, ...]], certs: Path | None
+        self, programs: list[tuple[str, ...]], certs: Path | None, data: str = ":memory:"
     ) -> list[subprocess.Popen[str]]:
         cookie = secrets.token_hex(16)
         env = {**os.environ, "PYTHONPATH": str(self.path), "CLUSTORAGE_COOKIE": cookie}
-        address, loader = start_loader({**env, **tls_files(certs, "L")}, cwd=self.path)
+        address, loader = start_loader({**env, **tls_files(certs, "L")}, self.path, data)
         env.update(tls_files(certs, "member"))
         self.processes.append(loader)
         members = []
@@ -118,6 +147,13 @@ class Tree:
             if process.stdin is not None:
                 process.stdin.close()
             stop_process(process)
+
+
+def process_cpu(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_line(process: subprocess.Popen[str]) -> list[str]:
@@ -154,10 +190,21 @@ def transfer_batch(members: list[subprocess.Popen[str]], size: int) -> float:
     return size / MB / (float(arrived) - float(started))
 
 
+def writes_batch(members: list[subprocess.Popen[str]], seconds: float) -> float:
+    """Acked puts per second of every writer at once, for ``seconds``."""
+    start_at = time.time() + 0.2
+    for member in members:
+        write_line(member, f"{start_at} {seconds}")
+    return sum(int(read_line(member)[0]) for member in members) / seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("trees", nargs=2, type=Path, metavar="TREE", help="two source trees")
     parser.add_argument("--transfer", action="store_true", help="100 MB values, not misses")
+    parser.add_argument(
+        "--writes", type=int, metavar="N", help="acked puts/s of N writers, durable store"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
     parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
@@ -168,31 +215,46 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, certs: Path | None) -> int:
     rounds = 2 if args.quick else args.rounds
-    if args.transfer:
+    if args.writes:
+        size: float = 0.5 if args.quick else 3.0  # seconds per batch
+        programs = [(WRITES, f"w{i}") for i in range(args.writes)]
+        unit, higher_is_better = "acked puts/s", True
+    elif args.transfer:
         size = MB if args.quick else 100 * MB
-        programs: list[tuple[str, ...]] = [(WRITER, str(size)), (READER,)]
+        programs = [(WRITER, str(size)), (READER,)]
         unit, higher_is_better = "MB/s", True
     else:
         size = 50 if args.quick else 2000
         programs = [(MISSES,)]
         unit, higher_is_better = "us per miss", False
+    batch: Any = writes_batch if args.writes else transfer_batch if args.transfer else miss_batch
     trees = [Tree(path.resolve()) for path in args.trees]
-    try:
-        members = [tree.start(programs, certs) for tree in trees]
-        batch: Any = transfer_batch if args.transfer else miss_batch
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [tree.stop() for tree in trees])
+        members = []
+        for tree in trees:  # the writes' loaders on the durable store, each its own
+            data = stack.enter_context(tempfile.TemporaryDirectory()) if args.writes else ":memory:"
+            members.append(tree.start(programs, certs, data))
         for first in (0, 1):  # one batch each to warm up, not counted
             batch(members[first], size)
         for round_number in range(rounds):
             order = (0, 1) if round_number % 2 == 0 else (1, 0)
             for index in order:
-                trees[index].figures.append(batch(members[index], size))
-    finally:
-        for tree in trees:
-            tree.stop()
+                before = trees[index].cpu()
+                figure = batch(members[index], size)
+                trees[index].figures.append(figure)
+                if args.writes:  # CPU seconds per put: the loader's, the writers'
+                    spent = [b - a for a, b in zip(before, trees[index].cpu(), strict=True)]
+                    trees[index].cpu_per_op.append([s / (figure * size) for s in spent])
     medians = [statistics.median(tree.figures) for tree in trees]
     for name, tree, median in zip("AB", trees, medians, strict=True):
         low, high = min(tree.figures), max(tree.figures)
         print(f"{name} {tree.path}: {median:.1f} {unit} (min {low:.1f}, max {high:.1f})")
+        if tree.cpu_per_op:
+            loader, writers = (
+                statistics.median(c) * 1e6 for c in zip(*tree.cpu_per_op, strict=True)
+            )
+            print(f"  CPU per put: loader {loader:.0f} us, writers {writers:.0f} us")
     ratio = medians[1] / medians[0]
     better = ratio > 1 if higher_is_better else ratio < 1
     print(f"B/A {ratio:.3f} ({'B better' if better else 'B not better'})")
