@@ -8,10 +8,18 @@ stalls"). What is queued during a pass goes in the next one, so under a burst of
 node receives one frame per pass, not one per write, and membership news is one delta per
 pass, not the whole list per join: joining N nodes costs O(N) frames, not O(N²).
 
-A pass that needed more than one slice (hundreds of peers) is followed by a rest as long
-as it spent delivering, before the next pass begins: the fan-out takes at most half of the
-loop's time however fast changes come, and what changes meanwhile reaches every node in one
-frame of the next pass, not in one frame per change that every node must read and check.
+Passes are paced: the next one begins PACE after the one before began, at the soonest, and
+a pass that needed more than one slice (hundreds of peers) is followed by a rest as long as
+it spent delivering. A change after a quiet moment goes out at once; under a stream of
+writes, every node gets one frame per PACE carrying all of them, not one frame per write
+that it must read and check, and the fan-out takes at most half of the loop's time however
+fast changes come. A definition is waited for (its author counts the acknowledgements): it
+cuts a rest short.
+
+Coalescing: a replica applies only a newer version of a key (SPEC "Replicas converge"), so
+of the changes of one entry queued for a pass only the newest goes out; a node hears of the
+versions it would have overwritten at once only when they came in different passes. A
+definition, which every node acknowledges, is never left out.
 
 Order: a node may now hear of a change after it heard of a newer one (a request's answer
 goes first). Every change carries its version, and replicas apply only newer ones, so this
@@ -24,11 +32,36 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .messages import Members, Message, Payload, Pushes, encode, encode_parts
+from .messages import (
+    Announce,
+    Load,
+    Members,
+    Message,
+    Payload,
+    Pushes,
+    Unload,
+    encode,
+    encode_parts,
+)
 
-__all__ = ["SLICE", "Fanout"]
+__all__ = ["PACE", "SLICE", "Fanout"]
 
 SLICE = 0.0005  # seconds of delivering before the loop is handed back
+PACE = 0.002  # seconds from the beginning of a pass to the beginning of the next, at least
+
+
+def _changed(message: Message) -> tuple[tuple[str, str], int] | None:
+    """The entry a push changes and its version, if a newer change of it may replace it:
+    not a definition (its nodes acknowledge that version), nor membership news."""
+    if type(message) is Load:
+        entry = None if message.ack else message.entry
+    elif type(message) is Announce:
+        entry = message.entry
+    elif type(message) is Unload:
+        return (message.kind, message.key), message.version
+    else:
+        entry = None
+    return None if entry is None else ((entry.kind, entry.key), entry.version)
 
 
 class Fanout:
@@ -54,7 +87,10 @@ class Fanout:
         self._resting = False  # the coming pass waits for the end of a rest
         self._turn = 0  # passes scheduled so far
         self._rest_until = 0.0  # no pass begins before this (see the module docstring)
-        self._queued: list[Message] = []
+        # What the coming pass sends, in order: a replaceable change under its entry's
+        # (kind, key), anything else under a number of its own.
+        self._queued: dict[object, tuple[int, Message]] = {}
+        self._numbers = 0
         self._skip: set[int] = set()  # ids of the peers the queued pushes came from
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
@@ -65,8 +101,9 @@ class Fanout:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
         request made it, already has it: it is left out of a pass whose every push is
         from it, as a lone writer's are). An ``urgent`` one, which someone waits for
-        (a definition to acknowledge), cuts a rest short."""
-        self._queued.append(message)
+        (a definition to acknowledge), cuts a rest short. A change of an entry replaces
+        an older one of it still queued (see the module docstring)."""
+        self._enqueue(message)
         self._skip.add(id(skip))
         self._urgent = self._urgent or urgent
         self._start(urgent)
@@ -75,6 +112,19 @@ class Fanout:
         """Tell every peer, in a coming pass, that ``name`` joined or left."""
         self._joined[name] = connected
         self._start()
+
+    def _enqueue(self, message: Message) -> None:
+        queued = self._queued
+        changed = _changed(message)
+        self._numbers += 1
+        if changed is None:
+            queued[self._numbers] = (0, message)
+            return
+        where, version = changed
+        held = queued.get(where)
+        if held is None or held[0] <= version:  # else a newer one is queued: it stays
+            queued.pop(where, None)  # the newer goes where it belongs in order
+            queued[where] = (version, message)
 
     @property
     def idle(self) -> bool:
@@ -101,10 +151,11 @@ class Fanout:
             news, self._joined = self._joined, {}
             present = tuple(sorted(name for name, on in news.items() if on))
             gone = tuple(sorted(name for name, on in news.items() if not on))
-            self._queued.append(Members(present, gone))
+            self._enqueue(Members(present, gone))
             self._skip.add(id(None))
-        queued, skip = self._queued, (next(iter(self._skip)) if len(self._skip) == 1 else id(None))
-        self._queued, self._skip, self._urgent = [], set(), False
+        queued = [message for _, message in self._queued.values()]
+        skip = next(iter(self._skip)) if len(self._skip) == 1 else id(None)
+        self._queued, self._skip, self._urgent = {}, set(), False
         peers = [peer for peer in self._peers() if id(peer) != skip]
         if not queued or not peers:  # nobody to tell (a lone writer's own writes): not encoded
             self._pass = None
@@ -117,6 +168,7 @@ class Fanout:
         self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
         self._spent = 0.0
+        self._rest_until = time.monotonic() + PACE
         self._deliver()
 
     def _deliver(self) -> None:
@@ -134,7 +186,7 @@ class Fanout:
         now = time.monotonic()
         self._spent += now - began
         if self._spent > SLICE:
-            self._rest_until = now + self._spent
+            self._rest_until = max(self._rest_until, now + self._spent)
         self._frame = None
         self._pass = None
         if self._queued or self._joined:

@@ -1,6 +1,6 @@
 """The fan-out: pushes queued, encoded once per pass, delivered a slice at a time; a pass
-of one push sends it as it is, several go in one Pushes frame; a long pass is followed by a
-rest."""
+of one push sends it as it is, several go in one Pushes frame; of one entry's changes only
+the newest goes; passes are paced, and a long pass is followed by a rest."""
 
 from __future__ import annotations
 
@@ -10,8 +10,19 @@ from typing import Any
 import pytest
 
 import clustorage.fanout as fanout_module
-from clustorage.fanout import SLICE, Fanout
-from clustorage.messages import VALUE, Entry, Load, Members, Pushes, Unload, decode
+from clustorage.fanout import PACE, SLICE, Fanout
+from clustorage.messages import (
+    FUNCTION,
+    VALUE,
+    Announce,
+    Entry,
+    Load,
+    Members,
+    Pushes,
+    Unload,
+    decode,
+    encode,
+)
 
 
 class Peer:
@@ -49,8 +60,8 @@ class Loop:
             self.calls.pop(0)()
 
 
-def entry(key: str, version: int) -> Entry:
-    return Entry(VALUE, key, version, b"\x80\x05K\x01.", None, "w", 1.0)
+def entry(key: str, version: int, kind: str = VALUE) -> Entry:
+    return Entry(kind, key, version, b"\x80\x05K\x01.", None, "w", 1.0)
 
 
 def test_pushes_queued_before_a_pass_go_out_in_one_frame_encoded_once() -> None:
@@ -58,7 +69,7 @@ def test_pushes_queued_before_a_pass_go_out_in_one_frame_encoded_once() -> None:
     peers = [Peer("a"), Peer("b")]
     loop = Loop()
     fanout = Fanout(lambda: peers, loop.later)
-    messages = [Load(entry("k", 1), False), Load(entry("k", 2), False), Unload(VALUE, "k", 3, "w")]
+    messages = [Load(entry("k", 1), False), Load(entry("j", 2), False), Unload(VALUE, "i", 3, "w")]
     for message in messages:
         fanout.push(message)
     loop.run()
@@ -66,6 +77,49 @@ def test_pushes_queued_before_a_pass_go_out_in_one_frame_encoded_once() -> None:
         assert len(peer.frames) == 1 and peer.heard() == messages
     assert peers[0].parts[0] is peers[1].parts[0]
     assert fanout.idle
+
+
+def test_of_one_entrys_changes_in_a_pass_only_the_newest_goes_out() -> None:
+    """Bytes in, bytes out: puts, a big value's announcement and a deletion of one key
+    queued in any order leave the newest, in the place of the last; other keys keep theirs."""
+    peer = Peer("a")
+    loop = Loop()
+    fanout = Fanout(lambda: [peer], loop.later)
+    for message in [
+        Load(entry("k", 1), False),
+        Load(entry("j", 1), False),
+        Load(entry("k", 3), False),
+        Announce(entry("k", 2)._replace(payload=b""), 2 << 20),  # older than 3: left out
+        Load(entry("j", 2), False),
+        Unload(VALUE, "k", 4, "w"),
+        Load(entry("k", 1, FUNCTION), False),  # another kind, another entry
+    ]:
+        fanout.push(message)
+    loop.run()
+    (frame,) = peer.frames
+    assert isinstance(frame, Pushes)
+    assert frame.frames == (
+        encode(Load(entry("j", 2), False)),
+        encode(Unload(VALUE, "k", 4, "w")),
+        encode(Load(entry("k", 1, FUNCTION), False)),
+    )
+
+
+def test_a_definition_is_never_left_out_for_a_newer_change() -> None:
+    """Every node acknowledges a definition's version: it goes out, and so does what
+    replaced it (a newer definition, a deletion)."""
+    peer = Peer("a")
+    loop = Loop()
+    fanout = Fanout(lambda: [peer], loop.later)
+    pushed = [
+        Load(entry("f", 1, FUNCTION), True),
+        Load(entry("f", 2, FUNCTION), True),
+        Unload(FUNCTION, "f", 3, "w"),
+    ]
+    for message in pushed:
+        fanout.push(message, urgent=message is not pushed[-1])
+    loop.run()
+    assert peer.heard() == pushed
 
 
 def test_a_pass_whose_every_push_came_from_one_peer_leaves_it_out() -> None:
@@ -151,7 +205,7 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     loop.run()
     assert not rests
     fanout.push(Load(entry("k", 2), False))
-    fanout.push(Load(entry("k", 3), False))
+    fanout.push(Load(entry("j", 3), False))
     assert loop.calls == [] and len(rests) == 1
     assert rests[0][0] == pytest.approx(3 * SLICE)
     clock.now += rests[0][0]
@@ -165,9 +219,36 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     fanout = Fanout(lambda: quick, loop.later, lambda delay, call: rests.append((delay, call)))
     fanout.push(Load(entry("k", 4), False))
     loop.run()
+    clock.now += PACE
     fanout.push(Load(entry("k", 5), False))
     loop.run()
     assert not rests and len(quick[0].frames) == 2
+
+
+def test_passes_are_paced_and_what_comes_meanwhile_goes_in_one_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A change after a quiet moment goes at once; the ones right after it wait until PACE
+    after that pass began, then go together."""
+    clock = Clock()
+    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
+    peer = Peer("a")
+    loop = Loop()
+    rests: Rests = []
+    fanout = Fanout(lambda: [peer], loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    assert len(peer.frames) == 1 and not rests
+    clock.now += PACE / 4
+    for key in ("a", "b", "c"):
+        fanout.push(Load(entry(key, 1), False))
+    assert not loop.calls and len(rests) == 1
+    assert rests[0][0] == pytest.approx(PACE * 3 / 4)
+    clock.now += rests[0][0]
+    rests.pop()[1]()
+    loop.run()
+    assert len(peer.frames) == 2 and [m.entry.key for m in peer.heard()] == ["k", "a", "b", "c"]
+    assert fanout.idle
 
 
 def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
