@@ -92,7 +92,7 @@ class LoaderRuntime:
             self.loop.close()
             raise
         self._writer = (
-            StoreWriter(store, self._post, inline=not config.store)
+            StoreWriter(store, self._post, inline=not config.store, soon=self.loop.call_soon)
             if store.path != MEMORY
             else None
         )

@@ -1,0 +1,101 @@
+"""The loader's small store writes of one loop pass commit in one transaction, each still
+answered on its own: a write that fails fails only its own request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clustorage.errors import ValueTooLarge
+from clustorage.messages import VALUE, Entry
+from clustorage.store import SQLiteStore
+from clustorage.writer import StoreWriter
+
+pytestmark = pytest.mark.timeout(60)
+
+Outcomes = list[tuple[str, BaseException | None]]
+
+
+def value(key: str, payload: bytes = b"v") -> Entry:
+    return Entry(VALUE, key, 1, payload, None, "m", 1.0)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(str(tmp_path / "s.sqlite3"), max_length=4096)
+    yield store
+    store.close()
+
+
+def counting_transactions(store: SQLiteStore) -> list[int]:
+    """A list that gets an item for every transaction the store opens."""
+    opened: list[int] = []
+    transaction = store.transaction
+
+    def counted() -> object:
+        opened.append(1)
+        return transaction()
+
+    store.transaction = counted  # type: ignore[method-assign,assignment]
+    return opened
+
+
+def commit_each(writer: StoreWriter, entries: list[Entry], outcomes: Outcomes) -> None:
+    for entry in entries:
+
+        def done(stored: object, error: BaseException | None, key: str = entry.key) -> None:
+            outcomes.append((key, error))
+
+        writer.commit(entry, 0, done)
+
+
+def test_the_small_writes_of_one_pass_commit_together(store: SQLiteStore) -> None:
+    """Three puts handled in one pass: nothing is written until the loop comes round, then
+    one transaction holds all three, and each is answered."""
+    opened = counting_transactions(store)
+    soon: list[Callable[[], None]] = []
+    writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+    outcomes: Outcomes = []
+    commit_each(writer, [value("a"), value("b"), value("c")], outcomes)
+    assert not outcomes and len(soon) == 1 and store.current() == []
+    soon.pop()()
+    assert outcomes == [("a", None), ("b", None), ("c", None)]
+    assert len(opened) == 1
+    assert sorted(entry.key for entry in store.current()) == ["a", "b", "c"]
+    writer.close()
+
+
+def test_a_write_that_fails_in_a_group_fails_alone(store: SQLiteStore) -> None:
+    """An entry over what a row holds is refused; the others of its pass are stored."""
+    soon: list[Callable[[], None]] = []
+    writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+    outcomes: Outcomes = []
+    commit_each(writer, [value("a"), value("big", b"x" * 5000), value("c")], outcomes)
+    soon.pop()()
+    assert [key for key, _ in outcomes] == ["a", "big", "c"]
+    assert outcomes[0][1] is None and outcomes[2][1] is None
+    assert isinstance(outcomes[1][1], ValueTooLarge)
+    assert sorted(entry.key for entry in store.current()) == ["a", "c"]
+    writer.close()
+
+
+def test_writes_gathered_when_the_loop_stops_are_still_written(store: SQLiteStore) -> None:
+    """Closing the writer writes what a pass gathered (nobody is told any more)."""
+    soon: list[Callable[[], None]] = []
+    writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+    outcomes: Outcomes = []
+    commit_each(writer, [value("a"), value("b")], outcomes)
+    writer.close()
+    assert sorted(entry.key for entry in store.current()) == ["a", "b"]
+    assert not outcomes
+
+
+def test_without_a_loop_each_small_write_runs_at_once(store: SQLiteStore) -> None:
+    """A writer not told how to defer (no ``soon``) writes each small entry on the spot."""
+    writer = StoreWriter(store, lambda call: call())
+    outcomes: Outcomes = []
+    commit_each(writer, [value("a")], outcomes)
+    assert outcomes == [("a", None)]
+    writer.close()
