@@ -47,7 +47,7 @@ from .messages import (
 __all__ = ["PACE", "SLICE", "Fanout"]
 
 SLICE = 0.0005  # seconds of delivering before the loop is handed back
-PACE = 0.002  # seconds from the beginning of a pass to the beginning of the next, at least
+PACE = 0.005  # seconds from the beginning of a pass to the beginning of the next, at least
 
 
 def _changed(message: Message) -> tuple[tuple[str, str], int] | None:

@@ -173,13 +173,14 @@ class Clock:
 
 
 Rests = list[tuple[float, Callable[[], None]]]
+SLOW_PEERS = int(PACE / SLICE) + 1  # a slice each: delivering takes longer than PACE
 
 
 def slow_fanout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[Clock, list[Peer], Loop, Rests, Fanout]:
-    """A fan-out to three peers that each take a whole slice to deliver to, on a fake clock;
-    the rests it asks for are recorded, not scheduled."""
+    """A fan-out to SLOW_PEERS peers that each take a whole slice to deliver to, on a fake
+    clock; the rests it asks for are recorded, not scheduled."""
     clock = Clock()
     monkeypatch.setattr(fanout_module.time, "monotonic", clock)
 
@@ -188,7 +189,7 @@ def slow_fanout(
             clock.now += SLICE
             super().deliver(message, parts)
 
-    peers: list[Peer] = [Slow(str(i)) for i in range(3)]
+    peers: list[Peer] = [Slow(str(i)) for i in range(SLOW_PEERS)]
     loop = Loop()
     rests: Rests = []
     fanout = Fanout(lambda: peers, loop.later, lambda delay, call: rests.append((delay, call)))
@@ -198,8 +199,9 @@ def slow_fanout(
 def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Delivering took three slices: the next pass begins only that long after, and carries
-    everything queued meanwhile in one frame; a one-slice pass needs no rest."""
+    """Delivering took a slice per peer, longer than PACE: the next pass begins only that
+    long after, and carries everything queued meanwhile in one frame; a one-slice pass
+    needs no rest but PACE's."""
     clock, peers, loop, rests, fanout = slow_fanout(monkeypatch)
     fanout.push(Load(entry("k", 1), False))
     loop.run()
@@ -207,7 +209,7 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     fanout.push(Load(entry("k", 2), False))
     fanout.push(Load(entry("j", 3), False))
     assert loop.calls == [] and len(rests) == 1
-    assert rests[0][0] == pytest.approx(3 * SLICE)
+    assert rests[0][0] == pytest.approx(SLOW_PEERS * SLICE)
     clock.now += rests[0][0]
     rests.pop()[1]()
     loop.run()
