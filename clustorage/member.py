@@ -556,9 +556,8 @@ class MemberClient:
             self._last_sent = now
 
     def _dispatch(self, message: Message) -> None:
-        if type(message) is Pushes:
-            for frame in message.frames:
-                self._dispatch(messages.decode(frame))
+        if type(message) is Pushes:  # a fan-out pass's pushes, applied in one go
+            self._apply(lambda: self._push_all(message.frames))
             return
         rid = getattr(message, "rid", None)
         if rid is not None:
@@ -584,6 +583,21 @@ class MemberClient:
     def _push(self, message: Message) -> None:
         if apply_push(self.replica, message):
             self._roster.merge(message)  # type: ignore[arg-type]
+            self.changed()
+
+    def _push_all(self, frames: tuple[bytes, ...]) -> None:
+        replica, joined = self.replica, False
+        for frame in frames:
+            message = messages.decode(frame)
+            if type(message) is Load:
+                replica.install(message.entry)
+                if message.ack:
+                    entry = message.entry
+                    self._send(Loaded(entry.kind, entry.key, entry.version))
+            elif apply_push(replica, message):
+                self._roster.merge(message)  # type: ignore[arg-type]
+                joined = True
+        if joined:
             self.changed()
 
     def _apply(self, change: Callable[[], None]) -> None:
