@@ -10,6 +10,7 @@ machine; it prints each tree's median batch and their ratio.
     .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
     .venv/bin/python bench/ab.py /tmp/before . --writes 8       # acked puts/s, 8 writers, durable
+    .venv/bin/python bench/ab.py /tmp/before . --durable        # the miss on the durable store
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
 Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--writes", type=int, metavar="N", help="acked puts/s of N writers, durable store"
     )
+    parser.add_argument("--durable", action="store_true", help="loaders on the durable store")
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
     parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
@@ -232,8 +234,9 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [tree.stop() for tree in trees])
         members = []
-        for tree in trees:  # the writes' loaders on the durable store, each its own
-            data = stack.enter_context(tempfile.TemporaryDirectory()) if args.writes else ":memory:"
+        durable = args.writes or args.durable
+        for tree in trees:  # a durable loader's store: a directory of its own
+            data = stack.enter_context(tempfile.TemporaryDirectory()) if durable else ":memory:"
             members.append(tree.start(programs, certs, data))
         for first in (0, 1):  # one batch each to warm up, not counted
             batch(members[first], size)

@@ -49,7 +49,9 @@ def test_cpu_bench_runs() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    "measure", [[], ["--transfer"], ["--tls"]], ids=["miss", "transfer", "tls"]
+    "measure",
+    [[], ["--transfer"], ["--tls"], ["--writes", "2"], ["--durable"]],
+    ids=["miss", "transfer", "tls", "writes", "durable"],
 )
 def test_ab_bench_runs(measure: list[str]) -> None:
     """bench/ab.py --quick runs two trees side by side and prints their ratio."""
