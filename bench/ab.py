@@ -9,8 +9,8 @@ machine; it prints each tree's median batch and their ratio.
     .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
     .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
-    .venv/bin/python bench/ab.py /tmp/before . --writes 8       # acked puts/s, 8 writers, durable
-    .venv/bin/python bench/ab.py /tmp/before . --durable        # the miss on the durable store
+    .venv/bin/python bench/ab.py BEFORE . --writes 8            # acked puts/s, 8 writers, durable
+    .venv/bin/python bench/ab.py BEFORE . --durable             # the miss on the durable store
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
 Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
