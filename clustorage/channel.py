@@ -134,20 +134,22 @@ class Pending:
             self._waiters.pop(rid, None)
         self.queued.pop(rid, None)
 
-    def resolve(self, rid: int, reply: Message) -> None:
+    def resolve(self, rid: int, reply: Message) -> bool:
+        """Hand ``reply`` to its waiter; False if its caller gave up waiting."""
         if type(reply) is Queued:
             waiter = self._waiters.get(rid)
             if waiter is not None:
                 waiter.queued = True
                 self.note_queued(rid, reply)
-            return
+            return waiter is not None
         self.queued.pop(rid, None)
         with self._lock:
             found = self._waiters.pop(rid, None)
         if found is None:
             log.debug("an answer to request %d came after its caller gave up", rid)
-        else:
-            found.set(reply)
+            return False
+        found.set(reply)
+        return True
 
     def fail_all(self, error: BaseException) -> None:
         with self._lock:

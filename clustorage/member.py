@@ -46,7 +46,10 @@ from .hello import HEARTBEAT, check_welcome, handshake_meta, incompatibility
 from .liveness import watch
 from .messages import (
     Commit,
+    Committed,
     Define,
+    Delete,
+    Deleted,
     Failed,
     Fetch,
     History,
@@ -54,6 +57,7 @@ from .messages import (
     Loaded,
     Message,
     Pushes,
+    Put,
     Queued,
     Status,
     Sync,
@@ -78,6 +82,9 @@ RELAYED = (
     ", or, over TLS, something between this node and the loader relays the connection "
     "(the cookie is proven on one TLS session only): check the loader's address"
 )
+
+
+_WRITES = (Put, Commit, Delete)  # their writer applies its own answer: see _late_answer
 
 
 def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, block: bool) -> int:
@@ -193,6 +200,7 @@ class MemberClient:
         self._received = 0  # reads of anything but heartbeats: progress of a long answer
         self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
+        self._abandoned: dict[int, Message] = {}  # writes whose callers stopped waiting
         self._patient = False
         self._followed: socket.socket | None = None  # the socket the shared reader reads
         self._watch: tuple[SharedReader, int, _Following] | None = None
@@ -330,6 +338,7 @@ class MemberClient:
         else:
             held = self.replica.held()
         self._store = store  # from now on, what arrives is numbered by this store
+        self._abandoned.clear()  # the resync brings what their answers would have
         rid, waiter = self.pending.open()
         self._send(Sync(rid, held))
         deadline = time.monotonic() + timeout
@@ -564,7 +573,10 @@ class MemberClient:
             if type(message) is SyncReply:  # applied in its place: later pushes go on top
                 self._apply(lambda: self._resync(message))
             if rid != self._mine:
-                self.pending.resolve(rid, message)
+                if not self.pending.resolve(rid, message):
+                    sent = self._abandoned.pop(rid, None)
+                    if sent is not None:
+                        self._apply(lambda: self._late_answer(sent, message))
             elif type(message) is Queued:
                 self._patient = True
                 self.pending.note_queued(rid, message)
@@ -599,6 +611,21 @@ class MemberClient:
                 joined = True
         if joined:
             self.changed()
+
+    def _gave_up(self, rid: int, sent: Message, answer: Message | None) -> None:
+        """A caller stopped waiting (Ctrl-C) for the answer to a write it sent."""
+        if answer is not None:
+            self._apply(lambda: self._late_answer(sent, answer))
+        elif type(sent) in _WRITES:
+            self._abandoned[rid] = sent
+
+    def _late_answer(self, sent: Message, answer: Message) -> None:
+        """A write done for a caller that stopped waiting: its node applies it all the same,
+        for the fan-out leaves the writer out. A value's bytes come on the next get."""
+        if type(answer) is Committed:
+            self.replica.announce(answer.entry._replace(payload=b""))
+        elif type(answer) is Deleted and type(sent) is Delete:
+            self.replica.remove(sent.kind, sent.key, answer.version, self.config.name)
 
     def _apply(self, change: Callable[[], None]) -> None:
         """Apply a change from the loader, listeners (on_load, on_change) refusing blocking
@@ -746,8 +773,10 @@ class MemberClient:
             return answer
         self._wait_ready(timeout)
         rid, waiter = self.pending.open(patient)
+        sent: Message | None = None
         try:
-            self._send(build(rid))
+            sent = build(rid)
+            self._send(sent)
         except OSError as exc:
             self.pending.discard(rid)
             raise self.unavailable(str(exc)) from exc
@@ -757,7 +786,16 @@ class MemberClient:
         except BaseException:
             self.pending.discard(rid)
             raise
-        return self._await(rid, waiter, timeout)
+        try:
+            return self._await(rid, waiter, timeout)
+        except BaseException:
+            if sent is not None and type(sent) in _WRITES:
+                self._gave_up(rid, sent, None)
+                self.pending.discard(rid)
+                if waiter.done and waiter.reply is not None:  # it came as we gave up
+                    self._abandoned.pop(rid, None)
+                    self._gave_up(rid, sent, waiter.reply)
+            raise
 
     def _request_reading(self, build: Build, timeout: float, patient: bool) -> Message:
         """The common case, holding the io lock: send, then read until our own answer.
@@ -767,9 +805,12 @@ class MemberClient:
         """
         rid = self.pending.number()
         self._mine, self._answer, self._patient = rid, None, patient
+        sent: Message | None = None
+        answered = False
         try:
             try:
-                self._send(build(rid))
+                sent = build(rid)
+                self._send(sent)
             except OSError as exc:
                 raise self.unavailable(str(exc)) from exc
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
@@ -777,6 +818,7 @@ class MemberClient:
             deadline = time.monotonic() + timeout
             self._read_until(lambda: self._answer is not None, deadline, lambda: self._patient)
             if self._answer is not None:
+                answered = True
                 return self._answer
             if not self._is_ready:
                 raise self.unavailable(str(self._last_error or "connection lost"))
@@ -785,6 +827,8 @@ class MemberClient:
             self._lost(exc)
             raise self.unavailable(str(exc)) from exc
         finally:
+            if not answered and sent is not None and type(sent) in _WRITES:
+                self._gave_up(rid, sent, self._answer)
             self.pending.queued.pop(rid, None)
             self._mine, self._answer = 0, None
 

@@ -1,6 +1,7 @@
 """The loader's durable store: every value and function version in SQLite.
 
-The only module that imports sqlite3. WAL journal, one writer (the loader's event loop).
+The only module that imports sqlite3. WAL journal; one connection, written by one thread at a
+time (the loader's loop or its row writer: clustorage.writer keeps them apart).
 A version is committed before the loader acknowledges or hot-loads it (SPEC "Durability").
 Deletions are tombstone rows, so a key's history stays auditable. ``--data :memory:`` keeps
 nothing, so its store is plain dictionaries with the same rules.

@@ -12,7 +12,9 @@ threads take them:
   that writing 900 MB holds up no other write; its row then joins the row writer's queue.
 
 The loader never has two writes of one entry in flight, so the lanes reorder nothing that
-matters.
+matters. The loop and the row writer share the store's one connection, whose transaction
+belongs to whichever thread began it: a lock keeps them apart, and the loop, which never
+waits for it, hands its writes to the row writer when it is taken.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def _run(job: Job, store: Store) -> BaseException | None:
         job(store)
     except (StoreError, ValueTooLarge) as exc:
         return exc
+    except Exception as exc:  # answered all the same: its request must not wait forever
+        log.exception("a store write failed unexpectedly")
+        return StoreError(f"the loader could not write to its store: {exc!r}")
     return None
 
 
@@ -90,6 +95,8 @@ class _Lane(Generic[T]):
                 self.working = True
             try:
                 self._serve(batch)
+            except Exception:
+                log.exception("%s failed", self._thread.name)
             finally:
                 with self._ready:
                     self.working = False
@@ -123,6 +130,7 @@ class StoreWriter:
         self._post = post
         self._soon = soon
         self._gathered: list[_Queued] = []  # small writes of this pass, for the loop
+        self._using_store = threading.Lock()  # see the module docstring
         self._rows: _Lane[_Queued] = _Lane("clustorage-store-writer", self._write_rows)
         self._files: _Lane[Callable[[], None]] = _Lane("clustorage-file-writer", _call_each)
 
@@ -145,7 +153,14 @@ class StoreWriter:
         if not (self._inline and size <= INLINE_LIMIT and self._rows.idle()):
             self._rows.put((job, done))
         elif self._soon is None:
-            done(_run(job, self._store))
+            if not self._using_store.acquire(blocking=False):
+                self._rows.put((job, done))
+                return
+            try:
+                outcome = _run(job, self._store)
+            finally:
+                self._using_store.release()
+            done(outcome)
         else:
             self._gathered.append((job, done))
             if len(self._gathered) == 1:
@@ -153,13 +168,17 @@ class StoreWriter:
 
     def _write_gathered(self) -> None:
         """On the loop: the small writes of the pass, together (on the row writer, if a
-        big value's row went there meanwhile)."""
+        big value's row went there meanwhile or it is writing)."""
         batch, self._gathered = self._gathered, []
-        if not self._rows.idle():
+        if not self._rows.idle() or not self._using_store.acquire(blocking=False):
             for queued in batch:
                 self._rows.put(queued)
             return
-        self._report(batch, self._write_group(batch))
+        try:
+            outcomes = self._write_group(batch)
+        finally:
+            self._using_store.release()
+        self._report(batch, outcomes)
 
     def _write_file(self, entry: Entry, previous: int, done: Stored) -> None:
         """On the file lane: put ``entry``'s payload in its file, then queue its row."""
@@ -183,7 +202,8 @@ class StoreWriter:
         self._rows.put((lambda store: store.commit(entry, previous, file), row_done))
 
     def _write_rows(self, batch: list[_Queued]) -> None:
-        outcomes = self._write_group(batch)
+        with self._using_store:
+            outcomes = self._write_group(batch)
         self._post(functools.partial(self._report, batch, outcomes))
 
     def _write_group(self, batch: list[_Queued]) -> list[BaseException | None]:
@@ -195,7 +215,7 @@ class StoreWriter:
                     for job, _ in batch:
                         job(self._store)
                 return [None] * len(batch)
-            except (StoreError, ValueTooLarge) as exc:
+            except Exception as exc:
                 log.info(
                     "a group of %d writes failed (%s); writing them one by one", len(batch), exc
                 )

@@ -4,6 +4,9 @@ listener hears each key's versions in increasing order, ending with the last."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from tests.conftest import Cluster
@@ -57,3 +60,51 @@ def test_racing_writers_on_a_few_keys_converge_and_listeners_hear_versions_in_or
         assert installed == sorted(set(installed)), (key, versions)
         if key in final:
             assert versions[-1] == final[key]
+
+
+INTERRUPTED = """
+import _thread, threading
+timer = threading.Timer(0.3, _thread.interrupt_main)
+timer.start()
+try:
+    {write}
+    outcome = 'returned'
+except KeyboardInterrupt:
+    outcome = 'interrupted'
+finally:
+    timer.cancel()
+outcome
+"""
+
+
+@pytest.mark.parametrize(
+    ("write", "after"), [("node.put('k', 'v2')", "v2"), ("node.delete('k')", None)]
+)
+def test_a_writer_that_stopped_waiting_for_its_write_ends_with_it(
+    cluster: Cluster, write: str, after: str | None
+) -> None:
+    """Ctrl-C while the loader is busy: the write is done all the same and pushed to
+    everyone but its writer, whose caller is gone; the writer's replica catches up."""
+    loader = cluster.start_loader(data=str(cluster.tmp / "data"))
+    writer, other = cluster.member("writer"), cluster.member("other")
+    writer.ok("node.put('k', 'v1')")
+    wait_until(
+        lambda: other.ok("node.get('k') if 'k' in node.keys() else None") == "v1",
+        30,
+        "other has v1",
+    )
+    os.kill(loader.pid, signal.SIGSTOP)  # busy for a moment: the write waits for its answer
+    try:
+        assert writer.ok(INTERRUPTED.format(write=write)) == "interrupted"
+    finally:
+        os.kill(loader.pid, signal.SIGCONT)
+    wait_until(
+        lambda: other.ok("node.get('k') if 'k' in node.keys() else None") == after,
+        30,
+        "the other node has it",
+    )
+    wait_until(
+        lambda: writer.ok("node.get('k') if 'k' in node.keys() else None") == after,
+        30,
+        "the writer has it",
+    )

@@ -3,15 +3,17 @@ answered on its own: a write that fails fails only its own request."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from clustorage.errors import ValueTooLarge
+from clustorage.errors import StoreError, ValueTooLarge
 from clustorage.messages import VALUE, Entry
 from clustorage.store import SQLiteStore
-from clustorage.writer import StoreWriter
+from clustorage.writer import INLINE_LIMIT, StoreWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,4 +100,80 @@ def test_without_a_loop_each_small_write_runs_at_once(store: SQLiteStore) -> Non
     outcomes: Outcomes = []
     commit_each(writer, [value("a")], outcomes)
     assert outcomes == [("a", None)]
+    writer.close()
+
+
+class PausingStore(SQLiteStore):
+    """Commits of key ``slow`` wait, inside their transaction, until ``resume`` is set."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.inside = threading.Event()
+        self.resume = threading.Event()
+
+    def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None:
+        if entry.key != "slow":
+            super().commit(entry, previous, file)
+            return
+        with self.transaction():
+            super().commit(entry, previous, file)
+            self.inside.set()
+            self.resume.wait(30)
+
+
+def test_the_loop_never_writes_inside_the_row_writers_transaction(tmp_path: Path) -> None:
+    """The loop found the row writer idle; before its pass's writes ran, a write too big for
+    the loop went to the row writer, which began its transaction. The pass's writes wait
+    for it (they share one connection): none is answered before it is committed."""
+    store = PausingStore(str(tmp_path / "s.sqlite3"))
+    soon: list[Callable[[], None]] = []
+    writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+    outcomes: Outcomes = []
+    commit_each(writer, [value("a"), value("b")], outcomes)
+    idle = writer._rows.idle
+
+    def idle_then_a_big_write() -> bool:
+        answer = idle()
+        writer._rows.idle = idle  # type: ignore[method-assign]
+        commit_each(writer, [value("slow", b"x" * (INLINE_LIMIT + 1))], outcomes)
+        assert store.inside.wait(30)
+        return answer
+
+    writer._rows.idle = idle_then_a_big_write  # type: ignore[method-assign]
+    soon.pop()()
+    assert outcomes == []
+    store.resume.set()
+    for _ in range(3000):
+        if len(outcomes) == 3:
+            break
+        time.sleep(0.01)
+    writer.close()
+    assert sorted(outcomes, key=lambda outcome: outcome[0]) == [
+        ("a", None),
+        ("b", None),
+        ("slow", None),
+    ]
+    assert sorted(entry.key for entry in store.current()) == ["a", "b", "slow"]
+    store.close()
+
+
+def test_a_write_that_fails_unexpectedly_is_answered(store: SQLiteStore) -> None:
+    """Not a StoreError: its request is answered with one all the same, and the others of
+    its pass are written."""
+    soon: list[Callable[[], None]] = []
+    writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+    outcomes: Outcomes = []
+    commit = store.commit
+
+    def failing(entry: Entry, previous: int = 0, file: str | None = None) -> None:
+        if entry.key == "bad":
+            raise RuntimeError("a bug in the store")
+        commit(entry, previous, file)
+
+    store.commit = failing  # type: ignore[method-assign]
+    commit_each(writer, [value("a"), value("bad"), value("c")], outcomes)
+    soon.pop()()
+    assert [key for key, _ in outcomes] == ["a", "bad", "c"]
+    assert outcomes[0][1] is None and outcomes[2][1] is None
+    assert isinstance(outcomes[1][1], StoreError) and "a bug in the store" in str(outcomes[1][1])
     writer.close()
