@@ -8,6 +8,7 @@ machine; it prints each tree's median batch and their ratio.
     git worktree add /tmp/before HEAD~1
     .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
     .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
+    .venv/bin/python bench/ab.py /tmp/before . --transfer --kind numpy --durable
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
@@ -24,6 +25,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -51,10 +53,19 @@ for line in sys.stdin:
 
 # A fresh key each batch (the one before deleted first, so that the loader holds one value):
 # values over 1 MiB travel on demand, so the reader's get fetches it, as a member's would.
+# The value is bytes, a numpy array of float64 or a DataFrame of four such columns.
 WRITER = r"""
 import sys, time, clustorage
 node = clustorage.Node("a", sys.argv[1], cookie=sys.argv[2], timeout=60)
-value = b"x" * int(sys.argv[3])
+size, kind = int(sys.argv[3]), sys.argv[4]
+if kind == "bytes":
+    value = b"x" * size
+else:
+    import numpy as np
+    value = np.arange(size // 8, dtype=np.float64)
+    if kind == "pandas":
+        import pandas as pd
+        value = pd.DataFrame(value.reshape(-1, 4), columns=list("abcd"))
 previous = None
 print("ready", flush=True)
 for line in sys.stdin:
@@ -63,7 +74,7 @@ for line in sys.stdin:
     previous = f"big{line.strip()}"
     start = time.time()
     node.put(previous, value)
-    print(start, flush=True)
+    print(start, time.time(), flush=True)
 """
 
 READER = r"""
@@ -71,8 +82,13 @@ import sys, time, clustorage
 node = clustorage.Node("b", sys.argv[1], cookie=sys.argv[2], timeout=60)
 print("ready", flush=True)
 for line in sys.stdin:
-    size = len(node.get(f"big{line.strip()}"))
-    print(time.time(), size, flush=True)
+    start = time.time()
+    value = node.get(f"big{line.strip()}")
+    arrived = time.time()
+    size = getattr(value, "nbytes", None)
+    if hasattr(value, "memory_usage"):
+        size = int(value.memory_usage(index=False).sum())
+    print(start, arrived, len(value) if size is None else size, flush=True)
 """
 
 
@@ -87,13 +103,14 @@ class Tree:
     path: Path
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     figures: list[float] = field(default_factory=list)
+    legs: dict[str, list[float]] = field(default_factory=dict)
 
     def start(
-        self, programs: list[tuple[str, ...]], certs: Path | None
+        self, programs: list[tuple[str, ...]], certs: Path | None, data: str = ":memory:"
     ) -> list[subprocess.Popen[str]]:
         cookie = secrets.token_hex(16)
         env = {**os.environ, "PYTHONPATH": str(self.path), "CLUSTORAGE_COOKIE": cookie}
-        address, loader = start_loader({**env, **tls_files(certs, "L")}, cwd=self.path)
+        address, loader = start_loader({**env, **tls_files(certs, "L")}, cwd=self.path, data=data)
         env.update(tls_files(certs, "member"))
         self.processes.append(loader)
         members = []
@@ -134,24 +151,29 @@ def write_line(process: subprocess.Popen[str], text: str) -> None:
     process.stdin.flush()
 
 
-def miss_batch(members: list[subprocess.Popen[str]], count: int) -> float:
+def miss_batch(members: list[subprocess.Popen[str]], count: int, legs: Any) -> float:
     """Microseconds per miss over ``count`` misses."""
     (member,) = members
     write_line(member, str(count))
     return float(read_line(member)[0])
 
 
-def transfer_batch(members: list[subprocess.Popen[str]], size: int) -> float:
-    """MB/s from the writer's put of a fresh key until the reader's get of it returns."""
+def transfer_batch(
+    members: list[subprocess.Popen[str]], size: int, legs: dict[str, list[float]]
+) -> float:
+    """MB/s from the writer's put of a fresh key until the reader's get of it returns; each
+    leg's MB/s goes to ``legs``: the put (writer to loader) and the get (loader to reader)."""
     writer, reader = members
     key = str(next(_BATCHES))
     write_line(writer, key)
-    (started,) = read_line(writer)
+    started, put = map(float, read_line(writer))
     write_line(reader, key)
-    arrived, got = read_line(reader)
+    asked, arrived, got = read_line(reader)
     if int(got) != size:
         raise BenchError(f"the reader got {got} bytes, not {size}")
-    return size / MB / (float(arrived) - float(started))
+    legs.setdefault("put", []).append(size / MB / (put - started))
+    legs.setdefault("get", []).append(size / MB / (float(arrived) - float(asked)))
+    return size / MB / (float(arrived) - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
     parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
+    parser.add_argument(
+        "--kind", choices=("bytes", "numpy", "pandas"), default="bytes", help="--transfer's value"
+    )
+    parser.add_argument(
+        "--durable", action="store_true", help="loaders on the durable store, not :memory:"
+    )
     args = parser.parse_args(argv)
     with certificates(["L", "member"], args.tls) as certs:
         return run(args, certs)
@@ -170,29 +198,36 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
     rounds = 2 if args.quick else args.rounds
     if args.transfer:
         size = MB if args.quick else 100 * MB
-        programs: list[tuple[str, ...]] = [(WRITER, str(size)), (READER,)]
+        programs: list[tuple[str, ...]] = [(WRITER, str(size), args.kind), (READER,)]
         unit, higher_is_better = "MB/s", True
     else:
         size = 50 if args.quick else 2000
         programs = [(MISSES,)]
         unit, higher_is_better = "us per miss", False
     trees = [Tree(path.resolve()) for path in args.trees]
-    try:
-        members = [tree.start(programs, certs) for tree in trees]
-        batch: Any = transfer_batch if args.transfer else miss_batch
-        for first in (0, 1):  # one batch each to warm up, not counted
-            batch(members[first], size)
-        for round_number in range(rounds):
-            order = (0, 1) if round_number % 2 == 0 else (1, 0)
-            for index in order:
-                trees[index].figures.append(batch(members[index], size))
-    finally:
-        for tree in trees:
-            tree.stop()
+    with tempfile.TemporaryDirectory() as stores:
+        try:
+            members = [
+                tree.start(programs, certs, f"{stores}/{n}" if args.durable else ":memory:")
+                for n, tree in enumerate(trees)
+            ]
+            batch: Any = transfer_batch if args.transfer else miss_batch
+            for first in (0, 1):  # one batch each to warm up, not counted
+                batch(members[first], size, {})
+            for round_number in range(rounds):
+                order = (0, 1) if round_number % 2 == 0 else (1, 0)
+                for index in order:
+                    tree = trees[index]
+                    tree.figures.append(batch(members[index], size, tree.legs))
+        finally:
+            for tree in trees:
+                tree.stop()
     medians = [statistics.median(tree.figures) for tree in trees]
     for name, tree, median in zip("AB", trees, medians, strict=True):
         low, high = min(tree.figures), max(tree.figures)
         print(f"{name} {tree.path}: {median:.1f} {unit} (min {low:.1f}, max {high:.1f})")
+        for leg, figures in tree.legs.items():
+            print(f"  {leg}: {statistics.median(figures):.1f} {unit}")
     ratio = medians[1] / medians[0]
     better = ratio > 1 if higher_is_better else ratio < 1
     print(f"B/A {ratio:.3f} ({'B better' if better else 'B not better'})")

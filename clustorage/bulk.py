@@ -11,8 +11,8 @@ to move one fast, which a pure protocol object cannot be: threads, mapped memory
   mapped in huge pages where the kernel has them, or all at once up front (MAP_POPULATE)
   where it trusts the sender; its blob is hashed as its bytes come in.
 - Hashing threads. A blob of ``THREAD_HASH_AT`` bytes or more is hashed on a thread of its
-  own, beside the one receiving it, so that receiving and hashing overlap; the thread ends
-  with its frame, or as soon as the frame will not finish.
+  own, beside the one receiving or sending it, so that moving and hashing overlap; the
+  thread ends with its frame, or as soon as the frame will not finish.
 - Verified digests. The digests of the last few blobs this process verified
   (:data:`VERIFIED`), so that the loader forwards a blob without hashing it again.
 
@@ -51,8 +51,10 @@ __all__ = [
     "VERIFIED",
     "ArrivingFrame",
     "VerifiedDigests",
+    "abandon_hashing",
     "bulk_digests_by_speed",
     "new_hasher",
+    "sending_hasher",
 ]
 
 BASELINE_DIGEST = "blake2b"  # every node has it
@@ -219,6 +221,24 @@ class _HashingThread:
             if not self._thread.is_alive():
                 raise LocalProtocolError("the frame's hashing ended before it was copied")
         return self._hasher.copy()
+
+
+def sending_hasher(algorithm: str, size: int) -> Any:
+    """A hash state for a blob of ``size`` bytes about to be sent: for a big one, hashed on
+    a thread of its own while the sending thread sends the same bytes (both only read
+    them), when one can be had; ``digest()`` waits for it."""
+    if size >= THREAD_HASH_AT and _HashingThread.available():
+        hashing = _HashingThread(algorithm)
+        if hashing.start():
+            return hashing
+    return new_hasher(algorithm)
+
+
+def abandon_hashing(hasher: Any) -> None:
+    """The blob ``hasher`` (from :func:`sending_hasher`) hashes will not be sent whole: its
+    thread, if it has one, ends now."""
+    if isinstance(hasher, _HashingThread):
+        hasher.abandon()
 
 
 class ArrivingFrame:

@@ -85,8 +85,9 @@ def dump_borrowing(key: str, value: Any) -> Payload:
     """:func:`dump`, except that big buffers inside the value are not copied into the
     pickle: a large bytes, a str's UTF-8 or a read-only array is referenced in a
     :class:`~clustorage.messages.Gathered` payload (send it, then drop it), and arrays'
-    buffers (numpy, pandas: pickle protocol 5) travel out of band, after the pickle, so
-    that :func:`load` hands them to the value without copying them.
+    buffers (numpy, pandas: pickle protocol 5), read-only or not, travel out of band,
+    after the pickle, straight from the array's memory, so that :func:`load` hands them
+    to the value without copying them.
 
     Raises:
         TypeError: cloudpickle cannot serialize the value; the message names the key.
@@ -105,9 +106,11 @@ def dump_borrowing(key: str, value: Any) -> Payload:
             return True
         if raw.nbytes < BORROW_AT:
             return True
-        # A buffer its owner may change is copied, as pickle would: what is hashed must be
-        # what is sent.
-        buffers.append(raw if raw.readonly else raw.tobytes())
+        # An array's memory is sent as it lies, not copied (a copy of 100 MB costs more than
+        # sending it): changing the array from another thread while its put runs is a race,
+        # which the frame's check catches in plaintext. A bytearray is copied: it could not
+        # be resized while the payload borrowed it.
+        buffers.append(raw.tobytes() if isinstance(raw.obj, bytearray) else raw)
         return False
 
     pickler = pickle.Pickler if plain else cloudpickle.CloudPickler

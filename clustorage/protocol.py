@@ -59,7 +59,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .bulk import BASELINE_DIGEST, BULK_DIGESTS, VERIFIED, ArrivingFrame, new_hasher
+from .bulk import (
+    BASELINE_DIGEST,
+    BULK_DIGESTS,
+    VERIFIED,
+    ArrivingFrame,
+    abandon_hashing,
+    sending_hasher,
+)
 from .errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -743,16 +750,20 @@ class Connection:
             parts, digest = blob.parts, None
         else:
             parts, digest = (blob,), VERIFIED.find(blob, self.bulk_digest)
-        hasher = new_hasher(self.bulk_digest) if digest is None else None
-        for part in parts:
-            view = memoryview(part)
-            for start in range(0, len(view), CHUNK):
-                chunk = view[start : start + CHUNK]
-                if hasher is not None:
-                    hasher.update(chunk)
-                yield chunk
-        if hasher is not None:
-            digest = hasher.digest()
+        hasher = None if digest is not None else sending_hasher(self.bulk_digest, len(blob))
+        try:
+            for part in parts:
+                view = memoryview(part)
+                for start in range(0, len(view), CHUNK):
+                    chunk = view[start : start + CHUNK]
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    yield chunk
+            if hasher is not None:
+                digest = hasher.digest()
+        finally:
+            if hasher is not None and digest is None:  # the frame was cut short
+                abandon_hashing(hasher)
         assert digest is not None
         yield _tag(self._send_tagger, header, envelope, digest)
 

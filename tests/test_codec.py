@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import pickle
 import threading
 from typing import Any
@@ -76,6 +77,16 @@ def test_a_read_only_picklebuffer_is_borrowed_a_writable_one_copied() -> None:
     assert not any(isinstance(part, memoryview) for part in copied.parts)
     assert bytes(codec.load(bytes(copied))) == bytes(writable)
     assert bytes(codec.load(bytes(borrowed))) == frozen
+
+
+def test_a_writable_array_buffer_is_sent_from_the_arrays_memory() -> None:
+    """A writable buffer of an array (numpy's are) travels out of band without a copy; only
+    a bytearray, which a borrowed view would keep from being resized, is copied."""
+    memory = array.array("b", b"a" * (2 * BIG))
+    payload = codec.dump_borrowing("k", {"a": pickle.PickleBuffer(memory)})
+    assert isinstance(payload, Gathered)
+    assert any(shares_memory(part, memory) for part in payload.parts)
+    assert bytes(codec.load(bytes(payload))["a"]) == bytes(memory)
 
 
 def test_array_buffers_travel_out_of_band_and_load_without_a_copy() -> None:

@@ -663,11 +663,11 @@ def test_a_verified_blob_is_forwarded_without_hashing_it_again(
     received = memoryview(payloads[0])[3:]
     assert received == blob
 
-    def no_hashing(algorithm: str) -> object:
+    def no_hashing(algorithm: str, size: int) -> object:
         raise AssertionError("the blob was hashed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(clustorage.protocol, "new_hasher", no_hashing)
+        patch.setattr(clustorage.protocol, "sending_hasher", no_hashing)
         forwarded = b"".join(bytes(p) for p in outbound.server.send_bulk(b"env", received))
     assert outbound.client.read_frames(forwarded) == [b"env" + blob]
 
@@ -893,6 +893,25 @@ def test_a_big_blob_is_hashed_on_its_own_thread(thread_hashed: int, chunk: int) 
     assert len(hashing_threads()) == 1
     assert pair.server.read_frames(frame[half:]) == [b"envelope" + blob]
     assert not hashing_threads()
+
+
+@pytest.mark.timeout(30)
+def test_a_big_blob_is_hashed_on_a_thread_while_it_is_sent(thread_hashed: int) -> None:
+    """The sender hashes a big blob on a thread beside the one sending it; the thread ends
+    with the frame, or when the frame is given up halfway."""
+    pair = open_pair()
+    blob = b"s" * (4 * BULK)
+    parts = pair.client.send_bulk(b"env", blob)
+    head = [bytes(next(parts)) for _ in range(2)]
+    assert len(hashing_threads()) == 1
+    frame = b"".join(head) + b"".join(bytes(part) for part in parts)
+    assert not hashing_threads()
+    assert pair.server.read_frames(frame) == [b"env" + blob]
+    wait_for_no_hashing_thread()
+    given_up = open_pair().client.send_bulk(b"env", blob)
+    next(given_up), next(given_up)
+    given_up.close()
+    wait_for_no_hashing_thread()
 
 
 @pytest.mark.timeout(30)
