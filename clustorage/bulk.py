@@ -47,6 +47,7 @@ __all__ = [
     "BASELINE_DIGEST",
     "BULK_DIGESTS",
     "HASHING_THREADS",
+    "HUGE_PAGES",
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
@@ -141,7 +142,7 @@ def _huge_pages() -> bool:
         return False
 
 
-_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
 # A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
 # receiving and hashing overlap; with HASHING_THREADS such threads running in this process
 # already, a frame is hashed inline.
@@ -262,9 +263,9 @@ class ArrivingFrame:
         # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
         # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
         # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
-        flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
+        flags = _ANONYMOUS | (_POPULATE if populate and not HUGE_PAGES else 0)
         self.data = mmap.mmap(-1, length, flags=flags)
-        if _HUGE_PAGES:
+        if HUGE_PAGES:
             with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
                 self.data.madvise(mmap.MADV_HUGEPAGE)
         self.filled = 0

@@ -130,3 +130,15 @@ def test_check_size_counts_the_key() -> None:
     codec.check_size("k", payload, limit)
     with pytest.raises(ValueTooLarge, match="frame limit"):
         codec.check_size(key, payload, limit)
+
+
+def test_a_big_bytes_value_loads_from_a_writable_buffer_as_bytes() -> None:
+    """A big bytes value that arrived in a writable buffer (as a received frame does) loads
+    as a bytes of its own, equal to what was put, whether or not huge pages are had."""
+    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+    arrived = bytearray(bytes(codec.dump_borrowing("k", value)))
+    loaded = codec.load(memoryview(arrived))
+    arrived[:] = bytes(len(arrived))
+    assert type(loaded) is bytes and loaded == value
+    assert codec.load(bytes(codec.dump_borrowing("k", value))) == value  # read-only: unpickled
+    assert codec.load(memoryview(bytearray(codec.dump("k", [value])))) == [value]
