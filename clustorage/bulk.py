@@ -108,6 +108,15 @@ class VerifiedDigests:
             while len(self._known) > self._size:
                 self._known.pop(next(iter(self._known)))
 
+    def carry(self, blob: bytes | memoryview, copy: bytes | memoryview) -> None:
+        """``copy`` holds the same bytes as ``blob`` (a blob written to a file and mapped
+        back): forwarding it needs no hashing either, if ``blob`` was verified."""
+        owner = blob.obj if isinstance(blob, memoryview) else blob
+        with self._lock:
+            known = self._known.get(id(owner))
+        if known is not None and known[0]() is owner and known[1] == len(blob) == len(copy):
+            self.remember(copy.obj if isinstance(copy, memoryview) else copy, *known[1:])
+
     def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
         owner = blob.obj if isinstance(blob, memoryview) else blob
         with self._lock:

@@ -6,6 +6,7 @@ import copy
 import gc
 import hashlib
 import hmac
+import mmap
 import os
 import random
 import signal
@@ -1058,3 +1059,17 @@ def test_the_digest_cache_survives_a_collection_inside_it() -> None:
     owner = _Owner()
     digests.remember(owner, 3, "sha256", b"digest")
     assert digests.find(memoryview(b"abc"), "sha256") is None
+
+
+def test_a_verified_blob_written_and_mapped_back_keeps_its_digest() -> None:
+    """The loader keeps a durable blob as its file, mapped: the digest it verified on
+    arrival carries over, so forwarding the mapping hashes nothing; a blob that was never
+    verified carries nothing."""
+    digests = VerifiedDigests()
+    arrived, mapped = mmap.mmap(-1, 100), mmap.mmap(-1, 100)
+    digests.remember(arrived, 100, "sha256", b"digest")
+    digests.carry(memoryview(arrived), memoryview(mapped))
+    assert digests.find(memoryview(mapped), "sha256") == b"digest"
+    unverified, elsewhere = mmap.mmap(-1, 100), mmap.mmap(-1, 100)
+    digests.carry(memoryview(unverified), memoryview(elsewhere))
+    assert digests.find(memoryview(elsewhere), "sha256") is None
