@@ -33,9 +33,9 @@ where the tag is keyed BLAKE2b over the header and the payload. The last ``blob 
 of a payload may be a bulk blob (a big value): the tag then covers the header, the rest of the
 payload and the blob's digest (BLAKE3, BLAKE2b or SHA-256: the fastest on the server's CPU
 of those the client offered in its meta) instead of the blob itself. The tag comes last so
-that both ends hash a big blob while it streams (a receiver on a thread of its own, beside
-the one receiving), and the loader can forward a blob it has verified without hashing it
-again. The length is checked against the limit as soon as the header is in; a wrong
+that both ends hash a big blob while it streams (each on a thread of its own, beside the
+one sending or receiving it), and the loader can forward a blob it has verified without
+hashing it again. The length is checked against the limit as soon as the header is in; a wrong
 sequence number (replay, reorder, drop) or tag (forgery, corruption) is the peer's fault and
 ends the connection. An empty payload is a heartbeat.
 
