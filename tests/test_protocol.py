@@ -20,7 +20,7 @@ import pytest
 
 import clustorage.bulk
 import clustorage.protocol
-from clustorage.bulk import VerifiedDigests, bulk_digests_by_speed
+from clustorage.bulk import RecycledBuffers, VerifiedDigests, bulk_digests_by_speed
 from clustorage.errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -1073,3 +1073,49 @@ def test_a_verified_blob_written_and_mapped_back_keeps_its_digest() -> None:
     unverified, elsewhere = mmap.mmap(-1, 100), mmap.mmap(-1, 100)
     digests.carry(memoryview(unverified), memoryview(elsewhere))
     assert digests.find(memoryview(elsewhere), "sha256") is None
+
+
+def test_a_receive_buffer_is_used_again_once_nothing_refers_to_it() -> None:
+    """A kept buffer is handed out again only when free, of the same size, most recent kept."""
+    buffers = RecycledBuffers(count=2)
+    first = mmap.mmap(-1, 4096)
+    buffers.keep(first)
+    view = memoryview(first)
+    kept = weakref.ref(first)
+    del first
+    assert buffers.take(4096) is None  # a view of it lives
+    view.release()
+    del view
+    assert buffers.take(4096 + 1) is None
+    assert buffers.take(4096) is kept()
+    for _ in range(2):
+        buffers.keep(mmap.mmap(-1, 8192))
+    gc.collect()
+    assert kept() is None  # pushed out by two newer ones: unmapped
+    small = RecycledBuffers(count=2, limit=8192)
+    too_big = mmap.mmap(-1, 8193)
+    small.keep(too_big)
+    dropped = weakref.ref(too_big)
+    del too_big
+    assert dropped() is None  # over the limit on its own: never kept
+
+
+@pytest.mark.timeout(30)
+def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next big frame of the same size reuses a buffer nobody uses, never a value's."""
+    monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers())
+    pair = open_pair()
+    blobs = [bytes([n]) * (2 * BULK) for n in range(3)]
+    (held,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[0]))
+    (second,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[1]))
+    assert isinstance(held, memoryview) and isinstance(second, memoryview)
+    assert second.obj is not held.obj and held == b"env" + blobs[0]
+    buffer = weakref.ref(second.obj)
+    second.release()
+    del second
+    (third,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[2]))
+    assert isinstance(third, memoryview) and third.obj is buffer()
+    assert third == b"env" + blobs[2] and held == b"env" + blobs[0]
