@@ -265,7 +265,7 @@ def abandon_hashing(hasher: Any) -> None:
 class RecycledBuffers:
     """The receive buffers of the last few big frames, so that the next frame of the same size
     arrives into one nobody uses any more instead of into fresh memory, which the kernel zeroes
-    page by page (about 25 ms per 100 MB here, as long as hashing it).
+    page by page (about as long as hashing it).
 
     A buffer is free once nothing refers to it but this list: the value made from it (views of
     it, the arrays on them) is gone. The most recent ``count`` buffers of ``RECYCLE_AT`` bytes
@@ -297,10 +297,6 @@ class RecycledBuffers:
             del self._buffers[: -self._count]
             while sum(len(kept) for kept in self._buffers) > self._limit:
                 del self._buffers[0]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._buffers.clear()
 
 
 def _references(objects: list[Any], index: int) -> int:
