@@ -8,6 +8,7 @@ machine; it prints each tree's median batch and their ratio.
     git worktree add /tmp/before HEAD~1
     .venv/bin/python bench/ab.py /tmp/before .                  # the miss, 10 rounds
     .venv/bin/python bench/ab.py /tmp/before . --transfer       # 100 MB put, then get
+    .venv/bin/python bench/ab.py /tmp/before . --transfer --kind numpy --durable
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
     .venv/bin/python bench/ab.py BEFORE . --writes 8            # acked puts/s, 8 writers, durable
     .venv/bin/python bench/ab.py BEFORE . --durable             # the miss on the durable store
@@ -56,10 +57,19 @@ for line in sys.stdin:
 
 # A fresh key each batch (the one before deleted first, so that the loader holds one value):
 # values over 1 MiB travel on demand, so the reader's get fetches it, as a member's would.
+# The value is bytes, a numpy array of float64 or a DataFrame of four such columns.
 WRITER = r"""
 import sys, time, clustorage
 node = clustorage.Node("a", sys.argv[1], cookie=sys.argv[2], timeout=60)
-value = b"x" * int(sys.argv[3])
+size, kind = int(sys.argv[3]), sys.argv[4]
+if kind == "bytes":
+    value = b"x" * size
+else:
+    import numpy as np
+    value = np.arange(size // 8, dtype=np.float64)
+    if kind == "pandas":
+        import pandas as pd
+        value = pd.DataFrame(value.reshape(-1, 4), columns=list("abcd"))
 previous = None
 print("ready", flush=True)
 for line in sys.stdin:
@@ -68,7 +78,7 @@ for line in sys.stdin:
     previous = f"big{line.strip()}"
     start = time.time()
     node.put(previous, value)
-    print(start, flush=True)
+    print(start, time.time(), flush=True)
 """
 
 READER = r"""
@@ -76,8 +86,13 @@ import sys, time, clustorage
 node = clustorage.Node("b", sys.argv[1], cookie=sys.argv[2], timeout=60)
 print("ready", flush=True)
 for line in sys.stdin:
-    size = len(node.get(f"big{line.strip()}"))
-    print(time.time(), size, flush=True)
+    start = time.time()
+    value = node.get(f"big{line.strip()}")
+    arrived = time.time()
+    size = getattr(value, "nbytes", None)
+    if hasattr(value, "memory_usage"):
+        size = int(value.memory_usage(index=False).sum())
+    print(start, arrived, len(value) if size is None else size, flush=True)
 """
 
 
@@ -117,6 +132,8 @@ class Tree:
         """CPU seconds so far of the loader, and of its members together."""
         seconds = [process_cpu(process.pid) for process in self.processes]
         return seconds[0], sum(seconds[1:])
+
+    legs: dict[str, list[float]] = field(default_factory=dict)
 
     def start(
         self, programs: list[tuple[str, ...]], certs: Path | None, data: str = ":memory:"
@@ -171,27 +188,32 @@ def write_line(process: subprocess.Popen[str], text: str) -> None:
     process.stdin.flush()
 
 
-def miss_batch(members: list[subprocess.Popen[str]], count: int) -> float:
+def miss_batch(members: list[subprocess.Popen[str]], count: int, legs: Any) -> float:
     """Microseconds per miss over ``count`` misses."""
     (member,) = members
     write_line(member, str(count))
     return float(read_line(member)[0])
 
 
-def transfer_batch(members: list[subprocess.Popen[str]], size: int) -> float:
-    """MB/s from the writer's put of a fresh key until the reader's get of it returns."""
+def transfer_batch(
+    members: list[subprocess.Popen[str]], size: int, legs: dict[str, list[float]]
+) -> float:
+    """MB/s from the writer's put of a fresh key until the reader's get of it returns; each
+    leg's MB/s goes to ``legs``: the put (writer to loader) and the get (loader to reader)."""
     writer, reader = members
     key = str(next(_BATCHES))
     write_line(writer, key)
-    (started,) = read_line(writer)
+    started, put = map(float, read_line(writer))
     write_line(reader, key)
-    arrived, got = read_line(reader)
+    asked, arrived, got = read_line(reader)
     if int(got) != size:
         raise BenchError(f"the reader got {got} bytes, not {size}")
-    return size / MB / (float(arrived) - float(started))
+    legs.setdefault("put", []).append(size / MB / (put - started))
+    legs.setdefault("get", []).append(size / MB / (float(arrived) - float(asked)))
+    return size / MB / (float(arrived) - started)
 
 
-def writes_batch(members: list[subprocess.Popen[str]], seconds: float) -> float:
+def writes_batch(members: list[subprocess.Popen[str]], seconds: float, legs: Any) -> float:
     """Acked puts per second of every writer at once, for ``seconds``."""
     start_at = time.time() + 0.2
     for member in members:
@@ -210,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
     parser.add_argument("--quick", action="store_true", help="tiny batches, for the tests")
     parser.add_argument("--tls", action="store_true", help="over TLS (needs clustorage[tls])")
+    parser.add_argument(
+        "--kind", choices=("bytes", "numpy", "pandas"), default="bytes", help="--transfer's value"
+    )
     args = parser.parse_args(argv)
     with certificates(["L", "member"], args.tls) as certs:
         return run(args, certs)
@@ -223,7 +248,7 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
         unit, higher_is_better = "acked puts/s", True
     elif args.transfer:
         size = MB if args.quick else 100 * MB
-        programs = [(WRITER, str(size)), (READER,)]
+        programs = [(WRITER, str(size), args.kind), (READER,)]
         unit, higher_is_better = "MB/s", True
     else:
         size = 50 if args.quick else 2000
@@ -239,12 +264,12 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
             data = stack.enter_context(tempfile.TemporaryDirectory()) if durable else ":memory:"
             members.append(tree.start(programs, certs, data))
         for first in (0, 1):  # one batch each to warm up, not counted
-            batch(members[first], size)
+            batch(members[first], size, {})
         for round_number in range(rounds):
             order = (0, 1) if round_number % 2 == 0 else (1, 0)
             for index in order:
                 before = trees[index].cpu()
-                figure = batch(members[index], size)
+                figure = batch(members[index], size, trees[index].legs)
                 trees[index].figures.append(figure)
                 if args.writes:  # CPU seconds per put: the loader's, the writers'
                     spent = [b - a for a, b in zip(before, trees[index].cpu(), strict=True)]
@@ -258,6 +283,8 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
                 statistics.median(c) * 1e6 for c in zip(*tree.cpu_per_op, strict=True)
             )
             print(f"  CPU per put: loader {loader:.0f} us, writers {writers:.0f} us")
+        for leg, figures in tree.legs.items():
+            print(f"  {leg}: {statistics.median(figures):.1f} {unit}")
     ratio = medians[1] / medians[0]
     better = ratio > 1 if higher_is_better else ratio < 1
     print(f"B/A {ratio:.3f} ({'B better' if better else 'B not better'})")

@@ -9,10 +9,12 @@ to move one fast, which a pure protocol object cannot be: threads, mapped memory
   than the others; else SHA-256 on a CPU with SHA extensions).
 - Receive buffers. A bulk frame arrives into its own anonymous mmap (:class:`ArrivingFrame`),
   mapped in huge pages where the kernel has them, or all at once up front (MAP_POPULATE)
-  where it trusts the sender; its blob is hashed as its bytes come in.
+  where it trusts the sender; its blob is hashed as its bytes come in. A big frame of the
+  size of a recent one arrives into that one's buffer once nothing uses it any more
+  (:class:`RecycledBuffers`), not into fresh memory the kernel must zero.
 - Hashing threads. A blob of ``THREAD_HASH_AT`` bytes or more is hashed on a thread of its
-  own, beside the one receiving it, so that receiving and hashing overlap; the thread ends
-  with its frame, or as soon as the frame will not finish.
+  own, beside the one receiving or sending it, so that moving and hashing overlap; the
+  thread ends with its frame, or as soon as the frame will not finish.
 - Verified digests. The digests of the last few blobs this process verified
   (:data:`VERIFIED`), so that the loader forwards a blob without hashing it again.
 
@@ -29,6 +31,7 @@ import hashlib
 import mmap
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -47,12 +50,18 @@ __all__ = [
     "BASELINE_DIGEST",
     "BULK_DIGESTS",
     "HASHING_THREADS",
+    "HUGE_PAGES",
+    "RECYCLED",
+    "RECYCLE_AT",
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
+    "RecycledBuffers",
     "VerifiedDigests",
+    "abandon_hashing",
     "bulk_digests_by_speed",
     "new_hasher",
+    "sending_hasher",
 ]
 
 BASELINE_DIGEST = "blake2b"  # every node has it
@@ -105,6 +114,20 @@ class VerifiedDigests:
             while len(self._known) > self._size:
                 self._known.pop(next(iter(self._known)))
 
+    def forget(self, owner: Any) -> None:
+        """``owner`` is about to hold other bytes (a receive buffer used again)."""
+        with self._lock:
+            self._known.pop(id(owner), None)
+
+    def carry(self, blob: bytes | memoryview, copy: bytes | memoryview) -> None:
+        """``copy`` holds the same bytes as ``blob`` (a blob written to a file and mapped
+        back): forwarding it needs no hashing either, if ``blob`` was verified."""
+        owner = blob.obj if isinstance(blob, memoryview) else blob
+        with self._lock:
+            known = self._known.get(id(owner))
+        if known is not None and known[0]() is owner and known[1] == len(blob) == len(copy):
+            self.remember(copy.obj if isinstance(copy, memoryview) else copy, *known[1:])
+
     def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
         owner = blob.obj if isinstance(blob, memoryview) else blob
         with self._lock:
@@ -139,7 +162,7 @@ def _huge_pages() -> bool:
         return False
 
 
-_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
 # A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
 # receiving and hashing overlap; with HASHING_THREADS such threads running in this process
 # already, a frame is hashed inline.
@@ -221,6 +244,72 @@ class _HashingThread:
         return self._hasher.copy()
 
 
+def sending_hasher(algorithm: str, size: int) -> Any:
+    """A hash state for a blob of ``size`` bytes about to be sent: for a big one, hashed on
+    a thread of its own while the sending thread sends the same bytes (both only read
+    them), when one can be had; ``digest()`` waits for it."""
+    if size >= THREAD_HASH_AT and _HashingThread.available():
+        hashing = _HashingThread(algorithm)
+        if hashing.start():
+            return hashing
+    return new_hasher(algorithm)
+
+
+def abandon_hashing(hasher: Any) -> None:
+    """The blob ``hasher`` (from :func:`sending_hasher`) hashes will not be sent whole: its
+    thread, if it has one, ends now."""
+    if isinstance(hasher, _HashingThread):
+        hasher.abandon()
+
+
+class RecycledBuffers:
+    """The receive buffers of the last few big frames, so that the next frame of the same size
+    arrives into one nobody uses any more instead of into fresh memory, which the kernel zeroes
+    page by page (about as long as hashing it).
+
+    A buffer is free once nothing refers to it but this list: the value made from it (views of
+    it, the arrays on them) is gone. The most recent ``count`` buffers of ``RECYCLE_AT`` bytes
+    or more are kept, ``limit`` bytes at most; an unused one costs its memory until a newer
+    frame pushes it out.
+    """
+
+    def __init__(self, count: int = 2, limit: int = 1 << 28) -> None:
+        self._count = count
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._buffers: list[mmap.mmap] = []
+
+    def take(self, length: int) -> mmap.mmap | None:
+        """A free buffer of exactly ``length`` bytes, or None."""
+        with self._lock:
+            buffers = self._buffers
+            for index in range(len(buffers)):
+                if len(buffers[index]) == length and _references(buffers, index) <= _UNUSED:
+                    buffer = buffers.pop(index)
+                    buffers.append(buffer)
+                    return buffer
+        return None
+
+    def keep(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` (just made for a frame) for a later frame once it is free."""
+        with self._lock:
+            self._buffers.append(buffer)
+            del self._buffers[: -self._count]
+            while sum(len(kept) for kept in self._buffers) > self._limit:
+                del self._buffers[0]
+
+
+def _references(objects: list[Any], index: int) -> int:
+    return sys.getrefcount(objects[index])
+
+
+# What _references counts for an object that only its list refers to (the interpreter's own
+# references while counting vary between versions: measured, not assumed).
+_UNUSED = _references([object()], 0)
+RECYCLE_AT = 1 << 24
+RECYCLED = RecycledBuffers()
+
+
 class ArrivingFrame:
     """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
 
@@ -242,11 +331,18 @@ class ArrivingFrame:
         # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
         # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
         # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
-        flags = _ANONYMOUS | (_POPULATE if populate and not _HUGE_PAGES else 0)
-        self.data = mmap.mmap(-1, length, flags=flags)
-        if _HUGE_PAGES:
-            with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
-                self.data.madvise(mmap.MADV_HUGEPAGE)
+        recycled = RECYCLED.take(length) if length >= RECYCLE_AT else None
+        if recycled is not None:  # its pages are there already; every byte is written over
+            VERIFIED.forget(recycled)
+            self.data = recycled
+        else:
+            flags = _ANONYMOUS | (_POPULATE if populate and not HUGE_PAGES else 0)
+            self.data = mmap.mmap(-1, length, flags=flags)
+            if HUGE_PAGES:
+                with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
+                    self.data.madvise(mmap.MADV_HUGEPAGE)
+            if length >= RECYCLE_AT:
+                RECYCLED.keep(self.data)
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
         if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():

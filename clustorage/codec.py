@@ -8,10 +8,11 @@ from typing import Any
 
 import cloudpickle
 
+from .bigbytes import COPY_AT, copy_to_bytes
 from .errors import ValueTooLarge
 from .messages import Blob, Gathered, Payload
 
-__all__ = ["check_size", "dump", "dump_borrowing", "load", "size_limit"]
+__all__ = ["COPY_AT", "check_size", "dump", "dump_borrowing", "load", "size_limit"]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
@@ -21,6 +22,10 @@ SPLIT_IT = "store it as several smaller values"
 # How a payload with out-of-band buffers starts (a pickle starts with its PROTO opcode,
 # 0x80): then the number of buffers, the pickle's length and each buffer's, little-endian.
 _OUT_OF_BAND = b"\x00oob"
+# How a pickled bytes value of 256 B to 4 GiB starts (PROTO 5, BINBYTES) and ends (MEMOIZE,
+# STOP); pickle writes a big one's data between them, unframed.
+_BIG_BYTES = b"\x80\x05B"
+_BIG_BYTES_END = b"\x94."
 
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
@@ -85,8 +90,9 @@ def dump_borrowing(key: str, value: Any) -> Payload:
     """:func:`dump`, except that big buffers inside the value are not copied into the
     pickle: a large bytes, a str's UTF-8 or a read-only array is referenced in a
     :class:`~clustorage.messages.Gathered` payload (send it, then drop it), and arrays'
-    buffers (numpy, pandas: pickle protocol 5) travel out of band, after the pickle, so
-    that :func:`load` hands them to the value without copying them.
+    buffers (numpy, pandas: pickle protocol 5), read-only or not, travel out of band,
+    after the pickle, straight from the array's memory, so that :func:`load` hands them
+    to the value without copying them.
 
     Raises:
         TypeError: cloudpickle cannot serialize the value; the message names the key.
@@ -105,9 +111,11 @@ def dump_borrowing(key: str, value: Any) -> Payload:
             return True
         if raw.nbytes < BORROW_AT:
             return True
-        # A buffer its owner may change is copied, as pickle would: what is hashed must be
-        # what is sent.
-        buffers.append(raw if raw.readonly else raw.tobytes())
+        # An array's memory is sent as it lies, not copied (a copy of 100 MB costs more than
+        # sending it): changing the array from another thread while its put runs is a race,
+        # which the frame's check catches in plaintext. A bytearray is copied: it could not
+        # be resized while the payload borrowed it.
+        buffers.append(raw.tobytes() if isinstance(raw.obj, bytearray) else raw)
         return False
 
     pickler = pickle.Pickler if plain else cloudpickle.CloudPickler
@@ -133,12 +141,26 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
     )
 
 
+def _big_bytes(payload: Blob) -> bytes | None:
+    """The value of a payload that is one big pickled bytes and nothing else (protocol 5:
+    PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP), copied into huge pages; or
+    None (then unpickle it)."""
+    if len(payload) < COPY_AT or payload[:3] != _BIG_BYTES or payload[-2:] != _BIG_BYTES_END:
+        return None
+    view = memoryview(payload)
+    (size,) = struct.unpack_from("<I", view, 3)
+    if size != len(view) - 9:
+        return None
+    return copy_to_bytes(view[7 : 7 + size])
+
+
 def load(payload: Blob) -> Any:
     """Deserialize a payload made by :func:`dump` or :func:`dump_borrowing` (from an
     authenticated peer only). Out-of-band buffers are handed to the value as views of
-    ``payload``, not copied."""
+    ``payload``, not copied; a big bytes value is copied into huge pages (bigbytes)."""
     if payload[:4] != _OUT_OF_BAND:
-        return pickle.loads(payload)
+        value = _big_bytes(payload)
+        return pickle.loads(payload) if value is None else value
     view = memoryview(payload)
     (count,) = struct.unpack_from("<I", view, 4)
     sizes = struct.unpack_from(f"<{count + 1}Q", view, 8)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import codec
+from .bulk import VERIFIED
 from .compiler import compile_function
 from .config import EAGER_LIMIT
 from .errors import (
@@ -430,13 +431,12 @@ class LoaderCore:
         self._hold(where)
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
-            kept = (
-                entry
-                if stored is None or stored is entry.payload
-                else entry._replace(
+            kept = entry
+            if stored is not None and stored is not entry.payload:
+                VERIFIED.carry(entry.payload, stored)  # the file's bytes were verified
+                kept = entry._replace(
                     payload=stored  # served from the store from now on, not from memory
                 )
-            )
             if error is None:
                 self.entries[where] = kept
             else:

@@ -33,9 +33,9 @@ where the tag is keyed BLAKE2b over the header and the payload. The last ``blob 
 of a payload may be a bulk blob (a big value): the tag then covers the header, the rest of the
 payload and the blob's digest (BLAKE3, BLAKE2b or SHA-256: the fastest on the server's CPU
 of those the client offered in its meta) instead of the blob itself. The tag comes last so
-that both ends hash a big blob while it streams (a receiver on a thread of its own, beside
-the one receiving), and the loader can forward a blob it has verified without hashing it
-again. The length is checked against the limit as soon as the header is in; a wrong
+that both ends hash a big blob while it streams (each on a thread of its own, beside the
+one sending or receiving it), and the loader can forward a blob it has verified without
+hashing it again. The length is checked against the limit as soon as the header is in; a wrong
 sequence number (replay, reorder, drop) or tag (forgery, corruption) is the peer's fault and
 ends the connection. An empty payload is a heartbeat.
 
@@ -59,7 +59,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .bulk import BASELINE_DIGEST, BULK_DIGESTS, VERIFIED, ArrivingFrame, new_hasher
+from .bulk import (
+    BASELINE_DIGEST,
+    BULK_DIGESTS,
+    VERIFIED,
+    ArrivingFrame,
+    abandon_hashing,
+    sending_hasher,
+)
 from .errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -743,16 +750,20 @@ class Connection:
             parts, digest = blob.parts, None
         else:
             parts, digest = (blob,), VERIFIED.find(blob, self.bulk_digest)
-        hasher = new_hasher(self.bulk_digest) if digest is None else None
-        for part in parts:
-            view = memoryview(part)
-            for start in range(0, len(view), CHUNK):
-                chunk = view[start : start + CHUNK]
-                if hasher is not None:
-                    hasher.update(chunk)
-                yield chunk
-        if hasher is not None:
-            digest = hasher.digest()
+        hasher = None if digest is not None else sending_hasher(self.bulk_digest, len(blob))
+        try:
+            for part in parts:
+                view = memoryview(part)
+                for start in range(0, len(view), CHUNK):
+                    chunk = view[start : start + CHUNK]
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    yield chunk
+            if hasher is not None:
+                digest = hasher.digest()
+        finally:
+            if hasher is not None and digest is None:  # the frame was cut short
+                abandon_hashing(hasher)
         assert digest is not None
         yield _tag(self._send_tagger, header, envelope, digest)
 

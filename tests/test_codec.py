@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import pickle
 import threading
 from typing import Any
@@ -78,6 +79,16 @@ def test_a_read_only_picklebuffer_is_borrowed_a_writable_one_copied() -> None:
     assert bytes(codec.load(bytes(borrowed))) == frozen
 
 
+def test_a_writable_array_buffer_is_sent_from_the_arrays_memory() -> None:
+    """A writable buffer of an array (numpy's are) travels out of band without a copy; only
+    a bytearray, which a borrowed view would keep from being resized, is copied."""
+    memory = array.array("b", b"a" * (2 * BIG))
+    payload = codec.dump_borrowing("k", {"a": pickle.PickleBuffer(memory)})
+    assert isinstance(payload, Gathered)
+    assert any(shares_memory(part, memory) for part in payload.parts)
+    assert bytes(codec.load(bytes(payload))["a"]) == bytes(memory)
+
+
 def test_array_buffers_travel_out_of_band_and_load_without_a_copy() -> None:
     """A big array's buffer goes after the pickle; loading hands it a view of the payload."""
     array = pickle.PickleBuffer(bytes(range(256)) * (BIG // 64))
@@ -119,3 +130,15 @@ def test_check_size_counts_the_key() -> None:
     codec.check_size("k", payload, limit)
     with pytest.raises(ValueTooLarge, match="frame limit"):
         codec.check_size(key, payload, limit)
+
+
+def test_a_big_bytes_value_loads_from_a_writable_buffer_as_bytes() -> None:
+    """A big bytes value that arrived in a writable buffer (as a received frame does) loads
+    as a bytes of its own, equal to what was put, whether or not huge pages are had."""
+    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+    arrived = bytearray(bytes(codec.dump_borrowing("k", value)))
+    loaded = codec.load(memoryview(arrived))
+    arrived[:] = bytes(len(arrived))
+    assert type(loaded) is bytes and loaded == value
+    assert codec.load(bytes(codec.dump_borrowing("k", value))) == value  # read-only: unpickled
+    assert codec.load(memoryview(bytearray(codec.dump("k", [value])))) == [value]

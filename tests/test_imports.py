@@ -20,6 +20,7 @@ PURE = [
     "keys",
     "protocol",
     "bulk",  # threads and mapped memory for the protocol, no sockets
+    "bigbytes",  # a big bytes value made in huge pages (ctypes), no sockets
     "messages",
     "codec",
     "compiler",

@@ -6,6 +6,7 @@ import copy
 import gc
 import hashlib
 import hmac
+import mmap
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import pytest
 
 import clustorage.bulk
 import clustorage.protocol
-from clustorage.bulk import VerifiedDigests, bulk_digests_by_speed
+from clustorage.bulk import RecycledBuffers, VerifiedDigests, bulk_digests_by_speed
 from clustorage.errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -663,11 +664,11 @@ def test_a_verified_blob_is_forwarded_without_hashing_it_again(
     received = memoryview(payloads[0])[3:]
     assert received == blob
 
-    def no_hashing(algorithm: str) -> object:
+    def no_hashing(algorithm: str, size: int) -> object:
         raise AssertionError("the blob was hashed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(clustorage.protocol, "new_hasher", no_hashing)
+        patch.setattr(clustorage.protocol, "sending_hasher", no_hashing)
         forwarded = b"".join(bytes(p) for p in outbound.server.send_bulk(b"env", received))
     assert outbound.client.read_frames(forwarded) == [b"env" + blob]
 
@@ -896,6 +897,25 @@ def test_a_big_blob_is_hashed_on_its_own_thread(thread_hashed: int, chunk: int) 
 
 
 @pytest.mark.timeout(30)
+def test_a_big_blob_is_hashed_on_a_thread_while_it_is_sent(thread_hashed: int) -> None:
+    """The sender hashes a big blob on a thread beside the one sending it; the thread ends
+    with the frame, or when the frame is given up halfway."""
+    pair = open_pair()
+    blob = b"s" * (4 * BULK)
+    parts = pair.client.send_bulk(b"env", blob)
+    head = [bytes(next(parts)) for _ in range(2)]
+    assert len(hashing_threads()) == 1
+    frame = b"".join(head) + b"".join(bytes(part) for part in parts)
+    assert not hashing_threads()
+    assert pair.server.read_frames(frame) == [b"env" + blob]
+    wait_for_no_hashing_thread()
+    given_up = open_pair().client.send_bulk(b"env", blob)
+    next(given_up), next(given_up)
+    given_up.close()
+    wait_for_no_hashing_thread()
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("index", [FRAME_HEAD + 3, FRAME_HEAD + 3 + BULK // 2, -1])
 def test_a_tampered_big_blob_raises(thread_hashed: int, index: int) -> None:
     """A blob hashed on a thread is checked as strictly as one hashed inline."""
@@ -1039,3 +1059,63 @@ def test_the_digest_cache_survives_a_collection_inside_it() -> None:
     owner = _Owner()
     digests.remember(owner, 3, "sha256", b"digest")
     assert digests.find(memoryview(b"abc"), "sha256") is None
+
+
+def test_a_verified_blob_written_and_mapped_back_keeps_its_digest() -> None:
+    """The loader keeps a durable blob as its file, mapped: the digest it verified on
+    arrival carries over, so forwarding the mapping hashes nothing; a blob that was never
+    verified carries nothing."""
+    digests = VerifiedDigests()
+    arrived, mapped = mmap.mmap(-1, 100), mmap.mmap(-1, 100)
+    digests.remember(arrived, 100, "sha256", b"digest")
+    digests.carry(memoryview(arrived), memoryview(mapped))
+    assert digests.find(memoryview(mapped), "sha256") == b"digest"
+    unverified, elsewhere = mmap.mmap(-1, 100), mmap.mmap(-1, 100)
+    digests.carry(memoryview(unverified), memoryview(elsewhere))
+    assert digests.find(memoryview(elsewhere), "sha256") is None
+
+
+def test_a_receive_buffer_is_used_again_once_nothing_refers_to_it() -> None:
+    """A kept buffer is handed out again only when free, of the same size, most recent kept."""
+    buffers = RecycledBuffers(count=2)
+    first = mmap.mmap(-1, 4096)
+    buffers.keep(first)
+    view = memoryview(first)
+    kept = weakref.ref(first)
+    del first
+    assert buffers.take(4096) is None  # a view of it lives
+    view.release()
+    del view
+    assert buffers.take(4096 + 1) is None
+    assert buffers.take(4096) is kept()
+    for _ in range(2):
+        buffers.keep(mmap.mmap(-1, 8192))
+    gc.collect()
+    assert kept() is None  # pushed out by two newer ones: unmapped
+    small = RecycledBuffers(count=2, limit=8192)
+    too_big = mmap.mmap(-1, 8193)
+    small.keep(too_big)
+    dropped = weakref.ref(too_big)
+    del too_big
+    assert dropped() is None  # over the limit on its own: never kept
+
+
+@pytest.mark.timeout(30)
+def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next big frame of the same size reuses a buffer nobody uses, never a value's."""
+    monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers())
+    pair = open_pair()
+    blobs = [bytes([n]) * (2 * BULK) for n in range(3)]
+    (held,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[0]))
+    (second,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[1]))
+    assert isinstance(held, memoryview) and isinstance(second, memoryview)
+    assert second.obj is not held.obj and held == b"env" + blobs[0]
+    buffer = weakref.ref(second.obj)
+    second.release()
+    del second
+    (third,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[2]))
+    assert isinstance(third, memoryview) and third.obj is buffer()
+    assert third == b"env" + blobs[2] and held == b"env" + blobs[0]

@@ -1,0 +1,66 @@
+"""A big ``bytes`` value made in huge pages, from the buffer it arrived in.
+
+Unpickling a big bytes value copies it into a new bytes object, whose memory malloc maps
+fresh in 4 KiB pages: on a 100 MB value the page faults cost several times the copy itself
+(80-100 ms against about 20 ms). :func:`copy_to_bytes` makes the bytes object first, asks
+the kernel for huge pages under it (Linux THP, ``MADV_HUGEPAGE``) before anything touches
+them, then copies the value in: a fault per 2 MiB instead of per 4 KiB.
+
+This is what CPython's own C code does with a bytes object (``PyBytes_FromStringAndSize``
+with no data, then filling it) before anyone else can see it, done here through ctypes.
+Where that is not possible (not CPython, no THP, a read-only source) :func:`copy_to_bytes`
+returns None and the caller unpickles as usual.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import platform
+from typing import Any
+
+from .bulk import HUGE_PAGES
+
+__all__ = ["COPY_AT", "copy_to_bytes"]
+
+COPY_AT = 1 << 23  # bytes: below this, huge pages save too little to matter
+_HUGE_PAGE = 1 << 21
+_DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob_sval)
+
+
+def _tools() -> tuple[Any, Any] | None:
+    if platform.python_implementation() != "CPython" or not HUGE_PAGES:
+        return None
+    try:
+        new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):
+        return None
+    new_bytes.restype = ctypes.py_object
+    new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    madvise.restype = ctypes.c_int
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return new_bytes, madvise
+
+
+_TOOLS = _tools()
+
+
+def copy_to_bytes(source: memoryview) -> bytes | None:
+    """A new bytes object with ``source``'s bytes (a writable, contiguous byte view of at
+    least COPY_AT bytes), in huge pages; None where that cannot be done (then copy it as
+    usual)."""
+    size = source.nbytes
+    if _TOOLS is None or size < COPY_AT or source.readonly or not source.c_contiguous:
+        return None
+    new_bytes, madvise = _TOOLS
+    value: bytes = new_bytes(None, size)
+    start = id(value) + _DATA_OFFSET
+    first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    last = (start + size) // _HUGE_PAGE * _HUGE_PAGE
+    if last > first:  # only ever faster: a refusal leaves 4 KiB pages
+        madvise(first, last - first, mmap.MADV_HUGEPAGE)
+    origin = ctypes.c_char.from_buffer(source)
+    ctypes.memmove(start, ctypes.addressof(origin), size)
+    del origin  # lets the source's owner be closed or resized again
+    return value
