@@ -53,6 +53,7 @@ __all__ = [
     "HUGE_PAGES",
     "RECYCLED",
     "RECYCLE_AT",
+    "RECYCLE_IDLE",
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
@@ -269,8 +270,8 @@ class RecycledBuffers:
 
     A buffer is free once nothing refers to it but this list: the value made from it (views of
     it, the arrays on them) is gone. The most recent ``count`` buffers of ``RECYCLE_AT`` bytes
-    or more are kept, ``limit`` bytes at most; an unused one costs its memory until a newer
-    frame pushes it out.
+    or more are kept, ``limit`` bytes at most; one that stays free for ``RECYCLE_IDLE``
+    seconds is let go (:meth:`sweep`, on the process's heartbeat), and its memory with it.
     """
 
     def __init__(self, count: int = 2, limit: int = 1 << 28) -> None:
@@ -278,6 +279,7 @@ class RecycledBuffers:
         self._limit = limit
         self._lock = threading.Lock()
         self._buffers: list[mmap.mmap] = []
+        self._free_since: dict[int, float] = {}  # id of a kept buffer -> when first seen free
 
     def take(self, length: int) -> mmap.mmap | None:
         """A free buffer of exactly ``length`` bytes, or None."""
@@ -287,6 +289,7 @@ class RecycledBuffers:
                 if len(buffers[index]) == length and _references(buffers, index) <= _UNUSED:
                     buffer = buffers.pop(index)
                     buffers.append(buffer)
+                    self._free_since.pop(id(buffer), None)
                     return buffer
         return None
 
@@ -297,6 +300,22 @@ class RecycledBuffers:
             del self._buffers[: -self._count]
             while sum(len(kept) for kept in self._buffers) > self._limit:
                 del self._buffers[0]
+            kept = {id(buffer) for buffer in self._buffers}
+            self._free_since = {k: t for k, t in self._free_since.items() if k in kept}
+
+    def sweep(self, now: float, idle: float | None = None) -> None:
+        """Let go of the buffers free since ``idle`` seconds (RECYCLE_IDLE) before ``now``
+        (``time.monotonic()``): a value deleted or replaced gives its memory back."""
+        idle = RECYCLE_IDLE if idle is None else idle
+        with self._lock:
+            buffers = self._buffers
+            for index in reversed(range(len(buffers))):
+                key = id(buffers[index])
+                if _references(buffers, index) > _UNUSED:
+                    self._free_since.pop(key, None)
+                elif now - self._free_since.setdefault(key, now) >= idle:
+                    del buffers[index]
+                    self._free_since.pop(key, None)
 
 
 def _references(objects: list[Any], index: int) -> int:
@@ -307,6 +326,7 @@ def _references(objects: list[Any], index: int) -> int:
 # references while counting vary between versions: measured, not assumed).
 _UNUSED = _references([object()], 0)
 RECYCLE_AT = 1 << 24
+RECYCLE_IDLE = 10.0  # seconds a kept receive buffer may stay free before it is let go
 RECYCLED = RecycledBuffers()
 
 

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any, Protocol
 
+from .bulk import RECYCLED
+
 __all__ = ["SharedReader", "Watched", "shared_reader"]
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,7 @@ class SharedReader:
             self._read(fd, watched, retry=True)
         if now >= next_tick:
             next_tick = now + TICK
+            RECYCLED.sweep(now)
             with self._lock:
                 everyone = [(fd, watched) for fd, (_, watched) in self._watched.items()]
             for fd, watched in everyone:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import tls
 from .aioloop import new_loop
+from .bulk import RECYCLED
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
@@ -275,6 +276,7 @@ class LoaderRuntime:
     def _heartbeats(self) -> None:
         self._heartbeat = self.loop.call_later(self.timing.heartbeat / 2, self._heartbeats)
         now = time.monotonic()
+        RECYCLED.sweep(now)
         for connection in list(self._connections):
             connection.tick(now)
 

@@ -1100,6 +1100,31 @@ def test_a_receive_buffer_is_used_again_once_nothing_refers_to_it() -> None:
     assert dropped() is None  # over the limit on its own: never kept
 
 
+def test_a_receive_buffer_free_for_a_while_is_let_go() -> None:
+    """A kept buffer free at two sweeps the idle time apart is unmapped; one in use, or free
+    only since the last sweep, stays."""
+    buffers = RecycledBuffers(count=2)
+    used, free = mmap.mmap(-1, 4096), mmap.mmap(-1, 8192)
+    buffers.keep(used)
+    buffers.keep(free)
+    view = memoryview(used)
+    kept, gone = weakref.ref(used), weakref.ref(free)
+    del used, free
+    buffers.sweep(100.0, idle=10.0)
+    buffers.sweep(105.0, idle=10.0)
+    assert buffers.take(8192) is gone()  # free for 5 s only: still there
+    buffers.sweep(106.0, idle=10.0)  # taken meanwhile: free again from now on
+    buffers.sweep(116.0, idle=10.0)
+    gc.collect()
+    assert gone() is None and kept() is not None  # a view of the other one lives
+    view.release()
+    del view
+    buffers.sweep(117.0, idle=10.0)
+    buffers.sweep(127.0, idle=10.0)
+    gc.collect()
+    assert kept() is None
+
+
 @pytest.mark.timeout(30)
 def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
     monkeypatch: pytest.MonkeyPatch,
