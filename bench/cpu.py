@@ -9,6 +9,7 @@ subprocess started here (both on 127.0.0.1, stopped by PID at the end).
     .venv/bin/python bench/cpu.py             # 5,000 operations each
     .venv/bin/python bench/cpu.py --quick     # 200, for the tests
     .venv/bin/python bench/cpu.py --spy DIR   # also record py-spy profiles of both ends in DIR
+    .venv/bin/python bench/cpu.py --durable   # the loader on the default durable store on disk
 
 With --spy, DIR gets loader-miss.txt and member-miss.txt (py-spy's raw format: one stack and
 its sample count per line), sampled without pausing the processes.
@@ -23,6 +24,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,12 +65,14 @@ def per_op(
 
 
 @contextmanager
-def loader(cookie: str) -> Iterator[tuple[str, subprocess.Popen[Any]]]:
-    address, process = start_loader({**os.environ, "CLUSTORAGE_COOKIE": cookie})
-    try:
-        yield address, process
-    finally:
-        stop_process(process)
+def loader(cookie: str, durable: bool) -> Iterator[tuple[str, subprocess.Popen[Any]]]:
+    with tempfile.TemporaryDirectory() as temp:
+        data = str(Path(temp) / "data") if durable else ":memory:"
+        address, process = start_loader({**os.environ, "CLUSTORAGE_COOKIE": cookie}, data=data)
+        try:
+            yield address, process
+        finally:
+            stop_process(process)
 
 
 @contextmanager
@@ -92,9 +96,9 @@ def spying(directory: Path | None, name: str, pid: int, seconds: float) -> Itera
         process.wait(seconds + 30)
 
 
-def clustorage_rows(n: int, spy: Path | None) -> list[dict[str, float | str]]:
+def clustorage_rows(n: int, spy: Path | None, durable: bool) -> list[dict[str, float | str]]:
     cookie = secrets.token_hex(16)
-    with loader(cookie) as (address, process):
+    with loader(cookie, durable) as (address, process):
         node = clustorage.Node("cpu-bench", address, cookie=cookie, timeout=30)
         try:
             server = psutil.Process(process.pid)
@@ -150,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 operations, for the tests")
     parser.add_argument("--spy", type=Path, help="record py-spy profiles of a miss into DIR")
+    parser.add_argument(
+        "--durable", action="store_true", help="the loader on the default durable store"
+    )
     args = parser.parse_args(argv)
     n = 200 if args.quick else 5_000
-    rows = clustorage_rows(n, args.spy) + managers_rows(n)
+    rows = clustorage_rows(n, args.spy, args.durable) + managers_rows(n)
     print(f"{'per operation':45s} {'wall':>9s} {'server CPU':>11s} {'client CPU':>11s}")
     for row in rows:
         print(
