@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS entries (
     deleted  INTEGER NOT NULL DEFAULT 0,
     file     TEXT,
     PRIMARY KEY (kind, key, version)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS identity (id TEXT NOT NULL);
 """
 
@@ -116,6 +116,10 @@ class SQLiteStore:
             self.max_length = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
             # Small pages keep a small commit small; big payloads live in files (blobs.py).
             self._db.execute("PRAGMA page_size=4096")
+            # One loader per store (the lock file): SQLite need not lock the file, nor share
+            # its WAL index in -shm, on every commit. Set before WAL mode, which then keeps
+            # that index in memory.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)

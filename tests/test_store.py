@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,34 @@ def test_one_store_one_loader_in_a_process_too(tmp_path: Path) -> None:
     del second  # never closed: the lock goes with it
     gc.collect()
     SQLiteStore(path).close()
+
+
+def test_a_store_an_earlier_version_made_opens_and_takes_writes(tmp_path: Path) -> None:
+    """A store whose entries table an earlier version made (a rowid table, without the file
+    column) opens with its entries, and takes new versions."""
+    path = tmp_path / "s.sqlite3"
+    made = sqlite3.connect(path)
+    made.executescript(
+        """
+        CREATE TABLE entries (
+            kind TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL, payload BLOB,
+            source TEXT, origin TEXT NOT NULL, time REAL NOT NULL,
+            deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (kind, key, version)
+        );
+        CREATE TABLE identity (id TEXT NOT NULL);
+        INSERT INTO identity (id) VALUES ('earlier');
+        INSERT INTO entries (kind, key, version, payload, source, origin, time)
+            VALUES ('value', 'k', 1, X'6F6E65', NULL, 'm1', 1001.0);
+        """
+    )
+    made.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert store.identity == "earlier"
+        assert [(e.key, bytes(e.payload)) for e in store.current()] == [("k", b"one")]
+        store.commit(entry(VALUE, "k", 2, b"two"), previous=1)
+        store.delete(VALUE, "gone", 1, "m1")
+        assert payloads(store, VALUE, "k") == [b"", b"two"]
+        assert store.last_versions() == {(VALUE, "k"): 2, (VALUE, "gone"): 1}
+    finally:
+        store.close()
