@@ -39,8 +39,9 @@ def test_run_bench_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_cpu_bench_runs() -> None:
-    done = run([str(BENCH / "cpu.py"), "--quick"], timeout=80)
+@pytest.mark.parametrize("store", [[], ["--durable"]], ids=["memory", "durable"])
+def test_cpu_bench_runs(store: list[str]) -> None:
+    done = run([str(BENCH / "cpu.py"), "--quick", *store], timeout=80)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "server CPU" in lines[0]
@@ -58,6 +59,15 @@ def test_ab_bench_runs(measure: list[str]) -> None:
     if "--tls" in measure:
         pytest.importorskip("cryptography")
     done = run([str(BENCH / "ab.py"), str(ROOT), str(ROOT), "--quick", *measure], timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("B/A ")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("store", [[], ["--durable"]], ids=["memory", "durable"])
+def test_core_cpu_bench_runs(store: list[str]) -> None:
+    """bench/core_cpu.py --quick times the loader's request path of two trees in turns."""
+    done = run([str(BENCH / "core_cpu.py"), str(ROOT), str(ROOT), "--quick", *store], timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("B/A ")
 
