@@ -387,6 +387,11 @@ _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]
 
 
+# A message type's tuple made without its generated __new__ (a Python call): decoding checks
+# the number of fields itself.
+_new: Callable[..., Any] = tuple.__new__
+
+
 def _entries(entries: Any) -> tuple[Entry, ...]:
     return tuple(Entry(*entry) for entry in entries)
 
@@ -397,7 +402,7 @@ def _entry_out(entry: Entry) -> tuple[Any, ...]:
 
 def _entry_in(fields: Any, blob: Blob) -> Entry:
     kind, key, version, _, source, origin, when = fields
-    return Entry(kind, key, version, blob, source, origin, when)
+    return _new(Entry, (kind, key, version, blob, source, origin, when))  # type: ignore[no-any-return]
 
 
 class _Wire(NamedTuple):
@@ -412,37 +417,37 @@ class _Wire(NamedTuple):
 _WIRE: dict[type, _Wire] = {
     Commit: _Wire(
         lambda m: (m.rid, m.key, m.token, len(m.payload)),
-        lambda blob, rid, key, token, _: Commit(rid, key, token, blob),
+        lambda blob, rid, key, token, _: _new(Commit, (rid, key, token, blob)),
         lambda m: m.payload,
         lambda data: data[4],
     ),
     Put: _Wire(
         lambda m: (m.rid, m.key, len(m.payload)),
-        lambda blob, rid, key, _: Put(rid, key, blob),
+        lambda blob, rid, key, _: _new(Put, (rid, key, blob)),
         lambda m: m.payload,
         lambda data: data[3],
     ),
     Found: _Wire(
         lambda m: (m.rid, _entry_out(m.entry)),
-        lambda blob, rid, entry: Found(rid, _entry_in(entry, blob)),
+        lambda blob, rid, entry: _new(Found, (rid, _entry_in(entry, blob))),
         lambda m: m.entry.payload,
         lambda data: data[2][3],
     ),
     Committed: _Wire(
         lambda m: (m.rid, _entry_out(m.entry), m.mine),
-        lambda blob, rid, entry, mine: Committed(rid, _entry_in(entry, blob), mine),
+        lambda blob, rid, entry, mine: _new(Committed, (rid, _entry_in(entry, blob), mine)),
         lambda m: m.entry.payload,
         lambda data: data[2][3],
     ),
     Load: _Wire(
         lambda m: (_entry_out(m.entry), m.ack),
-        lambda blob, entry, ack: Load(_entry_in(entry, blob), ack),
+        lambda blob, entry, ack: _new(Load, (_entry_in(entry, blob), ack)),
         lambda m: m.entry.payload,
         lambda data: data[1][3],
     ),
     SyncEntry: _Wire(
         lambda m: (_entry_out(m.entry),),
-        lambda blob, entry: SyncEntry(_entry_in(entry, blob)),
+        lambda blob, entry: _new(SyncEntry, (_entry_in(entry, blob),)),
         lambda m: m.entry.payload,
         lambda data: data[1][3],
     ),
