@@ -386,7 +386,8 @@ class ServerConnection(asyncio.BufferedProtocol):
     ) -> None:
         """Queue ``message`` (``parts``: it, already encoded) for this member; drop the member
         if it stopped reading."""
-        if not self._joined or self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if not self._joined or transport is None or transport.is_closing():
             return
         # SPEC "Wire and trust": what the loader pushes unasked (hot-loads, deletions,
         # membership) counts against the backlog cap; a member that stopped reading is
@@ -399,16 +400,17 @@ class ServerConnection(asyncio.BufferedProtocol):
         resync = type(message) is messages.SyncEntry
         counted = not resync and getattr(message, "rid", None) is None
         if counted and self._queued > self._timing.write_limit:
-            self._drop_for_backlog(self._queued + self._transport.get_write_buffer_size())
+            self._drop_for_backlog(self._queued + transport.get_write_buffer_size())
             return
         envelope, blob = messages.encode_parts(message) if parts is None else parts
-        self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued
         if self._outbox or self._paused or resync or len(blob) >= BULK:
+            self._conn.check_length(len(envelope) + len(blob))  # refused here, not when queued
             # Queued as the parts the loader shares between members (a broadcast is encoded
             # once); this member's frame is made from them only when it drains.
             self._queue(envelope, blob, counted)  # frames are numbered in the order they go
-        else:
-            self._write(self._conn.send_small(envelope, blob))
+        else:  # nothing waits to go before it: straight out (send_small checks the length)
+            transport.write(self._conn.send_small(envelope, blob))
+            self.last_sent = time.monotonic()
 
     def _drop_for_backlog(self, backlog: int) -> None:
         log.warning(

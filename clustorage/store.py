@@ -262,10 +262,10 @@ class SQLiteStore:
             StoreError: the write failed (disk full, file gone); nothing was stored.
         """
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
-        size = (0 if file else len(entry.payload)) + sum(
-            len(text.encode(errors="surrogatepass"))
-            for text in (entry.kind, entry.key, entry.source or "", entry.origin)
-        )
+        texts = (entry.kind, entry.key, entry.source or "", entry.origin)
+        size = 0 if file else len(entry.payload)
+        if size + 4 * sum(map(len, texts)) + _ROW_OVERHEAD > self.max_length:  # it may not fit
+            size += sum(len(text.encode(errors="surrogatepass")) for text in texts)
         if size + _ROW_OVERHEAD > self.max_length:
             raise ValueTooLarge(
                 f"{entry.key!r} takes {size} bytes, over the {self.max_length} bytes one entry "

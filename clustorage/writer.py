@@ -75,8 +75,9 @@ class _Lane(Generic[T]):
         self._thread.start()
 
     def idle(self) -> bool:
-        with self._ready:
-            return not self._queue and not self.working
+        """Whether it has nothing to do, read without the lock: the lane marks itself busy
+        before it empties its queue, so a batch it has just taken never looks idle."""
+        return not self._queue and not self.working
 
     def put(self, item: T) -> None:
         with self._ready:
@@ -90,9 +91,9 @@ class _Lane(Generic[T]):
                     self._ready.wait()
                 if not self._queue:
                     return
+                self.working = True  # first: see idle()
                 batch = list(self._queue)
                 self._queue.clear()
-                self.working = True
             try:
                 self._serve(batch)
             except Exception:
