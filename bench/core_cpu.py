@@ -4,8 +4,9 @@ A miss is two requests (Fetch, then Commit) that a loader's connection decodes, 
 answers. This script feeds them straight into a ``ServerConnection`` (on a stand-in
 transport that keeps what it is given) from a client ``Connection`` in the same process, so
 that what it times is the loader's Python, the store's commit and the client's framing: no
-system call of the network, no other process, nothing a busy machine's scheduler adds. Two
-source trees run in turns, each in a process of its own, like bench/ab.py:
+system call of the network, no other process, nothing a busy machine's scheduler adds, on
+the loader's kind of loop (uvloop where it is installed). Two source trees run in turns,
+each in a process of its own, like bench/ab.py:
 
     .venv/bin/python bench/core_cpu.py /tmp/before .              # :memory:, 5 rounds each
     .venv/bin/python bench/core_cpu.py /tmp/before . --durable    # the default durable store
@@ -128,9 +129,15 @@ async def main(data, count, rounds):
     store.close()
 
 
+from clustorage.aioloop import new_loop  # the loader's own kind of loop (uvloop)
+
 with tempfile.TemporaryDirectory() as temp:
     data = f"{temp}/store" if sys.argv[1] == "durable" else ":memory:"
-    asyncio.run(main(data, int(sys.argv[2]), int(sys.argv[3])))
+    loop = new_loop()
+    try:
+        loop.run_until_complete(main(data, int(sys.argv[2]), int(sys.argv[3])))
+    finally:
+        loop.close()
 """
 
 
