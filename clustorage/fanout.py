@@ -14,7 +14,8 @@ it spent delivering. A change after a quiet moment goes out at once; under a str
 writes, every node gets one frame per PACE carrying all of them, not one frame per write
 that it must read and check, and the fan-out takes at most half of the loop's time however
 fast changes come. A definition is waited for (its author counts the acknowledgements): it
-cuts a rest short.
+cuts a rest short. Membership news is not held back by PACE (a node that joins is seen by
+the others at once), only by a rest.
 
 Coalescing: a replica applies only a newer version of a key (SPEC "Replicas converge"), so
 of the changes of one entry queued for a pass only the newest goes out; a node hears of the
@@ -87,6 +88,7 @@ class Fanout:
         self._resting = False  # the coming pass waits for the end of a rest
         self._turn = 0  # passes scheduled so far
         self._rest_until = 0.0  # no pass begins before this (see the module docstring)
+        self._paced_until = 0.0  # nor, unless it brings membership news, before this
         # What the coming pass sends, in order: a replaceable change under its entry's
         # (kind, key), anything else under a number of its own.
         self._queued: dict[object, tuple[int, Message]] = {}
@@ -109,9 +111,10 @@ class Fanout:
         self._start(urgent)
 
     def membership(self, name: str, connected: bool) -> None:
-        """Tell every peer, in a coming pass, that ``name`` joined or left."""
+        """Tell every peer, in a coming pass, that ``name`` joined or left (not held back
+        by PACE: a node that joins is seen at once, but for a rest)."""
         self._joined[name] = connected
-        self._start()
+        self._start(paced=False)
 
     def _enqueue(self, message: Message) -> None:
         queued = self._queued
@@ -130,12 +133,13 @@ class Fanout:
     def idle(self) -> bool:
         return self._pass is None and not self._queued and not self._joined
 
-    def _start(self, urgent: bool = False) -> None:
-        if self._pass is None or (urgent and self._resting):
+    def _start(self, urgent: bool = False, paced: bool = True) -> None:
+        if self._pass is None or (self._resting and (urgent or not paced)):
             self._pass = []
             self._turn += 1
             turn = self._turn
-            rest = self._rest_until - time.monotonic()
+            until = max(self._rest_until, self._paced_until) if paced else self._rest_until
+            rest = until - time.monotonic()
             after = self._after
             self._resting = rest > 0 and after is not None and not urgent
             if after is not None and self._resting:
@@ -168,7 +172,7 @@ class Fanout:
         self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
         self._spent = 0.0
-        self._rest_until = time.monotonic() + PACE
+        self._paced_until = time.monotonic() + PACE
         self._deliver()
 
     def _deliver(self) -> None:
@@ -186,8 +190,8 @@ class Fanout:
         now = time.monotonic()
         self._spent += now - began
         if self._spent > SLICE:
-            self._rest_until = max(self._rest_until, now + self._spent)
+            self._rest_until = now + self._spent
         self._frame = None
         self._pass = None
-        if self._queued or self._joined:
-            self._start(self._urgent)  # a definition pushed during the pass: no rest
+        if self._queued or self._joined:  # a definition pushed during the pass: no rest
+            self._start(self._urgent, paced=not self._joined)

@@ -253,6 +253,27 @@ def test_passes_are_paced_and_what_comes_meanwhile_goes_in_one_frame(
     assert fanout.idle
 
 
+def test_membership_news_is_not_held_back_by_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node joining while changes wait for PACE is told at once, with them."""
+    clock = Clock()
+    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
+    peer = Peer("a")
+    loop = Loop()
+    rests: Rests = []
+    fanout = Fanout(lambda: [peer], loop.later, lambda delay, call: rests.append((delay, call)))
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    fanout.push(Load(entry("j", 1), False))
+    assert not loop.calls and len(rests) == 1  # waits for PACE
+    fanout.membership("b", True)
+    loop.run()
+    assert len(peer.frames) == 2
+    assert {type(message) for message in peer.heard()[1:]} == {Load, Members}
+    rests.pop()[1]()  # the paced pass's turn has passed: it begins nothing
+    loop.run()
+    assert len(peer.frames) == 2 and fanout.idle
+
+
 def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """A definition waited for goes out at once, with what rested; the rest's end then
     begins nothing."""
