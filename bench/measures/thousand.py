@@ -43,7 +43,7 @@ def run(bench: Bench) -> None:
             bench, measure + ": trivial miss from one more member", "miss", before, loader, workers
         )
         bench.loader_rss(loader, measure, "after the defines and misses", 200)
-        big_value(bench, loader, extra, workers[0], measure, total)
+        big_value(bench, loader, extra, workers[:GETTERS], measure, total)
     except Exception as exc:
         bench.failed(measure, "clustorage", exc)
     finally:
@@ -198,6 +198,9 @@ def misses(bench: Bench, extra: Child, measure: str) -> None:
         )
 
 
+GETTERS = 3  # members that get the big value, one after another: one get is a noisy figure
+
+
 def sent_during(loader: Loader, action: Any, settle: float = 2.0) -> tuple[Any, int | None]:
     """``action()``'s result and the bytes the loader sent to its members from just before
     it until ``settle`` seconds after it returned."""
@@ -210,7 +213,7 @@ def sent_during(loader: Loader, action: Any, settle: float = 2.0) -> tuple[Any, 
 
 
 def big_value(
-    bench: Bench, loader: Loader, putter: Child, getter: Child, measure: str, total: int
+    bench: Bench, loader: Loader, putter: Child, getters: list[Child], measure: str, total: int
 ) -> None:
     """A probe value a little over eager_limit first: if the loader pushes it to every node,
     the big value (total x its size of memory in the members) is not put."""
@@ -268,16 +271,20 @@ def big_value(
                 verdict=verdict(loader_sent < size),
             )
     with bench.attempt(name, "a member's first get", ">= 800 MB/s"):
-        got = getter.call("get_timed", key="big", timeout=budget)
-        if got["size"] != size:
-            raise BenchError(f"the member got {got['size']} bytes, not {size}")
-        rate = size / MB / got["seconds"]
+        rates = []
+        for getter in getters:
+            got = getter.call("get_timed", key="big", timeout=budget)
+            if got["size"] != size:
+                raise BenchError(f"the member got {got['size']} bytes, not {size}")
+            rates.append(size / MB / got["seconds"])
+        stats = summarize(rates)
         bench.record(
             name,
             "a member's first get",
             "MB/s",
-            summarize([rate]),
-            "get(key) in one of the members, its first of that value",
+            stats,
+            f"get(key) in {len(getters)} members of as many processes, one after another, "
+            "each its first of that value",
             target=">= 800 MB/s",
-            verdict=verdict(rate >= 800),
+            verdict=verdict(stats["median"] >= 800),
         )
