@@ -29,17 +29,19 @@ _DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob
 
 
 def _tools() -> tuple[Any, Any] | None:
+    """Prototypes of our own: ``ctypes.pythonapi``'s functions are shared by the whole
+    process, and another library may set their result type to something else."""
     if platform.python_implementation() != "CPython" or not HUGE_PAGES:
         return None
     try:
-        new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+            ("PyBytes_FromStringAndSize", ctypes.pythonapi)
+        )
+        madvise = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, use_errno=True
+        )(("madvise", ctypes.CDLL(None)))
     except (AttributeError, OSError):
         return None
-    new_bytes.restype = ctypes.py_object
-    new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    madvise.restype = ctypes.c_int
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return new_bytes, madvise
 
 
@@ -54,7 +56,9 @@ def copy_to_bytes(source: memoryview) -> bytes | None:
     if _TOOLS is None or size < COPY_AT or source.readonly or not source.c_contiguous:
         return None
     new_bytes, madvise = _TOOLS
-    value: bytes = new_bytes(None, size)
+    value = new_bytes(None, size)
+    if type(value) is not bytes or len(value) != size:
+        return None
     start = id(value) + _DATA_OFFSET
     first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
     last = (start + size) // _HUGE_PAGE * _HUGE_PAGE

@@ -295,6 +295,8 @@ class RecycledBuffers:
 
     def keep(self, buffer: mmap.mmap) -> None:
         """Keep ``buffer`` (just made for a frame) for a later frame once it is free."""
+        if _UNUSED < 0:
+            return
         with self._lock:
             self._buffers.append(buffer)
             del self._buffers[: -self._count]
@@ -323,8 +325,9 @@ def _references(objects: list[Any], index: int) -> int:
 
 
 # What _references counts for an object that only its list refers to (the interpreter's own
-# references while counting vary between versions: measured, not assumed).
-_UNUSED = _references([object()], 0)
+# references while counting vary between versions: measured, not assumed). Without reference
+# counts (PyPy), nothing is ever known to be free, so nothing is recycled.
+_UNUSED = _references([object()], 0) if hasattr(sys, "getrefcount") else -1
 RECYCLE_AT = 1 << 24
 RECYCLE_IDLE = 10.0  # seconds a kept receive buffer may stay free before it is let go
 RECYCLED = RecycledBuffers()

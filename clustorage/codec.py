@@ -112,9 +112,9 @@ def dump_borrowing(key: str, value: Any) -> Payload:
         if raw.nbytes < BORROW_AT:
             return True
         # An array's memory is sent as it lies, not copied (a copy of 100 MB costs more than
-        # sending it): changing the array from another thread while its put runs is a race,
-        # which the frame's check catches in plaintext. A bytearray is copied: it could not
-        # be resized while the payload borrowed it.
+        # sending it): like pickling it, a put takes no snapshot, so an array changed by
+        # another thread while its put runs may be stored half changed (README). A bytearray
+        # is copied: it could not be resized while the payload borrowed it.
         buffers.append(raw.tobytes() if isinstance(raw.obj, bytearray) else raw)
         return False
 

@@ -676,8 +676,12 @@ class MemberClient:
                 else:
                     parts = conn.send_message(envelope, blob)  # over the limit: raises here
                     sending = True
-                    for part in parts:
-                        sock.sendall(part)
+                    try:
+                        for part in parts:
+                            sock.sendall(part)
+                    finally:  # a frame cut short: its hashing thread ends now
+                        if (close := getattr(parts, "close", None)) is not None:
+                            close()
                 self._last_sent = time.monotonic()
         except BaseException as exc:
             if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:

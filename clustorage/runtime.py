@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import tls
 from .aioloop import new_loop
@@ -34,6 +34,20 @@ __all__ = ["LoaderRuntime"]
 log = logging.getLogger(__name__)
 
 
+def _read_only(message: Message) -> Message:
+    """``message`` with its entry's payload read-only: the loader's own node gets the very
+    payload the loader keeps and sends on, and an array decoded from it (out of band, a view
+    of it) must not be able to change that under its digest."""
+    entry = getattr(message, "entry", None)
+    if entry is None or isinstance(entry.payload, bytes):
+        return message
+    view = memoryview(entry.payload)
+    if view.readonly:
+        return message
+    replace: Any = message._replace
+    return cast(Message, replace(entry=entry._replace(payload=view.toreadonly())))
+
+
 class _LocalPeer:
     """The loader's own node, as a peer of its core: deliveries go straight to the replica."""
 
@@ -45,6 +59,7 @@ class _LocalPeer:
 
     def deliver(self, message: Message, parts: tuple[bytes, Payload] | None = None) -> None:
         runtime = self._runtime
+        message = _read_only(message)
         rid = getattr(message, "rid", None)
         if rid is not None:
             runtime.pending.resolve(rid, message)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import array
+import pickle
+import time
+
 import pytest
 
 import clustorage
@@ -34,3 +38,18 @@ def test_functions_prefers_the_default_node() -> None:
             assert clustorage.functions.which() == "default"
     finally:
         clustorage.stop()
+
+
+def test_the_loaders_node_cannot_change_what_the_loader_keeps() -> None:
+    """A buffer that travels out of band loads as a view of its payload: on the loader's own
+    node that payload is the loader's, so the view is read-only there."""
+    with node_pair() as (loader, member):
+        member.put("k", {"a": pickle.PickleBuffer(array.array("b", b"x" * (1 << 19)))})
+        deadline = time.monotonic() + 30
+        while "k" not in list(loader.keys()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = loader.get("k")["a"]
+        assert isinstance(held, memoryview) and held.readonly
+        with pytest.raises(TypeError):
+            held[0] = 0
+        assert bytes(memoryview(member.get("k")["a"])[:3]) == b"xxx"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import pickle
 import threading
 from typing import Any
@@ -142,3 +143,17 @@ def test_a_big_bytes_value_loads_from_a_writable_buffer_as_bytes() -> None:
     assert type(loaded) is bytes and loaded == value
     assert codec.load(bytes(codec.dump_borrowing("k", value))) == value  # read-only: unpickled
     assert codec.load(memoryview(bytearray(codec.dump("k", [value])))) == [value]
+
+
+def test_a_big_bytes_value_loads_whatever_another_library_made_of_pythonapi() -> None:
+    """ctypes.pythonapi's functions are the whole process's: another library giving
+    PyBytes_FromStringAndSize another result type changes nothing here."""
+    shared = ctypes.pythonapi.PyBytes_FromStringAndSize
+    restype, argtypes = shared.restype, shared.argtypes
+    shared.restype, shared.argtypes = ctypes.c_void_p, (ctypes.c_char_p, ctypes.c_ssize_t)
+    try:
+        value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+        arrived = bytearray(bytes(codec.dump_borrowing("k", value)))
+        assert codec.load(memoryview(arrived)) == value
+    finally:
+        shared.restype, shared.argtypes = restype, argtypes
