@@ -227,17 +227,23 @@ def test_a_pass_of_several_slices_is_followed_by_a_rest_as_long(
     assert not rests and len(quick[0].frames) == 2
 
 
-def test_passes_are_paced_and_what_comes_meanwhile_goes_in_one_frame(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A change after a quiet moment goes at once; the ones right after it wait until PACE
-    after that pass began, then go together."""
+def paced_fanout(monkeypatch: pytest.MonkeyPatch) -> tuple[Clock, Peer, Loop, Rests, Fanout]:
+    """A fan-out to one peer on a fake clock; the rests it asks for are recorded."""
     clock = Clock()
     monkeypatch.setattr(fanout_module.time, "monotonic", clock)
     peer = Peer("a")
     loop = Loop()
     rests: Rests = []
     fanout = Fanout(lambda: [peer], loop.later, lambda delay, call: rests.append((delay, call)))
+    return clock, peer, loop, rests, fanout
+
+
+def test_passes_are_paced_and_what_comes_meanwhile_goes_in_one_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A change after a quiet moment goes at once; the ones right after it wait until PACE
+    after that pass began, then go together."""
+    clock, peer, loop, rests, fanout = paced_fanout(monkeypatch)
     fanout.push(Load(entry("k", 1), False))
     loop.run()
     assert len(peer.frames) == 1 and not rests
@@ -255,12 +261,7 @@ def test_passes_are_paced_and_what_comes_meanwhile_goes_in_one_frame(
 
 def test_membership_news_is_not_held_back_by_pace(monkeypatch: pytest.MonkeyPatch) -> None:
     """A node joining while changes wait for PACE is told at once, with them."""
-    clock = Clock()
-    monkeypatch.setattr(fanout_module.time, "monotonic", clock)
-    peer = Peer("a")
-    loop = Loop()
-    rests: Rests = []
-    fanout = Fanout(lambda: [peer], loop.later, lambda delay, call: rests.append((delay, call)))
+    _, peer, loop, rests, fanout = paced_fanout(monkeypatch)
     fanout.push(Load(entry("k", 1), False))
     loop.run()
     fanout.push(Load(entry("j", 1), False))
