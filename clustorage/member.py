@@ -20,7 +20,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import codec, messages, tls
 from .channel import (
@@ -566,7 +566,7 @@ class MemberClient:
 
     def _dispatch(self, message: Message) -> None:
         if type(message) is Pushes:  # a fan-out pass's pushes, applied in one go
-            self._apply(lambda: self._push_all(message.frames))
+            self._apply(lambda: self._push(map(messages.decode, message.frames)))
             return
         rid = getattr(message, "rid", None)
         if rid is not None:
@@ -583,32 +583,23 @@ class MemberClient:
             else:
                 self._answer = message
             return
-        self._apply(lambda: self._push(message))
-        if type(message) is Load and message.ack:
-            entry = message.entry
-            self._send(Loaded(entry.kind, entry.key, entry.version))
+        self._apply(lambda: self._push((message,)))
 
     def _resync(self, reply: SyncReply) -> None:
         apply_sync(self.replica, reply)
         self._roster.reset(reply.members)
 
-    def _push(self, message: Message) -> None:
-        if apply_push(self.replica, message):
-            self._roster.merge(message)  # type: ignore[arg-type]
-            self.changed()
-
-    def _push_all(self, frames: tuple[bytes, ...]) -> None:
-        replica, joined = self.replica, False
-        for frame in frames:
-            message = messages.decode(frame)
-            if type(message) is Load:
-                replica.install(message.entry)
-                if message.ack:
-                    entry = message.entry
-                    self._send(Loaded(entry.kind, entry.key, entry.version))
-            elif apply_push(replica, message):
+    def _push(self, pushed: Iterable[Message]) -> None:
+        """Apply pushes from the loader, acknowledging each definition once installed;
+        on_change once if the membership changed."""
+        joined = False
+        for message in pushed:
+            if apply_push(self.replica, message):
                 self._roster.merge(message)  # type: ignore[arg-type]
                 joined = True
+            elif type(message) is Load and message.ack:
+                entry = message.entry
+                self._send(Loaded(entry.kind, entry.key, entry.version))
         if joined:
             self.changed()
 
@@ -616,7 +607,7 @@ class MemberClient:
         """A caller stopped waiting (Ctrl-C) for the answer to a write it sent."""
         if answer is not None:
             self._apply(lambda: self._late_answer(sent, answer))
-        elif type(sent) in _WRITES:
+        else:
             self._abandoned[rid] = sent
 
     def _late_answer(self, sent: Message, answer: Message) -> None:

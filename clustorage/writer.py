@@ -153,23 +153,16 @@ class StoreWriter:
     def _row(self, job: Job, done: Done, size: int) -> None:
         if not (self._inline and size <= INLINE_LIMIT and self._rows.idle()):
             self._rows.put((job, done))
-        elif self._soon is None:
-            if not self._using_store.acquire(blocking=False):
-                self._rows.put((job, done))
-                return
-            try:
-                outcome = _run(job, self._store)
-            finally:
-                self._using_store.release()
-            done(outcome)
-        else:
-            self._gathered.append((job, done))
-            if len(self._gathered) == 1:
-                self._soon(self._write_gathered)
+            return
+        self._gathered.append((job, done))
+        if self._soon is None:
+            self._write_gathered()
+        elif len(self._gathered) == 1:
+            self._soon(self._write_gathered)
 
     def _write_gathered(self) -> None:
-        """On the loop: the small writes of the pass, together (on the row writer, if a
-        big value's row went there meanwhile or it is writing)."""
+        """On the loop (at once, without ``soon``): the small writes of the pass, together
+        (on the row writer, if a big value's row went there meanwhile or it is writing)."""
         batch, self._gathered = self._gathered, []
         if not self._rows.idle() or not self._using_store.acquire(blocking=False):
             for queued in batch:
