@@ -8,8 +8,8 @@ connections that never finish their handshake cannot take the file descriptors o
 from members (SPEC "Wire and trust"), whose handshakes take a round trip. The handshake's
 deadline runs from the accept (:attr:`Newcomer.since`), the TLS handshake included.
 
-Under TLS the first byte decides before the loop's TLS takes the socket: 0x16 starts a TLS
-handshake; any other byte is refused with a log line; and a peer that sends nothing for
+Under TLS the first byte decides before the TLS handshake (:mod:`~.tls_stream`): 0x16 starts
+it; any other byte is refused with a log line; and a peer that sends nothing for
 :data:`~.tls.SILENCE` seconds (a member without TLS waits for the loader to speak first) is
 sent a TLS alert, which such a member recognises (:func:`~.tls.check_reply`).
 """
@@ -25,8 +25,9 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 
-from . import tls
+from . import tls, tls_stream
 
 __all__ = ["ACCEPT_PAUSE", "Listener", "Newcomer", "untrusted_cap"]
 
@@ -143,7 +144,7 @@ class Listener:
 
 class Newcomer:
     """An accepted connection on probation (see the module docstring): its socket while the
-    listener peeks at it, then the loop's, once handed over with ``connect_accepted_socket``."""
+    listener peeks at it, then its transport's."""
 
     def __init__(self, listener: Listener, sock: socket.socket) -> None:
         self.since = time.monotonic()
@@ -193,7 +194,7 @@ class Newcomer:
         elif self._transport is not None:
             self._transport.abort()
 
-    # -- under TLS, before the loop's TLS -------------------------------------------------
+    # -- under TLS, before the handshake ----------------------------------------------------
 
     def _stop_peeking(self) -> None:
         if self._peeking and self._sock is not None:
@@ -216,7 +217,7 @@ class Newcomer:
         self.close()
 
     def _first_byte(self) -> None:
-        """Hand a TLS handshake to the loop's TLS; close anything else, with a log line."""
+        """Start a TLS handshake; close anything else, with a log line."""
         sock = self._sock
         if sock is None:
             return
@@ -252,14 +253,15 @@ class Newcomer:
         def protocol() -> asyncio.BaseProtocol:
             return listener.factory(self)
 
+        transport: asyncio.Transport
         try:
             if listener.context is None:
                 transport, _ = await loop.connect_accepted_socket(protocol, sock)
             else:
-                tls.handshake_on(sock)  # for the alert of a failed handshake
                 left = listener.handshake - (time.monotonic() - self.since)
-                transport, _ = await loop.connect_accepted_socket(
-                    protocol, sock, ssl=listener.context, ssl_handshake_timeout=max(left, 1e-3)
+                secured = await tls_stream.accept(loop, sock, listener.context, max(left, 1e-3))
+                transport = tls_stream.TLSStream(
+                    loop, secured, cast(asyncio.BufferedProtocol, protocol())
                 )
         except ssl.SSLError as exc:
             log.warning("refused %s: TLS handshake failed (%s)", self.where, tls.why(exc))

@@ -94,7 +94,7 @@ def _receive(sock: socket.socket, buffer: bytearray | memoryview, size: int, blo
     spin_until = time.perf_counter() + SPIN if block else 0.0
     while True:
         try:
-            return sock.recv_into(buffer, size, socket.MSG_DONTWAIT)
+            return sock.recv_into(buffer, size, tls.DONTWAIT)
         except BlockingIOError:
             if time.perf_counter() >= spin_until:
                 break

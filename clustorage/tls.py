@@ -8,8 +8,8 @@ certificate of the CA; the cookie handshake runs inside it, bound to the TLS ses
 frames go without tags of their own (see ``protocol``'s docstring).
 
 A member lets OpenSSL read and write the socket itself: a record goes from the socket to
-its buffer (or back) in one call, with no Python in between. The loader uses its event
-loop's own TLS (:mod:`~.listener`).
+its buffer (or back) in one call, with no Python in between; so does the loader
+(:mod:`~.tls_stream`).
 
 The loader speaks first in clustorage's own handshake and a TLS client speaks first in
 TLS, so a member without TLS meeting a TLS loader would wait in silence: a TLS connection
@@ -20,8 +20,6 @@ without TLS reads clustorage's hello where a TLS record belongs (:func:`refusal`
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import errno
 import logging
 import select
@@ -40,14 +38,12 @@ __all__ = [
     "FLAGS",
     "HANDSHAKE_RECORD",
     "SILENCE",
-    "LoaderContext",
     "TLSFiles",
     "TLSSocket",
     "channel_binding",
     "check_reply",
     "client_context",
     "connect",
-    "handshake_on",
     "node_files",
     "refusal",
     "server_context",
@@ -62,6 +58,7 @@ HANDSHAKE_RECORD = 0x16
 ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])  # fatal protocol_version
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
 FLAGS = "--tls-cert/--tls-key/--tls-ca"
+DONTWAIT = int(socket.MSG_DONTWAIT)  # an int: the enum's "&" is a Python call
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +78,7 @@ def node_files(config: NodeConfig) -> TLSFiles | None:
 
 
 def _context(files: TLSFiles, server: bool) -> ssl.SSLContext:
-    context = (
-        LoaderContext(ssl.PROTOCOL_TLS_SERVER)
-        if server
-        else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     if server:
@@ -132,58 +125,6 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
 def client_context(files: TLSFiles) -> ssl.SSLContext:
     """A member's (or probe's) context: TLS 1.3, the loader's certificate and host checked."""
     return _client_context(_context(files, server=False))
-
-
-_handshaking: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
-    "clustorage_tls_handshaking", default=None
-)
-
-
-def handshake_on(sock: socket.socket) -> None:
-    """Name, in this context (a task's), the socket whose TLS handshake the event loop's TLS
-    is about to do under a :class:`LoaderContext`."""
-    _handshaking.set(sock)
-
-
-class _LoaderTLSObject(ssl.SSLObject):
-    """A loader's TLS object (see :class:`LoaderContext`)."""
-
-    alert_to: socket.socket | None = None
-    outgoing: ssl.MemoryBIO | None = None
-
-    def do_handshake(self) -> None:
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except ssl.SSLError:
-            if self.alert_to is not None and self.outgoing is not None and self.outgoing.pending:
-                with contextlib.suppress(OSError):
-                    self.alert_to.send(self.outgoing.read())
-            raise
-
-
-class LoaderContext(ssl.SSLContext):
-    """The loader's TLS context. An event loop's TLS closes a connection whose handshake
-    failed without sending the alert TLS wrote, which tells the member why (an unknown CA,
-    an expired certificate); this context's TLS objects send it themselves, on the socket
-    :func:`handshake_on` named."""
-
-    sslobject_class = _LoaderTLSObject
-
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        tls = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        if isinstance(tls, _LoaderTLSObject):
-            tls.outgoing = outgoing
-            tls.alert_to = _handshaking.get()
-        return tls
 
 
 def why(exc: BaseException) -> str:
@@ -260,17 +201,14 @@ class TLSSocket(ssl.SSLSocket):
     def gettimeout(self) -> float | None:
         return self._wait if self._open else super().gettimeout()
 
-    def _ready_for(self, events: int, poll: bool = False) -> bool:
-        """Whether the socket is ready for ``events``; unless ``poll``, wait until it is:
-        within settimeout's value, or else within the receive timeout (SO_RCVTIMEO) for
-        reads and for ever for writes.
+    def _ready_for(self, events: int) -> None:
+        """Wait until the socket is ready for ``events``: within settimeout's value, or else
+        within the receive timeout (SO_RCVTIMEO) for reads and for ever for writes.
 
         Raises:
             TimeoutError: it was not, in time.
         """
         poller = self._readable if events == select.POLLIN else self._writable
-        if poll:
-            return bool(poller.poll(0))
         wait = self._wait
         if wait is None and events == select.POLLIN:
             seconds, micros = struct.unpack(
@@ -279,7 +217,6 @@ class TLSSocket(ssl.SSLSocket):
             wait = seconds + micros / 1e6 or None
         if not poller.poll(None if wait is None else wait * 1000):
             raise TimeoutError("timed out")
-        return True
 
     def _tls(self) -> Any:
         """(The lock held.) The TLS object, as long as the socket is open: once closed, its
@@ -304,16 +241,19 @@ class TLSSocket(ssl.SSLSocket):
             super()._real_close()  # type: ignore[misc]
 
     def recv_into(self, buffer: Any, nbytes: int | None = 0, flags: int = 0) -> int:
-        """Decrypt into ``buffer`` what has come, up to ``nbytes``; 0 at the end."""
+        """Decrypt into ``buffer`` what has come, up to ``nbytes``; 0 at the end.
+
+        With ``MSG_DONTWAIT`` (a caller polling for its answer) the socket is polled first:
+        TLS reports an empty socket with an exception, which costs more than the poll. A
+        blocking call reads first, and polls only for a record that has not come."""
         if not self._open:
             return super().recv_into(buffer, nbytes or None, flags)
         view = memoryview(buffer)
         size = nbytes or len(view)
+        dontwait = flags & DONTWAIT
         while True:
-            if not self.pending() and not self._ready_for(select.POLLIN, poll=True):
-                if flags & socket.MSG_DONTWAIT:
-                    raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
-                self._ready_for(select.POLLIN)
+            if dontwait and not self.pending() and not self._readable.poll(0):
+                raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
             total = 0
             with self._lock:
                 tls = self._tls()
@@ -330,6 +270,9 @@ class TLSSocket(ssl.SSLSocket):
                         return total
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return total
+            if dontwait:
+                raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
+            self._ready_for(select.POLLIN)
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         buffer = bytearray(buflen)
@@ -339,11 +282,10 @@ class TLSSocket(ssl.SSLSocket):
         if not self._open:
             super().sendall(data, flags)
             return
-        view = memoryview(data)
         while True:
             with self._lock:
                 try:
-                    self._tls().write(view)  # whole, or SSLWantWriteError: then again, the same
+                    self._tls().write(data)  # whole, or SSLWantWriteError: then again, the same
                     return
                 except ssl.SSLWantWriteError:
                     pass

@@ -79,6 +79,7 @@ MIDDLE = [
     "standby",
     "tls",
     "tls_init",
+    "tls_stream",
     "__init__",
 ]
 

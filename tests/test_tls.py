@@ -127,6 +127,24 @@ def test_tls_cluster_gets_calls_hot_loads_and_resyncs(tls_cluster: Cluster, cert
     assert "nodes     4" in result.stdout
 
 
+def test_a_big_value_drains_over_tls_while_the_loader_serves_others(
+    tls_cluster: Cluster, certs: Path
+) -> None:
+    """48 MB to a member is more than the socket takes at once: the loader's TLS stream
+    keeps the rest, pauses its sender and resumes it, and answers others meanwhile."""
+    m1 = member(tls_cluster, "m1", tls_env(certs, "m1"))
+    m2 = member(tls_cluster, "m2", tls_env(certs, "m2"))
+    digest = m1.ok(
+        "(lambda b: (node.put('big', b), __import__('hashlib').sha256(b).hexdigest())[1])"
+        "(__import__('random').Random(7).randbytes(48 << 20))"
+    )
+    m2.start_send("__import__('hashlib').sha256(node.get('big')).hexdigest()")
+    for i in range(20):
+        assert m1.ok(f"node.get('small{i}', lambda: {i})") == i
+    answer = m2.answer()
+    assert answer == {"ok": digest}
+
+
 def test_plaintext_member_is_refused_by_a_tls_loader(tls_cluster: Cluster, certs: Path) -> None:
     """A member without TLS is told the loader speaks TLS; the loader logs it, serves others."""
     plain = member(tls_cluster, "m1", {})

@@ -1,0 +1,258 @@
+"""The loader's TLS connections: the handshake, then an asyncio transport in which OpenSSL
+reads and writes the socket itself.
+
+A loop's own TLS (``ssl=`` of asyncio or uvloop) moves every record through two memory
+buffers, a Python call or two and an exception per read; here a record goes from the
+socket into the protocol's buffer (a big payload's own, while one arrives) in one call, and
+from the protocol's bytes to the socket in one. bench/README.md, "TLS", has the figures.
+OpenSSL writes the alert of a failed handshake itself, so the member learns why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import ssl
+from typing import Any
+
+from .tls import RECORD
+
+__all__ = ["TLSStream", "accept"]
+
+log = logging.getLogger(__name__)
+
+READ_BUDGET = 1 << 20  # bytes read in one turn of the loop before others get theirs
+HIGH_WATER = 64 << 10
+
+
+async def accept(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext, timeout: float
+) -> ssl.SSLSocket:
+    """The server side of the TLS handshake on the accepted, non-blocking ``sock`` (which
+    it takes over), within ``timeout`` seconds.
+
+    Raises:
+        ssl.SSLError: the handshake failed (its alert went to the peer).
+        TimeoutError: it did not end in time.
+        OSError: the connection failed meanwhile.
+    """
+    tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    fd = tls.fileno()
+    done: asyncio.Future[None] = loop.create_future()
+    writing = False
+
+    def step() -> None:
+        nonlocal writing
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLWantWriteError:
+            if not writing:
+                writing = True
+                loop.add_writer(fd, step)
+            return
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, step)
+    try:
+        try:
+            step()
+            await asyncio.wait_for(done, timeout)
+        finally:  # before the socket closes: its number may soon be another's
+            loop.remove_reader(fd)
+            if writing:
+                loop.remove_writer(fd)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+class TLSStream(asyncio.Transport):
+    """A transport over ``sock``, an ``ssl.SSLSocket`` whose handshake is done, for a
+    buffered ``protocol`` (its ``connection_made`` is called here).
+
+    Writes go out at once, whole; what the socket cannot take waits, and the protocol is
+    paused past the high-water mark. OpenSSL must be given the same bytes again after a
+    write it could not finish, so a waiting write keeps them (a copy, unless ``bytes``).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: ssl.SSLSocket,
+        protocol: asyncio.BufferedProtocol,
+    ) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._tls: Any = sock._sslobj  # type: ignore[attr-defined]  # see tls._tls_object
+        self._protocol = protocol
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog_size = 0
+        self._high, self._low = HIGH_WATER, HIGH_WATER // 4
+        self._protocol_paused = False
+        self._closing = False
+        self._lost = False
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        self._extra = {"peername": peer, "socket": sock, "ssl_object": sock}
+        protocol.connection_made(self)
+        if not self._closing:
+            loop.add_reader(self._fd, self._readable)
+
+    # -- asyncio.Transport --------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        self._high, self._low = high, high // 4 if low is None else low
+        self._control_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._backlog_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._backlog:
+            try:
+                self._tls.write(data)  # whole, or it raises
+                return
+            except ssl.SSLWantWriteError:
+                self._loop.add_writer(self._fd, self._writable)
+            except (ssl.SSLError, OSError) as exc:
+                self._fail(exc)
+                return
+        chunk = data if type(data) is bytes else bytes(data)
+        self._backlog.append(chunk)
+        self._backlog_size += len(chunk)
+        self._control_protocol()
+
+    def close(self) -> None:
+        """Stop reading, send what waits, then close (with a TLS close_notify)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if not self._backlog:
+            self._loop.call_soon(self._end, None, True)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._end(None, False)
+
+    # -- the loop's callbacks -------------------------------------------------------------
+
+    def _readable(self) -> None:
+        """Read records into the protocol's buffer, as many as have come, up to a budget;
+        the protocol hears of them once per buffer, not once per record."""
+        tls, protocol = self._tls, self._protocol
+        budget = READ_BUDGET
+        while not self._closing:
+            buffer = memoryview(protocol.get_buffer(-1))
+            size, filled = min(len(buffer), budget), 0
+            more, ended, failed = True, False, None
+            try:
+                while filled < size:
+                    got = int(tls.read(size - filled, buffer[filled:] if filled else buffer))
+                    if not got:
+                        ended = True
+                        break
+                    filled += got
+                    if got < RECORD and not tls.pending():  # most likely all that came
+                        more = False
+                        break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                more = False
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True
+            except (ssl.SSLError, OSError) as exc:
+                failed = exc
+            if filled:
+                protocol.buffer_updated(filled)
+            if failed is not None:
+                self._fail(failed)
+                return
+            if ended:
+                if not self._closing:
+                    self._loop.remove_reader(self._fd)
+                    if not protocol.eof_received():
+                        self.close()
+                return
+            if not more:
+                return  # the loop calls again when more comes
+            budget -= filled
+            if budget <= 0:  # others' turn; the loop calls again while the socket has more
+                if not self._closing and tls.pending():  # which no poll would report
+                    self._loop.call_soon(self._readable)
+                return
+
+    def _writable(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            try:
+                self._tls.write(backlog[0])
+            except ssl.SSLWantWriteError:
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self._fail(exc)
+                return
+            self._backlog_size -= len(backlog.popleft())
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._end(None, True)
+        else:
+            self._control_protocol()
+
+    # -- the rest -------------------------------------------------------------------------
+
+    def _control_protocol(self) -> None:
+        size = self._backlog_size
+        if not self._protocol_paused and size > self._high:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+        elif self._protocol_paused and size <= self._low:
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+
+    def _fail(self, exc: Exception) -> None:
+        log.debug("TLS connection %s failed: %s", self._extra["peername"], exc)
+        self._closing = True
+        self._end(exc, False)
+
+    def _end(self, exc: Exception | None, notify: bool) -> None:
+        """Close the socket (after a close_notify if ``notify``); connection_lost soon."""
+        if self._lost:
+            return
+        self._lost = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._backlog.clear()
+        self._backlog_size = 0
+        if notify:
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                self._tls.shutdown()  # sends close_notify; the peer's is not awaited
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
