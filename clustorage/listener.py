@@ -263,6 +263,8 @@ class Newcomer:
                 transport = tls_stream.TLSStream(
                     loop, secured, cast(asyncio.BufferedProtocol, protocol())
                 )
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:  # gone: a port check, say
+            log.debug("%s closed during its TLS handshake: %s", self.where, exc)
         except ssl.SSLError as exc:
             log.warning("refused %s: TLS handshake failed (%s)", self.where, tls.why(exc))
         except (ConnectionAbortedError, TimeoutError):  # the TLS handshake's timeout

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import select
 import socket
 import ssl
 from typing import Any
@@ -44,16 +45,23 @@ async def accept(
     done: asyncio.Future[None] = loop.create_future()
     writing = False
 
-    def step() -> None:
+    def want_writable(wanted: bool) -> None:
         nonlocal writing
+        if wanted != writing:
+            writing = wanted
+            if wanted:
+                loop.add_writer(fd, step)
+            else:
+                loop.remove_writer(fd)
+
+    def step() -> None:
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
+            want_writable(False)  # else a writable socket calls this on every turn
             return
         except ssl.SSLWantWriteError:
-            if not writing:
-                writing = True
-                loop.add_writer(fd, step)
+            want_writable(True)
             return
         except BaseException as exc:
             if not done.done():
@@ -66,7 +74,8 @@ async def accept(
     try:
         try:
             step()
-            await asyncio.wait_for(done, timeout)
+            async with asyncio.timeout(timeout):  # unlike wait_for, never swallows a cancel
+                await done
         finally:  # before the socket closes: its number may soon be another's
             loop.remove_reader(fd)
             if writing:
@@ -109,7 +118,12 @@ class TLSStream(asyncio.Transport):
         except OSError:
             peer = None
         self._extra = {"peername": peer, "socket": sock, "ssl_object": sock}
-        protocol.connection_made(self)
+        self._waiting = select.poll()  # whether the socket has more than TLS has read
+        self._waiting.register(self._fd, select.POLLIN)
+        try:
+            protocol.connection_made(self)
+        except Exception as exc:
+            self._protocol_failed(exc)
         if not self._closing:
             loop.add_reader(self._fd, self._readable)
 
@@ -167,8 +181,20 @@ class TLSStream(asyncio.Transport):
 
     def _readable(self) -> None:
         """Read records into the protocol's buffer, as many as have come, up to a budget;
-        the protocol hears of them once per buffer, not once per record."""
-        tls, protocol = self._tls, self._protocol
+        the protocol hears of them once per buffer, not once per record.
+
+        Reading stops when TLS has nothing more, never on the hope of being called again:
+        uvloop does not call again for bytes that came before a reset. A short record with
+        nothing behind it, in TLS or in the socket (a poll, cheaper than TLS's exception),
+        ends the read; a spent budget yields to other connections and reads on soon after.
+        """
+        try:
+            self._read_records()
+        except Exception as exc:  # the protocol's, as a loop's transport treats them
+            self._protocol_failed(exc)
+
+    def _read_records(self) -> None:
+        tls, protocol, waiting = self._tls, self._protocol, self._waiting
         budget = READ_BUDGET
         while not self._closing:
             buffer = memoryview(protocol.get_buffer(-1))
@@ -181,7 +207,7 @@ class TLSStream(asyncio.Transport):
                         ended = True
                         break
                     filled += got
-                    if got < RECORD and not tls.pending():  # most likely all that came
+                    if got < RECORD and not tls.pending() and not waiting.poll(0):
                         more = False
                         break
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -202,10 +228,10 @@ class TLSStream(asyncio.Transport):
                         self.close()
                 return
             if not more:
-                return  # the loop calls again when more comes
+                return
             budget -= filled
-            if budget <= 0:  # others' turn; the loop calls again while the socket has more
-                if not self._closing and tls.pending():  # which no poll would report
+            if budget <= 0:
+                if not self._closing:
                     self._loop.call_soon(self._readable)
                 return
 
@@ -220,22 +246,31 @@ class TLSStream(asyncio.Transport):
                 self._fail(exc)
                 return
             self._backlog_size -= len(backlog.popleft())
-        self._loop.remove_writer(self._fd)
+            if not backlog:
+                self._loop.remove_writer(self._fd)
+            self._control_protocol()  # may write again (behind what is left)
+            if self._lost:
+                return
         if self._closing:
             self._end(None, True)
-        else:
-            self._control_protocol()
 
     # -- the rest -------------------------------------------------------------------------
 
     def _control_protocol(self) -> None:
         size = self._backlog_size
-        if not self._protocol_paused and size > self._high:
-            self._protocol_paused = True
-            self._protocol.pause_writing()
-        elif self._protocol_paused and size <= self._low:
-            self._protocol_paused = False
-            self._protocol.resume_writing()
+        try:
+            if not self._protocol_paused and size > self._high:
+                self._protocol_paused = True
+                self._protocol.pause_writing()
+            elif self._protocol_paused and size <= self._low:
+                self._protocol_paused = False
+                self._protocol.resume_writing()
+        except Exception as exc:
+            self._protocol_failed(exc)
+
+    def _protocol_failed(self, exc: Exception) -> None:
+        log.error("closed %s: its protocol failed: %r", self._extra["peername"], exc, exc_info=exc)
+        self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
         log.debug("TLS connection %s failed: %s", self._extra["peername"], exc)
