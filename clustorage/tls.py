@@ -245,34 +245,51 @@ class TLSSocket(ssl.SSLSocket):
 
         With ``MSG_DONTWAIT`` (a caller polling for its answer) the socket is polled first:
         TLS reports an empty socket with an exception, which costs more than the poll. A
-        blocking call reads first, and polls only for a record that has not come."""
+        blocking call reads first, and polls only for a record that has not come. A small
+        answer is one read; what fills the buffer (a big payload arriving) goes on."""
         if not self._open:
             return super().recv_into(buffer, nbytes or None, flags)
-        view = memoryview(buffer)
-        size = nbytes or len(view)
+        size = nbytes or len(buffer)
         dontwait = flags & DONTWAIT
         while True:
-            if dontwait and not self.pending() and not self._readable.poll(0):
-                raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
-            total = 0
+            if dontwait and not self._readable.poll(0):
+                tls = self._sslobj  # type: ignore[attr-defined]  # see _tls_object
+                if tls is None or not tls.pending():
+                    raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
             with self._lock:
                 tls = self._tls()
                 try:
-                    while True:
-                        got = int(tls.read(size - total, view[total:] if total else view))
-                        if not got:
-                            return total
-                        total += got
-                        if total >= size or (got < RECORD and not tls.pending()):
-                            return total
+                    got = int(tls.read(size, buffer))
+                    if (got < RECORD and not tls.pending()) or got >= size or not got:
+                        return got
+                    return self._read_more(tls, memoryview(buffer), got, size)
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    if total:
-                        return total
+                    pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return total
+                    return 0
             if dontwait:
                 raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
             self._ready_for(select.POLLIN)
+
+    @staticmethod
+    def _read_more(tls: Any, view: memoryview, total: int, size: int) -> int:
+        """(The lock held.) After a full record: the records that have come behind it."""
+        try:
+            while total < size:
+                got = int(tls.read(size - total, view[total:]))
+                if not got:
+                    break
+                total += got
+                if got < RECORD and not tls.pending():
+                    break
+        except (
+            ssl.SSLWantReadError,
+            ssl.SSLWantWriteError,
+            ssl.SSLZeroReturnError,
+            ssl.SSLEOFError,
+        ):
+            pass
+        return total
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         buffer = bytearray(buflen)
