@@ -53,6 +53,21 @@ def run(kind: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(main())
 
 
+async def accepted(member: Callable[[int], None]) -> tuple[socket.socket, threading.Thread]:
+    """A connection from ``member(port)``, run in a thread: the accepted socket, non-blocking
+    (for ``tls_stream.accept``), and the thread."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        thread = threading.Thread(target=member, args=(server.getsockname()[1],))
+        thread.start()
+        sock, _ = await loop.sock_accept(server)
+    sock.setblocking(False)
+    return sock, thread
+
+
 class Collecting(asyncio.BufferedProtocol):
     """A protocol that keeps what it reads and what happens to it."""
 
@@ -87,7 +102,9 @@ def test_what_came_before_a_reset_is_all_read(certs: Path, loop_kind: str, size:
     protocol, then connection_lost, once (uvloop does not call a reader again after it)."""
     payloads = [bytes([65 + i]) * size for i in range(3)]
 
-    def member(port: int, go: threading.Event) -> None:
+    go = threading.Event()
+
+    def member(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port)) as raw:
             sock = client_context(certs).wrap_socket(raw, server_hostname="127.0.0.1")
             go.wait(10)
@@ -98,15 +115,7 @@ def test_what_came_before_a_reset_is_all_read(certs: Path, loop_kind: str, size:
 
     async def main() -> tuple[bytes, int]:
         loop = asyncio.get_running_loop()
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen()
-            server.setblocking(False)
-            go = threading.Event()
-            thread = threading.Thread(target=member, args=(server.getsockname()[1], go))
-            thread.start()
-            sock, _ = await loop.sock_accept(server)
-        sock.setblocking(False)
+        sock, thread = await accepted(member)
         secured = await tls_stream.accept(loop, sock, server_context(certs), 5)
         protocol = Collecting()
         loop.call_soon(lambda: (go.set(), time.sleep(0.5)))  # the loop is busy meanwhile
@@ -197,14 +206,7 @@ def test_a_handshake_waiting_for_the_member_does_not_spin(certs: Path, loop_kind
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen()
-            server.setblocking(False)
-            thread = threading.Thread(target=member, args=(server.getsockname()[1],))
-            thread.start()
-            sock, _ = await loop.sock_accept(server)
-        sock.setblocking(False)
+        sock, thread = await accepted(member)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         secured = await tls_stream.accept(loop, sock, context, 10)
         secured.close()
@@ -289,14 +291,7 @@ def test_a_protocol_that_raises_loses_its_connection(
 
     async def main() -> Exception | None:
         loop = asyncio.get_running_loop()
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen()
-            server.setblocking(False)
-            thread = threading.Thread(target=member, args=(server.getsockname()[1],))
-            thread.start()
-            sock, _ = await loop.sock_accept(server)
-        sock.setblocking(False)
+        sock, thread = await accepted(member)
         secured = await tls_stream.accept(loop, sock, server_context(certs), 5)
         protocol = Failing()
         tls_stream.TLSStream(loop, secured, protocol)
