@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 READ_BUDGET = 1 << 20  # bytes read in one turn of the loop before others get theirs
 HIGH_WATER = 64 << 10
+SWEEP = 0.25  # seconds between two looks at every stream's socket (see _Sweeper)
 
 
 async def accept(
@@ -118,7 +119,7 @@ class TLSStream(asyncio.Transport):
         except OSError:
             peer = None
         self._extra = {"peername": peer, "socket": sock, "ssl_object": sock}
-        self._waiting = select.poll()  # whether the socket has more than TLS has read
+        self._waiting = select.poll()  # for _catch_up
         self._waiting.register(self._fd, select.POLLIN)
         try:
             protocol.connection_made(self)
@@ -126,6 +127,7 @@ class TLSStream(asyncio.Transport):
             self._protocol_failed(exc)
         if not self._closing:
             loop.add_reader(self._fd, self._readable)
+            _Sweeper.of(loop).add(self)
 
     # -- asyncio.Transport --------------------------------------------------------------
 
@@ -183,10 +185,10 @@ class TLSStream(asyncio.Transport):
         """Read records into the protocol's buffer, as many as have come, up to a budget;
         the protocol hears of them once per buffer, not once per record.
 
-        Reading stops when TLS has nothing more, never on the hope of being called again:
-        uvloop does not call again for bytes that came before a reset. A short record with
-        nothing behind it, in TLS or in the socket (a poll, cheaper than TLS's exception),
-        ends the read; a spent budget yields to other connections and reads on soon after.
+        A short record with nothing behind it in TLS ends the read (asking TLS once more
+        would cost an exception), and the loop calls again when more comes; where it does
+        not, :class:`_Sweeper` does. A spent budget yields to other connections and reads on
+        soon after.
         """
         try:
             self._read_records()
@@ -194,7 +196,7 @@ class TLSStream(asyncio.Transport):
             self._protocol_failed(exc)
 
     def _read_records(self) -> None:
-        tls, protocol, waiting = self._tls, self._protocol, self._waiting
+        tls, protocol = self._tls, self._protocol
         budget = READ_BUDGET
         while not self._closing:
             buffer = memoryview(protocol.get_buffer(-1))
@@ -207,7 +209,7 @@ class TLSStream(asyncio.Transport):
                         ended = True
                         break
                     filled += got
-                    if got < RECORD and not tls.pending() and not waiting.poll(0):
+                    if got < RECORD and not tls.pending():
                         more = False
                         break
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -254,6 +256,11 @@ class TLSStream(asyncio.Transport):
         if self._closing:
             self._end(None, True)
 
+    def _catch_up(self) -> None:
+        """Read what the socket holds (or the error it reports) if the loop did not."""
+        if not self._closing and self._waiting.poll(0):
+            self._readable()
+
     # -- the rest -------------------------------------------------------------------------
 
     def _control_protocol(self) -> None:
@@ -282,6 +289,8 @@ class TLSStream(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        if (sweeper := _SWEEPERS.get(self._loop)) is not None:
+            sweeper.discard(self)
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._backlog.clear()
@@ -291,3 +300,49 @@ class TLSStream(asyncio.Transport):
                 self._tls.shutdown()  # sends close_notify; the peer's is not awaited
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+class _Sweeper:
+    """Every :data:`SWEEP` seconds, the streams of one loop whose socket holds what nobody
+    read are read.
+
+    A read trusts the loop to call again while the socket has more. uvloop (libuv) stops
+    watching a socket that reports an error, though: requests that came just before a reset
+    would wait unread for ever, and the stream would never end. A poll after every read
+    would cost each request a system call; this costs one per stream every SWEEP seconds.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.streams: set[TLSStream] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def of(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+        sweeper = _SWEEPERS.get(loop)
+        if sweeper is None:
+            sweeper = _SWEEPERS[loop] = _Sweeper(loop)
+        return sweeper
+
+    def add(self, stream: TLSStream) -> None:
+        self.streams.add(stream)
+        if self.timer is None:
+            self.timer = self.loop.call_later(SWEEP, self._sweep)
+
+    def discard(self, stream: TLSStream) -> None:
+        self.streams.discard(stream)
+        if not self.streams:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            _SWEEPERS.pop(self.loop, None)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        for stream in list(self.streams):
+            stream._catch_up()
+        if self.streams and self.timer is None:
+            self.timer = self.loop.call_later(SWEEP, self._sweep)
+
+
+_SWEEPERS: dict[asyncio.AbstractEventLoop, _Sweeper] = {}
