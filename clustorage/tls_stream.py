@@ -226,6 +226,7 @@ class TLSStream(asyncio.Transport):
             if ended:
                 if not self._closing:
                     self._loop.remove_reader(self._fd)
+                    self._stop_sweeping()  # the end polls readable: eof_received once only
                     if not protocol.eof_received():
                         self.close()
                 return
@@ -279,6 +280,10 @@ class TLSStream(asyncio.Transport):
         log.error("closed %s: its protocol failed: %r", self._extra["peername"], exc, exc_info=exc)
         self._fail(exc)
 
+    def _stop_sweeping(self) -> None:
+        if (sweeper := _SWEEPERS.get(self._loop)) is not None:
+            sweeper.discard(self)
+
     def _fail(self, exc: Exception) -> None:
         log.debug("TLS connection %s failed: %s", self._extra["peername"], exc)
         self._closing = True
@@ -289,8 +294,7 @@ class TLSStream(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
-        if (sweeper := _SWEEPERS.get(self._loop)) is not None:
-            sweeper.discard(self)
+        self._stop_sweeping()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._backlog.clear()
@@ -321,6 +325,8 @@ class _Sweeper:
     def of(loop: asyncio.AbstractEventLoop) -> _Sweeper:
         sweeper = _SWEEPERS.get(loop)
         if sweeper is None:
+            for closed in [other for other in _SWEEPERS if other.is_closed()]:
+                del _SWEEPERS[closed]  # a loop that stopped with streams open: let it go
             sweeper = _SWEEPERS[loop] = _Sweeper(loop)
         return sweeper
 

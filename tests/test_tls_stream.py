@@ -303,3 +303,43 @@ def test_a_protocol_that_raises_loses_its_connection(
     assert isinstance(lost, RuntimeError)
     assert ended == [b""]
     assert "its protocol failed" in caplog.text
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_the_end_of_input_is_told_once_and_a_stopped_loop_is_let_go(
+    certs: Path, loop_kind: str
+) -> None:
+    """A protocol that keeps a half-closed connection hears eof_received once, not at every
+    sweep; and a loop that stopped with that stream open is not kept by the next loop's."""
+
+    class HalfOpen(Collecting):
+        ends = 0
+
+        def eof_received(self) -> bool:
+            self.ends += 1
+            return True
+
+    def member(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            sock = client_context(certs).wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(b"last words")
+            socket.socket.shutdown(sock, socket.SHUT_WR)  # the end of its input, in TCP
+            time.sleep(1.5)
+
+    async def main() -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        sock, thread = await accepted(member)
+        secured = await tls_stream.accept(loop, sock, server_context(certs), 5)
+        protocol = HalfOpen()
+        tls_stream.TLSStream(loop, secured, protocol)
+        await asyncio.sleep(4 * tls_stream.SWEEP)
+        await loop.run_in_executor(None, thread.join, 10)
+        return protocol.ends, bytes(protocol.got)  # the stream is left open
+
+    assert run(loop_kind, main) == (1, b"last words")
+
+    async def another() -> bool:
+        tls_stream._Sweeper.of(asyncio.get_running_loop())
+        return all(not loop.is_closed() for loop in tls_stream._SWEEPERS)
+
+    assert run(loop_kind, another)
