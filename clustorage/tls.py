@@ -47,6 +47,7 @@ __all__ = [
     "node_files",
     "refusal",
     "server_context",
+    "tls_object",
     "why",
 ]
 
@@ -157,7 +158,7 @@ def refusal(exc: ssl.SSLError, where: str) -> Exception:
     )
 
 
-def _tls_object(sock: socket.socket) -> Any:
+def tls_object(sock: socket.socket) -> Any:
     """An ``ssl.SSLSocket``'s own TLS object (``_ssl._SSLSocket``, None once closed): its
     ``read``, ``write`` and ``pending`` are the socket's without the Python checks that
     ``ssl.py`` wraps around every call, which cost more than a small record's cipher."""
@@ -221,7 +222,7 @@ class TLSSocket(ssl.SSLSocket):
     def _tls(self) -> Any:
         """(The lock held.) The TLS object, as long as the socket is open: once closed, its
         number may already be another connection's."""
-        tls = _tls_object(self)
+        tls = tls_object(self)
         if tls is None:
             raise OSError(errno.EBADF, "the TLS connection is closed")
         return tls
@@ -230,7 +231,7 @@ class TLSSocket(ssl.SSLSocket):
         """How many bytes TLS holds that no poll of the socket would report. Without the
         lock: it reads the receiving side's state only, which nobody but the reader
         (holding the lock) changes, and the object outlives a close while referenced."""
-        tls = _tls_object(self)
+        tls = tls_object(self)
         return 0 if tls is None else int(tls.pending())
 
     def _real_close(self) -> None:
@@ -252,10 +253,8 @@ class TLSSocket(ssl.SSLSocket):
         size = nbytes or len(buffer)
         dontwait = flags & DONTWAIT
         while True:
-            if dontwait and not self._readable.poll(0):
-                tls = self._sslobj  # type: ignore[attr-defined]  # see _tls_object
-                if tls is None or not tls.pending():
-                    raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
+            if dontwait and not self._readable.poll(0) and not self.pending():
+                raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
             with self._lock:
                 tls = self._tls()
                 try:

@@ -19,7 +19,7 @@ import socket
 import ssl
 from typing import Any
 
-from .tls import RECORD
+from .tls import RECORD, tls_object
 
 __all__ = ["TLSStream", "accept"]
 
@@ -106,7 +106,7 @@ class TLSStream(asyncio.Transport):
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._tls: Any = sock._sslobj  # type: ignore[attr-defined]  # see tls._tls_object
+        self._tls: Any = tls_object(sock)
         self._protocol = protocol
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_size = 0
