@@ -109,6 +109,7 @@ _REJECT = struct.Struct("!cH")
 _HEAD = HEADER.size
 _unpack_header = HEADER.unpack_from
 _compare_digest = hmac.compare_digest
+_FORGED = "a frame failed authentication (forged or corrupted)"
 
 
 class Role(enum.Enum):
@@ -553,7 +554,7 @@ class Connection:
 
     def _check(self, seq: int, tag: bytes, received: bytes | bytearray | memoryview) -> None:
         if not hmac.compare_digest(tag, received):
-            raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
+            raise RemoteProtocolError(_FORGED)
         self._count(seq)
 
     def _count(self, seq: int) -> None:
@@ -630,7 +631,7 @@ class Connection:
                 digest = tagger.copy()
                 digest.update(data[start:end])
                 if not _compare_digest(digest.digest(), data[end : end + tag_size]):
-                    raise RemoteProtocolError("a frame failed authentication (forged or corrupted)")
+                    raise RemoteProtocolError(_FORGED)
             if seq != self._recv_seq:
                 self._count(seq)  # raises
             self._recv_seq = seq + 1
