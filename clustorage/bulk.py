@@ -17,6 +17,10 @@ to move one fast, which a pure protocol object cannot be: threads, mapped memory
   thread ends with its frame, or as soon as the frame will not finish.
 - Verified digests. The digests of the last few blobs this process verified
   (:data:`VERIFIED`), so that the loader forwards a blob without hashing it again.
+- Spilled blobs. A loader that keeps big payloads in files has a big blob written to a new
+  file by its hashing thread while it arrives (a :class:`Spill`); once the frame is verified,
+  :data:`SPILLED` hands that file to the store, which renames it into place instead of
+  writing the payload after it arrived.
 
 Inside TLS a blob is not hashed at all: TLS checks every record, so a bulk frame arriving
 there has a hash state that does nothing.
@@ -35,9 +39,12 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from .errors import LocalProtocolError
+
+Blob = bytes | memoryview
 
 try:
     import blake3
@@ -54,10 +61,14 @@ __all__ = [
     "RECYCLED",
     "RECYCLE_AT",
     "RECYCLE_IDLE",
+    "SPILLED",
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
     "RecycledBuffers",
+    "Spill",
+    "SpilledBlobs",
+    "Spiller",
     "VerifiedDigests",
     "abandon_hashing",
     "bulk_digests_by_speed",
@@ -141,6 +152,80 @@ class VerifiedDigests:
 VERIFIED = VerifiedDigests()
 
 
+class Spill(Protocol):
+    """Where a big blob is written while it arrives (a loader's new file for it). Its
+    methods may be called from several threads; every one of them is safe to call again."""
+
+    def write(self, part: memoryview) -> None:
+        """Append ``part``. A failure (a full disk) is kept, not raised: the blob is then
+        not spilled, and whoever stores it writes it the usual way."""
+
+    def finish(self) -> bool:
+        """Every part is written: whether the spill holds the whole blob."""
+
+    def discard(self) -> None:
+        """Nobody will use the spill: remove what was written."""
+
+
+Spiller = Callable[[int], Spill | None]  # a spill for a blob of this many bytes, or None
+
+
+class SpilledBlobs:
+    """The spills of the last few verified blobs, by the buffer each arrived into, until
+    the store takes one (:meth:`take`). A spill nobody takes is discarded when its buffer
+    receives another frame, when a newer one pushes it out, or at :meth:`sweep` once its
+    buffer is gone. (No weakref callbacks, as in :class:`VerifiedDigests`.)"""
+
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._known: dict[int, tuple[weakref.ref[Any], int, Spill]] = {}
+
+    def remember(self, owner: Any, length: int, spill: Spill) -> None:
+        """``spill`` holds the last ``length`` bytes of ``owner``, a verified frame's buffer."""
+        with self._lock:
+            stale = [self._known.pop(id(owner), None)]
+            self._known[id(owner)] = (weakref.ref(owner), length, spill)
+            while len(self._known) > self._size:
+                stale.append(self._known.pop(next(iter(self._known))))
+        _discard(stale)
+
+    def take(self, blob: Blob) -> Spill | None:
+        """The spill of ``blob``, if it is a verified frame's blob that was spilled whole;
+        the caller then owns it (and discards it if unused)."""
+        if not isinstance(blob, memoryview):
+            return None
+        owner = blob.obj
+        with self._lock:
+            known = self._known.get(id(owner))
+            if known is None or known[0]() is not owner or known[1] != len(blob):
+                return None
+            del self._known[id(owner)]
+        return known[2]
+
+    def forget(self, owner: Any) -> None:
+        """``owner`` is about to hold other bytes (a receive buffer used again)."""
+        with self._lock:
+            stale = [self._known.pop(id(owner), None)]
+        _discard(stale)
+
+    def sweep(self) -> None:
+        """Discard the spills whose buffers are gone (their values were not stored)."""
+        with self._lock:
+            dead = [key for key, known in self._known.items() if known[0]() is None]
+            stale = [self._known.pop(key) for key in dead]
+        _discard(stale)
+
+
+def _discard(stale: Iterable[tuple[weakref.ref[Any], int, Spill] | None]) -> None:
+    for known in stale:
+        if known is not None:
+            known[2].discard()
+
+
+SPILLED = SpilledBlobs()
+
+
 class _NoHash:
     """The hash of a blob inside TLS, which needs none (TLS checks every record)."""
 
@@ -149,6 +234,9 @@ class _NoHash:
 
     def copy(self) -> _NoHash:
         return self
+
+    def digest(self) -> bytes:
+        return b""
 
 
 _NO_HASH = _NoHash()
@@ -173,14 +261,16 @@ _HASHING = "clustorage-hash"
 
 
 class _HashingThread:
-    """A hash state updated on a thread of its own, for one blob that is arriving.
+    """A hash state updated on a thread of its own, for one blob that is arriving (or being
+    sent); on a loader, the thread also writes the arriving blob to its ``spill``.
 
     Its thread ends at :meth:`digest`, or at :meth:`abandon` when the frame will not finish
     (the connection failed or was dropped, or the frame was collected unfinished).
     """
 
-    def __init__(self, algorithm: str) -> None:
-        self._hasher = new_hasher(algorithm)
+    def __init__(self, algorithm: str | None, spill: Spill | None = None) -> None:
+        self._hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
+        self._spill = spill
         self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._abandoned = False
@@ -210,6 +300,8 @@ class _HashingThread:
                     self._hasher.update(part)
                 except BaseException as exc:  # re-raised by digest(), on the caller's thread
                     self._failure = exc
+                if self._spill is not None:
+                    self._spill.write(part)
 
     def update(self, part: memoryview) -> None:
         self._parts.put(part)
@@ -218,6 +310,8 @@ class _HashingThread:
         """The frame will not finish: skip what is queued, and end."""
         self._abandoned = True
         self._parts.put(None)
+        if self._spill is not None:
+            self._spill.discard()
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
@@ -233,6 +327,14 @@ class _HashingThread:
         if self._failure is not None:
             raise self._failure
         return self._hasher.digest()  # type: ignore[no-any-return]
+
+    def spilled(self) -> Spill | None:
+        """After :meth:`digest`: the spill, if it holds the whole blob (else it is gone)."""
+        spill, self._spill = self._spill, None
+        if spill is None or spill.finish():
+            return spill
+        spill.discard()
+        return None
 
     def copy(self) -> Any:
         """A plain hash state with every part given so far."""
@@ -346,6 +448,7 @@ class ArrivingFrame:
         blob: int,
         algorithm: str | None,
         populate: bool,
+        spiller: Spiller | None = None,
     ) -> None:
         self.header = header
         self.length = length
@@ -357,6 +460,7 @@ class ArrivingFrame:
         recycled = RECYCLED.take(length) if length >= RECYCLE_AT else None
         if recycled is not None:  # its pages are there already; every byte is written over
             VERIFIED.forget(recycled)
+            SPILLED.forget(recycled)
             self.data = recycled
         else:
             flags = _ANONYMOUS | (_POPULATE if populate and not HUGE_PAGES else 0)
@@ -368,16 +472,31 @@ class ArrivingFrame:
                 RECYCLED.keep(self.data)
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
-        if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
-            hashing = _HashingThread(algorithm)
+        wanted = algorithm is not None or spiller is not None
+        if wanted and blob >= THREAD_HASH_AT and _HashingThread.available():
+            spill = spiller(blob) if spiller is not None else None
+            hashing = _HashingThread(algorithm, spill)
             weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
             if hashing.start():
                 self.hasher = hashing
+            elif spill is not None:
+                spill.discard()
 
     def abandon(self) -> None:
         """This frame will not finish: let its hashing thread, if any, end now."""
         if isinstance(self.hasher, _HashingThread):
             self.hasher.abandon()
+
+    def digest(self) -> bytes:
+        """Once every byte is in: the blob's digest (b"" inside TLS); its thread has ended."""
+        digest: bytes = self.hasher.digest()
+        return digest
+
+    def verified(self) -> None:
+        """After :meth:`digest`, the frame checked: its spill, if any, goes to SPILLED."""
+        hasher = self.hasher
+        if isinstance(hasher, _HashingThread) and (spill := hasher.spilled()) is not None:
+            SPILLED.remember(self.data, self.length - self.blob_start, spill)
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import codec
-from .bulk import VERIFIED
+from .bulk import VERIFIED, Spill
 from .compiler import compile_function
 from .config import EAGER_LIMIT
 from .errors import (
@@ -298,6 +298,11 @@ class LoaderCore:
                 definition.waiting.discard(peer.name)
                 self._maybe_finish(definition)
         self._announce_member(peer.name, False)
+
+    def arriving_blob(self, size: int) -> Spill | None:
+        """Where a big payload arriving from a member is written meanwhile (see
+        :meth:`clustorage.store.Store.arriving_blob`)."""
+        return self._store.arriving_blob(size)
 
     def member_names(self) -> tuple[str, ...]:
         others = sorted(name for name in self.peers if name != self.name)

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from . import codec
+from .bulk import Spill
 from .errors import StoreError, ValueTooLarge
 from .messages import VALUE, Blob, Entry
 
@@ -213,6 +214,9 @@ class PostgresStore:
 
     def write_blob(self, payload: Blob) -> str:
         raise StoreError("a PostgreSQL store keeps payloads in its rows")
+
+    def arriving_blob(self, size: int) -> Spill | None:
+        return None
 
     def remove_blob(self, name: str) -> None:
         pass

@@ -64,6 +64,7 @@ from .bulk import (
     BULK_DIGESTS,
     VERIFIED,
     ArrivingFrame,
+    Spiller,
     abandon_hashing,
     sending_hasher,
 )
@@ -225,6 +226,9 @@ class Connection:
     :meth:`next_event` until it returns ``None``. Bytes to send accumulate in
     :meth:`data_to_send`, except frames, which :meth:`send` returns directly.
 
+    ``spiller``: where a big blob that arrives is also written while it arrives (a loader
+    that keeps big payloads in files: see :data:`clustorage.bulk.SPILLED`).
+
     Raises (from next_event):
         AuthenticationError: the peer's MAC is wrong (wrong cookie).
         RemoteProtocolError: the peer sent garbage, a forged, replayed or truncated frame.
@@ -240,6 +244,7 @@ class Connection:
         max_frame: int = 1 << 30,
         bulk_digests: Sequence[str] = BULK_DIGESTS,
         binding: bytes = b"",
+        spiller: Spiller | None = None,
     ) -> None:
         if not cookie:
             raise LocalProtocolError("an empty cookie cannot authenticate anything")
@@ -263,6 +268,7 @@ class Connection:
         self._send_tagger = _NO_TAGGER
         self._recv_tagger = _NO_TAGGER
         self._bulk: ArrivingFrame | None = None
+        self._spiller = spiller
         self._binding = b""
         self.tagged = True  # frames carry a tag: False inside TLS (see bind)
         self._tag_size = TAG_SIZE
@@ -509,7 +515,7 @@ class Connection:
                 populate = self.role is Role.CLIENT
                 algorithm = self.bulk_digest if self.tagged else None
                 self._bulk = ArrivingFrame(
-                    bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate
+                    bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate, self._spiller
                 )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc
@@ -539,17 +545,17 @@ class Connection:
             del buffer[:taken]
         if bulk.filled < bulk.length or len(buffer) < self._tag_size:
             return None
+        digest = bulk.digest()
         if not self.tagged:
             self._count(bulk.seq)
-            self._bulk = None
-            return memoryview(bulk.data)
-        digest = bulk.hasher.digest()
-        envelope = memoryview(bulk.data)[: bulk.blob_start]
-        tag = _tag(self._recv_tagger, bulk.header, envelope, digest)
-        self._check(bulk.seq, tag, buffer[:TAG_SIZE])
-        del buffer[:TAG_SIZE]
+        else:
+            envelope = memoryview(bulk.data)[: bulk.blob_start]
+            tag = _tag(self._recv_tagger, bulk.header, envelope, digest)
+            self._check(bulk.seq, tag, buffer[:TAG_SIZE])
+            del buffer[:TAG_SIZE]
+            VERIFIED.remember(bulk.data, bulk.length - bulk.blob_start, self.bulk_digest, digest)
         self._bulk = None
-        VERIFIED.remember(bulk.data, bulk.length - bulk.blob_start, self.bulk_digest, digest)
+        bulk.verified()
         return memoryview(bulk.data)
 
     def _check(self, seq: int, tag: bytes, received: bytes | bytearray | memoryview) -> None:

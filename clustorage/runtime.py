@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import tls
 from .aioloop import new_loop
-from .bulk import RECYCLED
+from .bulk import RECYCLED, SPILLED
 from .channel import Build, Pending, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
@@ -292,6 +292,7 @@ class LoaderRuntime:
         self._heartbeat = self.loop.call_later(self.timing.heartbeat / 2, self._heartbeats)
         now = time.monotonic()
         RECYCLED.sweep(now)
+        SPILLED.sweep()
         for connection in list(self._connections):
             connection.tick(now)
 

@@ -98,6 +98,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             handshake_meta(core.name, role="loader"),
             max_frame=max_frame,
             bulk_digests=bulk_digests_by_speed(),
+            spiller=core.arriving_blob,
         )
         self._newcomer = newcomer
         self._transport: asyncio.Transport | None = None

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from . import codec
 from .blobs import FILE_THRESHOLD, BlobFiles
+from .bulk import Spill
 from .config import private_directory, private_file
 from .errors import StoreError, ValueTooLarge
 from .lock import StoreLock
@@ -70,6 +71,11 @@ class Store(Protocol):
         ...
 
     def write_blob(self, payload: Blob) -> str: ...
+
+    def arriving_blob(self, size: int) -> Spill | None:
+        """Where a payload of ``size`` bytes that is arriving may be written meanwhile, so
+        that :meth:`write_blob` of it, once verified, writes nothing (None: nowhere)."""
+        ...
 
     def remove_blob(self, name: str) -> None: ...
 
@@ -182,6 +188,9 @@ class SQLiteStore:
             return self._blobs.write(payload)
         except OSError as exc:
             raise StoreError(f"the loader could not write {self._blobs.folder}: {exc}") from exc
+
+    def arriving_blob(self, size: int) -> Spill | None:
+        return self._blobs.arriving(size)
 
     def remove_blob(self, name: str) -> None:
         self._blobs.remove(name)
@@ -356,6 +365,9 @@ class MemoryStore:
 
     def write_blob(self, payload: Blob) -> str:
         raise StoreError("a store in memory keeps payloads in memory")
+
+    def arriving_blob(self, size: int) -> Spill | None:
+        return None
 
     def remove_blob(self, name: str) -> None:
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from clustorage.bulk import Spiller
 from clustorage.protocol import BULK_DIGESTS, Connection, Event, Hello, Role, State, Welcome
 
 __all__ = [
@@ -38,7 +39,8 @@ class ConnectionPair:
     """Two Connections, each one's output fed to the other; every byte sent is recorded.
 
     ``chunk`` sets how many bytes travel per ``receive_data`` call (1 exercises every
-    partial-read path); 0 delivers each write whole.
+    partial-read path); 0 delivers each write whole. ``spiller``: the server's (a loader
+    that writes big blobs to files as they arrive); ``binding``: both run as inside TLS.
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class ConnectionPair:
         chunk: int = 0,
         bulk_digests: Sequence[str] = BULK_DIGESTS,
         client_digests: Sequence[str] = BULK_DIGESTS,
+        spiller: Spiller | None = None,
+        binding: bytes = b"",
     ) -> None:
         self.server = Connection(
             Role.SERVER,
@@ -58,9 +62,16 @@ class ConnectionPair:
             SERVER_META,
             max_frame=max_frame,
             bulk_digests=bulk_digests,
+            spiller=spiller,
+            binding=binding,
         )
         self.client = Connection(
-            Role.CLIENT, cookie, client_meta, max_frame=max_frame, bulk_digests=client_digests
+            Role.CLIENT,
+            cookie,
+            client_meta,
+            max_frame=max_frame,
+            bulk_digests=client_digests,
+            binding=binding,
         )
         self.chunk = chunk
         self.sent: dict[Role, list[bytes]] = {Role.CLIENT: [], Role.SERVER: []}

@@ -1,0 +1,197 @@
+"""A big payload arriving at a loader is written to its file while it arrives: stored, that
+file is renamed into place; a forged, cut-short or unstored one leaves no file behind; a
+full disk falls back to writing it when stored (and refuses it then, saying why)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import clustorage
+import clustorage.bulk
+from clustorage import codec
+from clustorage.blobs import FILE_THRESHOLD, BlobFiles
+from clustorage.bulk import SPILLED
+from clustorage.errors import RemoteProtocolError
+from clustorage.protocol import BULK, Frame, Role
+from tests.conftest import COOKIE, Cluster
+from tests.protocol_helpers import ConnectionPair, flip
+from tests.test_bulk import eventually
+from tests.test_hostile import authenticated
+
+pytestmark = pytest.mark.timeout(90)
+
+BLOB = os.urandom(2 * FILE_THRESHOLD + 12345)
+
+
+@pytest.fixture(autouse=True)
+def threaded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Blobs of BULK bytes and more arrive beside a thread of their own (a loader's spill
+    is written there); no spill of one test is left for the next."""
+    monkeypatch.setattr(clustorage.bulk, "THREAD_HASH_AT", BULK)
+    yield
+    for _ in range(2):  # push out whatever a test left
+        SPILLED.remember(_Owner(), 0, _Nothing())
+    SPILLED.sweep()
+
+
+class _Owner:
+    """A buffer that is gone at once."""
+
+
+class _Nothing:
+    def write(self, part: memoryview) -> None:
+        pass
+
+    def finish(self) -> bool:
+        return True
+
+    def discard(self) -> None:
+        pass
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def arrive(pair: ConnectionPair, blob: bytes, *, cut: int = 0, forge: bool = False) -> memoryview:
+    """Send ``blob`` in a bulk frame from the client (its last ``cut`` bytes held back, or a
+    byte of it flipped); the blob as the server received it."""
+    data = b"".join(bytes(part) for part in pair.client.send_bulk(b"envelope", blob))
+    if forge:
+        data = flip(data, len(data) // 2)
+    (frame,) = pair.deliver(Role.CLIENT, data[: len(data) - cut] if cut else data) or [None]
+    assert isinstance(frame, Frame), frame
+    payload = frame.payload
+    assert isinstance(payload, memoryview)
+    return payload[len(payload) - len(blob) :]
+
+
+def loader_pair(folder: Path, **options: bytes) -> tuple[ConnectionPair, BlobFiles]:
+    files = BlobFiles(folder)
+    pair = ConnectionPair(max_frame=1 << 26, chunk=1 << 16, spiller=files.arriving, **options)
+    pair.open()
+    return pair, files
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tagged", "inside-tls"])
+def test_a_stored_blob_is_the_file_written_while_it_arrived(tmp_path: Path, tls: bool) -> None:
+    """The blob is in a file of the folder once its frame is in (a .partial one, as a write
+    in progress is named); storing it renames that file, and it reads back whole."""
+    options = {"binding": b"b" * 32} if tls else {}
+    pair, files = loader_pair(tmp_path / "blobs", **options)
+    blob = arrive(pair, BLOB)
+    (partial,) = names(files.folder)
+    assert partial.endswith(".partial")
+    assert (files.folder / partial).read_bytes() == BLOB
+    name = files.write(blob)
+    assert names(files.folder) == [name] == [partial.removesuffix(".partial")]
+    assert bytes(files.read(name)) == BLOB
+    assert oct((files.folder / name).stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_a_forged_blob_leaves_no_file(tmp_path: Path) -> None:
+    pair, files = loader_pair(tmp_path / "blobs")
+    with pytest.raises(RemoteProtocolError):
+        arrive(pair, BLOB, forge=True)
+    assert names(files.folder) == []
+
+
+def test_a_frame_cut_short_leaves_no_file(tmp_path: Path) -> None:
+    """The connection drops mid-frame (the loader then releases it): its file goes."""
+    pair, files = loader_pair(tmp_path / "blobs")
+    data = b"".join(bytes(part) for part in pair.client.send_bulk(b"envelope", BLOB))
+    assert pair.deliver(Role.CLIENT, data[: len(data) // 2]) == []
+    assert len(names(files.folder)) == 1
+    pair.server.release()
+    assert names(files.folder) == []
+
+
+def test_a_blob_nobody_stores_loses_its_file(tmp_path: Path) -> None:
+    """An arrived blob that is not stored (its request refused) loses its file when newer
+    ones push it out, or when its buffer is gone; one that is stored keeps its file."""
+    pair, files = loader_pair(tmp_path / "blobs")
+    first = arrive(pair, BLOB)
+    (first_file,) = names(files.folder)
+    name = files.write(arrive(pair, BLOB[::-1]))
+    second = arrive(pair, BLOB)
+    (second_file,) = set(names(files.folder)) - {first_file, name}
+    third = arrive(pair, BLOB)  # the first, not stored, is pushed out
+    (third_file,) = set(names(files.folder)) - {name, second_file}
+    assert sorted(names(files.folder)) == sorted([name, second_file, third_file])
+    del first, second
+    gc.collect()
+    SPILLED.sweep()  # the second's buffer is gone
+    assert sorted(names(files.folder)) == sorted([name, third_file])
+    assert bytes(files.read(name)) == BLOB[::-1] and third == BLOB
+
+
+def test_a_full_disk_while_it_arrives_falls_back_to_writing_it_when_stored(
+    tmp_path: Path,
+) -> None:
+    """Writing the arriving blob fails (here: a file size limit, as a full disk would): the
+    frame is taken all the same and its file removed; storing it writes it then, and
+    fails with the same error while the disk is still full, leaving nothing behind."""
+    pair, files = loader_pair(tmp_path / "blobs")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_THRESHOLD, limits[1]))
+    try:
+        blob = arrive(pair, BLOB)
+        assert names(files.folder) == []
+        with pytest.raises(OSError):
+            files.write(blob)
+        assert names(files.folder) == []
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    name = files.write(blob)
+    assert bytes(files.read(name)) == BLOB
+
+
+def blob_folder(data: Path) -> Path:
+    return data / "app1.sqlite3.blobs"
+
+
+def test_a_big_put_stored_from_the_file_it_arrived_in_survives_kill_9(cluster: Cluster) -> None:
+    """A real loader: the put's value is one file (nothing .partial left), byte for byte;
+    after kill -9 and a restart on the same store, a new member gets it."""
+    data = cluster.tmp / "data"
+    loader = cluster.start_loader(data=str(data))
+    value = os.urandom(12 << 20)
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as member:
+        member.put("big", value)
+    (name,) = names(blob_folder(data))
+    assert not name.endswith(".partial")
+    assert codec.load((blob_folder(data) / name).read_bytes()) == value
+    loader.send_signal(signal.SIGKILL)
+    loader.wait(10)
+    cluster.start_loader(data=str(data))
+    with clustorage.Node("late", cluster.loader, cookie=COOKIE) as late:
+        assert late.get("big") == value
+
+
+def test_a_member_gone_mid_put_leaves_no_file_on_the_loader(cluster: Cluster) -> None:
+    """A member that leaves halfway through a big put: the loader removes the file it was
+    writing that put to, and stores the next one."""
+    data = cluster.tmp / "data"
+    cluster.start_loader(data=str(data))
+    sock, conn = authenticated(cluster.port, "gone")
+    parts = b"".join(bytes(part) for part in conn.send_bulk(b"env", b"g" * (12 << 20)))
+    sock.sendall(parts[: len(parts) // 2])
+    eventually(lambda: len(names(blob_folder(data))) == 1)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    eventually(lambda: names(blob_folder(data)) == [])
+    value = os.urandom(6 << 20)
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as member:
+        member.put("next", value)
+        assert member.get("next") == value
+    assert len(names(blob_folder(data))) == 1
