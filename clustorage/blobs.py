@@ -10,9 +10,8 @@ a shorter value. A file is read back mapped, not copied into memory. Files and t
 are private to the user (0600 / 0700).
 
 A big payload that arrives from a member is written to its new file while it arrives (an
-:class:`ArrivingFile`, which the loader's connection hands to the frame, written by the
-frame's hashing thread); storing that payload then renames the file into place instead of
-writing it again.
+:class:`ArrivingFile`, which the loader's connection hands to the frame); storing that
+payload then renames the file into place instead of writing it again.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import contextlib
 import logging
 import mmap
 import os
+import queue
 import secrets
 import threading
 from pathlib import Path
@@ -123,58 +123,105 @@ class ArrivingFile:
     named as :meth:`BlobFiles.write` names a file being written: a stray one (the loader
     killed meanwhile) is swept at the next start.
 
-    Written from the frame's hashing thread; the loop thread may discard it meanwhile (the
-    connection dropped), hence the lock.
+    A thread of its own writes the parts it is given, so that neither the frame's hashing
+    thread nor the loop waits for the disk; :meth:`place`, on the store's file lane, waits
+    for the last write. :meth:`discard` never waits: the writing thread removes the file
+    when it ends, or discard does once it has ended. Nothing raises: a failure (a full disk)
+    only means the payload is written the usual way once it is stored. In a forked child
+    the file is its parent's, and left alone.
     """
 
     def __init__(self, folder: Path, size: int) -> None:
         self.name = f"{secrets.token_hex(16)}-{size}"
         self.path = folder / f"{self.name}.partial"
         self._size = size
-        self._lock = threading.Lock()
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._pid = os.getpid()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._parts: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._lock = threading.RLock()  # brief holds only (re-entered by a finalizer in GC)
+        self._discarded = False
+        self._ended = False  # the thread is done: the file is closed
         self._whole = False
-        self._gone = False
+        self._gone = False  # removed, or renamed into place
+        self._thread = threading.Thread(target=self._run, name="clustorage-arriving", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError:  # no thread to be had: no spill
+            self._discarded = True
+            self._end(failed=True)
 
     def write(self, part: memoryview) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            try:
-                while part:
-                    part = part[os.write(self._fd, part) :]
-            except OSError as exc:  # a full disk: the payload is written when stored, or refused
-                log.info("stopped writing %s while it arrived: %s", self.path, exc)
-                self._close_and_remove()
+        if not self._discarded:
+            self._parts.put(part)
 
     def finish(self) -> bool:
-        with self._lock:
-            if self._fd is None:
-                return False
-            os.close(self._fd)
-            self._fd = None
-            self._whole = os.stat(self.path).st_size == self._size
-            return self._whole
+        """Wait for the last write; whether the file holds the whole payload."""
+        if os.getpid() != self._pid:
+            return False
+        self._parts.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+        return self._whole and not self._discarded
 
     def discard(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
-            self._close_and_remove()
+            self._discarded = True
+            ended = self._ended
+        if ended:
+            self._remove()
+        else:
+            self._parts.put(None)  # the thread removes it as it ends
 
     def place(self, folder: Path) -> str:
-        """Rename the whole file into ``folder``'s place for it; its name (for
-        :meth:`BlobFiles.read`). Raises OSError (then discard it)."""
+        """Once every part is given: rename the whole file into ``folder``'s place for it; its
+        name (for :meth:`BlobFiles.read`). Raises OSError (then discard it)."""
+        if self.path.parent != folder or not self.finish():
+            raise OSError(f"{self.path} is not a whole payload of {folder}")
         with self._lock:
-            if not self._whole or self._gone or self.path.parent != folder:
-                raise OSError(f"{self.path} is not a whole payload of {folder}")
+            if self._gone or self._discarded:
+                raise OSError(f"{self.path} was discarded")
             os.rename(self.path, folder / self.name)
-            self._gone = True  # renamed: nothing left to remove
-            return self.name
-
-    def _close_and_remove(self) -> None:
-        """(The lock held.)"""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if not self._gone:
             self._gone = True
+        return self.name
+
+    def _run(self) -> None:
+        written, failed = 0, False
+        while (part := self._parts.get()) is not None:
+            if not (failed or self._discarded):
+                try:
+                    while part:
+                        done = os.write(self._fd, part)
+                        written += done
+                        part = part[done:]
+                except OSError as exc:
+                    log.info("stopped writing %s while it arrived: %s", self.path, exc)
+                    failed = True
+                    self._end(failed=True)  # removed now, not when the frame ends
+            del part  # not kept while waiting: it holds the receive buffer
+        if not failed:
+            self._end(failed=written != self._size)
+
+    def _end(self, *, failed: bool) -> None:
+        try:
+            os.close(self._fd)
+        except OSError as exc:  # a late write error (NFS): the payload is written when stored
+            log.info("could not close %s: %s", self.path, exc)
+            failed = True
+        with self._lock:
+            self._ended = True
+            self._whole = not failed
+            remove = failed or self._discarded
+        if remove:
+            self._remove()
+
+    def _remove(self) -> None:
+        with self._lock:
+            if self._gone:
+                return
+            self._gone = True
+        try:
             self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", self.path, exc)

@@ -18,9 +18,9 @@ to move one fast, which a pure protocol object cannot be: threads, mapped memory
 - Verified digests. The digests of the last few blobs this process verified
   (:data:`VERIFIED`), so that the loader forwards a blob without hashing it again.
 - Spilled blobs. A loader that keeps big payloads in files has a big blob written to a new
-  file by its hashing thread while it arrives (a :class:`Spill`); once the frame is verified,
-  :data:`SPILLED` hands that file to the store, which renames it into place instead of
-  writing the payload after it arrived.
+  file while it arrives (a :class:`Spill`, which writes on a thread of its own); once the
+  frame is verified, :data:`SPILLED` hands that file to the store, which renames it into
+  place instead of writing the payload after it arrived.
 
 Inside TLS a blob is not hashed at all: TLS checks every record, so a bulk frame arriving
 there has a hash state that does nothing.
@@ -153,15 +153,17 @@ VERIFIED = VerifiedDigests()
 
 
 class Spill(Protocol):
-    """Where a big blob is written while it arrives (a loader's new file for it). Its
-    methods may be called from several threads; every one of them is safe to call again."""
+    """Where a big blob is written while it arrives (a loader's new file for it). None of
+    its methods raises, and only :meth:`finish` waits: the loop thread gives it the parts
+    and may discard it. A failure (a full disk) is kept: the blob is then not spilled, and
+    whoever stores it writes it the usual way."""
 
     def write(self, part: memoryview) -> None:
-        """Append ``part``. A failure (a full disk) is kept, not raised: the blob is then
-        not spilled, and whoever stores it writes it the usual way."""
+        """Append ``part`` (written meanwhile, elsewhere; do not change it)."""
 
     def finish(self) -> bool:
-        """Every part is written: whether the spill holds the whole blob."""
+        """Every part is given: wait until they are written; whether the spill holds the
+        whole blob."""
 
     def discard(self) -> None:
         """Nobody will use the spill: remove what was written."""
@@ -226,6 +228,12 @@ def _discard(stale: Iterable[tuple[weakref.ref[Any], int, Spill] | None]) -> Non
 SPILLED = SpilledBlobs()
 
 
+def _discard_spill(holder: list[Spill | None]) -> None:
+    spill, holder[0] = holder[0], None
+    if spill is not None:
+        spill.discard()
+
+
 class _NoHash:
     """The hash of a blob inside TLS, which needs none (TLS checks every record)."""
 
@@ -261,16 +269,14 @@ _HASHING = "clustorage-hash"
 
 
 class _HashingThread:
-    """A hash state updated on a thread of its own, for one blob that is arriving (or being
-    sent); on a loader, the thread also writes the arriving blob to its ``spill``.
+    """A hash state updated on a thread of its own, for one blob that is arriving.
 
     Its thread ends at :meth:`digest`, or at :meth:`abandon` when the frame will not finish
     (the connection failed or was dropped, or the frame was collected unfinished).
     """
 
-    def __init__(self, algorithm: str | None, spill: Spill | None = None) -> None:
-        self._hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
-        self._spill = spill
+    def __init__(self, algorithm: str) -> None:
+        self._hasher = new_hasher(algorithm)
         self._parts: queue.SimpleQueue[memoryview | threading.Event | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._abandoned = False
@@ -300,8 +306,6 @@ class _HashingThread:
                     self._hasher.update(part)
                 except BaseException as exc:  # re-raised by digest(), on the caller's thread
                     self._failure = exc
-                if self._spill is not None:
-                    self._spill.write(part)
 
     def update(self, part: memoryview) -> None:
         self._parts.put(part)
@@ -310,8 +314,6 @@ class _HashingThread:
         """The frame will not finish: skip what is queued, and end."""
         self._abandoned = True
         self._parts.put(None)
-        if self._spill is not None:
-            self._spill.discard()
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
@@ -327,14 +329,6 @@ class _HashingThread:
         if self._failure is not None:
             raise self._failure
         return self._hasher.digest()  # type: ignore[no-any-return]
-
-    def spilled(self) -> Spill | None:
-        """After :meth:`digest`: the spill, if it holds the whole blob (else it is gone)."""
-        spill, self._spill = self._spill, None
-        if spill is None or spill.finish():
-            return spill
-        spill.discard()
-        return None
 
     def copy(self) -> Any:
         """A plain hash state with every part given so far."""
@@ -438,7 +432,17 @@ RECYCLED = RecycledBuffers()
 class ArrivingFrame:
     """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
 
-    __slots__ = ("__weakref__", "blob_start", "data", "filled", "hasher", "header", "length", "seq")
+    __slots__ = (
+        "__weakref__",
+        "blob_start",
+        "data",
+        "filled",
+        "hasher",
+        "header",
+        "length",
+        "seq",
+        "spill",
+    )
 
     def __init__(
         self,
@@ -472,20 +476,22 @@ class ArrivingFrame:
                 RECYCLED.keep(self.data)
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
-        wanted = algorithm is not None or spiller is not None
-        if wanted and blob >= THREAD_HASH_AT and _HashingThread.available():
-            spill = spiller(blob) if spiller is not None else None
-            hashing = _HashingThread(algorithm, spill)
+        if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
+            hashing = _HashingThread(algorithm)
             weakref.finalize(self, hashing.abandon)  # before the thread runs: it always ends
             if hashing.start():
                 self.hasher = hashing
-            elif spill is not None:
-                spill.discard()
+        # Where the blob is written as it arrives (a loader's file for it), until verified.
+        self.spill: list[Spill | None] = [spiller(blob) if spiller is not None else None]
+        if self.spill[0] is not None:
+            weakref.finalize(self, _discard_spill, self.spill)
 
     def abandon(self) -> None:
-        """This frame will not finish: let its hashing thread, if any, end now."""
+        """This frame will not finish: let its hashing thread, if any, end now, and remove
+        what it spilled."""
         if isinstance(self.hasher, _HashingThread):
             self.hasher.abandon()
+        _discard_spill(self.spill)
 
     def digest(self) -> bytes:
         """Once every byte is in: the blob's digest (b"" inside TLS); its thread has ended."""
@@ -494,8 +500,8 @@ class ArrivingFrame:
 
     def verified(self) -> None:
         """After :meth:`digest`, the frame checked: its spill, if any, goes to SPILLED."""
-        hasher = self.hasher
-        if isinstance(hasher, _HashingThread) and (spill := hasher.spilled()) is not None:
+        spill, self.spill[0] = self.spill[0], None
+        if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
 
     def feed(self, data: memoryview) -> int:
@@ -509,7 +515,10 @@ class ArrivingFrame:
         """``size`` more bytes of the payload are in ``data``: hash those of the blob."""
         start, end = self.filled, self.filled + size
         if end > self.blob_start:
-            self.hasher.update(memoryview(self.data)[max(start, self.blob_start) : end])
+            part = memoryview(self.data)[max(start, self.blob_start) : end]
+            self.hasher.update(part)
+            if (spill := self.spill[0]) is not None:
+                spill.write(part)
         self.filled = end
 
     def clone(self) -> ArrivingFrame:
@@ -518,4 +527,5 @@ class ArrivingFrame:
         clone.data = mmap.mmap(-1, self.length)
         clone.data[:] = self.data[:]
         clone.hasher = self.hasher.copy()
+        clone.spill = [None]
         return clone
