@@ -48,7 +48,7 @@ class BlobFiles:
         """A new file for a payload of ``size`` bytes that is arriving, if a payload of that
         size gets a file; None if it does not, or the file cannot be made (the payload is
         then written once it is stored, or refused then, saying why)."""
-        if size <= FILE_THRESHOLD:
+        if size <= FILE_THRESHOLD or not ArrivingFile.room():
             return None
         try:
             return ArrivingFile(self.folder, size)
@@ -124,12 +124,16 @@ class ArrivingFile:
     killed meanwhile) is swept at the next start.
 
     A thread of its own writes the parts it is given, so that neither the frame's hashing
-    thread nor the loop waits for the disk; :meth:`place`, on the store's file lane, waits
-    for the last write. :meth:`discard` never waits: the writing thread removes the file
-    when it ends, or discard does once it has ended. Nothing raises: a failure (a full disk)
-    only means the payload is written the usual way once it is stored. In a forked child
-    the file is its parent's, and left alone.
+    thread nor the loop waits for the disk, and it alone removes the file: :meth:`discard`
+    only tells it to. :meth:`place`, on the store's file lane, waits for the last write.
+    Nothing raises: a failure (a full disk) only means the payload is written the usual
+    way once it is stored. At most ``WRITERS`` are open at once (:meth:`BlobFiles.arriving`
+    makes no more). In a forked child the file is its parent's, and left alone.
     """
+
+    WRITERS = 8
+    _open = 0
+    _counting = threading.Lock()
 
     def __init__(self, folder: Path, size: int) -> None:
         self.name = f"{secrets.token_hex(16)}-{size}"
@@ -139,19 +143,27 @@ class ArrivingFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._parts: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._lock = threading.RLock()  # brief holds only (re-entered by a finalizer in GC)
+        self._failed = False
         self._discarded = False
-        self._ended = False  # the thread is done: the file is closed
+        self._exited = False  # the thread is done: the file is closed, whole or removed
         self._whole = False
         self._gone = False  # removed, or renamed into place
         self._thread = threading.Thread(target=self._run, name="clustorage-arriving", daemon=True)
+        with ArrivingFile._counting:
+            ArrivingFile._open += 1
         try:
             self._thread.start()
         except RuntimeError:  # no thread to be had: no spill
             self._discarded = True
-            self._end(failed=True)
+            self._ended()
+
+    @classmethod
+    def room(cls) -> bool:
+        """Whether another may be made (fewer than WRITERS are open)."""
+        return cls._open < cls.WRITERS
 
     def write(self, part: memoryview) -> None:
-        if not self._discarded:
+        if not (self._discarded or self._failed):
             self._parts.put(part)
 
     def finish(self) -> bool:
@@ -168,11 +180,11 @@ class ArrivingFile:
             return
         with self._lock:
             self._discarded = True
-            ended = self._ended
-        if ended:
+            exited = self._exited
+        if exited:  # only after finish, on the file lane: the thread cannot remove it now
             self._remove()
         else:
-            self._parts.put(None)  # the thread removes it as it ends
+            self._parts.put(None)
 
     def place(self, folder: Path) -> str:
         """Once every part is given: rename the whole file into ``folder``'s place for it; its
@@ -187,32 +199,38 @@ class ArrivingFile:
         return self.name
 
     def _run(self) -> None:
-        written, failed = 0, False
-        while (part := self._parts.get()) is not None:
-            if not (failed or self._discarded):
-                try:
-                    while part:
-                        done = os.write(self._fd, part)
-                        written += done
-                        part = part[done:]
-                except OSError as exc:
-                    log.info("stopped writing %s while it arrived: %s", self.path, exc)
-                    failed = True
-                    self._end(failed=True)  # removed now, not when the frame ends
-            del part  # not kept while waiting: it holds the receive buffer
-        if not failed:
-            self._end(failed=written != self._size)
+        written = 0
+        try:
+            while (part := self._parts.get()) is not None:
+                if not (self._failed or self._discarded):
+                    try:
+                        while part:
+                            done = os.write(self._fd, part)
+                            written += done
+                            part = part[done:]
+                    except OSError as exc:
+                        log.info("stopped writing %s while it arrived: %s", self.path, exc)
+                        self._failed = True
+                        self._remove()  # now, not when the frame ends
+                del part  # not kept while waiting: it holds the receive buffer
+        finally:
+            self._failed = self._failed or written != self._size
+            self._ended()
 
-    def _end(self, *, failed: bool) -> None:
+    def _ended(self) -> None:
+        """The thread's end (or a thread never had): close, and keep the file only if it is
+        whole and wanted."""
         try:
             os.close(self._fd)
         except OSError as exc:  # a late write error (NFS): the payload is written when stored
             log.info("could not close %s: %s", self.path, exc)
-            failed = True
+            self._failed = True
         with self._lock:
-            self._ended = True
-            self._whole = not failed
-            remove = failed or self._discarded
+            self._exited = True
+            self._whole = not self._failed
+            remove = self._failed or self._discarded
+        with ArrivingFile._counting:
+            ArrivingFile._open -= 1
         if remove:
             self._remove()
 

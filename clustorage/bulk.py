@@ -175,10 +175,11 @@ Spiller = Callable[[int], Spill | None]  # a spill for a blob of this many bytes
 class SpilledBlobs:
     """The spills of the last few verified blobs, by the buffer each arrived into, until
     the store takes one (:meth:`take`). A spill nobody takes is discarded when its buffer
-    receives another frame, when a newer one pushes it out, or at :meth:`sweep` once its
-    buffer is gone. (No weakref callbacks, as in :class:`VerifiedDigests`.)"""
+    receives another frame, at :meth:`sweep` once its buffer is gone, or when a newer one
+    pushes it out (``size``: more than a loader keeps open, see ``blobs.ArrivingFile``).
+    (No weakref callbacks, as in :class:`VerifiedDigests`.)"""
 
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int = 16) -> None:
         self._size = size
         self._lock = threading.Lock()
         self._known: dict[int, tuple[weakref.ref[Any], int, Spill]] = {}

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 import clustorage
 from clustorage import codec
-from clustorage.blobs import FILE_THRESHOLD, BlobFiles
+from clustorage.blobs import FILE_THRESHOLD, ArrivingFile, BlobFiles
 from clustorage.bulk import SPILLED
 from clustorage.errors import RemoteProtocolError
 from clustorage.protocol import Frame, Role
@@ -110,25 +111,47 @@ def test_a_frame_cut_short_leaves_no_file(tmp_path: Path) -> None:
     assert len(names(files.folder)) == 1
     pair.server.release()
     eventually(lambda: names(files.folder) == [])
+    eventually(lambda: writers() == 0)
 
 
 def test_a_blob_nobody_stores_loses_its_file(tmp_path: Path) -> None:
-    """An arrived blob that is not stored (its request refused) loses its file when newer
-    ones push it out, or when its buffer is gone; one that is stored keeps its file."""
+    """An arrived blob that is not stored (its request refused) loses its file once its
+    buffer is gone; one that is stored keeps its file."""
     pair, files = loader_pair(tmp_path / "blobs")
     first = arrive(pair, BLOB)
-    (first_file,) = names(files.folder)
+    assert len(names(files.folder)) == 1
     name = files.write(arrive(pair, BLOB[::-1]))
     second = arrive(pair, BLOB)
-    (second_file,) = set(names(files.folder)) - {first_file, name}
-    third = arrive(pair, BLOB)  # the first, not stored, is pushed out
-    (third_file,) = set(names(files.folder)) - {name, second_file, first_file}
-    eventually(lambda: sorted(names(files.folder)) == sorted([name, second_file, third_file]))
+    assert len(names(files.folder)) == 3
     del first, second
     gc.collect()
-    SPILLED.sweep()  # the second's buffer is gone
-    eventually(lambda: sorted(names(files.folder)) == sorted([name, third_file]))
-    assert bytes(files.read(name)) == BLOB[::-1] and third == BLOB
+    SPILLED.sweep()
+    eventually(lambda: names(files.folder) == [name])
+    eventually(lambda: writers() == 0)
+    assert bytes(files.read(name)) == BLOB[::-1]
+
+
+def test_a_loader_writes_so_many_blobs_at_once_and_stores_the_rest_after(
+    tmp_path: Path,
+) -> None:
+    """Past ArrivingFile.WRITERS blobs arriving or waiting to be stored, the next one gets
+    no file as it arrives: it is written when stored, as before."""
+    pair, files = loader_pair(tmp_path / "blobs")
+    waiting = [arrive(pair, BLOB) for _ in range(ArrivingFile.WRITERS)]
+    assert len(names(files.folder)) == ArrivingFile.WRITERS
+    extra = arrive(pair, BLOB[::-1])
+    assert len(names(files.folder)) == ArrivingFile.WRITERS
+    name = files.write(extra)
+    assert bytes(files.read(name)) == BLOB[::-1]
+    del waiting
+    gc.collect()
+    SPILLED.sweep()
+    eventually(lambda: names(files.folder) == [name])
+    eventually(lambda: writers() == 0)
+
+
+def writers() -> int:
+    return sum(thread.name == "clustorage-arriving" for thread in threading.enumerate())
 
 
 def test_a_full_disk_while_it_arrives_falls_back_to_writing_it_when_stored(
@@ -147,6 +170,11 @@ def test_a_full_disk_while_it_arrives_falls_back_to_writing_it_when_stored(
         with pytest.raises(OSError):
             files.write(blob)
         assert names(files.folder) == []
+        data = b"".join(bytes(part) for part in pair.client.send_bulk(b"envelope", BLOB))
+        pair.deliver(Role.CLIENT, data[: len(data) * 3 // 4])
+        eventually(lambda: names(files.folder) == [])  # its write failed
+        pair.server.release()  # and then its member left
+        eventually(lambda: writers() == 0)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
