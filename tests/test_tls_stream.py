@@ -219,27 +219,54 @@ def test_a_handshake_waiting_for_the_member_does_not_spin(certs: Path, loop_kind
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_a_newcomer_closed_as_its_handshake_ends_stays_closed(certs: Path, loop_kind: str) -> None:
     """The listener closes a newcomer (over the cap, or stopping) just after its TLS
-    handshake's last step, before its task resumes: no protocol is made for it."""
+    handshake's last step, before its task resumes: no protocol is made for it.
+
+    The member sends its Finished only once the loader's first handshake step has returned,
+    so that the last step is the reader's, not the task's own first one (which a member
+    quick enough, on a busy machine, could otherwise make it)."""
     context = server_context(certs)
     hook: dict[str, Callable[[], None]] = {}
+    first_step = threading.Event()
 
     class Hooked(ssl.SSLSocket):
         def do_handshake(self, block: bool = False) -> None:
-            super().do_handshake(block)
+            try:
+                super().do_handshake(block)
+            finally:
+                first_step.set()
             if (close := hook.get("close")) is not None:
                 asyncio.get_running_loop().call_soon(close)  # ahead of the task's wake-up
 
     context.sslsocket_class = Hooked
     protocols: list[Collecting] = []
     answer: list[bytes] = []
+    ended: list[bool] = []
 
     def member(port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port)) as raw:
-            sock = client_context(certs).wrap_socket(raw, server_hostname="127.0.0.1")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_object = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(5)
+            with pytest.raises(ssl.SSLWantReadError):
+                tls_object.do_handshake()
+            sock.sendall(outgoing.read())  # ClientHello
+            while True:
+                try:
+                    tls_object.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    incoming.write(sock.recv(1 << 20))
+            assert first_step.wait(5)
+            sock.sendall(outgoing.read())  # Finished
             try:
-                answer.append(sock.recv(10))
-            except (OSError, ssl.SSLError):
+                while chunk := sock.recv(1 << 16):
+                    incoming.write(chunk)
+                ended.append(True)
+            except OSError:  # still open after 5 s
+                ended.append(False)
+            try:
+                answer.append(tls_object.read(10))
+            except ssl.SSLError:  # closed, with or without its close_notify
                 answer.append(b"")
 
     async def main() -> None:
@@ -263,7 +290,7 @@ def test_a_newcomer_closed_as_its_handshake_ends_stays_closed(certs: Path, loop_
 
     run(loop_kind, main)
     assert protocols == []
-    assert answer == [b""]
+    assert ended == [True] and answer == [b""]
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
