@@ -43,8 +43,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .errors import LocalProtocolError
-
-Blob = bytes | memoryview
+from .messages import Blob
 
 try:
     import blake3
