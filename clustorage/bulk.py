@@ -39,8 +39,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import LocalProtocolError
 from .messages import Blob
@@ -75,6 +75,8 @@ __all__ = [
     "sending_hasher",
 ]
 
+T = TypeVar("T")
+
 BASELINE_DIGEST = "blake2b"  # every node has it
 BULK_DIGESTS = (*_BLAKE3, BASELINE_DIGEST, "sha256")
 _ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -104,48 +106,70 @@ def bulk_digests_by_speed() -> tuple[str, ...]:
     return tuple(sorted(BULK_DIGESTS, key=timings.__getitem__))
 
 
-class VerifiedDigests:
-    """Digests of blobs this process verified, so that forwarding one does not hash it again.
+class _ByBuffer(Generic[T]):
+    """What is known of the last few buffers (receive buffers, files mapped back), by the
+    buffer, without keeping them alive. A received blob is the tail of a buffer nobody
+    writes to after it is handed over, so a blob of the length known is that tail. (No
+    weakref callbacks: one can run inside ``_put``, from a garbage collection, under the
+    lock.)"""
 
-    A received blob is the tail of a buffer nobody writes to after it is handed over; the
-    cache knows the few most recent by that buffer, without keeping them alive. (No weakref
-    callbacks: one can run inside ``remember``, from a garbage collection, under the lock.)
-    """
-
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._known: dict[int, tuple[weakref.ref[Any], int, str, bytes]] = {}
+        self._known: dict[int, tuple[weakref.ref[Any], int, T]] = {}
+
+    def _put(self, owner: Any, length: int, value: T) -> list[T]:
+        """Know ``value`` of the last ``length`` bytes of ``owner``; the values this pushed
+        out (the owner's earlier one, the oldest ones past ``size``)."""
+        with self._lock:
+            out = [self._known.pop(id(owner), None)]
+            self._known[id(owner)] = (weakref.ref(owner), length, value)
+            while len(self._known) > self._size:
+                out.append(self._known.pop(next(iter(self._known))))
+        return [known[2] for known in out if known is not None]
+
+    def _get(self, blob: Blob, take: bool = False) -> T | None:
+        """What is known of ``blob``'s buffer, if ``blob`` is its known tail (``take``:
+        forgotten as it is returned)."""
+        owner = blob.obj if isinstance(blob, memoryview) else blob
+        with self._lock:
+            known = self._known.get(id(owner))
+            if known is None or known[0]() is not owner or known[1] != len(blob):
+                return None
+            if take:
+                del self._known[id(owner)]
+        return known[2]
+
+    def _drop(self, owner: Any) -> list[T]:
+        """Forget ``owner``; what was known of it."""
+        with self._lock:
+            known = self._known.pop(id(owner), None)
+        return [] if known is None else [known[2]]
+
+
+class VerifiedDigests(_ByBuffer[tuple[str, bytes]]):
+    """Digests of blobs this process verified, so that forwarding one does not hash it again."""
+
+    def __init__(self, size: int = 2) -> None:
+        super().__init__(size)
 
     def remember(self, owner: Any, length: int, algorithm: str, digest: bytes) -> None:
-        known = (weakref.ref(owner), length, algorithm, digest)
-        with self._lock:
-            self._known.pop(id(owner), None)
-            self._known[id(owner)] = known
-            while len(self._known) > self._size:
-                self._known.pop(next(iter(self._known)))
+        self._put(owner, length, (algorithm, digest))
 
     def forget(self, owner: Any) -> None:
         """``owner`` is about to hold other bytes (a receive buffer used again)."""
-        with self._lock:
-            self._known.pop(id(owner), None)
+        self._drop(owner)
 
     def carry(self, blob: bytes | memoryview, copy: bytes | memoryview) -> None:
         """``copy`` holds the same bytes as ``blob`` (a blob written to a file and mapped
         back): forwarding it needs no hashing either, if ``blob`` was verified."""
-        owner = blob.obj if isinstance(blob, memoryview) else blob
-        with self._lock:
-            known = self._known.get(id(owner))
-        if known is not None and known[0]() is owner and known[1] == len(blob) == len(copy):
-            self.remember(copy.obj if isinstance(copy, memoryview) else copy, *known[1:])
+        known = self._get(blob)
+        if known is not None and len(copy) == len(blob):
+            self.remember(copy.obj if isinstance(copy, memoryview) else copy, len(blob), *known)
 
     def find(self, blob: bytes | memoryview, algorithm: str) -> bytes | None:
-        owner = blob.obj if isinstance(blob, memoryview) else blob
-        with self._lock:
-            known = self._known.get(id(owner))
-        if known is None or known[0]() is not owner or known[1:3] != (len(blob), algorithm):
-            return None
-        return known[3]
+        known = self._get(blob)
+        return known[1] if known is not None and known[0] == algorithm else None
 
 
 VERIFIED = VerifiedDigests()
@@ -171,58 +195,37 @@ class Spill(Protocol):
 Spiller = Callable[[int], Spill | None]  # a spill for a blob of this many bytes, or None
 
 
-class SpilledBlobs:
+class SpilledBlobs(_ByBuffer[Spill]):
     """The spills of the last few verified blobs, by the buffer each arrived into, until
     the store takes one (:meth:`take`). A spill nobody takes is discarded when its buffer
     receives another frame, at :meth:`sweep` once its buffer is gone, or when a newer one
-    pushes it out (``size``: more than a loader keeps open, see ``blobs.ArrivingFile``).
-    (No weakref callbacks, as in :class:`VerifiedDigests`.)"""
+    pushes it out (``size``: more than a loader keeps open, see ``blobs.ArrivingFile``)."""
 
     def __init__(self, size: int = 16) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._known: dict[int, tuple[weakref.ref[Any], int, Spill]] = {}
+        super().__init__(size)
 
     def remember(self, owner: Any, length: int, spill: Spill) -> None:
         """``spill`` holds the last ``length`` bytes of ``owner``, a verified frame's buffer."""
-        with self._lock:
-            stale = [self._known.pop(id(owner), None)]
-            self._known[id(owner)] = (weakref.ref(owner), length, spill)
-            while len(self._known) > self._size:
-                stale.append(self._known.pop(next(iter(self._known))))
-        _discard(stale)
+        for out in self._put(owner, length, spill):
+            out.discard()
 
     def take(self, blob: Blob) -> Spill | None:
         """The spill of ``blob``, if it is a verified frame's blob that was spilled whole;
         the caller then owns it (and discards it if unused)."""
-        if not isinstance(blob, memoryview):
-            return None
-        owner = blob.obj
-        with self._lock:
-            known = self._known.get(id(owner))
-            if known is None or known[0]() is not owner or known[1] != len(blob):
-                return None
-            del self._known[id(owner)]
-        return known[2]
+        return self._get(blob, take=True)
 
     def forget(self, owner: Any) -> None:
         """``owner`` is about to hold other bytes (a receive buffer used again)."""
-        with self._lock:
-            stale = [self._known.pop(id(owner), None)]
-        _discard(stale)
+        for spill in self._drop(owner):
+            spill.discard()
 
     def sweep(self) -> None:
         """Discard the spills whose buffers are gone (their values were not stored)."""
         with self._lock:
             dead = [key for key, known in self._known.items() if known[0]() is None]
-            stale = [self._known.pop(key) for key in dead]
-        _discard(stale)
-
-
-def _discard(stale: Iterable[tuple[weakref.ref[Any], int, Spill] | None]) -> None:
-    for known in stale:
-        if known is not None:
-            known[2].discard()
+            spills = [self._known.pop(key)[2] for key in dead]
+        for spill in spills:
+            spill.discard()
 
 
 SPILLED = SpilledBlobs()
@@ -242,9 +245,6 @@ class _NoHash:
 
     def copy(self) -> _NoHash:
         return self
-
-    def digest(self) -> bytes:
-        return b""
 
 
 _NO_HASH = _NoHash()
@@ -493,13 +493,8 @@ class ArrivingFrame:
             self.hasher.abandon()
         _discard_spill(self.spill)
 
-    def digest(self) -> bytes:
-        """Once every byte is in: the blob's digest (b"" inside TLS); its thread has ended."""
-        digest: bytes = self.hasher.digest()
-        return digest
-
     def verified(self) -> None:
-        """After :meth:`digest`, the frame checked: its spill, if any, goes to SPILLED."""
+        """Every byte is in and the frame checked: its spill, if any, goes to SPILLED."""
         spill, self.spill[0] = self.spill[0], None
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)

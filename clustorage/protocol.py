@@ -545,10 +545,10 @@ class Connection:
             del buffer[:taken]
         if bulk.filled < bulk.length or len(buffer) < self._tag_size:
             return None
-        digest = bulk.digest()
         if not self.tagged:
             self._count(bulk.seq)
         else:
+            digest = bulk.hasher.digest()
             envelope = memoryview(bulk.data)[: bulk.blob_start]
             tag = _tag(self._recv_tagger, bulk.header, envelope, digest)
             self._check(bulk.seq, tag, buffer[:TAG_SIZE])
