@@ -73,9 +73,7 @@ class BlobFiles:
         if spill is not None:
             spill.discard()
         view = memoryview(payload).cast("B")
-        name = f"{secrets.token_hex(16)}-{len(view)}"
-        temporary = self.folder / f"{name}.partial"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        name, temporary, fd = _new_file(self.folder, len(view))
         try:
             for start in range(0, len(view), _CHUNK):
                 chunk = view[start : start + _CHUNK]
@@ -118,6 +116,15 @@ class BlobFiles:
                     path.unlink()
 
 
+def _new_file(folder: Path, size: int) -> tuple[str, Path, int]:
+    """A new private file in ``folder`` for a payload of ``size`` bytes, named as a write in
+    progress (``NAME.partial``: swept at the next start if it is left): the name to rename
+    it to, its path and its descriptor, open for writing."""
+    name = f"{secrets.token_hex(16)}-{size}"
+    path = folder / f"{name}.partial"
+    return name, path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 class ArrivingFile:
     """The new file of a payload that is arriving (a :class:`clustorage.bulk.Spill`),
     named as :meth:`BlobFiles.write` names a file being written: a stray one (the loader
@@ -136,17 +143,14 @@ class ArrivingFile:
     _counting = threading.Lock()
 
     def __init__(self, folder: Path, size: int) -> None:
-        self.name = f"{secrets.token_hex(16)}-{size}"
-        self.path = folder / f"{self.name}.partial"
+        self.name, self.path, self._fd = _new_file(folder, size)
         self._size = size
         self._pid = os.getpid()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._parts: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._lock = threading.RLock()  # brief holds only (re-entered by a finalizer in GC)
         self._failed = False
         self._discarded = False
         self._exited = False  # the thread is done: the file is closed, whole or removed
-        self._whole = False
         self._gone = False  # removed, or renamed into place
         self._thread = threading.Thread(target=self._run, name="clustorage-arriving", daemon=True)
         with ArrivingFile._counting:
@@ -173,7 +177,7 @@ class ArrivingFile:
         self._parts.put(None)
         if self._thread.is_alive():
             self._thread.join()
-        return self._whole and not self._discarded
+        return self._exited and not (self._failed or self._discarded)
 
     def discard(self) -> None:
         if os.getpid() != self._pid:
@@ -227,7 +231,6 @@ class ArrivingFile:
             self._failed = True
         with self._lock:
             self._exited = True
-            self._whole = not self._failed
             remove = self._failed or self._discarded
         with ArrivingFile._counting:
             ArrivingFile._open -= 1
