@@ -45,6 +45,7 @@ __all__ = [
     "client_context",
     "connect",
     "node_files",
+    "read_records",
     "refusal",
     "server_context",
     "tls_object",
@@ -165,6 +166,34 @@ def tls_object(sock: socket.socket) -> Any:
     return getattr(sock, "_sslobj", None)
 
 
+FULL, WAITING, ENDED = "full", "waiting", "ended"  # why read_records stopped
+
+
+def read_records(
+    tls: Any, view: memoryview, filled: int, size: int
+) -> tuple[int, str, Exception | None]:
+    """Read TLS records with ``tls`` (a :func:`tls_object`) into ``view``, from ``filled``
+    up to ``size`` bytes, as long as whole records keep coming: the bytes ``view`` now
+    holds; why it stopped (FULL: ``size`` reached; WAITING: a short record with nothing
+    behind it in TLS, or TLS waits for the socket; ENDED: the end of input); and the error
+    that stopped it, if one did (the bytes before it are in ``view``)."""
+    try:
+        while filled < size:
+            got = int(tls.read(size - filled, view[filled:] if filled else view))
+            if not got:
+                return filled, ENDED, None
+            filled += got
+            if got < RECORD and not tls.pending():
+                return filled, WAITING, None
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return filled, WAITING, None
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        return filled, ENDED, None
+    except (ssl.SSLError, OSError) as exc:
+        return filled, WAITING, exc
+    return filled, FULL, None
+
+
 class TLSSocket(ssl.SSLSocket):
     """A member's TLS socket (a client context's ``sslsocket_class``): OpenSSL reads and
     writes the socket itself, and it reads and writes as a plain blocking socket does
@@ -261,7 +290,10 @@ class TLSSocket(ssl.SSLSocket):
                     got = int(tls.read(size, buffer))
                     if (got < RECORD and not tls.pending()) or got >= size or not got:
                         return got
-                    return self._read_more(tls, memoryview(buffer), got, size)
+                    total, _, error = read_records(tls, memoryview(buffer), got, size)
+                    if error is not None:
+                        raise error
+                    return total
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -269,26 +301,6 @@ class TLSSocket(ssl.SSLSocket):
             if dontwait:
                 raise BlockingIOError(errno.EAGAIN, "no TLS record has come")
             self._ready_for(select.POLLIN)
-
-    @staticmethod
-    def _read_more(tls: Any, view: memoryview, total: int, size: int) -> int:
-        """(The lock held.) After a full record: the records that have come behind it."""
-        try:
-            while total < size:
-                got = int(tls.read(size - total, view[total:]))
-                if not got:
-                    break
-                total += got
-                if got < RECORD and not tls.pending():
-                    break
-        except (
-            ssl.SSLWantReadError,
-            ssl.SSLWantWriteError,
-            ssl.SSLZeroReturnError,
-            ssl.SSLEOFError,
-        ):
-            pass
-        return total
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         buffer = bytearray(buflen)

@@ -19,7 +19,7 @@ import socket
 import ssl
 from typing import Any
 
-from .tls import RECORD, tls_object
+from .tls import ENDED, WAITING, read_records, tls_object
 
 __all__ = ["TLSStream", "accept"]
 
@@ -200,37 +200,20 @@ class TLSStream(asyncio.Transport):
         budget = READ_BUDGET
         while not self._closing:
             buffer = memoryview(protocol.get_buffer(-1))
-            size, filled = min(len(buffer), budget), 0
-            more, ended, failed = True, False, None
-            try:
-                while filled < size:
-                    got = int(tls.read(size - filled, buffer[filled:] if filled else buffer))
-                    if not got:
-                        ended = True
-                        break
-                    filled += got
-                    if got < RECORD and not tls.pending():
-                        more = False
-                        break
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                more = False
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                ended = True
-            except (ssl.SSLError, OSError) as exc:
-                failed = exc
+            filled, why, failed = read_records(tls, buffer, 0, min(len(buffer), budget))
             if filled:
                 protocol.buffer_updated(filled)
             if failed is not None:
                 self._fail(failed)
                 return
-            if ended:
+            if why == ENDED:
                 if not self._closing:
                     self._loop.remove_reader(self._fd)
                     self._stop_sweeping()  # the end polls readable: eof_received once only
                     if not protocol.eof_received():
                         self.close()
                 return
-            if not more:
+            if why == WAITING:
                 return
             budget -= filled
             if budget <= 0:
