@@ -166,6 +166,26 @@ def big_certificate(certs: Path) -> str:
     return "big"
 
 
+def by_hand(
+    certs: Path, sock: socket.socket, after_hello: Callable[[], object] = lambda: None
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A member's side of a TLS handshake on ``sock``, through memory BIOs, up to its
+    Finished, left unsent in the outgoing BIO (the test sends it when it chooses); its TLS
+    object, incoming and outgoing BIOs. ``after_hello``: run once its ClientHello is sent."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls_object.do_handshake()
+    sock.sendall(outgoing.read())  # ClientHello
+    after_hello()
+    while True:
+        try:
+            tls_object.do_handshake()
+            return tls_object, incoming, outgoing
+        except ssl.SSLWantReadError:
+            incoming.write(sock.recv(1 << 20))
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_a_handshake_waiting_for_the_member_does_not_spin(certs: Path, loop_kind: str) -> None:
     """The loader's flight did not fit its send buffer (it waited to write), then it waits a
@@ -182,22 +202,12 @@ def test_a_handshake_waiting_for_the_member_does_not_spin(certs: Path, loop_kind
     waiting: list[int] = []
 
     def member(port: int) -> None:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls_object = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
             sock.connect(("127.0.0.1", port))
             sock.settimeout(5)
-            with pytest.raises(ssl.SSLWantReadError):
-                tls_object.do_handshake()
-            sock.sendall(outgoing.read())  # ClientHello
-            time.sleep(0.3)  # the loader's flight waits for room meanwhile
-            while True:
-                try:
-                    tls_object.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    incoming.write(sock.recv(1 << 20))
+            # The loader's flight waits for room meanwhile.
+            _, _, outgoing = by_hand(certs, sock, after_hello=lambda: time.sleep(0.3))
             before = calls[0]
             time.sleep(1.0)  # a slow member: its Finished comes a second later
             waiting.append(calls[0] - before)
@@ -243,19 +253,9 @@ def test_a_newcomer_closed_as_its_handshake_ends_stays_closed(certs: Path, loop_
     ended: list[bool] = []
 
     def member(port: int) -> None:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls_object = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(5)
-            with pytest.raises(ssl.SSLWantReadError):
-                tls_object.do_handshake()
-            sock.sendall(outgoing.read())  # ClientHello
-            while True:
-                try:
-                    tls_object.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    incoming.write(sock.recv(1 << 20))
+            tls_object, incoming, outgoing = by_hand(certs, sock)
             assert first_step.wait(5)
             sock.sendall(outgoing.read())  # Finished
             try:
