@@ -1,6 +1,6 @@
 """Many Node objects in one process: one shared reader reads them all, a definition is
 loaded once per process and installed and acknowledged by each node; the roster of names
-is made when asked for."""
+is made when asked for; a node's receive buffer takes memory only where reads fill it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 import clustorage
@@ -79,6 +80,24 @@ def test_nodes_of_one_process_reconnect_after_the_loader_restarts(cluster: Clust
         definition = nodes[-1].define("again", "lambda: 'back'")
         assert len(definition.installed) == 7
         assert all(node.call("again", []) == "back" for node in nodes)
+
+
+def test_a_process_of_many_nodes_holds_no_big_buffer_per_node(cluster: Cluster) -> None:
+    """Each node has a 1 MiB receive buffer, but the memory of one is only taken where a read
+    fills it: 40 more nodes in a member process, each of which reads a resync, a value and
+    a definition, add far less than 40 MiB to the process's RSS (each added 1 MiB before)."""
+    cluster.start_loader()
+    member = cluster.member("many")
+    member.ok("node.put('k', 1)\nnode.define('f', 'lambda: 2')\nnode.get('k')")
+    process = psutil.Process(member.proc.pid)
+    before = process.memory_info().rss
+    nodes = "[clustorage.Node(f'n{i}') for i in range(40)]"  # loader and cookie: from the env
+    assert (
+        member.ok(f"nodes = {nodes}\n[(n.get('k'), n.call('f')) for n in nodes]") == [[1, 2]] * 40
+    )
+    grown = process.memory_info().rss - before
+    assert grown < 20 << 20, f"40 nodes added {grown >> 20} MiB"
+    member.ok("for n in nodes: n.stop()")
 
 
 def test_the_roster_is_the_loader_then_the_others_in_order() -> None:
