@@ -190,8 +190,9 @@ class MemberClient:
         self._tls = _ThreadState()
         # Anonymous memory, mapped as reads fill it: a node that reads small frames touches
         # a page or two of it, where a bytearray would zero all of it (about 1 ms and 1 MiB
-        # of RSS a node, a second and a gigabyte for a thousand nodes).
-        self._recv_buffer = mmap.mmap(-1, RECV_SIZE)
+        # of RSS a node, a second and a gigabyte for a thousand nodes). Private, as a
+        # bytearray is: a forked child's reads do not land in its parent's buffer.
+        self._recv_buffer = mmap.mmap(-1, RECV_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._recv_view = memoryview(self._recv_buffer)
         self._ready = threading.Condition()
         self._is_ready = False
