@@ -64,5 +64,6 @@ fi
 
 # Bytecode for the package, as pip writes it for an installed one: an editable install
 # compiles its modules at every start where writing bytecode is turned off
-# (PYTHONDONTWRITEBYTECODE), about 50 ms of each process's start.
-"$venv/bin/python" -m compileall -q "$here/clustorage" >/dev/null
+# (PYTHONDONTWRITEBYTECODE), about 50 ms of each process's start. A module that does not
+# compile is reported here and again, with its traceback, by whatever imports it.
+"$venv/bin/python" -m compileall -q "$here/clustorage" >&2 || true
