@@ -191,8 +191,12 @@ class MemberClient:
         # Anonymous memory, mapped as reads fill it: a node that reads small frames touches
         # a page or two of it, where a bytearray would zero all of it (about 1 ms and 1 MiB
         # of RSS a node, a second and a gigabyte for a thousand nodes). Private, as a
-        # bytearray is: a forked child's reads do not land in its parent's buffer.
+        # bytearray is: a forked child's reads do not land in its parent's buffer. In small
+        # pages even where the kernel gives huge ones to all memory (THP "always"), which
+        # would fault in 2 MiB on the first read.
         self._recv_buffer = mmap.mmap(-1, RECV_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):  # not Linux: nothing to ask
+            self._recv_buffer.madvise(mmap.MADV_NOHUGEPAGE)
         self._recv_view = memoryview(self._recv_buffer)
         self._ready = threading.Condition()
         self._is_ready = False
