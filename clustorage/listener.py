@@ -155,6 +155,7 @@ class Newcomer:
         self._silence: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._closing = False  # closed while the loop took the socket: close what it made
         try:
             peer = sock.getpeername()
         except OSError:
@@ -190,7 +191,13 @@ class Newcomer:
             self._sock.close()
             self._sock = None
         if self._task is not None and not self._task.done():
-            self._task.cancel()  # the loop closes what it holds of it
+            if self._listener.context is None:
+                # The loop may have given the protocol its connection already, inside the
+                # call the task waits for: cancelled then, uvloop closes the transport
+                # without connection_lost. The task closes it once it has it.
+                self._closing = True
+            else:  # a TLS handshake under way: no protocol has the connection yet
+                self._task.cancel()  # the loop closes what it holds of it
         elif self._transport is not None:
             self._transport.abort()
 
@@ -273,6 +280,8 @@ class Newcomer:
             log.debug("%s closed during its TLS handshake: %s", self.where, exc)
         else:
             self._transport = transport
+            if self._closing:
+                transport.abort()  # connection_lost follows, as for any other close
             if not transport.is_closing():
                 return
         self.gone()

@@ -221,6 +221,27 @@ def test_over_the_cap_the_oldest_untrusted_connection_is_closed(
             sock.close()
 
 
+def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(loop: Loop) -> None:
+    """The cap (or the loader stopping) closes a connection whose protocol has just had
+    connection_made, before the loop has finished handing the socket over: the protocol
+    still hears connection_lost, so that it leaves the cluster, and the peer sees the close.
+    (uvloop closed such a transport under its protocol without a word: a member that had
+    joined meanwhile stayed a member that nothing could be sent to.)"""
+
+    class ClosedAtOnce(Recorder):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.newcomer.close()
+
+    made: list[Recorder] = []
+    listener = loop.listen(lambda newcomer: made.append(ClosedAtOnce(newcomer)) or made[-1])
+    with connect(listener) as peer:
+        assert closed_by_peer(peer)
+        wait_until(lambda: len(made) == 1)
+        assert made[0].lost.wait(5), "connection_lost never came"
+        assert loop.run(lambda: len(listener.untrusted)) == 0
+
+
 def test_trusted_connections_do_not_count_against_the_cap(loop: Loop) -> None:
     """Connections whose protocol vouched for the peer are off probation: however many there
     are, none is closed for the cap."""
