@@ -29,6 +29,7 @@ reorders nothing that is kept.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,6 +47,8 @@ from .messages import (
 )
 
 __all__ = ["PACE", "SLICE", "Fanout"]
+
+log = logging.getLogger(__name__)
 
 SLICE = 0.0005  # seconds of delivering before the loop is handed back
 PACE = 0.005  # seconds from the beginning of a pass to the beginning of the next, at least
@@ -182,7 +185,11 @@ class Fanout:
         began = time.monotonic()
         stop = began + SLICE
         while peers:
-            peers.pop().deliver(message, parts)
+            peer = peers.pop()
+            try:
+                peer.deliver(message, parts)
+            except Exception:  # a bug with one peer: the others are still told, and later
+                log.exception("could not push to %s", getattr(peer, "name", peer))
             if (now := time.monotonic()) > stop and peers:
                 self._spent += now - began
                 self._later(self._deliver)

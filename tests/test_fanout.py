@@ -136,6 +136,29 @@ def test_a_pass_whose_every_push_came_from_one_peer_leaves_it_out() -> None:
     assert (len(writer.frames), len(other.frames)) == (1, 2)
 
 
+def test_a_peer_that_fails_does_not_end_the_pass_nor_the_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer whose deliver raises (a bug) is logged; the peers after it still hear of the
+    change, and the next change goes out too."""
+
+    class Broken(Peer):
+        def deliver(self, message: Any, parts: Any = None) -> None:
+            raise RuntimeError("the handler is closed")
+
+    first, broken, last = Peer("a"), Broken("b"), Peer("c")
+    loop = Loop()
+    fanout = Fanout(lambda: [first, broken, last], loop.later)
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    fanout.push(Load(entry("k", 2), False))
+    loop.run()
+    for peer in (first, last):
+        assert [m.entry.version for m in peer.heard()] == [1, 2]
+    assert fanout.idle
+    assert caplog.text.count("could not push to b") == 2
+
+
 def test_membership_news_is_one_delta_per_pass() -> None:
     """Joins and leaves between passes: one Members with each name's last state."""
     peer = Peer("a")
