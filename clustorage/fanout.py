@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 SLICE = 0.0005  # seconds of delivering before the loop is handed back
 PACE = 0.005  # seconds from the beginning of a pass to the beginning of the next, at least
+_PUSH_OVERHEAD = 16  # bytes a push takes inside a Pushes frame besides its own, at most
+_FRAME_ROOM = 1024  # bytes of a frame's limit kept for its header and the Pushes around
 
 
 def _changed(message: Message) -> tuple[tuple[str, str], int] | None:
@@ -73,9 +75,10 @@ class Fanout:
 
     Args:
         peers: the peers to deliver to now (remote ones; the loader's own node is told
-            directly).
+            directly), each with ``deliver(message, parts)`` and ``close()``.
         later: runs a function on the loop once it has served what is ready.
         after: runs a function on the loop in so many seconds (without it, no rest).
+        limit: the most bytes one frame may carry: a pass of more goes in several frames.
     """
 
     def __init__(
@@ -83,8 +86,10 @@ class Fanout:
         peers: Callable[[], Iterable[Any]],
         later: Callable[[Callable[[], None]], object],
         after: Callable[[float, Callable[[], None]], object] | None = None,
+        limit: int = 1 << 30,
     ) -> None:
         self._peers = peers
+        self._limit = limit
         self._later = later
         self._after = after
         self._spent = 0.0  # seconds the pass under way spent delivering
@@ -100,7 +105,7 @@ class Fanout:
         self._joined: dict[str, bool] = {}  # name -> connected, since the last pass
         self._pass: list[Any] | None = None  # peers this pass has yet to reach
         self._urgent = False  # something queued is waited for: the next pass may not rest
-        self._frame: tuple[Message, tuple[bytes, Payload]] | None = None
+        self._frames: list[tuple[Message, tuple[bytes, Payload]]] = []  # this pass's
 
     def push(self, message: Message, skip: Any = None, *, urgent: bool = False) -> None:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
@@ -167,29 +172,47 @@ class Fanout:
         if not queued or not peers:  # nobody to tell (a lone writer's own writes): not encoded
             self._pass = None
             return
-        if len(queued) == 1:  # as it is: no Pushes around it
-            self._frame = (queued[0], encode_parts(queued[0]))
-        else:
-            pushes = Pushes(tuple(map(encode, queued)))
-            self._frame = (pushes, encode_parts(pushes))
+        self._frames = self._encoded(queued)
         self._pass = peers
         self._pass.reverse()  # popped from the end: in the peers' order
         self._spent = 0.0
         self._paced_until = time.monotonic() + PACE
         self._deliver()
 
+    def _encoded(self, queued: list[Message]) -> list[tuple[Message, tuple[bytes, Payload]]]:
+        """The frames of a pass, encoded once: a push alone as it is, several in a Pushes
+        frame, as many frames as it takes for none to be over the limit (each push fits
+        in a frame of its own: the loader stores nothing that does not)."""
+        if len(queued) == 1:  # as it is: no Pushes around it
+            return [(queued[0], encode_parts(queued[0]))]
+        batches: list[list[tuple[Message, bytes]]] = [[]]
+        size = 0
+        for message in queued:
+            data = encode(message)
+            if batches[-1] and size + len(data) + _PUSH_OVERHEAD > self._limit - _FRAME_ROOM:
+                batches.append([])
+                size = 0
+            batches[-1].append((message, data))
+            size += len(data) + _PUSH_OVERHEAD
+        frames = []
+        for batch in batches:
+            framed = batch[0][0] if len(batch) == 1 else Pushes(tuple(data for _, data in batch))
+            frames.append((framed, encode_parts(framed)))
+        return frames
+
     def _deliver(self) -> None:
-        peers, frame = self._pass, self._frame
-        assert peers is not None and frame is not None
-        message, parts = frame
+        peers, frames = self._pass, self._frames
+        assert peers is not None and frames
         began = time.monotonic()
         stop = began + SLICE
         while peers:
             peer = peers.pop()
             try:
-                peer.deliver(message, parts)
-            except Exception:  # a bug with one peer: the others are still told, and later
-                log.exception("could not push to %s", getattr(peer, "name", peer))
+                for message, parts in frames:
+                    peer.deliver(message, parts)
+            except Exception:  # a bug: this peer is not told, so it resyncs; the others are
+                log.exception("could not push to %s; it is closed", getattr(peer, "name", peer))
+                peer.close()
             if (now := time.monotonic()) > stop and peers:
                 self._spent += now - began
                 self._later(self._deliver)
@@ -198,7 +221,7 @@ class Fanout:
         self._spent += now - began
         if self._spent > SLICE:
             self._rest_until = now + self._spent
-        self._frame = None
+        self._frames = []
         self._pass = None
         if self._queued or self._joined:  # a definition pushed during the pass: no rest
             self._start(self._urgent, paced=not self._joined)

@@ -245,6 +245,7 @@ class LoaderCore:
             self._remote_peers,
             soon if soon is not None else lambda call: schedule(0, call),
             schedule,
+            limit=max_frame,
         )
         self._leases = Leases()
         self._book = book

@@ -30,10 +30,14 @@ class Peer:
         self.name = name
         self.frames: list[Pushes] = []
         self.parts: list[Any] = []
+        self.closed = False
 
     def deliver(self, message: Any, parts: Any = None) -> None:
         self.frames.append(message)
         self.parts.append(parts)
+
+    def close(self) -> None:
+        self.closed = True
 
     def heard(self) -> list[Any]:
         """Every push, out of the Pushes frames that carried several."""
@@ -139,8 +143,8 @@ def test_a_pass_whose_every_push_came_from_one_peer_leaves_it_out() -> None:
 def test_a_peer_that_fails_does_not_end_the_pass_nor_the_next(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A peer whose deliver raises (a bug) is logged; the peers after it still hear of the
-    change, and the next change goes out too."""
+    """A peer whose deliver raises (a bug) is logged and closed, so that it resyncs; the
+    peers after it still hear of the change, and the next change goes out too."""
 
     class Broken(Peer):
         def deliver(self, message: Any, parts: Any = None) -> None:
@@ -155,8 +159,23 @@ def test_a_peer_that_fails_does_not_end_the_pass_nor_the_next(
     loop.run()
     for peer in (first, last):
         assert [m.entry.version for m in peer.heard()] == [1, 2]
-    assert fanout.idle
-    assert caplog.text.count("could not push to b") == 2
+    assert fanout.idle and broken.closed and not first.closed
+    assert caplog.text.count("could not push to b; it is closed") == 2
+
+
+def test_a_pass_over_the_frame_limit_goes_in_several_frames() -> None:
+    """Pushes that would make one frame over the limit go in as many as it takes, in order,
+    each within the limit, and a peer applies them all."""
+    peer = Peer("a")
+    loop = Loop()
+    fanout = Fanout(lambda: [peer], loop.later, limit=64 << 10)
+    big = [Entry(VALUE, f"k{i}", 1, b"x" * (20 << 10), None, "w", 1.0) for i in range(7)]
+    for one in big:
+        fanout.push(Load(one, False))
+    loop.run()
+    assert len(peer.frames) > 1
+    assert all(len(b"".join(map(bytes, parts))) <= 64 << 10 for parts in peer.parts)
+    assert [m.entry.key for m in peer.heard()] == [one.key for one in big]
 
 
 def test_membership_news_is_one_delta_per_pass() -> None:
