@@ -191,12 +191,11 @@ class Newcomer:
             self._sock.close()
             self._sock = None
         if self._task is not None and not self._task.done():
-            if self._listener.context is None:
-                # The loop may have given the protocol its connection already, inside the
-                # call the task waits for: cancelled then, uvloop closes the transport
-                # without connection_lost. The task closes it once it has it.
-                self._closing = True
-            else:  # a TLS handshake under way: no protocol has the connection yet
+            # The protocol may have its connection already, inside the call the task waits
+            # for (plaintext: cancelled then, uvloop closes the transport without
+            # connection_lost), or be getting it now (TLS): the task closes it once it has it.
+            self._closing = True
+            if self._listener.context is not None:  # a TLS handshake under way: it ends here
                 self._task.cancel()  # the loop closes what it holds of it
         elif self._transport is not None:
             self._transport.abort()

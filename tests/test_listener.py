@@ -20,9 +20,11 @@ from typing import Any, cast
 
 import pytest
 
+import clustorage
 from clustorage import aioloop, tls
 from clustorage.errors import ConfigError
 from clustorage.listener import Listener, Newcomer
+from tests.test_tls_stream import client_context, server_context
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -221,7 +223,17 @@ def test_over_the_cap_the_oldest_untrusted_connection_is_closed(
             sock.close()
 
 
-def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(loop: Loop) -> None:
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tls")
+    clustorage.init_tls(folder, ["loader", "member"], [])
+    return folder
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
+def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(
+    loop: Loop, secure: bool, certs: Path
+) -> None:
     """The cap (or the loader stopping) closes a connection whose protocol has just had
     connection_made, before the loop has finished handing the socket over: the protocol
     still hears connection_lost, so that it leaves the cluster, and the peer sees the close.
@@ -234,8 +246,16 @@ def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(loop: Lo
             self.newcomer.close()
 
     made: list[Recorder] = []
-    listener = loop.listen(lambda newcomer: made.append(ClosedAtOnce(newcomer)) or made[-1])
-    with connect(listener) as peer:
+    context = server_context(certs) if secure else None
+    listener = loop.listen(
+        lambda newcomer: made.append(ClosedAtOnce(newcomer)) or made[-1], context=context
+    )
+    with connect(listener) as plain:
+        peer = (
+            client_context(certs).wrap_socket(plain, server_hostname="127.0.0.1")
+            if secure
+            else plain
+        )
         assert closed_by_peer(peer)
         wait_until(lambda: len(made) == 1)
         assert made[0].lost.wait(5), "connection_lost never came"
