@@ -1,4 +1,5 @@
-"""Shared fixtures: free ports, isolated homes, and real loader and member processes."""
+"""Shared fixtures: free ports, isolated homes, real loader and member processes, and TLS
+certificates."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 import clustorage
+from clustorage import tls
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -220,3 +223,28 @@ def postgres() -> Iterator[Any]:
 def pg_url(postgres: Any) -> str:
     """The URL of a fresh, empty PostgreSQL database."""
     return str(postgres.database())
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and certificates for "loader" and "member" (``clustorage.init_tls``), once per
+    test module; the tests that use it are skipped without ``cryptography``."""
+    pytest.importorskip("cryptography")
+    folder = tmp_path_factory.mktemp("tls")
+    clustorage.init_tls(folder, ["loader", "member"], [])
+    return folder
+
+
+def server_context(certs: Path, name: str = "loader") -> ssl.SSLContext:
+    return tls.server_context(
+        tls.TLSFiles(
+            str(certs / f"{name}.pem"), str(certs / f"{name}-key.pem"), str(certs / "ca.pem")
+        )
+    )
+
+
+def client_context(certs: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(certs / "ca.pem")
+    context.load_cert_chain(certs / "member.pem", certs / "member-key.pem")
+    return context

@@ -20,11 +20,10 @@ from typing import Any, cast
 
 import pytest
 
-import clustorage
 from clustorage import aioloop, tls
 from clustorage.errors import ConfigError
 from clustorage.listener import Listener, Newcomer
-from tests.test_tls_stream import client_context, server_context
+from tests.conftest import client_context, server_context
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -221,13 +220,6 @@ def test_over_the_cap_the_oldest_untrusted_connection_is_closed(
     finally:
         for sock in (first, second, third):
             sock.close()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tls")
-    clustorage.init_tls(folder, ["loader", "member"], [])
-    return folder
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])

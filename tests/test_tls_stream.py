@@ -17,33 +17,11 @@ from typing import Any
 
 import pytest
 
-import clustorage
-from clustorage import listener, tls, tls_stream
+from clustorage import listener, tls_stream
+from tests.conftest import client_context, server_context
 
 pytest.importorskip("cryptography")
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tls")
-    clustorage.init_tls(folder, ["loader", "member"], [])
-    return folder
-
-
-def server_context(certs: Path, name: str = "loader") -> ssl.SSLContext:
-    return tls.server_context(
-        tls.TLSFiles(
-            str(certs / f"{name}.pem"), str(certs / f"{name}-key.pem"), str(certs / "ca.pem")
-        )
-    )
-
-
-def client_context(certs: Path) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(certs / "ca.pem")
-    context.load_cert_chain(certs / "member.pem", certs / "member-key.pem")
-    return context
 
 
 def run(kind: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
