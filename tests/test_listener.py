@@ -224,7 +224,7 @@ def test_over_the_cap_the_oldest_untrusted_connection_is_closed(
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
 def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(
-    loop: Loop, secure: bool, certs: Path
+    loop: Loop, secure: bool, request: pytest.FixtureRequest
 ) -> None:
     """The cap (or the loader stopping) closes a connection whose protocol has just had
     connection_made, before the loop has finished handing the socket over: the protocol
@@ -238,14 +238,15 @@ def test_a_connection_closed_as_its_protocol_gets_it_tells_the_protocol(
             self.newcomer.close()
 
     made: list[Recorder] = []
-    context = server_context(certs) if secure else None
+    certs: Path | None = request.getfixturevalue("certs") if secure else None  # TLS only
+    context = server_context(certs) if certs else None
     listener = loop.listen(
         lambda newcomer: made.append(ClosedAtOnce(newcomer)) or made[-1], context=context
     )
     with connect(listener) as plain:
         peer = (
             client_context(certs).wrap_socket(plain, server_hostname="127.0.0.1")
-            if secure
+            if certs
             else plain
         )
         assert closed_by_peer(peer)
