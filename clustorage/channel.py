@@ -165,16 +165,21 @@ class Pending:
         timeout: float,
         alive: Callable[[], bool],
         whole: float | None = None,
+        arriving: Callable[[], bool] | None = None,
     ) -> Message:
         """The answer to ``rid``. A queued request waits as long as the connection lives.
 
-        ``timeout`` may be what is left of the caller's ``whole`` timeout.
+        ``timeout`` may be what is left of the caller's ``whole`` timeout. While
+        ``arriving()`` says a big payload came further, which the answer comes after, the
+        wait starts again.
 
         Raises:
             LoaderUnavailable: no answer in ``timeout`` seconds, or the connection was lost.
         """
         while not waiter.wait(timeout):
-            if not (waiter.queued and alive()):
+            if arriving is not None and arriving() and alive():
+                timeout = whole if whole is not None else timeout
+            elif not (waiter.queued and alive()):
                 self.discard(rid)
                 said = whole if whole is not None else timeout
                 raise LoaderUnavailable(f"no answer from the loader within {said:g}s")

@@ -207,6 +207,7 @@ class MemberClient:
         # The request the io lock's holder is reading for (see _request_reading).
         self._mine = 0
         self._received = 0  # reads of anything but heartbeats: progress of a long answer
+        self._bulk_reads = 0  # reads into a big payload arriving: an answer on its way
         self._store: object = None  # the identity of the loader's store, once resynced
         self._answer: Message | None = None
         self._abandoned: dict[int, Message] = {}  # writes whose callers stopped waiting
@@ -551,6 +552,7 @@ class MemberClient:
         if size > 0 and space is not None:
             self._last_heard = now
             self._received += 1
+            self._bulk_reads += 1
             ended = conn.received_into(size)
             if ended is not None:
                 self._dispatch(messages.decode(ended))
@@ -705,14 +707,33 @@ class MemberClient:
             )
 
     def _read_until(
-        self, answered: Callable[[], bool], deadline: float, patient: Callable[[], bool]
-    ) -> None:
-        """Read (holding the io lock) until ``answered()``, the connection drops, or the
-        deadline passes while not ``patient()``."""
+        self, answered: Callable[[], bool], timeout: float, patient: Callable[[], bool]
+    ) -> float:
+        """Read (holding the io lock) until ``answered()``, the connection drops, or
+        ``timeout`` seconds pass while not ``patient()`` and no big payload arrives (it
+        comes before any answer sent after it, and may take longer than a timeout to
+        arrive); the seconds left."""
+        deadline = time.monotonic() + timeout
         while not answered() and self._is_ready:
             if not patient() and time.monotonic() > deadline:
-                return
+                break
+            bulk_reads = self._bulk_reads
             self._read_once(block=True)
+            if self._bulk_reads != bulk_reads:
+                deadline = time.monotonic() + timeout
+        return deadline - time.monotonic()
+
+    def _arriving(self) -> Callable[[], bool]:
+        """Whether a big payload arrived further since the last time the result was asked:
+        for a request whose answer another thread reads."""
+        seen = self._bulk_reads
+
+        def moved() -> bool:
+            nonlocal seen
+            before, seen = seen, self._bulk_reads
+            return seen != before
+
+        return moved
 
     def _lost(self, exc: BaseException) -> None:
         log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
@@ -727,16 +748,19 @@ class MemberClient:
         remaining = timeout
         if self._take_io():
             try:
-                deadline = time.monotonic() + timeout
-                self._read_until(lambda: waiter.done, deadline, lambda: waiter.queued)
-                remaining = deadline - time.monotonic()
+                remaining = self._read_until(lambda: waiter.done, timeout, lambda: waiter.queued)
             except (_Lost, OSError, ProtocolError) as exc:
                 self._lost(exc)
             finally:
                 self._release_io()
         self._last_answer = time.monotonic()
         return self.pending.wait(
-            rid, waiter, max(remaining, 0.0), lambda: self._is_ready, whole=timeout
+            rid,
+            waiter,
+            max(remaining, 0.0),
+            lambda: self._is_ready,
+            whole=timeout,
+            arriving=self._arriving(),
         )
 
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
@@ -819,8 +843,7 @@ class MemberClient:
                 raise self.unavailable(str(exc)) from exc
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
                 raise _too_large(exc) from None
-            deadline = time.monotonic() + timeout
-            self._read_until(lambda: self._answer is not None, deadline, lambda: self._patient)
+            self._read_until(lambda: self._answer is not None, timeout, lambda: self._patient)
             if self._answer is not None:
                 answered = True
                 return self._answer

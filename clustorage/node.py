@@ -125,6 +125,10 @@ class Node:
         self._change_listeners: list[Callable[[], None]] = []
         self._thread_state = threading.local()
         self._asking: dict[int, str] = {}  # request number -> key, for waiting()
+        # Big values being fetched, by key: another thread's get of one waits for that fetch
+        # instead of fetching the bytes again.
+        self._fetching: dict[str, threading.Event] = {}
+        self._fetching_lock = threading.Lock()
         self._stopped = False
         self._channel: Channel
         if self.config.loader is None:
@@ -197,10 +201,29 @@ class Node:
         __tracebackhide__ = True
         key = normalize_key(key)
         values = self._values
-        if key in values:
-            return values[key]
-        if (recorded := self._replica.read_unread(key)) is not MISSING:
-            return recorded
+        while True:
+            if key in values:
+                return values[key]
+            if (recorded := self._replica.read_unread(key)) is not MISSING:
+                return recorded
+            if not self._replica.announced(key):
+                return self._get_missing(key, fn)
+            with self._fetching_lock:
+                fetching = self._fetching.get(key)
+                if fetching is None:
+                    fetching = self._fetching[key] = threading.Event()
+                    break
+            fetching.wait()  # bounded by that get's own timeout
+        try:
+            return self._get_missing(key, fn)
+        finally:
+            with self._fetching_lock:
+                del self._fetching[key]
+            fetching.set()
+
+    def _get_missing(self, key: str, fn: Callable[[], Any] | None) -> Any:
+        """``get`` of a key this node holds no value of: asked of the loader."""
+        __tracebackhide__ = True
         computing = self._computing()
         if key in computing:
             chain = " -> ".join(repr(held) for held in [*computing[computing.index(key) :], key])
