@@ -6,8 +6,9 @@ any moment leaves either no row (and a stray file, swept at the next start) or a
 whole file (SPEC "Durability"). Like the store's WAL commits (``synchronous=NORMAL``), a file
 is not fsync'd: a power cut may lose the latest writes. A file's name carries its size, so a
 file cut short that way is told at the next start and its entry is left out, never read as
-a shorter value. A file is read back mapped, not copied into memory. Files and their folder
-are private to the user (0600 / 0700).
+a shorter value. A file is read back mapped, not copied into memory, and holds no file
+descriptor while mapped (clustorage.mapped). Files and their folder are private to the user
+(0600 / 0700).
 
 A big payload that arrives from a member is written to its new file while it arrives (an
 :class:`ArrivingFile`, which the loader's connection hands to the frame); storing that
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import queue
 import secrets
@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 from .bulk import SPILLED
+from .mapped import map_read_only
 from .messages import Blob
 
 __all__ = ["FILE_THRESHOLD", "ArrivingFile", "BlobFiles"]
@@ -100,7 +101,7 @@ class BlobFiles:
                 raise OSError(f"{self.folder / name} has {size} bytes, not the {expected} written")
             if size == 0:
                 return b""
-            return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ))
+            return map_read_only(file.fileno(), size)
 
     def remove(self, name: str) -> None:
         """Delete file ``name`` (a mapping of it stays readable until it is dropped)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cluster, free_port, kill, wait_for_port
+from tests.test_hostile import start_loader_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,3 +145,66 @@ def test_the_lock_does_not_outlive_a_kill_9(cluster: Cluster) -> None:
     second = started(cluster, loader(cluster, data, port, log="second"), port, log="second")
     assert second.poll() is None
     assert cluster.member("m2").ok("node.get('kept')") == 42
+
+
+def test_more_big_values_than_file_descriptors_all_come_back(cluster: Cluster) -> None:
+    """70 values in files of their own, and a loader restarted with 64 file descriptors:
+    every value comes back, and the loader holds no descriptor per value."""
+    count = 70
+    data = str(cluster.tmp / "data")
+    cluster.start_loader(data=data)
+    writer = cluster.member("writer")
+    writer.ok(
+        f"for i in range({count}):\n    node.put(f'big{{i}}', i.to_bytes(2, 'big') * 550_000)"
+    )
+    first = cluster.procs[0]
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+
+    def few_file_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    loader = start_loader_with(cluster, few_file_descriptors, data=data)
+    reader = cluster.member("reader")
+    assert reader.ok(
+        f"all(node.get(f'big{{i}}') == i.to_bytes(2, 'big') * 550_000 for i in range({count}))"
+    )
+    assert len(os.listdir(f"/proc/{loader.pid}/fd")) < 40
+    assert loader.poll() is None
+    assert "left out" not in cluster.loader_log()
+
+
+def test_a_value_whose_file_was_cut_short_is_gone_from_every_node(cluster: Cluster) -> None:
+    """A big value's file cut short while the loader was down (a power cut): the loader
+    leaves it out, and every node drops it, the one that had fetched it and the one that
+    had only heard of it, so that the cluster agrees."""
+    data = cluster.tmp / "data"
+    first = cluster.start_loader(data=str(data))
+    writer, fetched, heard = (cluster.member(name) for name in ("writer", "fetched", "heard"))
+    writer.ok("node.put('big', b'y' * 3_000_000)")
+    assert fetched.ok("len(node.get('big'))") == 3_000_000
+    heard.ok(
+        "import time\n"
+        "deadline = time.monotonic() + 30\n"
+        "while 'big' not in node.keys() and time.monotonic() < deadline: time.sleep(0.05)"
+    )
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    (blob,) = (data / "app1.sqlite3.blobs").iterdir()
+    os.truncate(blob, 100_000)
+    cluster.start_loader(data=str(data))
+    for member in (writer, fetched, heard):
+        assert (
+            member.ok(
+                "import time\n"
+                "deadline = time.monotonic() + 30\n"
+                "while not node.connected and time.monotonic() < deadline: time.sleep(0.05)\n"
+                "node.put(f'after-{node.name}', 1)\n"
+                "'big' in node.keys()"
+            )
+            is False
+        )
+        answer = member.send("node.get('big')")
+        assert "NotFound" in str(answer.get("error")), answer
+    assert fetched.ok("node.get('big', lambda: 'again')") == "again"
+    assert "left out value 'big' version 1" in cluster.loader_log()
