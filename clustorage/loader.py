@@ -240,6 +240,7 @@ class LoaderCore:
             (entry.kind, entry.key): entry for entry in store.current()
         }
         self._last_version = store.last_versions()
+        log.info("store %s: %d entries", store.path, len(self.entries))
         self.peers: dict[str, Peer] = {}
         self._fanout = Fanout(
             self._remote_peers,

@@ -10,6 +10,7 @@ nothing, so its store is plain dictionaries with the same rules.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import secrets
 import sqlite3
@@ -99,6 +100,9 @@ class Store(Protocol):
 _SIDE_FILES = ("", "-wal", "-shm")
 # Room for a row's header, version, time and flags beside its texts and payload.
 _ROW_OVERHEAD = 64
+# Who deleted a key whose payload's file was found missing or cut short at the start.
+LOST = "(lost: its file was missing or cut short)"
+_SHORT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 class SQLiteStore:
@@ -166,13 +170,31 @@ class SQLiteStore:
         """The latest, undeleted version of every key (big payloads mapped from files).
 
         A big payload whose file is missing or cut short (a power cut before the kernel
-        wrote it out) leaves its key out, with a logged error: never a shorter value."""
-        entries = []
-        for row in self._db.execute(_CURRENT):
+        wrote it out) leaves its key out, with a logged error: never a shorter value. Its
+        key is recorded as deleted (by ``LOST``), so that nodes holding that version drop it
+        when they resync, as from any deletion, and a get with a function computes it again.
+
+        Raises:
+            StoreError: a file could not be opened for want of resources (file
+                descriptors, memory): nothing is left out.
+        """
+        entries, lost = [], []
+        for row in self._db.execute(_CURRENT).fetchall():
             try:
                 entries.append(self._entry(row))
             except OSError as exc:
+                if exc.errno in _SHORT_OF_RESOURCES:
+                    raise StoreError(
+                        f"the loader could not open the file of {row[1]!r} in {self.path}: "
+                        f"{exc}; raise its limits (ulimit -n) and start it again"
+                    ) from exc
                 log.error("left out %s %r version %s: %s", row[0], row[1], row[2], exc)
+                lost.append((row[0], row[1], row[2]))
+        for kind, key, version in lost:
+            try:
+                self.delete(kind, key, version + 1, LOST)
+            except StoreError as exc:
+                log.error("%r stays left out, its deletion not recorded: %s", key, exc)
         return entries
 
     def stages(self, entry: Entry) -> bool:
@@ -406,6 +428,4 @@ def open_store(path: str) -> Store:
     """Open (creating if needed) the store at ``path``; ``:memory:`` keeps nothing."""
     if path == MEMORY:
         return MemoryStore()
-    store = SQLiteStore(path)
-    log.info("store %s: %d entries", path, len(store.current()))
-    return store
+    return SQLiteStore(path)

@@ -108,7 +108,8 @@ def test_a_big_write_holds_up_no_small_one(tmp_path: Path) -> None:
 def test_a_file_cut_short_leaves_its_key_out_not_a_shorter_value(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A big payload's file shorter than written (a power cut): its key is left out, logged."""
+    """A big payload's file shorter than written (a power cut): its key is left out, logged,
+    and recorded as deleted (so that nodes holding it drop it); the file goes."""
     path = tmp_path / "s.sqlite3"
     store = SQLiteStore(str(path))
     commit_entry(store, value(1, BIG), 0)
@@ -120,4 +121,7 @@ def test_a_file_cut_short_leaves_its_key_out_not_a_shorter_value(
     again = SQLiteStore(str(path))
     assert [entry.key for entry in again.current()] == ["other"]
     assert "left out value 'k' version 1" in caplog.text
+    assert again.last_versions()[(VALUE, "k")] == 2
+    assert [entry.key for entry in again.current()] == ["other"]
+    assert files(path) == []
     again.close()
