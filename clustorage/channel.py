@@ -29,10 +29,13 @@ from .errors import (
 )
 from .messages import (
     Announce,
+    Entry,
     Failed,
     Load,
+    Loaded,
     Members,
     Message,
+    NotLoaded,
     Queued,
     SyncEntry,
     SyncReply,
@@ -45,6 +48,7 @@ __all__ = [
     "Pending",
     "Roster",
     "Waiter",
+    "acknowledgement",
     "apply_push",
     "apply_sync",
     "raise_failure",
@@ -129,10 +133,12 @@ class Pending:
         """Whether any request is waiting for its answer."""
         return bool(self._waiters)
 
-    def discard(self, rid: int) -> None:
+    def discard(self, rid: int) -> bool:
+        """Stop waiting for ``rid``'s answer; False if it was already being handed over."""
         with self._lock:
-            self._waiters.pop(rid, None)
+            found = self._waiters.pop(rid, None)
         self.queued.pop(rid, None)
+        return found is not None
 
     def resolve(self, rid: int, reply: Message) -> bool:
         """Hand ``reply`` to its waiter; False if its caller gave up waiting."""
@@ -143,12 +149,13 @@ class Pending:
                 self.note_queued(rid, reply)
             return waiter is not None
         self.queued.pop(rid, None)
-        with self._lock:
+        with self._lock:  # set inside: a caller that cannot discard it finds it done
             found = self._waiters.pop(rid, None)
+            if found is not None:
+                found.set(reply)
         if found is None:
             log.debug("an answer to request %d came after its caller gave up", rid)
             return False
-        found.set(reply)
         return True
 
     def fail_all(self, error: BaseException) -> None:
@@ -241,6 +248,13 @@ def apply_push(replica: Replica, message: Message) -> bool:
     elif type(message) is Members:
         return True
     return False
+
+
+def acknowledgement(replica: Replica, entry: Entry) -> Loaded | NotLoaded:
+    """The answer to a definition pushed with ``ack``, once applied: Loaded if ``replica``
+    holds that version (or a newer one), else NotLoaded (it could not be loaded here)."""
+    held = replica.version(entry.kind, entry.key) >= entry.version
+    return (Loaded if held else NotLoaded)(entry.kind, entry.key, entry.version)
 
 
 def apply_sync(replica: Replica, reply: SyncReply) -> None:

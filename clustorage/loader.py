@@ -79,6 +79,7 @@ from .messages import (
     Members,
     Message,
     NotFound,
+    NotLoaded,
     Payload,
     Put,
     Queued,
@@ -154,6 +155,7 @@ class _Definition:
     entry: Entry
     waiting: set[str]
     installed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # could not install it
     timer: Timer | None = None
 
 
@@ -266,6 +268,7 @@ class LoaderCore:
             Status: self._status,
             History: self._history,
             Loaded: self._loaded,
+            NotLoaded: self._loaded,
         }
 
     # -- membership ------------------------------------------------------------------------
@@ -682,14 +685,17 @@ class LoaderCore:
         )
         self._broadcast(Load(entry, ack=True))
 
-    def _loaded(self, peer: Peer, message: Loaded) -> None:
+    def _loaded(self, peer: Peer, message: Loaded | NotLoaded) -> None:
         for definition in list(self._definitions):
             entry = definition.entry
             if (entry.kind, entry.key, entry.version) == tuple(message) and (
                 peer.name in definition.waiting
             ):
                 definition.waiting.discard(peer.name)
-                definition.installed.append(peer.name)
+                if type(message) is Loaded:
+                    definition.installed.append(peer.name)
+                else:
+                    definition.failed.append(peer.name)
                 self._maybe_finish(definition)
 
     def _maybe_finish(self, definition: _Definition) -> None:
@@ -709,7 +715,7 @@ class LoaderCore:
                     definition.entry,
                     True,
                     tuple(definition.installed),
-                    tuple(sorted(definition.waiting)),
+                    tuple(sorted({*definition.waiting, *definition.failed})),
                 )
             )
 

@@ -29,6 +29,7 @@ from .channel import (
     Pending,
     Roster,
     Waiter,
+    acknowledgement,
     apply_push,
     apply_sync,
     raise_failure,
@@ -55,7 +56,6 @@ from .messages import (
     Fetch,
     History,
     Load,
-    Loaded,
     Message,
     Pushes,
     Put,
@@ -609,8 +609,7 @@ class MemberClient:
                 self._roster.merge(message)  # type: ignore[arg-type]
                 joined = True
             elif type(message) is Load and message.ack:
-                entry = message.entry
-                self._send(Loaded(entry.kind, entry.key, entry.version))
+                self._send(acknowledgement(self.replica, message.entry))
         if joined:
             self.changed()
 

@@ -44,6 +44,7 @@ __all__ = [
     "Members",
     "Message",
     "NotFound",
+    "NotLoaded",
     "Payload",
     "Pushes",
     "Put",
@@ -183,6 +184,15 @@ class History(NamedTuple):
 
 class Loaded(NamedTuple):
     """I installed this version (the acknowledgement of a Load)."""
+
+    kind: str
+    key: str
+    version: int
+
+
+class NotLoaded(NamedTuple):
+    """I could not install this version (it needs what this node lacks): the answer to a
+    Load that asks for one, instead of Loaded."""
 
     kind: str
     key: str
@@ -333,6 +343,7 @@ Message = (
     | Status
     | History
     | Loaded
+    | NotLoaded
     | Found
     | NotFound
     | LeaseGranted
@@ -382,6 +393,7 @@ _TYPES: tuple[type, ...] = (
     SyncEntry,
     Pushes,
     Announce,
+    NotLoaded,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, cast
 from . import tls
 from .aioloop import new_loop
 from .bulk import RECYCLED, SPILLED
-from .channel import Build, Pending, apply_push
+from .channel import Build, Pending, acknowledgement, apply_push
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .listener import Listener, Newcomer
 from .loader import LoaderCore
-from .messages import VALUE, Commit, Gathered, Load, Loaded, Message, Payload, Put, joined
+from .messages import VALUE, Commit, Committed, Gathered, Load, Message, Payload, Put, joined
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, Store, open_store
@@ -62,7 +62,11 @@ class _LocalPeer:
         message = _read_only(message)
         rid = getattr(message, "rid", None)
         if rid is not None:
-            runtime.pending.resolve(rid, message)
+            if not runtime.pending.resolve(rid, message) and type(message) is Committed:
+                # Its caller stopped waiting (Ctrl-C, its timeout), and the fan-out leaves
+                # the writer out: the version is recorded here all the same, its bytes
+                # fetched from the core on the next get.
+                runtime.replica.announce(message.entry._replace(payload=b""))
             return
         if type(message) is Load and message.entry.kind == VALUE:
             # Recorded, not deserialized: a headless loader never unpickles what it only
@@ -72,8 +76,7 @@ class _LocalPeer:
             runtime.members = runtime.core.member_names()
             runtime.changed()
         if type(message) is Load and message.ack:
-            entry = message.entry
-            loaded = Loaded(entry.kind, entry.key, entry.version)
+            loaded = acknowledgement(runtime.replica, message.entry)
             runtime.loop.call_soon(runtime.core.handle, self, loaded)
 
 
@@ -327,7 +330,14 @@ class LoaderRuntime:
             # Handed to the loop, not sent: it gets its own copy before the caller goes on.
             message = message._replace(payload=joined(message.payload))
         self.loop.call_soon_threadsafe(self.core.handle, self._local, message)
-        return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
+        try:
+            return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
+        except BaseException:  # Ctrl-C, or no answer in time
+            if not self.pending.discard(rid) and waiter.done:  # it came meanwhile
+                reply = waiter.reply
+                if type(reply) is Committed:
+                    self.replica.announce(reply.entry._replace(payload=b""))
+            raise
 
     def notify(self, build: Build) -> None:
         self._post(self.core.handle, self._local, build(0))

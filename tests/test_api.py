@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,22 @@ def test_the_loaders_node_cannot_change_what_the_loader_keeps() -> None:
         with pytest.raises(TypeError):
             held[0] = 0
         assert bytes(memoryview(member.get("k")["a"])[:3]) == b"xxx"
+
+
+def test_the_loader_nodes_put_it_stopped_waiting_for_lands_there_too(tmp_path: Path) -> None:
+    """The loader's own node gives up on a put (its timeout passed while the loop was busy):
+    the put is stored and reaches the members, and the loader's node ends with it too."""
+    with node_pair(data=str(tmp_path / "data")) as (loader, member):
+        loader.put("k", "v1")
+        loader._channel.loop.call_soon_threadsafe(time.sleep, 0.5)  # type: ignore[attr-defined]
+        loader.timeout = 0.1
+        with pytest.raises(clustorage.LoaderUnavailable):
+            loader.put("k", "v2")
+        loader.timeout = 5.0
+        deadline = time.monotonic() + 10
+        while loader.version("k", "value") != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert loader.get("k") == "v2"
+        while member.version("k", "value") != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert member.get("k") == "v2"

@@ -74,6 +74,25 @@ def test_function_defined_on_one_member_is_already_in_the_others(cluster: Cluste
     assert b.ok("sum_ = clustorage.functions.sum; sum_(2, 2)") == 4
 
 
+def test_a_node_that_cannot_load_a_definition_is_reported_missing(cluster: Cluster) -> None:
+    """A definition that imports a module only the loader and its author have: define
+    returns at once, listing the node without it as missing, not as installed."""
+    modules = cluster.tmp / "modules"
+    modules.mkdir()
+    (modules / "onlyhere.py").write_text("X = 7\n")
+    plain = dict(cluster.env)
+    cluster.env["PYTHONPATH"] = f"{modules}:{plain.get('PYTHONPATH', '')}"
+    cluster.start_loader()
+    a = cluster.member("a")
+    cluster.env = plain
+    b = cluster.member("b")
+    source = "import onlyhere\ndef f():\n    return onlyhere.X\n"
+    _, version, _, installed, missing = a.ok(f"tuple(node.define('f', {source!r}))")
+    assert (version, sorted(installed), missing) == (1, ["a", "app1"], ["b"])
+    assert a.ok("node.call('f')") == 7
+    assert b.ok("'f' in node.functions()") is False
+
+
 def test_late_joiner_sees_earlier_values_and_functions(cluster: Cluster) -> None:
     """A member that connects later holds earlier values and functions before it asks."""
     cluster.start_loader()
