@@ -529,10 +529,14 @@ class LoaderCore:
         if (lease is not None and lease.token != message.token) or (
             lease is None and (VALUE, key) in self.entries
         ):
-            holder = f" to {lease.holder.name}" if lease is not None else ""
+            why = (
+                f"to {lease.holder.name} (it was cut off from the loader)"
+                if lease is not None
+                else f"when {current.origin} stored a value of it"  # type: ignore[union-attr]
+            )
             raise LeaseLost(
-                f"{peer.name} lost its lease on {key!r}{holder} (it was cut off from the "
-                f"loader); its value was not stored: get {key!r} again for the cluster's value"
+                f"{peer.name} lost its lease on {key!r} {why}; its value was not stored: "
+                f"get {key!r} again for the cluster's value"
             )
         if lease is not None:
             lease.committing = True  # it settles when written: it does not pass on meanwhile

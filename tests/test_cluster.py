@@ -307,3 +307,26 @@ def test_a_blocking_call_from_a_members_change_listener_is_refused_not_hung() ->
             assert done.wait(10)
         assert isinstance(seen[0], RuntimeError)
         assert member.get("after", lambda: 2) == 2
+
+
+def test_a_put_during_a_lease_is_named_in_the_holders_lease_lost(cluster: Cluster) -> None:
+    """Another node puts the key while its holder computes it: the holder's get raises
+    LeaseLost saying who stored the value (it was not cut off), and the put's value stays."""
+    cluster.start_loader()
+    a, b = cluster.member("a"), cluster.member("b")
+    started = cluster.tmp / "started"
+    a.start_send(
+        "import pathlib, time\n"
+        f"def fn():\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(1.5)\n"
+        "    return 'from a'\n"
+        "node.get('k', fn)"
+    )
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    b.ok("node.put('k', 'from b')")
+    answer = a.answer()
+    assert answer["error"] == "LeaseLost", answer
+    assert "when b stored a value of it" in answer["message"], answer
+    assert "cut off" not in answer["message"]
+    assert a.ok("node.get('k')") == "from b"
