@@ -56,6 +56,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+SLICE = 0.25  # seconds: how often a waiting caller may be interrupted (a Ctrl-C held back)
+
 Build = Callable[[int], Message]
 
 
@@ -102,6 +104,18 @@ class Waiter:
 
     def wait(self, timeout: float) -> bool:
         return self._lock.acquire(timeout=timeout)
+
+
+def _wait(waiter: Waiter, timeout: float, safe_point: Callable[[], None] | None) -> bool:
+    """``waiter.wait(timeout)``, calling ``safe_point()`` every SLICE seconds meanwhile."""
+    if safe_point is None:
+        return waiter.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while not waiter.wait(min(max(deadline - time.monotonic(), 0.0), SLICE)):
+        if time.monotonic() >= deadline:
+            return False
+        safe_point()
+    return True
 
 
 class Pending:
@@ -173,17 +187,19 @@ class Pending:
         alive: Callable[[], bool],
         whole: float | None = None,
         arriving: Callable[[], bool] | None = None,
+        safe_point: Callable[[], None] | None = None,
     ) -> Message:
         """The answer to ``rid``. A queued request waits as long as the connection lives.
 
         ``timeout`` may be what is left of the caller's ``whole`` timeout. While
         ``arriving()`` says a big payload came further, which the answer comes after, the
-        wait starts again.
+        wait starts again. ``safe_point()`` is called every quarter of a second meanwhile
+        (it may raise: a Ctrl-C held back, see clustorage.interrupts).
 
         Raises:
             LoaderUnavailable: no answer in ``timeout`` seconds, or the connection was lost.
         """
-        while not waiter.wait(timeout):
+        while not _wait(waiter, timeout, safe_point):
             if arriving is not None and arriving() and alive():
                 timeout = whole if whole is not None else timeout
             elif not (waiter.queued and alive()):

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from . import codec, messages, tls
+from . import codec, interrupts, messages, tls
 from .channel import (
     Build,
     Pending,
@@ -505,8 +505,11 @@ class MemberClient:
         return None
 
     def _take_io(self) -> bool:
-        """Whether this caller may read its answer itself (then :meth:`_release_io`)."""
+        """Whether this caller may read its answer itself (then :meth:`_release_io`); Ctrl-C
+        is held back meanwhile, to safe points (see clustorage.interrupts)."""
+        interrupts.hold()
         if not self._io_lock.acquire(blocking=False):
+            interrupts.release()
             return False
         self._held_since = time.monotonic()
         return True
@@ -517,11 +520,14 @@ class MemberClient:
         after every request: that would wake it for every answer)."""
         held, self._held_since = self._held_since, 0.0
         self._io_lock.release()
-        self._last_answer = now = time.monotonic()
-        watch = self._watch
-        if watch is not None and now - held > RESUME_AFTER:
-            reader, fd, following = watch
-            reader.resume(fd, following)
+        try:
+            self._last_answer = now = time.monotonic()
+            watch = self._watch
+            if watch is not None and now - held > RESUME_AFTER:
+                reader, fd, following = watch
+                reader.resume(fd, following)
+        finally:
+            interrupts.release()  # a Ctrl-C that came meanwhile is raised here
 
     def due(self, now: float) -> bool:
         """Whether a heartbeat is due (the shared reader then calls :meth:`readable`)."""
@@ -720,6 +726,8 @@ class MemberClient:
             self._read_once(block=True)
             if self._bulk_reads != bulk_reads:
                 deadline = time.monotonic() + timeout
+            if not answered():
+                interrupts.check()  # all read is handled: Ctrl-C may end the wait here
         return deadline - time.monotonic()
 
     def _arriving(self) -> Callable[[], bool]:
@@ -760,6 +768,7 @@ class MemberClient:
             lambda: self._is_ready,
             whole=timeout,
             arriving=self._arriving(),
+            safe_point=interrupts.check,
         )
 
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
@@ -801,19 +810,24 @@ class MemberClient:
         self._wait_ready(timeout)
         rid, waiter = self.pending.open(patient)
         sent: Message | None = None
+        interrupts.hold()  # not half a frame, nor a request sent and forgotten
         try:
             sent = build(rid)
             self._send(sent)
         except OSError as exc:
             self.pending.discard(rid)
+            interrupts.release()
             raise self.unavailable(str(exc)) from exc
         except LocalProtocolError as exc:
             self.pending.discard(rid)
+            interrupts.release()
             raise _too_large(exc) from None
         except BaseException:
             self.pending.discard(rid)
+            interrupts.release()
             raise
         try:
+            interrupts.release()  # a Ctrl-C that came as it was sent: raised here
             return self._await(rid, waiter, timeout)
         except BaseException:
             if sent is not None and type(sent) in _WRITES:
@@ -860,10 +874,13 @@ class MemberClient:
 
     def notify(self, build: Build) -> None:
         """Send a message that has no answer, if connected."""
+        interrupts.hold()  # not half a frame
         try:
             self._send(build(0))
         except (OSError, LoaderUnavailable, ProtocolError) as exc:
             log.debug("%s: could not notify the loader: %s", self.config.name, exc)
+        finally:
+            interrupts.release()
 
     def close(self) -> None:
         """Disconnect and stop reconnecting."""

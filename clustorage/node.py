@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
-from . import codec
+from . import codec, interrupts
 from .channel import Channel
 from .compiler import check_function_name
 from .config import Cookie, LoaderAddress, NodeConfig
@@ -243,9 +243,13 @@ class Node:
             )
         value, payload = self._compute(key, fn)
         token = reply.token
-        reply, epoch = self._ask(lambda rid: Commit(rid, key, token, payload))
-        assert type(reply) is Committed
-        return self._install(reply.entry, value, epoch=epoch)
+        interrupts.hold()  # Ctrl-C once answered: after the install (the fan-out skips us)
+        try:
+            reply, epoch = self._ask(lambda rid: Commit(rid, key, token, payload))
+            assert type(reply) is Committed
+            return self._install(reply.entry, value, epoch=epoch)
+        finally:
+            interrupts.release()
 
     def _computing(self) -> list[str]:
         """The keys whose fn this thread is running, outermost first."""
@@ -329,9 +333,13 @@ class Node:
         key = normalize_key(key)
         payload = codec.dump_borrowing(key, value)
         codec.check_size(key, payload, self.config.max_frame)
-        reply, epoch = self._ask(lambda rid: Put(rid, key, payload))
-        assert type(reply) is Committed
-        self._install(reply.entry, value, epoch=epoch)
+        interrupts.hold()  # Ctrl-C once answered: after the install (the fan-out skips us)
+        try:
+            reply, epoch = self._ask(lambda rid: Put(rid, key, payload))
+            assert type(reply) is Committed
+            self._install(reply.entry, value, epoch=epoch)
+        finally:
+            interrupts.release()
         return reply.entry.version
 
     def delete(self, key: Key, kind: str = VALUE) -> bool:
