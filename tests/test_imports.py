@@ -18,6 +18,8 @@ PURE = [
     "errors",
     "config",
     "keys",
+    "interrupts",  # Ctrl-C held back on the main thread (signal), no sockets
+    "mapped",  # a file mapped without a descriptor (ctypes), no sockets
     "protocol",
     "bulk",  # threads and mapped memory for the protocol, no sockets
     "bigbytes",  # a big bytes value made in huge pages (ctypes), no sockets
