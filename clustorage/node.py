@@ -214,12 +214,18 @@ class Node:
                     fetching = self._fetching[key] = threading.Event()
                     break
             fetching.wait()  # bounded by that get's own timeout
-        try:
-            return self._get_missing(key, fn)
+        try:  # the bytes of a version this node heard of; others wait for them, not a fn
+            try:
+                reply, epoch = self._fetch(key, False, ())
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"stopped waiting for {key!r}") from None
+            if type(reply) is Found:
+                return self._install(reply.entry, epoch=epoch)
         finally:
             with self._fetching_lock:
                 del self._fetching[key]
             fetching.set()
+        return self._get_missing(key, fn)  # deleted meanwhile
 
     def _get_missing(self, key: str, fn: Callable[[], Any] | None) -> Any:
         """``get`` of a key this node holds no value of: asked of the loader."""
