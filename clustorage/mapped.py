@@ -53,5 +53,7 @@ def map_read_only(fd: int, size: int) -> memoryview:
         code = ctypes.get_errno()
         raise OSError(code, f"cannot map a file of {size} bytes: {os.strerror(code)}")
     memory = (ctypes.c_char * length).from_address(address)
-    weakref.finalize(memory, _munmap, address, length)
+    # Not at exit: daemon threads (the loop, hashing threads) may still read it then; the
+    # process's end unmaps it anyway.
+    weakref.finalize(memory, _munmap, address, length).atexit = False
     return memoryview(memory).cast("B")[:size].toreadonly()
