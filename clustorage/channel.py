@@ -44,6 +44,7 @@ from .messages import (
 from .replica import Replica
 
 __all__ = [
+    "SLICE",
     "Channel",
     "Pending",
     "Roster",

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 
 from . import codec, interrupts, messages, tls
 from .channel import (
+    SLICE,
     Build,
     Pending,
     Roster,
@@ -686,6 +687,7 @@ class MemberClient:
                     try:
                         for part in parts:
                             sock.sendall(part)
+                            interrupts.check()  # a long upload: Ctrl-C cuts it short
                     finally:  # a frame cut short: its hashing thread ends now
                         if (close := getattr(parts, "close", None)) is not None:
                             close()
@@ -698,9 +700,16 @@ class MemberClient:
     def _wait_ready(self, timeout: float) -> None:
         if self._is_ready:
             return
+        deadline = time.monotonic() + timeout
         with self._ready:
-            if not self._ready.wait_for(lambda: self._is_ready or self._stopping, timeout):
-                raise self.unavailable(str(self._last_error or f"not connected after {timeout:g}s"))
+            while not self._ready.wait_for(
+                lambda: self._is_ready or self._stopping,
+                min(max(deadline - time.monotonic(), 0.0), SLICE),
+            ):
+                if time.monotonic() >= deadline:
+                    why = self._last_error or f"not connected after {timeout:g}s"
+                    raise self.unavailable(str(why))
+                interrupts.check()  # nothing sent yet: a Ctrl-C held back may end it
         if self._stopping:
             raise self.unavailable("this node is stopping")
 

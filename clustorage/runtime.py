@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from . import tls
+from . import interrupts, tls
 from .aioloop import new_loop
 from .bulk import RECYCLED, SPILLED
 from .channel import Build, Pending, acknowledgement, apply_push
@@ -331,7 +331,9 @@ class LoaderRuntime:
             message = message._replace(payload=joined(message.payload))
         self.loop.call_soon_threadsafe(self.core.handle, self._local, message)
         try:
-            return self.pending.wait(rid, waiter, timeout, self.loop.is_running)
+            return self.pending.wait(
+                rid, waiter, timeout, self.loop.is_running, safe_point=interrupts.check
+            )
         except BaseException:  # Ctrl-C, or no answer in time
             if not self.pending.discard(rid) and waiter.done:  # it came meanwhile
                 reply = waiter.reply

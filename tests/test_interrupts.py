@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import _thread
 import json
+import threading
 import time
 
 import pytest
 
 from clustorage import interrupts
-from tests.conftest import Cluster
+from tests.conftest import Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,3 +110,44 @@ def test_ctrl_c_while_reading_keeps_the_connection_and_its_leases(cluster: Clust
     assert waiter.answer() == {"ok": "from m"}  # fn ran once: m's lease never passed on
     loader_view = json.dumps(sorted(writers[0].ok("sorted(node.keys())")))
     assert json.dumps(sorted(m.ok("sorted(node.keys())"))) == loader_view
+
+
+def test_ctrl_c_during_a_put_while_disconnected_ends_it_at_once(cluster: Cluster) -> None:
+    """A put waits for the loader to come back (its timeout): Ctrl-C ends the wait then and
+    there, not at the end of the timeout, and not in place of its LoaderUnavailable."""
+    loader = cluster.start_loader()
+    m = cluster.member("m")
+    loader.kill()
+    loader.wait(10)
+    outcome = m.ok(
+        "import _thread, threading, time\n"
+        "deadline = time.monotonic() + 30\n"
+        "while node.connected and time.monotonic() < deadline: time.sleep(0.02)\n"
+        "threading.Timer(0.3, _thread.interrupt_main).start()\n"
+        "try:\n"
+        "    node.put('b', 2)\n"
+        "    outcome = ['returned']\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    outcome = ['KeyboardInterrupt', type(exc.__context__).__name__]\n"
+        "except Exception as exc:\n"
+        "    outcome = [type(exc).__name__]\n"
+        "outcome"
+    )
+    assert outcome == ["KeyboardInterrupt", "NoneType"]
+
+
+def test_ctrl_c_during_the_loader_nodes_put_ends_its_wait() -> None:
+    """The loader's own node waits for its loop (busy for seconds): Ctrl-C ends the wait
+    before the loop is free again."""
+    with node_pair() as (loader, _member):
+        loop = loader._channel.loop  # type: ignore[attr-defined]
+        free: list[bool] = []
+        loop.call_soon_threadsafe(time.sleep, 3)
+        loop.call_soon_threadsafe(free.append, True)
+        loader.timeout = 20
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            loader.put("k", 1)
+        assert free == []  # the loop was still busy
+        timer.join()
