@@ -57,6 +57,7 @@ from .messages import (
     Fetch,
     History,
     Load,
+    Loaded,
     Message,
     Pushes,
     Put,
@@ -210,6 +211,7 @@ class MemberClient:
         self._received = 0  # reads of anything but heartbeats: progress of a long answer
         self._bulk_reads = 0  # reads into a big payload arriving: an answer on its way
         self._store: object = None  # the identity of the loader's store, once resynced
+        self._takes_not_loaded = False  # the loader's welcome says it understands NotLoaded
         self._answer: Message | None = None
         self._abandoned: dict[int, Message] = {}  # writes whose callers stopped waiting
         self._patient = False
@@ -341,6 +343,7 @@ class MemberClient:
             self._sock, self._conn = sock, conn
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
+        self._takes_not_loaded = bool(welcome.get("not_loaded"))
         store = welcome.get("store")
         if self._store is not None and store != self._store:
             # Another store (a loader that kept nothing, or another data file) numbers its
@@ -616,7 +619,9 @@ class MemberClient:
                 self._roster.merge(message)  # type: ignore[arg-type]
                 joined = True
             elif type(message) is Load and message.ack:
-                self._send(acknowledgement(self.replica, message.entry))
+                answer = acknowledgement(self.replica, message.entry)
+                if type(answer) is Loaded or self._takes_not_loaded:  # else: missing, later
+                    self._send(answer)
         if joined:
             self.changed()
 

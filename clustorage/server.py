@@ -264,7 +264,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         self.name = name
         self._conn.accept(
-            handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
+            handshake_meta(
+                self._core.name,
+                role="loader",
+                store=self._core.store_identity,
+                not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
+            )
         )
         self._write(self._conn.data_to_send())
         self._trusted()
@@ -312,7 +317,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.name = name
         self._handle = self._answer_probe
         self._conn.accept(
-            handshake_meta(self._core.name, role="loader", store=self._core.store_identity)
+            handshake_meta(
+                self._core.name,
+                role="loader",
+                store=self._core.store_identity,
+                not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
+            )
         )
         self._write(self._conn.data_to_send())
         self._trusted()
