@@ -201,20 +201,23 @@ class Node:
         __tracebackhide__ = True
         key = normalize_key(key)
         values = self._values
-        while True:
-            if key in values:
-                return values[key]
-            if (recorded := self._replica.read_unread(key)) is not MISSING:
-                return recorded
-            if not self._replica.announced(key):
-                return self._get_missing(key, fn)
-            with self._fetching_lock:
-                fetching = self._fetching.get(key)
-                if fetching is None:
-                    fetching = self._fetching[key] = threading.Event()
-                    break
-            fetching.wait()  # bounded by that get's own timeout
-        try:  # the bytes of a version this node heard of; others wait for them, not a fn
+        ours: threading.Event | None = None  # set: this thread fetches for the others
+        try:
+            while True:
+                if key in values:
+                    return values[key]
+                if (recorded := self._replica.read_unread(key)) is not MISSING:
+                    return recorded
+                if not self._replica.announced(key):
+                    return self._get_missing(key, fn)
+                with self._fetching_lock:
+                    fetching = self._fetching.get(key)
+                    if fetching is None:
+                        ours = fetching = threading.Event()
+                        self._fetching[key] = ours
+                        break
+                fetching.wait()  # bounded by that get's own timeout
+            # The bytes of a version this node heard of; others wait for them, not for a fn.
             try:
                 reply, epoch = self._fetch(key, False, ())
             except KeyboardInterrupt:
@@ -222,9 +225,10 @@ class Node:
             if type(reply) is Found:
                 return self._install(reply.entry, epoch=epoch)
         finally:
-            with self._fetching_lock:
-                del self._fetching[key]
-            fetching.set()
+            if ours is not None:
+                with self._fetching_lock:
+                    del self._fetching[key]
+                ours.set()
         return self._get_missing(key, fn)  # deleted meanwhile
 
     def _get_missing(self, key: str, fn: Callable[[], Any] | None) -> Any:
