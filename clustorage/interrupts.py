@@ -23,7 +23,13 @@ from typing import Any
 
 __all__ = ["check", "hold", "release"]
 
+try:  # signal.getsignal maps the handler to an enum, by way of an exception: 3 us a call
+    from _signal import getsignal as _getsignal  # type: ignore[import-not-found]
+except ImportError:  # not CPython
+    _getsignal = signal.getsignal
+
 _MAIN = threading.main_thread().ident
+_SIGINT = int(signal.SIGINT)
 
 
 class _State:
@@ -44,7 +50,7 @@ def _handler(signum: int, frame: FrameType | None) -> Any:
 
 def _wrap() -> None:
     """Wrap SIGINT's handler, if it is Python's (or another Python function) and not ours."""
-    current = signal.getsignal(signal.SIGINT)
+    current = _getsignal(_SIGINT)
     if current is not _handler and callable(current):
         _state.previous = current
         signal.signal(signal.SIGINT, _handler)
