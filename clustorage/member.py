@@ -675,32 +675,40 @@ class MemberClient:
     def _send(self, message: Message) -> None:
         envelope, blob = messages.encode_parts(message)
         sending = False
+        interrupts.hold()  # a Ctrl-C only where asked for: while waiting, or between parts
         try:
-            with self._send_lock:
-                sock, conn = self._sock, self._conn
-                if sock is None or conn is None:
-                    raise self.unavailable("not connected")
-                if conn.state is not State.OPEN:  # the loader closed it; the reader reconnects
-                    raise self.unavailable(f"the connection is {conn.state.value}")
-                if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
-                    frame = conn.send_small(envelope, blob)
-                    sending = True
-                    sock.sendall(frame)
-                else:
-                    parts = conn.send_message(envelope, blob)  # over the limit: raises here
-                    sending = True
-                    try:
-                        for part in parts:
-                            sock.sendall(part)
-                            interrupts.check()  # a long upload: Ctrl-C cuts it short
-                    finally:  # a frame cut short: its hashing thread ends now
-                        if (close := getattr(parts, "close", None)) is not None:
-                            close()
-                self._last_sent = time.monotonic()
-        except BaseException as exc:
-            if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:
-                self._drop(f"a frame was cut short by {type(exc).__name__}")  # reconnect
-            raise
+            try:
+                while not self._send_lock.acquire(timeout=SLICE):  # another thread sends
+                    interrupts.check()  # nothing sent yet
+                try:
+                    sock, conn = self._sock, self._conn
+                    if sock is None or conn is None:
+                        raise self.unavailable("not connected")
+                    if conn.state is not State.OPEN:  # the loader closed it; the reader reconnects
+                        raise self.unavailable(f"the connection is {conn.state.value}")
+                    if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
+                        frame = conn.send_small(envelope, blob)
+                        sending = True
+                        sock.sendall(frame)
+                    else:
+                        parts = conn.send_message(envelope, blob)  # over the limit: raises here
+                        sending = True
+                        try:
+                            for part in parts:
+                                sock.sendall(part)
+                                interrupts.check()  # a long upload: Ctrl-C cuts it short
+                        finally:  # a frame cut short: its hashing thread ends now
+                            if (close := getattr(parts, "close", None)) is not None:
+                                close()
+                    self._last_sent = time.monotonic()
+                finally:
+                    self._send_lock.release()
+            except BaseException as exc:
+                if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:
+                    self._drop(f"a frame was cut short by {type(exc).__name__}")  # reconnect
+                raise
+        finally:
+            interrupts.release()
 
     def _wait_ready(self, timeout: float) -> None:
         if self._is_ready:
@@ -887,14 +895,21 @@ class MemberClient:
             self._mine, self._answer = 0, None
 
     def notify(self, build: Build) -> None:
-        """Send a message that has no answer, if connected."""
-        interrupts.hold()  # not half a frame
+        """Send a message that has no answer, if connected. While another thread sends (a
+        big upload to a slow loader, say), a thread of its own sends it, so that the caller
+        (a get that Ctrl-C ended, withdrawing its request) does not wait for that."""
+        message = build(0)
+        if self._send_lock.locked():
+            name = f"clustorage-notify-{self.config.name}"
+            threading.Thread(target=self._notify, args=(message,), name=name, daemon=True).start()
+        else:
+            self._notify(message)
+
+    def _notify(self, message: Message) -> None:
         try:
-            self._send(build(0))
+            self._send(message)
         except (OSError, LoaderUnavailable, ProtocolError) as exc:
             log.debug("%s: could not notify the loader: %s", self.config.name, exc)
-        finally:
-            interrupts.release()
 
     def close(self) -> None:
         """Disconnect and stop reconnecting."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
+import signal
 import threading
 import time
+from types import FrameType
 
 import pytest
 
 from clustorage import interrupts
 from tests.conftest import Cluster, node_pair
+from tests.test_promises import answer_within
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,3 +155,84 @@ def test_ctrl_c_during_the_loader_nodes_put_ends_its_wait() -> None:
             loader.put("k", 1)
         assert free == []  # the loop was still busy
         timer.join()
+
+
+def test_outside_a_section_sigints_handler_is_left_as_it_was() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    interrupts.hold()
+    try:
+        assert signal.getsignal(signal.SIGINT) is not before
+    finally:
+        interrupts.release()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_handler_that_passes_ctrl_c_on_meets_it_once() -> None:
+    """A handler installed between two requests that calls the one before it (as unittest's
+    --catch does): one Ctrl-C, one call of it, one KeyboardInterrupt."""
+    interrupts.hold()
+    interrupts.release()
+    before = signal.getsignal(signal.SIGINT)
+    calls: list[int] = []
+
+    def passing_on(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+        before(signum, frame)  # type: ignore[operator]
+
+    signal.signal(signal.SIGINT, passing_on)
+    try:
+        interrupts.hold()
+        interrupts.release()
+        with pytest.raises(KeyboardInterrupt):
+            _thread.interrupt_main()
+            time.sleep(1)
+        assert calls == [signal.SIGINT]
+        interrupts.hold()
+        try:
+            _thread.interrupt_main()
+            time.sleep(0.01)
+            assert calls == [signal.SIGINT]  # held back
+        finally:
+            with pytest.raises(KeyboardInterrupt):
+                interrupts.release()
+        assert calls == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_ends_a_get_while_another_thread_uploads_to_a_stopped_loader(
+    cluster: Cluster,
+) -> None:
+    """Another thread of the node is in the middle of a big put to a loader that reads
+    nothing (stopped): the main thread's get, waiting to send, ends at Ctrl-C, without
+    waiting for the upload (and the withdrawal of its request does not wait either)."""
+    loader = cluster.start_loader()
+    m = cluster.member("m")
+    m.ok(
+        "import _thread, logging, threading, time\n"
+        "big = bytes(64 << 20)\n"
+        "drops = []\n"
+        "class Drops(logging.Handler):\n"
+        "    def emit(self, record):\n"
+        "        if 'lost the loader' in record.getMessage():\n"
+        "            drops.append(record.getMessage())\n"
+        "logging.getLogger('clustorage').addHandler(Drops())"
+    )
+    os.kill(loader.pid, signal.SIGSTOP)
+    try:
+        m.start_send(
+            "putting = threading.Thread(target=lambda: node.put('huge', big), daemon=True)\n"
+            "putting.start()\n"
+            "time.sleep(1)\n"
+            "threading.Timer(0.5, _thread.interrupt_main).start()\n"
+            "try:\n"
+            "    node.get('small', lambda: 1)\n"
+            "    outcome = ['returned']\n"
+            "except KeyboardInterrupt:\n"
+            "    outcome = ['interrupted', list(drops)]\n"
+            "outcome"
+        )
+        answer = answer_within(m, 30)
+    finally:
+        os.kill(loader.pid, signal.SIGCONT)
+    assert answer == {"ok": ["interrupted", []]}  # not by the connection dropping
