@@ -699,6 +699,11 @@ class LoaderCore:
                 if type(message) is Loaded:
                     definition.installed.append(peer.name)
                 else:
+                    log.warning(
+                        "%s could not load %s %r version %d (its log says why)",
+                        peer.name,
+                        *message,
+                    )
                     definition.failed.append(peer.name)
                 self._maybe_finish(definition)
 

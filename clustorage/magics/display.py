@@ -23,7 +23,10 @@ def describe(definition: Definition) -> str:
     where = ", ".join(definition.installed) or "no node"
     text = f"{name} v{version} loaded on {where}"
     if definition.missing:
-        text += f"; not confirmed by {', '.join(definition.missing)}"
+        text += (
+            f"; not installed on {', '.join(definition.missing)} (it could not load it, or "
+            "did not answer in time: its log says which)"
+        )
     return text
 
 
