@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DeadlockError",
     "FrameTooLarge",
+    "Interrupted",
     "LeaseLost",
     "LoaderUnavailable",
     "LocalProtocolError",
@@ -44,6 +45,14 @@ __all__ = [
 
 class ClustorageError(Exception):
     """The root of every Clustorage error."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or a kernel interrupt ended a wait on the cluster (a KeyboardInterrupt, shown
+    by IPython as one line instead of a traceback through the waiting code)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
 
 
 class ConfigError(ClustorageError, ValueError):

@@ -14,7 +14,7 @@ from . import codec, interrupts
 from .channel import Channel
 from .compiler import check_function_name
 from .config import Cookie, LoaderAddress, NodeConfig
-from .errors import DeadlockError, NotFound
+from .errors import DeadlockError, Interrupted, NotFound
 from .keys import Key, normalize_key
 from .messages import (
     FUNCTION,
@@ -221,7 +221,7 @@ class Node:
             try:
                 reply, epoch = self._fetch(key, False, ())
             except KeyboardInterrupt:
-                raise KeyboardInterrupt(f"stopped waiting for {key!r}") from None
+                raise Interrupted(f"stopped waiting for {key!r}") from None
             if type(reply) is Found:
                 return self._install(reply.entry, epoch=epoch)
         finally:
@@ -243,7 +243,7 @@ class Node:
         try:
             reply, epoch = self._fetch(key, fn is not None, tuple(computing))
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"stopped waiting for {key!r}") from None
+            raise Interrupted(f"stopped waiting for {key!r}") from None
         if type(reply) is Found:
             return self._install(reply.entry, epoch=epoch)
         if fn is None or type(reply) is not LeaseGranted:
@@ -410,7 +410,7 @@ class Node:
         try:
             reply, epoch = self._ask(lambda rid: Define(rid, name, text, force), patient=True)
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"stopped waiting for the definition of {name!r}") from None
+            raise Interrupted(f"stopped waiting for the definition of {name!r}") from None
         assert type(reply) is Defined
         self._install(reply.entry, epoch=epoch)
         entry = reply.entry

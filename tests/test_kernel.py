@@ -480,6 +480,21 @@ def test_interrupting_a_wait_on_a_lease_is_one_line(
     assert kb.ok("%cluster_get kt.stuck").text == "'from holder'"
 
 
+def test_interrupting_a_plain_get_is_one_line(hub: Cluster, kernels: tuple[Kernel, Kernel]) -> None:
+    """The same with ``get`` itself (in the namespace, as in the shell): one line too."""
+    _, kb = kernels
+    with holding(hub, "kt.stuck2"):
+        msg_id = kb.kc.execute("get('kt.stuck2', lambda: 'mine')")
+        time.sleep(1.5)  # waiting on the lease by now
+        kb.km.interrupt_kernel()
+        rest = read_iopub(kb, msg_id, idle)
+    errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
+    assert len(errors) == 1 and errors[0]["traceback"] == [
+        "KeyboardInterrupt: stopped waiting for 'kt.stuck2'"
+    ]
+    assert kb.ok("get('kt.stuck2')").text == "'from holder'"
+
+
 # -- the Jupyter protocol, by jupyter_kernel_test -----------------------------------------
 
 

@@ -6,18 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics
 
+from ..errors import Interrupted
+
 if TYPE_CHECKING:
     from .session import ClusterSession
 
 __all__ = ["ClusterMagics", "Interrupted"]
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or a kernel interrupt ended a wait on the cluster: shown as one line."""
-
-    def _render_traceback_(self) -> list[str]:
-        # IPython shows this instead of a traceback through the library's waiting code.
-        return [f"KeyboardInterrupt: {self}"]
 
 
 class ClusterMagics(Magics):
