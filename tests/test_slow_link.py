@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, Member
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,33 +68,27 @@ class SlowLink:
 
 
 @pytest.fixture
-def slow_cluster(cluster: Cluster) -> Iterator[tuple[Cluster, SlowLink]]:
+def reader(cluster: Cluster) -> Iterator[Member]:
+    """A member process whose node ``slow`` reaches the loader through a SlowLink, once a
+    writer has put a big value (``big``) and ``slow`` has heard of it."""
     cluster.start_loader()
     writer = cluster.member("writer")
     assert writer.ok(f"node.put('big', bytes(range(256)) * ({SIZE} // 256))") == 1
     link = SlowLink(cluster.port, RATE)
     try:
-        yield cluster, link
+        member = cluster.member("reader")
+        member.ok(
+            "import clustorage, time\n"
+            f"slow = clustorage.Node('slow', 'app1@127.0.0.1:{link.port}', timeout={TIMEOUT})\n"
+            "deadline = time.monotonic() + 30\n"
+            "while 'big' not in slow.keys() and time.monotonic() < deadline: time.sleep(0.05)"
+        )
+        yield member
     finally:
         link.close()
 
 
-def slow_node(link: SlowLink) -> str:
-    """Source that makes ``slow``, a second node of a member process, behind ``link``."""
-    return (
-        "import clustorage, time\n"
-        f"slow = clustorage.Node('slow', 'app1@127.0.0.1:{link.port}', timeout={TIMEOUT})\n"
-        "deadline = time.monotonic() + 30\n"
-        "while 'big' not in slow.keys() and time.monotonic() < deadline: time.sleep(0.05)"
-    )
-
-
-def test_a_big_value_slower_than_the_timeout_arrives(
-    slow_cluster: tuple[Cluster, SlowLink],
-) -> None:
-    cluster, link = slow_cluster
-    reader = cluster.member("reader")
-    reader.ok(slow_node(link))
+def test_a_big_value_slower_than_the_timeout_arrives(reader: Member) -> None:
     took = reader.ok(
         "start = time.monotonic()\n"
         "value = slow.get('big')\n"
@@ -105,14 +99,9 @@ def test_a_big_value_slower_than_the_timeout_arrives(
     assert reader.ok("slow.connected and slow.get('big') is value")  # kept, not fetched again
 
 
-def test_a_request_behind_a_slow_big_value_is_answered(
-    slow_cluster: tuple[Cluster, SlowLink],
-) -> None:
+def test_a_request_behind_a_slow_big_value_is_answered(reader: Member) -> None:
     """A put on another thread of the node, answered after the big value's bytes, which
     take longer than the timeout to arrive: both succeed."""
-    cluster, link = slow_cluster
-    reader = cluster.member("reader")
-    reader.ok(slow_node(link))
     assert reader.ok(
         "import threading\n"
         "got = []\n"
@@ -125,14 +114,9 @@ def test_a_request_behind_a_slow_big_value_is_answered(
     )
 
 
-def test_threads_getting_one_big_value_fetch_it_once(
-    slow_cluster: tuple[Cluster, SlowLink],
-) -> None:
+def test_threads_getting_one_big_value_fetch_it_once(reader: Member) -> None:
     """Four threads of one node get a big value at once: its bytes come once, and every
     thread gets that one value."""
-    cluster, link = slow_cluster
-    reader = cluster.member("reader")
-    reader.ok(slow_node(link))
     assert reader.ok(
         "import concurrent.futures, socket, struct\n"
         "with concurrent.futures.ThreadPoolExecutor(4) as pool:\n"
