@@ -485,7 +485,12 @@ def test_interrupting_a_plain_get_is_one_line(hub: Cluster, kernels: tuple[Kerne
     _, kb = kernels
     with holding(hub, "kt.stuck2"):
         msg_id = kb.kc.execute("get('kt.stuck2', lambda: 'mine')")
-        time.sleep(1.5)  # waiting on the lease by now
+        with clustorage.Probe(hub.loader, cookie=COOKIE) as probe:  # waiting on it yet?
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                lease["waiters"] for lease in probe.status()["computing"]
+            ):
+                time.sleep(0.05)
         kb.km.interrupt_kernel()
         rest = read_iopub(kb, msg_id, idle)
     errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
