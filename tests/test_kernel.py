@@ -308,7 +308,7 @@ def test_bad_source_is_one_clear_error_and_loads_nothing(
 def test_get_call_and_node_are_in_the_namespace(kernels: tuple[Kernel, Kernel]) -> None:
     """In a clustorage kernel, get, call and node are the running node's, as in the shell."""
     ka, _ = kernels
-    assert ka.ok("node.name, get.__self__ is node, call.__self__ is node").text == (
+    assert ka.ok("node.name, get.__wrapped__.__self__ is node, call.__self__ is node").text == (
         "('ka', True, True)"
     )
     assert ka.ok("get('kt.ns', lambda: 'computed')").text == "'computed'"
@@ -481,18 +481,17 @@ def test_interrupting_a_wait_on_a_lease_is_one_line(
 
 
 def test_interrupting_a_plain_get_is_one_line(hub: Cluster, kernels: tuple[Kernel, Kernel]) -> None:
-    """The same with ``get`` itself (in the namespace, as in the shell): one line too."""
+    """The same with ``get`` itself (in the namespace, as in the shell): the live line while
+    it waits, then one line at the interrupt."""
     _, kb = kernels
     with holding(hub, "kt.stuck2"):
         msg_id = kb.kc.execute("get('kt.stuck2', lambda: 'mine')")
-        with clustorage.Probe(hub.loader, cookie=COOKIE) as probe:  # waiting on it yet?
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                lease["waiters"] for lease in probe.status()["computing"]
-            ):
-                time.sleep(0.05)
+        first = read_iopub(kb, msg_id, lambda msg: msg["msg_type"] == "display_data")
         kb.km.interrupt_kernel()
         rest = read_iopub(kb, msg_id, idle)
+    lines = shown_lines(first + rest)
+    assert lines[0][2].startswith("waiting for 'kt.stuck2': kt-holder is computing it (")
+    assert lines[-1][2] == ""
     errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
     assert len(errors) == 1 and errors[0]["traceback"] == [
         "KeyboardInterrupt: stopped waiting for 'kt.stuck2'"

@@ -21,6 +21,7 @@ from clustorage.shell_complete import ClusterMatcher
 from .functions import FunctionMagics
 from .nodes import NodeMagics
 from .values import ValueMagics
+from .waiting import showing_waits
 
 __all__ = ["NO_NODE", "ClusterSession", "CurrentCell", "session_for", "show_error"]
 
@@ -99,7 +100,7 @@ class ClusterSession:
 
     def _bind_api(self, node: Node) -> None:
         """Point ``get``, ``call`` and ``node`` at ``node``, unless the user rebound them."""
-        names = {"get": node.get, "call": node.call, "node": node}
+        names = {"get": showing_waits(self.shell, node), "call": node.call, "node": node}
         ns = self.shell.user_ns
         mine = {
             name: value

@@ -9,8 +9,10 @@ library; the terminal shell shows the same in its toolbar instead.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +22,22 @@ from clustorage import Node
 
 from .display import duration
 
-__all__ = ["WaitLine"]
+__all__ = ["WaitLine", "showing_waits"]
+
+
+def showing_waits(shell: Any, node: Node) -> Callable[..., Any]:
+    """``node.get`` for a kernel's namespace: the same, with :class:`WaitLine`'s live line
+    while it waits on a key another node computes. A key held here goes straight through."""
+
+    @functools.wraps(node.get)
+    def get(key: Any, fn: Callable[[], Any] | None = None) -> Any:
+        __tracebackhide__ = True
+        if not isinstance(key, str) or node.version(key, "value"):
+            return node.get(key, fn)
+        with WaitLine(shell, node, key):
+            return node.get(key, fn)
+
+    return get
 
 
 class WaitLine:
