@@ -66,6 +66,22 @@ def kill(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
             stream.close()
 
 
+def stop_process(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped (the signal takes
+    effect when each thread next runs, not when kill returns)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop within {timeout}s")
+
+
 class Member:
     """A node in its own process (tests/driver.py), evaluating what the test sends."""
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, stop_process
 from tests.test_promises import SNAPSHOT, answer_within, converged, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -93,7 +93,7 @@ def test_a_writer_that_stopped_waiting_for_its_write_ends_with_it(
         30,
         "other has v1",
     )
-    os.kill(loader.pid, signal.SIGSTOP)  # busy for a moment: the write waits for its answer
+    stop_process(loader.pid)  # busy for a moment: the write waits for its answer
     try:
         assert writer.ok(INTERRUPTED.format(write=write)) == "interrupted"
     finally:

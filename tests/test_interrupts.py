@@ -14,7 +14,7 @@ from types import FrameType
 import pytest
 
 from clustorage import interrupts
-from tests.conftest import Cluster, node_pair
+from tests.conftest import Cluster, node_pair, stop_process
 from tests.test_promises import answer_within
 
 pytestmark = pytest.mark.timeout(120)
@@ -218,7 +218,7 @@ def test_ctrl_c_ends_a_get_while_another_thread_uploads_to_a_stopped_loader(
         "            drops.append(record.getMessage())\n"
         "logging.getLogger('clustorage').addHandler(Drops())"
     )
-    os.kill(loader.pid, signal.SIGSTOP)
+    stop_process(loader.pid)
     try:
         m.start_send(
             "putting = threading.Thread(target=lambda: node.put('huge', big), daemon=True)\n"
