@@ -29,6 +29,7 @@ from .errors import (
 )
 from .messages import (
     Announce,
+    Committed,
     Entry,
     Failed,
     Load,
@@ -53,6 +54,8 @@ __all__ = [
     "apply_push",
     "apply_sync",
     "raise_failure",
+    "record_late_write",
+    "wait_sliced",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,16 +110,26 @@ class Waiter:
         return self._lock.acquire(timeout=timeout)
 
 
-def _wait(waiter: Waiter, timeout: float, safe_point: Callable[[], None] | None) -> bool:
-    """``waiter.wait(timeout)``, calling ``safe_point()`` every SLICE seconds meanwhile."""
+def wait_sliced(
+    wait: Callable[[float], bool], timeout: float, safe_point: Callable[[], None] | None
+) -> bool:
+    """``wait(timeout)`` (true once what it waits for came), calling ``safe_point()`` every
+    SLICE seconds meanwhile."""
     if safe_point is None:
-        return waiter.wait(timeout)
+        return wait(timeout)
     deadline = time.monotonic() + timeout
-    while not waiter.wait(min(max(deadline - time.monotonic(), 0.0), SLICE)):
+    while not wait(min(max(deadline - time.monotonic(), 0.0), SLICE)):
         if time.monotonic() >= deadline:
             return False
         safe_point()
     return True
+
+
+def record_late_write(replica: Replica, answer: Message) -> None:
+    """A write answered after its caller stopped waiting: its node applies it all the same,
+    for the fan-out leaves the writer out. A value's bytes come on the next get."""
+    if type(answer) is Committed:
+        replica.announce(answer.entry._replace(payload=b""))
 
 
 class Pending:
@@ -200,7 +213,7 @@ class Pending:
         Raises:
             LoaderUnavailable: no answer in ``timeout`` seconds, or the connection was lost.
         """
-        while not _wait(waiter, timeout, safe_point):
+        while not wait_sliced(waiter.wait, timeout, safe_point):
             if arriving is not None and arriving() and alive():
                 timeout = whole if whole is not None else timeout
             elif not (waiter.queued and alive()):

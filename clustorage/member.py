@@ -34,6 +34,8 @@ from .channel import (
     apply_push,
     apply_sync,
     raise_failure,
+    record_late_write,
+    wait_sliced,
 )
 from .config import NodeConfig, parse_listen
 from .errors import (
@@ -49,7 +51,6 @@ from .hello import HEARTBEAT, check_welcome, handshake_meta, incompatibility
 from .liveness import watch
 from .messages import (
     Commit,
-    Committed,
     Define,
     Delete,
     Deleted,
@@ -635,9 +636,8 @@ class MemberClient:
     def _late_answer(self, sent: Message, answer: Message) -> None:
         """A write done for a caller that stopped waiting: its node applies it all the same,
         for the fan-out leaves the writer out. A value's bytes come on the next get."""
-        if type(answer) is Committed:
-            self.replica.announce(answer.entry._replace(payload=b""))
-        elif type(answer) is Deleted and type(sent) is Delete:
+        record_late_write(self.replica, answer)
+        if type(answer) is Deleted and type(sent) is Delete:
             self.replica.remove(sent.kind, sent.key, answer.version, self.config.name)
 
     def _apply(self, change: Callable[[], None]) -> None:
@@ -713,16 +713,16 @@ class MemberClient:
     def _wait_ready(self, timeout: float) -> None:
         if self._is_ready:
             return
-        deadline = time.monotonic() + timeout
         with self._ready:
-            while not self._ready.wait_for(
-                lambda: self._is_ready or self._stopping,
-                min(max(deadline - time.monotonic(), 0.0), SLICE),
+            if not wait_sliced(  # nothing sent yet: a Ctrl-C held back may end it
+                lambda seconds: self._ready.wait_for(
+                    lambda: self._is_ready or self._stopping, seconds
+                ),
+                timeout,
+                interrupts.check,
             ):
-                if time.monotonic() >= deadline:
-                    why = self._last_error or f"not connected after {timeout:g}s"
-                    raise self.unavailable(str(why))
-                interrupts.check()  # nothing sent yet: a Ctrl-C held back may end it
+                why = self._last_error or f"not connected after {timeout:g}s"
+                raise self.unavailable(str(why))
         if self._stopping:
             raise self.unavailable("this node is stopping")
 

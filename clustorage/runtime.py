@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, cast
 from . import interrupts, tls
 from .aioloop import new_loop
 from .bulk import RECYCLED, SPILLED
-from .channel import Build, Pending, acknowledgement, apply_push
+from .channel import Build, Pending, acknowledgement, apply_push, record_late_write
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
 from .listener import Listener, Newcomer
 from .loader import LoaderCore
-from .messages import VALUE, Commit, Committed, Gathered, Load, Message, Payload, Put, joined
+from .messages import VALUE, Commit, Gathered, Load, Message, Payload, Put, joined
 from .replica import Replica
 from .server import ServerConnection
 from .store import MEMORY, Store, open_store
@@ -62,11 +62,8 @@ class _LocalPeer:
         message = _read_only(message)
         rid = getattr(message, "rid", None)
         if rid is not None:
-            if not runtime.pending.resolve(rid, message) and type(message) is Committed:
-                # Its caller stopped waiting (Ctrl-C, its timeout), and the fan-out leaves
-                # the writer out: the version is recorded here all the same, its bytes
-                # fetched from the core on the next get.
-                runtime.replica.announce(message.entry._replace(payload=b""))
+            if not runtime.pending.resolve(rid, message):  # its caller stopped waiting
+                record_late_write(runtime.replica, message)
             return
         if type(message) is Load and message.entry.kind == VALUE:
             # Recorded, not deserialized: a headless loader never unpickles what it only
@@ -335,10 +332,8 @@ class LoaderRuntime:
                 rid, waiter, timeout, self.loop.is_running, safe_point=interrupts.check
             )
         except BaseException:  # Ctrl-C, or no answer in time
-            if not self.pending.discard(rid) and waiter.done:  # it came meanwhile
-                reply = waiter.reply
-                if type(reply) is Committed:
-                    self.replica.announce(reply.entry._replace(payload=b""))
+            if not self.pending.discard(rid) and waiter.done and waiter.reply is not None:
+                record_late_write(self.replica, waiter.reply)  # it came meanwhile
             raise
 
     def notify(self, build: Build) -> None:
