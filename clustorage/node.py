@@ -253,11 +253,16 @@ class Node:
             )
         value, payload = self._compute(key, fn)
         token = reply.token
-        interrupts.hold()  # Ctrl-C once answered: after the install (the fan-out skips us)
+        return self._write(lambda rid: Commit(rid, key, token, payload), value)[0]
+
+    def _write(self, build: Callable[[int], Message], value: Any) -> tuple[Any, int]:
+        """Put or commit ``value``: the object installed and its version. A Ctrl-C once it
+        is answered is raised after the install, since the fan-out skips the writer."""
+        interrupts.hold()
         try:
-            reply, epoch = self._ask(lambda rid: Commit(rid, key, token, payload))
+            reply, epoch = self._ask(build)
             assert type(reply) is Committed
-            return self._install(reply.entry, value, epoch=epoch)
+            return self._install(reply.entry, value, epoch=epoch), reply.entry.version
         finally:
             interrupts.release()
 
@@ -343,14 +348,7 @@ class Node:
         key = normalize_key(key)
         payload = codec.dump_borrowing(key, value)
         codec.check_size(key, payload, self.config.max_frame)
-        interrupts.hold()  # Ctrl-C once answered: after the install (the fan-out skips us)
-        try:
-            reply, epoch = self._ask(lambda rid: Put(rid, key, payload))
-            assert type(reply) is Committed
-            self._install(reply.entry, value, epoch=epoch)
-        finally:
-            interrupts.release()
-        return reply.entry.version
+        return self._write(lambda rid: Put(rid, key, payload), value)[1]
 
     def delete(self, key: Key, kind: str = VALUE) -> bool:
         """Delete a value (or, with ``kind="function"``, a function) everywhere."""
