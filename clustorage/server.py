@@ -263,18 +263,20 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.close(flush=True)
             return
         self.name = name
-        self._conn.accept(
-            handshake_meta(
-                self._core.name,
-                role="loader",
-                store=self._core.store_identity,
-                not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
-            )
-        )
+        self._conn.accept(self._welcome())
         self._write(self._conn.data_to_send())
         self._trusted()
         self._joined = True
         self._core.join(self)
+
+    def _welcome(self) -> dict[str, Any]:
+        """What this loader says of itself to a node or probe it accepts."""
+        return handshake_meta(
+            self._core.name,
+            role="loader",
+            store=self._core.store_identity,
+            not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
+        )
 
     def _trusted(self) -> None:
         """The peer proved it knows the cookie: no handshake deadline, no cap (see listener)."""
@@ -316,14 +318,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         is not a node, gets no Members or pushes, and may ask only Status and History."""
         self.name = name
         self._handle = self._answer_probe
-        self._conn.accept(
-            handshake_meta(
-                self._core.name,
-                role="loader",
-                store=self._core.store_identity,
-                not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
-            )
-        )
+        self._conn.accept(self._welcome())
         self._write(self._conn.data_to_send())
         self._trusted()
         log.debug("%s probes from %s", printable(name), self.address)
