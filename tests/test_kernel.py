@@ -459,17 +459,25 @@ def test_a_wait_on_a_lease_shows_who_computes_then_disappears(
     assert results[0]["content"]["data"]["text/plain"] == "'from holder'"
 
 
+def interrupted_wait(
+    hub: Cluster, kernel: Kernel, key: str, code: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``code``, a get of ``key`` that waits on another node's lease, and interrupt the
+    kernel once its live line says it waits: the IOPub messages up to that line, and those
+    after it until the kernel is idle."""
+    with holding(hub, key):
+        msg_id = kernel.kc.execute(code)
+        first = read_iopub(kernel, msg_id, lambda msg: msg["msg_type"] == "display_data")
+        kernel.km.interrupt_kernel()
+        return first, read_iopub(kernel, msg_id, idle)
+
+
 def test_interrupting_a_wait_on_a_lease_is_one_line(
     hub: Cluster, kernels: tuple[Kernel, Kernel]
 ) -> None:
     """A kernel interrupt while a get waits on another node's lease: one line, no internals."""
     _, kb = kernels
-    with holding(hub, "kt.stuck"):
-        msg_id = kb.kc.execute("%cluster_get kt.stuck 'mine'")
-        # The live line says the kernel is waiting on the lease: interrupt it now.
-        first = read_iopub(kb, msg_id, lambda msg: msg["msg_type"] == "display_data")
-        kb.km.interrupt_kernel()
-        rest = read_iopub(kb, msg_id, idle)
+    first, rest = interrupted_wait(hub, kb, "kt.stuck", "%cluster_get kt.stuck 'mine'")
     errors = [msg["content"] for msg in rest if msg["msg_type"] == "error"]
     assert len(errors) == 1 and errors[0]["traceback"] == [
         "KeyboardInterrupt: stopped waiting for the value of 'kt.stuck', "
@@ -484,11 +492,7 @@ def test_interrupting_a_plain_get_is_one_line(hub: Cluster, kernels: tuple[Kerne
     """The same with ``get`` itself (in the namespace, as in the shell): the live line while
     it waits, then one line at the interrupt."""
     _, kb = kernels
-    with holding(hub, "kt.stuck2"):
-        msg_id = kb.kc.execute("get('kt.stuck2', lambda: 'mine')")
-        first = read_iopub(kb, msg_id, lambda msg: msg["msg_type"] == "display_data")
-        kb.km.interrupt_kernel()
-        rest = read_iopub(kb, msg_id, idle)
+    first, rest = interrupted_wait(hub, kb, "kt.stuck2", "get('kt.stuck2', lambda: 'mine')")
     lines = shown_lines(first + rest)
     assert lines[0][2].startswith("waiting for 'kt.stuck2': kt-holder is computing it (")
     assert lines[-1][2] == ""
