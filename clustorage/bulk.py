@@ -57,6 +57,7 @@ __all__ = [
     "BULK_DIGESTS",
     "HASHING_THREADS",
     "HUGE_PAGES",
+    "OWNED",
     "RECYCLED",
     "RECYCLE_AT",
     "RECYCLE_IDLE",
@@ -64,6 +65,7 @@ __all__ = [
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
+    "OwnedBlobs",
     "RecycledBuffers",
     "Spill",
     "SpilledBlobs",
@@ -229,6 +231,31 @@ class SpilledBlobs(_ByBuffer[Spill]):
 
 
 SPILLED = SpilledBlobs()
+
+
+class OwnedBlobs(_ByBuffer[bool]):
+    """Verified blobs a member received into fresh memory, which only the one reader of the
+    answer will read: :func:`bigbytes.copy_to_bytes` may give their pages back as it copies
+    them out, so that the value's new pages are ones the system has just had in use. (On a
+    virtual machine, memory a process has not touched before can cost several times a copy
+    to fault in: the host backs it too.)"""
+
+    def __init__(self, size: int = 4) -> None:
+        super().__init__(size)
+
+    def remember(self, owner: Any, length: int) -> None:
+        self._put(owner, length, True)
+
+    def take(self, blob: Blob) -> bool:
+        """Whether ``blob`` is such a blob; it is one no more (it is read once)."""
+        return self._get(blob, take=True) is not None
+
+    def forget(self, owner: Any) -> None:
+        """``owner`` is about to hold other bytes (a receive buffer used again)."""
+        self._drop(owner)
+
+
+OWNED = OwnedBlobs()
 
 
 def _discard_spill(holder: list[Spill | None]) -> None:
@@ -440,6 +467,7 @@ class ArrivingFrame:
         "hasher",
         "header",
         "length",
+        "owned",
         "seq",
         "spill",
     )
@@ -453,7 +481,11 @@ class ArrivingFrame:
         algorithm: str | None,
         populate: bool,
         spiller: Spiller | None = None,
+        *,
+        owned: bool = False,
     ) -> None:
+        """``owned``: only the reader of this frame's answer reads its blob (a member's
+        frames), so that, arrived into fresh memory, it may be taken apart (OWNED)."""
         self.header = header
         self.length = length
         self.seq = seq
@@ -465,6 +497,7 @@ class ArrivingFrame:
         if recycled is not None:  # its pages are there already; every byte is written over
             VERIFIED.forget(recycled)
             SPILLED.forget(recycled)
+            OWNED.forget(recycled)
             self.data = recycled
         else:
             flags = _ANONYMOUS | (_POPULATE if populate and not HUGE_PAGES else 0)
@@ -474,6 +507,7 @@ class ArrivingFrame:
                     self.data.madvise(mmap.MADV_HUGEPAGE)
             if length >= RECYCLE_AT:
                 RECYCLED.keep(self.data)
+        self.owned = owned and recycled is None  # a recycled buffer's pages are worth keeping
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
         if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
@@ -498,6 +532,8 @@ class ArrivingFrame:
         spill, self.spill[0] = self.spill[0], None
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
+        if self.owned:
+            OWNED.remember(self.data, self.length - self.blob_start)
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
@@ -523,4 +559,5 @@ class ArrivingFrame:
         clone.data[:] = self.data[:]
         clone.hasher = self.hasher.copy()
         clone.spill = [None]
+        clone.owned = False
         return clone

@@ -9,10 +9,19 @@ from typing import Any
 import cloudpickle
 
 from .bigbytes import COPY_AT, copy_to_bytes
+from .bulk import OWNED
 from .errors import ValueTooLarge
 from .messages import Blob, Gathered, Payload
 
-__all__ = ["COPY_AT", "check_size", "dump", "dump_borrowing", "load", "size_limit"]
+__all__ = [
+    "COPY_AT",
+    "check_size",
+    "dump",
+    "dump_borrowing",
+    "load",
+    "size_limit",
+    "take_big_bytes",
+]
 
 # Framing and message envelope around a payload, with room to spare.
 ENVELOPE = 4096
@@ -141,17 +150,26 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
     )
 
 
-def _big_bytes(payload: Blob) -> bytes | None:
+def _big_bytes(payload: Blob, release: bool = False) -> bytes | None:
     """The value of a payload that is one big pickled bytes and nothing else (protocol 5:
     PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP), copied into huge pages; or
-    None (then unpickle it)."""
+    None (then unpickle it). ``release`` as for ``copy_to_bytes``."""
     if len(payload) < COPY_AT or payload[:3] != _BIG_BYTES or payload[-2:] != _BIG_BYTES_END:
         return None
     view = memoryview(payload)
     (size,) = struct.unpack_from("<I", view, 3)
     if size != len(view) - 9:
         return None
-    return copy_to_bytes(view[7 : 7 + size])
+    return copy_to_bytes(view[7 : 7 + size], release=release)
+
+
+def take_big_bytes(payload: Blob) -> bytes | None:
+    """The value of an answer's payload that is one big bytes, arrived into memory of its own
+    that only this caller reads (``bulk.OWNED``), copied out as that memory is given back;
+    else None (load it). The payload reads as zeros afterwards."""
+    if len(payload) < COPY_AT or not OWNED.take(payload):
+        return None
+    return _big_bytes(payload, release=True)
 
 
 def load(payload: Blob) -> Any:

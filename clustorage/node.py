@@ -334,6 +334,9 @@ class Node:
 
     def _install(self, entry: Entry, obj: Any = MISSING, *, epoch: int | None = None) -> Any:
         """Install an answer's entry (unless something newer is here); the answer's object."""
+        if obj is MISSING and entry.kind == VALUE:
+            obj = codec.take_big_bytes(entry.payload)  # only this thread reads the answer
+            obj = MISSING if obj is None else obj
         self._replica.install(entry, obj, epoch=epoch)
         if obj is not MISSING:
             return obj

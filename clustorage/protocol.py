@@ -515,7 +515,14 @@ class Connection:
                 populate = self.role is Role.CLIENT
                 algorithm = self.bulk_digest if self.tagged else None
                 self._bulk = ArrivingFrame(
-                    bytes(buffer[:_HEAD]), length, seq, blob, algorithm, populate, self._spiller
+                    bytes(buffer[:_HEAD]),
+                    length,
+                    seq,
+                    blob,
+                    algorithm,
+                    populate,
+                    self._spiller,
+                    owned=populate,
                 )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc

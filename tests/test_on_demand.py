@@ -83,6 +83,27 @@ def test_a_node_that_never_gets_a_big_value_receives_none_of_its_bytes(
     assert idle.ok(f"len(node.get('big')) == {SIZE}")
 
 
+def test_a_first_get_of_a_big_bytes_value_holds_one_copy_of_it(cluster: Cluster) -> None:
+    """The member copies the value out of the memory it arrived in and gives that memory
+    back as it goes: its process grows by one copy of the value, not two."""
+    cluster.start_loader(data=str(cluster.tmp / "data"))
+    writer, reader = cluster.member("writer"), cluster.member("reader")
+    writer.ok(f"node.put('big', bytes(range(256)) * ({SIZE} // 256))")
+    settle(reader, "big")
+    reader.ok(
+        "def rss():\n"
+        "    with open('/proc/self/status') as status:\n"
+        "        line = next(line for line in status if line.startswith('VmRSS:'))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "before = rss()"
+    )
+    assert reader.ok(
+        f"v = node.get('big')\nlen(v) == {SIZE} and v == bytes(range(256)) * {SIZE // 256}"
+    )
+    grew = int(reader.ok("rss() - before"))
+    assert SIZE <= grew < SIZE * 3 // 2, f"the first get grew the process by {grew} bytes"
+
+
 def test_a_new_version_of_a_big_value_replaces_the_fetched_one(cluster: Cluster) -> None:
     """A node that got version 1 and hears of version 2 drops 1 and gets 2 on its next read."""
     cluster.start_loader(data=str(cluster.tmp / "data"))

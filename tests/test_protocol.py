@@ -20,6 +20,7 @@ import pytest
 
 import clustorage.bulk
 import clustorage.protocol
+from clustorage import codec
 from clustorage.bulk import RecycledBuffers, VerifiedDigests, bulk_digests_by_speed
 from clustorage.errors import (
     AuthenticationError,
@@ -1144,3 +1145,43 @@ def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
     (third,) = pair.server.read_frames(bulk_frame(pair, b"env", blobs[2]))
     assert isinstance(third, memoryview) and third.obj is buffer()
     assert third == b"env" + blobs[2] and held == b"env" + blobs[0]
+
+
+def answer_frame(pair: ConnectionPair, envelope: bytes, blob: bytes) -> bytes:
+    """The bytes of one bulk frame the server (the loader) sends."""
+    return b"".join(bytes(part) for part in pair.server.send_bulk(envelope, blob))
+
+
+@pytest.mark.timeout(30)
+def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A big bytes value a member received into fresh memory comes out whole while that
+    memory's pages go back (they read as zeros after), and only once; one in a recycled
+    buffer, or one the loader received, is left as it was (it may be read again)."""
+    monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers())
+    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+    payload = bytes(codec.dump_borrowing("k", value))
+    pair = open_pair(max_frame=4 * len(payload))
+    (frame,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    assert isinstance(frame, memoryview)
+    blob = frame[3:]
+    taken = codec.take_big_bytes(blob)
+    assert type(taken) is bytes and taken == value
+    page = mmap.PAGESIZE
+    assert bytes(blob[2 * page : -2 * page]) == bytes(len(blob) - 4 * page)
+    assert codec.take_big_bytes(blob) is None  # read once
+    buffer = weakref.ref(frame.obj)
+    del frame, blob
+    gc.collect()
+
+    (again,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    assert isinstance(again, memoryview) and again.obj is buffer()  # recycled: kept whole
+    assert codec.take_big_bytes(again[3:]) is None
+    assert codec.load(again[3:]) == value and again[3:] == payload
+
+    (received,) = pair.server.read_frames(bulk_frame(pair, b"env", payload))
+    assert isinstance(received, memoryview)
+    assert codec.take_big_bytes(received[3:]) is None  # the loader's: it sends it on
+    assert received[3:] == payload
