@@ -53,6 +53,7 @@ class Sizes:
     ipp_repeats: int = 2
     ipp_push: tuple[int, ...] = (1, 8)
     ipp_iterations: int = 30
+    settle: float = 1.0  # seconds given to new processes, or a loader's memory, to settle
 
 
 QUICK = Sizes(
@@ -80,6 +81,7 @@ QUICK = Sizes(
     ipp_repeats=1,
     ipp_push=(1,),
     ipp_iterations=2,
+    settle=0.1,
 )
 
 
@@ -132,8 +134,8 @@ class Bench:
         return row
 
     def loader_rss(self, loader: Loader, measure: str, note: str, limit_mb: int) -> None:
-        """Record the loader's resident memory, after a second to settle, against a limit."""
-        time.sleep(1.0)
+        """Record the loader's resident memory, once it settled, against a limit."""
+        time.sleep(self.sizes.settle)
         rss = rss_bytes(loader.pid)
         self.record(
             measure + ": loader RSS",

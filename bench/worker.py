@@ -588,7 +588,15 @@ def serve_manager(port: int) -> None:
     manager = DictManager(("127.0.0.1", port), authkey=os.environb[b"BENCH_AUTHKEY"])
     server = manager.get_server()  # type: ignore[no-untyped-call]
     print(json.dumps({"ok": {"ready": True}}), flush=True)
+    threading.Thread(target=_exit_at_end_of_input, daemon=True).start()
     server.serve_forever()
+
+
+def _exit_at_end_of_input() -> None:
+    """Exit once run.py closes this process's input (after its "exit"), as the workers do."""
+    for _ in sys.stdin:
+        pass
+    os._exit(0)
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ def run(bench: Bench) -> None:
         first.recv(60)
         members.append(first)
         join(first, memory, MEMORY_SYSTEM)
-        time.sleep(1.0)
+        time.sleep(sizes.settle)
         member_rss.run(bench, first)
         hits.run(bench, first)
         misses.run(bench, first, {"durable": "default", ":memory:": MEMORY_SYSTEM})
@@ -34,7 +34,7 @@ def run(bench: Bench) -> None:
         counts = sorted(sizes.define)
         for n in counts:
             grow(bench, members, loader, n)
-            time.sleep(1.0)  # let the new processes settle before timing
+            time.sleep(sizes.settle)  # let the new processes settle before timing
             defines.run(bench, members[0], n)
             if n == sizes.writers or (n == counts[-1] and n < sizes.writers):
                 writes.run(bench, members[: sizes.writers], stores)

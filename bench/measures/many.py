@@ -62,7 +62,7 @@ def run(bench: Bench) -> None:
             with bench.attempt(measure + ": server RSS", peer.label):
                 for child in workers:
                     child.call("peer_hold", kind=peer.kind, port=peer.port, count=per)
-                time.sleep(0.5)
+                time.sleep(bench.sizes.settle / 2)
                 bench.record(
                     measure + ": loader RSS",
                     peer.operation("server"),

@@ -19,7 +19,7 @@ def run(bench: Bench, member: Child) -> None:
             client = bench.worker(f"rss-{peer.kind}")
             client.recv(60)
             client.call("peer_hold", kind=peer.kind, port=peer.port, count=1)
-            time.sleep(0.5)
+            time.sleep(bench.sizes.settle / 2)
             bench.single(
                 MEASURE,
                 peer.label,

@@ -201,7 +201,7 @@ def misses(bench: Bench, extra: Child, measure: str) -> None:
 GETTERS = 3  # members that get the big value, one after another: one get is a noisy figure
 
 
-def sent_during(loader: Loader, action: Any, settle: float = 2.0) -> tuple[Any, int | None]:
+def sent_during(loader: Loader, action: Any, settle: float) -> tuple[Any, int | None]:
     """``action()``'s result and the bytes the loader sent to its members from just before
     it until ``settle`` seconds after it returned."""
     before = tcp_bytes_sent(loader.port)
@@ -220,8 +220,11 @@ def big_value(
     size = bench.sizes.thousand_value
     budget = bench.sizes.thousand_phase_budget
     name = f"{measure}: {size // MB} MB value"
+    settle = 2 * bench.sizes.settle
     putter.call("make_value", size=PROBE)
-    _, probe_sent = sent_during(loader, lambda: putter.call("put", key="probe", timeout=budget))
+    _, probe_sent = sent_during(
+        loader, lambda: putter.call("put", key="probe", timeout=budget), settle
+    )
     if probe_sent is None:
         bench.notes.append(f"{name}: bytes sent not measured - 'ss' (iproute2) is not installed")
     else:
@@ -230,7 +233,8 @@ def big_value(
             f"loader sent, for a {PROBE // MB} MB put",
             "B",
             probe_sent,
-            f"bytes on the loader's connections from the put to 2 s after it; {total} members",
+            f"bytes on the loader's connections from the put to {settle:g} s after it; "
+            f"{total} members",
         )
         if probe_sent >= total * PROBE // 4:
             bench.record(
@@ -256,7 +260,7 @@ def big_value(
     with bench.attempt(name, "clustorage put", "the put returns"):
         putter.call("make_value", size=size, timeout=120)
         sent, loader_sent = sent_during(
-            loader, lambda: putter.call("put", key="big", timeout=budget)
+            loader, lambda: putter.call("put", key="big", timeout=budget), settle
         )
         seconds = sent["end"] - sent["start"]
         bench.single(name, "clustorage put returns", "s", seconds, f"{total} members connected")
@@ -266,7 +270,7 @@ def big_value(
                 "loader sent, for the put",
                 "B",
                 summarize([loader_sent]),
-                "bytes on the loader's connections from the put to 2 s after it",
+                f"bytes on the loader's connections from the put to {settle:g} s after it",
                 target="< 1 copy: none to members that never get it",
                 verdict=verdict(loader_sent < size),
             )

@@ -25,7 +25,7 @@ def run(bench: Bench, members: list[Child], loaders: dict[str, Loader]) -> None:
     def rounds(op: str, **arguments: Any) -> list[float]:
         rates = []
         for r in range(sizes.write_rounds):
-            start_at = time.time() + 0.5
+            start_at = time.time() + sizes.settle / 2  # every writer told before it
             for i, member in enumerate(members):
                 member.send(
                     op,
