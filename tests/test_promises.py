@@ -275,7 +275,7 @@ def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path)
         wait_until(lambda: waiter.ok("node.waiting()"), 10, "the waiter sees who computes")
         ((key, who, _since),) = waiter.ok("node.waiting()")
         assert (key, who) == ("paused", "holder")
-        time.sleep(8)  # past dead_after (3 s): a stimulus, not a measurement
+        time.sleep(5)  # past dead_after (3 s): a stimulus, not a measurement
     finally:
         os.kill(holder.proc.pid, signal.SIGCONT)
     assert waiter.ok("[k for k, who, since in node.waiting()]") == ["paused"]
@@ -446,14 +446,14 @@ def test_a_member_reading_beside_a_big_push_is_not_dropped(cluster: Cluster) -> 
 
 
 def test_a_slow_definition_does_not_stall_other_members(cluster: Cluster, tmp_path: Path) -> None:
-    """Compiling source that sleeps 6 s at import delays only its define: other members' misses
+    """Compiling source that sleeps 3 s at import delays only its define: other members' misses
     are served meanwhile, nobody is dropped, and the function works everywhere after."""
     cluster.start_loader()
     definer, one, two = (cluster.member(n) for n in ("definer", "one", "two"))
     done = tmp_path / "defined"
     definer.start_send(
         "import pathlib\n"
-        "d = node.define('slow', 'import time\\ntime.sleep(6)\\ndef slow(): return 1')\n"
+        "d = node.define('slow', 'import time\\ntime.sleep(3)\\ndef slow(): return 1')\n"
         f"pathlib.Path({str(done)!r}).touch()\n"
         "[d.version, sorted(d.installed)]"
     )
