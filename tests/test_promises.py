@@ -200,7 +200,7 @@ def test_a_storm_with_a_loader_kill_converges_on_every_member(
     wait_until(
         lambda: all(m.ok("node.connected") for m in members), 30, f"members reconnect (seed {seed})"
     )
-    time.sleep(4)  # and after the restart
+    time.sleep(2)  # and after the restart
     stop.touch()
     for member in members:
         assert member.ok("storm_thread.join(60)\nstorm_thread.is_alive()") is False

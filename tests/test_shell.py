@@ -217,10 +217,11 @@ def test_toolbar_shows_who_computes_a_key_being_waited_for(shells: Shells) -> No
     """While app2's get waits on app1's lease, app2's bottom row names app1 and the wait's
     length; once the value comes, the row is gone and the value printed."""
     tmux = shells.tmux
-    mark = shells.home / "computing"
+    mark, go = shells.home / "computing", shells.home / "go"
     shells.run("app1", "import pathlib, time", "app1> import pathlib, time")
     touch = f"pathlib.Path({str(mark)!r}).touch()"
-    tmux.send("app1", f"get('slow_key', lambda: {touch} or time.sleep(6) or 'slow done')", "Enter")
+    until_go = f"[time.sleep(0.05) for _ in iter(pathlib.Path({str(go)!r}).exists, True)]"
+    tmux.send("app1", f"get('slow_key', lambda: ({touch}, {until_go}, 'slow done')[-1])", "Enter")
     deadline = time.monotonic() + 20
     while not mark.exists():  # app1 holds the lease
         assert time.monotonic() < deadline
@@ -228,6 +229,7 @@ def test_toolbar_shows_who_computes_a_key_being_waited_for(shells: Shells) -> No
     tmux.send("app2", "get('slow_key', lambda: 'not computed here')", "Enter")
     waiting = re.compile(r"app2 \| member \| waiting \d+s for 'slow_key': app1 computes it")
     tmux.wait_for("app2", lambda screen: bool(waiting.search(screen.splitlines()[-1])))
+    go.touch()
     screen = tmux.wait_for("app2", re.compile(r"'slow done'\n(.*\n)*app2> $", re.MULTILINE))
     assert "waiting" not in screen.splitlines()[-1]
     assert "not computed here" not in screen.replace("lambda: 'not computed here'", "")
