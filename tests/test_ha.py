@@ -361,6 +361,12 @@ class LoaderHosts:
         return f"10.251.{index + 1}.2"
 
     def create(self) -> None:
+        # A run killed before its clean-up leaves its namespaces, and their veths here hold
+        # the addresses these need.
+        for line in _ip("netns", "list").stdout.splitlines():
+            stale = line.split(" ")[0]
+            if stale.startswith("clh") and stale not in self.names:
+                _ip("netns", "del", stale)
         for index, ns in enumerate(self.names):
             result = _ip("netns", "add", ns)
             if result.returncode != 0:
