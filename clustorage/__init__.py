@@ -70,9 +70,11 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_default: Node | None = None
-_default_lock = threading.Lock()
-_entered: list[Node] = []  # nodes inside a ``with`` block, innermost last
+# Kept when the module is run again (importlib.reload, as %reload_ext does): the node it
+# started still runs, and only its name here would be lost.
+_default: Node | None = globals().get("_default")
+_default_lock: threading.Lock = globals().get("_default_lock") or threading.Lock()
+_entered: list[Node] = globals().get("_entered", [])  # in a ``with`` block, innermost last
 
 
 class Node(_Node):

@@ -187,6 +187,19 @@ def test_failed_listen_leaves_no_store_file(shell: InteractiveShell, home: Path)
     assert [p.name for p in home.rglob("*.sqlite3*") if "second" in p.name] == []
 
 
+def test_reload_ext_keeps_the_node_it_started(
+    shell: InteractiveShell, member: clustorage.Node
+) -> None:
+    """%reload_ext clustorage runs the package's module again: the node started before is
+    still the one the magics use, and its name is not taken by an orphan."""
+    shell.run_line_magic("reload_ext", "clustorage")
+    assert clustorage.default_node() is member
+    assert shell.run_line_magic("cluster_get", "after_reload 5") == 5
+    shell.run_line_magic("cluster_stop", "")
+    again = shell.run_line_magic("cluster_start", f"--name nb --loader {member.loader_address}")
+    assert again is not member and again.connected
+
+
 def test_cluster_start_bad_flag_is_a_usage_error(shell: InteractiveShell) -> None:
     """An unknown flag is a UsageError, not a traceback."""
     with pytest.raises(UsageError):
