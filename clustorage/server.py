@@ -26,7 +26,7 @@ from .errors import AuthenticationError, ConfigError, ProtocolError
 from .hello import Timing, handshake_meta, incompatibility
 from .keys import printable, unencodable
 from .listener import Newcomer
-from .liveness import watch
+from .liveness import ClosedWindow, watch
 from .loader import LoaderCore, failure
 from .probe import PROBE_ROLE
 from .protocol import (
@@ -104,6 +104,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._window: ClosedWindow | None = None  # the peer's receive window, watched
         # Frames waiting to go out, part by part, each with whether it counts in _queued.
         self._outbox: collections.deque[tuple[Iterator[bytes | memoryview], bool]] = (
             collections.deque()
@@ -134,6 +135,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             watch(sock, self._timing.dead_after)
+            self._window = ClosedWindow(sock, self._timing.dead_after)
         self._registry.add(self)
         # SPEC "Wire and trust": the handshake is done within this, however the bytes trickle,
         # counted from the accept (a TLS handshake came first).
@@ -452,7 +454,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._core.leave(self)
 
     def tick(self, now: float) -> None:
-        """Called every heartbeat: keep idle connections carrying."""
+        """Called every half heartbeat (``now``: time.monotonic()): keep idle connections
+        carrying, and tell a peer that stopped reading from one that is gone."""
         timing = self._timing
         if not self._joined:  # its handshake has a deadline of its own
             return
@@ -461,6 +464,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         # that stops reading is dropped when its backlog passes the write limit (deliver).
         if now - self.last_sent >= timing.heartbeat and not self._outbox:
             self._write(self._conn.heartbeat())
+        transport = self._transport
+        if self._window is not None and transport is not None and not self._window.alive(now):
+            log.warning(
+                "closed %s (%s): its window stayed closed and its host stopped answering for "
+                "%gs (dead_after)",
+                self.name,
+                self.address,
+                timing.dead_after,
+            )
+            transport.abort()
 
 
 class _ProbeReplies:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +125,56 @@ def test_cut_link_heals_over_tls(cluster: Cluster, hosts: Hosts, tmp_path: Path)
     addresses on both links."""
     pytest.importorskip("cryptography")
     cut_and_heal(cluster, hosts, tmp_path, tls=True)
+
+
+def test_a_stopped_member_behind_a_cut_link_is_dropped(
+    cluster: Cluster, hosts: Hosts, tmp_path: Path
+) -> None:
+    """A stopped member keeps its connection while writes fill its window (its kernel answers
+    the loader's probes); once its link is cut as well, it is dropped, its lease passed on."""
+    env = dict(cluster.env, CLUSTORAGE_DEAD_AFTER="3")
+    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
+    options = ["--name", "app1", "--listen", f"0.0.0.0:{PORT}", "--data", ":memory:"]
+    loader = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            hosts.loader,
+            sys.executable,
+            "-m",
+            "clustorage",
+            "loader",
+            *options,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    cluster.procs.append(loader)
+    members = {}
+    for name, (ns, _inner, address) in hosts.links.items():
+        members[name] = Member(env, name, f"app1@{address}:{PORT}", ("ip", "netns", "exec", ns))
+        cluster.procs.append(members[name].proc)
+    a, b = members["a"], members["b"]
+    wait_for(lambda: a.ok("node.connected") and b.ok("node.connected"), 30)
+    started = tmp_path / "started"
+    b.start_send(
+        f"import pathlib, time\nnode.get('held', lambda: pathlib.Path({str(started)!r}).touch()"
+        " or time.sleep(600))"
+    )
+    wait_for(started.exists, 30)
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        a.ok("for i in range(40):\n    node.put(f'noise{i % 5}', bytes([i]) * 200_000)")
+        time.sleep(4)  # past dead_after (3 s) with its window closed: still connected
+        assert "b left" not in cluster.loader_log()
+        hosts.cut("b", up=False)
+        wait_for(lambda: "b left" in cluster.loader_log(), 30)
+        assert a.ok("node.get('held', lambda: 'from a')") == "from a"
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
 
 
 def cut_and_heal(cluster: Cluster, hosts: Hosts, tmp_path: Path, tls: bool) -> None:

@@ -286,6 +286,44 @@ def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path)
     assert dropped(cluster, ("holder", "waiter")) == []
 
 
+def test_a_stopped_leaseholder_keeps_its_lease_while_others_write(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Other members' writes fill a stopped holder's receive window: its kernel still answers
+    the loader's probes, so it keeps its connection and its lease past dead_after."""
+    short_liveness(cluster)
+    cluster.start_loader()
+    holder, waiter, writer = (cluster.member(n) for n in ("holder", "waiter", "writer"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(
+        "import pathlib, time\n"
+        "def paused():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        f"    while not pathlib.Path({str(go)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        "    return 'from holder'\n"
+        "node.get('paused', paused)"
+    )
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('paused', fn)")
+    os.kill(holder.proc.pid, signal.SIGSTOP)
+    try:  # about 20 MB pushed to the holder over 6 s: past dead_after (3 s)
+        writer.ok(
+            "import time\n"
+            "for i in range(100):\n"
+            "    node.put(f'noise{i % 5}', bytes([i]) * 200_000)\n"
+            "    time.sleep(0.06)"
+        )
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    go.touch()
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert answer_within(waiter, 60) == {"ok": "from holder"}
+    assert not runs.exists()
+    assert dropped(cluster, ("holder", "waiter")) == []
+    assert holder.ok("node.get('noise4')[:1]") == "b'c'"  # caught up
+
+
 def test_a_killed_leaseholders_lease_passes_on_at_once(cluster: Cluster, tmp_path: Path) -> None:
     """kill -9 of the holder is noticed from the closed socket, long before dead_after."""
     cluster.env["CLUSTORAGE_DEAD_AFTER"] = "600"
