@@ -169,7 +169,9 @@ class Replica:
                         obj = _load_function(entry)
                     else:
                         obj = codec.load(entry.payload)
-                except Exception as exc:  # whatever unpickling raises
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # whatever unpickling raises, SystemExit too
                     return self._unloadable(entry, exc)
             elif entry.kind == FUNCTION:
                 obj = restore_filename(entry.key, obj)
@@ -257,6 +259,10 @@ class Replica:
             except Exception as exc:
                 exc.add_note(_cannot_load(entry))
                 raise
+            except (SystemExit, GeneratorExit) as exc:  # not this process's to end
+                raise RuntimeError(
+                    f"{_cannot_load(entry)}: loading it raised {type(exc).__name__}({exc})"
+                ) from exc
             del self._unread[key]
             self.values[key] = obj
             return obj
@@ -278,7 +284,7 @@ class Replica:
         self.versions[(entry.kind, entry.key)] = entry.version
         self.origins[(entry.kind, entry.key)] = entry.origin
 
-    def _unloadable(self, entry: Entry, exc: Exception) -> bool:
+    def _unloadable(self, entry: Entry, exc: BaseException) -> bool:
         """A pushed entry that cannot be deserialized here (a module this node lacks...): a
         value is recorded, and reading it raises, on the reader's thread; a function is
         left out. Either way the node goes on taking changes."""

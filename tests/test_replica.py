@@ -98,6 +98,28 @@ class _NeedsAMissingModule:
         return (importlib.import_module, ("clustorage_test_no_such_module",))
 
 
+class _ExitsWhenLoaded:
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        import sys
+
+        return (sys.exit, (3,))
+
+
+def test_a_value_whose_loading_exits_is_recorded_and_the_node_goes_on() -> None:
+    """Unpickling that raises SystemExit (a __setstate__ calling sys.exit) does not end the
+    thread installing it: the value is recorded, reading it raises an error naming the key,
+    and later changes are installed."""
+    replica = Replica()
+    events: list[LoadEvent] = []
+    replica.on_load(events.append)  # installs are eager: the value is loaded as it comes
+    exits = Entry(VALUE, "k", 1, pickle.dumps(_ExitsWhenLoaded()), None, "m", 1.0)
+    assert replica.install(exits)
+    assert replica.install(value("after", 1, "later"))
+    assert replica.values["after"] == "later"
+    with pytest.raises(RuntimeError, match=r"'k'.*SystemExit"):
+        replica.read_unread("k")
+
+
 def test_removals_after_forgetting_versions_are_still_announced() -> None:
     """Versions forgotten for a loader on another store: what it no longer has is removed,
     and listeners hear of it (a notebook unbinds the name)."""
