@@ -26,11 +26,11 @@ import mmap
 import platform
 from typing import Any
 
-from .bulk import HUGE_PAGES
+from .bulk import HUGE_PAGES, OWNED_AT
 
 __all__ = ["COPY_AT", "copy_to_bytes"]
 
-COPY_AT = 1 << 23  # bytes: below this, huge pages save too little to matter
+COPY_AT = OWNED_AT  # bytes: below this, huge pages save too little to matter
 _HUGE_PAGE = 1 << 21
 _PAGE = mmap.PAGESIZE
 _DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob_sval)

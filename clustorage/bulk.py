@@ -58,6 +58,7 @@ __all__ = [
     "HASHING_THREADS",
     "HUGE_PAGES",
     "OWNED",
+    "OWNED_AT",
     "RECYCLED",
     "RECYCLE_AT",
     "RECYCLE_IDLE",
@@ -256,6 +257,7 @@ class OwnedBlobs(_ByBuffer[bool]):
 
 
 OWNED = OwnedBlobs()
+OWNED_AT = 1 << 23  # bytes: the blobs worth taking apart (bigbytes.COPY_AT)
 
 
 def _discard_spill(holder: list[Spill | None]) -> None:
@@ -532,7 +534,7 @@ class ArrivingFrame:
         spill, self.spill[0] = self.spill[0], None
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
-        if self.owned:
+        if self.owned and self.length - self.blob_start >= OWNED_AT:
             OWNED.remember(self.data, self.length - self.blob_start)
 
     def feed(self, data: memoryview) -> int:

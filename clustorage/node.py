@@ -334,10 +334,15 @@ class Node:
 
     def _install(self, entry: Entry, obj: Any = MISSING, *, epoch: int | None = None) -> Any:
         """Install an answer's entry (unless something newer is here); the answer's object."""
-        if obj is MISSING and entry.kind == VALUE:
-            obj = codec.take_big_bytes(entry.payload)  # only this thread reads the answer
+        replica = self._replica
+        if (
+            obj is MISSING
+            and entry.kind == VALUE
+            and (replica.announced(entry.key) or replica.version(VALUE, entry.key) < entry.version)
+        ):  # a version to install, whose answer only this thread reads: copied out once
+            obj = codec.take_big_bytes(entry.payload)
             obj = MISSING if obj is None else obj
-        self._replica.install(entry, obj, epoch=epoch)
+        replica.install(entry, obj, epoch=epoch)
         if obj is not MISSING:
             return obj
         table = self._functions if entry.kind == FUNCTION else self._values

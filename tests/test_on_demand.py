@@ -104,6 +104,26 @@ def test_a_first_get_of_a_big_bytes_value_holds_one_copy_of_it(cluster: Cluster)
     assert SIZE <= grew < SIZE * 3 // 2, f"the first get grew the process by {grew} bytes"
 
 
+def test_threads_waiting_on_a_big_values_lease_share_the_computed_object(
+    cluster: Cluster,
+) -> None:
+    """A thread whose get waited on another thread's lease gets the object that thread
+    installed, not a copy of its own."""
+    cluster.start_loader(data=str(cluster.tmp / "data"))
+    member = cluster.member("m")
+    assert member.ok(
+        "import threading, time\n"
+        "got = {}\n"
+        f"def slow():\n    time.sleep(0.5)\n    return bytes(range(256)) * ({SIZE} // 256)\n"
+        "first = threading.Thread(target=lambda: got.update(a=node.get('big', slow)))\n"
+        "first.start()\n"
+        "time.sleep(0.2)\n"
+        "got['b'] = node.get('big', slow)\n"
+        "first.join(30)\n"
+        "got['a'] is got['b'] is node.get('big')"
+    )
+
+
 def test_a_new_version_of_a_big_value_replaces_the_fetched_one(cluster: Cluster) -> None:
     """A node that got version 1 and hears of version 2 drops 1 and gets 2 on its next read."""
     cluster.start_loader(data=str(cluster.tmp / "data"))

@@ -1185,3 +1185,19 @@ def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
     assert isinstance(received, memoryview)
     assert codec.take_big_bytes(received[3:]) is None  # the loader's: it sends it on
     assert received[3:] == payload
+
+
+@pytest.mark.timeout(30)
+def test_smaller_frames_after_a_big_answer_leave_it_to_be_taken() -> None:
+    """Frames a member receives between a big answer and its reader's take (pushes) do not
+    push the answer out of what may be taken apart."""
+    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+    payload = bytes(codec.dump_borrowing("k", value))
+    pair = open_pair(max_frame=4 * len(payload))
+    (frame,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    assert isinstance(frame, memoryview)
+    pushes = [
+        pair.client.read_frames(answer_frame(pair, b"env", bytes(2 * BULK))) for _ in "123456"
+    ]
+    assert codec.take_big_bytes(frame[3:]) == value
+    assert len(pushes) == 6
