@@ -593,3 +593,43 @@ class ClustorageKernelTests(jkt.KernelTests):
         reply, outputs = self.execute_helper("kt_probe()")
         assert reply["content"]["status"] == "ok"
         assert [msg["msg_type"] for msg in outputs] == ["execute_result"]
+
+
+def test_a_lost_loader_is_told_in_the_next_cell_not_under_the_last(
+    jupyter_path: Path, tmp_path: Path
+) -> None:
+    """The loader goes away while the kernel is idle: nothing is written under the cell that
+    ran last; the next cell starts with the line saying so."""
+    (tmp_path / "own").mkdir()
+    own = Cluster(tmp_path / "own")
+    kernel: Kernel | None = None
+    try:
+        loader = own.start_loader("own")
+        env = isolated_env(
+            tmp_path / "home",
+            jupyter_path,
+            CLUSTORAGE_LOADER=own.loader,
+            CLUSTORAGE_NAME="idle",
+            CLUSTORAGE_COOKIE=COOKIE,
+        )
+        kernel = Kernel(jupyter_path, env, tmp_path / "idle.json").wait_ready()
+        kernel.ok("clustorage.default_node().get('k', lambda: 1)")
+        last = kernel.kc.execute("x = 1")
+        loader.kill()
+        loader.wait(10)
+        later: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 3  # the node hears of it at once: the socket closed
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                later.append(kernel.kc.get_iopub_msg(timeout=0.2))
+        under_last = [
+            msg["content"]
+            for msg in later
+            if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == last
+        ]
+        assert under_last == []
+        assert "idle: lost the loader own@" in kernel.ok("2").stderr
+    finally:
+        if kernel is not None:
+            kernel.close()
+        own.close()

@@ -18,6 +18,7 @@ from clustorage import ClustorageError, CompileError, Node
 from clustorage.namespace import NamespaceSync
 from clustorage.shell_complete import ClusterMatcher
 
+from .between_cells import BetweenCells
 from .functions import FunctionMagics
 from .nodes import NodeMagics
 from .values import ValueMagics
@@ -73,6 +74,8 @@ class ClusterSession:
         self._api: dict[str, Any] = {}
         self._owns_custom_exc = False
         self._matcher = ClusterMatcher(self.names)
+        # In a kernel (which has one), the library's warnings wait for the next cell.
+        self._warnings = BetweenCells() if getattr(shell, "kernel", None) is not None else None
 
     # -- node ------------------------------------------------------------------------------
 
@@ -171,11 +174,17 @@ class ClusterSession:
             number = self.shell.execution_count - (1 if info.store_history else 0)
             transformed = info.transformed_cell or info.raw_cell
             self.cell = CurrentCell(info.raw_cell, transformed, number)
+        if self._warnings is not None:
+            self._warnings.cell_starts()
         if self.startup_error is not None:
             print(self.startup_error, file=sys.stderr, flush=True)
             self.startup_error = None
         self.follow(clustorage.default_node())
         self.sync.apply()
+
+    def _cell_ends(self, result: Any = None) -> None:
+        if self._warnings is not None:
+            self._warnings.cell_ends()
 
     def install(self) -> None:
         """Register the magics, the hook, completion and the one-line error display.
@@ -185,6 +194,9 @@ class ClusterSession:
         shell = self.shell
         shell.register_magics(*(cls(shell, self) for cls in MAGICS))
         shell.events.register("pre_run_cell", self.pre_run_cell)
+        if self._warnings is not None:
+            shell.events.register("post_run_cell", self._cell_ends)
+            logging.getLogger("clustorage").addHandler(self._warnings)
         matchers = shell.Completer.custom_matchers
         if self._matcher not in matchers:
             matchers.append(self._matcher)
@@ -199,6 +211,10 @@ class ClusterSession:
         shell = self.shell
         with contextlib.suppress(ValueError):
             shell.events.unregister("pre_run_cell", self.pre_run_cell)
+        if self._warnings is not None:
+            with contextlib.suppress(ValueError):
+                shell.events.unregister("post_run_cell", self._cell_ends)
+            logging.getLogger("clustorage").removeHandler(self._warnings)
         with contextlib.suppress(ValueError):
             shell.Completer.custom_matchers.remove(self._matcher)
         if self._owns_custom_exc:
