@@ -222,6 +222,20 @@ def test_cluster_get_line_evaluates_expr_in_user_ns_once(
     assert "answer" not in shell.user_ns  # values are not bound
 
 
+def test_cluster_get_takes_a_quoted_key_without_its_quotes(
+    shell: InteractiveShell, member: clustorage.Node
+) -> None:
+    """A KEY written as Python would ('k', "a key") is that key, not one with quotes in it;
+    a quote left open is a usage error saying so."""
+    assert shell.run_line_magic("cluster_get", "'quoted' 5") == 5
+    assert shell.run_line_magic("cluster_get", "quoted") == 5
+    assert shell.run_line_magic("cluster_get", '"two words" 1 + 1') == 2
+    assert member.get("two words") == 2
+    assert member.keys() == ["quoted", "two words"]
+    with pytest.raises(UsageError, match="opens a quote it does not close"):
+        shell.run_line_magic("cluster_get", "'open 1")
+
+
 def test_cluster_get_expression_with_braces_is_not_expanded(
     shell: InteractiveShell, member: clustorage.Node
 ) -> None:

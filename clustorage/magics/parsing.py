@@ -9,7 +9,7 @@ from types import CodeType
 
 from IPython.core.error import UsageError
 
-__all__ = ["check_function_name", "expression", "head", "split_arguments"]
+__all__ = ["check_function_name", "expression", "head", "key_head", "split_arguments"]
 
 _OPEN, _CLOSE = "([{", ")]}"
 _SKIP = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
@@ -62,6 +62,26 @@ def head(line: str) -> tuple[str, str]:
     """``"KEY rest of line"`` -> ``("KEY", "rest of line")``."""
     parts = line.strip().split(None, 1)
     return (parts[0] if parts else ""), (parts[1] if len(parts) > 1 else "")
+
+
+def key_head(line: str) -> tuple[str, str, bool]:
+    """As :func:`head`, for a line that starts with a KEY, which may be quoted (``'a key'``,
+    ``"a key"``, as Python would write it): ``(KEY, rest, quoted)``, the quotes left out.
+
+    Raises:
+        UsageError: a quote is opened and not closed.
+    """
+    stripped = line.strip()
+    quote = stripped[:1]
+    if quote not in ("'", '"'):
+        return (*head(stripped), False)
+    end = stripped.find(quote, 1)
+    if end < 0:
+        raise UsageError(
+            f"the KEY {stripped.split(None, 1)[0]} opens a quote it does not close: "
+            f"write it as {quote}KEY{quote}, or without quotes"
+        )
+    return stripped[1:end], stripped[end + 1 :].strip(), True
 
 
 def check_function_name(name: str) -> str:

@@ -15,7 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from clustorage import NotFound
 
 from .base import ClusterMagics, Interrupted
-from .parsing import check_function_name, expression, head
+from .parsing import check_function_name, expression, key_head
 from .waiting import WaitLine
 
 __all__ = ["ValueMagics"]
@@ -50,13 +50,14 @@ class ValueMagics(ClusterMagics):
            ...: list(csv.DictReader(open("trips.csv")))
         """
         __tracebackhide__ = True  # tracebacks start at the user's code, not here
-        key, rest = head(line)
+        key, rest, quoted = key_head(line)
         if not key:
             raise UsageError(
                 "%cluster_get needs a KEY: %cluster_get KEY [EXPR], where the optional EXPR "
                 "computes the value on a miss (or use %%cluster_get KEY with a cell)"
             )
-        parse_argstring(self.cluster_get, key)
+        if not quoted:  # -h and --help, and a mistyped flag
+            parse_argstring(self.cluster_get, key)
         fn: Callable[[], Any] | None = None
         if cell is not None:
             if rest:
