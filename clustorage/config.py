@@ -223,10 +223,22 @@ def _read_cookie_file(path: Path, *, create: bool) -> Cookie:
             f"run: chmod 600 {path}"
         )
     try:
-        text = path.read_text().strip()
+        secret = path.read_bytes().strip()  # any bytes: a key, not text
     except OSError as exc:
         raise ConfigError(f"cannot read cookie file {path}: {exc.strerror}") from exc
-    return Cookie(text.encode(), f"file {path}")
+    return Cookie(secret, f"file {path}")
+
+
+def _cookie_bytes(text: str, source: str) -> Cookie:
+    """The bytes of a cookie given as text: those of the command line or the environment,
+    undecodable ones included (surrogate escapes, as Python reads them)."""
+    try:
+        return Cookie(text.encode("utf-8", "surrogateescape"), source)
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"the cookie from {source} cannot be encoded ({exc.reason} at character "
+            f"{exc.start}); use a cookie of plain characters, e.g. from 'openssl rand -hex 32'"
+        ) from None
 
 
 def resolve_cookie(
@@ -243,11 +255,13 @@ def resolve_cookie(
     if isinstance(cookie, Cookie):
         return cookie
     if cookie is not None:
-        return Cookie(cookie.encode() if isinstance(cookie, str) else bytes(cookie), "--cookie")
+        if isinstance(cookie, str):
+            return _cookie_bytes(cookie, "--cookie")
+        return Cookie(bytes(cookie), "--cookie")
     if cookie_file is not None:
         return _read_cookie_file(Path(cookie_file), create=False)
     if env.get("CLUSTORAGE_COOKIE"):
-        return Cookie(env["CLUSTORAGE_COOKIE"].encode(), "$CLUSTORAGE_COOKIE")
+        return _cookie_bytes(env["CLUSTORAGE_COOKIE"], "$CLUSTORAGE_COOKIE")
     return _read_cookie_file(clustorage_home() / "cookie", create=True)
 
 

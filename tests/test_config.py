@@ -172,6 +172,21 @@ def test_cookie_argument_wins(home: Path) -> None:
     assert resolve_cookie("from-arg", file, env).source == "--cookie"
 
 
+def test_a_cookie_of_any_bytes_is_taken_as_those_bytes(home: Path) -> None:
+    """A cookie file is bytes, not text: one that is not UTF-8 is its bytes. A cookie from
+    the command line or the environment with undecodable bytes (surrogate escapes) is those
+    bytes; text that cannot be bytes at all is a ConfigError naming where it came from."""
+    file = home / "binary"
+    file.write_bytes(b"\xff\xfe secret\n")
+    file.chmod(0o600)
+    assert resolve_cookie(None, file, {}).secret == b"\xff\xfe secret"
+    escaped = os.fsdecode(b"\xffkey")
+    assert resolve_cookie(escaped, None, {}).secret == b"\xffkey"
+    assert resolve_cookie(None, None, {"CLUSTORAGE_COOKIE": escaped}).secret == b"\xffkey"
+    with pytest.raises(ConfigError, match=r"cookie from \$CLUSTORAGE_COOKIE cannot be encoded"):
+        resolve_cookie(None, None, {"CLUSTORAGE_COOKIE": "\ud800"})
+
+
 def test_cookie_file_beats_environment(home: Path) -> None:
     """Without an argument, --cookie-file beats $CLUSTORAGE_COOKIE and the home file."""
     file = write_cookie(home / "f", "from-file")
