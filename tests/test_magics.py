@@ -625,6 +625,26 @@ def test_cluster_stop_keeps_bound_functions(
     assert out == "no clustorage node runs here\n"
 
 
+def test_after_cluster_stop_get_and_call_say_how_to_start_a_node(
+    shell: InteractiveShell, hub: clustorage.Node
+) -> None:
+    """Where the session binds get, call and node (the clustorage kernel, the shell), a stop
+    unbinds them from the stopped node: get and call say how to start one, node is None; a
+    new start binds them again."""
+    session_for(shell).bind_api = True
+    shell.run_line_magic("cluster_start", f"--name nb --loader {hub.loader_address}")
+    assert shell.run_cell("get('k', lambda: 1)").result == 1
+    shell.run_line_magic("cluster_stop", "")
+    assert shell.user_ns["node"] is None
+    with pytest.raises(UsageError, match="%cluster_start"):
+        shell.user_ns["get"]("k2", lambda: 2)
+    with pytest.raises(UsageError, match="%cluster_start"):
+        shell.user_ns["call"]("f", [])
+    node = shell.run_line_magic("cluster_start", f"--name nb2 --loader {hub.loader_address}")
+    assert shell.user_ns["node"] is node
+    assert shell.run_cell("get('k')").result == 1
+
+
 def test_unreachable_loader_is_one_line(
     shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,6 +38,11 @@ MAGICS = (NodeMagics, ValueMagics, FunctionMagics)
 _sessions: weakref.WeakKeyDictionary[Any, ClusterSession] = weakref.WeakKeyDictionary()
 
 
+def _no_node(*args: Any, **kwargs: Any) -> Any:
+    """``get`` and ``call`` once the node they were bound to is stopped."""
+    raise UsageError(NO_NODE)
+
+
 class CurrentCell(NamedTuple):
     """The cell being run: its text and the number IPython shows for it (``In[N]``)."""
 
@@ -96,14 +101,16 @@ class ClusterSession:
         self.sync.namespace = self.shell.user_ns
         if node is None:
             self.sync.detach()
+            if self.bind_api and self._api:
+                self._bind_api({"get": _no_node, "call": _no_node, "node": None})
         else:
             self.sync.attach(node)
             if self.bind_api:
-                self._bind_api(node)
+                names = {"get": showing_waits(self.shell, node), "call": node.call, "node": node}
+                self._bind_api(names)
 
-    def _bind_api(self, node: Node) -> None:
-        """Point ``get``, ``call`` and ``node`` at ``node``, unless the user rebound them."""
-        names = {"get": showing_waits(self.shell, node), "call": node.call, "node": node}
+    def _bind_api(self, names: dict[str, Any]) -> None:
+        """Bind ``get``, ``call`` and ``node`` to ``names``, unless the user rebound them."""
         ns = self.shell.user_ns
         mine = {
             name: value
