@@ -312,7 +312,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         log.warning("refused a %s from %s (%s): %s", what, self.name, self.address, problem)
         rid = getattr(message, "rid", 0)
         if rid:
-            self.deliver(failure(rid, ValueError(f"the loader refused the {what}: {problem}")))
+            refusal = failure(rid, ValueError(f"the loader refused the {what}: {problem}"))
+            if self._handle == self._answer_probe:  # a probe is no member: deliver skips it
+                _ProbeReplies(self).deliver(refusal)
+            else:
+                self.deliver(refusal)
         return False
 
     def _accept_probe(self, name: str) -> None:

@@ -25,6 +25,16 @@ def test_probe_answers_status_and_history_without_joining(cluster: Cluster) -> N
     assert "probe" not in cluster.loader_log()
 
 
+def test_a_probes_history_of_a_key_the_loader_refuses_is_answered(cluster: Cluster) -> None:
+    """A History for a name that cannot be stored (a lone surrogate) gets the loader's
+    refusal at once, not a wait for an answer that never comes; the probe goes on."""
+    cluster.start_loader()
+    with clustorage.Probe(cluster.loader, cookie=COOKIE, timeout=30) as probe:
+        with pytest.raises(ValueError, match="the loader refused the History"):
+            probe.history("ab\ud800")
+        assert probe.status()["keys"] == 0
+
+
 @pytest.mark.parametrize("message", [Put(7, "k", b"v"), Fetch(7, "value", "k", True)])
 def test_probe_may_not_write_or_take_leases(cluster: Cluster, message: object) -> None:
     """A probe that sends anything but Status or History is closed; nothing is stored."""
