@@ -43,6 +43,7 @@ from clustorage.config import private_directory
 from .magics import session_for
 from .namespace import NamespaceSync
 from .shell_complete import ClusterMatcher
+from .shell_tracebacks import hide_library_frames
 from .shell_wait import WaitLine, waiting_fragments
 
 __all__ = [
@@ -182,6 +183,7 @@ class ClusterShell(TerminalInteractiveShell):
         self._sync: NamespaceSync | None = None
         self._wait_line: WaitLine | None = None
         super().__init__(**kwargs)
+        hide_library_frames(self.InteractiveTB)
         if self.pt_app is not None:
             history = FileHistory(str(history_path(self.cluster_name)))
             self.pt_app.history = history

@@ -47,6 +47,7 @@ FRONT_ENDS = [
     "shell_ui",
     "shell_complete",
     "shell_wait",
+    "shell_tracebacks",
     "kernel",
     "cli",
     "flags",

@@ -197,6 +197,10 @@ def test_errors_show_source_and_keep_the_shell(shells: Shells) -> None:
     screen = shells.run("app2", "div(1, 0)", "ZeroDivisionError")
     assert "<cluster:div>" in screen and "return a / b" in screen
     shells.run("app2", "get('hello')", "'world'")
+    screen = shells.run("app2", "get('boom', lambda: int('boom'))", "invalid literal")
+    shown = screen.rsplit("app2> get('boom'", 1)[1]
+    assert "Traceback" in shown and "lambda: int('boom')" in shown
+    assert "node.py" not in shown  # from the prompt's line straight to the fn
 
 
 def test_completion_of_cluster_keys(shells: Shells) -> None:
