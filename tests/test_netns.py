@@ -115,6 +115,35 @@ def wait_for(check: object, seconds: float) -> None:
     raise AssertionError(f"not true within {seconds}s")
 
 
+def start_across(
+    cluster: Cluster,
+    hosts: Hosts,
+    data: str,
+    envs: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Member]:
+    """Loader app1 on the loader's host (its log in the cluster's folder) and a member on
+    each other host; ``envs``: each one's environment ("app1" and the member names),
+    the cluster's by default."""
+    env_of = (lambda name: cluster.env) if envs is None else envs.__getitem__
+    log = open(cluster.tmp / "loader-app1.log", "w")  # noqa: SIM115
+    command = [sys.executable, "-m", "clustorage", "loader", "--name", "app1"]
+    options = ["--listen", f"0.0.0.0:{PORT}", "--data", data]
+    loader = subprocess.Popen(
+        ["ip", "netns", "exec", hosts.loader, *command, *options],
+        env=env_of("app1"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    cluster.procs.append(loader)
+    members = {}
+    for name, (ns, _inner, address) in hosts.links.items():
+        prefix = ("ip", "netns", "exec", ns)
+        members[name] = Member(env_of(name), name, f"app1@{address}:{PORT}", prefix)
+        cluster.procs.append(members[name].proc)
+    return members
+
+
 def test_cut_link_reconnects_and_resyncs(cluster: Cluster, hosts: Hosts, tmp_path: Path) -> None:
     """A member whose link is cut keeps its hits, then reconnects and resyncs when it is back."""
     cut_and_heal(cluster, hosts, tmp_path, tls=False)
@@ -132,31 +161,8 @@ def test_a_stopped_member_behind_a_cut_link_is_dropped(
 ) -> None:
     """A stopped member keeps its connection while writes fill its window (its kernel answers
     the loader's probes); once its link is cut as well, it is dropped, its lease passed on."""
-    env = dict(cluster.env, CLUSTORAGE_DEAD_AFTER="3")
-    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
-    options = ["--name", "app1", "--listen", f"0.0.0.0:{PORT}", "--data", ":memory:"]
-    loader = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            hosts.loader,
-            sys.executable,
-            "-m",
-            "clustorage",
-            "loader",
-            *options,
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    cluster.procs.append(loader)
-    members = {}
-    for name, (ns, _inner, address) in hosts.links.items():
-        members[name] = Member(env, name, f"app1@{address}:{PORT}", ("ip", "netns", "exec", ns))
-        cluster.procs.append(members[name].proc)
+    cluster.env["CLUSTORAGE_DEAD_AFTER"] = "3"
+    members = start_across(cluster, hosts, ":memory:")
     a, b = members["a"], members["b"]
     wait_for(lambda: a.ok("node.connected") and b.ok("node.connected"), 30)
     started = tmp_path / "started"
@@ -201,31 +207,7 @@ def cut_and_heal(cluster: Cluster, hosts: Hosts, tmp_path: Path, tls: bool) -> N
             )
             for name in envs
         }
-    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
-    options = ["--name", "app1", "--listen", f"0.0.0.0:{PORT}", "--data", str(tmp_path / "data")]
-    loader = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            hosts.loader,
-            sys.executable,
-            "-m",
-            "clustorage",
-            "loader",
-            *options,
-        ],
-        env=envs["app1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    cluster.procs.append(loader)
-    members = {}
-    for name, (ns, _inner, address) in hosts.links.items():
-        prefix = ("ip", "netns", "exec", ns)
-        members[name] = Member(envs[name], name, f"app1@{address}:{PORT}", prefix)
-        cluster.procs.append(members[name].proc)
+    members = start_across(cluster, hosts, str(tmp_path / "data"), envs)
     a, b = members["a"], members["b"]
     wait_for(lambda: a.ok("node.connected") and b.ok("node.connected"), 30)
     a.ok("node.put('before', 1)")

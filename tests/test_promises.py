@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,12 +14,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cluster, Member, free_port
-from tests.test_netns import PORT, Hosts, namespaces
+from tests.test_netns import Hosts, namespaces, start_across
 
 pytestmark = pytest.mark.timeout(180)
 
-IN_NAMESPACE = ("ip", "netns", "exec")
-LOADER = (sys.executable, "-m", "clustorage", "loader", "--name", "app1")
 
 # Defined in a member: its replica as plain data, {key: [value, version]} and
 # {function: [what it returns, version]}, to compare with another node's.
@@ -215,6 +211,21 @@ def test_a_storm_with_a_loader_kill_converges_on_every_member(
 # -- Busy is not dead ----------------------------------------------------------------------
 
 
+def paused_fn(started: Path, go: Path, runs: Path) -> str:
+    """Source of a function ``paused`` that touches ``started``, waits for ``go``, records
+    its run in ``runs`` and returns 'from holder'."""
+    return (
+        "import pathlib, time\n"
+        "def paused():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        f"    while not pathlib.Path({str(go)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        f"    with open({str(runs)!r}, 'a') as out:\n"
+        "        out.write('holder\\n')\n"
+        "    return 'from holder'\n"
+    )
+
+
 def short_liveness(cluster: Cluster) -> None:
     """dead_after of 3 s everywhere: a busy node outlasting it must still be alive."""
     cluster.env["CLUSTORAGE_DEAD_AFTER"] = "3"
@@ -253,17 +264,7 @@ def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path)
     cluster.start_loader()
     holder, waiter = cluster.member("holder"), cluster.member("waiter")
     started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(
-        "import pathlib, time\n"
-        "def paused():\n"
-        f"    pathlib.Path({str(started)!r}).touch()\n"
-        f"    while not pathlib.Path({str(go)!r}).exists():\n"
-        "        time.sleep(0.05)\n"
-        f"    with open({str(runs)!r}, 'a') as out:\n"
-        "        out.write('holder\\n')\n"
-        "    return 'from holder'\n"
-        "node.get('paused', paused)"
-    )
+    holder.start_send(paused_fn(started, go, runs) + "node.get('paused', paused)")
     wait_until(started.exists, 30, "the holder starts its fn")
     waiter.ok(
         "import threading\n" + counted_fn(runs, "waiter", "from waiter") + "got = []\n"
@@ -295,15 +296,7 @@ def test_a_stopped_leaseholder_keeps_its_lease_while_others_write(
     cluster.start_loader()
     holder, waiter, writer = (cluster.member(n) for n in ("holder", "waiter", "writer"))
     started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(
-        "import pathlib, time\n"
-        "def paused():\n"
-        f"    pathlib.Path({str(started)!r}).touch()\n"
-        f"    while not pathlib.Path({str(go)!r}).exists():\n"
-        "        time.sleep(0.05)\n"
-        "    return 'from holder'\n"
-        "node.get('paused', paused)"
-    )
+    holder.start_send(paused_fn(started, go, runs) + "node.get('paused', paused)")
     wait_until(started.exists, 30, "the holder starts its fn")
     waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('paused', fn)")
     os.kill(holder.proc.pid, signal.SIGSTOP)
@@ -319,7 +312,7 @@ def test_a_stopped_leaseholder_keeps_its_lease_while_others_write(
     go.touch()
     assert answer_within(holder, 60) == {"ok": "from holder"}
     assert answer_within(waiter, 60) == {"ok": "from holder"}
-    assert not runs.exists()
+    assert runs.read_text() == "holder\n"
     assert dropped(cluster, ("holder", "waiter")) == []
     assert holder.ok("node.get('noise4')[:1]") == "b'c'"  # caught up
 
@@ -361,35 +354,16 @@ def test_a_cut_off_holders_late_commit_raises_lease_lost(
     """The holder's link is cut: both ends notice within dead_after, the lease passes to the
     waiter, who commits; healed, the holder reconnects and its commit raises LeaseLost."""
     short_liveness(cluster)
-    data = str(tmp_path / "data")
-    log = open(tmp_path / "loader-app1.log", "w")  # noqa: SIM115
-    loader = subprocess.Popen(
-        [*IN_NAMESPACE, hosts.loader, *LOADER, "--listen", f"0.0.0.0:{PORT}", "--data", data],
-        env=cluster.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    cluster.procs.append(loader)
-    members = {}
-    for name, (ns, _inner, address) in hosts.links.items():
-        members[name] = cluster.member(name, f"app1@{address}:{PORT}", (*IN_NAMESPACE, ns))
+    members = start_across(cluster, hosts, str(tmp_path / "data"))
     holder, waiter = members["a"], members["b"]
     wait_until(lambda: holder.ok("node.connected") and waiter.ok("node.connected"), 30, "joined")
     started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
     holder.ok(
-        "import pathlib, threading, time\n"
-        "def cut_off():\n"
-        f"    pathlib.Path({str(started)!r}).touch()\n"
-        f"    while not pathlib.Path({str(go)!r}).exists():\n"
-        "        time.sleep(0.05)\n"
-        f"    with open({str(runs)!r}, 'a') as out:\n"
-        "        out.write('holder\\n')\n"
-        "    return 'from holder'\n"
+        paused_fn(started, go, runs) + "import threading\n"
         "outcome = []\n"
         "def attempt():\n"
         "    try:\n"
-        "        outcome.append(['ok', node.get('contested', cut_off)])\n"
+        "        outcome.append(['ok', node.get('contested', paused)])\n"
         "    except Exception as exc:\n"
         "        outcome.append([type(exc).__name__, str(exc)])\n"
         "attempt_thread = threading.Thread(target=attempt)\n"
