@@ -307,6 +307,31 @@ def test_keys_and_delete(
     assert shell.run_line_magic("cluster_keys", "") == ["b.c"]
 
 
+def test_delete_of_a_value_named_like_a_function_points_at_function(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """%cluster_delete NAME where only a function has that name says how to delete it."""
+    member.define("twice", "lambda x: 2 * x")
+    _, out, _ = cell(shell, "%cluster_delete twice", capsys)
+    assert out == (
+        "no value 'twice' to delete; a function has that name: %cluster_delete --function twice\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("magic", "line", "usage"),
+    [("cluster_get", "--nme answer", "KEY [EXPR]"), ("cluster_call", "--nmae f 1", "NAME")],
+)
+def test_a_mistyped_option_is_named(
+    shell: InteractiveShell, member: clustorage.Node, magic: str, line: str, usage: str
+) -> None:
+    """A mistyped option is named as such, not reported as missing arguments."""
+    option = line.split()[0]
+    expected = re.escape(f"%{magic} has no option {option}: use %{magic} {usage}")
+    with pytest.raises(UsageError, match=expected):
+        shell.run_line_magic(magic, line)
+
+
 # -- functions ----------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from clustorage import CompileError, Node, NotFound
 
 from .base import ClusterMagics, Interrupted
 from .display import SourceText, describe
-from .parsing import check_function_name, expression, head, split_arguments
+from .parsing import check_function_name, check_no_option, expression, head, split_arguments
 
 __all__ = ["FunctionMagics"]
 
@@ -54,6 +54,7 @@ class FunctionMagics(ClusterMagics):
         """
         __tracebackhide__ = True  # tracebacks start at the function's own source
         name, rest = head(line)
+        check_no_option("cluster_call", name, "NAME [ARG ...]")
         parse_argstring(self.cluster_call, name)
         check_function_name(name)
         codes = [

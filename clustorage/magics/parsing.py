@@ -9,7 +9,14 @@ from types import CodeType
 
 from IPython.core.error import UsageError
 
-__all__ = ["check_function_name", "expression", "head", "key_head", "split_arguments"]
+__all__ = [
+    "check_function_name",
+    "check_no_option",
+    "expression",
+    "head",
+    "key_head",
+    "split_arguments",
+]
 
 _OPEN, _CLOSE = "([{", ")]}"
 _SKIP = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
@@ -82,6 +89,17 @@ def key_head(line: str) -> tuple[str, str, bool]:
             f"write it as {quote}KEY{quote}, or without quotes"
         )
     return stripped[1:end], stripped[end + 1 :].strip(), True
+
+
+def check_no_option(magic: str, first: str, usage: str) -> None:
+    """``first``, the first word of a ``%magic`` line, is not a mistyped option (argparse
+    would only say that the positional arguments are missing).
+
+    Raises:
+        UsageError: it starts with "-" and is not -h or --help.
+    """
+    if first.startswith("-") and first not in ("-h", "--help"):
+        raise UsageError(f"%{magic} has no option {first}: use %{magic} {usage} (see %{magic}?)")
 
 
 def check_function_name(name: str) -> str:

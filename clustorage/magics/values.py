@@ -15,7 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from clustorage import NotFound
 
 from .base import ClusterMagics, Interrupted
-from .parsing import check_function_name, expression, key_head
+from .parsing import check_function_name, check_no_option, expression, key_head
 from .waiting import WaitLine
 
 __all__ = ["ValueMagics"]
@@ -56,7 +56,8 @@ class ValueMagics(ClusterMagics):
                 "%cluster_get needs a KEY: %cluster_get KEY [EXPR], where the optional EXPR "
                 "computes the value on a miss (or use %%cluster_get KEY with a cell)"
             )
-        if not quoted:  # -h and --help, and a mistyped flag
+        if not quoted:  # -h and --help
+            check_no_option("cluster_get", key, "KEY [EXPR]")
             parse_argstring(self.cluster_get, key)
         fn: Callable[[], Any] | None = None
         if cell is not None:
@@ -154,6 +155,15 @@ class ValueMagics(ClusterMagics):
         kind = "function" if args.function else "value"
         if args.function:
             check_function_name(args.key)
-        existed = self.session.node().delete(args.key, kind=kind)
-        print(f"deleted {kind} {args.key!r}" if existed else f"no {kind} {args.key!r} to delete")
+        node = self.session.node()
+        existed = node.delete(args.key, kind=kind)
+        if existed:
+            print(f"deleted {kind} {args.key!r}")
+        elif not args.function and args.key in node.functions():
+            print(
+                f"no value {args.key!r} to delete; a function has that name: "
+                f"%cluster_delete --function {args.key}"
+            )
+        else:
+            print(f"no {kind} {args.key!r} to delete")
         self.session.sync.apply()
