@@ -340,8 +340,9 @@ class Node:
             and entry.kind == VALUE
             and (replica.announced(entry.key) or replica.version(VALUE, entry.key) < entry.version)
         ):  # a version to install, whose answer only this thread reads: copied out once
-            obj = codec.take_big_bytes(entry.payload)
-            obj = MISSING if obj is None else obj
+            taken = codec.take_big_bytes(entry.payload)
+            if taken is not None:
+                obj = taken
         replica.install(entry, obj, epoch=epoch)
         if obj is not MISSING:
             return obj
