@@ -66,6 +66,14 @@ def kill(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
             stream.close()
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def stop_process(pid: int, timeout: float = 10) -> None:
     """SIGSTOP ``pid`` and return once every thread of it is stopped (the signal takes
     effect when each thread next runs, not when kill returns)."""

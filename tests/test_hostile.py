@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -24,17 +23,9 @@ import pytest
 from clustorage import messages
 from clustorage.hello import handshake_meta
 from clustorage.protocol import MAGIC, VERSION, Connection, Role
-from tests.conftest import COOKIE, Cluster, free_port, wait_for_port
+from tests.conftest import COOKIE, Cluster, free_port, rss_kib, wait_for_port
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def closed_by_peer(sock: socket.socket, within: float) -> bool:

@@ -124,13 +124,13 @@ def start_across(
     """Loader app1 on the loader's host (its log in the cluster's folder) and a member on
     each other host; ``envs``: each one's environment ("app1" and the member names),
     the cluster's by default."""
-    env_of = (lambda name: cluster.env) if envs is None else envs.__getitem__
+    envs = envs or {}
     log = open(cluster.tmp / "loader-app1.log", "w")  # noqa: SIM115
     command = [sys.executable, "-m", "clustorage", "loader", "--name", "app1"]
     options = ["--listen", f"0.0.0.0:{PORT}", "--data", data]
     loader = subprocess.Popen(
         ["ip", "netns", "exec", hosts.loader, *command, *options],
-        env=env_of("app1"),
+        env=envs.get("app1", cluster.env),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -139,7 +139,7 @@ def start_across(
     members = {}
     for name, (ns, _inner, address) in hosts.links.items():
         prefix = ("ip", "netns", "exec", ns)
-        members[name] = Member(env_of(name), name, f"app1@{address}:{PORT}", prefix)
+        members[name] = Member(envs.get(name, cluster.env), name, f"app1@{address}:{PORT}", prefix)
         cluster.procs.append(members[name].proc)
     return members
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, rss_kib
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -90,17 +90,11 @@ def test_a_first_get_of_a_big_bytes_value_holds_one_copy_of_it(cluster: Cluster)
     writer, reader = cluster.member("writer"), cluster.member("reader")
     writer.ok(f"node.put('big', bytes(range(256)) * ({SIZE} // 256))")
     settle(reader, "big")
-    reader.ok(
-        "def rss():\n"
-        "    with open('/proc/self/status') as status:\n"
-        "        line = next(line for line in status if line.startswith('VmRSS:'))\n"
-        "    return int(line.split()[1]) * 1024\n"
-        "before = rss()"
-    )
+    before = rss_kib(reader.proc.pid)
     assert reader.ok(
         f"v = node.get('big')\nlen(v) == {SIZE} and v == bytes(range(256)) * {SIZE // 256}"
     )
-    grew = int(reader.ok("rss() - before"))
+    grew = (rss_kib(reader.proc.pid) - before) * 1024
     assert SIZE <= grew < SIZE * 3 // 2, f"the first get grew the process by {grew} bytes"
 
 

@@ -600,9 +600,10 @@ def test_next_event_after_error_raises() -> None:
 # -- bulk frames ------------------------------------------------------------------------------
 
 
-def bulk_frame(pair: ConnectionPair, envelope: bytes, blob: bytes) -> bytes:
-    """The bytes of one bulk frame the client sends."""
-    return b"".join(bytes(part) for part in pair.client.send_bulk(envelope, blob))
+def bulk_frame(pair: ConnectionPair, envelope: bytes, blob: bytes, by: Role = Role.CLIENT) -> bytes:
+    """The bytes of one bulk frame the client (or ``by``) sends."""
+    sender = pair.client if by is Role.CLIENT else pair.server
+    return b"".join(bytes(part) for part in sender.send_bulk(envelope, blob))
 
 
 @pytest.mark.parametrize("bulk_digest", BULK_DIGESTS)
@@ -1147,11 +1148,6 @@ def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
     assert third == b"env" + blobs[2] and held == b"env" + blobs[0]
 
 
-def answer_frame(pair: ConnectionPair, envelope: bytes, blob: bytes) -> bytes:
-    """The bytes of one bulk frame the server (the loader) sends."""
-    return b"".join(bytes(part) for part in pair.server.send_bulk(envelope, blob))
-
-
 @pytest.mark.timeout(30)
 def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
     monkeypatch: pytest.MonkeyPatch,
@@ -1164,7 +1160,7 @@ def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
     value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
     payload = bytes(codec.dump_borrowing("k", value))
     pair = open_pair(max_frame=4 * len(payload))
-    (frame,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
     assert isinstance(frame, memoryview)
     blob = frame[3:]
     taken = codec.take_big_bytes(blob)
@@ -1176,7 +1172,7 @@ def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
     del frame, blob
     gc.collect()
 
-    (again,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    (again,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
     assert isinstance(again, memoryview) and again.obj is buffer()  # recycled: kept whole
     assert codec.take_big_bytes(again[3:]) is None
     assert codec.load(again[3:]) == value and again[3:] == payload
@@ -1194,10 +1190,11 @@ def test_smaller_frames_after_a_big_answer_leave_it_to_be_taken() -> None:
     value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
     payload = bytes(codec.dump_borrowing("k", value))
     pair = open_pair(max_frame=4 * len(payload))
-    (frame,) = pair.client.read_frames(answer_frame(pair, b"env", payload))
+    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
     assert isinstance(frame, memoryview)
     pushes = [
-        pair.client.read_frames(answer_frame(pair, b"env", bytes(2 * BULK))) for _ in "123456"
+        pair.client.read_frames(bulk_frame(pair, b"env", bytes(2 * BULK), Role.SERVER))
+        for _ in "123456"
     ]
     assert codec.take_big_bytes(frame[3:]) == value
     assert len(pushes) == 6
