@@ -47,6 +47,7 @@ from .replica import Replica
 __all__ = [
     "SLICE",
     "Channel",
+    "CutOff",
     "Pending",
     "Roster",
     "Waiter",
@@ -88,10 +89,19 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
-class Waiter:
-    """One caller waiting for one answer."""
+class CutOff(LoaderUnavailable):
+    """The connection ended while the request waited behind ``holder``'s lease: ask again
+    (with an Await) once connected, rather than give up on a value still being computed."""
 
-    __slots__ = ("_lock", "done", "error", "queued", "reply")
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class Waiter:
+    """One caller waiting for one answer; ``holder``: whose lease it is queued behind."""
+
+    __slots__ = ("_lock", "done", "error", "holder", "queued", "reply")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -99,6 +109,7 @@ class Waiter:
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.queued = False
+        self.holder = ""
         self.done = False
 
     def set(self, reply: Message | None = None, error: BaseException | None = None) -> None:
@@ -173,7 +184,7 @@ class Pending:
         if type(reply) is Queued:
             waiter = self._waiters.get(rid)
             if waiter is not None:
-                waiter.queued = True
+                waiter.queued, waiter.holder = True, reply.holder
                 self.note_queued(rid, reply)
             return waiter is not None
         self.queued.pop(rid, None)

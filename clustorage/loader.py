@@ -29,6 +29,11 @@ order, and every other request is served (SPEC "The loader never stalls").
 * With standbys on one PostgreSQL store, each lease is also recorded there (``LeaseBook``)
   before its holder hears of it; a loader that takes over adopts them (SPEC "High
   availability"), so a holder still computing commits to it and the waiters wait for it.
+* A lease outlives its holder's connection for a while: a node's first message on a new
+  connection (``Reclaim``) names the leases whose fn it runs, and it keeps them. A waiter
+  cut off asks again with an ``Await`` naming the holder; a loader that restarted (and so
+  knows no lease) keeps the key for that holder until it comes back or ``lease_grace``
+  passes, instead of granting the lease a second time.
 """
 
 from __future__ import annotations
@@ -54,12 +59,13 @@ from .errors import (
     ValueTooLarge,
 )
 from .fanout import Fanout
-from .keys import printable
+from .keys import printable, unencodable
 from .leases import Lease, Leases
 from .messages import (
     FUNCTION,
     VALUE,
     Announce,
+    Await,
     Blob,
     Commit,
     Committed,
@@ -83,6 +89,7 @@ from .messages import (
     Payload,
     Put,
     Queued,
+    Reclaim,
     Release,
     Status,
     StatusReply,
@@ -194,11 +201,22 @@ def failure(rid: int, exc: BaseException) -> Failed:
     return Failed(rid, type(exc).__name__, str(exc), details)
 
 
+def _claims(leases: Any) -> list[tuple[str, int]]:
+    """The well-formed ``(key, token)`` pairs of a Reclaim."""
+    return [
+        (key, token)
+        for key, token in (pair for pair in leases if type(pair) is tuple and len(pair) == 2)
+        if type(key) is str and type(token) is int and unencodable(key) is None
+    ]
+
+
 def _subject(message: Message) -> tuple[str, str] | None:
     """The entry a request reads or writes; requests on one entry are handled in order."""
     kind = type(message)
     if kind is Fetch or kind is Delete:
         return message.kind, message.key  # type: ignore[union-attr]
+    if kind is Await:
+        return VALUE, message.key  # type: ignore[union-attr]
     if kind is Commit or kind is Put or kind is Release:
         return VALUE, message.key  # type: ignore[union-attr]
     if kind is Define:
@@ -251,6 +269,7 @@ class LoaderCore:
             limit=max_frame,
         )
         self._leases = Leases()
+        self._lease_grace = lease_grace
         self._book = book
         if book is not None:
             self._adopt(book, lease_grace)
@@ -259,6 +278,8 @@ class LoaderCore:
         self._definitions: list[_Definition] = []
         self._handlers: dict[type, Callable[[Peer, Any], None]] = {
             Fetch: self._fetch,
+            Await: self._await,
+            Reclaim: self._reclaim,
             Commit: self._commit,
             Release: self._release,
             Put: self._put,
@@ -472,6 +493,58 @@ class LoaderCore:
             log.info("took over %d leases: %s", len(adopted), [lease.key for lease in adopted])
             self._schedule(grace, self._expire_adopted)
 
+    def detach(self, peer: Peer) -> None:
+        """``peer``'s connection is being replaced by a new one of the same node: its leases
+        wait for that one to reclaim them (or for ``lease_grace``), instead of passing on."""
+        detached = [lease for lease in self._leases if lease.holder is peer]
+        for lease in detached:
+            lease.holder = _Absent(peer.name)
+        if detached:
+            self._schedule(self._lease_grace, self._expire_adopted)
+
+    def _reclaim(self, peer: Peer, message: Reclaim) -> None:
+        """A node's first word on a new connection: the leases whose fn it runs. It keeps
+        them; a lease kept for it that it does not name passes on."""
+        claimed = dict(_claims(message.leases))
+        for lease in self._leases:
+            if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
+                continue
+            token = claimed.pop(lease.key, None)
+            if token is not None and lease.token in (0, token):
+                lease.holder, lease.token = peer, token
+            elif not lease.committing:
+                self._pass_lease(lease)
+        for key, token in claimed.items():
+            if (VALUE, key) in self.entries or self._leases.get(key) is not None:
+                continue  # it passed on meanwhile: the holder's commit is refused (LeaseLost)
+            lease = self._leases.adopt(key, peer, token)
+            try:
+                self._book_grant(lease)
+            except StoreError as exc:
+                log.warning("%s: its holder was not recorded: %s", printable(key), exc)
+            log.info("%s: %s still computes it", printable(key), peer.name)
+
+    def _await(self, peer: Peer, message: Await) -> None:
+        """A Fetch asked again by a waiter cut off from ``holder``'s lease. A holder that has
+        not resynced since this loader started may still be computing: the key waits for
+        it, as for a holder a takeover adopted."""
+        key, holder = message.key, message.holder
+        if (
+            (VALUE, key) not in self.entries
+            and self._leases.get(key) is None
+            and holder != self.name
+            and not self._resynced(holder)
+        ):
+            self._leases.adopt(key, _Absent(holder), 0)
+            self._schedule(self._lease_grace, self._expire_adopted)
+            log.info("%s: waiting for %s to come back", printable(key), printable(holder))
+        self._fetch(peer, Fetch(message.rid, VALUE, key, True, tuple(message.holding)))
+
+    def _resynced(self, name: str) -> bool:
+        """Whether node ``name`` is connected and resynced (so it reclaimed its leases)."""
+        peer = self.peers.get(name)
+        return peer is not None and id(peer) in self._synced
+
     def _expire_adopted(self) -> None:
         for lease in self._leases:
             if type(lease.holder) is _Absent and not lease.committing:
@@ -526,7 +599,13 @@ class LoaderCore:
             # Sent again after a takeover (its first answer was lost): already stored.
             peer.deliver(Committed(message.rid, current.without_payload(), True))
             return
-        if (lease is not None and lease.token != message.token) or (
+        kept_for_it = (
+            lease is not None
+            and type(lease.holder) is _Absent
+            and lease.holder.name == peer.name
+            and lease.token == 0
+        )
+        if (lease is not None and lease.token != message.token and not kept_for_it) or (
             lease is None and (VALUE, key) in self.entries
         ):
             why = (

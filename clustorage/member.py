@@ -6,7 +6,10 @@ which saves a thread switch per request; a background thread reads while nobody 
 waiting. The reader wakes callers with their answers (by request number), applies pushes to
 the replica and acknowledges hot-loads. When the connection drops, waiting callers get
 LoaderUnavailable and the background thread reconnects with capped exponential backoff, then
-resynchronises by versions before anyone's request goes out again.
+resynchronises by versions before anyone's request goes out again. A new connection first
+reclaims the leases whose fn runs here, and a caller that was queued behind another node's
+lease is told so (CutOff), to ask again rather than give up: across a loader's restart, the
+value is still computed once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from . import codec, interrupts, messages, tls
 from .channel import (
     SLICE,
     Build,
+    CutOff,
     Pending,
     Roster,
     Waiter,
@@ -63,6 +67,7 @@ from .messages import (
     Pushes,
     Put,
     Queued,
+    Reclaim,
     Status,
     Sync,
     SyncReply,
@@ -176,13 +181,21 @@ class _Following:
 class MemberClient:
     """A member node's channel to its loader (see the module docstring)."""
 
-    def __init__(self, config: NodeConfig, replica: Replica, changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        replica: Replica,
+        changed: Callable[[], None],
+        leases: dict[str, int] | None = None,
+    ) -> None:
+        """``leases``: the node's leases whose fn runs, key -> token (kept by the node)."""
         assert config.loader is not None
         self.config = config
         self.loader = config.loader
         self._target = (config.loader.host, config.loader.port)  # the one tried next
         self.replica = replica
         self.changed = changed
+        self._leases = {} if leases is None else leases
         self._roster = Roster()
         self.pending = Pending()
         self._session = secrets.token_hex(8)
@@ -213,7 +226,9 @@ class MemberClient:
         self._bulk_reads = 0  # reads into a big payload arriving: an answer on its way
         self._store: object = None  # the identity of the loader's store, once resynced
         self._takes_not_loaded = False  # the loader's welcome says it understands NotLoaded
+        self._reclaims = False  # ... and Reclaim and Await: a lease outlives a connection
         self._answer: Message | None = None
+        self._behind = ""  # whose lease the io lock holder's request is queued behind
         self._abandoned: dict[int, Message] = {}  # writes whose callers stopped waiting
         self._patient = False
         self._followed: socket.socket | None = None  # the socket the shared reader reads
@@ -345,6 +360,7 @@ class MemberClient:
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
         self._takes_not_loaded = bool(welcome.get("not_loaded"))
+        self._reclaims = bool(welcome.get("reclaims"))
         store = welcome.get("store")
         if self._store is not None and store != self._store:
             # Another store (a loader that kept nothing, or another data file) numbers its
@@ -354,6 +370,8 @@ class MemberClient:
             held = self.replica.held()
         self._store = store  # from now on, what arrives is numbered by this store
         self._abandoned.clear()  # the resync brings what their answers would have
+        if self._reclaims:  # even none: the loader then knows which of ours ended meanwhile
+            self._send(Reclaim(tuple(self._leases.copy().items())))
         rid, waiter = self.pending.open()
         self._send(Sync(rid, held))
         deadline = time.monotonic() + timeout
@@ -600,7 +618,7 @@ class MemberClient:
                     if sent is not None:
                         self._apply(lambda: self._late_answer(sent, message))
             elif type(message) is Queued:
-                self._patient = True
+                self._patient, self._behind = True, message.holder
                 self.pending.note_queued(rid, message)
             else:
                 self._answer = message
@@ -850,7 +868,10 @@ class MemberClient:
             raise
         try:
             interrupts.release()  # a Ctrl-C that came as it was sent: raised here
-            return self._await(rid, waiter, timeout)
+            try:
+                return self._await(rid, waiter, timeout)
+            except LoaderUnavailable as exc:
+                raise self._cut_off(exc, waiter.holder) from None
         except BaseException:
             if sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, None)
@@ -867,7 +888,7 @@ class MemberClient:
         keeps it aside (see :meth:`_dispatch`).
         """
         rid = self.pending.number()
-        self._mine, self._answer, self._patient = rid, None, patient
+        self._mine, self._answer, self._patient, self._behind = rid, None, patient, ""
         sent: Message | None = None
         answered = False
         try:
@@ -883,16 +904,24 @@ class MemberClient:
                 answered = True
                 return self._answer
             if not self._is_ready:
-                raise self.unavailable(str(self._last_error or "connection lost"))
+                lost = self.unavailable(str(self._last_error or "connection lost"))
+                raise self._cut_off(lost, self._behind)
             raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
             self._lost(exc)
-            raise self.unavailable(str(exc)) from exc
+            raise self._cut_off(self.unavailable(str(exc)), self._behind) from exc
         finally:
             if not answered and sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, self._answer)
             self.pending.queued.pop(rid, None)
             self._mine, self._answer = 0, None
+
+    def _cut_off(self, lost: LoaderUnavailable, holder: str) -> LoaderUnavailable:
+        """``lost`` as a CutOff when the request was queued behind ``holder``'s lease and
+        the loader takes an Await; the caller then asks again once connected."""
+        if not holder or not self._reclaims or self._stopping or isinstance(lost, CutOff):
+            return lost
+        return CutOff(str(lost), holder)
 
     def notify(self, build: Build) -> None:
         """Send a message that has no answer, if connected. While another thread sends (a

@@ -24,6 +24,7 @@ __all__ = [
     "FUNCTION",
     "VALUE",
     "Announce",
+    "Await",
     "Blob",
     "Commit",
     "Committed",
@@ -49,6 +50,7 @@ __all__ = [
     "Pushes",
     "Put",
     "Queued",
+    "Reclaim",
     "Release",
     "Status",
     "StatusReply",
@@ -123,6 +125,24 @@ class Fetch(NamedTuple):
     key: str
     lease: bool
     holding: tuple[str, ...] = ()
+
+
+class Await(NamedTuple):
+    """A Fetch, with a lease, asked again after a new connection: my request was queued
+    behind ``holder``'s lease on ``key`` when the old one ended. While ``holder`` has not
+    come back (a loader restarted), wait for it instead of granting me the lease."""
+
+    rid: int
+    key: str
+    holding: tuple[str, ...]
+    holder: str
+
+
+class Reclaim(NamedTuple):
+    """Sent first on a new connection: the leases, ``(key, token)``, whose fn this node
+    runs. A loader that restarted meanwhile keeps them for us, so no one else computes."""
+
+    leases: tuple[tuple[str, int], ...]
 
 
 class Commit(NamedTuple):
@@ -334,6 +354,8 @@ class SyncEntry(NamedTuple):
 
 Message = (
     Fetch
+    | Await
+    | Reclaim
     | Commit
     | Release
     | Put
@@ -394,6 +416,8 @@ _TYPES: tuple[type, ...] = (
     Pushes,
     Announce,
     NotLoaded,
+    Await,
+    Reclaim,
 )
 _CODES: dict[type, int] = {cls: code for code, cls in enumerate(_TYPES)}
 _ARITY: tuple[int, ...] = tuple(len(cls._fields) for cls in _TYPES)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from . import codec, interrupts
-from .channel import Channel
+from .channel import Channel, CutOff
 from .compiler import check_function_name
 from .config import Cookie, LoaderAddress, NodeConfig
 from .errors import DeadlockError, Interrupted, NotFound
@@ -19,6 +19,7 @@ from .keys import Key, normalize_key
 from .messages import (
     FUNCTION,
     VALUE,
+    Await,
     Commit,
     Committed,
     Define,
@@ -129,6 +130,8 @@ class Node:
         # instead of fetching the bytes again.
         self._fetching: dict[str, threading.Event] = {}
         self._fetching_lock = threading.Lock()
+        # The leases whose fn runs here, key -> token: a new connection reclaims them.
+        self._leases_held: dict[str, int] = {}
         self._stopped = False
         self._channel: Channel
         if self.config.loader is None:
@@ -140,7 +143,7 @@ class Node:
         else:
             from .member import MemberClient
 
-            client = MemberClient(self.config, self._replica, self._changed)
+            client = MemberClient(self.config, self._replica, self._changed, self._leases_held)
             self._channel = client
             self.address = (self.config.loader.host, self.config.loader.port)
             client.start()
@@ -251,9 +254,14 @@ class Node:
                 f"the cluster has no value for {key!r}; pass a function that computes it, "
                 f"as in get({key!r}, lambda: ...)"
             )
-        value, payload = self._compute(key, fn)
         token = reply.token
-        return self._write(lambda rid: Commit(rid, key, token, payload), value)[0]
+        self._leases_held[key] = token
+        try:
+            value, payload = self._compute(key, fn)
+            return self._write(lambda rid: Commit(rid, key, token, payload), value)[0]
+        finally:
+            if self._leases_held.get(key) == token:
+                del self._leases_held[key]
 
     def _write(self, build: Callable[[int], Message], value: Any) -> tuple[Any, int]:
         """Put or commit ``value``: the object installed and its version. A Ctrl-C once it
@@ -287,17 +295,36 @@ class Node:
 
     def _fetch(self, key: str, lease: bool, holding: tuple[str, ...]) -> tuple[Message, int]:
         """Ask the loader for ``key`` (for its lease, if ``lease``); a request this thread
-        stops waiting for is withdrawn, so that its lease cannot end up with nobody."""
-        asked = 0
+        stops waiting for is withdrawn, so that its lease cannot end up with nobody.
 
-        def fetch(rid: int) -> Fetch:
+        Queued behind another node's lease when the connection ended, it asks again once
+        connected (within the node's timeout), saying whose lease it waited for."""
+        asked = 0
+        behind = ""
+
+        def fetch(rid: int) -> Fetch | Await:
             nonlocal asked
             asked = rid
             self._asking[rid] = key
+            if behind:
+                return Await(rid, key, holding, behind)
             return Fetch(rid, VALUE, key, lease, holding)
 
         try:
-            return self._ask(fetch)
+            while True:
+                try:
+                    return self._ask(fetch)
+                except CutOff as cut:
+                    if not lease:
+                        raise
+                    log.info(
+                        "%s: lost the loader while %s computed %r; asking again once connected",
+                        self.name,
+                        cut.holder,
+                        key,
+                    )
+                    self._asking.pop(asked, None)
+                    asked, behind = 0, cut.holder
         except BaseException:
             if lease and asked:
                 self._channel.notify(lambda _: Release(asked, key, "the caller stopped waiting"))

@@ -278,6 +278,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             role="loader",
             store=self._core.store_identity,
             not_loaded=True,  # it takes NotLoaded: older loaders drop who sends it
+            reclaims=True,  # it takes Reclaim and Await (see clustorage.loader)
         )
 
     def _trusted(self) -> None:
@@ -344,6 +345,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             log.info(
                 "%s reconnected from %s; dropping its old connection", clash.name, self.address
             )
+            self._core.detach(clash)
             clash.close()
             return True
         return False

@@ -390,6 +390,93 @@ def test_a_cut_off_holders_late_commit_raises_lease_lost(
     assert waiter.ok("node.connected")
 
 
+# -- A lease outlives the loader's restart -------------------------------------------------
+
+
+def computing(member: Member) -> list[list[str]]:
+    """``[key, holder]`` of each lease the loader knows of, as an idle member asks it."""
+    return member.ok(  # type: ignore[no-any-return]
+        "[[c['key'], c['holder']] for c in node.status().get('cluster', {}).get('computing', [])]"
+    )
+
+
+@pytest.mark.parametrize("back_first", ["holder", "waiter"])
+def test_a_loader_restarted_while_a_fn_runs_keeps_it_the_only_one(
+    cluster: Cluster, tmp_path: Path, back_first: str
+) -> None:
+    """The loader is killed -9 and restarted on its store while one member computes a key and
+    another waits for it. Whichever member reconnects first, the waiter neither gives up nor
+    computes: the holder reclaims its lease, the waiter asks again naming the holder, and
+    both get the holder's value (SPEC "get" 3 and 6)."""
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('restarted', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('restarted', fn)")
+    wait_until(lambda: computing(watcher) == [["restarted", "holder"]], 10, "the lease is known")
+    late = holder if back_first == "waiter" else waiter
+    os.kill(late.proc.pid, signal.SIGSTOP)  # it comes back after the other one
+    try:
+        os.kill(loader.pid, signal.SIGKILL)
+        loader.wait(10)
+        cluster.start_loader(data=data)
+        wait_until(
+            lambda: computing(watcher) == [["restarted", "holder"]],
+            30,
+            f"the {back_first} reconnects, and the restarted loader keeps the key for the holder",
+        )
+    finally:
+        os.kill(late.proc.pid, signal.SIGCONT)
+    go.touch()
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert answer_within(waiter, 60) == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
+    assert computing(watcher) == []
+
+
+def test_a_holder_that_never_comes_back_passes_its_lease_to_the_waiter(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The holder dies while the loader restarts: the waiter's key waits for it for
+    dead_after and the timeout, then the waiter computes it."""
+    short_liveness(cluster)
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('orphaned', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('orphaned', fn)")
+    wait_until(lambda: computing(watcher) == [["orphaned", "holder"]], 10, "the lease is known")
+    os.kill(holder.proc.pid, signal.SIGKILL)
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait(10)
+    cluster.start_loader(data=data)
+    assert answer_within(waiter, 60) == {"ok": "from waiter"}
+    assert runs.read_text() == "waiter\n"
+
+
+def test_a_waiter_whose_loader_stays_down_raises_loader_unavailable(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Cut off while queued and the loader does not come back: after the node's timeout the
+    waiter's get raises LoaderUnavailable, saying how to start the loader."""
+    loader = cluster.start_loader()
+    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('stranded', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('stranded', fn)")
+    wait_until(lambda: computing(watcher) == [["stranded", "holder"]], 10, "the lease is known")
+    os.kill(loader.pid, signal.SIGKILL)
+    answer = answer_within(waiter, 60)
+    assert answer.get("error") == "LoaderUnavailable", answer
+    assert "clustorage loader --name app1" in answer["message"]
+    assert not runs.exists()
+
+
 # -- The loader never stalls --------------------------------------------------------------
 
 

@@ -1,0 +1,235 @@
+"""A lease outlives its holder's connection, as the loader's rules decide it, messages in and
+messages out: the holder reclaims it on a new connection, and a waiter cut off asks again
+naming the holder (see clustorage.loader). The same with real processes and a loader killed
+-9: tests/test_promises.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from clustorage.loader import LoaderCore
+from clustorage.messages import (
+    VALUE,
+    Await,
+    Commit,
+    Committed,
+    Failed,
+    Fetch,
+    Found,
+    LeaseGranted,
+    Message,
+    Queued,
+    Reclaim,
+    Release,
+    Sync,
+    SyncReply,
+)
+from clustorage.store import MemoryStore
+
+pytestmark = pytest.mark.timeout(30)
+
+GRACE = 20.0
+
+
+class Peer:
+    """A node as the loader sees it: what it was sent, in order."""
+
+    address = "127.0.0.1:1"
+    connected_since = 0.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sent: list[Message] = []
+
+    def deliver(self, message: Message, parts: Any = None) -> None:
+        self.sent.append(message)
+
+    def answers(self, rid: int) -> list[Message]:
+        return [m for m in self.sent if getattr(m, "rid", None) == rid]
+
+
+class Clock:
+    """The loader's scheduler: calls run when the test says time has passed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay: float, call: Callable[[], None]) -> Any:
+        self.calls.append((delay, call))
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+    def run(self, upto: float) -> None:
+        due, self.calls = (
+            [c for d, c in self.calls if d <= upto],
+            [(d, c) for d, c in self.calls if d > upto],
+        )
+        for call in due:
+            call()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def core(clock: Clock) -> LoaderCore:
+    """A loader that just restarted: it knows no lease."""
+    return LoaderCore("app1", MemoryStore(), clock, lease_grace=GRACE)
+
+
+def connect(core: LoaderCore, name: str, *leases: tuple[str, int]) -> Peer:
+    """A node joins on a new connection: Reclaim, then Sync, as a member sends them."""
+    peer = Peer(name)
+    core.join(peer)
+    core.handle(peer, Reclaim(tuple(leases)))
+    core.handle(peer, Sync(1, {}))
+    assert type(peer.answers(1)[-1]) is SyncReply
+    return peer
+
+
+def last(peer: Peer, rid: int) -> Message:
+    return peer.answers(rid)[-1]
+
+
+def test_a_reclaimed_lease_is_kept_for_its_holder(core: LoaderCore) -> None:
+    holder = connect(core, "holder", ("k", 5))
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Fetch(2, VALUE, "k", True, ()))
+    queued = last(waiter, 2)
+    assert type(queued) is Queued and queued.holder == "holder"
+    core.handle(holder, Commit(3, "k", 5, b"v"))
+    assert type(last(holder, 3)) is Committed
+    found = last(waiter, 2)
+    assert type(found) is Found and bytes(found.entry.payload) == b"v"
+
+
+def test_an_await_keeps_the_key_until_the_holder_reclaims_it(core: LoaderCore) -> None:
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    assert type(last(waiter, 2)) is Queued
+    holder = connect(core, "holder", ("k", 7))
+    core.handle(holder, Commit(3, "k", 7, b"v"))
+    assert type(last(holder, 3)) is Committed
+    assert type(last(waiter, 2)) is Found
+
+
+def test_a_holder_that_does_not_reclaim_may_still_commit_what_it_computed(
+    core: LoaderCore,
+) -> None:
+    """A node of an earlier release sends no Reclaim: its commit settles the kept key."""
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    holder = Peer("holder")
+    core.join(holder)
+    core.handle(holder, Sync(1, {}))
+    core.handle(holder, Commit(3, "k", 99, b"v"))
+    assert type(last(holder, 3)) is Committed
+    assert type(last(waiter, 2)) is Found
+
+
+def test_an_await_gets_the_lease_when_the_holder_comes_back_without_it(core: LoaderCore) -> None:
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    connect(core, "holder")  # its fn ended meanwhile
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+def test_an_await_gets_the_lease_when_the_holder_never_comes_back(
+    core: LoaderCore, clock: Clock
+) -> None:
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    clock.run(GRACE - 1)
+    assert type(last(waiter, 2)) is Queued
+    clock.run(GRACE)
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+def test_an_await_for_a_holder_that_is_back_gets_the_lease_at_once(core: LoaderCore) -> None:
+    connect(core, "holder")
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+def test_an_await_for_a_stored_key_gets_the_value(core: LoaderCore) -> None:
+    holder = connect(core, "holder", ("k", 5))
+    core.handle(holder, Commit(3, "k", 5, b"v"))
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    assert type(last(waiter, 2)) is Found
+
+
+def test_a_holder_whose_fn_fails_after_reclaiming_passes_the_lease_on(core: LoaderCore) -> None:
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    holder = connect(core, "holder", ("k", 7))
+    core.handle(holder, Release(0, "k", "ValueError: boom"))
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+def test_a_reclaim_of_a_key_stored_meanwhile_ends_in_lease_lost(core: LoaderCore) -> None:
+    other = connect(core, "other")
+    core.handle(other, Fetch(2, VALUE, "k", True, ()))
+    core.handle(other, Commit(3, "k", last(other, 2).token, b"theirs"))  # type: ignore[union-attr]
+    holder = connect(core, "holder", ("k", 5))
+    core.handle(holder, Commit(4, "k", 5, b"mine"))
+    refused = last(holder, 4)
+    assert type(refused) is Failed and refused.error == "LeaseLost"
+
+
+def test_a_reclaim_does_not_take_a_lease_another_node_holds(core: LoaderCore) -> None:
+    other = connect(core, "other")
+    core.handle(other, Fetch(2, VALUE, "k", True, ()))
+    holder = connect(core, "holder", ("k", 5))
+    core.handle(holder, Commit(4, "k", 5, b"mine"))
+    assert type(last(holder, 4)) is Failed
+    core.handle(other, Commit(3, "k", last(other, 2).token, b"theirs"))  # type: ignore[union-attr]
+    assert type(last(other, 3)) is Committed
+
+
+def test_a_reconnecting_node_keeps_the_leases_of_its_old_connection(core: LoaderCore) -> None:
+    """The same node on a new connection (its old one not yet timed out) replaces it."""
+    old = connect(core, "holder")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    token = last(old, 2).token  # type: ignore[union-attr]
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Fetch(2, VALUE, "k", True, ()))
+    core.detach(old)
+    core.leave(old)
+    assert type(last(waiter, 2)) is Queued  # not passed on: the holder may come back
+    new = connect(core, "holder", ("k", token))
+    core.handle(new, Commit(3, "k", token, b"v"))
+    assert type(last(new, 3)) is Committed
+    assert type(last(waiter, 2)) is Found
+
+
+def test_a_reconnecting_node_that_no_longer_computes_passes_the_lease_on(
+    core: LoaderCore,
+) -> None:
+    old = connect(core, "holder")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Fetch(2, VALUE, "k", True, ()))
+    core.detach(old)
+    core.leave(old)
+    connect(core, "holder")
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+@pytest.mark.parametrize(
+    "leases",
+    [("k",), (("k",),), (("k", "5"),), ((5, 5),), (("k\udcff", 5),), ((["k"], 5),)],
+)
+def test_a_malformed_reclaim_claims_nothing(core: LoaderCore, leases: Any) -> None:
+    holder = Peer("holder")
+    core.join(holder)
+    core.handle(holder, Reclaim(leases))
+    assert core.status()["computing"] == []
