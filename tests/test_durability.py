@@ -13,6 +13,7 @@ import pytest
 
 import clustorage
 from tests.conftest import COOKIE, LOADER, Cluster, node_pair
+from tests.disk_helpers import small_disk
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,14 +184,7 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_full_disk_fails_the_write_and_loses_nothing(home: Path, tmp_path: Path) -> None:
     """A full disk fails the write clearly; old entries stay; writes resume once space is freed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "small", "2m") as mount:
         filler = mount / "filler"
         filler.write_bytes(b"\0" * 600_000)
         with clustorage.Node("l", listen="127.0.0.1:0", data=str(mount), cookie=COOKIE) as node:
@@ -201,8 +195,6 @@ def test_full_disk_fails_the_write_and_loses_nothing(home: Path, tmp_path: Path)
             assert node.get("small") == "kept"
             filler.unlink()  # the user frees some space
             assert node.get("after", lambda: "still works") == "still works"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_value_over_the_frame_limit_names_the_limit(home: Path) -> None:
