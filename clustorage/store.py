@@ -26,6 +26,7 @@ from .config import private_directory, private_file
 from .errors import StoreError, ValueTooLarge
 from .lock import StoreLock
 from .messages import VALUE, Blob, Entry
+from .reserve import FULL, Reserve, full_disk
 
 __all__ = ["MEMORY", "MemoryStore", "SQLiteStore", "Store", "open_store"]
 
@@ -103,6 +104,14 @@ _ROW_OVERHEAD = 64
 # Who deleted a key whose payload's file was found missing or cut short at the start.
 LOST = "(lost: its file was missing or cut short)"
 _SHORT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+Statements = list[tuple[str, tuple[object, ...]]]
+
+
+def _no_room(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in FULL
 
 
 class SQLiteStore:
@@ -142,6 +151,16 @@ class SQLiteStore:
                 {row[0] for row in self._db.execute("SELECT file FROM entries WHERE file > ''")}
             )
             self._doomed: list[str] = []  # files to delete once the transaction commits
+            self._reserve: Reserve | None = None
+            if path != MEMORY:
+                self._reserve = Reserve(Path(f"{path}.reserve"))
+                if not self._reserve.make():
+                    log.warning(
+                        "%s has less than %d bytes free: nothing is kept aside for "
+                        "deleting keys should that disk fill up",
+                        Path(path).parent,
+                        self._reserve.size,
+                    )
         except StoreError:
             raise
         except (OSError, sqlite3.Error) as exc:
@@ -206,12 +225,17 @@ class SQLiteStore:
         Raises:
             StoreError: the file could not be written; nothing is left behind.
         """
+        self._keep_room_for_deletions()
         try:
             return self._blobs.write(payload)
         except OSError as exc:
+            if _no_room(exc):
+                raise full_disk(Path(self.path).parent, exc) from exc
             raise StoreError(f"the loader could not write {self._blobs.folder}: {exc}") from exc
 
     def arriving_blob(self, size: int) -> Spill | None:
+        if self._reserve is not None and not self._reserve.held:
+            return None  # written once stored, after the room for deletions is set aside
         return self._blobs.arriving(size)
 
     def remove_blob(self, name: str) -> None:
@@ -233,6 +257,17 @@ class SQLiteStore:
         for name in doomed:
             self._blobs.remove(name)
 
+    def _keep_room_for_deletions(self) -> None:
+        """Before a put takes room: set aside again the room for deletions that a full disk
+        took, if there is room for it now, so that the next full disk finds it too."""
+        if self._reserve is not None:
+            self._reserve.make()
+
+    def _error(self, exc: sqlite3.Error, deleting: bool = False) -> StoreError:
+        if _no_room(exc):
+            return full_disk(Path(self.path).parent, exc, deleting)
+        return StoreError(f"the loader could not write {self.path}: {exc}")
+
     def last_versions(self) -> dict[tuple[str, str], int]:
         """The highest version ever used for each key, deleted ones included."""
         rows = self._db.execute("SELECT kind, key, MAX(version) FROM entries GROUP BY kind, key")
@@ -248,7 +283,7 @@ class SQLiteStore:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+            raise self._error(exc) from exc
         try:
             yield
             self._db.execute("COMMIT")
@@ -257,18 +292,47 @@ class SQLiteStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+                raise self._error(exc) from exc
             raise
         self._committed()
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    def _write(self, statements: Statements, doomed: list[str], deleting: bool = False) -> None:
+        """Run ``statements`` together; once they commit, remove the files ``doomed``.
+
+        A deletion that finds the disk full gives back the room kept aside for it and is
+        tried once more (clustorage.reserve); a put is not: that room is for deletions.
+        """
         if self._db.in_transaction:  # inside transaction(): it commits, or rolls back
             try:
                 for sql, args in statements:
                     self._db.execute(sql, args)
             except sqlite3.Error as exc:
-                raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
+                raise self._error(exc) from exc
+            self._doomed.extend(doomed)
             return
+        try:
+            self._commit_alone(statements)
+        except sqlite3.Error as exc:
+            if not (deleting and _no_room(exc)):
+                raise self._error(exc) from exc
+            self._commit_with_room_kept_aside(statements, exc)
+        self._doomed.extend(doomed)
+        self._committed()
+
+    def _commit_with_room_kept_aside(self, statements: Statements, full: sqlite3.Error) -> None:
+        """Commit a deletion that found the disk ``full`` once more, with the room kept
+        aside for deletions given back to the disk (and not set aside again meanwhile)."""
+        if self._reserve is None:
+            raise self._error(full, deleting=True) from full
+        with self._reserve.given_back() as freed:
+            if not freed:
+                raise self._error(full, deleting=True) from full
+            try:
+                self._commit_alone(statements)
+            except sqlite3.Error as exc:
+                raise self._error(exc, deleting=True) from exc
+
+    def _commit_alone(self, statements: Statements) -> None:
         try:
             if len(statements) == 1:  # one statement is its own transaction
                 self._db.execute(*statements[0])
@@ -277,12 +341,10 @@ class SQLiteStore:
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._doomed.clear()
+        except sqlite3.Error:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            raise StoreError(f"the loader could not write {self.path}: {exc}") from exc
-        self._committed()
+            raise
 
     def commit(self, entry: Entry, previous: int = 0, file: str | None = None) -> None:
         """Make ``entry`` durable (its payload already in ``file``, from write_blob, if
@@ -292,6 +354,7 @@ class SQLiteStore:
             ValueTooLarge: the entry is over what a row holds; nothing was stored.
             StoreError: the write failed (disk full, file gone); nothing was stored.
         """
+        self._keep_room_for_deletions()
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
         texts = (entry.kind, entry.key, entry.source or "", entry.origin)
         size = 0 if file else len(entry.payload)
@@ -302,13 +365,14 @@ class SQLiteStore:
                 f"{entry.key!r} takes {size} bytes, over the {self.max_length} bytes one entry "
                 f"can take in the loader's store {self.path}; {codec.SPLIT_IT}"
             )
-        statements: list[tuple[str, tuple[object, ...]]] = [
+        statements: Statements = [
             (
                 "INSERT INTO entries (kind, key, version, payload, source, origin, time, file) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 fields,
             )
         ]
+        doomed: list[str] = []
         if entry.kind == VALUE and previous:
             where = (entry.kind, entry.key, previous)
             doomed = self._files_of("kind = ? AND key = ? AND version = ?", where)
@@ -319,13 +383,16 @@ class SQLiteStore:
                     where,
                 )
             )
-            self._doomed.extend(doomed)
-        self._write(statements)
+        self._write(statements, doomed)
 
     def delete(self, kind: str, key: str, version: int, origin: str) -> None:
-        """Record that ``key`` was deleted, as tombstone ``version``."""
-        if kind == VALUE:
-            self._doomed.extend(self._files_of("kind = ? AND key = ?", (kind, key)))
+        """Record that ``key`` was deleted, as tombstone ``version``, and remove its files.
+
+        Raises:
+            StoreError: the write failed (a full disk even with the room kept for
+                deletions given back); nothing was deleted.
+        """
+        doomed = self._files_of("kind = ? AND key = ?", (kind, key)) if kind == VALUE else []
         self._write(
             [
                 (
@@ -338,7 +405,9 @@ class SQLiteStore:
                     "WHERE kind = ? AND key = ? AND kind = ?",
                     (kind, key, VALUE),
                 ),
-            ]
+            ],
+            doomed,
+            deleting=True,
         )
 
     def history(self, kind: str, key: str) -> list[Entry]:

@@ -202,7 +202,8 @@ class StoreWriter:
 
     def _write_group(self, batch: list[_Queued]) -> list[BaseException | None]:
         """Every write of ``batch`` in one transaction; if that fails, each on its own,
-        so that one failing write fails only its own request."""
+        so that one failing write fails only its own request, and a deletion that finds the
+        disk full may use the room the store keeps for deletions, which a put may not."""
         if len(batch) > 1:
             try:
                 with self._store.transaction():

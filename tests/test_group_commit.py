@@ -3,6 +3,7 @@ answered on its own: a write that fails fails only its own request."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ from clustorage.errors import StoreError, ValueTooLarge
 from clustorage.messages import VALUE, Entry
 from clustorage.store import SQLiteStore
 from clustorage.writer import INLINE_LIMIT, StoreWriter
+from clustorage.writes import commit_entry
+from tests.disk_helpers import fill, small_disk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,6 +104,30 @@ def test_without_a_loop_each_small_write_runs_at_once(store: SQLiteStore) -> Non
     commit_each(writer, [value("a")], outcomes)
     assert outcomes == [("a", None)]
     writer.close()
+
+
+def test_a_deletion_in_a_group_on_a_full_disk_goes_through_alone(tmp_path: Path) -> None:
+    """On a full disk a pass's put and deletion fail together; written one by one, the put
+    fails saying the disk is full, and the deletion gets the room kept for deletions,
+    commits and removes its value's file."""
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        store = SQLiteStore(str(disk / "s.sqlite3"))
+        try:
+            commit_entry(store, value("big", os.urandom(2 << 20)), 0)
+            fill(disk)
+            opened = counting_transactions(store)
+            soon: list[Callable[[], None]] = []
+            writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+            outcomes: Outcomes = []
+            commit_each(writer, [value("small", b"x" * 3000)], outcomes)
+            writer.delete(VALUE, "big", 2, "m", lambda error: outcomes.append(("big", error)))
+            soon.pop()()
+            writer.close()
+            assert len(opened) == 1 and outcomes[1] == ("big", None)
+            assert outcomes[0][0] == "small" and "full" in str(outcomes[0][1])
+            assert store.current() == [] and list((disk / "s.sqlite3.blobs").iterdir()) == []
+        finally:
+            store.close()
 
 
 class PausingStore(SQLiteStore):

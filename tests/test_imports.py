@@ -77,6 +77,7 @@ MIDDLE = [
     "writes",
     "blobs",
     "lock",
+    "reserve",
     "pgstore",
     "leadership",
     "standby",

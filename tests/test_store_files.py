@@ -58,8 +58,8 @@ def started(
 
 
 def test_everything_the_loader_makes_is_private_under_umask_022(cluster: Cluster) -> None:
-    """Under umask 022 the home folder, the data folder, the cookie, the store and SQLite's
-    -wal and -shm files are created 0700 / 0600."""
+    """Under umask 022 the home folder, the data folder, the cookie, the store, SQLite's
+    -wal and -shm files and the room kept for deletions are created 0700 / 0600."""
     env = {k: v for k, v in cluster.env.items() if k != "CLUSTORAGE_COOKIE"}
     cluster.env = env  # the cookie file is made on first use, under the same umask
     port = free_port()
@@ -72,7 +72,8 @@ def test_everything_the_loader_makes_is_private_under_umask_022(cluster: Cluster
     blobs = data / "app1.sqlite3.blobs"
     assert (mode(home), mode(data), mode(blobs)) == (0o700, 0o700, 0o700)
     files = sorted(path.name for path in data.iterdir())
-    assert files == [f"app1.sqlite3{s}" for s in ("", "-shm", "-wal", ".blobs", ".lock")]
+    suffixes = ("", "-shm", "-wal", ".blobs", ".lock", ".reserve")
+    assert files == [f"app1.sqlite3{suffix}" for suffix in suffixes]
     (blob,) = blobs.iterdir()
     for path in [home / "cookie", *data.iterdir(), blob]:
         if path != blobs:

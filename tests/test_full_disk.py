@@ -1,0 +1,103 @@
+"""A full disk under the loader's store: puts fail saying how to make room, and deletions
+still go through (the room kept aside for them), freeing their values' files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import clustorage
+from tests.conftest import COOKIE, Cluster, node_pair
+from tests.disk_helpers import fill, small_disk
+from tests.test_durability import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+BIG = 2_000_000  # bytes: a value with a file of its own
+
+
+def loader(disk: Path) -> clustorage.Node:
+    return clustorage.Node("l", listen="127.0.0.1:0", data=str(disk), cookie=COOKIE)
+
+
+def test_deleting_a_big_key_on_a_full_disk_frees_its_room(home: Path, tmp_path: Path) -> None:
+    """On a disk full to the last byte a big put fails; deleting a big key that both nodes
+    hold goes through and frees its file's room, so that the put then succeeds."""
+    with small_disk(tmp_path / "disk", "16m") as disk, node_pair(data=str(disk)) as pair:
+        first, second = pair
+        second.put("old", os.urandom(BIG))
+        assert len(first.get("old")) == len(second.get("old")) == BIG
+        fill(disk)
+        new = os.urandom(BIG * 9 // 10)  # the tombstone takes a page or two of the room
+        with pytest.raises(clustorage.StoreError):
+            second.put("new", new)
+        assert second.delete("old")
+        second.put("new", new)
+        assert second.keys() == ["new"] and second.get("new") == new
+
+
+@pytest.mark.parametrize("size", [1000, BIG], ids=["in-a-row", "in-a-file"])
+def test_the_full_disk_error_names_the_data_directory_and_the_way_out(
+    home: Path, tmp_path: Path, size: int
+) -> None:
+    """A put on a full disk, whether its value goes in a row or in a file of its own,
+    fails naming the full data directory and how to make room; nothing is lost."""
+    with small_disk(tmp_path / "disk", "16m") as disk, loader(disk) as node:
+        node.put("kept", "yes")
+        fill(disk)
+        with pytest.raises(clustorage.StoreError) as failed:
+            node.put("more", os.urandom(size))
+        for way_out in (
+            f"data directory {disk} is full",
+            "node.delete(key)",
+            "%cluster_delete KEY",
+            "free space on that disk",
+        ):
+            assert way_out in str(failed.value)
+        assert node.keys() == ["kept"] and node.get("kept") == "yes"
+
+
+def test_the_room_for_deletions_is_set_aside_again_once_there_is_room(
+    home: Path, tmp_path: Path
+) -> None:
+    """A deletion on a full disk spends the room kept for deletions; the next put sets it
+    aside again first, so that the disk's next filling lets a deletion through too."""
+    with small_disk(tmp_path / "disk", "16m") as disk, loader(disk) as node:
+        reserve = disk / "l.sqlite3.reserve"
+        for key in ("a", "b"):
+            node.put(key, os.urandom(BIG))
+        fill(disk, "first")
+        assert node.delete("a")
+        assert not reserve.exists()
+        node.put("c", os.urandom(BIG // 2))
+        assert reserve.exists()
+        fill(disk, "second")
+        assert node.delete("b")
+        assert node.keys() == ["c"]
+
+
+def test_a_loader_restarted_on_a_full_disk_can_delete(cluster: Cluster, tmp_path: Path) -> None:
+    """The disk fills under a loader, which is killed (-9) and started again on the full
+    disk: every key is back, a deletion goes through, and puts resume."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        try:
+            loader = cluster.start_loader(data=str(disk))
+            member = cluster.member("m")
+            member.ok(f"for key in 'abc': node.put(key, key.encode() * {BIG})")
+            fill(disk)
+            failed = member.send("node.put('d', b'd' * 1000)")
+            assert failed["error"] == "StoreError" and "full" in failed["message"]
+            os.kill(loader.pid, signal.SIGKILL)
+            loader.wait(10)
+            cluster.start_loader(data=str(disk))
+            wait_until(lambda: member.ok("node.connected"), time.monotonic() + 30)
+            assert member.ok("node.delete('a')") is True
+            member.ok("node.put('d', b'd' * 1000)")
+            assert member.ok("sorted(node.keys())") == ["b", "c", "d"]
+            assert member.ok(f"node.get('c') == b'c' * {BIG}") is True
+        finally:
+            cluster.close()
