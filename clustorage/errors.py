@@ -120,7 +120,8 @@ class CompileError(ClustorageError, SyntaxError):
     """Function source did not compile on the loader, or did not define the function.
 
     Carries the loader's message, the file name ``<cluster:NAME>``, line and column,
-    like a ``SyntaxError``.
+    like a ``SyntaxError``. When ``cell`` names where the user typed the source (such as
+    ``Cell In[7]``), line and column count in that cell, and the message says so.
     """
 
     def __init__(
@@ -131,16 +132,22 @@ class CompileError(ClustorageError, SyntaxError):
         lineno: int | None = None,
         offset: int | None = None,
         text: str | None = None,
+        cell: str | None = None,
     ) -> None:
         filename = f"<cluster:{name}>"
         super().__init__(msg, (filename, lineno, offset, text))
         self.name = name
+        self.cell = cell
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_compile_error, (self.msg, self.name, self.lineno, self.offset, self.text))
+        fields = (self.msg, self.name, self.lineno, self.offset, self.text, self.cell)
+        return (_rebuild_compile_error, fields)
 
     def __str__(self) -> str:
-        where = self.filename or ""
+        # Not self.filename: a front-end may point that at the cell for its display.
+        where = f"<cluster:{self.name}>"
+        if self.cell is not None:
+            where += f" in {self.cell}"
         if self.lineno is not None:
             where += f", line {self.lineno}"
             if self.offset is not None:
@@ -149,6 +156,11 @@ class CompileError(ClustorageError, SyntaxError):
 
 
 def _rebuild_compile_error(
-    msg: str, name: str, lineno: int | None, offset: int | None, text: str | None
+    msg: str,
+    name: str,
+    lineno: int | None,
+    offset: int | None,
+    text: str | None,
+    cell: str | None = None,
 ) -> CompileError:
-    return CompileError(msg, name=name, lineno=lineno, offset=offset, text=text)
+    return CompileError(msg, name=name, lineno=lineno, offset=offset, text=text, cell=cell)

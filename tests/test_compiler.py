@@ -176,7 +176,7 @@ def test_register_source_and_restore_filename() -> None:
 
 
 def test_compile_error_pickles_with_its_fields() -> None:
-    """A CompileError survives pickle with message, name, file, line, column and text."""
+    """A CompileError survives pickle with message, name, file, line, column, text and cell."""
     error = CompileError("invalid syntax", name="f", lineno=3, offset=7, text="return y +")
     for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
         back = loads(dumps(error))
@@ -184,6 +184,10 @@ def test_compile_error_pickles_with_its_fields() -> None:
         assert (back.msg, back.name, back.filename) == ("invalid syntax", "f", "<cluster:f>")
         assert (back.lineno, back.offset, back.text) == (3, 7, "return y +")
         assert str(back) == str(error) == "invalid syntax (<cluster:f>, line 3, column 7)"
+    in_cell = CompileError("invalid syntax", name="f", lineno=4, cell="Cell In[7]")
+    back = pickle.loads(pickle.dumps(in_cell))
+    assert back.cell == "Cell In[7]" and back.filename == "<cluster:f>"
+    assert str(back) == str(in_cell) == "invalid syntax (<cluster:f> in Cell In[7], line 4)"
 
 
 def test_compile_error_from_compiler_pickles() -> None:

@@ -299,6 +299,8 @@ def test_bad_source_is_one_clear_error_and_loads_nothing(
         "               ^",
         "CompileError: invalid syntax",
     ]
+    where = f"<cluster:kt_bad> in Cell In[{run.execution_count}]"
+    assert run.error["evalue"] == f"invalid syntax ({where}, line 2, column 12)"
     assert run.stdout == ""
     for kernel in (ka, kb):
         assert "kt_bad" not in kernel.ok("%cluster_functions").text
@@ -367,8 +369,27 @@ def test_compile_error_names_the_cell_line_and_tb_shows_it(
         "           ^",
         "CompileError: '(' was never closed",
     ], shown
+    assert run.error["evalue"] == (
+        f"'(' was never closed (<cluster:kt_caret> in Cell In[{number}], line 3, column 12)"
+    )
     again = ka.run("%tb")
     assert again.error is not None and plain("".join(again.error["traceback"])) == shown
+
+
+def test_compile_error_from_a_magic_called_in_code_names_that_cell(
+    kernels: tuple[Kernel, Kernel],
+) -> None:
+    """run_cell_magic('cluster_call', ...) in a cell: the error names that cell's In[N]."""
+    ka, _ = kernels
+    run = ka.run("get_ipython().run_cell_magic('cluster_call', 'kt_code', 'def kt_code(:\\n')")
+    assert run.status == "error" and run.error is not None
+    number = run.execution_count
+    assert plain("".join(run.error["traceback"])).splitlines()[0] == (
+        f"  Cell In[{number}], line 2"
+    )
+    assert run.error["evalue"] == (
+        f"invalid syntax (<cluster:kt_code> in Cell In[{number}], line 2, column 13)"
+    )
 
 
 def test_cluster_get_cell_traceback_names_the_cell_run(kernels: tuple[Kernel, Kernel]) -> None:

@@ -105,11 +105,17 @@ class FunctionMagics(ClusterMagics):
             dedented = len(original) - len(original.lstrip())
             dedented -= len(compiled) - len(compiled.lstrip())
             offset += max(dedented, 0)
-        located = CompileError(
-            exc.msg, name=exc.name, lineno=index + 2, offset=offset, text=original + "\n"
-        )
         header = f"%%cluster_call {line.strip()}"
-        located.filename = self.session.cell_filename("cluster_call", cell, f"{header}\n{cell}")
+        shown = self.session.cell_file("cluster_call", cell, f"{header}\n{cell}")
+        located = CompileError(
+            exc.msg,
+            name=exc.name,
+            lineno=index + 2,
+            offset=offset,
+            text=original + "\n",
+            cell=shown.label,
+        )
+        located.filename = shown.name  # IPython shows the cell's line and a caret from it
         return located
 
     def _fetch_and_call(self, node: Node, name: str, args: list[Any]) -> Any:

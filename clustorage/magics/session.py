@@ -24,7 +24,7 @@ from .nodes import NodeMagics
 from .values import ValueMagics
 from .waiting import showing_waits
 
-__all__ = ["NO_NODE", "ClusterSession", "CurrentCell", "session_for", "show_error"]
+__all__ = ["NO_NODE", "CellFile", "ClusterSession", "CurrentCell", "session_for", "show_error"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,18 @@ _sessions: weakref.WeakKeyDictionary[Any, ClusterSession] = weakref.WeakKeyDicti
 def _no_node(*args: Any, **kwargs: Any) -> Any:
     """``get`` and ``call`` once the node they were bound to is stopped."""
     raise UsageError(NO_NODE)
+
+
+class CellFile(NamedTuple):
+    """The file name under which a cell's lines are shown, and the ``N`` of its ``In[N]``."""
+
+    name: str
+    number: int
+
+    @property
+    def label(self) -> str:
+        """The cell as IPython names it in tracebacks: ``Cell In[N]``."""
+        return f"Cell In[{self.number}]"
 
 
 class CurrentCell(NamedTuple):
@@ -149,12 +161,12 @@ class ClusterSession:
 
     # -- the cell being run ----------------------------------------------------------------
 
-    def cell_filename(self, magic: str, body: str, lines: str) -> str:
-        """The file name tracebacks show as this cell (``Cell In[N]``), holding ``lines``.
+    def cell_file(self, magic: str, body: str, lines: str) -> CellFile:
+        """The file tracebacks show as this cell (``Cell In[N]``), holding ``lines``.
 
         When the cell being run is the ``%%magic`` cell with this ``body``, its own file
         name is used, so a traceback names the cell the user ran; otherwise (a magic called
-        from code) the text gets a name of its own.
+        from code) the text gets a name of its own, numbered as the cell that called it.
         """
         shell = self.shell
         cell = self.cell
@@ -166,11 +178,12 @@ class ClusterSession:
             name: str = shell.compile.get_code_name(cell.raw, cell.transformed, cell.number)
             number = cell.number
         else:
-            number = shell.execution_count
+            # run_cell counts a cell before running it: execution_count is the next one.
+            number = cell.number if cell is not None else shell.execution_count
             name = shell.compile.cache(lines, number)
         shell.compile._filename_map[name] = number
         linecache.cache[name] = (len(lines), None, lines.splitlines(keepends=True), name)
-        return name
+        return CellFile(name, number)
 
     # -- shell hooks -----------------------------------------------------------------------
 

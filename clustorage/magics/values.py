@@ -116,7 +116,7 @@ class ValueMagics(ClusterMagics):
                 "the last line of a %%cluster_get cell must be an expression: "
                 "its value is what the cluster stores"
             )
-        filename = self.session.cell_filename("cluster_get", cell, f"{header}\n{code}")
+        filename = self.session.cell_file("cluster_get", cell, f"{header}\n{code}").name
         last = tree.body.pop()
         assert isinstance(last, ast.Expr)
         body = compile(tree, filename, "exec")
