@@ -188,6 +188,26 @@ def test_plain_kernel_until_cluster_start(hub: Cluster, jupyter_path: Path, tmp_
         kernel.close()
 
 
+def test_cluster_start_again_is_one_line_unless_it_asks_for_another_node(
+    hub: Cluster, kernels: tuple[Kernel, Kernel]
+) -> None:
+    """%cluster_start for the node that runs (its flags, or the environment that started it)
+    says so in one line and succeeds, so "Run All" goes on; other flags are an error naming
+    them and %cluster_stop."""
+    ka, _ = kernels
+    said = f"node ka is already running (member of {hub.loader}, connected)\n"
+    for line in (f"%cluster_start --name ka --loader {hub.loader}", "%cluster_start"):
+        run = ka.ok(line)
+        assert (run.stdout, run.stderr, run.text) == (said, "", "")
+    run = ka.run(f"%cluster_start --name kz --loader {hub.loader}")
+    assert run.status == "error" and run.stdout == ""
+    assert run.stderr == (
+        f"UsageError: this process already runs node 'ka' (member of {hub.loader}), and "
+        "--name differs from it; to switch, run %cluster_stop first, then %cluster_start again\n"
+    )
+    assert ka.ok("clustorage.default_node().name").text == "'ka'"
+
+
 def test_status_shows_every_node(kernels: tuple[Kernel, Kernel]) -> None:
     """%cluster_status: an HTML table naming the loader and both kernels."""
     ka, _ = kernels

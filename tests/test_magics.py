@@ -159,12 +159,25 @@ def test_cluster_start_as_member_binds_existing_functions(
     assert shell.user_ns["halved"](5) == 2.5
 
 
-def test_cluster_start_twice_is_a_usage_error(
+def test_cluster_start_again_with_the_same_flags_changes_nothing(
+    shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same %cluster_start again (as "Run All" does) says the node runs, in one line."""
+    _, out, err = cell(shell, f"%cluster_start --name nb --loader {member.loader_address}", capsys)
+    assert out == f"node nb is already running (member of {member.loader_address}, connected)\n"
+    assert err == "" and clustorage.default_node() is member
+
+
+def test_cluster_start_with_other_flags_says_how_to_switch(
     shell: InteractiveShell, member: clustorage.Node
 ) -> None:
-    """A second %cluster_start says which node runs and how to stop it."""
-    with pytest.raises(UsageError, match="%cluster_stop"):
+    """A %cluster_start for another node names the flags that differ and %cluster_stop."""
+    with pytest.raises(UsageError, match=r"and --name, --loader differ from it.*%cluster_stop"):
         shell.run_line_magic("cluster_start", "--name other")
+    loader = member.loader_address
+    with pytest.raises(UsageError, match=r"and --timeout differs from it"):
+        shell.run_line_magic("cluster_start", f"--name nb --loader {loader} --timeout 9")
+    assert clustorage.default_node() is member
 
 
 def test_bare_cluster_start_asks_for_a_name_and_creates_nothing(

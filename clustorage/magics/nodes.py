@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from IPython.core.error import UsageError
@@ -12,12 +13,50 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 import clustorage
 from clustorage import Node
+from clustorage.config import NodeConfig
 from clustorage.flags import node_options
 
 from .base import ClusterMagics
 from .display import ClusterStatus
 
 __all__ = ["NodeMagics"]
+
+# NodeConfig fields that %cluster_start's flags set, and the flag that sets each.
+_FLAGS = {
+    "name": "--name",
+    "loader": "--loader",
+    "cookie": "--cookie",
+    "listen": "--listen",
+    "data": "--data",
+    "timeout": "--timeout",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "tls_ca": "--tls-ca",
+}
+
+
+def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
+    """The flags (or the variables they fall back to) of a ``%cluster_start`` that ask for
+    another node than ``running``; none when they ask for that very node.
+
+    No name anywhere means "any name" (a member's may have been generated), and no cookie
+    anywhere means the running node's.
+
+    Raises:
+        ConfigError: the flags are not usable, as they would be for a start.
+    """
+    env = os.environ
+    options = node_options(args)
+    options["name"] = args.name or env.get("CLUSTORAGE_NAME") or running.name
+    options["loader"] = args.loader
+    if not (args.cookie or args.cookie_file or env.get("CLUSTORAGE_COOKIE")):
+        options["cookie"] = running.config.cookie
+    wanted = NodeConfig.resolve(**options)
+    return [
+        flag
+        for field, flag in _FLAGS.items()
+        if getattr(wanted, field) != getattr(running.config, field)
+    ]
 
 
 @magics_class
@@ -48,13 +87,16 @@ class NodeMagics(ClusterMagics):
     @argument("--tls-key", metavar="FILE", help="its private key ($CLUSTORAGE_TLS_KEY)")
     @argument("--tls-ca", metavar="FILE", help="the cluster's CA certificate ($CLUSTORAGE_TLS_CA)")
     @line_magic
-    def cluster_start(self, line: str) -> Node:
+    def cluster_start(self, line: str) -> Node | None:
         """Start this kernel's node: join the loader's cluster, or be the loader.
 
         Without --loader (and without $CLUSTORAGE_LOADER) this node is the loader, and needs
-        a --name (its store is named after it). Flags
-        not given fall back to the CLUSTORAGE_* environment variables. Functions already in
-        the cluster are bound into your namespace.
+        a --name (its store is named after it). Flags not given fall back to the
+        CLUSTORAGE_* environment variables. Functions already in the cluster are bound into
+        your namespace.
+
+        Running it again with the same flags while its node runs (as "Run All" does) only
+        says so; other flags are an error: %cluster_stop first.
 
         In [1]: %cluster_start --name app2 --loader app1@127.0.0.1:4370
         Out[1]: <clustorage.Node app2 (member of app1@127.0.0.1:4370, connected)>
@@ -62,10 +104,8 @@ class NodeMagics(ClusterMagics):
         args = parse_argstring(self.cluster_start, line)
         running = clustorage.default_node()
         if running is not None:
-            raise UsageError(
-                f"this process already runs node {running.name!r} ({running.role} of "
-                f"{running.loader_address}); run %cluster_stop first"
-            )
+            self._already_running(running, args)
+            return None
         name = args.name or os.environ.get("CLUSTORAGE_NAME")
         if not name and not (args.loader or os.environ.get("CLUSTORAGE_LOADER")):
             # A loader's name picks its store file: a generated one would make a new,
@@ -78,6 +118,20 @@ class NodeMagics(ClusterMagics):
         self.session.follow(node)
         self.session.sync.apply()
         return node
+
+    def _already_running(self, running: Node, args: argparse.Namespace) -> None:
+        """Say that ``running`` is the node ``args`` ask for, or raise UsageError: it is not."""
+        what = f"{running.role} of {running.loader_address}"
+        differing = _flags_differing(running, args)
+        if differing:
+            verb = "differs" if len(differing) == 1 else "differ"
+            raise UsageError(
+                f"this process already runs node {running.name!r} ({what}), and "
+                f"{', '.join(differing)} {verb} from it; to switch, run %cluster_stop first, "
+                f"then %cluster_start again"
+            )
+        state = "connected" if running.connected else "not connected"
+        print(f"node {running.name} is already running ({what}, {state})")
 
     @magic_arguments()
     @line_magic
