@@ -79,6 +79,9 @@ from .replica import Replica
 __all__ = ["MemberClient"]
 
 log = logging.getLogger(__name__)
+# Tags on the records of the link to the loader, for front-ends that say it themselves.
+UNREACHABLE = {"loader_link": "unreachable"}
+LOST = {"loader_link": "lost"}
 
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
@@ -289,7 +292,11 @@ class MemberClient:
             raise
         except (OSError, ProtocolError, _Lost) as exc:
             log.warning(
-                "%s: cannot reach the loader %s yet (%s)", self.config.name, self.where(), exc
+                "%s: cannot reach the loader %s yet (%s)",
+                self.config.name,
+                self.where(),
+                exc,
+                extra=UNREACHABLE,
             )
             self._last_error = exc
             self._drop(str(exc))
@@ -458,7 +465,11 @@ class MemberClient:
                 except (_Lost, OSError, ValueError, ProtocolError) as exc:
                     if not self._stopping:
                         log.warning(
-                            "%s: lost the loader %s (%s)", self.config.name, self.where(), exc
+                            "%s: lost the loader %s (%s)",
+                            self.config.name,
+                            self.where(),
+                            exc,
+                            extra=LOST,
                         )
                 self._drop(str(self._last_error or "connection lost"))
                 backoff = BACKOFF_FIRST
@@ -783,7 +794,7 @@ class MemberClient:
         return moved
 
     def _lost(self, exc: BaseException) -> None:
-        log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc)
+        log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc, extra=LOST)
         self._drop(str(exc))
 
     def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:
