@@ -17,7 +17,7 @@ from typing import Any
 
 import jupyter_kernel_test as jkt
 import pytest
-from conftest import COOKIE, ROOT, Cluster
+from conftest import COOKIE, ROOT, Cluster, free_port
 from conftest_jupyter import Kernel, install_kernelspec, isolated_env
 
 import clustorage
@@ -206,6 +206,40 @@ def test_cluster_start_again_is_one_line_unless_it_asks_for_another_node(
         "--name differs from it; to switch, run %cluster_stop first, then %cluster_start again\n"
     )
     assert ka.ok("clustorage.default_node().name").text == "'ka'"
+
+
+def test_cluster_start_with_the_loader_down_says_so_and_keeps_trying(
+    jupyter_path: Path, tmp_path: Path
+) -> None:
+    """The loader is not up yet: the cell succeeds and says, in its output, that the node
+    keeps trying and how to start that loader; once started, the node joins it."""
+    (tmp_path / "later").mkdir()
+    later = Cluster(tmp_path / "later")
+    port = free_port()
+    kernel = Kernel(jupyter_path, isolated_env(tmp_path, jupyter_path), tmp_path / "k.json")
+    try:
+        kernel.wait_ready()
+        address = f"later@127.0.0.1:{port}"
+        run = kernel.ok(f"%cluster_start --name early --loader {address} --cookie {COOKIE}")
+        assert run.stderr == ""
+        assert run.stdout.splitlines() == [
+            f"the loader {address} is not reachable yet: early keeps trying, and joins it as "
+            "soon as it answers (until then, a value or function early lacks raises "
+            "LoaderUnavailable after 5 s)",
+            f"to start that loader: clustorage loader --name later --listen 127.0.0.1:{port} "
+            "(with the cookie of --cookie)",
+        ]
+        assert run.text == f"<clustorage.Node early (member of {address}, disconnected)>"
+        later.start_loader("later", port=port)
+        joined = "clustorage.default_node().connected"
+        deadline = time.monotonic() + 20  # the node retries with a backoff capped at seconds
+        while kernel.ok(joined).text != "True" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kernel.ok(joined).text == "True"
+        assert kernel.ok("%cluster_get joined 'yes'").text == "'yes'"
+    finally:
+        kernel.close()
+        later.close()
 
 
 def test_status_shows_every_node(kernels: tuple[Kernel, Kernel]) -> None:

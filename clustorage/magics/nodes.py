@@ -18,6 +18,7 @@ from clustorage.flags import node_options
 
 from .base import ClusterMagics
 from .display import ClusterStatus
+from .loader_link import UNREACHABLE, leaving_out
 
 __all__ = ["NodeMagics"]
 
@@ -59,6 +60,27 @@ def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _not_reachable_yet(node: Node) -> str:
+    """What ``%cluster_start`` says of a member that has not reached its loader yet: that it
+    keeps trying, and how to start that loader."""
+    loader = node.config.loader
+    assert loader is not None
+    command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
+    if loader.standbys:
+        command += " --store postgresql://..."
+    cookie = node.config.cookie.source
+    if cookie.startswith("file "):
+        command += f" --cookie-file {cookie.removeprefix('file ')}"
+    else:
+        command += f" (with the cookie of {cookie})"
+    return (
+        f"the loader {loader} is not reachable yet: {node.name} keeps trying, and joins it "
+        f"as soon as it answers (until then, a value or function {node.name} lacks raises "
+        f"LoaderUnavailable after {node.timeout:g} s)\n"
+        f"to start that loader: {command}"
+    )
+
+
 @magics_class
 class NodeMagics(ClusterMagics):
     """Start, stop and inspect this process's node."""
@@ -95,6 +117,11 @@ class NodeMagics(ClusterMagics):
         CLUSTORAGE_* environment variables. Functions already in the cluster are bound into
         your namespace.
 
+        A loader that is not reachable yet does not stop the node: it starts, says so with
+        the command that starts that loader, and keeps trying to reach it. Until it does, a
+        value or function it does not have yet waits --timeout seconds, then raises
+        LoaderUnavailable.
+
         Running it again with the same flags while its node runs (as "Run All" does) only
         says so; other flags are an error: %cluster_stop first.
 
@@ -114,7 +141,10 @@ class NodeMagics(ClusterMagics):
                 "a loader needs a name, which also names its store: %cluster_start --name "
                 "NAME (or join a loader with --loader NAME[@HOST[:PORT]])"
             )
-        node = clustorage.start(name=args.name, loader=args.loader, **node_options(args))
+        with leaving_out(UNREACHABLE):  # said below, in the cell's own words
+            node = clustorage.start(name=args.name, loader=args.loader, **node_options(args))
+        if not node.is_loader and not node.connected:
+            print(_not_reachable_yet(node))
         self.session.follow(node)
         self.session.sync.apply()
         return node
