@@ -14,6 +14,8 @@ prompt_toolkit ``PromptSession`` (inside ``patch_stdout(raw=True)``) and evaluat
 - a hot-load made by another node is announced in one line above the prompt. While the
   prompt is up, the line is printed to the patched stdout, which prompt_toolkit draws above
   the line being typed without disturbing it; while a cell runs, it waits for the cell to end.
+  Losing and regaining the loader are such lines too; the library's log record of a lost
+  loader is left out, so that it is said once.
 
 Evaluation, magics (``clustorage.magics``), tracebacks and the namespace stay IPython's.
 """
@@ -40,7 +42,7 @@ import clustorage
 from clustorage import LoadEvent, Node
 from clustorage.config import private_directory
 
-from .magics import session_for
+from .magics import LOST, LeaveOut, session_for
 from .namespace import NamespaceSync
 from .shell_complete import ClusterMatcher
 from .shell_tracebacks import hide_library_frames
@@ -182,6 +184,8 @@ class ClusterShell(TerminalInteractiveShell):
         self._ready = False
         self._sync: NamespaceSync | None = None
         self._wait_line: WaitLine | None = None
+        # The lost loader is said by a notice above the prompt, not by the library's log.
+        self._lost_loader_records = LeaveOut(LOST)
         super().__init__(**kwargs)
         hide_library_frames(self.InteractiveTB)
         if self.pt_app is not None:
@@ -193,6 +197,7 @@ class ClusterShell(TerminalInteractiveShell):
 
     def attach(self, node: Node) -> None:
         """Show ``node`` in the toolbar, announce its hot-loads, complete its names."""
+        self._lost_loader_records.install()
         self.Completer.custom_matchers.append(ClusterMatcher(self._names))
         self.events.register("post_run_cell", self._after_cell)
         session = session_for(self)
@@ -240,6 +245,7 @@ class ClusterShell(TerminalInteractiveShell):
     def close(self) -> None:
         """Before the shell exits: stop listening to the node, stop drawing waits."""
         self.detach()
+        self._lost_loader_records.uninstall()
         if self._wait_line is not None:
             self._wait_line.stop()
 

@@ -271,7 +271,8 @@ def test_cluster_stop_and_start_are_followed(shells: Shells) -> None:
 
 
 def test_loader_ctrl_d_tells_members_and_keeps_data(tmp_path: Path) -> None:
-    """Ctrl-D on the loader's shell exits 0, members see it go, and its data survives."""
+    """Ctrl-D on the loader's shell exits 0, members see it go and come back (one line
+    each), and its data survives."""
     shells = Shells(tmp_path, data=str(tmp_path / "data"))
     tmux = shells.tmux
     try:
@@ -284,7 +285,13 @@ def test_loader_ctrl_d_tells_members_and_keeps_data(tmp_path: Path) -> None:
         tmux.wait_for("app2", toolbar_has("loader app1: reconnecting"))
         tmux.run("kill-window", "-t", tmux.target("app1"))
         shells.loader("app1")
-        tmux.wait_for("app2", "[cluster] reconnected to loader app1", timeout=30)
+        screen = tmux.wait_for("app2", "[cluster] reconnected to loader app1", timeout=30)
+        said = screen.split("app2> get('kept', lambda: 'safe')\n'safe'\n", 1)[1]
+        assert said.splitlines()[:3] == [
+            "[cluster] lost loader app1; reconnecting (loaded values and functions still work)",
+            "[cluster] reconnected to loader app1",
+            "app2> ",
+        ]
         shells.run("app1", "get('kept')", "'safe'")
     finally:
         tmux.close()

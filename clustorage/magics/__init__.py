@@ -13,7 +13,8 @@ process's default node, binds hot-loaded functions into ``user_ns`` before each 
 :class:`~clustorage.namespace.NamespaceSync` applied on ``pre_run_cell``), completes cluster
 keys and function names, and shows every clustorage error as one line instead of a
 traceback (a ``CompileError`` with its source line and a caret). User mistakes raise
-``UsageError``. :mod:`.parsing` reads magic lines; :mod:`.display` holds what they return.
+``UsageError``. :mod:`.parsing` reads magic lines; :mod:`.display` holds what they return;
+:mod:`.loader_link` leaves out the library's log records of what a front-end says itself.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from typing import Any
 from .base import Interrupted
 from .display import ClusterStatus, SourceText, describe
 from .functions import FunctionMagics
+from .loader_link import LOST, LeaveOut
 from .nodes import NodeMagics
 from .parsing import split_arguments
 from .session import ClusterSession, load, session_for, unload
 from .values import ValueMagics
 
 __all__ = [
+    "LOST",
     "ClusterSession",
     "ClusterStatus",
     "FunctionMagics",
     "Interrupted",
+    "LeaveOut",
     "NodeMagics",
     "SourceText",
     "ValueMagics",
