@@ -30,6 +30,7 @@ __all__ = [
     "check_name",
     "clustorage_home",
     "generated_name",
+    "loader_command",
     "parse_listen",
     "parse_loader",
     "private_directory",
@@ -429,3 +430,17 @@ class NodeConfig:
             tls_key=tls[1],
             tls_ca=tls[2],
         )
+
+
+def loader_command(config: NodeConfig) -> tuple[str, str | None]:
+    """The command that starts ``config``'s loader (one without standbys) with this node's
+    cookie file and data directory; and where this node's cookie came from, when the
+    command cannot name it (not a file)."""
+    loader, cookie = config.loader, config.cookie
+    assert loader is not None
+    command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
+    if cookie.source.startswith("file "):
+        command += f" --cookie-file {cookie.source.removeprefix('file ')}"
+    if config.data:
+        command += f" --data {config.data}"
+    return command, None if cookie.source.startswith("file ") else cookie.source

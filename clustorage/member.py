@@ -41,7 +41,7 @@ from .channel import (
     record_late_write,
     wait_sliced,
 )
-from .config import NodeConfig, parse_listen
+from .config import NodeConfig, loader_command, parse_listen
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -259,19 +259,15 @@ class MemberClient:
     def unavailable(self, why: str) -> LoaderUnavailable:
         """The LoaderUnavailable a caller sees, naming the loader and how to start it with
         this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
-        loader, cookie = self.loader, self.config.cookie
+        loader = self.loader
         if loader.standbys:  # loaders on one PostgreSQL store: none of them is active
             return LoaderUnavailable(
                 f"no active loader among {loader} ({why}); a standby takes over within "
                 f"dead_after, or start one with 'clustorage loader --name {loader.name} "
                 f"--store postgresql://...' on a listed address"
             )
-        command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
-        if cookie.source.startswith("file "):
-            command += f" --cookie-file {cookie.source.removeprefix('file ')}"
-        if self.config.data:
-            command += f" --data {self.config.data}"
-        same = "" if cookie.source.startswith("file ") else f" and the cookie of {cookie.source}"
+        command, cookie = loader_command(self.config)
+        same = f" and the cookie of {cookie}" if cookie else ""
         return LoaderUnavailable(
             f"the loader {loader} is unavailable ({why}); start it with '{command}'{same}, "
             f"or check --loader"

@@ -13,7 +13,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 import clustorage
 from clustorage import Node
-from clustorage.config import NodeConfig
+from clustorage.config import NodeConfig, loader_command
 from clustorage.flags import node_options
 
 from .base import ClusterMagics
@@ -65,14 +65,12 @@ def _not_reachable_yet(node: Node) -> str:
     keeps trying, and how to start that loader."""
     loader = node.config.loader
     assert loader is not None
-    command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
     if loader.standbys:
-        command += " --store postgresql://..."
-    cookie = node.config.cookie.source
-    if cookie.startswith("file "):
-        command += f" --cookie-file {cookie.removeprefix('file ')}"
+        command = f"clustorage loader --name {loader.name} --store postgresql://..."
     else:
-        command += f" (with the cookie of {cookie})"
+        command, cookie = loader_command(node.config)
+        if cookie:
+            command += f" (with the cookie of {cookie})"
     return (
         f"the loader {loader} is not reachable yet: {node.name} keeps trying, and joins it "
         f"as soon as it answers (until then, a value or function {node.name} lacks raises "
