@@ -201,6 +201,9 @@ def failure(rid: int, exc: BaseException) -> Failed:
     return Failed(rid, type(exc).__name__, str(exc), details)
 
 
+KEPT_PER_ASKER = 1024  # keys one connection's Awaits may keep for absent holders
+
+
 def _claims(leases: Any) -> list[tuple[str, int]]:
     """The well-formed ``(key, token)`` pairs of a Reclaim."""
     return [
@@ -250,6 +253,8 @@ class LoaderCore:
         self._eager_limit = eager_limit
         self._sync_inline = min(SYNC_INLINE, max_frame // 4)
         self._synced: set[int] = set()  # peers (by id) that had their resync
+        self._reclaimed: set[int] = set()  # ... that said which leases they still hold
+        self._kept: collections.Counter[int] = collections.Counter()  # keys kept, by asker
         self.started = time.time()
         self._store = store
         self._writes = writes if writes is not None else WriteHere(store)
@@ -310,6 +315,8 @@ class LoaderCore:
     def leave(self, peer: Peer) -> None:
         """Forget ``peer``: its leases pass on, definitions stop waiting for it."""
         self._synced.discard(id(peer))
+        self._reclaimed.discard(id(peer))
+        self._kept.pop(id(peer), None)
         if self.peers.get(peer.name) is not peer:
             return
         del self.peers[peer.name]
@@ -496,15 +503,29 @@ class LoaderCore:
     def detach(self, peer: Peer) -> None:
         """``peer``'s connection is being replaced by a new one of the same node: its leases
         wait for that one to reclaim them (or for ``lease_grace``), instead of passing on."""
-        detached = [lease for lease in self._leases if lease.holder is peer]
-        for lease in detached:
-            lease.holder = _Absent(peer.name)
-        if detached:
-            self._schedule(self._lease_grace, self._expire_adopted)
+        for lease in self._leases:
+            if lease.holder is peer:
+                self._keep_for(lease, peer.name)
+
+    def _keep_for(self, lease: Lease, holder: str) -> None:
+        """Keep ``lease`` for node ``holder``, away now, until it reclaims the lease or
+        ``lease_grace`` passes; then the lease passes on."""
+        absent = lease.holder = _Absent(holder)
+
+        def expire() -> None:
+            kept = self._leases.get(lease.key) is lease and lease.holder is absent
+            if kept and not lease.committing:
+                log.info("%s: its holder %s did not come back", printable(lease.key), holder)
+                self._pass_lease(lease)
+
+        self._schedule(self._lease_grace, expire)
 
     def _reclaim(self, peer: Peer, message: Reclaim) -> None:
         """A node's first word on a new connection: the leases whose fn it runs. It keeps
         them; a lease kept for it that it does not name passes on."""
+        if id(peer) in self._reclaimed or id(peer) in self._synced:
+            raise RemoteProtocolError("a connection reclaims its leases once, first")
+        self._reclaimed.add(id(peer))
         claimed = dict(_claims(message.leases))
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
@@ -512,6 +533,10 @@ class LoaderCore:
             token = claimed.pop(lease.key, None)
             if token is not None and lease.token in (0, token):
                 lease.holder, lease.token = peer, token
+                try:
+                    self._book_grant(lease)
+                except StoreError as exc:
+                    log.warning("%s: its holder was not recorded: %s", printable(lease.key), exc)
             elif not lease.committing:
                 self._pass_lease(lease)
         for key, token in claimed.items():
@@ -533,17 +558,19 @@ class LoaderCore:
             (VALUE, key) not in self.entries
             and self._leases.get(key) is None
             and holder != self.name
-            and not self._resynced(holder)
+            and not self._back(holder)
+            and self._kept[id(peer)] < KEPT_PER_ASKER
         ):
-            self._leases.adopt(key, _Absent(holder), 0)
-            self._schedule(self._lease_grace, self._expire_adopted)
+            self._kept[id(peer)] += 1
+            self._keep_for(self._leases.adopt(key, _Absent(holder), 0), holder)
             log.info("%s: waiting for %s to come back", printable(key), printable(holder))
         self._fetch(peer, Fetch(message.rid, VALUE, key, True, tuple(message.holding)))
 
-    def _resynced(self, name: str) -> bool:
-        """Whether node ``name`` is connected and resynced (so it reclaimed its leases)."""
+    def _back(self, name: str) -> bool:
+        """Whether node ``name`` is connected again and said which leases it holds (or,
+        being of an earlier release, resynced without saying)."""
         peer = self.peers.get(name)
-        return peer is not None and id(peer) in self._synced
+        return peer is not None and (id(peer) in self._reclaimed or id(peer) in self._synced)
 
     def _expire_adopted(self) -> None:
         for lease in self._leases:
@@ -695,6 +722,8 @@ class LoaderCore:
         except StoreError as exc:
             log.warning("%s: its new holder was not recorded: %s", printable(lease.key), exc)
         lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
+        for waiter in lease.waiters:  # who they wait for now: whom to name if cut off
+            waiter.peer.deliver(Queued(waiter.rid, lease.holder.name, 0.0))
 
     def _delete(self, peer: Peer, message: Delete) -> None:
         where = (message.kind, message.key)

@@ -54,6 +54,8 @@ from .errors import (
 from .hello import HEARTBEAT, check_welcome, handshake_meta, incompatibility
 from .liveness import watch
 from .messages import (
+    VALUE,
+    Await,
     Commit,
     Define,
     Delete,
@@ -358,12 +360,16 @@ class MemberClient:
         except BaseException:
             sock.close()
             raise
+        self._takes_not_loaded = bool(welcome.get("not_loaded"))
+        self._reclaims = bool(welcome.get("reclaims"))
         with self._send_lock:
+            if self._reclaims:  # the connection's first frame: no other thread's goes before
+                # it. Even naming none: the loader then knows which of ours ended meanwhile.
+                held_leases = Reclaim(tuple(self._leases.copy().items()))
+                sock.sendall(conn.send_small(*messages.encode_parts(held_leases)))
             self._sock, self._conn = sock, conn
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
-        self._takes_not_loaded = bool(welcome.get("not_loaded"))
-        self._reclaims = bool(welcome.get("reclaims"))
         store = welcome.get("store")
         if self._store is not None and store != self._store:
             # Another store (a loader that kept nothing, or another data file) numbers its
@@ -373,8 +379,6 @@ class MemberClient:
             held = self.replica.held()
         self._store = store  # from now on, what arrives is numbered by this store
         self._abandoned.clear()  # the resync brings what their answers would have
-        if self._reclaims:  # even none: the loader then knows which of ours ended meanwhile
-            self._send(Reclaim(tuple(self._leases.copy().items())))
         rid, waiter = self.pending.open()
         self._send(Sync(rid, held))
         deadline = time.monotonic() + timeout
@@ -698,6 +702,8 @@ class MemberClient:
     # -- requests --------------------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
+        if type(message) is Await and not self._reclaims:  # a loader of an earlier release
+            message = Fetch(message.rid, VALUE, message.key, True, message.holding)
         envelope, blob = messages.encode_parts(message)
         sending = False
         interrupts.hold()  # a Ctrl-C only where asked for: while waiting, or between parts
@@ -821,14 +827,13 @@ class MemberClient:
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send a request and wait for its answer (a ``patient`` one while connected).
 
-        With standbys listed, a request cut off by a takeover is sent once more to the next
-        active loader where that is safe (see :func:`_retryable`).
+        A leaseholder's commit cut off (by a restart of the loader, say) is sent once more
+        when connected again: the value it computed is not lost. With standbys listed, so
+        is any request cut off by a takeover where that is safe (see :func:`_retryable`).
 
         Raises:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
         """
-        if not self.loader.standbys:
-            return self._request(build, timeout, patient)
         sent: list[Message] = []
 
         def remember(rid: int) -> Message:
@@ -839,6 +844,8 @@ class MemberClient:
             return self._request(remember, timeout, patient)
         except LoaderUnavailable as exc:
             if self._stopping or not sent or not _retryable(sent[-1]):
+                raise
+            if not self.loader.standbys and type(sent[-1]) is not Commit:
                 raise
             log.info("%s: retrying a %s (%s)", self.config.name, type(sent[-1]).__name__, exc)
             self._wait_ready(timeout + self.config.dead_after)

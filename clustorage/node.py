@@ -14,7 +14,7 @@ from . import codec, interrupts
 from .channel import Channel, CutOff
 from .compiler import check_function_name
 from .config import Cookie, LoaderAddress, NodeConfig
-from .errors import DeadlockError, Interrupted, NotFound
+from .errors import ClustorageError, DeadlockError, Interrupted, LoaderUnavailable, NotFound
 from .keys import Key, normalize_key
 from .messages import (
     FUNCTION,
@@ -257,18 +257,40 @@ class Node:
         token = reply.token
         self._leases_held[key] = token
         try:
-            value, payload = self._compute(key, fn)
-            return self._write(lambda rid: Commit(rid, key, token, payload), value)[0]
+            value, payload = self._compute(key, fn)  # a fn that raises releases the lease
+        except BaseException:
+            self._end_lease(key, token)
+            raise
+        try:
+            # A value computed is not given up lightly: its commit waits for a loader that
+            # is down (restarting, say) for as long as a leaseholder is waited for.
+            patience = self.timeout + self.config.dead_after
+            commit = self._write(lambda rid: Commit(rid, key, token, payload), value, patience)
+            return commit[0]
+        except BaseException as exc:
+            if isinstance(exc, LoaderUnavailable) or not isinstance(exc, ClustorageError):
+                # Not answered (a refusal passed the lease on already): it may still be ours.
+                self._end_lease(key, token, f"its commit got no answer ({type(exc).__name__})")
+            raise
         finally:
-            if self._leases_held.get(key) == token:
-                del self._leases_held[key]
+            self._end_lease(key, token)
 
-    def _write(self, build: Callable[[int], Message], value: Any) -> tuple[Any, int]:
+    def _end_lease(self, key: str, token: int, release: str = "") -> None:
+        """This node no longer computes ``key`` under ``token``; ``release``: tell the
+        loader why, so that the lease passes on (a commit it took settles it anyway)."""
+        if self._leases_held.get(key) == token:
+            del self._leases_held[key]
+        if release:
+            self._channel.notify(lambda rid: Release(rid, key, release))
+
+    def _write(
+        self, build: Callable[[int], Message], value: Any, timeout: float | None = None
+    ) -> tuple[Any, int]:
         """Put or commit ``value``: the object installed and its version. A Ctrl-C once it
         is answered is raised after the install, since the fan-out skips the writer."""
         interrupts.hold()
         try:
-            reply, epoch = self._ask(build)
+            reply, epoch = self._ask(build, timeout=timeout)
             assert type(reply) is Committed
             return self._install(reply.entry, value, epoch=epoch), reply.entry.version
         finally:
@@ -281,7 +303,9 @@ class Node:
             stack = self._thread_state.computing = []
         return stack
 
-    def _ask(self, build: Callable[[int], Message], patient: bool = False) -> tuple[Message, int]:
+    def _ask(
+        self, build: Callable[[int], Message], patient: bool = False, timeout: float | None = None
+    ) -> tuple[Message, int]:
         """Send a request; its answer, and the replica's epoch when it was sent."""
         epoch = self._replica.epoch
 
@@ -290,7 +314,7 @@ class Node:
             epoch = self._replica.epoch
             return build(rid)
 
-        reply = self._channel.request(built, self.timeout, patient)
+        reply = self._channel.request(built, timeout or self.timeout, patient)
         return reply, epoch
 
     def _fetch(self, key: str, lease: bool, holding: tuple[str, ...]) -> tuple[Message, int]:

@@ -233,3 +233,55 @@ def test_a_malformed_reclaim_claims_nothing(core: LoaderCore, leases: Any) -> No
     core.join(holder)
     core.handle(holder, Reclaim(leases))
     assert core.status()["computing"] == []
+
+
+def test_an_await_after_the_holders_reclaim_needs_not_its_resync(core: LoaderCore) -> None:
+    """The holder said it computes nothing: a waiter asking before its Sync is answered."""
+    holder = Peer("holder")
+    core.join(holder)
+    core.handle(holder, Reclaim(()))
+    waiter = connect(core, "waiter")
+    core.handle(waiter, Await(2, "k", (), "holder"))
+    assert type(last(waiter, 2)) is LeaseGranted
+
+
+def test_each_kept_key_waits_its_own_grace(core: LoaderCore, clock: Clock) -> None:
+    first, second = connect(core, "first"), connect(core, "second")
+    core.handle(first, Await(2, "k1", (), "gone"))
+    core.handle(second, Await(2, "k2", (), "late"))
+    clock.calls[-1] = (GRACE + 5, clock.calls[-1][1])  # k2's grace began 5 s later
+    clock.run(GRACE)
+    assert type(last(first, 2)) is LeaseGranted
+    assert type(last(second, 2)) is Queued
+    late = connect(core, "late", ("k2", 7))
+    core.handle(late, Commit(3, "k2", 7, b"v"))
+    assert type(last(late, 3)) is Committed and type(last(second, 2)) is Found
+
+
+def test_a_lease_passing_on_tells_the_others_who_computes_now(core: LoaderCore) -> None:
+    """So that a waiter cut off later names the node that computes, not the first one."""
+    first, second, third = (connect(core, name) for name in ("first", "second", "third"))
+    core.handle(first, Fetch(2, VALUE, "k", True, ()))
+    core.handle(second, Fetch(2, VALUE, "k", True, ()))
+    core.handle(third, Fetch(2, VALUE, "k", True, ()))
+    core.handle(first, Release(0, "k", "ValueError: boom"))
+    assert type(last(second, 2)) is LeaseGranted
+    queued = last(third, 2)
+    assert type(queued) is Queued and queued.holder == "second"
+
+
+def test_a_connection_reclaims_once(core: LoaderCore) -> None:
+    holder = connect(core, "holder")
+    core.handle(holder, Reclaim((("k", 5),)))
+    assert core.status()["computing"] == []
+
+
+def test_one_connection_keeps_a_bounded_number_of_keys(core: LoaderCore) -> None:
+    from clustorage.loader import KEPT_PER_ASKER
+
+    asker = connect(core, "asker")
+    for rid in range(KEPT_PER_ASKER):
+        core.handle(asker, Await(rid + 2, f"k{rid}", (), f"nobody{rid}"))
+    core.handle(asker, Await(1, "one-more", (), "nobody"))
+    assert type(last(asker, 1)) is LeaseGranted
+    assert len(core.status()["leases"]) == KEPT_PER_ASKER + 1

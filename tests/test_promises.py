@@ -436,6 +436,55 @@ def test_a_loader_restarted_while_a_fn_runs_keeps_it_the_only_one(
     assert computing(watcher) == []
 
 
+def test_a_commit_cut_off_while_the_loader_is_down_goes_once_it_is_back(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The holder's fn ends while the loader is down for longer than the node's timeout: its
+    commit waits (for the timeout and dead_after), goes once the loader is back, and the
+    waiter gets that value."""
+    cluster.env["CLUSTORAGE_TIMEOUT"] = "2"
+    cluster.env["CLUSTORAGE_DEAD_AFTER"] = "10"
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('late', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('late', fn)")
+    wait_until(lambda: computing(watcher) == [["late", "holder"]], 10, "the lease is known")
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait(10)
+    go.touch()  # the fn ends; its commit finds no loader
+    time.sleep(3)  # past the timeout (2 s): a stimulus, not a measurement
+    cluster.start_loader(data=data)
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
+    assert watcher.ok("node.get('late')") == "from holder"
+
+
+def test_a_holder_whose_commit_finds_no_loader_does_not_pin_its_key(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The loader stays down past the holder's last try: its get raises LoaderUnavailable,
+    and once the loader is back the key is free: the next get computes it."""
+    short_liveness(cluster)
+    cluster.env["CLUSTORAGE_TIMEOUT"] = "1"
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder = cluster.member("holder")
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('pinned', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait(10)
+    go.touch()
+    answer = answer_within(holder, 60)
+    assert answer.get("error") == "LoaderUnavailable", answer
+    cluster.start_loader(data=data)
+    wait_until(lambda: holder.ok("node.connected"), 30, "the holder reconnects")
+    assert holder.ok("node.get('pinned', lambda: 'again')") == "again"
+
+
 def test_a_holder_that_never_comes_back_passes_its_lease_to_the_waiter(
     cluster: Cluster, tmp_path: Path
 ) -> None:
