@@ -77,6 +77,11 @@ class Channel(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def last_error(self) -> str:
+        """Why the loader could not be reached the last time it was tried ("" if it was)."""
+        ...
+
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send ``build(rid)`` and wait for its answer.
 

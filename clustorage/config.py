@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -434,13 +435,19 @@ class NodeConfig:
 
 def loader_command(config: NodeConfig) -> tuple[str, str | None]:
     """The command that starts ``config``'s loader (one without standbys) with this node's
-    cookie file and data directory; and where this node's cookie came from, when the
+    cookie file and data directory (and, over TLS, the CA; the loader's own certificate
+    and key are named as placeholders); and where this node's cookie came from, when the
     command cannot name it (not a file)."""
     loader, cookie = config.loader, config.cookie
     assert loader is not None
-    command = f"clustorage loader --name {loader.name} --listen {loader.host}:{loader.port}"
+    words = ["clustorage", "loader", "--name", loader.name, "--listen", _show(*loader.addresses[0])]
     if cookie.source.startswith("file "):
-        command += f" --cookie-file {cookie.source.removeprefix('file ')}"
+        words += ["--cookie-file", cookie.source.removeprefix("file ")]
     if config.data:
-        command += f" --data {config.data}"
+        words += ["--data", config.data]
+    command = shlex.join(words)
+    if config.tls_ca:
+        command += (
+            f" --tls-cert LOADER.pem --tls-key LOADER-key.pem --tls-ca {shlex.quote(config.tls_ca)}"
+        )
     return command, None if cookie.source.startswith("file ") else cookie.source

@@ -81,9 +81,10 @@ from .replica import Replica
 __all__ = ["MemberClient"]
 
 log = logging.getLogger(__name__)
-# Tags on the records of the link to the loader, for front-ends that say it themselves.
-UNREACHABLE = {"loader_link": "unreachable"}
-LOST = {"loader_link": "lost"}
+# Tags on the records of the link to the loader, for front-ends that say it themselves
+# (with the node's name as ``node``).
+UNREACHABLE = "unreachable"
+LOST = "lost"
 
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
@@ -252,6 +253,11 @@ class MemberClient:
         return self._is_ready
 
     @property
+    def last_error(self) -> str:
+        error = self._last_error
+        return "" if self._is_ready or error is None else str(error)
+
+    @property
     def members(self) -> tuple[str, ...]:
         return self._roster.names()
 
@@ -294,7 +300,7 @@ class MemberClient:
                 self.config.name,
                 self.where(),
                 exc,
-                extra=UNREACHABLE,
+                extra={"loader_link": UNREACHABLE, "node": self.config.name},
             )
             self._last_error = exc
             self._drop(str(exc))
@@ -469,7 +475,7 @@ class MemberClient:
                             self.config.name,
                             self.where(),
                             exc,
-                            extra=LOST,
+                            extra={"loader_link": LOST, "node": self.config.name},
                         )
                 self._drop(str(self._last_error or "connection lost"))
                 backoff = BACKOFF_FIRST
@@ -796,7 +802,13 @@ class MemberClient:
         return moved
 
     def _lost(self, exc: BaseException) -> None:
-        log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc, extra=LOST)
+        log.warning(
+            "%s: lost the loader %s (%s)",
+            self.config.name,
+            self.where(),
+            exc,
+            extra={"loader_link": LOST, "node": self.config.name},
+        )
         self._drop(str(exc))
 
     def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:

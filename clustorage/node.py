@@ -520,6 +520,8 @@ class Node:
             "functions": len(self._functions),
             "nodes": [],
         }
+        if not self.connected and (error := self._channel.last_error):
+            status["loader_error"] = error  # why the loader could not be reached
         if self.connected:
             reply = self._channel.request(Status, self.timeout)
             assert type(reply) is StatusReply

@@ -158,6 +158,10 @@ class LoaderRuntime:
     def connected(self) -> bool:
         return self.core is not self._standby
 
+    @property
+    def last_error(self) -> str:
+        return "" if self.connected else "this loader stands by"
+
     def _campaign_for(self, store: PostgresStore, standby: StandbyCore) -> Campaign:
         """Stand by until this loader takes the lock of its PostgreSQL store."""
         from .leadership import Leadership

@@ -184,8 +184,9 @@ class ClusterShell(TerminalInteractiveShell):
         self._ready = False
         self._sync: NamespaceSync | None = None
         self._wait_line: WaitLine | None = None
-        # The lost loader is said by a notice above the prompt, not by the library's log.
-        self._lost_loader_records = LeaveOut(LOST)
+        # The followed node's lost loader is said by a notice above the prompt, not by the
+        # library's log.
+        self._lost_loader_records = LeaveOut(LOST, node="")
         super().__init__(**kwargs)
         hide_library_frames(self.InteractiveTB)
         if self.pt_app is not None:
@@ -236,6 +237,7 @@ class ClusterShell(TerminalInteractiveShell):
         self.detach()
         self._bind_names(self._node, node)
         self._node = node
+        self._lost_loader_records.node = node.name if node is not None else ""
         self._snapshot = snapshot(node) if node is not None else None
         if node is not None:
             self.cluster_name = node.name

@@ -492,3 +492,30 @@ def test_a_bad_max_backlog_is_a_config_error(text: str) -> None:
     """A backlog cap that is not a number of bytes of at least 1 MiB is refused, saying so."""
     with pytest.raises(ConfigError, match="CLUSTORAGE_MAX_BACKLOG"):
         max_backlog({"CLUSTORAGE_MAX_BACKLOG": text})
+
+
+def test_the_command_that_starts_a_loader_can_be_pasted_as_it_is(tmp_path: Path) -> None:
+    """An IPv6 address in brackets, a path with a space quoted, and over TLS the CA."""
+    import shlex
+
+    from clustorage.config import loader_command
+
+    cookie = tmp_path / "my cookies" / "cookie"
+    cookie.parent.mkdir()
+    cookie.write_text("c" * 24)
+    cookie.chmod(0o600)
+    config = NodeConfig.resolve(
+        name="m", loader="app1@[::1]:45999", cookie_file=str(cookie), env={}
+    )
+    command, elsewhere = loader_command(config)
+    assert elsewhere is None
+    assert shlex.split(command) == [
+        "clustorage", "loader", "--name", "app1", "--listen", "[::1]:45999",
+        "--cookie-file", str(cookie),
+    ]  # fmt: skip
+    assert parse_listen(shlex.split(command)[5]) == ("::1", 45999)
+    by_env = NodeConfig.resolve(name="m", loader="app1", env={"CLUSTORAGE_COOKIE": "c" * 24})
+    assert loader_command(by_env) == (
+        "clustorage loader --name app1 --listen 127.0.0.1:4370",
+        "$CLUSTORAGE_COOKIE",
+    )

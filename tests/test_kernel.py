@@ -223,7 +223,8 @@ def test_cluster_start_with_the_loader_down_says_so_and_keeps_trying(
         run = kernel.ok(f"%cluster_start --name early --loader {address} --cookie {COOKIE}")
         assert run.stderr == ""
         assert run.stdout.splitlines() == [
-            f"the loader {address} is not reachable yet: early keeps trying, and joins it as "
+            f"the loader {address} is not reachable yet ([Errno 111] Connection refused): "
+            "early keeps trying, and joins it as "
             "soon as it answers (until then, a value or function early lacks raises "
             "LoaderUnavailable after 5 s)",
             f"to start that loader: clustorage loader --name later --listen 127.0.0.1:{port} "

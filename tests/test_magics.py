@@ -865,3 +865,27 @@ def test_cluster_start_over_tls(shell: InteractiveShell, tmp_path: Path) -> None
         assert isinstance(node, clustorage.Node) and node.config.tls_cert
         assert node.get("greeting") == "hello"
         clustorage.stop()
+
+
+def test_a_front_end_leaves_out_only_its_own_nodes_link_records() -> None:
+    """The shell says its node's lost loader itself; another node of the process (one the
+    user made, say) still has its record shown."""
+    import logging
+
+    from clustorage.magics.loader_link import LINK_LOGGER, LOST, UNREACHABLE, LeaveOut
+
+    def record(kind: str | None, node: str) -> logging.LogRecord:
+        made = logging.LogRecord(LINK_LOGGER, logging.WARNING, __file__, 1, "lost", (), None)
+        if kind is not None:
+            made.loader_link, made.node = kind, node
+        return made
+
+    followed = LeaveOut(LOST, node="app2")
+    assert not followed.filter(record(LOST, "app2"))
+    assert followed.filter(record(LOST, "w"))
+    assert followed.filter(record(UNREACHABLE, "app2"))
+    assert followed.filter(record(None, "app2"))
+    following_none = LeaveOut(LOST, node="")
+    assert following_none.filter(record(LOST, "app2"))
+    every_node = LeaveOut(UNREACHABLE)
+    assert not every_node.filter(record(UNREACHABLE, "w"))

@@ -2,7 +2,8 @@
 front-end says the same thing in its own words (the shell's notices, ``%cluster_start``).
 
 The member client tags them with a ``loader_link`` attribute: ``"unreachable"`` when a node
-starts without reaching its loader, ``"lost"`` when a connection to it ends.
+starts without reaching its loader, ``"lost"`` when a connection to it ends; and ``node``,
+the name of the node whose link it is.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ LOST = "lost"
 
 
 class LeaveOut(logging.Filter):
-    """A filter for :data:`LINK_LOGGER` that leaves out the link records of ``kinds``."""
+    """A filter for :data:`LINK_LOGGER` that leaves out the link records of ``kinds``; of
+    node ``node`` only, when set (other nodes of the process are no front-end's to tell of:
+    their records stay)."""
 
-    def __init__(self, *kinds: str) -> None:
+    def __init__(self, *kinds: str, node: str | None = None) -> None:
         super().__init__()
         self.kinds = frozenset(kinds)
+        self.node = node
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(record, "loader_link", None) not in self.kinds
+        if getattr(record, "loader_link", None) not in self.kinds:
+            return True
+        return self.node is not None and getattr(record, "node", None) != self.node
 
     def install(self) -> None:
         logging.getLogger(LINK_LOGGER).addFilter(self)

@@ -71,8 +71,11 @@ def _not_reachable_yet(node: Node) -> str:
         command, cookie = loader_command(node.config)
         if cookie:
             command += f" (with the cookie of {cookie})"
+    why = node.status().get("loader_error")
+    because = f" ({why})" if why else ""
     return (
-        f"the loader {loader} is not reachable yet: {node.name} keeps trying, and joins it "
+        f"the loader {loader} is not reachable yet{because}: {node.name} keeps trying, and "
+        f"joins it "
         f"as soon as it answers (until then, a value or function {node.name} lacks raises "
         f"LoaderUnavailable after {node.timeout:g} s)\n"
         f"to start that loader: {command}"
