@@ -2,11 +2,13 @@
 
 On a full disk SQLite cannot write even a deletion's tombstone, and a big value's file may go
 only once its tombstone has committed (clustorage.blobs): without room set aside, nothing
-could be deleted to make room. So the store keeps a file of ``SIZE`` bytes beside it,
-allocated while there is room. A deletion that fails for want of space gives that room back
-and is tried once more; a put never does, so the room is there for the deletions that let
-writes resume. Before a put takes room, the file is made again if the disk has room for it.
-A write that finds the disk full says how to make room (:func:`full_disk`).
+could be deleted to make room. So the store keeps a file beside it, allocated while there is
+room: ``SIZE`` bytes, or a ``SHARE``-th of a smaller disk, so that a disk of a few MiB still
+takes puts. A deletion that fails for want of space gives that room back and is tried once
+more. A put never takes it: before one, the file is made again if it is missing and the disk
+has room for it, and while it cannot be, puts are refused as if the disk were full, so that
+the room stays for the deletions that let writes resume. A write that finds the disk full
+says how to make room (:func:`full_disk`).
 """
 
 from __future__ import annotations
@@ -21,24 +23,43 @@ from pathlib import Path
 
 from .errors import StoreError
 
-__all__ = ["FULL", "SIZE", "Reserve", "full_disk"]
+__all__ = ["FULL", "SHARE", "SIZE", "Reserve", "full_disk"]
 
 log = logging.getLogger(__name__)
 
 SIZE = 4 << 20  # bytes: a thousand pages of the WAL; a deletion takes a few
+SHARE = 16  # the most of a disk set aside is its SHARE-th
 FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write that found no room fails with
+_PAGE = 4096
 _CHUNK = 1 << 20
+
+
+def _size_for(folder: Path) -> int:
+    """How many bytes to set aside on the disk of ``folder``."""
+    try:
+        disk = os.statvfs(folder)
+    except OSError:
+        return SIZE
+    share = disk.f_blocks * disk.f_frsize // SHARE
+    if not share:  # a file system that does not say its size
+        return SIZE
+    return max(_PAGE, min(SIZE, share - share % _PAGE))
 
 
 class Reserve:
     """The file at ``path`` that holds ``size`` bytes of the disk for deletions; the store's
-    row writer and file writer may use it at once."""
+    row writer and file writer may use it at once.
 
-    def __init__(self, path: Path, size: int = SIZE) -> None:
+    ``held`` says whether it is; ``error`` why it could not be made, when that was not for
+    want of room.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.size = size
+        self.size = _size_for(path.parent)
+        self.error: OSError | None = None
         self._lock = threading.Lock()
-        self.held = self._allocated() >= size
+        self.held = self._allocated() >= self.size
 
     def _allocated(self) -> int:
         try:
@@ -54,6 +75,7 @@ class Reserve:
             try:
                 disk = os.statvfs(self.path.parent)
                 if disk.f_bavail * disk.f_frsize < self.size:
+                    self.error = None
                     return False
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 try:
@@ -63,10 +85,23 @@ class Reserve:
                     os.close(fd)
             except OSError as exc:
                 log.debug("could not set %d bytes aside in %s: %s", self.size, self.path, exc)
+                self.error = None if exc.errno in FULL else exc
                 self._remove()
                 return False
             self.held = True
+            self.error = None
             return True
+
+    def refusal(self) -> StoreError:
+        """What a put refused because the room cannot be set aside says: the disk lacks it
+        (the put would take what the next deletion needs), or the file cannot be made."""
+        if self.error is None:
+            why = f"less than the {self.size} bytes it keeps for deletions are free"
+            return full_disk(self.path.parent, why)
+        return StoreError(
+            f"the loader could not set aside room for deletions in {self.path} "
+            f"({self.error}): nothing was stored"
+        )
 
     @contextlib.contextmanager
     def given_back(self) -> Iterator[bool]:
@@ -103,17 +138,17 @@ def _allocate(fd: int, size: int) -> None:
         written += os.pwrite(fd, block[: size - written], written)
 
 
-def full_disk(folder: Path, exc: BaseException, deleting: bool = False) -> StoreError:
-    """What a write to the store in ``folder`` that found its disk full says: how to make
-    room (``deleting``: for a deletion that found even the room kept for it spent)."""
+def full_disk(folder: Path, why: object, deleting: bool = False) -> StoreError:
+    """What a write to the store in ``folder`` that found its disk full (``why``) says: how
+    to make room (``deleting``: for a deletion that found even the room kept for it spent)."""
     if deleting:
         return StoreError(
-            f"the disk of the loader's data directory {folder} is full ({exc}), and the room "
+            f"the disk of the loader's data directory {folder} is full ({why}), and the room "
             f"kept there for deletions is spent: nothing was deleted. Free space on that "
             f"disk, then delete again; writes then resume too"
         )
     return StoreError(
-        f"the disk of the loader's data directory {folder} is full ({exc}): nothing was "
+        f"the disk of the loader's data directory {folder} is full ({why}): nothing was "
         f"stored. To make room, delete keys you no longer need with node.delete(key) or "
         f"%cluster_delete KEY (a deletion goes through even on a full disk, and frees its "
         f"value's space), or free space on that disk; writes then resume"

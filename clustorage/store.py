@@ -157,7 +157,8 @@ class SQLiteStore:
                 if not self._reserve.make():
                     log.warning(
                         "%s has less than %d bytes free: nothing is kept aside for "
-                        "deleting keys should that disk fill up",
+                        "deleting keys should that disk fill up, and puts are refused "
+                        "until there is",
                         Path(path).parent,
                         self._reserve.size,
                     )
@@ -225,7 +226,8 @@ class SQLiteStore:
         Raises:
             StoreError: the file could not be written; nothing is left behind.
         """
-        self._keep_room_for_deletions()
+        if self._reserve is not None and not self._reserve.make():
+            raise self._reserve.refusal()
         try:
             return self._blobs.write(payload)
         except OSError as exc:
@@ -256,12 +258,6 @@ class SQLiteStore:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
             self._blobs.remove(name)
-
-    def _keep_room_for_deletions(self) -> None:
-        """Before a put takes room: set aside again the room for deletions that a full disk
-        took, if there is room for it now, so that the next full disk finds it too."""
-        if self._reserve is not None:
-            self._reserve.make()
 
     def _error(self, exc: sqlite3.Error, deleting: bool = False) -> StoreError:
         if _no_room(exc):
@@ -352,9 +348,11 @@ class SQLiteStore:
 
         Raises:
             ValueTooLarge: the entry is over what a row holds; nothing was stored.
-            StoreError: the write failed (disk full, file gone); nothing was stored.
+            StoreError: the write failed (disk full, file gone), or the room kept for
+                deletions cannot be set aside (clustorage.reserve); nothing was stored.
         """
-        self._keep_room_for_deletions()
+        if self._reserve is not None and not self._reserve.make():
+            raise self._reserve.refusal()
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
         texts = (entry.kind, entry.key, entry.source or "", entry.origin)
         size = 0 if file else len(entry.payload)

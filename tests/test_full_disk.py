@@ -101,3 +101,28 @@ def test_a_loader_restarted_on_a_full_disk_can_delete(cluster: Cluster, tmp_path
             assert member.ok(f"node.get('c') == b'c' * {BIG}") is True
         finally:
             cluster.close()
+
+
+def test_after_a_deletion_spends_the_room_puts_wait_for_room(home: Path, tmp_path: Path) -> None:
+    """Deleting a small key or a function on a full disk frees no file: the room kept for
+    deletions, given back to it, stays free for the next deletions, and puts (a row, a
+    member's big value) are refused until the disk has room to set it aside again."""
+    with small_disk(tmp_path / "disk", "64m") as disk, node_pair(data=str(disk)) as pair:
+        first, second = pair
+        reserve = disk / "l.sqlite3.reserve"
+        for i in range(3):
+            second.put(f"k{i}", os.urandom(2000))
+        second.define("f", "lambda: 1")
+        filler = fill(disk)
+        assert second.delete("k0")
+        assert not reserve.exists()
+        for node, value in ((second, b"x" * 1000), (second, os.urandom(BIG)), (first, b"y")):
+            with pytest.raises(
+                clustorage.StoreError, match="bytes it keeps for deletions are free"
+            ):
+                node.put("new", value)
+        assert second.delete("f", kind="function") and second.delete("k1")
+        filler.unlink()
+        second.put("new", b"x" * 1000)
+        assert reserve.stat().st_blocks * 512 == 4 << 20
+        assert second.keys() == ["k2", "new"] and second.functions() == []

@@ -130,6 +130,34 @@ def test_a_deletion_in_a_group_on_a_full_disk_goes_through_alone(tmp_path: Path)
             store.close()
 
 
+def test_a_put_grouped_after_a_deletion_on_a_full_disk_leaves_it_the_room(
+    tmp_path: Path,
+) -> None:
+    """On a full disk a pass's deletion and put, written one by one, are a deletion that
+    spends the room kept for deletions and a put that may not take it: refused, saying the
+    disk is full, it leaves that room to the next deletion."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        store = SQLiteStore(str(disk / "s.sqlite3"))
+        try:
+            for key in ("a", "b"):
+                commit_entry(store, value(key, b"x" * 3000), 0)
+            fill(disk)
+            soon: list[Callable[[], None]] = []
+            writer = StoreWriter(store, lambda call: call(), soon=soon.append)
+            outcomes: Outcomes = []
+            writer.delete(VALUE, "a", 2, "m", lambda error: outcomes.append(("a", error)))
+            commit_each(writer, [value("small", b"y" * 3000)], outcomes)
+            soon.pop()()
+            assert outcomes[0] == ("a", None) and outcomes[1][0] == "small"
+            assert "keeps for deletions are free" in str(outcomes[1][1])
+            writer.delete(VALUE, "b", 2, "m", lambda error: outcomes.append(("b", error)))
+            soon.pop()()
+            writer.close()
+            assert outcomes[2] == ("b", None) and store.current() == []
+        finally:
+            store.close()
+
+
 class PausingStore(SQLiteStore):
     """Commits of key ``slow`` wait, inside their transaction, until ``resume`` is set."""
 
