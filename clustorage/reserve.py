@@ -5,9 +5,11 @@ only once its tombstone has committed (clustorage.blobs): without room set aside
 could be deleted to make room. So the store keeps a file beside it, allocated while there is
 room: ``SIZE`` bytes, or a ``SHARE``-th of a smaller disk, so that a disk of a few MiB still
 takes puts. A deletion that fails for want of space gives that room back and is tried once
-more. A put never takes it: before one, the file is made again if it is missing and the disk
-has room for it, and while it cannot be, puts are refused as if the disk were full, so that
-the room stays for the deletions that let writes resume. A write that finds the disk full
+more. A put never takes it: before one, the file is made again if it is missing and the disk has
+room for it, and while it cannot be, puts are refused as if the disk were full, so that the
+room stays for the deletions that let writes resume. A put looks at the file itself at most
+every ``LOOK_EVERY`` seconds (a system call costs more than the rest of the check): a file
+removed or replaced by hand is noticed within that time. A write that finds the disk full
 says how to make room (:func:`full_disk`).
 """
 
@@ -17,18 +19,21 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StoreError
 
-__all__ = ["FULL", "SHARE", "SIZE", "Reserve", "full_disk"]
+__all__ = ["FULL", "LOOK_EVERY", "SHARE", "SIZE", "Reserve", "full_disk"]
 
 log = logging.getLogger(__name__)
 
 SIZE = 4 << 20  # bytes: a thousand pages of the WAL; a deletion takes a few
 SHARE = 16  # the most of a disk set aside is its SHARE-th
+LOOK_EVERY = 1.0  # seconds
 FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write that found no room fails with
 _PAGE = 4096
 _CHUNK = 1 << 20
@@ -50,8 +55,8 @@ class Reserve:
     """The file at ``path`` that holds ``size`` bytes of the disk for deletions; the store's
     row writer and file writer may use it at once.
 
-    ``held`` says whether it is; ``error`` why it could not be made, when that was not for
-    want of room.
+    ``held`` says whether it did when last looked at; ``error`` why it could not be made,
+    when that was not for want of room.
     """
 
     def __init__(self, path: Path) -> None:
@@ -60,37 +65,60 @@ class Reserve:
         self.error: OSError | None = None
         self._lock = threading.Lock()
         self.held = self._allocated() >= self.size
+        self._look_at = time.monotonic() + LOOK_EVERY
 
     def _allocated(self) -> int:
+        """The bytes the file holds: none unless it is a regular file (not followed)."""
         try:
-            return os.stat(self.path).st_blocks * 512
+            found = os.lstat(self.path)
         except OSError:
             return 0
+        return found.st_blocks * 512 if stat.S_ISREG(found.st_mode) else 0
+
+    def hold(self) -> bool:
+        """Whether the room is held, set aside again first if it was not and the disk has
+        room for it now: before a put, which may take room only if so."""
+        if self.held and time.monotonic() < self._look_at:
+            return True
+        return self.make()
 
     def make(self) -> bool:
         """Set the room aside unless it is already or the disk lacks it; whether it is held."""
         with self._lock:
-            if self.held:
-                return True
-            try:
-                disk = os.statvfs(self.path.parent)
-                if disk.f_bavail * disk.f_frsize < self.size:
-                    self.error = None
+            if self._allocated() < self.size:
+                if self.held:
+                    log.warning(
+                        "%s was removed or changed: setting aside its room again", self.path
+                    )
+                self.held = False
+                if not self._create():
                     return False
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                try:
-                    os.fchmod(fd, 0o600)  # whatever the umask
-                    _allocate(fd, self.size)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                log.debug("could not set %d bytes aside in %s: %s", self.size, self.path, exc)
-                self.error = None if exc.errno in FULL else exc
-                self._remove()
-                return False
             self.held = True
             self.error = None
+            self._look_at = time.monotonic() + LOOK_EVERY
             return True
+
+    def _create(self) -> bool:
+        """Make the file anew, if the disk has room for it; whether it did."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # a link is replaced, not followed; a short file remade
+            disk = os.statvfs(self.path.parent)
+            if disk.f_bavail * disk.f_frsize < self.size:
+                self.error = None
+                return False
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                _allocate(fd, self.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.debug("could not set %d bytes aside in %s: %s", self.size, self.path, exc)
+            self.error = None if exc.errno in FULL else exc
+            self._remove()
+            return False
+        return True
 
     def refusal(self) -> StoreError:
         """What a put refused because the room cannot be set aside says: the disk lacks it

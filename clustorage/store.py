@@ -226,7 +226,7 @@ class SQLiteStore:
         Raises:
             StoreError: the file could not be written; nothing is left behind.
         """
-        if self._reserve is not None and not self._reserve.make():
+        if self._reserve is not None and not self._reserve.hold():
             raise self._reserve.refusal()
         try:
             return self._blobs.write(payload)
@@ -351,7 +351,7 @@ class SQLiteStore:
             StoreError: the write failed (disk full, file gone), or the room kept for
                 deletions cannot be set aside (clustorage.reserve); nothing was stored.
         """
-        if self._reserve is not None and not self._reserve.make():
+        if self._reserve is not None and not self._reserve.hold():
             raise self._reserve.refusal()
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
         texts = (entry.kind, entry.key, entry.source or "", entry.origin)

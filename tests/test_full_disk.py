@@ -126,3 +126,34 @@ def test_after_a_deletion_spends_the_room_puts_wait_for_room(home: Path, tmp_pat
         second.put("new", b"x" * 1000)
         assert reserve.stat().st_blocks * 512 == 4 << 20
         assert second.keys() == ["k2", "new"] and second.functions() == []
+
+
+def test_a_reserve_file_that_is_a_link_is_replaced(home: Path, tmp_path: Path) -> None:
+    """A link where the room for deletions is kept holds no room on the store's disk: it is
+    replaced by a file of its own (the file linked to left alone), so a deletion on a full
+    disk still goes through."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"z" * (4 << 20))
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        reserve = disk / "l.sqlite3.reserve"
+        reserve.symlink_to(elsewhere)
+        with loader(disk) as node:
+            node.put("a", os.urandom(BIG))
+            fill(disk)
+            assert node.delete("a")
+        assert elsewhere.read_bytes() == b"z" * (4 << 20) and not reserve.is_symlink()
+
+
+def test_a_reserve_file_removed_by_hand_is_made_again(home: Path, tmp_path: Path) -> None:
+    """The room for deletions, its file removed by hand, is set aside again by a later put,
+    so that a deletion on a full disk still goes through."""
+    with small_disk(tmp_path / "disk", "16m") as disk, loader(disk) as node:
+        reserve = disk / "l.sqlite3.reserve"
+        node.put("a", os.urandom(BIG))
+        reserve.unlink()
+        puts = iter(range(1000))
+        wait_until(
+            lambda: node.put(f"p{next(puts)}", 1) and reserve.exists(), time.monotonic() + 30
+        )
+        fill(disk)
+        assert node.delete("a")
