@@ -46,7 +46,11 @@ class StoreLock:
         self._fd: int | None = fd
         # Released with the object too, so a loader that failed to start does not keep it.
         self._close = weakref.finalize(self, os.close, fd)
-        self.announce("")
+        try:
+            self.announce("")
+        except BaseException:  # released now, not when the error's traceback is dropped
+            self.release()
+            raise
 
     def _holder(self) -> str:
         try:

@@ -5,7 +5,8 @@ only once its tombstone has committed (clustorage.blobs): without room set aside
 could be deleted to make room. So the store keeps a file beside it, allocated while there is
 room: ``SIZE`` bytes, or a ``SHARE``-th of a smaller disk, so that a disk of a few MiB still
 takes puts. A deletion that fails for want of space gives that room back and is tried once
-more. A put never takes it: before one, the file is made again if it is missing and the disk has
+more, and so is opening the store (a loader started again on a full disk can then delete).
+A put never takes it: before one, the file is made again if it is missing and the disk has
 room for it, and while it cannot be, puts are refused as if the disk were full, so that the
 room stays for the deletions that let writes resume. A put looks at the file itself at most
 every ``LOOK_EVERY`` seconds (a system call costs more than the rest of the check): a file

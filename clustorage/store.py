@@ -120,57 +120,85 @@ class SQLiteStore:
     def __init__(self, path: str, max_length: int | None = None) -> None:
         self.path = path
         self._lock: StoreLock | None = None
+        self._reserve: Reserve | None = None
         try:
             if path != MEMORY:
                 # Private whatever the umask; one loader per store (SPEC "Durability").
                 private_directory(Path(path).parent)
-                self._lock = StoreLock(path)
-                for suffix in _SIDE_FILES:
-                    private_file(Path(path + suffix))
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            if max_length is not None:  # lower than SQLite's own (tests use a small one)
-                self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_length)
-            # The most bytes a row takes: an entry over it is refused before SQLite sees it
-            # (a payload that big has a file of its own, so only a huge source can be).
-            self.max_length = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
-            # Small pages keep a small commit small; big payloads live in files (blobs.py).
-            self._db.execute("PRAGMA page_size=4096")
-            # One loader per store (the lock file): SQLite need not lock the file, nor share
-            # its WAL index in -shm, on every commit. Set before WAL mode, which then keeps
-            # that index in memory.
-            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-            if "file" not in columns:  # a store made before big payloads had files
-                self._db.execute("ALTER TABLE entries ADD COLUMN file TEXT")
-            self.identity = self._identity()
-            self._blobs = BlobFiles(Path(f"{path}.blobs"))
-            self._blobs.sweep(
-                {row[0] for row in self._db.execute("SELECT file FROM entries WHERE file > ''")}
-            )
-            self._doomed: list[str] = []  # files to delete once the transaction commits
-            self._reserve: Reserve | None = None
-            if path != MEMORY:
                 self._reserve = Reserve(Path(f"{path}.reserve"))
-                if not self._reserve.make():
-                    log.warning(
-                        "%s has less than %d bytes free: nothing is kept aside for "
-                        "deleting keys should that disk fill up, and puts are refused "
-                        "until there is",
-                        Path(path).parent,
-                        self._reserve.size,
-                    )
+            self._open_making_room(max_length)
+            if self._reserve is not None and not self._reserve.make():
+                log.warning(
+                    "%s has less than %d bytes free: nothing is kept aside for deleting keys "
+                    "should that disk fill up, and puts are refused until there is",
+                    Path(path).parent,
+                    self._reserve.size,
+                )
         except StoreError:
+            self._shut()
             raise
         except (OSError, sqlite3.Error) as exc:
-            if self._lock is not None:
-                self._lock.release()
+            self._shut()
             raise StoreError(
                 f"cannot open the loader's data file {path}: {exc}; choose a writable "
                 f"directory with --data DIR (or --data :memory: to keep nothing)"
             ) from exc
+
+    def _open_making_room(self, max_length: int | None) -> None:
+        """Open the store; if its disk is too full for that, once more with the room kept
+        for deletions given back, so that a loader started again on a full disk can delete."""
+        try:
+            self._open(max_length)
+            return
+        except (OSError, sqlite3.Error) as exc:
+            if self._reserve is None or not _no_room(exc):
+                raise
+            full = exc
+        self._shut()
+        with self._reserve.given_back() as freed:
+            if not freed:
+                raise full
+            self._open(max_length)
+
+    def _open(self, max_length: int | None) -> None:
+        path = self.path
+        if path != MEMORY:
+            self._lock = StoreLock(path)
+            for suffix in _SIDE_FILES:
+                private_file(Path(path + suffix))
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        if max_length is not None:  # lower than SQLite's own (tests use a small one)
+            self._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_length)
+        # The most bytes a row takes: an entry over it is refused before SQLite sees it
+        # (a payload that big has a file of its own, so only a huge source can be).
+        self.max_length = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        # Small pages keep a small commit small; big payloads live in files (blobs.py).
+        self._db.execute("PRAGMA page_size=4096")
+        # One loader per store (the lock file): SQLite need not lock the file, nor share
+        # its WAL index in -shm, on every commit. Set before WAL mode, which then keeps
+        # that index in memory.
+        self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        if "file" not in columns:  # a store made before big payloads had files
+            self._db.execute("ALTER TABLE entries ADD COLUMN file TEXT")
+        self.identity = self._identity()
+        self._blobs = BlobFiles(Path(f"{path}.blobs"))
+        self._blobs.sweep(
+            {row[0] for row in self._db.execute("SELECT file FROM entries WHERE file > ''")}
+        )
+        self._doomed: list[str] = []  # files to delete once the transaction commits
+
+    def _shut(self) -> None:
+        """Close what an open that failed left open, so that the store may be opened again."""
+        db: sqlite3.Connection | None = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _identity(self) -> str:
         row = self._db.execute("SELECT id FROM identity").fetchone()

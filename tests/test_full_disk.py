@@ -128,6 +128,28 @@ def test_after_a_deletion_spends_the_room_puts_wait_for_room(home: Path, tmp_pat
         assert second.keys() == ["k2", "new"] and second.functions() == []
 
 
+def test_a_loader_stopped_and_restarted_on_a_full_disk_can_delete(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A loader stopped cleanly (SIGTERM), its disk then filled, starts again with the room
+    kept for deletions given back: a deletion goes through, and puts resume."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        try:
+            loader = cluster.start_loader(data=str(disk))
+            member = cluster.member("m")
+            member.ok(f"for key in 'ab': node.put(key, key.encode() * {BIG})")
+            os.kill(loader.pid, signal.SIGTERM)
+            assert loader.wait(10) == 0
+            fill(disk)
+            cluster.start_loader(data=str(disk))
+            wait_until(lambda: member.ok("node.connected"), time.monotonic() + 30)
+            assert member.ok("node.delete('a')") is True
+            member.ok("node.put('c', b'c' * 1000)")
+            assert member.ok("sorted(node.keys())") == ["b", "c"]
+        finally:
+            cluster.close()
+
+
 def test_a_reserve_file_that_is_a_link_is_replaced(home: Path, tmp_path: Path) -> None:
     """A link where the room for deletions is kept holds no room on the store's disk: it is
     replaced by a file of its own (the file linked to left alone), so a deletion on a full
