@@ -496,9 +496,10 @@ class LoaderCore:
             for key, holder, token in book.leases()
             if (VALUE, key) not in self.entries
         ]
+        for lease in adopted:
+            self._keep_for(lease, lease.holder.name, grace)
         if adopted:
             log.info("took over %d leases: %s", len(adopted), [lease.key for lease in adopted])
-            self._schedule(grace, self._expire_adopted)
 
     def detach(self, peer: Peer) -> None:
         """``peer``'s connection is being replaced by a new one of the same node: its leases
@@ -507,9 +508,9 @@ class LoaderCore:
             if lease.holder is peer:
                 self._keep_for(lease, peer.name)
 
-    def _keep_for(self, lease: Lease, holder: str) -> None:
+    def _keep_for(self, lease: Lease, holder: str, grace: float | None = None) -> None:
         """Keep ``lease`` for node ``holder``, away now, until it reclaims the lease or
-        ``lease_grace`` passes; then the lease passes on."""
+        ``grace`` (``lease_grace``) passes; then the lease passes on."""
         absent = lease.holder = _Absent(holder)
 
         def expire() -> None:
@@ -518,7 +519,7 @@ class LoaderCore:
                 log.info("%s: its holder %s did not come back", printable(lease.key), holder)
                 self._pass_lease(lease)
 
-        self._schedule(self._lease_grace, expire)
+        self._schedule(self._lease_grace if grace is None else grace, expire)
 
     def _reclaim(self, peer: Peer, message: Reclaim) -> None:
         """A node's first word on a new connection: the leases whose fn it runs. It keeps
@@ -571,12 +572,6 @@ class LoaderCore:
         being of an earlier release, resynced without saying)."""
         peer = self.peers.get(name)
         return peer is not None and (id(peer) in self._reclaimed or id(peer) in self._synced)
-
-    def _expire_adopted(self) -> None:
-        for lease in self._leases:
-            if type(lease.holder) is _Absent and not lease.committing:
-                log.info("%s: its holder %s did not come back", lease.key, lease.holder.name)
-                self._pass_lease(lease)
 
     def _book_grant(self, lease: Lease) -> None:
         if self._book is not None:

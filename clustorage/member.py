@@ -235,6 +235,7 @@ class MemberClient:
         self._reclaims = False  # ... and Reclaim and Await: a lease outlives a connection
         self._answer: Message | None = None
         self._behind = ""  # whose lease the io lock holder's request is queued behind
+        self._drops = 0  # connections dropped so far: did one end while a request waited?
         self._abandoned: dict[int, Message] = {}  # writes whose callers stopped waiting
         self._patient = False
         self._followed: socket.socket | None = None  # the socket the shared reader reads
@@ -688,6 +689,7 @@ class MemberClient:
         was_ready = self._is_ready
         with self._send_lock:
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
+            self._drops += sock is not None
         with self._ready:
             self._is_ready = False
         self._ended.set()
@@ -876,6 +878,7 @@ class MemberClient:
         self._wait_ready(timeout)
         rid, waiter = self.pending.open(patient)
         sent: Message | None = None
+        drops = self._drops
         interrupts.hold()  # not half a frame, nor a request sent and forgotten
         try:
             sent = build(rid)
@@ -897,7 +900,7 @@ class MemberClient:
             try:
                 return self._await(rid, waiter, timeout)
             except LoaderUnavailable as exc:
-                raise self._cut_off(exc, waiter.holder) from None
+                raise self._cut_off(exc, waiter.holder, drops) from None
         except BaseException:
             if sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, None)
@@ -915,6 +918,7 @@ class MemberClient:
         """
         rid = self.pending.number()
         self._mine, self._answer, self._patient, self._behind = rid, None, patient, ""
+        drops = self._drops
         sent: Message | None = None
         answered = False
         try:
@@ -931,21 +935,24 @@ class MemberClient:
                 return self._answer
             if not self._is_ready:
                 lost = self.unavailable(str(self._last_error or "connection lost"))
-                raise self._cut_off(lost, self._behind)
+                raise self._cut_off(lost, self._behind, drops)
             raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
             self._lost(exc)
-            raise self._cut_off(self.unavailable(str(exc)), self._behind) from exc
+            raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc
         finally:
             if not answered and sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, self._answer)
             self.pending.queued.pop(rid, None)
             self._mine, self._answer = 0, None
 
-    def _cut_off(self, lost: LoaderUnavailable, holder: str) -> LoaderUnavailable:
-        """``lost`` as a CutOff when the request was queued behind ``holder``'s lease and
-        the loader takes an Await; the caller then asks again once connected."""
-        if not holder or not self._reclaims or self._stopping or isinstance(lost, CutOff):
+    def _cut_off(self, lost: LoaderUnavailable, holder: str, drops: int) -> LoaderUnavailable:
+        """``lost`` as a CutOff when the request was queued behind ``holder``'s lease, its
+        connection ended (``drops``: the count when it was sent) and the loader takes an
+        Await; the caller then asks again once connected. Not for a mere timeout: the
+        request would still wait at the loader, and a lease granted it reach nobody."""
+        cut = self._drops != drops
+        if not (cut and holder and self._reclaims) or self._stopping or isinstance(lost, CutOff):
             return lost
         return CutOff(str(lost), holder)
 

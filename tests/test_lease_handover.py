@@ -52,19 +52,21 @@ class Peer:
 
 
 class Clock:
-    """The loader's scheduler: calls run when the test says time has passed."""
+    """The loader's scheduler: calls run when the test says the time (from 0) has come."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[float, Callable[[], None]]] = []
+        self.now = 0.0
+        self.calls: list[tuple[float, Callable[[], None]]] = []  # (when, call)
 
     def __call__(self, delay: float, call: Callable[[], None]) -> Any:
-        self.calls.append((delay, call))
+        self.calls.append((self.now + delay, call))
         return self
 
     def cancel(self) -> None:
         pass
 
     def run(self, upto: float) -> None:
+        self.now = upto
         due, self.calls = (
             [c for d, c in self.calls if d <= upto],
             [(d, c) for d, c in self.calls if d > upto],
@@ -285,3 +287,36 @@ def test_one_connection_keeps_a_bounded_number_of_keys(core: LoaderCore) -> None
     core.handle(asker, Await(1, "one-more", (), "nobody"))
     assert type(last(asker, 1)) is LeaseGranted
     assert len(core.status()["leases"]) == KEPT_PER_ASKER + 1
+
+
+class Book:
+    """A lease book a standby that takes over finds (as clustorage.pgstore keeps it)."""
+
+    def __init__(self, *leases: tuple[str, str, int]) -> None:
+        self.kept = {key: (holder, token) for key, holder, token in leases}
+
+    def lease_granted(self, key: str, holder: str, token: int) -> None:
+        self.kept[key] = (holder, token)
+
+    def lease_ended(self, key: str) -> None:
+        self.kept.pop(key, None)
+
+    def leases(self) -> list[tuple[str, str, int]]:
+        return [(key, holder, token) for key, (holder, token) in self.kept.items()]
+
+
+def test_a_takeover_keeps_each_adopted_lease_no_longer_than_its_grace(clock: Clock) -> None:
+    """Adopted leases wait for their holders until the takeover's grace ends; a key kept
+    later (an Await, a connection replaced) keeps its own grace."""
+    core = LoaderCore("app1", MemoryStore(), clock, book=Book(("k1", "gone", 5)), lease_grace=GRACE)
+    first = connect(core, "first")
+    core.handle(first, Fetch(2, VALUE, "k1", True, ()))
+    assert type(last(first, 2)) is Queued
+    clock.run(GRACE - 5)
+    second = connect(core, "second")
+    core.handle(second, Await(2, "k2", (), "late"))
+    clock.run(GRACE)
+    assert type(last(first, 2)) is LeaseGranted
+    assert type(last(second, 2)) is Queued
+    clock.run(2 * GRACE - 5)
+    assert type(last(second, 2)) is LeaseGranted
