@@ -167,13 +167,15 @@ class _Definition:
 
 
 class LeaseBook(Protocol):
-    """Where a loader with standbys keeps its leases, so that a takeover sees which keys
-    were being computed, by whom (clustorage.pgstore)."""
+    """Where a loader keeps its leases, so that a takeover (clustorage.pgstore) or a
+    restart (clustorage.lease_file) sees which keys were being computed, by whom."""
+
+    ends_with_value: bool  # committing a value of a key ends its lease's record too
 
     def lease_granted(self, key: str, holder: str, token: int) -> None: ...
 
     def lease_ended(self, key: str) -> None:
-        """Nobody computes ``key`` any more (committing a value of ``key`` ends it too)."""
+        """Nobody computes ``key`` any more."""
         ...
 
     def leases(self) -> list[tuple[str, str, int]]: ...
@@ -489,12 +491,14 @@ class LoaderCore:
     # -- leases kept in the store (loaders with standbys) ----------------------------------
 
     def _adopt(self, book: LeaseBook, grace: float) -> None:
-        """Take over the leases of a former loader: their holders may still commit (with
-        their token) or ask again; after ``grace`` seconds, the others' waiters get them."""
+        """Take over the leases of a former loader (this one before a restart, or the
+        active one before a takeover): their holders may still commit (with their token)
+        or reclaim them; after ``grace`` seconds, the others' waiters get them."""
         adopted = [
             self._leases.adopt(key, _Absent(holder), token)
             for key, holder, token in book.leases()
-            if (VALUE, key) not in self.entries
+            # A lease of the loader's own node ended with the process that held it.
+            if (VALUE, key) not in self.entries and holder != self.name
         ]
         for lease in adopted:
             self._keep_for(lease, lease.holder.name, grace)
@@ -689,8 +693,11 @@ class LoaderCore:
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
-        for waiter in self._leases.settle(key):  # its lease's record went with the value
+        ended = self._leases.get(key) is not None
+        for waiter in self._leases.settle(key):
             waiter.peer.deliver(Found(waiter.rid, entry))
+        if ended and self._book is not None and not self._book.ends_with_value:
+            self._book_end(key)
 
     def _release(self, peer: Peer, message: Release) -> None:
         """The holder's fn failed (``rid`` 0), or a caller stopped waiting for ``rid``."""

@@ -136,6 +136,8 @@ class PostgresStore:
         StoreError: the database cannot be reached or its tables made.
     """
 
+    ends_with_value = True  # a value's commit deletes its lease's row (LeaseBook)
+
     def __init__(self, url: str, name: str, dead_after: float = 15.0) -> None:
         self.url = url
         self.path = redacted(url)

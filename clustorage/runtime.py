@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from . import interrupts, tls
@@ -17,6 +18,7 @@ from .channel import Build, Pending, acknowledgement, apply_push, record_late_wr
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
+from .lease_file import LeaseFile
 from .listener import Listener, Newcomer
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Message, Payload, Put, joined
@@ -116,6 +118,12 @@ class LoaderRuntime:
             max_workers=4, thread_name_prefix=f"clustorage-compile-{config.name}"
         )
         self._store = store
+        # A restarted loader finds the leases it granted (with standbys: in PostgreSQL).
+        self._lease_file = (
+            LeaseFile.open(Path(f"{store.path}.leases"))
+            if store.path != MEMORY and not config.store
+            else None
+        )
         self._campaign: Campaign | None = None
         self._standby: StandbyCore | None = None
         if config.store:  # with standbys, a loader is one until it takes the lock (_promote)
@@ -150,7 +158,7 @@ class LoaderRuntime:
             aside=self._aside,
             eager_limit=self.config.eager_limit,
             soon=self.loop.call_soon,
-            book=self._store if self._standby is not None else None,  # type: ignore[arg-type]
+            book=self._store if self._standby is not None else self._lease_file,  # type: ignore[arg-type]
             lease_grace=self.config.dead_after + self.config.timeout,
         )
 
@@ -370,4 +378,6 @@ class LoaderRuntime:
         if self._writer is not None:
             self._writer.close()
         self._store.close()
+        if self._lease_file is not None:
+            self._lease_file.close()
         self.pending.fail_all(LoaderUnavailable(f"the loader {self.config.name} has stopped"))

@@ -78,6 +78,7 @@ MIDDLE = [
     "blobs",
     "lock",
     "reserve",
+    "lease_file",
     "pgstore",
     "leadership",
     "standby",

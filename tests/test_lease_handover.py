@@ -320,3 +320,14 @@ def test_a_takeover_keeps_each_adopted_lease_no_longer_than_its_grace(clock: Clo
     assert type(last(second, 2)) is Queued
     clock.run(2 * GRACE - 5)
     assert type(last(second, 2)) is LeaseGranted
+
+
+def test_a_restarted_loader_keeps_no_lease_of_its_own_node(clock: Clock) -> None:
+    """The loader's own fn ended with its process: that key is free at once."""
+    book = Book(("mine", "app1", 5), ("theirs", "member", 6))
+    core = LoaderCore("app1", MemoryStore(), clock, book=book, lease_grace=GRACE)
+    asker = connect(core, "asker")
+    core.handle(asker, Fetch(2, VALUE, "mine", True, ()))
+    core.handle(asker, Fetch(3, VALUE, "theirs", True, ()))
+    assert type(last(asker, 2)) is LeaseGranted
+    assert type(last(asker, 3)) is Queued

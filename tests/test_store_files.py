@@ -72,7 +72,7 @@ def test_everything_the_loader_makes_is_private_under_umask_022(cluster: Cluster
     blobs = data / "app1.sqlite3.blobs"
     assert (mode(home), mode(data), mode(blobs)) == (0o700, 0o700, 0o700)
     files = sorted(path.name for path in data.iterdir())
-    suffixes = ("", "-shm", "-wal", ".blobs", ".lock", ".reserve")
+    suffixes = ("", "-shm", "-wal", ".blobs", ".leases", ".lock", ".reserve")
     assert files == [f"app1.sqlite3{suffix}" for suffix in suffixes]
     (blob,) = blobs.iterdir()
     for path in [home / "cookie", *data.iterdir(), blob]:

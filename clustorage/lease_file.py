@@ -1,0 +1,122 @@
+"""Where a loader on a SQLite store keeps its compute leases, so that it finds them again
+after a restart (a kill -9 included) and keeps each key for its holder, who may still be
+computing it, instead of granting it to the next get (SPEC "get" 3: fn runs once).
+
+The leases are a loader's working state, not data: each grant is a line appended to a file
+beside the store (one ``write``, no waiting for the disk: a lease costs the miss no commit),
+and each end a line that goes with the next grant's (a crash may lose the last few ends:
+such a lease's key got its value, which a restarted loader sees, or its holder comes back
+without it, or the lease waits out its grace). The file is rewritten with only the leases
+still held once it has grown. A line cut short by a crash, or one that is not a lease, is
+passed over when the file is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .config import private_file
+
+__all__ = ["LeaseFile"]
+
+log = logging.getLogger(__name__)
+
+REWRITE_AT = 1 << 20  # bytes appended before the file is rewritten with the leases held
+
+
+class LeaseFile:
+    """A :class:`clustorage.loader.LeaseBook` in the file at ``path``."""
+
+    ends_with_value = False  # a value stored does not end its lease's record here
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = _read(path)
+        self._fd, self._written = -1, 0
+        self._ended: list[bytes] = []  # lines that go with the next grant's
+        self._rewrite()
+
+    @classmethod
+    def open(cls, path: Path) -> LeaseFile | None:
+        """The lease file at ``path``; None (said in the log) if it cannot be written (a
+        full disk): the loader then runs without it."""
+        try:
+            return cls(path)
+        except OSError as exc:
+            log.warning("%s: %s; leases will not outlive a restart of this loader", path, exc)
+            return None
+
+    def lease_granted(self, key: str, holder: str, token: int) -> None:
+        self._held[key] = (holder, token)
+        self._ended.append(_line(["granted", key, holder, token]))
+        lines, self._ended = b"".join(self._ended), []
+        self._append(lines)
+
+    def lease_ended(self, key: str) -> None:
+        if self._held.pop(key, None) is not None:
+            self._ended.append(_line(["ended", key]))
+
+    def leases(self) -> list[tuple[str, str, int]]:
+        return [(key, holder, token) for key, (holder, token) in self._held.items()]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _append(self, lines: bytes) -> None:
+        """Best effort: a lease not written (a full disk) is still granted, only not kept
+        across a restart."""
+        try:
+            self._written += os.write(self._fd, lines)
+            if self._written > REWRITE_AT:
+                self._rewrite()
+        except OSError as exc:
+            log.warning("could not write %s: %s", self.path, exc)
+
+    def _rewrite(self) -> None:
+        """The file anew, holding only the leases held (written aside, then renamed)."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        private_file(fresh)
+        lines = b"".join(
+            _line(["granted", key, holder, token]) for key, (holder, token) in self._held.items()
+        )
+        fd = os.open(fresh, os.O_WRONLY | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW)
+        try:
+            os.write(fd, lines)
+            os.replace(fresh, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        self.close()
+        self._fd, self._written = fd, len(lines)
+
+
+def _line(record: list[object]) -> bytes:
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _read(path: Path) -> dict[str, tuple[str, int]]:
+    """The leases the file at ``path`` holds (none if there is no file)."""
+    held: dict[str, tuple[str, int]] = {}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return held
+    for line in data.splitlines():
+        try:
+            record = json.loads(line.decode("utf-8", "surrogatepass"))
+        except ValueError:  # cut short by a crash
+            continue
+        match record:
+            case ["granted", str(key), str(holder), int(token)]:
+                held[key] = (holder, token)
+            case ["ended", str(key)]:
+                held.pop(key, None)
+    return held

@@ -1,0 +1,68 @@
+"""The loader's lease file, bytes on disk in and out: what a restarted loader finds of the
+leases it had granted (clustorage.lease_file). With a loader killed -9 and restarted:
+tests/test_promises.py."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from clustorage import lease_file
+from clustorage.lease_file import LeaseFile
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_what_was_granted_and_not_ended_is_found_again(tmp_path: Path) -> None:
+    path = tmp_path / "app1.sqlite3.leases"
+    book = LeaseFile(path)
+    book.lease_granted("a", "m1", 5)
+    book.lease_granted("b\nwith a newline", "m2", 1 << 40)
+    book.lease_granted("c\udcff", "m3", 7)
+    book.lease_ended("a")
+    book.lease_granted("b\nwith a newline", "m4", 8)  # passed on
+    # No close: as after a kill -9, what was written is what there is.
+    again = LeaseFile(path)
+    assert sorted(again.leases()) == [("b\nwith a newline", "m4", 8), ("c\udcff", "m3", 7)]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    book.close()
+    again.close()
+
+
+def test_a_line_cut_short_or_foreign_is_passed_over(tmp_path: Path) -> None:
+    path = tmp_path / "leases"
+    path.write_bytes(
+        b'["granted", "kept", "m1", 3]\n'
+        b'["granted", 5, "m1", 3]\n'
+        b"not json at all\n"
+        b'{"granted": "x"}\n'
+        b'["ended"]\n'
+        b'["granted", "cut", "m1", 4'
+    )
+    book = LeaseFile(path)
+    assert book.leases() == [("kept", "m1", 3)]
+    assert path.read_bytes() == b'["granted", "kept", "m1", 3]\n'  # rewritten at start
+    book.close()
+
+
+def test_the_file_is_rewritten_once_it_has_grown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease_file, "REWRITE_AT", 1000)
+    path = tmp_path / "leases"
+    book = LeaseFile(path)
+    for number in range(200):
+        book.lease_granted(f"key{number}", "m1", number)
+        book.lease_ended(f"key{number}")
+    book.lease_granted("still", "m1", 1)
+    assert path.stat().st_size < 1000 + 100
+    assert LeaseFile(path).leases() == [("still", "m1", 1)]
+    book.close()
+
+
+def test_a_file_that_cannot_be_written_leaves_the_loader_without_one(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    assert LeaseFile.open(blocked / "leases") is None
