@@ -471,13 +471,7 @@ class MemberClient:
                     self._follow()
                 except (_Lost, OSError, ValueError, ProtocolError) as exc:
                     if not self._stopping:
-                        log.warning(
-                            "%s: lost the loader %s (%s)",
-                            self.config.name,
-                            self.where(),
-                            exc,
-                            extra={"loader_link": LOST, "node": self.config.name},
-                        )
+                        self._say_lost(exc)
                 self._drop(str(self._last_error or "connection lost"))
                 backoff = BACKOFF_FIRST
                 continue
@@ -804,14 +798,12 @@ class MemberClient:
         return moved
 
     def _lost(self, exc: BaseException) -> None:
-        log.warning(
-            "%s: lost the loader %s (%s)",
-            self.config.name,
-            self.where(),
-            exc,
-            extra={"loader_link": LOST, "node": self.config.name},
-        )
+        self._say_lost(exc)
         self._drop(str(exc))
+
+    def _say_lost(self, exc: BaseException) -> None:
+        link = {"loader_link": LOST, "node": self.config.name}  # see clustorage.magics
+        log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc, extra=link)
 
     def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:
         """Wait for the answer to ``rid``, reading the socket ourselves when nobody else is.

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -400,6 +400,27 @@ def computing(member: Member) -> list[list[str]]:
     )
 
 
+class Contest(NamedTuple):
+    """A holder computing ``key`` (until ``go`` exists), a waiter queued for it, and an
+    idle watcher to ask the loader; ``runs`` records whose fn ran."""
+
+    holder: Member
+    waiter: Member
+    watcher: Member
+    go: Path
+    runs: Path
+
+
+def contest(cluster: Cluster, tmp_path: Path, key: str) -> Contest:
+    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + f"node.get({key!r}, paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + f"node.get({key!r}, fn)")
+    wait_until(lambda: computing(watcher) == [[key, "holder"]], 10, "the lease is known")
+    return Contest(holder, waiter, watcher, go, runs)
+
+
 @pytest.mark.parametrize("back_first", ["holder", "waiter"])
 def test_a_loader_restarted_while_a_fn_runs_keeps_it_the_only_one(
     cluster: Cluster, tmp_path: Path, back_first: str
@@ -410,12 +431,7 @@ def test_a_loader_restarted_while_a_fn_runs_keeps_it_the_only_one(
     both get the holder's value (SPEC "get" 3 and 6)."""
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
-    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('restarted', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
-    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('restarted', fn)")
-    wait_until(lambda: computing(watcher) == [["restarted", "holder"]], 10, "the lease is known")
+    holder, waiter, watcher, go, runs = contest(cluster, tmp_path, "restarted")
     late = holder if back_first == "waiter" else waiter
     os.kill(late.proc.pid, signal.SIGSTOP)  # it comes back after the other one
     try:
@@ -446,12 +462,7 @@ def test_a_commit_cut_off_while_the_loader_is_down_goes_once_it_is_back(
     cluster.env["CLUSTORAGE_DEAD_AFTER"] = "10"
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
-    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('late', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
-    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('late', fn)")
-    wait_until(lambda: computing(watcher) == [["late", "holder"]], 10, "the lease is known")
+    holder, _, watcher, go, runs = contest(cluster, tmp_path, "late")
     os.kill(loader.pid, signal.SIGKILL)
     loader.wait(10)
     go.touch()  # the fn ends; its commit finds no loader
@@ -521,12 +532,7 @@ def test_a_holder_that_never_comes_back_passes_its_lease_to_the_waiter(
     short_liveness(cluster)
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
-    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('orphaned', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
-    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('orphaned', fn)")
-    wait_until(lambda: computing(watcher) == [["orphaned", "holder"]], 10, "the lease is known")
+    holder, waiter, _, _, runs = contest(cluster, tmp_path, "orphaned")
     os.kill(holder.proc.pid, signal.SIGKILL)
     os.kill(loader.pid, signal.SIGKILL)
     loader.wait(10)
@@ -541,12 +547,7 @@ def test_a_waiter_whose_loader_stays_down_raises_loader_unavailable(
     """Cut off while queued and the loader does not come back: after the node's timeout the
     waiter's get raises LoaderUnavailable, saying how to start the loader."""
     loader = cluster.start_loader()
-    holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('stranded', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
-    waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('stranded', fn)")
-    wait_until(lambda: computing(watcher) == [["stranded", "holder"]], 10, "the lease is known")
+    _, waiter, _, _, runs = contest(cluster, tmp_path, "stranded")
     os.kill(loader.pid, signal.SIGKILL)
     answer = answer_within(waiter, 60)
     assert answer.get("error") == "LoaderUnavailable", answer
