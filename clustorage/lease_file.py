@@ -3,12 +3,13 @@ after a restart (a kill -9 included) and keeps each key for its holder, who may 
 computing it, instead of granting it to the next get (SPEC "get" 3: fn runs once).
 
 The leases are a loader's working state, not data: each grant is a line appended to a file
-beside the store (one ``write``, no waiting for the disk: a lease costs the miss no commit),
-and each end a line that goes with the next grant's (a crash may lose the last few ends:
-such a lease's key got its value, which a restarted loader sees, or its holder comes back
-without it, or the lease waits out its grace). The file is rewritten with only the leases
-still held once it has grown. A line cut short by a crash, or one that is not a lease, is
-passed over when the file is read.
+beside the store, written once the loop has answered the request (``soon``: one ``write``
+per pass of the loop, no waiting for the disk, so a lease costs the miss no commit and
+its holder does not wait for the write). Each end is a line that goes with the next
+grant's: a crash may lose the last few ends (such a lease's key got its value, which a
+restarted loader sees; or its holder comes back without it; or the lease waits out its
+grace). The file is rewritten with only the leases still held once it has grown. A line cut
+short by a crash, or one that is not a lease, is passed over when the file is read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import private_file
@@ -33,37 +35,48 @@ class LeaseFile:
 
     ends_with_value = False  # a value stored does not end its lease's record here
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, soon: Callable[[Callable[[], None]], object]) -> None:
         self.path = path
+        self._soon = soon
         self._held = _read(path)
         self._fd, self._written = -1, 0
-        self._ended: list[bytes] = []  # lines that go with the next grant's
+        self._unwritten: list[list[object]] = []  # records that go with the next grant's
+        self._due = False  # a write of the unwritten records is on its way
         self._rewrite()
 
     @classmethod
-    def open(cls, path: Path) -> LeaseFile | None:
+    def open(cls, path: Path, soon: Callable[[Callable[[], None]], object]) -> LeaseFile | None:
         """The lease file at ``path``; None (said in the log) if it cannot be written (a
         full disk): the loader then runs without it."""
         try:
-            return cls(path)
+            return cls(path, soon)
         except OSError as exc:
             log.warning("%s: %s; leases will not outlive a restart of this loader", path, exc)
             return None
 
     def lease_granted(self, key: str, holder: str, token: int) -> None:
         self._held[key] = (holder, token)
-        self._ended.append(_line(["granted", key, holder, token]))
-        lines, self._ended = b"".join(self._ended), []
-        self._append(lines)
+        self._unwritten.append(["granted", key, holder, token])
+        if not self._due:
+            self._due = True
+            self._soon(self.flush)
 
     def lease_ended(self, key: str) -> None:
         if self._held.pop(key, None) is not None:
-            self._ended.append(_line(["ended", key]))
+            self._unwritten.append(["ended", key])
+
+    def flush(self) -> None:
+        """Write what was granted (and ended) since the last write."""
+        self._due = False
+        records, self._unwritten = self._unwritten, []
+        if records and self._fd >= 0:
+            self._append(b"".join(map(_line, records)))
 
     def leases(self) -> list[tuple[str, str, int]]:
         return [(key, holder, token) for key, (holder, token) in self._held.items()]
 
     def close(self) -> None:
+        self.flush()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -80,6 +93,7 @@ class LeaseFile:
 
     def _rewrite(self) -> None:
         """The file anew, holding only the leases held (written aside, then renamed)."""
+        self._unwritten = []
         fresh = self.path.with_name(self.path.name + ".new")
         private_file(fresh)
         lines = b"".join(
@@ -94,7 +108,8 @@ class LeaseFile:
             with contextlib.suppress(OSError):
                 fresh.unlink()
             raise
-        self.close()
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd, self._written = fd, len(lines)
 
 

@@ -120,7 +120,7 @@ class LoaderRuntime:
         self._store = store
         # A restarted loader finds the leases it granted (with standbys: in PostgreSQL).
         self._lease_file = (
-            LeaseFile.open(Path(f"{store.path}.leases"))
+            LeaseFile.open(Path(f"{store.path}.leases"), self.loop.call_soon)
             if store.path != MEMORY and not config.store
             else None
         )

@@ -5,6 +5,7 @@ tests/test_promises.py."""
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,21 @@ from clustorage.lease_file import LeaseFile
 pytestmark = pytest.mark.timeout(30)
 
 
+def at_once(call: Callable[[], None]) -> None:
+    """The loop's call_soon, as if the loop came round at once."""
+    call()
+
+
 def test_what_was_granted_and_not_ended_is_found_again(tmp_path: Path) -> None:
     path = tmp_path / "app1.sqlite3.leases"
-    book = LeaseFile(path)
+    book = LeaseFile(path, at_once)
     book.lease_granted("a", "m1", 5)
     book.lease_granted("b\nwith a newline", "m2", 1 << 40)
     book.lease_granted("c\udcff", "m3", 7)
     book.lease_ended("a")
     book.lease_granted("b\nwith a newline", "m4", 8)  # passed on
     # No close: as after a kill -9, what was written is what there is.
-    again = LeaseFile(path)
+    again = LeaseFile(path, at_once)
     assert sorted(again.leases()) == [("b\nwith a newline", "m4", 8), ("c\udcff", "m3", 7)]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     book.close()
@@ -41,7 +47,7 @@ def test_a_line_cut_short_or_foreign_is_passed_over(tmp_path: Path) -> None:
         b'["ended"]\n'
         b'["granted", "cut", "m1", 4'
     )
-    book = LeaseFile(path)
+    book = LeaseFile(path, at_once)
     assert book.leases() == [("kept", "m1", 3)]
     assert path.read_bytes() == b'["granted", "kept", "m1", 3]\n'  # rewritten at start
     book.close()
@@ -52,17 +58,29 @@ def test_the_file_is_rewritten_once_it_has_grown(
 ) -> None:
     monkeypatch.setattr(lease_file, "REWRITE_AT", 1000)
     path = tmp_path / "leases"
-    book = LeaseFile(path)
+    book = LeaseFile(path, at_once)
     for number in range(200):
         book.lease_granted(f"key{number}", "m1", number)
         book.lease_ended(f"key{number}")
     book.lease_granted("still", "m1", 1)
     assert path.stat().st_size < 1000 + 100
-    assert LeaseFile(path).leases() == [("still", "m1", 1)]
+    assert LeaseFile(path, at_once).leases() == [("still", "m1", 1)]
     book.close()
 
 
 def test_a_file_that_cannot_be_written_leaves_the_loader_without_one(tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
-    assert LeaseFile.open(blocked / "leases") is None
+    assert LeaseFile.open(blocked / "leases", at_once) is None
+
+
+def test_grants_are_written_once_the_loop_comes_round(tmp_path: Path) -> None:
+    """The holder hears of its lease first; the line follows in that pass of the loop."""
+    path = tmp_path / "leases"
+    passes: list[Callable[[], None]] = []
+    book = LeaseFile(path, passes.append)
+    book.lease_granted("a", "m1", 1)
+    book.lease_granted("b", "m1", 2)
+    assert len(passes) == 1 and path.read_bytes() == b""
+    passes.pop()()
+    assert sorted(LeaseFile(path, at_once).leases()) == [("a", "m1", 1), ("b", "m1", 2)]
