@@ -208,6 +208,34 @@ def test_cluster_start_again_is_one_line_unless_it_asks_for_another_node(
     assert ka.ok("clustorage.default_node().name").text == "'ka'"
 
 
+def test_a_kernel_whose_loader_is_down_at_start_says_so_in_its_first_cell(
+    jupyter_path: Path, tmp_path: Path
+) -> None:
+    """A kernelspec's member whose loader is not up: the first cell's output says so, with
+    the reason and how to start the loader; its stderr has no library warning."""
+    port = free_port()
+    address = f"later@127.0.0.1:{port}"
+    env = isolated_env(
+        tmp_path,
+        jupyter_path,
+        CLUSTORAGE_LOADER=address,
+        CLUSTORAGE_NAME="early",
+        CLUSTORAGE_COOKIE=COOKIE,
+    )
+    kernel = Kernel(jupyter_path, env, tmp_path / "k.json")
+    try:
+        kernel.wait_ready()
+        run = kernel.ok("1 + 1")
+        assert run.stderr == ""
+        lines = run.stdout.splitlines()
+        assert lines[0].startswith(f"the loader {address} is not reachable yet ([Errno 111]")
+        assert lines[1].startswith("to start that loader: clustorage loader --name later")
+        assert run.text == "2"
+        assert kernel.ok("2 + 2").stdout == ""  # said once
+    finally:
+        kernel.close()
+
+
 def test_cluster_start_with_the_loader_down_says_so_and_keeps_trying(
     jupyter_path: Path, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from .base import ClusterMagics
 from .display import ClusterStatus
 from .loader_link import UNREACHABLE, leaving_out
 
-__all__ = ["NodeMagics"]
+__all__ = ["NodeMagics", "not_reachable_yet"]
 
 # NodeConfig fields that %cluster_start's flags set, and the flag that sets each.
 _FLAGS = {
@@ -60,7 +60,7 @@ def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _not_reachable_yet(node: Node) -> str:
+def not_reachable_yet(node: Node) -> str:
     """What ``%cluster_start`` says of a member that has not reached its loader yet: that it
     keeps trying, and how to start that loader."""
     loader = node.config.loader
@@ -145,7 +145,7 @@ class NodeMagics(ClusterMagics):
         with leaving_out(UNREACHABLE):  # said below, in the cell's own words
             node = clustorage.start(name=args.name, loader=args.loader, **node_options(args))
         if not node.is_loader and not node.connected:
-            print(_not_reachable_yet(node))
+            print(not_reachable_yet(node))
         self.session.follow(node)
         self.session.sync.apply()
         return node

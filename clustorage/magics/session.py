@@ -20,7 +20,8 @@ from clustorage.shell_complete import ClusterMatcher
 
 from .between_cells import BetweenCells
 from .functions import FunctionMagics
-from .nodes import NodeMagics
+from .loader_link import UNREACHABLE, leaving_out
+from .nodes import NodeMagics, not_reachable_yet
 from .values import ValueMagics
 from .waiting import showing_waits
 
@@ -86,6 +87,7 @@ class ClusterSession:
             shell.user_ns, announce_rebinds=not hasattr(shell, "cluster_name")
         )
         self.startup_error: str | None = None
+        self._unreachable_at_start: Node | None = None  # said before the first cell
         self.bind_api = False
         self.cell: CurrentCell | None = None
         self._api: dict[str, Any] = {}
@@ -149,7 +151,10 @@ class ClusterSession:
         node = clustorage.default_node()
         if node is None and (env.get("CLUSTORAGE_LOADER") or env.get("CLUSTORAGE_NAME")):
             try:
-                node = clustorage.start()
+                with leaving_out(UNREACHABLE):  # said before the first cell, in its words
+                    node = clustorage.start()
+                if not node.is_loader and not node.connected:
+                    self._unreachable_at_start = node
             except Exception as exc:
                 self.startup_error = (
                     f"clustorage: this kernel's node did not start ({type(exc).__name__}: "
@@ -199,6 +204,9 @@ class ClusterSession:
         if self.startup_error is not None:
             print(self.startup_error, file=sys.stderr, flush=True)
             self.startup_error = None
+        node, self._unreachable_at_start = self._unreachable_at_start, None
+        if node is not None and not node.connected and not node.stopped:
+            print(not_reachable_yet(node), flush=True)
         self.follow(clustorage.default_node())
         self.sync.apply()
 
