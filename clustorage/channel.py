@@ -95,8 +95,9 @@ class Channel(Protocol):
 
 
 class CutOff(LoaderUnavailable):
-    """The connection ended while the request waited behind ``holder``'s lease: ask again
-    (with an Await) once connected, rather than give up on a value still being computed."""
+    """The connection ended while the request waited for its answer (behind ``holder``'s
+    lease, if named): a get asks again once connected (then with an Await naming the
+    holder), rather than give up on a value that may still be computed."""
 
     def __init__(self, message: str, holder: str) -> None:
         super().__init__(message)

@@ -939,12 +939,11 @@ class MemberClient:
             self._mine, self._answer = 0, None
 
     def _cut_off(self, lost: LoaderUnavailable, holder: str, drops: int) -> LoaderUnavailable:
-        """``lost`` as a CutOff when the request was queued behind ``holder``'s lease, its
-        connection ended (``drops``: the count when it was sent) and the loader takes an
-        Await; the caller then asks again once connected. Not for a mere timeout: the
-        request would still wait at the loader, and a lease granted it reach nobody."""
-        cut = self._drops != drops
-        if not (cut and holder and self._reclaims) or self._stopping or isinstance(lost, CutOff):
+        """``lost`` as a CutOff when the request's connection ended (``drops``: the count
+        when it was sent), naming ``holder`` if it was queued behind that node's lease; a
+        get then asks again once connected. Not for a mere timeout: the request would
+        still wait at the loader, and a lease granted it reach nobody."""
+        if self._drops == drops or self._stopping or isinstance(lost, CutOff):
             return lost
         return CutOff(str(lost), holder)
 

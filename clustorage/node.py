@@ -45,6 +45,8 @@ __all__ = ["Definition", "Node"]
 
 log = logging.getLogger(__name__)
 
+ASK_AGAIN = 3  # times a get cut off from the loader asks again once reconnected
+
 Source = str | Callable[[], str]
 
 
@@ -321,8 +323,8 @@ class Node:
         """Ask the loader for ``key`` (for its lease, if ``lease``); a request this thread
         stops waiting for is withdrawn, so that its lease cannot end up with nobody.
 
-        Queued behind another node's lease when the connection ended, it asks again once
-        connected (within the node's timeout), saying whose lease it waited for."""
+        Cut off from the loader before its answer came, it asks again once connected
+        (within the node's timeout), saying whose lease it waited for, if it was queued."""
         asked = 0
         behind = ""
 
@@ -334,18 +336,20 @@ class Node:
                 return Await(rid, key, holding, behind)
             return Fetch(rid, VALUE, key, lease, holding)
 
+        cuts = 0
         try:
             while True:
                 try:
                     return self._ask(fetch)
                 except CutOff as cut:
-                    if not lease:
+                    cuts += 1
+                    if cuts > ASK_AGAIN:  # a loader that keeps dropping us: give up
                         raise
                     log.info(
-                        "%s: lost the loader while %s computed %r; asking again once connected",
+                        "%s: lost the loader while asking for %r%s; asking again once connected",
                         self.name,
-                        cut.holder,
                         key,
+                        f" (computed by {cut.holder})" if cut.holder else "",
                     )
                     self._asking.pop(asked, None)
                     asked, behind = 0, cut.holder

@@ -417,7 +417,9 @@ def contest(cluster: Cluster, tmp_path: Path, key: str) -> Contest:
     holder.start_send(paused_fn(started, go, runs) + f"node.get({key!r}, paused)")
     wait_until(started.exists, 30, "the holder starts its fn")
     waiter.start_send(counted_fn(runs, "waiter", "from waiter") + f"node.get({key!r}, fn)")
-    wait_until(lambda: computing(watcher) == [[key, "holder"]], 10, "the lease is known")
+    waiting = "[c['waiters'] for c in node.status().get('cluster', {}).get('computing', [])]"
+    wait_until(lambda: watcher.ok(waiting) == [["waiter"]], 10, "the waiter is queued")
+    assert computing(watcher) == [[key, "holder"]]
     return Contest(holder, waiter, watcher, go, runs)
 
 
@@ -450,6 +452,30 @@ def test_a_loader_restarted_while_a_fn_runs_keeps_it_the_only_one(
     assert answer_within(waiter, 60) == {"ok": "from holder"}
     assert runs.read_text() == "holder\n"
     assert computing(watcher) == []
+
+
+def test_a_get_in_flight_when_the_loader_dies_asks_again(cluster: Cluster, tmp_path: Path) -> None:
+    """A get sent to a loader that never answers it (stopped, then killed -9) asks the
+    restarted loader again, and waits there for the holder's value."""
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, waiter = cluster.member("holder"), cluster.member("waiter")
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('unanswered', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    wait_until(lambda: computing(waiter) == [["unanswered", "holder"]], 10, "the lease is known")
+    os.kill(loader.pid, signal.SIGSTOP)
+    try:
+        waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('unanswered', fn)")
+        time.sleep(0.5)  # the request is sent, and not answered: a stimulus
+    finally:
+        os.kill(loader.pid, signal.SIGKILL)
+        loader.wait(10)
+    cluster.start_loader(data=data)
+    go.touch()
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert answer_within(waiter, 60) == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
 
 
 def test_a_commit_cut_off_while_the_loader_is_down_goes_once_it_is_back(
