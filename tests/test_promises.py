@@ -572,6 +572,7 @@ def test_a_waiter_whose_loader_stays_down_raises_loader_unavailable(
 ) -> None:
     """Cut off while queued and the loader does not come back: after the node's timeout the
     waiter's get raises LoaderUnavailable, saying how to start the loader."""
+    cluster.env["CLUSTORAGE_TIMEOUT"] = "2"
     loader = cluster.start_loader()
     _, waiter, _, _, runs = contest(cluster, tmp_path, "stranded")
     os.kill(loader.pid, signal.SIGKILL)
