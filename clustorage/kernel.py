@@ -184,7 +184,7 @@ def load_ipython_extension(ipython: Any) -> None:
     from .magics import load_ipython_extension as load_magics
     from .magics import session_for
 
-    load_magics(ipython)
+    load_magics(ipython, at_startup=True)
     session = session_for(ipython)
     if session is not None:
         session.bind_api = True

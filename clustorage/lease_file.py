@@ -15,6 +15,7 @@ short by a crash, or one that is not a lease, is passed over when the file is re
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -39,9 +40,11 @@ class LeaseFile:
         self.path = path
         self._soon = soon
         self._held = _read(path)
-        self._fd, self._written = -1, 0
+        self._fd = -1
+        self._appended = 0  # bytes appended since the file was last written anew
         self._unwritten: list[list[object]] = []  # records that go with the next grant's
         self._due = False  # a write of the unwritten records is on its way
+        self._torn = False  # a write fell short: the file is to be written anew
         self._rewrite()
 
     @classmethod
@@ -69,7 +72,9 @@ class LeaseFile:
         """Write what was granted (and ended) since the last write."""
         self._due = False
         records, self._unwritten = self._unwritten, []
-        if records and self._fd >= 0:
+        if self._torn:  # the leases held, anew: what the records say is among them
+            self._write_anew()
+        elif records and self._fd >= 0:
             self._append(b"".join(map(_line, records)))
 
     def leases(self) -> list[tuple[str, str, int]]:
@@ -83,13 +88,25 @@ class LeaseFile:
 
     def _append(self, lines: bytes) -> None:
         """Best effort: a lease not written (a full disk) is still granted, only not kept
-        across a restart."""
+        across a restart. A write cut short leaves half a line, which the next line would
+        spoil: the next flush writes the file anew."""
         try:
-            self._written += os.write(self._fd, lines)
-            if self._written > REWRITE_AT:
-                self._rewrite()
+            written = os.write(self._fd, lines)
         except OSError as exc:
+            written = 0
             log.warning("could not write %s: %s", self.path, exc)
+        self._appended += written
+        if written < len(lines):
+            self._torn = True
+        elif self._appended > REWRITE_AT:
+            self._write_anew()
+
+    def _write_anew(self) -> None:
+        try:
+            self._rewrite()
+        except OSError as exc:
+            self._torn = True
+            log.warning("could not write %s anew: %s", self.path, exc)
 
     def _rewrite(self) -> None:
         """The file anew, holding only the leases held (written aside, then renamed)."""
@@ -101,7 +118,8 @@ class LeaseFile:
         )
         fd = os.open(fresh, os.O_WRONLY | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW)
         try:
-            os.write(fd, lines)
+            if os.write(fd, lines) < len(lines):
+                raise OSError(errno.ENOSPC, "written in part", str(fresh))
             os.replace(fresh, self.path)
         except BaseException:
             os.close(fd)
@@ -110,7 +128,7 @@ class LeaseFile:
             raise
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._written = fd, len(lines)
+        self._fd, self._appended, self._torn = fd, 0, False
 
 
 def _line(record: list[object]) -> bytes:

@@ -494,12 +494,17 @@ class LoaderCore:
         """Take over the leases of a former loader (this one before a restart, or the
         active one before a takeover): their holders may still commit (with their token)
         or reclaim them; after ``grace`` seconds, the others' waiters get them."""
-        adopted = [
-            self._leases.adopt(key, _Absent(holder), token)
-            for key, holder, token in book.leases()
-            # A lease of the loader's own node ended with the process that held it.
-            if (VALUE, key) not in self.entries and holder != self.name
-        ]
+        adopted = []
+        for key, holder, token in book.leases():
+            # A lease of the loader's own node ended with the process that held it; one of
+            # a key with a value ended with its commit (its end may not have been recorded).
+            if (VALUE, key) in self.entries or holder == self.name:
+                try:
+                    book.lease_ended(key)
+                except StoreError as exc:
+                    log.warning("%s: the end of its lease was not recorded: %s", key, exc)
+            else:
+                adopted.append(self._leases.adopt(key, _Absent(holder), token))
         for lease in adopted:
             self._keep_for(lease, lease.holder.name, grace)
         if adopted:

@@ -352,7 +352,7 @@ class Node:
                         f" (computed by {cut.holder})" if cut.holder else "",
                     )
                     self._asking.pop(asked, None)
-                    asked, behind = 0, cut.holder
+                    asked, behind = 0, cut.holder or behind  # cut again in flight
         except BaseException:
             if lease and asked:
                 self._channel.notify(lambda _: Release(asked, key, "the caller stopped waiting"))

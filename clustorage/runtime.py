@@ -356,6 +356,9 @@ class LoaderRuntime:
             self._heartbeat.cancel()
         self._server.close()
         for connection in list(self._connections):
+            # The loader stops, not its members: their leases are kept (the lease file) for
+            # the loader that comes next, not passed on as each connection closes.
+            self.core.detach(connection)
             connection.close()
         self.core.leave(self._local)
 
@@ -377,7 +380,7 @@ class LoaderRuntime:
         self._compilers.shutdown(wait=False, cancel_futures=True)
         if self._writer is not None:
             self._writer.close()
-        self._store.close()
-        if self._lease_file is not None:
+        if self._lease_file is not None:  # before the store's lock goes
             self._lease_file.close()
+        self._store.close()
         self.pending.fail_all(LoaderUnavailable(f"the loader {self.config.name} has stopped"))

@@ -4,6 +4,8 @@ tests/test_promises.py."""
 
 from __future__ import annotations
 
+import resource
+import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -84,3 +86,37 @@ def test_grants_are_written_once_the_loop_comes_round(tmp_path: Path) -> None:
     assert len(passes) == 1 and path.read_bytes() == b""
     passes.pop()()
     assert sorted(LeaseFile(path, at_once).leases()) == [("a", "m1", 1), ("b", "m1", 2)]
+
+
+def test_a_write_cut_short_is_followed_by_the_file_anew(tmp_path: Path) -> None:
+    """A disk that fills mid-line: once there is room, the file holds every lease again,
+    not half a line with the next one spoilt behind it."""
+    path = tmp_path / "leases"
+    book = LeaseFile(path, at_once)
+    book.lease_granted("a", "m1", 1)
+    size = path.stat().st_size
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, limits[1]))
+        book.lease_granted("b", "m2", 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    book.lease_granted("c", "m3", 3)
+    expected = [("a", "m1", 1), ("b", "m2", 2), ("c", "m3", 3)]
+    assert sorted(LeaseFile(path, at_once).leases()) == expected
+
+
+def test_appends_not_the_leases_held_call_for_a_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases held past the rewrite size do not make every later write a rewrite."""
+    monkeypatch.setattr(lease_file, "REWRITE_AT", 1000)
+    path = tmp_path / "leases"
+    book = LeaseFile(path, at_once)
+    for number in range(100):  # about 3 kB held
+        book.lease_granted(f"key{number}", "m1", number)
+    rewritten = path.stat().st_ino
+    book.lease_granted("one more", "m1", 1)
+    assert path.stat().st_ino == rewritten

@@ -331,3 +331,16 @@ def test_a_restarted_loader_keeps_no_lease_of_its_own_node(clock: Clock) -> None
     core.handle(asker, Fetch(3, VALUE, "theirs", True, ()))
     assert type(last(asker, 2)) is LeaseGranted
     assert type(last(asker, 3)) is Queued
+
+
+def test_a_lease_found_ended_is_taken_off_the_book(clock: Clock) -> None:
+    """A lease whose key has a value (its end was not recorded), or of the loader's own
+    node, is not kept, and the book forgets it: a later restart does not find it again."""
+    store = MemoryStore()
+    first = LoaderCore("app1", store, clock, lease_grace=GRACE)
+    holder = connect(first, "holder")
+    first.handle(holder, Fetch(2, VALUE, "k", True, ()))
+    first.handle(holder, Commit(3, "k", last(holder, 2).token, b"v"))  # type: ignore[union-attr]
+    book = Book(("k", "holder", 5), ("mine", "app1", 6), ("theirs", "member", 7))
+    LoaderCore("app1", store, clock, book=book, lease_grace=GRACE)
+    assert book.leases() == [("theirs", "member", 7)]

@@ -91,6 +91,29 @@ def cell(
 # -- registration and startup -------------------------------------------------------------
 
 
+def test_load_ext_in_a_cell_with_the_loader_down_says_so_in_that_cell(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """%load_ext clustorage with $CLUSTORAGE_LOADER naming a loader that is not up: that very
+    cell says so (a kernel starting with the extension says it in its first cell)."""
+    from tests.conftest import free_port
+
+    address = f"later@127.0.0.1:{free_port()}"
+    monkeypatch.setenv("CLUSTORAGE_LOADER", address)
+    monkeypatch.setenv("CLUSTORAGE_NAME", "early")
+    monkeypatch.setenv("CLUSTORAGE_COOKIE", COOKIE)
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell(config=config, ipython_dir=str(tmp_path / "ipython"))
+    try:
+        _, out, _ = cell(ip, "%load_ext clustorage", capsys)
+        assert out.startswith(f"the loader {address} is not reachable yet (")
+        assert cell(ip, "x = 1", capsys)[1] == ""
+    finally:
+        unload_ipython_extension(ip)
+        clustorage.stop()
+
+
 def test_load_ext_registers_every_magic_with_help(shell: InteractiveShell) -> None:
     """Every magic of the SPEC table is registered, with %magic? help showing an example."""
     magics = shell.magics_manager.magics

@@ -550,6 +550,34 @@ def test_a_new_get_after_the_loader_restarted_waits_for_the_holder(
     assert runs.read_text() == "holder\n"
 
 
+def test_a_loader_stopped_cleanly_keeps_the_leases_for_the_next(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A loader stopped with SIGTERM hands no lease on as it closes its connections: the
+    next one on that store keeps the key for its holder, and a get waits for its value."""
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, other = cluster.member("holder"), cluster.member("other")
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + "node.get('stopped', paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    wait_until(lambda: computing(other) == [["stopped", "holder"]], 10, "the lease is known")
+    os.kill(holder.proc.pid, signal.SIGSTOP)  # it comes back after the restart
+    try:
+        os.kill(loader.pid, signal.SIGTERM)
+        assert loader.wait(10) == 0
+        cluster.start_loader(data=data)
+        wait_until(lambda: other.ok("node.connected"), 30, "the other member reconnects")
+        assert computing(other) == [["stopped", "holder"]]
+        other.start_send(counted_fn(runs, "other", "from other") + "node.get('stopped', fn)")
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    go.touch()
+    assert answer_within(holder, 60) == {"ok": "from holder"}
+    assert answer_within(other, 60) == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
+
+
 def test_a_holder_that_never_comes_back_passes_its_lease_to_the_waiter(
     cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -48,9 +48,10 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext clustorage``: register the magics; start the node if the env says so."""
-    load(ipython)
+def load_ipython_extension(ipython: Any, at_startup: bool = False) -> None:
+    """``%load_ext clustorage``: register the magics; start the node if the env says so
+    (``at_startup``: as a kernel starts, see :func:`.session.load`)."""
+    load(ipython, at_startup)
 
 
 def unload_ipython_extension(ipython: Any) -> None:

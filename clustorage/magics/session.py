@@ -139,7 +139,7 @@ class ClusterSession:
         node = clustorage.default_node()
         return (node.keys(), node.functions()) if node is not None else ([], [])
 
-    def autostart(self, env: dict[str, str] | None = None) -> Node | None:
+    def autostart(self, env: dict[str, str] | None = None, at_startup: bool = False) -> Node | None:
         """Start the default node when ``CLUSTORAGE_LOADER`` or ``CLUSTORAGE_NAME`` is set.
 
         With ``CLUSTORAGE_LOADER`` this node joins that cluster as a member (named by
@@ -154,7 +154,10 @@ class ClusterSession:
                 with leaving_out(UNREACHABLE):  # said before the first cell, in its words
                     node = clustorage.start()
                 if not node.is_loader and not node.connected:
-                    self._unreachable_at_start = node
+                    if at_startup:  # no cell to say it in yet: the first one says it
+                        self._unreachable_at_start = node
+                    else:
+                        print(not_reachable_yet(node), flush=True)
             except Exception as exc:
                 self.startup_error = (
                     f"clustorage: this kernel's node did not start ({type(exc).__name__}: "
@@ -285,13 +288,14 @@ def session_for(shell: Any) -> ClusterSession | None:
     return _sessions.get(shell)
 
 
-def load(shell: Any) -> ClusterSession:
-    """The session of ``shell``, created and installed on first use."""
+def load(shell: Any, at_startup: bool = False) -> ClusterSession:
+    """The session of ``shell``, created and installed on first use; ``at_startup``: as a
+    kernel starts, before any cell (what it has to say waits for the first one)."""
     session = _sessions.get(shell)
     if session is None:
         session = _sessions[shell] = ClusterSession(shell)
         session.install()
-        session.autostart()
+        session.autostart(at_startup=at_startup)
     return session
 
 
