@@ -434,13 +434,16 @@ class NodeConfig:
 
 
 def loader_command(config: NodeConfig) -> tuple[str, str | None]:
-    """The command that starts ``config``'s loader (one without standbys) with this node's
-    cookie file and data directory (and, over TLS, the CA; the loader's own certificate
-    and key are named as placeholders); and where this node's cookie came from, when the
-    command cannot name it (not a file)."""
+    """The command that starts ``config``'s loader with this node's cookie file and data
+    directory (and, over TLS, the CA; the loader's own certificate and key are named as
+    placeholders); and where this node's cookie came from, when the command cannot name it
+    (not a file). With standbys listed: one more loader on their PostgreSQL store."""
     loader, cookie = config.loader, config.cookie
     assert loader is not None
-    words = ["clustorage", "loader", "--name", loader.name, "--listen", _show(*loader.addresses[0])]
+    words = ["clustorage", "loader", "--name", loader.name]
+    if loader.standbys:
+        return f"{shlex.join(words)} --store postgresql://...", None
+    words += ["--listen", _show(*loader.addresses[0])]
     if cookie.source.startswith("file "):
         words += ["--cookie-file", cookie.source.removeprefix("file ")]
     if config.data:

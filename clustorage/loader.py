@@ -220,9 +220,7 @@ def _subject(message: Message) -> tuple[str, str] | None:
     kind = type(message)
     if kind is Fetch or kind is Delete:
         return message.kind, message.key  # type: ignore[union-attr]
-    if kind is Await:
-        return VALUE, message.key  # type: ignore[union-attr]
-    if kind is Commit or kind is Put or kind is Release:
+    if kind is Commit or kind is Put or kind is Release or kind is Await:
         return VALUE, message.key  # type: ignore[union-attr]
     if kind is Define:
         return FUNCTION, message.name  # type: ignore[union-attr]
@@ -279,7 +277,7 @@ class LoaderCore:
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
-            self._adopt(book, lease_grace)
+            self._adopt(book)
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
         self._definitions: list[_Definition] = []
@@ -490,23 +488,20 @@ class LoaderCore:
 
     # -- leases kept in the store (loaders with standbys) ----------------------------------
 
-    def _adopt(self, book: LeaseBook, grace: float) -> None:
+    def _adopt(self, book: LeaseBook) -> None:
         """Take over the leases of a former loader (this one before a restart, or the
         active one before a takeover): their holders may still commit (with their token)
-        or reclaim them; after ``grace`` seconds, the others' waiters get them."""
+        or reclaim them; after ``lease_grace`` seconds, the others' waiters get them."""
         adopted = []
         for key, holder, token in book.leases():
             # A lease of the loader's own node ended with the process that held it; one of
             # a key with a value ended with its commit (its end may not have been recorded).
             if (VALUE, key) in self.entries or holder == self.name:
-                try:
-                    book.lease_ended(key)
-                except StoreError as exc:
-                    log.warning("%s: the end of its lease was not recorded: %s", key, exc)
+                self._book_end(key)
             else:
-                adopted.append(self._leases.adopt(key, _Absent(holder), token))
-        for lease in adopted:
-            self._keep_for(lease, lease.holder.name, grace)
+                lease = self._leases.adopt(key, _Absent(holder), token)
+                self._keep_for(lease, holder)
+                adopted.append(lease)
         if adopted:
             log.info("took over %d leases: %s", len(adopted), [lease.key for lease in adopted])
 
@@ -517,9 +512,9 @@ class LoaderCore:
             if lease.holder is peer:
                 self._keep_for(lease, peer.name)
 
-    def _keep_for(self, lease: Lease, holder: str, grace: float | None = None) -> None:
+    def _keep_for(self, lease: Lease, holder: str) -> None:
         """Keep ``lease`` for node ``holder``, away now, until it reclaims the lease or
-        ``grace`` (``lease_grace``) passes; then the lease passes on."""
+        ``lease_grace`` passes; then the lease passes on."""
         absent = lease.holder = _Absent(holder)
 
         def expire() -> None:
@@ -528,7 +523,7 @@ class LoaderCore:
                 log.info("%s: its holder %s did not come back", printable(lease.key), holder)
                 self._pass_lease(lease)
 
-        self._schedule(self._lease_grace if grace is None else grace, expire)
+        self._schedule(self._lease_grace, expire)
 
     def _reclaim(self, peer: Peer, message: Reclaim) -> None:
         """A node's first word on a new connection: the leases whose fn it runs. It keeps
@@ -543,20 +538,13 @@ class LoaderCore:
             token = claimed.pop(lease.key, None)
             if token is not None and lease.token in (0, token):
                 lease.holder, lease.token = peer, token
-                try:
-                    self._book_grant(lease)
-                except StoreError as exc:
-                    log.warning("%s: its holder was not recorded: %s", printable(lease.key), exc)
+                self._book_holder(lease)
             elif not lease.committing:
                 self._pass_lease(lease)
         for key, token in claimed.items():
             if (VALUE, key) in self.entries or self._leases.get(key) is not None:
                 continue  # it passed on meanwhile: the holder's commit is refused (LeaseLost)
-            lease = self._leases.adopt(key, peer, token)
-            try:
-                self._book_grant(lease)
-            except StoreError as exc:
-                log.warning("%s: its holder was not recorded: %s", printable(key), exc)
+            self._book_holder(self._leases.adopt(key, peer, token))
             log.info("%s: %s still computes it", printable(key), peer.name)
 
     def _await(self, peer: Peer, message: Await) -> None:
@@ -585,6 +573,14 @@ class LoaderCore:
     def _book_grant(self, lease: Lease) -> None:
         if self._book is not None:
             self._book.lease_granted(lease.key, lease.holder.name, lease.token)
+
+    def _book_holder(self, lease: Lease) -> None:
+        """Record ``lease``'s holder, or say in the log that it could not be: the lease
+        stands either way (a fresh grant's record, by contrast, comes first)."""
+        try:
+            self._book_grant(lease)
+        except StoreError as exc:
+            log.warning("%s: its holder was not recorded: %s", printable(lease.key), exc)
 
     def _book_end(self, key: str) -> None:
         if self._book is not None:
@@ -724,10 +720,7 @@ class LoaderCore:
         if self._leases.pass_on(lease, self._alive) is None:
             self._book_end(lease.key)
             return
-        try:
-            self._book_grant(lease)
-        except StoreError as exc:
-            log.warning("%s: its new holder was not recorded: %s", printable(lease.key), exc)
+        self._book_holder(lease)
         lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
         for waiter in lease.waiters:  # who they wait for now: whom to name if cut off
             waiter.peer.deliver(Queued(waiter.rid, lease.holder.name, 0.0))

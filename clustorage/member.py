@@ -269,13 +269,12 @@ class MemberClient:
         """The LoaderUnavailable a caller sees, naming the loader and how to start it with
         this node's cookie (and the data directory of $CLUSTORAGE_DATA, if set)."""
         loader = self.loader
+        command, cookie = loader_command(self.config)
         if loader.standbys:  # loaders on one PostgreSQL store: none of them is active
             return LoaderUnavailable(
                 f"no active loader among {loader} ({why}); a standby takes over within "
-                f"dead_after, or start one with 'clustorage loader --name {loader.name} "
-                f"--store postgresql://...' on a listed address"
+                f"dead_after, or start one with '{command}' on a listed address"
             )
-        command, cookie = loader_command(self.config)
         same = f" and the cookie of {cookie}" if cookie else ""
         return LoaderUnavailable(
             f"the loader {loader} is unavailable ({why}); start it with '{command}'{same}, "

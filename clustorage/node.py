@@ -260,20 +260,17 @@ class Node:
         self._leases_held[key] = token
         try:
             value, payload = self._compute(key, fn)  # a fn that raises releases the lease
-        except BaseException:
-            self._end_lease(key, token)
-            raise
-        try:
             # A value computed is not given up lightly: its commit waits for a loader that
             # is down (restarting, say) for as long as a leaseholder is waited for.
             patience = self.timeout + self.config.dead_after
-            commit = self._write(lambda rid: Commit(rid, key, token, payload), value, patience)
+            try:
+                commit = self._write(lambda rid: Commit(rid, key, token, payload), value, patience)
+            except BaseException as exc:
+                if isinstance(exc, LoaderUnavailable) or not isinstance(exc, ClustorageError):
+                    # Not answered (a refusal passed the lease on already): maybe still ours.
+                    self._end_lease(key, token, f"its commit got no answer ({type(exc).__name__})")
+                raise
             return commit[0]
-        except BaseException as exc:
-            if isinstance(exc, LoaderUnavailable) or not isinstance(exc, ClustorageError):
-                # Not answered (a refusal passed the lease on already): it may still be ours.
-                self._end_lease(key, token, f"its commit got no answer ({type(exc).__name__})")
-            raise
         finally:
             self._end_lease(key, token)
 

@@ -254,8 +254,7 @@ class SQLiteStore:
         Raises:
             StoreError: the file could not be written; nothing is left behind.
         """
-        if self._reserve is not None and not self._reserve.hold():
-            raise self._reserve.refusal()
+        self._hold_room_for_deletions()
         try:
             return self._blobs.write(payload)
         except OSError as exc:
@@ -286,6 +285,12 @@ class SQLiteStore:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
             self._blobs.remove(name)
+
+    def _hold_room_for_deletions(self) -> None:
+        """Before a put takes room: raise StoreError unless the room kept for deletions is
+        held (set aside again first if the disk has room for it now)."""
+        if self._reserve is not None and not self._reserve.hold():
+            raise self._reserve.refusal()
 
     def _error(self, exc: sqlite3.Error, deleting: bool = False) -> StoreError:
         if _no_room(exc):
@@ -379,8 +384,7 @@ class SQLiteStore:
             StoreError: the write failed (disk full, file gone), or the room kept for
                 deletions cannot be set aside (clustorage.reserve); nothing was stored.
         """
-        if self._reserve is not None and not self._reserve.hold():
-            raise self._reserve.refusal()
+        self._hold_room_for_deletions()
         fields = (*entry[:3], None if file else entry.payload, *entry[4:], file)
         texts = (entry.kind, entry.key, entry.source or "", entry.origin)
         size = 0 if file else len(entry.payload)

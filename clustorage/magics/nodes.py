@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
@@ -20,7 +21,7 @@ from .base import ClusterMagics
 from .display import ClusterStatus
 from .loader_link import UNREACHABLE, leaving_out
 
-__all__ = ["NodeMagics", "not_reachable_yet"]
+__all__ = ["NodeMagics", "not_reachable_yet", "start_node"]
 
 # NodeConfig fields that %cluster_start's flags set, and the flag that sets each.
 _FLAGS = {
@@ -60,24 +61,29 @@ def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def not_reachable_yet(node: Node) -> str:
-    """What ``%cluster_start`` says of a member that has not reached its loader yet: that it
-    keeps trying, and how to start that loader."""
+def start_node(**options: Any) -> Node:
+    """``clustorage.start(**options)`` for a front-end that says itself (with
+    :func:`not_reachable_yet`) that a member's loader is not up yet: the library's warning
+    of it is left out."""
+    with leaving_out(UNREACHABLE):
+        return clustorage.start(**options)
+
+
+def not_reachable_yet(node: Node) -> str | None:
+    """What a front-end says of a running member that has not reached its loader yet: that
+    it keeps trying, and how to start that loader; None for any other node."""
     loader = node.config.loader
-    assert loader is not None
-    if loader.standbys:
-        command = f"clustorage loader --name {loader.name} --store postgresql://..."
-    else:
-        command, cookie = loader_command(node.config)
-        if cookie:
-            command += f" (with the cookie of {cookie})"
+    if loader is None or node.connected or node.stopped:
+        return None
+    command, cookie = loader_command(node.config)
+    if cookie:
+        command += f" (with the cookie of {cookie})"
     why = node.status().get("loader_error")
     because = f" ({why})" if why else ""
     return (
         f"the loader {loader} is not reachable yet{because}: {node.name} keeps trying, and "
-        f"joins it "
-        f"as soon as it answers (until then, a value or function {node.name} lacks raises "
-        f"LoaderUnavailable after {node.timeout:g} s)\n"
+        f"joins it as soon as it answers (until then, a value or function {node.name} lacks "
+        f"raises LoaderUnavailable after {node.timeout:g} s)\n"
         f"to start that loader: {command}"
     )
 
@@ -142,10 +148,9 @@ class NodeMagics(ClusterMagics):
                 "a loader needs a name, which also names its store: %cluster_start --name "
                 "NAME (or join a loader with --loader NAME[@HOST[:PORT]])"
             )
-        with leaving_out(UNREACHABLE):  # said below, in the cell's own words
-            node = clustorage.start(name=args.name, loader=args.loader, **node_options(args))
-        if not node.is_loader and not node.connected:
-            print(not_reachable_yet(node))
+        node = start_node(name=args.name, loader=args.loader, **node_options(args))
+        if notice := not_reachable_yet(node):
+            print(notice)
         self.session.follow(node)
         self.session.sync.apply()
         return node

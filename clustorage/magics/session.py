@@ -20,8 +20,7 @@ from clustorage.shell_complete import ClusterMatcher
 
 from .between_cells import BetweenCells
 from .functions import FunctionMagics
-from .loader_link import UNREACHABLE, leaving_out
-from .nodes import NodeMagics, not_reachable_yet
+from .nodes import NodeMagics, not_reachable_yet, start_node
 from .values import ValueMagics
 from .waiting import showing_waits
 
@@ -87,7 +86,7 @@ class ClusterSession:
             shell.user_ns, announce_rebinds=not hasattr(shell, "cluster_name")
         )
         self.startup_error: str | None = None
-        self._unreachable_at_start: Node | None = None  # said before the first cell
+        self._unreachable_at_start: Node | None = None  # whether it is: the first cell says
         self.bind_api = False
         self.cell: CurrentCell | None = None
         self._api: dict[str, Any] = {}
@@ -151,13 +150,11 @@ class ClusterSession:
         node = clustorage.default_node()
         if node is None and (env.get("CLUSTORAGE_LOADER") or env.get("CLUSTORAGE_NAME")):
             try:
-                with leaving_out(UNREACHABLE):  # said before the first cell, in its words
-                    node = clustorage.start()
-                if not node.is_loader and not node.connected:
-                    if at_startup:  # no cell to say it in yet: the first one says it
-                        self._unreachable_at_start = node
-                    else:
-                        print(not_reachable_yet(node), flush=True)
+                node = start_node()
+                if at_startup:  # no cell to say it in yet: the first one says it
+                    self._unreachable_at_start = node
+                elif notice := not_reachable_yet(node):
+                    print(notice, flush=True)
             except Exception as exc:
                 self.startup_error = (
                     f"clustorage: this kernel's node did not start ({type(exc).__name__}: "
@@ -208,8 +205,8 @@ class ClusterSession:
             print(self.startup_error, file=sys.stderr, flush=True)
             self.startup_error = None
         node, self._unreachable_at_start = self._unreachable_at_start, None
-        if node is not None and not node.connected and not node.stopped:
-            print(not_reachable_yet(node), flush=True)
+        if node is not None and (notice := not_reachable_yet(node)):
+            print(notice, flush=True)
         self.follow(clustorage.default_node())
         self.sync.apply()
 
