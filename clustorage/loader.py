@@ -204,6 +204,7 @@ def failure(rid: int, exc: BaseException) -> Failed:
 
 
 KEPT_PER_ASKER = 1024  # keys one connection's Awaits may keep for absent holders
+COMMITS_KEPT = 4096  # leaseholders' commits remembered, to answer one sent again
 
 
 def _claims(leases: Any) -> list[tuple[str, int]]:
@@ -274,6 +275,11 @@ class LoaderCore:
             limit=max_frame,
         )
         self._leases = Leases()
+        # The last commits stored, by (key, token): the node's name, the entry it made. A
+        # commit sent again (its answer was cut off) gets that answer again, even after a
+        # delete: it is not stored over a newer change (SPEC "Replicas converge"). Kept in
+        # memory only: a loader that restarts forgets them.
+        self._commits: dict[tuple[str, int], tuple[str, Entry]] = {}
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
@@ -531,7 +537,11 @@ class LoaderCore:
         if id(peer) in self._reclaimed or id(peer) in self._synced:
             raise RemoteProtocolError("a connection reclaims its leases once, first")
         self._reclaimed.add(id(peer))
-        claimed = dict(_claims(message.leases))
+        claimed = {
+            key: token
+            for key, token in _claims(message.leases)
+            if self._stored_commit(peer, key, token) is None  # its lease ended with it
+        }
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
                 continue
@@ -618,10 +628,15 @@ class LoaderCore:
     def _commit(self, peer: Peer, message: Commit) -> None:
         """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or the
         key got a value meanwhile; accepted without a lease when nobody holds one (the
-        holder's connection, or the loader, restarted while fn ran) and the key has none."""
+        holder's connection, or the loader, restarted while fn ran) and the key has none.
+        One stored already (sent again) is answered as it was, and not stored again."""
         key = message.key
         lease = self._leases.get(key)
         current = self.entries.get((VALUE, key))
+        if (stored_before := self._stored_commit(peer, key, message.token)) is not None:
+            # Sent again (its first answer was cut off): already stored, maybe deleted since.
+            peer.deliver(Committed(message.rid, stored_before, True))
+            return
         if lease is None and current is not None and _same_commit(current, peer, message):
             # Sent again after a takeover (its first answer was lost): already stored.
             peer.deliver(Committed(message.rid, current.without_payload(), True))
@@ -652,6 +667,10 @@ class LoaderCore:
                 self._uncommit(key, lease)
                 raise error
             assert entry is not None
+            if message.token:  # 0 (a lease kept without its token) names no commit
+                self._commits[(key, message.token)] = (peer.name, entry.without_payload())
+                if len(self._commits) > COMMITS_KEPT:
+                    del self._commits[next(iter(self._commits))]
             peer.deliver(Committed(message.rid, entry.without_payload(), True))
             self._settle(key, entry, skip=peer)
 
@@ -667,6 +686,12 @@ class LoaderCore:
         except ValueTooLarge:
             self._uncommit(key, lease)
             raise
+
+    def _stored_commit(self, peer: Peer, key: str, token: int) -> Entry | None:
+        """The entry that ``peer``'s node's commit of ``key`` under ``token`` made, if it was
+        stored lately."""
+        stored = self._commits.get((key, token)) if token else None
+        return stored[1] if stored is not None and stored[0] == peer.name else None
 
     def _uncommit(self, key: str, lease: Lease | None) -> None:
         """A leaseholder's value was not stored: the lease passes to the next waiter."""

@@ -16,16 +16,23 @@ from clustorage.messages import (
     Await,
     Commit,
     Committed,
+    Delete,
+    Deleted,
     Failed,
     Fetch,
     Found,
+    History,
+    HistoryReply,
     LeaseGranted,
+    Load,
     Message,
+    Pushes,
     Queued,
     Reclaim,
     Release,
     Sync,
     SyncReply,
+    decode,
 )
 from clustorage.store import MemoryStore
 
@@ -98,6 +105,14 @@ def connect(core: LoaderCore, name: str, *leases: tuple[str, int]) -> Peer:
 
 def last(peer: Peer, rid: int) -> Message:
     return peer.answers(rid)[-1]
+
+
+def pushed(peer: Peer) -> list[Message]:
+    """What ``peer`` was sent, each push out of the Pushes frames that carried several."""
+    messages: list[Message] = []
+    for message in peer.sent:
+        messages.extend(map(decode, message.frames) if type(message) is Pushes else [message])
+    return messages
 
 
 def test_a_reclaimed_lease_is_kept_for_its_holder(core: LoaderCore) -> None:
@@ -211,6 +226,56 @@ def test_a_reconnecting_node_keeps_the_leases_of_its_old_connection(core: Loader
     core.handle(new, Commit(3, "k", token, b"v"))
     assert type(last(new, 3)) is Committed
     assert type(last(waiter, 2)) is Found
+
+
+def test_a_commit_sent_again_after_a_delete_is_not_stored_again(
+    core: LoaderCore, clock: Clock
+) -> None:
+    """The holder's connection is cut before the answer; the key is deleted; the commit
+    sent again on a new connection gets the first answer, and the key stays deleted."""
+    old, deleter, other = connect(core, "holder"), connect(core, "deleter"), connect(core, "other")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    token = last(old, 2).token  # type: ignore[union-attr]
+    core.handle(old, Commit(3, "k", token, b"v"))
+    first = last(old, 3)
+    assert type(first) is Committed
+    core.detach(old)  # the answer was never read
+    core.leave(old)
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    deleted = last(deleter, 2)
+    assert type(deleted) is Deleted and deleted.version == first.entry.version + 1
+    clock.run(1.0)
+    seen = len(pushed(other))
+    new = connect(core, "holder", ("k", token))  # its get still waits: it reclaims the lease
+    core.handle(new, Commit(3, "k", token, b"v"))
+    again = last(new, 3)
+    assert type(again) is Committed and again.entry.version == first.entry.version
+    assert (VALUE, "k") not in core.entries and core.status()["computing"] == []
+    core.handle(new, History(4, VALUE, "k"))
+    history = last(new, 4)
+    assert type(history) is HistoryReply
+    assert [(e.version, e.origin) for e in history.entries] == [(1, "holder"), (2, "deleter")]
+    clock.run(2.0)
+    assert not [m for m in pushed(other)[seen:] if type(m) is Load]
+
+
+def test_a_commit_without_a_lease_of_a_key_never_stored_is_taken(core: LoaderCore) -> None:
+    """Nobody holds the key's lease (the loader restarted while fn ran): stored as before."""
+    holder = connect(core, "holder")
+    core.handle(holder, Commit(3, "k", 12345, b"v"))
+    committed = last(holder, 3)
+    assert type(committed) is Committed and committed.entry.version == 1
+    assert bytes(core.entries[(VALUE, "k")].payload) == b"v"
+
+
+def test_a_commit_under_token_0_is_not_taken_for_one_sent_again(core: LoaderCore) -> None:
+    """0 is the token of a lease kept without its own: it names no one commit."""
+    holder, deleter = connect(core, "holder"), connect(core, "deleter")
+    core.handle(holder, Commit(3, "k", 0, b"v"))
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    core.handle(holder, Commit(4, "k", 0, b"w"))
+    committed = last(holder, 4)
+    assert type(committed) is Committed and committed.entry.version == 3
 
 
 def test_a_reconnecting_node_that_no_longer_computes_passes_the_lease_on(
