@@ -3,13 +3,16 @@ after a restart (a kill -9 included) and keeps each key for its holder, who may 
 computing it, instead of granting it to the next get (SPEC "get" 3: fn runs once).
 
 The leases are a loader's working state, not data: each grant is a line appended to a file
-beside the store, written once the loop has answered the request (``soon``: one ``write``
-per pass of the loop, no waiting for the disk, so a lease costs the miss no commit and
-its holder does not wait for the write). Each end is a line that goes with the next
-grant's: a crash may lose the last few ends (such a lease's key got its value, which a
-restarted loader sees; or its holder comes back without it; or the lease waits out its
-grace). The file is rewritten with only the leases still held once it has grown. A line cut
-short by a crash, or one that is not a lease, is passed over when the file is read.
+beside the store, written a moment after the request was answered (``later``: at most one
+``write`` per WRITE_AFTER, no waiting for the disk, so a lease costs the miss no commit and
+its holder does not wait for the write). A lease that ends before its line is written (a
+quick fn, the common case) writes nothing at all; a kill -9 loses the grants of that last
+moment, as it would any lease granted just before it. Each end of a lease whose grant was
+written is a line that goes with the next write: a crash may lose the last few ends (such a
+lease's key got its value, which a restarted loader sees; or its holder comes back without
+it; or the lease waits out its grace). The file is rewritten with only the leases still held
+once it has grown. A line cut short by a crash, or one that is not a lease, is passed over
+when the file is read.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ __all__ = ["LeaseFile"]
 log = logging.getLogger(__name__)
 
 REWRITE_AT = 1 << 20  # bytes appended before the file is rewritten with the leases held
+# Seconds from a grant to its line's write: a trivial fn's lease (a fetch, fn, the commit,
+# well under a millisecond) ends before it and costs the loader no write (bench/README.md).
+WRITE_AFTER = 0.002
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class LeaseFile:
@@ -36,42 +43,45 @@ class LeaseFile:
 
     ends_with_value = False  # a value stored does not end its lease's record here
 
-    def __init__(self, path: Path, soon: Callable[[Callable[[], None]], object]) -> None:
+    def __init__(self, path: Path, later: Callable[[Callable[[], None]], object]) -> None:
         self.path = path
-        self._soon = soon
+        self._later = later
         self._held = _read(path)
         self._fd = -1
         self._appended = 0  # bytes appended since the file was last written anew
-        self._unwritten: list[list[object]] = []  # records that go with the next grant's
+        self._unwritten: list[list[object]] = []  # ends of leases whose grant was written
+        self._granted: dict[str, tuple[str, int]] = {}  # grants not written yet
         self._due = False  # a write of the unwritten records is on its way
         self._torn = False  # a write fell short: the file is to be written anew
         self._rewrite()
 
     @classmethod
-    def open(cls, path: Path, soon: Callable[[Callable[[], None]], object]) -> LeaseFile | None:
-        """The lease file at ``path``; None (said in the log) if it cannot be written (a
-        full disk): the loader then runs without it."""
+    def open(cls, path: Path, later: Callable[[Callable[[], None]], object]) -> LeaseFile | None:
+        """The lease file at ``path``, its grants written when ``later`` calls back; None
+        (said in the log) if it cannot be written (a full disk): the loader then runs
+        without it."""
         try:
-            return cls(path, soon)
+            return cls(path, later)
         except OSError as exc:
             log.warning("%s: %s; leases will not outlive a restart of this loader", path, exc)
             return None
 
     def lease_granted(self, key: str, holder: str, token: int) -> None:
-        self._held[key] = (holder, token)
-        self._unwritten.append(["granted", key, holder, token])
+        self._held[key] = self._granted[key] = (holder, token)
         if not self._due:
             self._due = True
-            self._soon(self.flush)
+            self._later(self.flush)
 
     def lease_ended(self, key: str) -> None:
-        if self._held.pop(key, None) is not None:
+        if self._held.pop(key, None) is not None and self._granted.pop(key, None) is None:
             self._unwritten.append(["ended", key])
 
     def flush(self) -> None:
         """Write what was granted (and ended) since the last write."""
         self._due = False
-        records, self._unwritten = self._unwritten, []
+        records, self._unwritten = self._unwritten, []  # ends first: a key may be held again
+        records += (["granted", key, *held] for key, held in self._granted.items())
+        self._granted = {}
         if self._torn:  # the leases held, anew: what the records say is among them
             self._write_anew()
         elif records and self._fd >= 0:
@@ -110,7 +120,7 @@ class LeaseFile:
 
     def _rewrite(self) -> None:
         """The file anew, holding only the leases held (written aside, then renamed)."""
-        self._unwritten = []
+        self._unwritten, self._granted = [], {}
         fresh = self.path.with_name(self.path.name + ".new")
         private_file(fresh)
         lines = b"".join(
@@ -132,7 +142,7 @@ class LeaseFile:
 
 
 def _line(record: list[object]) -> bytes:
-    return json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+    return _ENCODER.encode(record).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def _read(path: Path) -> dict[str, tuple[str, int]]:

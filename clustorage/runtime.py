@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from .channel import Build, Pending, acknowledgement, apply_push, record_late_wr
 from .config import NodeConfig
 from .errors import ConfigError, LoaderUnavailable
 from .hello import Timing
-from .lease_file import LeaseFile
+from .lease_file import WRITE_AFTER, LeaseFile
 from .listener import Listener, Newcomer
 from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Message, Payload, Put, joined
@@ -120,7 +121,10 @@ class LoaderRuntime:
         self._store = store
         # A restarted loader finds the leases it granted (with standbys: in PostgreSQL).
         self._lease_file = (
-            LeaseFile.open(Path(f"{store.path}.leases"), self.loop.call_soon)
+            LeaseFile.open(
+                Path(f"{store.path}.leases"),
+                functools.partial(self.loop.call_later, WRITE_AFTER),
+            )
             if store.path != MEMORY and not config.store
             else None
         )

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def at_once(call: Callable[[], None]) -> None:
-    """The loop's call_soon, as if the loop came round at once."""
+    """The loop's call_later, as if the moment had passed at once."""
     call()
 
 
@@ -76,16 +76,38 @@ def test_a_file_that_cannot_be_written_leaves_the_loader_without_one(tmp_path: P
     assert LeaseFile.open(blocked / "leases", at_once) is None
 
 
-def test_grants_are_written_once_the_loop_comes_round(tmp_path: Path) -> None:
-    """The holder hears of its lease first; the line follows in that pass of the loop."""
+def test_grants_are_written_a_moment_later_in_one_write(tmp_path: Path) -> None:
+    """The holder hears of its lease first; the lines follow, together, when the loop
+    calls back."""
     path = tmp_path / "leases"
-    passes: list[Callable[[], None]] = []
-    book = LeaseFile(path, passes.append)
+    due: list[Callable[[], None]] = []
+    book = LeaseFile(path, due.append)
     book.lease_granted("a", "m1", 1)
     book.lease_granted("b", "m1", 2)
-    assert len(passes) == 1 and path.read_bytes() == b""
-    passes.pop()()
+    assert len(due) == 1 and path.read_bytes() == b""
+    due.pop()()
     assert sorted(LeaseFile(path, at_once).leases()) == [("a", "m1", 1), ("b", "m1", 2)]
+
+
+def test_a_lease_that_ends_before_its_write_writes_nothing(tmp_path: Path) -> None:
+    """A quick fn's lease ends before its grant is written: no line for it, nor for its
+    end, while a lease that outlives the moment is written, and its end after it."""
+    path = tmp_path / "leases"
+    due: list[Callable[[], None]] = []
+    book = LeaseFile(path, due.append)
+    book.lease_granted("quick", "m1", 1)
+    book.lease_granted("slow", "m1", 2)
+    book.lease_ended("quick")
+    due.pop()()
+    assert path.read_bytes() == b'["granted", "slow", "m1", 2]\n'
+    book.lease_ended("slow")
+    book.lease_granted("slow", "m2", 3)  # passed on, then ended before its write
+    book.lease_ended("slow")
+    due.pop()()
+    assert path.read_bytes() == b'["granted", "slow", "m1", 2]\n["ended", "slow"]\n'
+    book.lease_granted("slow", "m3", 4)
+    book.close()  # a clean stop writes what is due
+    assert LeaseFile(path, at_once).leases() == [("slow", "m3", 4)]
 
 
 def test_a_write_cut_short_is_followed_by_the_file_anew(tmp_path: Path) -> None:
