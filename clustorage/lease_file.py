@@ -67,6 +67,8 @@ class LeaseFile:
             return None
 
     def lease_granted(self, key: str, holder: str, token: int) -> None:
+        if key in self._held and key not in self._granted:  # a written grant passes on:
+            self._unwritten.append(["ended", key])  # ended, should the new one end unwritten
         self._held[key] = self._granted[key] = (holder, token)
         if not self._due:
             self._due = True

@@ -142,3 +142,25 @@ def test_appends_not_the_leases_held_call_for_a_rewrite(
     rewritten = path.stat().st_ino
     book.lease_granted("one more", "m1", 1)
     assert path.stat().st_ino == rewritten
+
+
+def test_a_written_grant_passed_on_then_ended_before_the_next_write_is_ended(
+    tmp_path: Path,
+) -> None:
+    """m1's grant is written; the lease passes to m2, whose fn fails at once: the file no
+    longer says m1 computes the key."""
+    path = tmp_path / "leases"
+    due: list[Callable[[], None]] = []
+    book = LeaseFile(path, due.append)
+    book.lease_granted("k", "m1", 1)
+    due.pop()()
+    book.lease_granted("k", "m2", 2)  # passed on
+    book.lease_ended("k")
+    due.pop()()
+    assert lease_file._read(path) == {}
+    book.lease_granted("k", "m3", 3)
+    due.pop()()
+    book.lease_granted("k", "m4", 4)  # passed on, and not ended
+    due.pop()()
+    assert lease_file._read(path) == {"k": ("m4", 4)}
+    book.close()
