@@ -540,7 +540,7 @@ class LoaderCore:
         claimed = {
             key: token
             for key, token in _claims(message.leases)
-            if self._stored_commit(peer, key, token) is None  # its lease ended with it
+            if not self._ended_here(key, token)  # committed, or passed on: not taken back
         }
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
@@ -626,10 +626,11 @@ class LoaderCore:
             peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
-        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or the
-        key got a value meanwhile; accepted without a lease when nobody holds one (the
-        holder's connection, or the loader, restarted while fn ran) and the key has none.
-        One stored already (sent again) is answered as it was, and not stored again."""
+        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or
+        ended, or the key got a value meanwhile; accepted without a lease when nobody holds
+        one, the key has none, and the lease is not one this loader granted (it restarted,
+        or took over, while fn ran). One stored already (sent again) is answered as it was,
+        and not stored again."""
         key = message.key
         lease = self._leases.get(key)
         current = self.entries.get((VALUE, key))
@@ -641,19 +642,23 @@ class LoaderCore:
             # Sent again after a takeover (its first answer was lost): already stored.
             peer.deliver(Committed(message.rid, current.without_payload(), True))
             return
+        ended = self._ended_here(key, message.token)
         kept_for_it = (
             lease is not None
             and type(lease.holder) is _Absent
             and lease.holder.name == peer.name
             and lease.token == 0
+            and not ended
         )
         if (lease is not None and lease.token != message.token and not kept_for_it) or (
-            lease is None and (VALUE, key) in self.entries
+            lease is None and ((VALUE, key) in self.entries or ended)
         ):
             why = (
                 f"to {lease.holder.name} (it was cut off from the loader)"
                 if lease is not None
-                else f"when {current.origin} stored a value of it"  # type: ignore[union-attr]
+                else f"when {current.origin} stored a value of it"
+                if current is not None
+                else "while it was cut off from the loader"
             )
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r} {why}; its value was not stored: "
@@ -686,6 +691,13 @@ class LoaderCore:
         except ValueTooLarge:
             self._uncommit(key, lease)
             raise
+
+    def _ended_here(self, key: str, token: int) -> bool:
+        """Whether ``token`` names a lease on ``key`` that this loader granted and that has
+        ended (committed, or passed on): its holder computes for nobody any more. A lease
+        from before a restart or a takeover may still be computed: not this."""
+        lease = self._leases.get(key)
+        return self._leases.granted_here(token) and (lease is None or lease.token != token)
 
     def _stored_commit(self, peer: Peer, key: str, token: int) -> Entry | None:
         """The entry that ``peer``'s node's commit of ``key`` under ``token`` made, if it was

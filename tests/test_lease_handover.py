@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from clustorage import loader
 from clustorage.loader import LoaderCore
 from clustorage.messages import (
     VALUE,
@@ -276,6 +277,70 @@ def test_a_commit_under_token_0_is_not_taken_for_one_sent_again(core: LoaderCore
     core.handle(holder, Commit(4, "k", 0, b"w"))
     committed = last(holder, 4)
     assert type(committed) is Committed and committed.entry.version == 3
+
+
+def test_a_commit_sent_again_after_more_commits_than_remembered_is_not_stored(
+    core: LoaderCore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of commits is bounded; past it, the lease the commit names is known to
+    have ended here all the same: refused, and the delete stands."""
+    monkeypatch.setattr(loader, "COMMITS_KEPT", 8)
+    old, deleter, busy = connect(core, "holder"), connect(core, "deleter"), connect(core, "busy")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    token = last(old, 2).token  # type: ignore[union-attr]
+    core.handle(old, Commit(3, "k", token, b"v"))
+    core.detach(old)
+    core.leave(old)
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    for number in range(10, 40, 2):  # other misses while the holder reconnects
+        core.handle(busy, Fetch(number, VALUE, f"o{number}", True, ()))
+        core.handle(busy, Commit(number + 1, f"o{number}", last(busy, number).token, b"x"))  # type: ignore[union-attr]
+    new = connect(core, "holder", ("k", token))
+    core.handle(new, Commit(3, "k", token, b"v"))
+    assert type(last(new, 3)) is Failed
+    assert (VALUE, "k") not in core.entries and core.status()["computing"] == []
+
+
+def test_a_late_commit_of_a_lease_that_passed_on_is_refused_after_a_delete(
+    core: LoaderCore,
+) -> None:
+    """A is cut off; its lease passes to B, who stores the value; the key is deleted; A,
+    back with its fn done, neither takes the lease back nor stores a second value."""
+    a, b, deleter = connect(core, "a"), connect(core, "b"), connect(core, "deleter")
+    core.handle(a, Fetch(2, VALUE, "k", True, ()))
+    token = last(a, 2).token  # type: ignore[union-attr]
+    core.handle(b, Fetch(2, VALUE, "k", True, ()))
+    core.leave(a)
+    core.handle(b, Commit(3, "k", last(b, 2).token, b"from b"))  # type: ignore[union-attr]
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    back = connect(core, "a", ("k", token))
+    assert core.status()["computing"] == []
+    core.handle(back, Commit(3, "k", token, b"from a"))
+    refused = last(back, 3)
+    assert type(refused) is Failed and refused.error == "LeaseLost"
+    assert (VALUE, "k") not in core.entries
+
+
+def test_a_commit_sent_again_leaves_the_next_holder_of_its_key_alone(
+    core: LoaderCore,
+) -> None:
+    """After the delete another node computes the key: the first holder's commit sent again
+    gets its first answer, and the new holder's lease, and its waiter, go on."""
+    a, b, c, deleter = (connect(core, name) for name in ("a", "b", "c", "deleter"))
+    core.handle(a, Fetch(2, VALUE, "k", True, ()))
+    token = last(a, 2).token  # type: ignore[union-attr]
+    core.handle(a, Commit(3, "k", token, b"v"))
+    core.detach(a)
+    core.leave(a)
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    core.handle(b, Fetch(2, VALUE, "k", True, ()))
+    core.handle(c, Fetch(2, VALUE, "k", True, ()))
+    back = connect(core, "a", ("k", token))
+    core.handle(back, Commit(3, "k", token, b"v"))
+    assert last(back, 3).entry.version == 1  # type: ignore[union-attr]
+    assert [lease["holder"] for lease in core.status()["computing"]] == ["b"]
+    core.handle(b, Commit(3, "k", last(b, 2).token, b"w"))  # type: ignore[union-attr]
+    assert type(last(c, 2)) is Found and last(c, 2).entry.version == 3  # type: ignore[union-attr]
 
 
 def test_a_reconnecting_node_that_no_longer_computes_passes_the_lease_on(
