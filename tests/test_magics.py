@@ -185,10 +185,14 @@ def test_cluster_start_as_member_binds_existing_functions(
 def test_cluster_start_again_with_the_same_flags_changes_nothing(
     shell: InteractiveShell, member: clustorage.Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The same %cluster_start again (as "Run All" does) says the node runs, in one line."""
+    """The same %cluster_start again (as "Run All" does) says the node runs, in one line;
+    so do a loader's own flags (--listen, --data), which a member has no use for."""
+    said = f"node nb is already running (member of {member.loader_address}, connected)\n"
     _, out, err = cell(shell, f"%cluster_start --name nb --loader {member.loader_address}", capsys)
-    assert out == f"node nb is already running (member of {member.loader_address}, connected)\n"
-    assert err == "" and clustorage.default_node() is member
+    assert out == said and err == "" and clustorage.default_node() is member
+    again = f"%cluster_start --name nb --loader {member.loader_address} --data elsewhere"
+    _, out, err = cell(shell, again + " --listen 127.0.0.1:1", capsys)
+    assert out == said and err == "" and clustorage.default_node() is member
 
 
 def test_cluster_start_with_other_flags_says_how_to_switch(

@@ -35,6 +35,7 @@ _FLAGS = {
     "tls_key": "--tls-key",
     "tls_ca": "--tls-ca",
 }
+_LOADERS_ONLY = ("listen", "data")  # a member neither listens nor stores: not its flags
 
 
 def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
@@ -54,10 +55,12 @@ def _flags_differing(running: Node, args: argparse.Namespace) -> list[str]:
     if not (args.cookie or args.cookie_file or env.get("CLUSTORAGE_COOKIE")):
         options["cookie"] = running.config.cookie
     wanted = NodeConfig.resolve(**options)
+    members = wanted.loader is not None and running.config.loader is not None
     return [
         flag
         for field, flag in _FLAGS.items()
         if getattr(wanted, field) != getattr(running.config, field)
+        and not (members and field in _LOADERS_ONLY)
     ]
 
 
