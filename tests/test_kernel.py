@@ -718,7 +718,8 @@ def test_a_lost_loader_is_told_in_the_next_cell_not_under_the_last(
         )
         kernel = Kernel(jupyter_path, env, tmp_path / "idle.json").wait_ready()
         kernel.ok("clustorage.default_node().get('k', lambda: 1)")
-        last = kernel.kc.execute("x = 1")
+        ran = kernel.ok("x = 1")  # done, and idle, before the loader goes
+        last = ran.messages[0]["parent_header"]["msg_id"]
         loader.kill()
         loader.wait(10)
         later: list[dict[str, Any]] = []
