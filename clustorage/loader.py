@@ -205,6 +205,7 @@ def failure(rid: int, exc: BaseException) -> Failed:
 
 KEPT_PER_ASKER = 1024  # keys one connection's Awaits may keep for absent holders
 COMMITS_KEPT = 4096  # leaseholders' commits remembered, to answer one sent again
+ENDED_KEPT = 16384  # leases ended here remembered, to know a late commit of one (_lost)
 
 
 def _claims(leases: Any) -> list[tuple[str, int]]:
@@ -280,6 +281,10 @@ class LoaderCore:
         # delete: it is not stored over a newer change (SPEC "Replicas converge"). Kept in
         # memory only: a loader that restarts forgets them.
         self._commits: dict[tuple[str, int], tuple[str, Entry]] = {}
+        # Leases that ended (committed, passed on, or let go with nobody waiting), by (key,
+        # token): the key's last version then. Their holder may still come back with a value:
+        # it is taken only if nothing changed the key since (see _lost). Memory only, too.
+        self._ended: dict[tuple[str, int], int] = {}
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
@@ -540,7 +545,7 @@ class LoaderCore:
         claimed = {
             key: token
             for key, token in _claims(message.leases)
-            if not self._ended_here(key, token)  # committed, or passed on: not taken back
+            if not self._lost(key, token)  # the key changed since it ended: not taken back
         }
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
@@ -626,11 +631,11 @@ class LoaderCore:
             peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
-        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on or
-        ended, or the key got a value meanwhile; accepted without a lease when nobody holds
-        one, the key has none, and the lease is not one this loader granted (it restarted,
-        or took over, while fn ran). One stored already (sent again) is answered as it was,
-        and not stored again."""
+        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on, or the
+        key got a value meanwhile, or was deleted since the lease ended; accepted without a
+        lease when nobody holds one and the key has none (its holder was cut off with nobody
+        waiting, or the loader restarted, or took over, while fn ran). One stored already
+        (sent again) is answered as it was, and not stored again."""
         key = message.key
         lease = self._leases.get(key)
         current = self.entries.get((VALUE, key))
@@ -642,23 +647,23 @@ class LoaderCore:
             # Sent again after a takeover (its first answer was lost): already stored.
             peer.deliver(Committed(message.rid, current.without_payload(), True))
             return
-        ended = self._ended_here(key, message.token)
+        lost = self._lost(key, message.token)
         kept_for_it = (
             lease is not None
             and type(lease.holder) is _Absent
             and lease.holder.name == peer.name
             and lease.token == 0
-            and not ended
+            and not lost
         )
         if (lease is not None and lease.token != message.token and not kept_for_it) or (
-            lease is None and ((VALUE, key) in self.entries or ended)
+            lease is None and ((VALUE, key) in self.entries or lost)
         ):
             why = (
                 f"to {lease.holder.name} (it was cut off from the loader)"
                 if lease is not None
                 else f"when {current.origin} stored a value of it"
                 if current is not None
-                else "while it was cut off from the loader"
+                else "when its key was stored and deleted meanwhile"
             )
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r} {why}; its value was not stored: "
@@ -692,12 +697,23 @@ class LoaderCore:
             self._uncommit(key, lease)
             raise
 
-    def _ended_here(self, key: str, token: int) -> bool:
-        """Whether ``token`` names a lease on ``key`` that this loader granted and that has
-        ended (committed, or passed on): its holder computes for nobody any more. A lease
-        from before a restart or a takeover may still be computed: not this."""
+    def _lost(self, key: str, token: int) -> bool:
+        """Whether the lease ``token`` on ``key`` ended here and the key changed since (a
+        value stored, or deleted): its holder's value would be a second one, or undo a
+        delete. A lease let go with nobody waiting, and nothing since, is not lost."""
+        then = self._ended.get((key, token))
+        if then is None:
+            return False
         lease = self._leases.get(key)
-        return self._leases.granted_here(token) and (lease is None or lease.token != token)
+        if lease is not None and lease.token == token:
+            return False
+        return self._last_version.get((VALUE, key), 0) != then
+
+    def _lease_ended(self, key: str, token: int) -> None:
+        if token:  # 0 (a lease kept without its token) names no one lease
+            self._ended[(key, token)] = self._last_version.get((VALUE, key), 0)
+            if len(self._ended) > ENDED_KEPT:
+                del self._ended[next(iter(self._ended))]
 
     def _stored_commit(self, peer: Peer, key: str, token: int) -> Entry | None:
         """The entry that ``peer``'s node's commit of ``key`` under ``token`` made, if it was
@@ -731,10 +747,12 @@ class LoaderCore:
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:
         """Hot-load a new value everywhere and answer everyone waiting on its lease."""
         self._broadcast(Load(entry, ack=False), skip=skip)
-        ended = self._leases.get(key) is not None
+        lease = self._leases.get(key)
+        if lease is not None:
+            self._lease_ended(key, lease.token)
         for waiter in self._leases.settle(key):
             waiter.peer.deliver(Found(waiter.rid, entry))
-        if ended and self._book is not None and not self._book.ends_with_value:
+        if lease is not None and self._book is not None and not self._book.ends_with_value:
             self._book_end(key)
 
     def _release(self, peer: Peer, message: Release) -> None:
@@ -754,6 +772,7 @@ class LoaderCore:
             self._leases.withdraw(lease, peer, message.rid)
 
     def _pass_lease(self, lease: Lease) -> None:
+        self._lease_ended(lease.key, lease.token)
         if self._leases.pass_on(lease, self._alive) is None:
             self._book_end(lease.key)
             return

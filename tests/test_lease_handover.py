@@ -422,6 +422,8 @@ def test_one_connection_keeps_a_bounded_number_of_keys(core: LoaderCore) -> None
 class Book:
     """A lease book a standby that takes over finds (as clustorage.pgstore keeps it)."""
 
+    ends_with_value = True  # a value stored ends its lease's record too
+
     def __init__(self, *leases: tuple[str, str, int]) -> None:
         self.kept = {key: (holder, token) for key, holder, token in leases}
 
@@ -474,3 +476,73 @@ def test_a_lease_found_ended_is_taken_off_the_book(clock: Clock) -> None:
     book = Book(("k", "holder", 5), ("mine", "app1", 6), ("theirs", "member", 7))
     LoaderCore("app1", store, clock, book=book, lease_grace=GRACE)
     assert book.leases() == [("theirs", "member", 7)]
+
+
+def test_a_holder_cut_off_with_nobody_waiting_takes_its_lease_back_and_commits(
+    core: LoaderCore,
+) -> None:
+    """The loader saw the cut first (no grace: nobody waited), so the lease ended; the
+    holder, still computing, names it on its new connection and keeps it: another node's
+    get waits, and the holder's commit is stored."""
+    old = connect(core, "holder")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    token = last(old, 2).token  # type: ignore[union-attr]
+    core.leave(old)
+    new = connect(core, "holder", ("k", token))
+    other = connect(core, "other")
+    core.handle(other, Fetch(2, VALUE, "k", True, ()))
+    assert type(last(other, 2)) is Queued
+    core.handle(new, Commit(3, "k", token, b"v"))
+    assert type(last(new, 3)) is Committed and type(last(other, 2)) is Found
+
+
+def test_a_key_kept_by_an_await_goes_to_its_holder_with_its_own_token(core: LoaderCore) -> None:
+    """The waiter's connection drops, then the holder's (the lease ends: nobody waits); the
+    waiter, back, asks again naming the holder (the key is kept for it, token unknown); the
+    holder, back with its token, keeps the key and stores its value for the waiter."""
+    holder, waiter = connect(core, "h"), connect(core, "w")
+    core.handle(holder, Fetch(2, VALUE, "k", True, ()))
+    token = last(holder, 2).token  # type: ignore[union-attr]
+    core.handle(waiter, Fetch(2, VALUE, "k", True, ()))
+    core.leave(waiter)
+    core.leave(holder)
+    waiter = connect(core, "w")
+    core.handle(waiter, Await(2, "k", (), "h"))
+    holder = connect(core, "h", ("k", token))
+    assert type(last(waiter, 2)) is Queued
+    core.handle(holder, Commit(3, "k", token, b"from h"))
+    assert type(last(holder, 3)) is Committed and type(last(waiter, 2)) is Found
+
+
+def test_a_lease_kept_past_its_grace_with_nobody_waiting_may_still_commit(clock: Clock) -> None:
+    core = LoaderCore("app1", MemoryStore(), clock, lease_grace=GRACE)
+    old = connect(core, "a")
+    core.handle(old, Fetch(2, VALUE, "k", True, ()))
+    token = last(old, 2).token  # type: ignore[union-attr]
+    core.detach(old)
+    core.leave(old)
+    clock.run(GRACE)
+    back = connect(core, "a", ("k", token))
+    core.handle(back, Commit(3, "k", token, b"v"))
+    assert type(last(back, 3)) is Committed
+
+
+def test_an_adopted_lease_that_passed_on_does_not_store_after_a_delete(clock: Clock) -> None:
+    """A takeover adopts a's lease; a is late, b computes and stores, the key is deleted;
+    a, back with its value, neither takes the lease back nor undoes the delete. Had the key
+    not changed, a's value would be taken."""
+    core = LoaderCore("app1", MemoryStore(), clock, book=Book(("k", "a", 5)), lease_grace=GRACE)
+    b, deleter = connect(core, "b"), connect(core, "deleter")
+    core.handle(b, Fetch(2, VALUE, "k", True, ()))
+    clock.run(GRACE)
+    core.handle(b, Commit(3, "k", last(b, 2).token, b"from b"))  # type: ignore[union-attr]
+    assert type(last(b, 3)) is Committed
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    a = connect(core, "a", ("k", 5))
+    assert core.status()["computing"] == []
+    core.handle(a, Commit(3, "k", 5, b"from a"))
+    assert type(last(a, 3)) is Failed and (VALUE, "k") not in core.entries
+    unchanged = LoaderCore("app1", MemoryStore(), Clock(), book=Book(("k", "a", 5)))
+    back = connect(unchanged, "a", ("k", 5))
+    unchanged.handle(back, Commit(3, "k", 5, b"from a"))
+    assert type(last(back, 3)) is Committed
