@@ -205,7 +205,7 @@ def failure(rid: int, exc: BaseException) -> Failed:
 
 KEPT_PER_ASKER = 1024  # keys one connection's Awaits may keep for absent holders
 COMMITS_KEPT = 4096  # leaseholders' commits remembered, to answer one sent again
-ENDED_KEPT = 16384  # leases ended here remembered, to know a late commit of one (_lost)
+LOST_KEPT = 16384  # leases that ended for their holder, remembered to refuse a late commit
 
 
 def _claims(leases: Any) -> list[tuple[str, int]]:
@@ -281,10 +281,11 @@ class LoaderCore:
         # delete: it is not stored over a newer change (SPEC "Replicas converge"). Kept in
         # memory only: a loader that restarts forgets them.
         self._commits: dict[tuple[str, int], tuple[str, Entry]] = {}
-        # Leases that ended (committed, passed on, or let go with nobody waiting), by (key,
-        # token): the key's last version then. Their holder may still come back with a value:
-        # it is taken only if nothing changed the key since (see _lost). Memory only, too.
-        self._ended: dict[tuple[str, int], int] = {}
+        # Leases their holder lost, by (key, token): passed on to another node, or ended by a
+        # value stored (its own commit, or a put). A late commit or a Reclaim of one is
+        # refused, even once the key is deleted. A lease let go with nobody waiting is not
+        # lost: its holder may take it back. Memory only, too.
+        self._lost_leases: dict[tuple[str, int], None] = {}
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
@@ -545,7 +546,7 @@ class LoaderCore:
         claimed = {
             key: token
             for key, token in _claims(message.leases)
-            if not self._lost(key, token)  # the key changed since it ended: not taken back
+            if not self._lost(key, token)  # passed on, or ended by a value: not taken back
         }
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
@@ -631,8 +632,8 @@ class LoaderCore:
             peer.deliver(Queued(message.rid, lease.holder.name, time.monotonic() - lease.since))
 
     def _commit(self, peer: Peer, message: Commit) -> None:
-        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on, or the
-        key got a value meanwhile, or was deleted since the lease ended; accepted without a
+        """Store a leaseholder's value. Refused (LeaseLost) when the lease passed on, or a
+        value ended it (even one deleted since), or the key has a value; accepted without a
         lease when nobody holds one and the key has none (its holder was cut off with nobody
         waiting, or the loader restarted, or took over, while fn ran). One stored already
         (sent again) is answered as it was, and not stored again."""
@@ -663,7 +664,7 @@ class LoaderCore:
                 if lease is not None
                 else f"when {current.origin} stored a value of it"
                 if current is not None
-                else "when its key was stored and deleted meanwhile"
+                else "while it was cut off (the lease passed on, or another value was stored)"
             )
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r} {why}; its value was not stored: "
@@ -681,6 +682,7 @@ class LoaderCore:
                 self._commits[(key, message.token)] = (peer.name, entry.without_payload())
                 if len(self._commits) > COMMITS_KEPT:
                     del self._commits[next(iter(self._commits))]
+            self._lease_lost(key, message.token)  # stored without a lease too: not held again
             peer.deliver(Committed(message.rid, entry.without_payload(), True))
             self._settle(key, entry, skip=peer)
 
@@ -698,22 +700,17 @@ class LoaderCore:
             raise
 
     def _lost(self, key: str, token: int) -> bool:
-        """Whether the lease ``token`` on ``key`` ended here and the key changed since (a
-        value stored, or deleted): its holder's value would be a second one, or undo a
-        delete. A lease let go with nobody waiting, and nothing since, is not lost."""
-        then = self._ended.get((key, token))
-        if then is None:
-            return False
+        """Whether the lease ``token`` on ``key`` was lost by its holder here: its value
+        would be a second one, or undo a delete made since."""
         lease = self._leases.get(key)
-        if lease is not None and lease.token == token:
-            return False
-        return self._last_version.get((VALUE, key), 0) != then
+        live = lease is not None and lease.token == token
+        return not live and (key, token) in self._lost_leases
 
-    def _lease_ended(self, key: str, token: int) -> None:
+    def _lease_lost(self, key: str, token: int) -> None:
         if token:  # 0 (a lease kept without its token) names no one lease
-            self._ended[(key, token)] = self._last_version.get((VALUE, key), 0)
-            if len(self._ended) > ENDED_KEPT:
-                del self._ended[next(iter(self._ended))]
+            self._lost_leases[(key, token)] = None
+            if len(self._lost_leases) > LOST_KEPT:
+                del self._lost_leases[next(iter(self._lost_leases))]
 
     def _stored_commit(self, peer: Peer, key: str, token: int) -> Entry | None:
         """The entry that ``peer``'s node's commit of ``key`` under ``token`` made, if it was
@@ -749,7 +746,7 @@ class LoaderCore:
         self._broadcast(Load(entry, ack=False), skip=skip)
         lease = self._leases.get(key)
         if lease is not None:
-            self._lease_ended(key, lease.token)
+            self._lease_lost(key, lease.token)
         for waiter in self._leases.settle(key):
             waiter.peer.deliver(Found(waiter.rid, entry))
         if lease is not None and self._book is not None and not self._book.ends_with_value:
@@ -772,10 +769,11 @@ class LoaderCore:
             self._leases.withdraw(lease, peer, message.rid)
 
     def _pass_lease(self, lease: Lease) -> None:
-        self._lease_ended(lease.key, lease.token)
+        token = lease.token
         if self._leases.pass_on(lease, self._alive) is None:
             self._book_end(lease.key)
             return
+        self._lease_lost(lease.key, token)
         self._book_holder(lease)
         lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
         for waiter in lease.waiters:  # who they wait for now: whom to name if cut off

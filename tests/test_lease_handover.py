@@ -529,8 +529,8 @@ def test_a_lease_kept_past_its_grace_with_nobody_waiting_may_still_commit(clock:
 
 def test_an_adopted_lease_that_passed_on_does_not_store_after_a_delete(clock: Clock) -> None:
     """A takeover adopts a's lease; a is late, b computes and stores, the key is deleted;
-    a, back with its value, neither takes the lease back nor undoes the delete. Had the key
-    not changed, a's value would be taken."""
+    a, back with its value, neither takes the lease back nor undoes the delete. An adopted
+    lease that did not pass on still takes its holder's value."""
     core = LoaderCore("app1", MemoryStore(), clock, book=Book(("k", "a", 5)), lease_grace=GRACE)
     b, deleter = connect(core, "b"), connect(core, "deleter")
     core.handle(b, Fetch(2, VALUE, "k", True, ()))
@@ -546,3 +546,24 @@ def test_an_adopted_lease_that_passed_on_does_not_store_after_a_delete(clock: Cl
     back = connect(unchanged, "a", ("k", 5))
     unchanged.handle(back, Commit(3, "k", 5, b"from a"))
     assert type(last(back, 3)) is Committed
+
+
+def test_a_commit_stored_without_a_lease_is_not_held_again_after_a_delete(
+    core: LoaderCore,
+) -> None:
+    """A restarted loader takes h's commit without a lease; its answer is cut off, the key
+    deleted; h, back, names that lease again: the key is not held for it, its commit sent
+    again gets its first answer, and the next get computes."""
+    deleter, other = connect(core, "deleter"), connect(core, "other")
+    holder = connect(core, "h")
+    core.handle(holder, Commit(3, "k", 77, b"from h"))
+    assert type(last(holder, 3)) is Committed
+    core.detach(holder)
+    core.leave(holder)
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    back = connect(core, "h", ("k", 77))
+    assert core.status()["computing"] == []
+    core.handle(back, Commit(3, "k", 77, b"from h"))
+    assert last(back, 3).entry.version == 1  # type: ignore[union-attr]
+    core.handle(other, Fetch(2, VALUE, "k", True, ()))
+    assert type(last(other, 2)) is LeaseGranted and (VALUE, "k") not in core.entries
