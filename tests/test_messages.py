@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from clustorage import messages
@@ -258,6 +258,11 @@ def test_wrong_shape_message_raises() -> None:
             decode(marshal.dumps(data))
 
 
+# A fixed seed: marshal takes seconds over some bytes (a list or tuple header claiming
+# hundreds of millions of items is allocated, then freed item by item), and random seeds
+# drew from 0.2 s to 51 s here. Frames are decoded only once their tag is checked, so only
+# a peer that holds the cookie could send such bytes; what this test checks is the errors.
+@seed(5)
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_payloads_raise_only_remote_protocol_error(payload: bytes) -> None:
