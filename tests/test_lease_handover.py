@@ -229,21 +229,29 @@ def test_a_reconnecting_node_keeps_the_leases_of_its_old_connection(core: Loader
     assert type(last(waiter, 2)) is Found
 
 
+def committed_then_deleted(core: LoaderCore, holder: Peer, deleter: Peer) -> int:
+    """``holder`` computes ``k`` and commits; its connection is cut before it reads the
+    answer; ``deleter`` deletes ``k``. The lease's token."""
+    core.handle(holder, Fetch(2, VALUE, "k", True, ()))
+    token: int = last(holder, 2).token  # type: ignore[union-attr]
+    core.handle(holder, Commit(3, "k", token, b"v"))
+    assert type(last(holder, 3)) is Committed
+    core.detach(holder)
+    core.leave(holder)
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    return token
+
+
 def test_a_commit_sent_again_after_a_delete_is_not_stored_again(
     core: LoaderCore, clock: Clock
 ) -> None:
     """The holder's connection is cut before the answer; the key is deleted; the commit
     sent again on a new connection gets the first answer, and the key stays deleted."""
     old, deleter, other = connect(core, "holder"), connect(core, "deleter"), connect(core, "other")
-    core.handle(old, Fetch(2, VALUE, "k", True, ()))
-    token = last(old, 2).token  # type: ignore[union-attr]
-    core.handle(old, Commit(3, "k", token, b"v"))
+    token = committed_then_deleted(core, old, deleter)
     first = last(old, 3)
-    assert type(first) is Committed
-    core.detach(old)  # the answer was never read
-    core.leave(old)
-    core.handle(deleter, Delete(2, VALUE, "k"))
     deleted = last(deleter, 2)
+    assert type(first) is Committed
     assert type(deleted) is Deleted and deleted.version == first.entry.version + 1
     clock.run(1.0)
     seen = len(pushed(other))
@@ -286,12 +294,7 @@ def test_a_commit_sent_again_after_more_commits_than_remembered_is_not_stored(
     have ended here all the same: refused, and the delete stands."""
     monkeypatch.setattr(loader, "COMMITS_KEPT", 8)
     old, deleter, busy = connect(core, "holder"), connect(core, "deleter"), connect(core, "busy")
-    core.handle(old, Fetch(2, VALUE, "k", True, ()))
-    token = last(old, 2).token  # type: ignore[union-attr]
-    core.handle(old, Commit(3, "k", token, b"v"))
-    core.detach(old)
-    core.leave(old)
-    core.handle(deleter, Delete(2, VALUE, "k"))
+    token = committed_then_deleted(core, old, deleter)
     for number in range(10, 40, 2):  # other misses while the holder reconnects
         core.handle(busy, Fetch(number, VALUE, f"o{number}", True, ()))
         core.handle(busy, Commit(number + 1, f"o{number}", last(busy, number).token, b"x"))  # type: ignore[union-attr]
@@ -327,12 +330,7 @@ def test_a_commit_sent_again_leaves_the_next_holder_of_its_key_alone(
     """After the delete another node computes the key: the first holder's commit sent again
     gets its first answer, and the new holder's lease, and its waiter, go on."""
     a, b, c, deleter = (connect(core, name) for name in ("a", "b", "c", "deleter"))
-    core.handle(a, Fetch(2, VALUE, "k", True, ()))
-    token = last(a, 2).token  # type: ignore[union-attr]
-    core.handle(a, Commit(3, "k", token, b"v"))
-    core.detach(a)
-    core.leave(a)
-    core.handle(deleter, Delete(2, VALUE, "k"))
+    token = committed_then_deleted(core, a, deleter)
     core.handle(b, Fetch(2, VALUE, "k", True, ()))
     core.handle(c, Fetch(2, VALUE, "k", True, ()))
     back = connect(core, "a", ("k", token))
