@@ -678,12 +678,13 @@ class LoaderCore:
                 self._uncommit(key, lease)
                 raise error
             assert entry is not None
+            answer = entry.without_payload()
             if message.token:  # 0 (a lease kept without its token) names no commit
-                self._commits[(key, message.token)] = (peer.name, entry.without_payload())
+                self._commits[(key, message.token)] = (peer.name, answer)
                 if len(self._commits) > COMMITS_KEPT:
                     del self._commits[next(iter(self._commits))]
             self._lease_lost(key, message.token)  # stored without a lease too: not held again
-            peer.deliver(Committed(message.rid, entry.without_payload(), True))
+            peer.deliver(Committed(message.rid, answer, True))
             self._settle(key, entry, skip=peer)
 
         try:
