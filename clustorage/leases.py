@@ -64,6 +64,11 @@ class Leases:
     def _token(self) -> int:
         return (self._incarnation << 32) | next(self._numbers)
 
+    def granted_here(self, token: int) -> bool:
+        """Whether ``token`` names a lease this process granted (not one from a loader
+        before a restart or a takeover)."""
+        return token >> 32 == self._incarnation
+
     def grant(self, key: str, peer: Any, rid: int, holding: tuple[str, ...]) -> Lease:
         """Make ``peer`` (the thread that asked as ``rid``) the one that computes ``key``."""
         lease = Lease(key, peer, rid, self._token(), holding)

@@ -127,6 +127,13 @@ def _deadlock_message(chain: list[str], holder: str) -> str:
     )
 
 
+def _remember(record: dict[Any, None], what: object) -> None:
+    """Add ``what`` to ``record``, the oldest going past LOST_KEPT."""
+    record[what] = None
+    if len(record) > LOST_KEPT:
+        del record[next(iter(record))]
+
+
 def _same_commit(current: Entry, peer: Peer, message: Commit) -> bool:
     """Whether ``current`` is the value ``message`` commits, from the same node."""
     return current.origin == peer.name and bytes(current.payload) == bytes(joined(message.payload))
@@ -286,6 +293,9 @@ class LoaderCore:
         # refused, even once the key is deleted. A lease let go with nobody waiting is not
         # lost: its holder may take it back. Memory only, too.
         self._lost_leases: dict[tuple[str, int], None] = {}
+        # The same, by (key, holder's name), for a lease kept under token 0 (an Await kept
+        # the key for a holder whose token this loader never knew).
+        self._lost_unnumbered: dict[tuple[str, str], None] = {}
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
@@ -546,7 +556,7 @@ class LoaderCore:
         claimed = {
             key: token
             for key, token in _claims(message.leases)
-            if not self._lost(key, token)  # passed on, or ended by a value: not taken back
+            if not self._lost(key, token, peer.name)  # passed on, or ended by a value
         }
         for lease in self._leases:
             if type(lease.holder) is not _Absent or lease.holder.name != peer.name:
@@ -648,7 +658,7 @@ class LoaderCore:
             # Sent again after a takeover (its first answer was lost): already stored.
             peer.deliver(Committed(message.rid, current.without_payload(), True))
             return
-        lost = self._lost(key, message.token)
+        lost = self._lost(key, message.token, peer.name)
         kept_for_it = (
             lease is not None
             and type(lease.holder) is _Absent
@@ -683,7 +693,7 @@ class LoaderCore:
                 self._commits[(key, message.token)] = (peer.name, answer)
                 if len(self._commits) > COMMITS_KEPT:
                     del self._commits[next(iter(self._commits))]
-            self._lease_lost(key, message.token)  # stored without a lease too: not held again
+                self._lease_lost(key, message.token, peer.name)  # also stored without a lease
             peer.deliver(Committed(message.rid, answer, True))
             self._settle(key, entry, skip=peer)
 
@@ -700,18 +710,22 @@ class LoaderCore:
             self._uncommit(key, lease)
             raise
 
-    def _lost(self, key: str, token: int) -> bool:
-        """Whether the lease ``token`` on ``key`` was lost by its holder here: its value
-        would be a second one, or undo a delete made since."""
+    def _lost(self, key: str, token: int, holder: str) -> bool:
+        """Whether ``holder``'s lease ``token`` on ``key`` was lost here: its value would
+        be a second one, or undo a delete made since."""
         lease = self._leases.get(key)
-        live = lease is not None and lease.token == token
-        return not live and (key, token) in self._lost_leases
+        if lease is not None and lease.token == token:
+            return False
+        if (key, token) in self._lost_leases:
+            return True
+        unnumbered = not self._leases.granted_here(token)  # kept, maybe, under token 0
+        return unnumbered and (key, holder) in self._lost_unnumbered
 
-    def _lease_lost(self, key: str, token: int) -> None:
-        if token:  # 0 (a lease kept without its token) names no one lease
-            self._lost_leases[(key, token)] = None
-            if len(self._lost_leases) > LOST_KEPT:
-                del self._lost_leases[next(iter(self._lost_leases))]
+    def _lease_lost(self, key: str, token: int, holder: str) -> None:
+        if token:
+            _remember(self._lost_leases, (key, token))
+        else:
+            _remember(self._lost_unnumbered, (key, holder))
 
     def _stored_commit(self, peer: Peer, key: str, token: int) -> Entry | None:
         """The entry that ``peer``'s node's commit of ``key`` under ``token`` made, if it was
@@ -747,7 +761,7 @@ class LoaderCore:
         self._broadcast(Load(entry, ack=False), skip=skip)
         lease = self._leases.get(key)
         if lease is not None:
-            self._lease_lost(key, lease.token)
+            self._lease_lost(key, lease.token, lease.holder.name)
         for waiter in self._leases.settle(key):
             waiter.peer.deliver(Found(waiter.rid, entry))
         if lease is not None and self._book is not None and not self._book.ends_with_value:
@@ -770,11 +784,11 @@ class LoaderCore:
             self._leases.withdraw(lease, peer, message.rid)
 
     def _pass_lease(self, lease: Lease) -> None:
-        token = lease.token
+        token, holder = lease.token, lease.holder.name
         if self._leases.pass_on(lease, self._alive) is None:
             self._book_end(lease.key)
             return
-        self._lease_lost(lease.key, token)
+        self._lease_lost(lease.key, token, holder)
         self._book_holder(lease)
         lease.holder.deliver(LeaseGranted(lease.rid, lease.token))
         for waiter in lease.waiters:  # who they wait for now: whom to name if cut off

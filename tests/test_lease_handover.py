@@ -28,6 +28,7 @@ from clustorage.messages import (
     Load,
     Message,
     Pushes,
+    Put,
     Queued,
     Reclaim,
     Release,
@@ -565,3 +566,25 @@ def test_a_commit_stored_without_a_lease_is_not_held_again_after_a_delete(
     assert last(back, 3).entry.version == 1  # type: ignore[union-attr]
     core.handle(other, Fetch(2, VALUE, "k", True, ()))
     assert type(last(other, 2)) is LeaseGranted and (VALUE, "k") not in core.entries
+
+
+@pytest.mark.parametrize("ended_by", ["the waiter", "a put"])
+def test_a_key_kept_by_an_await_and_lost_is_not_stored_again_after_a_delete(
+    core: LoaderCore, clock: Clock, ended_by: str
+) -> None:
+    """A restarted loader keeps k for h on a waiter's Await, not knowing h's token; the
+    waiter computes k once the grace is over (or a put stores it), and k is deleted; h,
+    back with its value, neither takes k back nor stores it over the delete."""
+    waiter, other = connect(core, "w"), connect(core, "x")
+    core.handle(waiter, Await(2, "k", (), "h"))
+    if ended_by == "a put":
+        core.handle(other, Put(2, "k", b"put by x"))
+    else:
+        clock.run(GRACE)
+        core.handle(waiter, Commit(3, "k", last(waiter, 2).token, b"from w"))  # type: ignore[union-attr]
+    assert type(last(waiter, 2)) in (Found, LeaseGranted)
+    core.handle(other, Delete(3, VALUE, "k"))
+    back = connect(core, "h", ("k", 77))
+    assert core.status()["computing"] == []
+    core.handle(back, Commit(3, "k", 77, b"from h"))
+    assert type(last(back, 3)) is Failed and (VALUE, "k") not in core.entries
