@@ -64,6 +64,10 @@ class Leases:
     def _token(self) -> int:
         return (self._incarnation << 32) | next(self._numbers)
 
+    def renumber(self, lease: Lease) -> None:
+        """Give ``lease`` (one kept without its token) a token of this process."""
+        lease.token = self._token()
+
     def granted_here(self, token: int) -> bool:
         """Whether ``token`` names a lease this process granted (not one from a loader
         before a restart or a takeover)."""

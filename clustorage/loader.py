@@ -127,9 +127,9 @@ def _deadlock_message(chain: list[str], holder: str) -> str:
     )
 
 
-def _remember(record: dict[Any, None], what: object) -> None:
+def _remember(record: dict[Any, Any], what: object, value: object = None) -> None:
     """Add ``what`` to ``record``, the oldest going past LOST_KEPT."""
-    record[what] = None
+    record[what] = value
     if len(record) > LOST_KEPT:
         del record[next(iter(record))]
 
@@ -296,6 +296,9 @@ class LoaderCore:
         # The same, by (key, holder's name), for a lease kept under token 0 (an Await kept
         # the key for a holder whose token this loader never knew).
         self._lost_unnumbered: dict[tuple[str, str], None] = {}
+        # Leases let go with nobody waiting, by (key, token): the key's version then. Not
+        # lost, unless the key changed since (another node's value, a put, a delete).
+        self._let_go: dict[tuple[str, int], int] = {}
         self._lease_grace = lease_grace
         self._book = book
         if book is not None:
@@ -632,8 +635,12 @@ class LoaderCore:
                 raise
             peer.deliver(LeaseGranted(message.rid, lease.token))
         elif type(lease.holder) is _Absent and lease.holder.name == peer.name:
-            # Its holder asks again after a takeover: its lease, with the same token.
+            # Its holder asks again after a takeover: its lease, with the same token (one of
+            # this loader's, if it was kept without one: 0 names no lease).
             lease.holder, lease.rid, lease.holding = peer, message.rid, message.holding
+            if not lease.token:
+                self._leases.renumber(lease)
+                self._book_holder(lease)
             peer.deliver(LeaseGranted(message.rid, lease.token))
         elif chain := self._leases.cycle(message.key, peer, message.holding):
             raise DeadlockError(_deadlock_message(chain, lease.holder.name))
@@ -718,8 +725,16 @@ class LoaderCore:
             return False
         if (key, token) in self._lost_leases:
             return True
+        let_go = self._let_go.get((key, token))
+        if let_go is not None and let_go != self._written_version(key):
+            return True
         unnumbered = not self._leases.granted_here(token)  # kept, maybe, under token 0
         return unnumbered and (key, holder) in self._lost_unnumbered
+
+    def _written_version(self, key: str) -> int:
+        """``key``'s last version written (a write on its way does not count)."""
+        where = (VALUE, key)
+        return self._last_version.get(where, 0) - (where in self._busy)
 
     def _lease_lost(self, key: str, token: int, holder: str) -> None:
         if token:
@@ -786,6 +801,8 @@ class LoaderCore:
     def _pass_lease(self, lease: Lease) -> None:
         token, holder = lease.token, lease.holder.name
         if self._leases.pass_on(lease, self._alive) is None:
+            if token:
+                _remember(self._let_go, (lease.key, token), self._written_version(lease.key))
             self._book_end(lease.key)
             return
         self._lease_lost(lease.key, token, holder)

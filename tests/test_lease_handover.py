@@ -588,3 +588,51 @@ def test_a_key_kept_by_an_await_and_lost_is_not_stored_again_after_a_delete(
     assert core.status()["computing"] == []
     core.handle(back, Commit(3, "k", 77, b"from h"))
     assert type(last(back, 3)) is Failed and (VALUE, "k") not in core.entries
+
+
+@pytest.mark.parametrize("filled_by", ["another node's fn", "a put"])
+def test_a_lease_let_go_is_not_taken_back_once_its_key_was_stored_and_deleted(
+    core: LoaderCore, filled_by: str
+) -> None:
+    """a is cut off with nobody waiting (its lease ends, not lost); then k gets a value from
+    elsewhere, and is deleted; a, back, neither takes k back nor stores over the delete."""
+    a, b, deleter = connect(core, "a"), connect(core, "b"), connect(core, "deleter")
+    core.handle(a, Fetch(2, VALUE, "k", True, ()))
+    token = last(a, 2).token  # type: ignore[union-attr]
+    core.leave(a)
+    if filled_by == "a put":
+        core.handle(b, Put(2, "k", b"put by b"))
+    else:
+        core.handle(b, Fetch(2, VALUE, "k", True, ()))
+        core.handle(b, Commit(3, "k", last(b, 2).token, b"from b"))  # type: ignore[union-attr]
+    core.handle(deleter, Delete(2, VALUE, "k"))
+    back = connect(core, "a", ("k", token))
+    assert core.status()["computing"] == []
+    core.handle(back, Commit(3, "k", token, b"from a"))
+    assert type(last(back, 3)) is Failed and (VALUE, "k") not in core.entries
+
+
+def test_a_node_without_reclaim_asking_for_a_key_kept_for_it_gets_a_real_token(
+    core: LoaderCore,
+) -> None:
+    """A node of an earlier release (no Reclaim) asks for a key an Await kept for it: it gets
+    the lease under a token of this loader, not 0, and commits under it after a cut."""
+    waiter, deleter = connect(core, "w"), connect(core, "deleter")
+    core.handle(waiter, Await(2, "k", (), "h"))
+    core.handle(deleter, Put(2, "k", b"put"))
+    core.handle(deleter, Delete(3, VALUE, "k"))
+    again = connect(core, "w2")
+    core.handle(again, Await(2, "k", (), "h"))
+    old = Peer("h")
+    core.join(old)
+    core.handle(old, Sync(1, {}))
+    core.handle(old, Fetch(5, VALUE, "k", True, ()))
+    granted = last(old, 5)
+    assert type(granted) is LeaseGranted and granted.token != 0
+    core.handle(again, Release(2, "k", ""))
+    core.leave(old)
+    back = Peer("h")
+    core.join(back)
+    core.handle(back, Sync(1, {}))
+    core.handle(back, Commit(6, "k", granted.token, b"from h"))
+    assert type(last(back, 6)) is Committed
