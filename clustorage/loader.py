@@ -305,6 +305,7 @@ class LoaderCore:
             self._adopt(book)
         # Entries being written or compiled, with the requests that wait their turn.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
+        self._writing: set[tuple[str, str]] = set()  # entries whose new version is on its way
         self._definitions: list[_Definition] = []
         self._handlers: dict[type, Callable[[Peer, Any], None]] = {
             Fetch: self._fetch,
@@ -492,8 +493,10 @@ class LoaderCore:
         current = self.entries.get(where)
         previous = current.version if current is not None else 0
         self._hold(where)
+        self._writing.add(where)
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
+            self._writing.discard(where)
             kept = entry
             if stored is not None and stored is not entry.payload:
                 VERIFIED.carry(entry.payload, stored)  # the file's bytes were verified
@@ -734,7 +737,7 @@ class LoaderCore:
     def _written_version(self, key: str) -> int:
         """``key``'s last version written (a write on its way does not count)."""
         where = (VALUE, key)
-        return self._last_version.get(where, 0) - (where in self._busy)
+        return self._last_version.get(where, 0) - (where in self._writing)
 
     def _lease_lost(self, key: str, token: int, holder: str) -> None:
         if token:
@@ -818,8 +821,10 @@ class LoaderCore:
             return
         version = self._next_version(*where)
         self._hold(where)
+        self._writing.add(where)
 
         def written(error: BaseException | None) -> None:
+            self._writing.discard(where)
             try:
                 if error is not None:
                     self._last_version[where] -= 1

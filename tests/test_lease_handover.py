@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from clustorage import loader
+from clustorage.errors import StoreError
 from clustorage.loader import LoaderCore
 from clustorage.messages import (
     VALUE,
@@ -37,6 +38,7 @@ from clustorage.messages import (
     decode,
 )
 from clustorage.store import MemoryStore
+from clustorage.writes import WriteHere
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -636,3 +638,42 @@ def test_a_node_without_reclaim_asking_for_a_key_kept_for_it_gets_a_real_token(
     core.handle(back, Sync(1, {}))
     core.handle(back, Commit(6, "k", granted.token, b"from h"))
     assert type(last(back, 6)) is Committed
+
+
+class HeldWrites:
+    """The loader's writes, each held until the test lets it succeed or fail (a full disk)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.here = WriteHere(store)
+        self.pending: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    def commit(self, entry: Any, previous: int, done: Any) -> None:
+        self.pending.append(
+            (
+                lambda: self.here.commit(entry, previous, done),
+                lambda: done(None, StoreError("disk full")),
+            )
+        )
+
+    def finish(self, ok: bool = True) -> None:
+        good, bad = self.pending.pop(0)
+        (good if ok else bad)()
+
+
+def test_a_holder_whose_commit_failed_while_cut_off_may_commit_again(clock: Clock) -> None:
+    """h commits, is cut off, and the write fails: nothing changed k, so h's lease, let go
+    with nobody waiting, is h's again, and its commit sent again is stored."""
+    writes = HeldWrites(MemoryStore())
+    core = LoaderCore("app1", writes.store, clock, lease_grace=GRACE, writes=writes)  # type: ignore[arg-type]
+    holder = connect(core, "h")
+    core.handle(holder, Fetch(2, VALUE, "k", True, ()))
+    token = last(holder, 2).token  # type: ignore[union-attr]
+    core.handle(holder, Commit(3, "k", token, b"v"))
+    core.leave(holder)
+    writes.finish(ok=False)
+    back = connect(core, "h", ("k", token))
+    assert [lease["holder"] for lease in core.status()["computing"]] == ["h"]
+    core.handle(back, Commit(3, "k", token, b"v"))
+    writes.finish()
+    assert type(last(back, 3)) is Committed
