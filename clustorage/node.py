@@ -259,7 +259,7 @@ class Node:
         token = reply.token
         self._leases_held[key] = token
         try:
-            value, payload = self._compute(key, fn)  # a fn that raises releases the lease
+            value, payload = self._compute(key, fn, token)  # a fn that raises: released
             # A value computed is not given up lightly: its commit waits for a loader that
             # is down (restarting, say) for as long as a leaseholder is waited for.
             patience = self.timeout + self.config.dead_after
@@ -276,9 +276,12 @@ class Node:
 
     def _end_lease(self, key: str, token: int, release: str = "") -> None:
         """This node no longer computes ``key`` under ``token``; ``release``: tell the
-        loader why, so that the lease passes on (a commit it took settles it anyway)."""
-        if self._leases_held.get(key) == token:
-            del self._leases_held[key]
+        loader why, so that the lease passes on (a commit it took settles it anyway).
+        Not if another thread of this node holds the key's lease now: a Release names no
+        token, and this one's lease ended at the loader already."""
+        if self._leases_held.get(key) != token:
+            return
+        del self._leases_held[key]
         if release:
             self._channel.notify(lambda rid: Release(rid, key, release))
 
@@ -368,7 +371,7 @@ class Node:
             if rid in asking
         ]
 
-    def _compute(self, key: str, fn: Callable[[], Any]) -> tuple[Any, Payload]:
+    def _compute(self, key: str, fn: Callable[[], Any], token: int) -> tuple[Any, Payload]:
         __tracebackhide__ = True
         computing = self._computing()
         computing.append(key)
@@ -377,8 +380,7 @@ class Node:
             payload = codec.dump_borrowing(key, value)
             codec.check_size(key, payload, self.config.max_frame)
         except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self._channel.notify(lambda rid: Release(rid, key, reason))
+            self._end_lease(key, token, f"{type(exc).__name__}: {exc}")
             raise
         finally:
             computing.pop()

@@ -330,3 +330,67 @@ def test_a_put_during_a_lease_is_named_in_the_holders_lease_lost(cluster: Cluste
     assert "when b stored a value of it" in answer["message"], answer
     assert "cut off" not in answer["message"]
     assert a.ok("node.get('k')") == "from b"
+
+
+def test_a_failed_fn_whose_lease_ended_does_not_release_another_threads_lease() -> None:
+    """Thread 1 of m computes k; a put ends that lease and a delete follows; thread 2 of m
+    computes k anew while w waits. Thread 1's fn then fails: that must not pass thread 2's
+    lease to w (a Release names no token), so fn runs once and w gets thread 2's value."""
+    first_go, second_go = threading.Event(), threading.Event()
+    runs: list[str] = []
+    results: dict[str, object] = {}
+
+    def computing(loader: clustorage.Node) -> list[tuple[str, str, list[str]]]:
+        leases = loader.status().get("cluster", {}).get("computing", [])
+        return [(lease["key"], lease["holder"], lease["waiters"]) for lease in leases]
+
+    def wait_for(check: object, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    def failing() -> str:
+        first_go.wait(20)
+        raise ValueError("thread 1's fn fails late")
+
+    def second() -> str:
+        runs.append("m")
+        second_go.wait(20)
+        return "from thread 2"
+
+    def waiter_fn() -> str:
+        runs.append("w")
+        return "from w"
+
+    def run(name: str, node: clustorage.Node, fn: object) -> None:
+        try:
+            results[name] = node.get("k", fn)  # type: ignore[arg-type]
+        except Exception as exc:  # the test looks at what each got
+            results[name] = exc
+
+    with node_pair() as (loader, member):
+        address = f"l@127.0.0.1:{loader.address[1]}"
+        with clustorage.Node("w", address, cookie=COOKIE) as waiter:
+            one = threading.Thread(target=run, args=("one", member, failing))
+            one.start()
+            wait_for(lambda: computing(loader) == [("k", "m", [])], "thread 1 holds k")
+            loader.put("k", "put")
+            loader.delete("k")
+            wait_for(lambda: "k" not in list(member.keys()), "m saw the delete")
+            two = threading.Thread(target=run, args=("two", member, second))
+            two.start()
+            wait_for(lambda: runs == ["m"], "thread 2 computes k")
+            three = threading.Thread(target=run, args=("w", waiter, waiter_fn))
+            three.start()
+            wait_for(lambda: computing(loader) == [("k", "m", ["w"])], "w waits for m")
+            first_go.set()
+            one.join(20)
+            member.status()  # a round trip behind anything thread 1 sent
+            assert computing(loader) == [("k", "m", ["w"])]
+            second_go.set()
+            two.join(20)
+            three.join(20)
+    assert isinstance(results["one"], ValueError)
+    assert results["two"] == "from thread 2" and results["w"] == "from thread 2"
+    assert runs == ["m"]
