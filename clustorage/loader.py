@@ -127,10 +127,12 @@ def _deadlock_message(chain: list[str], holder: str) -> str:
     )
 
 
-def _remember(record: dict[Any, Any], what: object, value: object = None) -> None:
-    """Add ``what`` to ``record``, the oldest going past LOST_KEPT."""
+def _remember(
+    record: dict[Any, Any], what: object, value: object = None, limit: int | None = None
+) -> None:
+    """Add ``what`` to ``record``, the oldest going past ``limit`` (LOST_KEPT)."""
     record[what] = value
-    if len(record) > LOST_KEPT:
+    if len(record) > (LOST_KEPT if limit is None else limit):
         del record[next(iter(record))]
 
 
@@ -700,9 +702,7 @@ class LoaderCore:
             assert entry is not None
             answer = entry.without_payload()
             if message.token:  # 0 (a lease kept without its token) names no commit
-                self._commits[(key, message.token)] = (peer.name, answer)
-                if len(self._commits) > COMMITS_KEPT:
-                    del self._commits[next(iter(self._commits))]
+                _remember(self._commits, (key, message.token), (peer.name, answer), COMMITS_KEPT)
                 self._lease_lost(key, message.token, peer.name)  # also stored without a lease
             peer.deliver(Committed(message.rid, answer, True))
             self._settle(key, entry, skip=peer)
