@@ -211,6 +211,15 @@ def test_a_storm_with_a_loader_kill_converges_on_every_member(
 # -- Busy is not dead ----------------------------------------------------------------------
 
 
+def holding(holder: Member, tmp_path: Path, key: str) -> tuple[Path, Path]:
+    """``holder`` gets ``key`` with ``paused`` as its fn, which has started once this
+    returns; the file that lets it go on, and the file that records its runs."""
+    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
+    holder.start_send(paused_fn(started, go, runs) + f"node.get({key!r}, paused)")
+    wait_until(started.exists, 30, "the holder starts its fn")
+    return go, runs
+
+
 def paused_fn(started: Path, go: Path, runs: Path) -> str:
     """Source of a function ``paused`` that touches ``started``, waits for ``go``, records
     its run in ``runs`` and returns 'from holder'."""
@@ -263,9 +272,7 @@ def test_a_stopped_leaseholder_keeps_its_lease(cluster: Cluster, tmp_path: Path)
     short_liveness(cluster)
     cluster.start_loader()
     holder, waiter = cluster.member("holder"), cluster.member("waiter")
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('paused', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, runs = holding(holder, tmp_path, "paused")
     waiter.ok(
         "import threading\n" + counted_fn(runs, "waiter", "from waiter") + "got = []\n"
         "waiting_thread = threading.Thread(target=lambda: got.append(node.get('paused', fn)))\n"
@@ -295,9 +302,7 @@ def test_a_stopped_leaseholder_keeps_its_lease_while_others_write(
     short_liveness(cluster)
     cluster.start_loader()
     holder, waiter, writer = (cluster.member(n) for n in ("holder", "waiter", "writer"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('paused', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, runs = holding(holder, tmp_path, "paused")
     waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('paused', fn)")
     os.kill(holder.proc.pid, signal.SIGSTOP)
     try:  # about 20 MB pushed to the holder over 6 s: past dead_after (3 s)
@@ -413,9 +418,7 @@ class Contest(NamedTuple):
 
 def contest(cluster: Cluster, tmp_path: Path, key: str) -> Contest:
     holder, waiter, watcher = (cluster.member(name) for name in ("holder", "waiter", "watcher"))
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + f"node.get({key!r}, paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, runs = holding(holder, tmp_path, key)
     waiter.start_send(counted_fn(runs, "waiter", "from waiter") + f"node.get({key!r}, fn)")
     waiting = "[c['waiters'] for c in node.status().get('cluster', {}).get('computing', [])]"
     wait_until(lambda: watcher.ok(waiting) == [["waiter"]], 10, "the waiter is queued")
@@ -460,9 +463,7 @@ def test_a_get_in_flight_when_the_loader_dies_asks_again(cluster: Cluster, tmp_p
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
     holder, waiter = cluster.member("holder"), cluster.member("waiter")
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('unanswered', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, runs = holding(holder, tmp_path, "unanswered")
     wait_until(lambda: computing(waiter) == [["unanswered", "holder"]], 10, "the lease is known")
     os.kill(loader.pid, signal.SIGSTOP)
     try:
@@ -509,9 +510,7 @@ def test_a_holder_whose_commit_finds_no_loader_does_not_pin_its_key(
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
     holder = cluster.member("holder")
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('pinned', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, _ = holding(holder, tmp_path, "pinned")
     os.kill(loader.pid, signal.SIGKILL)
     loader.wait(10)
     go.touch()
@@ -532,9 +531,7 @@ def test_a_new_get_after_the_loader_restarted_waits_for_the_holder(
     data = str(tmp_path / "data")
     loader = cluster.start_loader(data=data)
     holder, other = cluster.member("holder"), cluster.member("other")
-    started, go, runs = tmp_path / "started", tmp_path / "go", tmp_path / "runs"
-    holder.start_send(paused_fn(started, go, runs) + "node.get('fresh', paused)")
-    wait_until(started.exists, 30, "the holder starts its fn")
+    go, runs = holding(holder, tmp_path, "fresh")
     wait_until(lambda: computing(other) == [["fresh", "holder"]], 10, "the lease is known")
     os.kill(holder.proc.pid, signal.SIGSTOP)  # it comes back after the other one
     try:
