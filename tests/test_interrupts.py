@@ -68,8 +68,8 @@ time.sleep(0.3)
 rng = random.Random(5)
 caught = 0
 end = time.monotonic() + 2.5
-def pester():
-    while time.monotonic() < end:
+def pester():  # for 2.5 s, and on (up to 15 s more) until 30 were caught
+    while time.monotonic() < end or (caught < 30 and time.monotonic() < end + 15):
         time.sleep(rng.uniform(0.002, 0.02))
         _thread.interrupt_main()
 pestering = threading.Thread(target=pester)
@@ -108,7 +108,7 @@ def test_ctrl_c_while_reading_keeps_the_connection_and_its_leases(cluster: Clust
     answer = m.answer()
     assert "ok" in answer, answer
     caught, drops, computed = answer["ok"]
-    assert caught > 20  # the test did what it says
+    assert caught >= 30  # the test did what it says
     assert drops == []
     assert computed == "from m"
     assert waiter.answer() == {"ok": "from m"}  # fn ran once: m's lease never passed on

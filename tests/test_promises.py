@@ -398,6 +398,14 @@ def test_a_cut_off_holders_late_commit_raises_lease_lost(
 # -- A lease outlives the loader's restart -------------------------------------------------
 
 
+def lease_written(data: str, key: str) -> None:
+    """Wait until the loader on ``data`` has written its grant of ``key`` to its lease file:
+    a kill -9 loses the grants of the last WRITE_AFTER (README), and a test that kills the
+    loader to see a lease outlive it starts past that moment."""
+    leases = Path(data) / "app1.sqlite3.leases"
+    wait_until(lambda: key in leases.read_text(), 10, f"the grant of {key!r} is written")
+
+
 def computing(member: Member) -> list[list[str]]:
     """``[key, holder]`` of each lease the loader knows of, as an idle member asks it."""
     return member.ok(  # type: ignore[no-any-return]
@@ -465,6 +473,7 @@ def test_a_get_in_flight_when_the_loader_dies_asks_again(cluster: Cluster, tmp_p
     holder, waiter = cluster.member("holder"), cluster.member("waiter")
     go, runs = holding(holder, tmp_path, "unanswered")
     wait_until(lambda: computing(waiter) == [["unanswered", "holder"]], 10, "the lease is known")
+    lease_written(data, "unanswered")
     os.kill(loader.pid, signal.SIGSTOP)
     try:
         waiter.start_send(counted_fn(runs, "waiter", "from waiter") + "node.get('unanswered', fn)")
@@ -533,6 +542,7 @@ def test_a_new_get_after_the_loader_restarted_waits_for_the_holder(
     holder, other = cluster.member("holder"), cluster.member("other")
     go, runs = holding(holder, tmp_path, "fresh")
     wait_until(lambda: computing(other) == [["fresh", "holder"]], 10, "the lease is known")
+    lease_written(data, "fresh")
     os.kill(holder.proc.pid, signal.SIGSTOP)  # it comes back after the other one
     try:
         os.kill(loader.pid, stop)
