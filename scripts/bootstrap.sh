@@ -14,41 +14,34 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
     exit 2
 fi
 
-if ! command -v tmux >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing tmux (apt-get)" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
-    elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
-    else
-        echo "tmux is not installed; install it with your package manager (brew/apt/dnf install tmux)." >&2
-    fi
-fi
-
-# The high-availability tests start a private PostgreSQL server (Debian's initdb and postgres).
+# Debian packages the tests, the demo or the benchmarks use, where missing: tmux; PostgreSQL for
+# the high-availability tests (Debian's initdb and postgres); Redis for the benchmarks' peer;
+# Chromium for the JupyterLab check in a real browser. They install while pip does.
+missing=()
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 if [ "$extras" != bench ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-    && ! command -v initdb >/dev/null 2>&1 \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing postgresql (apt-get) for the high-availability tests" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null || true
+    && ! command -v initdb >/dev/null 2>&1; then
+    missing+=(postgresql)
 fi
-
-# The benchmarks compare against Redis when its server is installed.
-if [ "$extras" = bench ] && ! command -v redis-server >/dev/null 2>&1 \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing redis-server (apt-get) for the benchmarks" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || true
+[ "$extras" = bench ] && ! command -v redis-server >/dev/null 2>&1 && missing+=(redis-server)
+[ "$extras" = browser ] && [ ! -x /usr/bin/chromium ] && missing+=(chromium)
+# As root, apt-get installs them all; otherwise sudo installs only tmux, which the demo needs.
+if [ "$(id -u)" != 0 ]; then
+    [ "${#missing[@]}" -gt 0 ] && echo "not installed: ${missing[*]}; the tests that need them skip." >&2
+    command -v sudo >/dev/null 2>&1 && [[ " ${missing[*]} " == *" tmux "* ]] && missing=(tmux) || missing=()
 fi
-
-# The JupyterLab check in a real browser drives Debian's Chromium.
-if [ "$extras" = browser ] && [ ! -x /usr/bin/chromium ] \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium (apt-get) for the browser check" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
+apt_pid=""
+if [ "${#missing[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${missing[*]} (apt-get)" >&2
+    as_root=()
+    [ "$(id -u)" = 0 ] || as_root=(sudo)
+    (
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    ) &
+    apt_pid=$!
+elif [ "${#missing[@]}" -gt 0 ]; then
+    echo "install ${missing[*]} with your package manager (brew/apt/dnf)." >&2
 fi
 
 venv="$here/.venv"
@@ -67,3 +60,7 @@ fi
 # (PYTHONDONTWRITEBYTECODE), about 50 ms of each process's start. A module that does not
 # compile is reported here and again, with its traceback, by whatever imports it.
 "$venv/bin/python" -m compileall -q "$here/clustorage" >&2 || true
+
+if [ -n "$apt_pid" ] && ! wait "$apt_pid"; then
+    echo "apt-get could not install ${missing[*]}; the tests that need them will skip." >&2
+fi

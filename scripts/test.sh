@@ -10,4 +10,6 @@ bin="$here/.venv/bin"
 "$bin/ruff" format --check clustorage tests bench demo
 "$bin/ruff" check clustorage tests bench demo
 "$bin/mypy" clustorage
-exec "$bin/python" -m pytest "$@"
+# Two workers, each running a test file at a time (a file's tests share fixtures, in order):
+# the tests mostly wait on the processes they start. '-n 0' runs them in this process.
+exec "$bin/python" -m pytest -n 2 --dist loadfile "$@"
