@@ -94,29 +94,38 @@ class Member:
     """A node in its own process (tests/driver.py), evaluating what the test sends."""
 
     def __init__(
-        self, env: dict[str, str], name: str, loader: str | None, prefix: tuple[str, ...] = ()
+        self,
+        env: dict[str, str],
+        name: str,
+        loader: str | None,
+        prefix: tuple[str, ...] = (),
+        *,
+        log: Path,
     ) -> None:
+        """``log``: the file its log goes to, kept for a failed test's post-mortem (not a
+        pipe, which nobody reads as it runs: a chatty member would fill it and block)."""
         env = dict(env, CLUSTORAGE_NAME=name)
         if loader is not None:
             env["CLUSTORAGE_LOADER"] = loader
         self.name = name
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, str(TESTS / "driver.py")],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
+        self.log = log
+        with open(log, "a") as stderr:
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, str(TESTS / "driver.py")],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+            )
         self.started = self._answer()
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            assert self.proc.stderr is not None
-            raise RuntimeError(f"{self.name} died: {self.proc.stderr.read()[-3000:]}")
+            raise RuntimeError(f"{self.name} died: {self.log.read_text()[-3000:]}")
         return json.loads(line)  # type: ignore[no-any-return]
 
     def send(self, source: str) -> dict[str, Any]:
@@ -191,9 +200,13 @@ class Cluster:
     def loader_log(self, name: str = "app1") -> str:
         return (self.tmp / f"loader-{name}.log").read_text()
 
+    def log_of(self, member: str) -> Path:
+        """Where a member process of this cluster logs."""
+        return self.tmp / f"member-{member}.log"
+
     def member(self, name: str, loader: str | None = None, prefix: tuple[str, ...] = ()) -> Member:
         """A member process connected to this cluster's loader (run under ``prefix``)."""
-        member = Member(self.env, name, loader or self.loader, prefix)
+        member = Member(self.env, name, loader or self.loader, prefix, log=self.log_of(name))
         self.procs.append(member.proc)
         return member
 

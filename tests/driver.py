@@ -29,7 +29,12 @@ def run(source: str, namespace: dict[str, Any]) -> Any:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("clustorage").setLevel(logging.DEBUG)  # reconnects too, for post-mortems
     try:
         node = clustorage.start()
     except clustorage.ClustorageError as exc:

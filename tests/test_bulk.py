@@ -427,7 +427,12 @@ def test_a_node_without_blake3_exchanges_big_values_with_nodes_that_have_it(
         cluster.env = fast_env
     else:
         cluster.start_loader()
-    plain = Member(plain_env if without == "member" else cluster.env, "plain", cluster.loader)
+    plain = Member(
+        plain_env if without == "member" else cluster.env,
+        "plain",
+        cluster.loader,
+        log=cluster.log_of("plain"),
+    )
     cluster.procs.append(plain.proc)
     fast = cluster.member("fast")
     assert plain.ok("'blake3' in clustorage.protocol.BULK_DIGESTS") is (without != "member")

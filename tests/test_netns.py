@@ -139,7 +139,13 @@ def start_across(
     members = {}
     for name, (ns, _inner, address) in hosts.links.items():
         prefix = ("ip", "netns", "exec", ns)
-        members[name] = Member(envs.get(name, cluster.env), name, f"app1@{address}:{PORT}", prefix)
+        members[name] = Member(
+            envs.get(name, cluster.env),
+            name,
+            f"app1@{address}:{PORT}",
+            prefix,
+            log=cluster.log_of(name),
+        )
         cluster.procs.append(members[name].proc)
     return members
 

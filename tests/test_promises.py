@@ -700,7 +700,7 @@ def test_a_fn_that_needs_its_own_key_raises_deadlock_error(cluster: Cluster) -> 
     another key) raises DeadlockError naming the keys; the lease is free afterwards."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(cluster.env, CLUSTORAGE_LISTEN=address, CLUSTORAGE_DATA=":memory:")
-    loader = Member(env, "app1", None)
+    loader = Member(env, "app1", None, log=cluster.log_of("app1"))
     cluster.procs.append(loader.proc)
     member = cluster.member("m", f"app1@{address}")
     for node in (loader, member):

@@ -66,7 +66,7 @@ def tls_cluster(cluster: Cluster, certs: Path) -> Iterator[Cluster]:
 
 def member(cluster: Cluster, name: str, env: dict[str, str]) -> Member:
     """A member process with ``env`` added to the cluster's environment."""
-    started = Member(dict(cluster.env, **env), name, cluster.loader)
+    started = Member(dict(cluster.env, **env), name, cluster.loader, log=cluster.log_of(name))
     cluster.procs.append(started.proc)
     return started
 
@@ -355,7 +355,7 @@ def test_byte_flipped_in_between_closes_and_applies_nothing(
             **tls_env(certs, "m1"),
             CLUSTORAGE_LOADER=f"app1@127.0.0.1:{relay.port}",
         )
-        m1 = Member(env, "m1", f"app1@127.0.0.1:{relay.port}")
+        m1 = Member(env, "m1", f"app1@127.0.0.1:{relay.port}", log=tls_cluster.log_of("m1"))
         tls_cluster.procs.append(m1.proc)
         assert m1.started == {"ok": "m1"}
         relay.flip_next.set()
@@ -382,7 +382,7 @@ def test_byte_flipped_towards_the_member_drops_it_unapplied(
     relay = FlippingRelay(tls_cluster.port, upstream=False)
     try:
         env = dict(tls_cluster.env, **tls_env(certs, "m1"))
-        m1 = Member(env, "m1", f"app1@127.0.0.1:{relay.port}")
+        m1 = Member(env, "m1", f"app1@127.0.0.1:{relay.port}", log=tls_cluster.log_of("m1"))
         tls_cluster.procs.append(m1.proc)
         m2 = member(tls_cluster, "m2", tls_env(certs, "m2"))
         assert m1.started == {"ok": "m1"} and m2.started == {"ok": "m2"}
@@ -441,7 +441,7 @@ def test_a_relay_with_the_clusters_certificates_fails_the_cookie_handshake(
     relay = TerminatingRelay(certs, tls_cluster.port)
     try:
         env = dict(tls_cluster.env, **tls_env(certs, "m1"))
-        tricked = Member(env, "m1", f"app1@127.0.0.1:{relay.port}")
+        tricked = Member(env, "m1", f"app1@127.0.0.1:{relay.port}", log=tls_cluster.log_of("m1"))
         tls_cluster.procs.append(tricked.proc)
         assert tricked.started["error"] == "AuthenticationError", tricked.started
         assert "relays the connection" in tricked.started["message"]
