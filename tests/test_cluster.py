@@ -375,9 +375,10 @@ def test_a_failed_fn_whose_lease_ended_does_not_release_another_threads_lease() 
             one = threading.Thread(target=run, args=("one", member, failing))
             one.start()
             wait_for(lambda: computing(loader) == [("k", "m", [])], "thread 1 holds k")
-            loader.put("k", "put")
+            deleted = loader.put("k", "put") + 1
             loader.delete("k")
-            wait_for(lambda: "k" not in list(member.keys()), "m saw the delete")
+            tombstones = member._replica.tombstones
+            wait_for(lambda: tombstones.get(("value", "k"), 0) >= deleted, "m saw the delete")
             two = threading.Thread(target=run, args=("two", member, second))
             two.start()
             wait_for(lambda: runs == ["m"], "thread 2 computes k")
