@@ -796,7 +796,13 @@ class MemberClient:
 
         return moved
 
-    def _lost(self, exc: BaseException) -> None:
+    def _lost(self, exc: BaseException, drops: int) -> None:
+        """A caller's read or send failed on the connection it started on (``drops``: the
+        count then). Dropped, unless that connection is gone already: a new one may be up
+        by now, which the failure is no news of (the caller was slow to get here)."""
+        if self._drops != drops:
+            log.debug("%s: a dropped connection failed: %s", self.config.name, exc)
+            return
         self._say_lost(exc)
         self._drop(str(exc))
 
@@ -804,8 +810,9 @@ class MemberClient:
         link = {"loader_link": LOST, "node": self.config.name}  # see clustorage.magics
         log.warning("%s: lost the loader %s (%s)", self.config.name, self.where(), exc, extra=link)
 
-    def _await(self, rid: int, waiter: Waiter, timeout: float) -> Message:
-        """Wait for the answer to ``rid``, reading the socket ourselves when nobody else is.
+    def _await(self, rid: int, waiter: Waiter, timeout: float, drops: int) -> Message:
+        """Wait for the answer to ``rid`` (sent when the drop count was ``drops``), reading
+        the socket ourselves when nobody else is.
 
         Reading our own answer saves a thread switch on every request; when another
         thread is reading, it hands us the answer instead.
@@ -815,7 +822,7 @@ class MemberClient:
             try:
                 remaining = self._read_until(lambda: waiter.done, timeout, lambda: waiter.queued)
             except (_Lost, OSError, ProtocolError) as exc:
-                self._lost(exc)
+                self._lost(exc, drops)
             finally:
                 self._release_io()
         self._last_answer = time.monotonic()
@@ -889,7 +896,7 @@ class MemberClient:
         try:
             interrupts.release()  # a Ctrl-C that came as it was sent: raised here
             try:
-                return self._await(rid, waiter, timeout)
+                return self._await(rid, waiter, timeout, drops)
             except LoaderUnavailable as exc:
                 raise self._cut_off(exc, waiter.holder, drops) from None
         except BaseException:
@@ -929,7 +936,7 @@ class MemberClient:
                 raise self._cut_off(lost, self._behind, drops)
             raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
-            self._lost(exc)
+            self._lost(exc, drops)
             raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc
         finally:
             if not answered and sent is not None and type(sent) in _WRITES:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 import clustorage
+from clustorage.member import MemberClient
 from tests.conftest import COOKIE, Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(90)
@@ -395,3 +397,37 @@ def test_a_failed_fn_whose_lease_ended_does_not_release_another_threads_lease() 
     assert isinstance(results["one"], ValueError)
     assert results["two"] == "from thread 2" and results["w"] == "from thread 2"
     assert runs == ["m"]
+
+
+def test_a_read_failing_late_on_a_dropped_connection_leaves_the_new_one(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's read of a connection fails only after that connection was dropped and a
+    new one made (a loaded machine: the caller was descheduled in between). Its failure is
+    that of the old connection: the new one stays (it used to be dropped too, and with it a
+    lease its node had just reclaimed on it, so that fn ran twice)."""
+    cluster.start_loader()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
+        client = node._channel
+        reading = MemberClient._read_until
+        armed = [True]
+
+        def fails_late(self: MemberClient, *args: Any) -> float:
+            if not armed or threading.current_thread() is not threading.main_thread():
+                return reading(self, *args)
+            armed.clear()
+            old = self._sock
+            self.ended(self._followed, OSError("cut"))  # as the shared reader would
+            deadline = time.monotonic() + 20
+            while self._sock in (None, old):  # the connection thread made a new one
+                assert time.monotonic() < deadline, "no new connection"
+                time.sleep(0.01)
+            raise OSError("the read of the dropped connection failed")
+
+        monkeypatch.setattr(MemberClient, "_read_until", fails_late)
+        drops = client._drops
+        with pytest.raises(clustorage.LoaderUnavailable):
+            node.put("k", 1)
+        assert client._drops == drops + 1  # the old connection only
+        monkeypatch.undo()
+        assert node.put("k", 2) == 2
