@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import signal
 import sys
 import traceback
 from typing import Any
@@ -29,6 +30,9 @@ def run(source: str, namespace: dict[str, Any]) -> Any:
 
 
 def main() -> None:
+    # Ctrl-C is Python's, as in a terminal, even where the tests were started in the
+    # background (a shell then has it ignored, and Python keeps that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import pytest
@@ -18,6 +19,15 @@ from tests.conftest import Cluster, node_pair, stop_process
 from tests.test_promises import answer_within
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_is_pythons() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here, as in a terminal, even where the tests were
+    started in the background (a shell then has it ignored, and Python keeps that)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def test_a_ctrl_c_in_a_section_is_raised_as_it_ends() -> None:
