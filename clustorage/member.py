@@ -138,6 +138,11 @@ class _Lost(Exception):
     """The connection ended; the reader reconnects."""
 
 
+class _Unsent(Exception):
+    """A caller's request was not sent: its connection was replaced since it was numbered
+    (the new one has not resynced, or its answer would reach nobody)."""
+
+
 class _Standby(_Lost):
     """The loader there stands by; ``active`` is where it says the active one is."""
 
@@ -702,7 +707,9 @@ class MemberClient:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _send(self, message: Message) -> None:
+    def _send(self, message: Message, drops: int | None = None) -> None:
+        """Send ``message``; a caller's request (``drops``: the count it was numbered at)
+        only on that connection, ready: else _Unsent."""
         if type(message) is Await and not self._reclaims:  # a loader of an earlier release
             message = Fetch(message.rid, VALUE, message.key, True, message.holding)
         envelope, blob = messages.encode_parts(message)
@@ -716,6 +723,8 @@ class MemberClient:
                     sock, conn = self._sock, self._conn
                     if sock is None or conn is None:
                         raise self.unavailable("not connected")
+                    if drops is not None and (drops != self._drops or not self._is_ready):
+                        raise _Unsent("the connection to the loader was replaced meanwhile")
                     if conn.state is not State.OPEN:  # the loader closed it; the reader reconnects
                         raise self.unavailable(f"the connection is {conn.state.value}")
                     if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
@@ -880,7 +889,11 @@ class MemberClient:
         interrupts.hold()  # not half a frame, nor a request sent and forgotten
         try:
             sent = build(rid)
-            self._send(sent)
+            self._send(sent, drops)
+        except _Unsent as exc:  # nothing went out: asking again is safe
+            self.pending.discard(rid)
+            interrupts.release()
+            raise CutOff(str(exc), "") from None
         except OSError as exc:
             self.pending.discard(rid)
             interrupts.release()
@@ -922,7 +935,10 @@ class MemberClient:
         try:
             try:
                 sent = build(rid)
-                self._send(sent)
+                self._send(sent, drops)
+            except _Unsent as exc:  # nothing went out: asking again is safe
+                sent = None
+                raise CutOff(str(exc), "") from None
             except OSError as exc:
                 raise self.unavailable(str(exc)) from exc
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
@@ -936,6 +952,8 @@ class MemberClient:
                 raise self._cut_off(lost, self._behind, drops)
             raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
+            if isinstance(exc, CutOff):  # its connection is gone already, or never had it
+                raise
             self._lost(exc, drops)
             raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc
         finally:
