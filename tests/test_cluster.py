@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -413,12 +414,17 @@ def replaced_connection(client: MemberClient) -> None:
         time.sleep(0.01)
 
 
-def followed(client: MemberClient) -> None:
-    """Wait until the connection thread follows the current connection."""
-    deadline = time.monotonic() + 20
-    while client._sock is None or client._followed is not client._sock:
-        assert time.monotonic() < deadline, "not connected"
-        time.sleep(0.01)
+@contextlib.contextmanager
+def followed_member(cluster: Cluster) -> Iterator[tuple[clustorage.Node, MemberClient]]:
+    """A loader, and an in-process member whose connection thread follows its connection."""
+    cluster.start_loader()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
+        client = node._channel
+        deadline = time.monotonic() + 20
+        while client._sock is None or client._followed is not client._sock:
+            assert time.monotonic() < deadline, "not connected"
+            time.sleep(0.01)
+        yield node, client
 
 
 def test_a_read_failing_late_on_a_dropped_connection_leaves_the_new_one(
@@ -428,10 +434,7 @@ def test_a_read_failing_late_on_a_dropped_connection_leaves_the_new_one(
     new one made (a loaded machine: the caller was descheduled in between). Its failure is
     that of the old connection: the new one stays (it used to be dropped too, and with it a
     lease its node had just reclaimed on it, so that fn ran twice)."""
-    cluster.start_loader()
-    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
-        client = node._channel
-        followed(client)
+    with followed_member(cluster) as (node, client):
         reading = MemberClient._read_until
         armed = [True]
 
@@ -458,10 +461,7 @@ def test_a_request_is_not_sent_on_a_connection_newer_than_its_number(
     """The connection is replaced between a get's numbering and its send: the get is not
     sent on the new connection before its resync (its answer, a lease, would reach nobody,
     and the next get would wait on that lease, its own node's, for ever). It asks again."""
-    cluster.start_loader()
-    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
-        client = node._channel
-        followed(client)
+    with followed_member(cluster) as (node, _):
         sending = MemberClient._send
         armed = [True]
 
