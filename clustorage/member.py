@@ -140,7 +140,8 @@ class _Lost(Exception):
 
 class _Unsent(Exception):
     """A caller's request was not sent: its connection was replaced since it was numbered
-    (the new one has not resynced, or its answer would reach nobody)."""
+    (the new one has not resynced, or its answer would reach nobody). It is sent anew
+    once connected."""
 
 
 class _Standby(_Lost):
@@ -721,10 +722,12 @@ class MemberClient:
                     interrupts.check()  # nothing sent yet
                 try:
                     sock, conn = self._sock, self._conn
+                    if drops is not None and (
+                        sock is None or drops != self._drops or not self._is_ready
+                    ):  # a count taken while none was up is the next connection's too
+                        raise _Unsent("the connection to the loader was replaced meanwhile")
                     if sock is None or conn is None:
                         raise self.unavailable("not connected")
-                    if drops is not None and (drops != self._drops or not self._is_ready):
-                        raise _Unsent("the connection to the loader was replaced meanwhile")
                     if conn.state is not State.OPEN:  # the loader closed it; the reader reconnects
                         raise self.unavailable(f"the connection is {conn.state.value}")
                     if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
@@ -873,7 +876,18 @@ class MemberClient:
             return self._request(build, timeout, patient)
 
     def _request(self, build: Build, timeout: float, patient: bool) -> Message:
+        """Send and wait, within ``timeout``; a request refused before it went out (its
+        connection was replaced meanwhile) goes on the next one once that is ready."""
         self._check_thread()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._request_once(build, timeout, patient)
+            except _Unsent:
+                timeout = max(deadline - time.monotonic(), 0.0)
+                self._wait_ready(timeout)
+
+    def _request_once(self, build: Build, timeout: float, patient: bool) -> Message:
         if self._is_ready and self._take_io():
             try:
                 answer = self._request_reading(build, timeout, patient)
@@ -890,10 +904,10 @@ class MemberClient:
         try:
             sent = build(rid)
             self._send(sent, drops)
-        except _Unsent as exc:  # nothing went out: asking again is safe
+        except _Unsent:  # nothing went out: it goes on the next connection
             self.pending.discard(rid)
             interrupts.release()
-            raise CutOff(str(exc), "") from None
+            raise
         except OSError as exc:
             self.pending.discard(rid)
             interrupts.release()
@@ -936,9 +950,9 @@ class MemberClient:
             try:
                 sent = build(rid)
                 self._send(sent, drops)
-            except _Unsent as exc:  # nothing went out: asking again is safe
+            except _Unsent:  # nothing went out: it goes on the next connection
                 sent = None
-                raise CutOff(str(exc), "") from None
+                raise
             except OSError as exc:
                 raise self.unavailable(str(exc)) from exc
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
@@ -952,7 +966,7 @@ class MemberClient:
                 raise self._cut_off(lost, self._behind, drops)
             raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
         except (_Lost, OSError, ProtocolError) as exc:
-            if isinstance(exc, CutOff):  # its connection is gone already, or never had it
+            if isinstance(exc, CutOff):  # its connection is gone already
                 raise
             self._lost(exc, drops)
             raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc

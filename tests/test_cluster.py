@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 import clustorage
+from clustorage.channel import Pending
 from clustorage.member import MemberClient
 from clustorage.messages import Fetch
 from tests.conftest import COOKIE, Cluster, node_pair
@@ -478,3 +479,73 @@ def test_a_request_is_not_sent_on_a_connection_newer_than_its_number(
         getting.join(30)
         assert got == [42], "the get did not return"
         assert not armed
+
+
+def test_a_request_numbered_while_disconnected_goes_once_connected(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops between a put's check that it is connected and its numbering:
+    the put is not refused as "not connected", nor does its failure drop the next
+    connection (a count taken while none is up is the next one's too): it goes out once
+    the next connection is ready, which then stays."""
+    with followed_member(cluster) as (node, client):
+        connecting, numbering = MemberClient._connect_to, Pending.number
+        waiting = MemberClient._wait_ready
+        gate, armed = threading.Event(), [True]
+        gate.set()
+        drops = client._drops
+
+        def gated(self: MemberClient, target: Any) -> None:
+            gate.wait(20)
+            connecting(self, target)
+
+        def number(self: Pending) -> int:
+            if armed and threading.current_thread() is threading.main_thread():
+                armed.clear()
+                gate.clear()  # the next connection waits until the put waits for it
+                client.ended(client._followed, OSError("cut"))
+                deadline = time.monotonic() + 20
+                while client._drops == drops:
+                    assert time.monotonic() < deadline, "not dropped"
+                    time.sleep(0.01)
+            return numbering(self)
+
+        def wait_ready(self: MemberClient, timeout: float) -> None:
+            gate.set()
+            waiting(self, timeout)
+
+        monkeypatch.setattr(MemberClient, "_connect_to", gated)
+        monkeypatch.setattr(Pending, "number", number)
+        monkeypatch.setattr(MemberClient, "_wait_ready", wait_ready)
+        assert node.put("k", 1) == 1
+        assert not armed
+        assert client._drops == drops + 1
+
+
+def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread reads; the connection is replaced between a put's wait for it and its
+    numbering, and the new one's resync takes a while: the put goes out once it is done."""
+    with followed_member(cluster) as (node, client):
+        opening, taking = Pending.open, MemberClient._take_io
+        armed = {"open": True, "take": True}
+
+        def take(self: MemberClient) -> bool:
+            if armed["take"] and threading.current_thread() is threading.main_thread():
+                armed["take"] = False
+                return False  # as if the shared reader were reading
+            return taking(self)
+
+        def open_(self: Pending, patient: bool = False) -> Any:
+            if armed["open"] and threading.current_thread() is threading.main_thread():
+                armed["open"] = False
+                client._io_lock.acquire()  # the resync waits (a slow loader, say)
+                replaced_connection(client)
+                threading.Timer(0.5, client._io_lock.release).start()
+            return opening(self, patient)
+
+        monkeypatch.setattr(MemberClient, "_take_io", take)
+        monkeypatch.setattr(Pending, "open", open_)
+        assert node.put("k", 1) == 1
+        assert not any(armed.values())
