@@ -686,11 +686,11 @@ class MemberClient:
 
     def _drop(self, why: str) -> None:
         was_ready = self._is_ready
+        with self._ready:  # first: no socket always means not ready
+            self._is_ready = False
         with self._send_lock:
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
             self._drops += sock is not None
-        with self._ready:
-            self._is_ready = False
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -876,16 +876,17 @@ class MemberClient:
             return self._request(build, timeout, patient)
 
     def _request(self, build: Build, timeout: float, patient: bool) -> Message:
-        """Send and wait, within ``timeout``; a request refused before it went out (its
-        connection was replaced meanwhile) goes on the next one once that is ready."""
+        """Send and wait up to ``timeout`` for the answer. A request refused before it went
+        out (its connection was replaced meanwhile) goes on the next connection once that is
+        ready (waited for within ``timeout``), and waits the whole ``timeout`` there too."""
         self._check_thread()
         deadline = time.monotonic() + timeout
         while True:
             try:
                 return self._request_once(build, timeout, patient)
             except _Unsent:
-                timeout = max(deadline - time.monotonic(), 0.0)
-                self._wait_ready(timeout)
+                pass  # waited for below, outside the handler: not a cause of what it raises
+            self._wait_ready(max(deadline - time.monotonic(), 0.0))
 
     def _request_once(self, build: Build, timeout: float, patient: bool) -> Message:
         if self._is_ready and self._take_io():
@@ -897,9 +898,9 @@ class MemberClient:
                 raise_failure(answer)
             return answer
         self._wait_ready(timeout)
+        drops = self._drops  # before the waiter: a drop after it fails the waiter too
         rid, waiter = self.pending.open(patient)
         sent: Message | None = None
-        drops = self._drops
         interrupts.hold()  # not half a frame, nor a request sent and forgotten
         try:
             sent = build(rid)

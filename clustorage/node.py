@@ -330,6 +330,7 @@ class Node:
 
         def fetch(rid: int) -> Fetch | Await:
             nonlocal asked
+            self._asking.pop(asked, None)  # numbered anew: it was not sent
             asked = rid
             self._asking[rid] = key
             if behind:

@@ -479,6 +479,7 @@ def test_a_request_is_not_sent_on_a_connection_newer_than_its_number(
         getting.join(30)
         assert got == [42], "the get did not return"
         assert not armed
+        assert not node._asking  # the get numbered twice is done with both numbers
 
 
 def test_a_request_numbered_while_disconnected_goes_once_connected(
@@ -549,3 +550,45 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
         monkeypatch.setattr(Pending, "open", open_)
         assert node.put("k", 1) == 1
         assert not any(armed.values())
+
+
+def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread reads; the connection is replaced right after a put's waiter was
+    opened (the drop fails that waiter): the put does not go out on the next connection with
+    nobody to hear its answer (a user told it failed, while it was stored); it goes out
+    anew, and returns its version."""
+    with followed_member(cluster) as (node, client):
+        opening, taking, sending = Pending.open, MemberClient._take_io, MemberClient._send
+        armed = {"open": True, "take": True}
+        sent_on: list[int] = []
+
+        def take(self: MemberClient) -> bool:
+            if armed["take"] and threading.current_thread() is threading.main_thread():
+                armed["take"] = False
+                return False  # as if the shared reader were reading
+            return taking(self)
+
+        def open_(self: Pending, patient: bool = False) -> Any:
+            opened = opening(self, patient)
+            if armed["open"] and threading.current_thread() is threading.main_thread():
+                armed["open"] = False
+                replaced_connection(client)
+                deadline = time.monotonic() + 20
+                while not client._is_ready:
+                    assert time.monotonic() < deadline, "not connected again"
+                    time.sleep(0.01)
+            return opened
+
+        def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            sending(self, message, drops)
+            if drops is not None:
+                sent_on.append(drops)
+
+        monkeypatch.setattr(MemberClient, "_take_io", take)
+        monkeypatch.setattr(Pending, "open", open_)
+        monkeypatch.setattr(MemberClient, "_send", send)
+        assert node.put("k", 1) == 1
+        assert not any(armed.values())
+        assert sent_on == [client._drops]  # once, numbered on the connection it went on
