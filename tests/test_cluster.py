@@ -428,6 +428,21 @@ def followed_member(cluster: Cluster) -> Iterator[tuple[clustorage.Node, MemberC
         yield node, client
 
 
+def reading_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread's next request finds another thread reading the connection (the
+    shared reader, say): it sends, then waits for that thread to hand it its answer."""
+    taking = MemberClient._take_io
+    armed = [True]
+
+    def take(self: MemberClient) -> bool:
+        if armed and threading.current_thread() is threading.main_thread():
+            armed.clear()
+            return False
+        return taking(self)
+
+    monkeypatch.setattr(MemberClient, "_take_io", take)
+
+
 def test_a_read_failing_late_on_a_dropped_connection_leaves_the_new_one(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -529,14 +544,8 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
     """Another thread reads; the connection is replaced between a put's wait for it and its
     numbering, and the new one's resync takes a while: the put goes out once it is done."""
     with followed_member(cluster) as (node, client):
-        opening, taking = Pending.open, MemberClient._take_io
-        armed = {"open": True, "take": True}
-
-        def take(self: MemberClient) -> bool:
-            if armed["take"] and threading.current_thread() is threading.main_thread():
-                armed["take"] = False
-                return False  # as if the shared reader were reading
-            return taking(self)
+        opening, armed = Pending.open, {"open": True}
+        reading_elsewhere(monkeypatch)
 
         def open_(self: Pending, patient: bool = False) -> Any:
             if armed["open"] and threading.current_thread() is threading.main_thread():
@@ -546,7 +555,6 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
                 threading.Timer(0.5, client._io_lock.release).start()
             return opening(self, patient)
 
-        monkeypatch.setattr(MemberClient, "_take_io", take)
         monkeypatch.setattr(Pending, "open", open_)
         assert node.put("k", 1) == 1
         assert not any(armed.values())
@@ -560,15 +568,9 @@ def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
     nobody to hear its answer (a user told it failed, while it was stored); it goes out
     anew, and returns its version."""
     with followed_member(cluster) as (node, client):
-        opening, taking, sending = Pending.open, MemberClient._take_io, MemberClient._send
-        armed = {"open": True, "take": True}
+        opening, sending, armed = Pending.open, MemberClient._send, {"open": True}
+        reading_elsewhere(monkeypatch)
         sent_on: list[int] = []
-
-        def take(self: MemberClient) -> bool:
-            if armed["take"] and threading.current_thread() is threading.main_thread():
-                armed["take"] = False
-                return False  # as if the shared reader were reading
-            return taking(self)
 
         def open_(self: Pending, patient: bool = False) -> Any:
             opened = opening(self, patient)
@@ -586,7 +588,6 @@ def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
             if drops is not None:
                 sent_on.append(drops)
 
-        monkeypatch.setattr(MemberClient, "_take_io", take)
         monkeypatch.setattr(Pending, "open", open_)
         monkeypatch.setattr(MemberClient, "_send", send)
         assert node.put("k", 1) == 1
