@@ -74,7 +74,7 @@ from .messages import (
     Sync,
     SyncReply,
 )
-from .protocol import BULK, Closed, Connection, Role, State, Welcome
+from .protocol import BULK, Connection, Role, State, Welcome
 from .readers import TICK, SharedReader, shared_reader
 from .replica import Replica
 
@@ -607,11 +607,11 @@ class MemberClient:
             for payload in conn.read_frames(self._recv_view[:size]):
                 self._received += 1
                 self._dispatch(messages.decode(payload))
-        elif size == 0:
+        elif size == 0:  # the end: told once by Closed, and again by every later read
             conn.receive_data(b"")
-            while (event := conn.next_event()) is not None:
-                if isinstance(event, Closed):
-                    raise _Lost("the loader closed the connection")
+            while conn.next_event() is not None:
+                pass
+            raise _Lost("the loader closed the connection")
         # No heartbeat while another thread sends (it proves life as well): this may be the
         # process's shared reader, which must not wait behind a big upload.
         if now - self._last_sent >= HEARTBEAT and self._send_lock.acquire(blocking=False):

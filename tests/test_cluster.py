@@ -14,7 +14,7 @@ import pytest
 
 import clustorage
 from clustorage.channel import Pending
-from clustorage.member import MemberClient
+from clustorage.member import MemberClient, _Lost
 from clustorage.messages import Fetch
 from tests.conftest import COOKIE, Cluster, node_pair
 
@@ -593,3 +593,20 @@ def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
         assert node.put("k", 1) == 1
         assert not any(armed.values())
         assert sent_on == [client._drops]  # once, numbered on the connection it went on
+
+
+def test_a_read_after_the_end_of_a_connection_says_so_again(cluster: Cluster) -> None:
+    """The loader's end of the connection is read once (by a caller, say, that then stepped
+    aside): a later read of that connection says it ended too, instead of finding nothing
+    to read and being asked again at once, for a second or so of spinning."""
+    loader = cluster.start_loader()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
+        client = node._channel
+        with client._io_lock:  # nobody else reads it meanwhile
+            loader.kill()
+            loader.wait(10)
+            with pytest.raises(_Lost):
+                while True:
+                    client._read_once(block=True)
+            with pytest.raises(_Lost):
+                client._read_once(block=True)
