@@ -325,6 +325,7 @@ class MemberClient:
                 self._target = self._after(exc.active)
             except (OSError, _Lost) as exc:
                 error = exc
+                self._drop(str(exc))  # made, then failed its resync: not left open
                 self._target = self._after("")
             if len(addresses) == 1:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 import clustorage
 from clustorage.channel import Pending
 from clustorage.member import MemberClient, _Lost
-from clustorage.messages import Fetch
+from clustorage.messages import Fetch, Sync
 from tests.conftest import COOKIE, Cluster, node_pair
 
 pytestmark = pytest.mark.timeout(90)
@@ -610,3 +611,30 @@ def test_a_read_after_the_end_of_a_connection_says_so_again(cluster: Cluster) ->
                     client._read_once(block=True)
             with pytest.raises(_Lost):
                 client._read_once(block=True)
+
+
+def test_a_connection_that_fails_its_resync_is_closed_before_the_next_address(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two addresses listed, a connection that was made but failed its resync (its
+    Sync could not be sent) is closed before the member tries the next address, not left
+    open beside the next connection."""
+    loader = cluster.start_loader()
+    port = cluster.port
+    sending = MemberClient._send
+    failed: list[socket.socket] = []
+
+    def sync_fails_once(self: MemberClient, message: Any, *args: Any) -> None:
+        if not failed and type(message) is Sync:
+            assert self._sock is not None
+            failed.append(self._sock)
+            raise OSError("the Sync could not be sent")
+        sending(self, message, *args)
+
+    monkeypatch.setattr(MemberClient, "_send", sync_fails_once)
+    listed = f"app1@127.0.0.1:{port},localhost:{port}"
+    with clustorage.Node("m", listed, cookie=COOKIE) as node:
+        assert node.connected and failed
+        assert failed[0].fileno() == -1, "the failed connection was left open"
+        assert node._channel._sock is not failed[0]
+    assert loader.poll() is None
