@@ -18,6 +18,7 @@ from clustorage.channel import Pending
 from clustorage.member import MemberClient, _Lost
 from clustorage.messages import Fetch, Sync
 from tests.conftest import COOKIE, Cluster, node_pair
+from tests.test_promises import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -351,12 +352,6 @@ def test_a_failed_fn_whose_lease_ended_does_not_release_another_threads_lease() 
         leases = loader.status().get("cluster", {}).get("computing", [])
         return [(lease["key"], lease["holder"], lease["waiters"]) for lease in leases]
 
-    def wait_for(check: object, what: str) -> None:
-        deadline = time.monotonic() + 20
-        while not check():  # type: ignore[operator]
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
-
     def failing() -> str:
         first_go.wait(20)
         raise ValueError("thread 1's fn fails late")
@@ -381,17 +376,17 @@ def test_a_failed_fn_whose_lease_ended_does_not_release_another_threads_lease() 
         with clustorage.Node("w", address, cookie=COOKIE) as waiter:
             one = threading.Thread(target=run, args=("one", member, failing))
             one.start()
-            wait_for(lambda: computing(loader) == [("k", "m", [])], "thread 1 holds k")
+            wait_until(lambda: computing(loader) == [("k", "m", [])], 20, "thread 1 holds k")
             deleted = loader.put("k", "put") + 1
             loader.delete("k")
             tombstones = member._replica.tombstones
-            wait_for(lambda: tombstones.get(("value", "k"), 0) >= deleted, "m saw the delete")
+            wait_until(lambda: tombstones.get(("value", "k"), 0) >= deleted, 20, "m saw the delete")
             two = threading.Thread(target=run, args=("two", member, second))
             two.start()
-            wait_for(lambda: runs == ["m"], "thread 2 computes k")
+            wait_until(lambda: runs == ["m"], 20, "thread 2 computes k")
             three = threading.Thread(target=run, args=("w", waiter, waiter_fn))
             three.start()
-            wait_for(lambda: computing(loader) == [("k", "m", ["w"])], "w waits for m")
+            wait_until(lambda: computing(loader) == [("k", "m", ["w"])], 20, "w waits for m")
             first_go.set()
             one.join(20)
             member.status()  # a round trip behind anything thread 1 sent
@@ -410,10 +405,7 @@ def replaced_connection(client: MemberClient) -> None:
     a caller may hold)."""
     old = client._sock
     client.ended(client._followed, OSError("cut"))
-    deadline = time.monotonic() + 20
-    while client._sock in (None, old):
-        assert time.monotonic() < deadline, "no new connection"
-        time.sleep(0.01)
+    wait_until(lambda: client._sock not in (None, old), 20, "a new connection")
 
 
 @contextlib.contextmanager
@@ -422,10 +414,7 @@ def followed_member(cluster: Cluster) -> Iterator[tuple[clustorage.Node, MemberC
     cluster.start_loader()
     with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
         client = node._channel
-        deadline = time.monotonic() + 20
-        while client._sock is None or client._followed is not client._sock:
-            assert time.monotonic() < deadline, "not connected"
-            time.sleep(0.01)
+        wait_until(lambda: client._followed is client._sock is not None, 20, "connected")
         yield node, client
 
 
@@ -521,10 +510,7 @@ def test_a_request_numbered_while_disconnected_goes_once_connected(
                 armed.clear()
                 gate.clear()  # the next connection waits until the put waits for it
                 client.ended(client._followed, OSError("cut"))
-                deadline = time.monotonic() + 20
-                while client._drops == drops:
-                    assert time.monotonic() < deadline, "not dropped"
-                    time.sleep(0.01)
+                wait_until(lambda: client._drops != drops, 20, "dropped")
             return numbering(self)
 
         def wait_ready(self: MemberClient, timeout: float) -> None:
@@ -578,10 +564,7 @@ def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
             if armed["open"] and threading.current_thread() is threading.main_thread():
                 armed["open"] = False
                 replaced_connection(client)
-                deadline = time.monotonic() + 20
-                while not client._is_ready:
-                    assert time.monotonic() < deadline, "not connected again"
-                    time.sleep(0.01)
+                wait_until(lambda: client._is_ready, 20, "connected again")
             return opened
 
         def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
