@@ -947,7 +947,7 @@ class MemberClient:
         self._mine, self._answer, self._patient, self._behind = rid, None, patient, ""
         drops = self._drops
         sent: Message | None = None
-        answered = False
+        answer: Message | None = None
         try:
             try:
                 sent = build(rid)
@@ -960,23 +960,25 @@ class MemberClient:
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
                 raise _too_large(exc) from None
             self._read_until(lambda: self._answer is not None, timeout, lambda: self._patient)
-            if self._answer is not None:
-                answered = True
-                return self._answer
-            if not self._is_ready:
-                lost = self.unavailable(str(self._last_error or "connection lost"))
-                raise self._cut_off(lost, self._behind, drops)
-            raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
+            answer = self._answer
         except (_Lost, OSError, ProtocolError) as exc:
             if isinstance(exc, CutOff):  # its connection is gone already
                 raise
             self._lost(exc, drops)
             raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc
         finally:
-            if not answered and sent is not None and type(sent) in _WRITES:
+            if answer is None and sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, self._answer)
             self.pending.queued.pop(rid, None)
             self._mine, self._answer = 0, None
+        if answer is not None:
+            return answer
+        if not self._is_ready:
+            lost = self.unavailable(str(self._last_error or "connection lost"))
+            raise self._cut_off(lost, self._behind, drops)
+        # A slow loader is not a dead one (liveness is the operating system's): the
+        # connection and its leases stay, and a late answer is handled as abandoned.
+        raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
 
     def _cut_off(self, lost: LoaderUnavailable, holder: str, drops: int) -> LoaderUnavailable:
         """``lost`` as a CutOff when the request's connection ended (``drops``: the count

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ import clustorage
 from clustorage.channel import Pending
 from clustorage.member import MemberClient, _Lost
 from clustorage.messages import Fetch, Sync
-from tests.conftest import COOKIE, Cluster, node_pair
+from tests.conftest import COOKIE, Cluster, node_pair, stop_process
 from tests.test_promises import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -621,3 +623,34 @@ def test_a_connection_that_fails_its_resync_is_closed_before_the_next_address(
         assert failed[0].fileno() == -1, "the failed connection was left open"
         assert node._channel._sock is not failed[0]
     assert loader.poll() is None
+
+
+def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader that does not answer within the node's timeout (stopped here; busy or slow
+    in life) fails that request only: the connection stays, with every lease on it (SPEC
+    "Busy is not dead"), and the answer that comes later is applied all the same."""
+    loader = cluster.start_loader()
+    reading = MemberClient._request_reading
+    read_by_caller: list[bool] = []
+
+    def counted(self: MemberClient, *args: Any) -> Any:
+        read_by_caller.append(True)
+        return reading(self, *args)
+
+    monkeypatch.setattr(MemberClient, "_request_reading", counted)
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE, timeout=1) as node:
+        client = node._channel
+        wait_until(lambda: client._followed is client._sock is not None, 20, "connected")
+        drops, sock = client._drops, client._sock
+        stop_process(loader.pid)
+        try:
+            read_by_caller.clear()
+            with pytest.raises(clustorage.LoaderUnavailable, match="no answer"):
+                node.put("k", 1)
+            assert read_by_caller, "the caller did not read its own answer"
+        finally:
+            os.kill(loader.pid, signal.SIGCONT)
+        wait_until(lambda: node.get("k", lambda: 0) == 1, 20, "the late put applied")
+        assert (client._drops, client._sock) == (drops, sock)
