@@ -685,11 +685,17 @@ class MemberClient:
         finally:
             self._tls.dispatching = False
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str, only: socket.socket | None = None) -> None:
+        """Close the connection and fail what waits on it; ``only``: if that is still the
+        connection (else one made since would be dropped for an old one's fault)."""
         was_ready = self._is_ready
         with self._ready:  # first: no socket always means not ready
+            if only is not None and self._sock is not only:
+                return
             self._is_ready = False
         with self._send_lock:
+            if only is not None and self._sock is not only:
+                return  # dropped by another thread in between: not ready, and not ours
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
             self._drops += sock is not None
         self._ended.set()
@@ -715,7 +721,7 @@ class MemberClient:
         if type(message) is Await and not self._reclaims:  # a loader of an earlier release
             message = Fetch(message.rid, VALUE, message.key, True, message.holding)
         envelope, blob = messages.encode_parts(message)
-        sending = False
+        sending: socket.socket | None = None  # the connection a frame went out on
         interrupts.hold()  # a Ctrl-C only where asked for: while waiting, or between parts
         try:
             try:
@@ -733,11 +739,11 @@ class MemberClient:
                         raise self.unavailable(f"the connection is {conn.state.value}")
                     if len(blob) < BULK:  # one small frame, made whole (or a LocalProtocolError)
                         frame = conn.send_small(envelope, blob)
-                        sending = True
+                        sending = sock
                         sock.sendall(frame)
                     else:
                         parts = conn.send_message(envelope, blob)  # over the limit: raises here
-                        sending = True
+                        sending = sock
                         try:
                             for part in parts:
                                 sock.sendall(part)
@@ -749,8 +755,9 @@ class MemberClient:
                 finally:
                     self._send_lock.release()
             except BaseException as exc:
-                if sending and not isinstance(exc, OSError):  # Ctrl-C in the middle of a frame:
-                    self._drop(f"a frame was cut short by {type(exc).__name__}")  # reconnect
+                if sending is not None and not isinstance(exc, OSError):  # Ctrl-C mid-frame:
+                    why = f"a frame was cut short by {type(exc).__name__}"
+                    self._drop(why, only=sending)  # and reconnect
                 raise
         finally:
             interrupts.release()
@@ -913,6 +920,8 @@ class MemberClient:
         except OSError as exc:
             self.pending.discard(rid)
             interrupts.release()
+            if isinstance(exc, LoaderUnavailable):  # said already
+                raise
             raise self.unavailable(str(exc)) from exc
         except LocalProtocolError as exc:
             self.pending.discard(rid)
@@ -955,8 +964,6 @@ class MemberClient:
             except _Unsent:  # nothing went out: it goes on the next connection
                 sent = None
                 raise
-            except OSError as exc:
-                raise self.unavailable(str(exc)) from exc
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
                 raise _too_large(exc) from None
             self._read_until(lambda: self._answer is not None, timeout, lambda: self._patient)
@@ -965,7 +972,11 @@ class MemberClient:
             if isinstance(exc, CutOff):  # its connection is gone already
                 raise
             self._lost(exc, drops)
-            raise self._cut_off(self.unavailable(str(exc)), self._behind, drops) from exc
+            said = exc if isinstance(exc, LoaderUnavailable) else self.unavailable(str(exc))
+            cut = self._cut_off(said, self._behind, drops)
+            if cut is exc:
+                raise
+            raise cut from exc
         finally:
             if answer is None and sent is not None and type(sent) in _WRITES:
                 self._gave_up(rid, sent, self._answer)

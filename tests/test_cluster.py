@@ -19,6 +19,7 @@ import clustorage
 from clustorage.channel import Pending
 from clustorage.member import MemberClient, _Lost
 from clustorage.messages import Fetch, Sync
+from clustorage.protocol import Connection
 from tests.conftest import COOKIE, Cluster, node_pair, stop_process
 from tests.test_promises import wait_until
 
@@ -654,3 +655,60 @@ def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
             os.kill(loader.pid, signal.SIGCONT)
         wait_until(lambda: node.get("k", lambda: 0) == 1, 20, "the late put applied")
         assert (client._drops, client._sock) == (drops, sock)
+
+
+def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C cuts a big put's frame short, and the connection is replaced before the
+    sender drops it (the shared reader saw a reset meanwhile): the sender's drop is of its
+    own connection, which is gone already; the new one stays."""
+    with followed_member(cluster) as (node, client):
+        sending, dropping = Connection.send_message, MemberClient._drop
+
+        def cut_after_one_part(self: Connection, *args: Any) -> Iterator[Any]:
+            parts = sending(self, *args)
+            try:
+                yield next(iter(parts))
+                raise KeyboardInterrupt
+            finally:
+                if (close := getattr(parts, "close", None)) is not None:
+                    close()
+
+        def replaced_first(self: MemberClient, why: str, **only: Any) -> None:
+            if "cut short" in why:
+                replaced_connection(self)
+            dropping(self, why, **only)
+
+        monkeypatch.setattr(Connection, "send_message", cut_after_one_part)
+        monkeypatch.setattr(MemberClient, "_drop", replaced_first)
+        drops = client._drops
+        with pytest.raises(KeyboardInterrupt):
+            node.put("big", b"x" * (1 << 20))
+        monkeypatch.undo()
+        assert client._drops == drops + 1  # the old connection only
+        wait_until(lambda: client._is_ready, 20, "the new connection ready")
+        assert node.put("k", 1) == 1
+
+
+@pytest.mark.parametrize("reader", ["caller", "another thread"])
+def test_a_send_that_fails_says_so_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """A request whose send fails raises LoaderUnavailable naming the failure and how to
+    start the loader once, not wrapped in a second such message."""
+    with followed_member(cluster) as (node, _):
+        if reader == "another thread":
+            reading_elsewhere(monkeypatch)
+        sending = MemberClient._send
+
+        def fails(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            if drops is not None and threading.current_thread() is threading.main_thread():
+                raise OSError("the send failed")
+            sending(self, message, drops)
+
+        monkeypatch.setattr(MemberClient, "_send", fails)
+        with pytest.raises(clustorage.LoaderUnavailable) as failed:
+            node.put("k", 1)
+        assert "the send failed" in str(failed.value)
+        assert str(failed.value).count("is unavailable") == 1, str(failed.value)
