@@ -745,9 +745,10 @@ class MemberClient:
                         parts = conn.send_message(envelope, blob)  # over the limit: raises here
                         sending = sock
                         try:
-                            for part in parts:
+                            for number, part in enumerate(parts):
+                                if number:  # a long upload: Ctrl-C cuts it short
+                                    interrupts.check()  # (after the last part: held)
                                 sock.sendall(part)
-                                interrupts.check()  # a long upload: Ctrl-C cuts it short
                         finally:  # a frame cut short: its hashing thread ends now
                             if (close := getattr(parts, "close", None)) is not None:
                                 close()
@@ -958,14 +959,12 @@ class MemberClient:
         sent: Message | None = None
         answer: Message | None = None
         try:
+            request = build(rid)
             try:
-                sent = build(rid)
-                self._send(sent, drops)
-            except _Unsent:  # nothing went out: it goes on the next connection
-                sent = None
-                raise
+                self._send(request, drops)
             except LocalProtocolError as exc:  # nothing sent: the connection is fine
                 raise _too_large(exc) from None
+            sent = request  # whole: not cut short by a Ctrl-C or a failure, nor refused
             self._read_until(lambda: self._answer is not None, timeout, lambda: self._patient)
             answer = self._answer
         except (_Lost, OSError, ProtocolError) as exc:

@@ -653,7 +653,7 @@ def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
             assert read_by_caller, "the caller did not read its own answer"
         finally:
             os.kill(loader.pid, signal.SIGCONT)
-        wait_until(lambda: node.get("k", lambda: 0) == 1, 20, "the late put applied")
+        wait_until(lambda: node.version("k", "value") == 1, 20, "the late put applied")
         assert (client._drops, client._sock) == (drops, sock)
 
 
@@ -675,11 +675,20 @@ def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
                 if (close := getattr(parts, "close", None)) is not None:
                     close()
 
+        class Abandoned(dict[int, Any]):
+            cleared = threading.Event()
+
+            def clear(self) -> None:
+                super().clear()
+                self.cleared.set()
+
         def replaced_first(self: MemberClient, why: str, **only: Any) -> None:
             if "cut short" in why:
                 replaced_connection(self)
+                abandoned.cleared.wait(20)  # the new connection forgot the writes given up
             dropping(self, why, **only)
 
+        client._abandoned = abandoned = Abandoned()
         monkeypatch.setattr(Connection, "send_message", cut_after_one_part)
         monkeypatch.setattr(MemberClient, "_drop", replaced_first)
         drops = client._drops
@@ -687,6 +696,7 @@ def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
             node.put("big", b"x" * (1 << 20))
         monkeypatch.undo()
         assert client._drops == drops + 1  # the old connection only
+        assert not abandoned, "a put cut short is waited for as if the loader had it"
         wait_until(lambda: client._is_ready, 20, "the new connection ready")
         assert node.put("k", 1) == 1
 
@@ -712,3 +722,38 @@ def test_a_send_that_fails_says_so_once(
             node.put("k", 1)
         assert "the send failed" in str(failed.value)
         assert str(failed.value).count("is unavailable") == 1, str(failed.value)
+
+
+def test_a_ctrl_c_as_the_last_part_goes_out_keeps_the_connection(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that comes while a big put's last part is sent cuts nothing short: the
+    frame went out whole, so the connection stays, the put is stored and installed, and
+    the Ctrl-C is raised once it is."""
+    with followed_member(cluster) as (node, client):
+        sending, sendall = Connection.send_message, socket.socket.sendall
+        last: list[Any] = []
+
+        def parts_noted(self: Connection, *args: Any) -> list[Any]:
+            parts = list(sending(self, *args))
+            last.append(parts[-1])
+            return parts
+
+        def ctrl_c_as_the_last_part_goes(self: socket.socket, data: Any, *args: Any) -> None:
+            sendall(self, data, *args)
+            if last and data is last[0]:
+                last.clear()
+                signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(Connection, "send_message", parts_noted)
+        monkeypatch.setattr(socket.socket, "sendall", ctrl_c_as_the_last_part_goes)
+        drops = client._drops
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                node.put("big", b"x" * (2 << 20))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+        assert node.version("big", "value") == 1
+        assert client._drops == drops
