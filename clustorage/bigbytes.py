@@ -4,7 +4,8 @@ Unpickling a big bytes value copies it into a new bytes object, whose memory mal
 fresh in 4 KiB pages: on a 100 MB value the page faults cost several times the copy itself
 (80-100 ms against about 20 ms). :func:`copy_to_bytes` makes the bytes object first, asks
 the kernel for huge pages under it (Linux THP, ``MADV_HUGEPAGE``) before anything touches
-them, then copies the value in: a fault per 2 MiB instead of per 4 KiB.
+them, then copies the value in: a fault per 2 MiB instead of per 4 KiB (4 KiB pages where
+huge ones were found dearer: see :mod:`clustorage.fresh_memory`).
 
 This is what CPython's own C code does with a bytes object (``PyBytes_FromStringAndSize``
 with no data, then filling it) before anyone else can see it, done here through ctypes.
@@ -26,12 +27,12 @@ import mmap
 import platform
 from typing import Any
 
-from .bulk import HUGE_PAGES, OWNED_AT
+from .bulk import OWNED_AT
+from .fresh_memory import HUGE_PAGE, HUGE_PAGES, huge_pages_are_cheap
 
 __all__ = ["COPY_AT", "copy_to_bytes"]
 
 COPY_AT = OWNED_AT  # bytes: below this, huge pages save too little to matter
-_HUGE_PAGE = 1 << 21
 _PAGE = mmap.PAGESIZE
 _DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob_sval)
 
@@ -69,10 +70,11 @@ def copy_to_bytes(source: memoryview, *, release: bool = False) -> bytes | None:
     if type(value) is not bytes or len(value) != size:
         return None
     start = id(value) + _DATA_OFFSET
-    first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-    last = (start + size) // _HUGE_PAGE * _HUGE_PAGE
-    if last > first and HUGE_PAGES:  # only ever faster: a refusal leaves 4 KiB pages
-        madvise(first, last - first, mmap.MADV_HUGEPAGE)
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = (start + size) // HUGE_PAGE * HUGE_PAGE
+    if last > first and HUGE_PAGES:  # a refusal leaves the pages as they were
+        cheap = huge_pages_are_cheap()
+        madvise(first, last - first, mmap.MADV_HUGEPAGE if cheap else mmap.MADV_NOHUGEPAGE)
     origin = ctypes.c_char.from_buffer(source)
     if release:
         _copy_releasing(madvise, start, ctypes.addressof(origin), size)
@@ -88,7 +90,7 @@ def _copy_releasing(madvise: Any, target: int, source: int, size: int) -> None:
     released = -(-source // _PAGE) * _PAGE  # a page partly outside the source stays
     done = 0
     while done < size:
-        step = min(size - done, _HUGE_PAGE - (source + done) % _HUGE_PAGE)
+        step = min(size - done, HUGE_PAGE - (source + done) % HUGE_PAGE)
         ctypes.memmove(target + done, source + done, step)
         done += step
         copied = (source + done) // _PAGE * _PAGE

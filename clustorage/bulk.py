@@ -8,10 +8,11 @@ to move one fast, which a pure protocol object cannot be: threads, mapped memory
   those the client has (BLAKE3 where the blake3 package is installed, several times faster
   than the others; else SHA-256 on a CPU with SHA extensions).
 - Receive buffers. A bulk frame arrives into its own anonymous mmap (:class:`ArrivingFrame`),
-  mapped in huge pages where the kernel has them, or all at once up front (MAP_POPULATE)
-  where it trusts the sender; its blob is hashed as its bytes come in. A big frame of the
-  size of a recent one arrives into that one's buffer once nothing uses it any more
-  (:class:`RecycledBuffers`), not into fresh memory the kernel must zero.
+  its pages mapped ahead of the bytes arriving (all at once up front where it trusts the
+  sender), in huge pages while they are cheap (:mod:`clustorage.fresh_memory`); its blob is
+  hashed as its bytes come in. A big frame of the size of a recent one arrives into that
+  one's buffer once nothing uses it any more (:class:`RecycledBuffers`), not into fresh
+  memory the kernel must zero.
 - Hashing threads. A blob of ``THREAD_HASH_AT`` bytes or more is hashed on a thread of its
   own, beside the one receiving or sending it, so that moving and hashing overlap; the
   thread ends with its frame, or as soon as the frame will not finish.
@@ -28,7 +29,6 @@ there has a hash state that does nothing.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import LocalProtocolError
+from .fresh_memory import FreshMemory
 from .messages import Blob
 
 try:
@@ -56,7 +57,6 @@ __all__ = [
     "BASELINE_DIGEST",
     "BULK_DIGESTS",
     "HASHING_THREADS",
-    "HUGE_PAGES",
     "OWNED",
     "OWNED_AT",
     "RECYCLED",
@@ -82,8 +82,6 @@ T = TypeVar("T")
 
 BASELINE_DIGEST = "blake2b"  # every node has it
 BULK_DIGESTS = (*_BLAKE3, BASELINE_DIGEST, "sha256")
-_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def new_hasher(algorithm: str) -> Any:
@@ -279,16 +277,6 @@ class _NoHash:
 _NO_HASH = _NoHash()
 
 
-def _huge_pages() -> bool:
-    """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
-            return "[never]" not in setting.read()
-    except OSError:
-        return False
-
-
-HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
 # A blob from this size on is hashed on a thread of its own while its bytes arrive, so that
 # receiving and hashing overlap; with HASHING_THREADS such threads running in this process
 # already, a frame is hashed inline.
@@ -454,6 +442,7 @@ def _references(objects: list[Any], index: int) -> int:
 # counts (PyPy), nothing is ever known to be free, so nothing is recycled.
 _UNUSED = _references([object()], 0) if hasattr(sys, "getrefcount") else -1
 RECYCLE_AT = 1 << 24
+MAP_AHEAD = 1 << 23  # bytes of a frame's buffer mapped ahead of what arrived, unless populated
 RECYCLE_IDLE = 10.0  # seconds a kept receive buffer may stay free before it is let go
 RECYCLED = RecycledBuffers()
 
@@ -463,9 +452,11 @@ class ArrivingFrame:
 
     __slots__ = (
         "__weakref__",
+        "ahead",
         "blob_start",
         "data",
         "filled",
+        "fresh",
         "hasher",
         "header",
         "length",
@@ -492,23 +483,21 @@ class ArrivingFrame:
         self.length = length
         self.seq = seq
         self.blob_start = length - blob
-        # Anonymous memory, mapped as bytes arrive, in huge pages where the kernel has them
-        # (a fault per 2 MiB instead of per 4 KiB). Without them, ``populate`` maps it in one
-        # go up front (MAP_POPULATE, where there is one), which costs less than a fault a page.
+        # Anonymous memory, its pages mapped ahead of the bytes arriving (all at once up
+        # front, when ``populate``), in huge pages while they are cheap here (fresh_memory).
         recycled = RECYCLED.take(length) if length >= RECYCLE_AT else None
+        self.fresh: FreshMemory | None = None
         if recycled is not None:  # its pages are there already; every byte is written over
             VERIFIED.forget(recycled)
             SPILLED.forget(recycled)
             OWNED.forget(recycled)
             self.data = recycled
         else:
-            flags = _ANONYMOUS | (_POPULATE if populate and not HUGE_PAGES else 0)
-            self.data = mmap.mmap(-1, length, flags=flags)
-            if HUGE_PAGES:
-                with contextlib.suppress(OSError):  # only ever faster; never a reason to refuse
-                    self.data.madvise(mmap.MADV_HUGEPAGE)
+            self.fresh = FreshMemory(length)
+            self.data = self.fresh.data
             if length >= RECYCLE_AT:
                 RECYCLED.keep(self.data)
+        self.ahead = length if populate else MAP_AHEAD
         self.owned = owned and recycled is None  # a recycled buffer's pages are worth keeping
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
@@ -537,9 +526,17 @@ class ArrivingFrame:
         if self.owned and self.length - self.blob_start >= OWNED_AT:
             OWNED.remember(self.data, self.length - self.blob_start)
 
+    def room(self) -> memoryview:
+        """The rest of the payload's buffer, its next pages mapped: to receive into."""
+        if self.fresh is not None:
+            self.fresh.map_until(self.filled + self.ahead)
+        return memoryview(self.data)[self.filled :]
+
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
         take = min(len(data), self.length - self.filled)
+        if self.fresh is not None:
+            self.fresh.map_until(self.filled + max(take, self.ahead))
         self.data[self.filled : self.filled + take] = data[:take]
         self.account(take)
         return take
@@ -562,4 +559,5 @@ class ArrivingFrame:
         clone.hasher = self.hasher.copy()
         clone.spill = [None]
         clone.owned = False
+        clone.fresh = None
         return clone

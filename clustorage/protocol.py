@@ -583,7 +583,7 @@ class Connection:
         bulk = self._bulk
         if bulk is None or self._buffer or bulk.filled >= bulk.length:
             return None
-        return memoryview(bulk.data)[bulk.filled :]
+        return bulk.room()
 
     def received_into(self, size: int) -> memoryview | None:
         """``size`` bytes were received into :meth:`receive_buffer`'s view; the payload,

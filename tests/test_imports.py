@@ -21,6 +21,7 @@ PURE = [
     "interrupts",  # Ctrl-C held back on the main thread (signal), no sockets
     "mapped",  # a file mapped without a descriptor (ctypes), no sockets
     "protocol",
+    "fresh_memory",  # anonymous maps in the cheaper page size (mmap, ctypes), no sockets
     "bulk",  # threads and mapped memory for the protocol, no sockets
     "bigbytes",  # a big bytes value made in huge pages (ctypes), no sockets
     "messages",
