@@ -4,8 +4,8 @@ Unpickling a big bytes value copies it into a new bytes object, whose memory mal
 fresh in 4 KiB pages: on a 100 MB value the page faults cost several times the copy itself
 (80-100 ms against about 20 ms). :func:`copy_to_bytes` makes the bytes object first, asks
 the kernel for huge pages under it (Linux THP, ``MADV_HUGEPAGE``) before anything touches
-them, then copies the value in: a fault per 2 MiB instead of per 4 KiB (4 KiB pages where
-huge ones were found dearer: see :mod:`clustorage.fresh_memory`).
+them, then copies the value in: a fault per 2 MiB instead of per 4 KiB (unless huge pages
+prove dearer here as it copies: see :mod:`clustorage.fresh_memory`).
 
 This is what CPython's own C code does with a bytes object (``PyBytes_FromStringAndSize``
 with no data, then filling it) before anyone else can see it, done here through ctypes.
@@ -25,10 +25,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+from time import thread_time
 from typing import Any
 
 from .bulk import OWNED_AT
-from .fresh_memory import HUGE_PAGE, HUGE_PAGES, huge_pages_are_cheap
+from .fresh_memory import HUGE_PAGE, HugePageCost
 
 __all__ = ["COPY_AT", "copy_to_bytes"]
 
@@ -72,28 +73,40 @@ def copy_to_bytes(source: memoryview, *, release: bool = False) -> bytes | None:
     start = id(value) + _DATA_OFFSET
     first = -(-start // HUGE_PAGE) * HUGE_PAGE
     last = (start + size) // HUGE_PAGE * HUGE_PAGE
-    if last > first and HUGE_PAGES:  # a refusal leaves the pages as they were
-        cheap = huge_pages_are_cheap()
-        madvise(first, last - first, mmap.MADV_HUGEPAGE if cheap else mmap.MADV_NOHUGEPAGE)
+    cost = HugePageCost()
+    if last <= first:
+        cost.cheap = False
+    if cost.cheap:  # a refusal leaves 4 KiB pages
+        madvise(first, last - first, mmap.MADV_HUGEPAGE)
     origin = ctypes.c_char.from_buffer(source)
-    if release:
-        _copy_releasing(madvise, start, ctypes.addressof(origin), size)
-    else:
-        ctypes.memmove(start, ctypes.addressof(origin), size)
-    del origin  # lets the source's owner be closed or resized again
+    try:
+        _copy(madvise, start, ctypes.addressof(origin), size, cost, release)
+    finally:
+        del origin  # lets the source's owner be closed or resized again
     return value
 
 
-def _copy_releasing(madvise: Any, target: int, source: int, size: int) -> None:
-    """Copy ``size`` bytes from ``source`` to ``target`` a huge page at a time, each whole
-    page of the source given back once it is copied."""
+def _copy(
+    madvise: Any, target: int, source: int, size: int, cost: HugePageCost, release: bool
+) -> None:
+    """Copy ``size`` bytes from ``source`` to ``target`` a huge page of the target at a
+    time, each timed: two slow ones in a row turn the rest to 4 KiB pages. ``release``:
+    each whole page of the source is given back once it is copied."""
     released = -(-source // _PAGE) * _PAGE  # a page partly outside the source stays
     done = 0
     while done < size:
-        step = min(size - done, HUGE_PAGE - (source + done) % HUGE_PAGE)
+        step = min(size - done, HUGE_PAGE - (target + done) % HUGE_PAGE)
+        began = thread_time()
         ctypes.memmove(target + done, source + done, step)
+        took = thread_time() - began
         done += step
-        copied = (source + done) // _PAGE * _PAGE
-        if copied > released:
-            madvise(released, copied - released, mmap.MADV_DONTNEED)
-            released = copied
+        if release:
+            copied = (source + done) // _PAGE * _PAGE
+            if copied > released:
+                madvise(released, copied - released, mmap.MADV_DONTNEED)
+                released = copied
+        if cost.cheap and step == HUGE_PAGE and not cost.took(took):
+            rest = target + done
+            end = (target + size) // HUGE_PAGE * HUGE_PAGE
+            if end > rest:
+                madvise(rest, end - rest, mmap.MADV_NOHUGEPAGE)

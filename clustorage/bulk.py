@@ -442,7 +442,7 @@ def _references(objects: list[Any], index: int) -> int:
 # counts (PyPy), nothing is ever known to be free, so nothing is recycled.
 _UNUSED = _references([object()], 0) if hasattr(sys, "getrefcount") else -1
 RECYCLE_AT = 1 << 24
-MAP_AHEAD = 1 << 23  # bytes of a frame's buffer mapped ahead of what arrived, unless populated
+MAP_AHEAD = 1 << 22  # bytes of a frame's buffer mapped ahead of what arrived, unless populated
 RECYCLE_IDLE = 10.0  # seconds a kept receive buffer may stay free before it is let go
 RECYCLED = RecycledBuffers()
 

@@ -8,10 +8,11 @@ come from smaller free blocks the host did not take. Measured on such a virtual 
 one huge page took about 90 us to fault in when its memory had been freed a moment before,
 and about 6.8 ms when long free; 2 MiB of 4 KiB pages took 0.8-1.1 ms either way.
 
-So a big buffer is mapped a huge page at a time, each timed (:class:`FreshMemory`). Two
-huge pages in a row slower than :data:`COLD_HUGE_PAGE` (one alone may have been a busy
-CPU) mean huge pages are cold here: the rest of that buffer, and buffers made in the next
-:data:`RECHECK` seconds, get 4 KiB pages.
+Which kind is cheap changes with what was freed lately, so each big buffer finds out for
+itself: it is mapped (:class:`FreshMemory`) or filled (``bigbytes``) a huge page at a time,
+each timed (:class:`HugePageCost`). Two huge pages in a row slower than
+:data:`COLD_HUGE_PAGE` (one alone may have been a busy CPU) turn the rest of that buffer to
+4 KiB pages.
 """
 
 from __future__ import annotations
@@ -27,15 +28,12 @@ __all__ = [
     "COLD_HUGE_PAGE",
     "HUGE_PAGE",
     "HUGE_PAGES",
-    "RECHECK",
     "FreshMemory",
-    "found_cold",
-    "huge_pages_are_cheap",
+    "HugePageCost",
 ]
 
 HUGE_PAGE = 1 << 21
 COLD_HUGE_PAGE = 0.002  # seconds: about twice what 2 MiB of 4 KiB pages take to fault in
-RECHECK = 10.0  # seconds that huge pages found cold are not tried again
 _PAGE = mmap.PAGESIZE
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; 3.11 lacks the name
 _NO_HUGE_PAGES: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
@@ -53,26 +51,28 @@ def _huge_pages() -> bool:
 HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
 
 
-class _Weather:
-    """What this process last found huge pages to cost."""
-
-    cold_until = 0.0
+class _Kernel:
     populate_write = True  # until the kernel says it has no MADV_POPULATE_WRITE
 
 
-_weather = _Weather()
+_kernel = _Kernel()
 
 
-def huge_pages_are_cheap(now: float | None = None) -> bool:
-    """Whether fresh memory should be asked for in huge pages now."""
-    if not HUGE_PAGES:
-        return False
-    return (time.monotonic() if now is None else now) >= _weather.cold_until
+class HugePageCost:
+    """Whether huge pages stay cheap over one buffer, told how long each whole huge page
+    took to map (or to map and fill)."""
 
+    def __init__(self) -> None:
+        self.cheap = HUGE_PAGES
+        self._slow = 0  # huge pages in a row that were slow
 
-def found_cold(now: float | None = None) -> None:
-    """Huge pages took longer than COLD_HUGE_PAGE: 4 KiB pages for the next RECHECK s."""
-    _weather.cold_until = (time.monotonic() if now is None else now) + RECHECK
+    def took(self, seconds: float) -> bool:
+        """One more whole huge page took ``seconds``; whether huge pages are still cheap
+        (once not, never again for this buffer)."""
+        self._slow = self._slow + 1 if seconds > COLD_HUGE_PAGE else 0
+        if self._slow >= 2:
+            self.cheap = False
+        return self.cheap
 
 
 def _address(data: mmap.mmap) -> int:
@@ -87,21 +87,20 @@ class FreshMemory:
     """A new anonymous map of ``length`` bytes, its pages mapped in as asked for
     (:meth:`map_until`), in huge pages while they stay cheap, else in 4 KiB pages."""
 
-    def __init__(self, length: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, length: int, clock: Callable[[], float] = time.thread_time) -> None:
         self.data = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.mapped = 0  # data[:mapped] has its pages
-        self._clock = clock
-        self._slow = 0  # huge pages in a row that were slow to map
-        self._huge = length >= 2 * HUGE_PAGE and huge_pages_are_cheap()
-        self._start = _address(self.data) if self._huge else 0
-        self._advise(mmap.MADV_HUGEPAGE if self._huge else _NO_HUGE_PAGES, 0)
+        self.cost = HugePageCost()
+        self._clock = clock  # the thread's CPU time: not another thread's turn, if preempted
+        self._start = _address(self.data) if self.cost.cheap else 0
+        self._advise(mmap.MADV_HUGEPAGE if self.cost.cheap else _NO_HUGE_PAGES, 0)
 
     def map_until(self, end: int) -> None:
         """Map the pages of ``data[:end]`` that are not mapped yet (never changing a byte)."""
         end = min(end, len(self.data))
         while self.mapped < end:
             start = self.mapped
-            if not self._huge:
+            if not self.cost.cheap:
                 self._populate(start, end)
                 self.mapped = end
                 return
@@ -111,24 +110,19 @@ class FreshMemory:
             self._populate(start, stop)
             took = self._clock() - began
             self.mapped = stop
-            if stop - start < HUGE_PAGE:
-                continue
-            self._slow = self._slow + 1 if took > COLD_HUGE_PAGE else 0
-            if self._slow == 2:
-                found_cold()
-                self._huge = False
+            if stop - start == HUGE_PAGE and not self.cost.took(took):
                 self._advise(_NO_HUGE_PAGES, stop)
 
     def _populate(self, start: int, end: int) -> None:
         first = start // _PAGE * _PAGE
-        if _weather.populate_write:
+        if _kernel.populate_write:
             try:
                 self.data.madvise(_POPULATE_WRITE, first, end - first)
                 return
             except OSError as exc:  # no memory: the pages come as bytes do, or not at all
                 if exc.errno != errno.EINVAL:
                     return
-                _weather.populate_write = False  # an older kernel: touch each page instead
+                _kernel.populate_write = False  # an older kernel: touch each page instead
         data = self.data
         for offset in range(first, end, _PAGE):
             data[offset] = data[offset]

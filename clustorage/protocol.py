@@ -511,7 +511,8 @@ class Connection:
                 )
             try:
                 # A member trusts its loader's header; the loader does not let a member's
-                # header alone make it stall or hold memory (pages come as bytes do).
+                # header alone make it stall or hold memory (pages come as bytes do, mapped
+                # at most bulk.MAP_AHEAD ahead of them).
                 populate = self.role is Role.CLIENT
                 algorithm = self.bulk_digest if self.tagged else None
                 self._bulk = ArrivingFrame(

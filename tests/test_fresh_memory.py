@@ -1,5 +1,6 @@
-"""Fresh memory for big receive buffers: mapped ahead of the bytes, in the page size that
-is cheaper here (clustorage.fresh_memory). A fake clock stands for slow huge pages."""
+"""Fresh memory for big buffers: mapped ahead of the bytes, in the page size that is cheaper
+here (clustorage.fresh_memory), and big bytes values copied into it (clustorage.bigbytes).
+A fake clock stands for slow huge pages."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from clustorage import fresh_memory
-from clustorage.fresh_memory import COLD_HUGE_PAGE, HUGE_PAGE, RECHECK, FreshMemory
+from clustorage import bigbytes, fresh_memory
+from clustorage.fresh_memory import COLD_HUGE_PAGE, HUGE_PAGE, FreshMemory, HugePageCost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -18,9 +19,9 @@ LENGTH = 8 * HUGE_PAGE + 12345  # not a whole number of pages
 
 
 @pytest.fixture(autouse=True)
-def fresh_weather(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts where huge pages were never found cold."""
-    monkeypatch.setattr(fresh_memory, "_weather", fresh_memory._Weather())
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts on a kernel thought to have MADV_POPULATE_WRITE."""
+    monkeypatch.setattr(fresh_memory, "_kernel", fresh_memory._Kernel())
     yield
 
 
@@ -56,7 +57,7 @@ def test_mapping_ahead_changes_no_byte() -> None:
 
 
 def test_without_populate_write_each_page_is_touched_and_kept() -> None:
-    fresh_memory._weather.populate_write = False
+    fresh_memory._kernel.populate_write = False
     memory = FreshMemory(LENGTH)
     written(memory, HUGE_PAGE + 1)
     before = memory.data[:]
@@ -64,32 +65,57 @@ def test_without_populate_write_each_page_is_touched_and_kept() -> None:
     assert memory.mapped == LENGTH and memory.data[:] == before
 
 
+def test_two_slow_huge_pages_in_a_row_are_cold_one_alone_is_a_busy_cpu() -> None:
+    slow, quick = 2 * COLD_HUGE_PAGE, COLD_HUGE_PAGE / 20
+    busy = HugePageCost()
+    busy.cheap = True  # as where the kernel has huge pages
+    assert all(busy.took(seconds) for seconds in (slow, quick, slow, quick, slow, quick))
+    cold = HugePageCost()
+    cold.cheap = True
+    assert [cold.took(seconds) for seconds in (slow, quick, slow, slow, quick)] == [
+        True,
+        True,
+        True,
+        False,
+        False,  # once cold, cold for the rest of the buffer
+    ]
+
+
 @pytest.mark.skipif(not fresh_memory.HUGE_PAGES, reason="the kernel gives no huge pages")
-def test_two_slow_huge_pages_in_a_row_turn_the_rest_to_small_pages() -> None:
+def test_a_buffer_whose_huge_pages_are_slow_maps_the_rest_in_small_pages() -> None:
     slow = 2 * COLD_HUGE_PAGE
     memory = FreshMemory(LENGTH, clock=clock([slow, 0.0, slow, slow]))
-    assert memory._huge
+    assert memory.cost.cheap
     memory.map_until(LENGTH)
-    assert not memory._huge  # the 2nd and 3rd whole huge pages were slow
-    assert not fresh_memory.huge_pages_are_cheap()
-    assert not FreshMemory(LENGTH)._huge  # the next buffer too, for a while
-    assert memory.data[:] == bytes(LENGTH)
+    assert not memory.cost.cheap
+    assert memory.mapped == LENGTH and memory.data[:] == bytes(LENGTH)
+    assert FreshMemory(LENGTH).cost.cheap  # the next buffer finds out for itself
 
 
-@pytest.mark.skipif(not fresh_memory.HUGE_PAGES, reason="the kernel gives no huge pages")
-def test_one_slow_huge_page_alone_is_a_busy_cpu() -> None:
-    slow = 2 * COLD_HUGE_PAGE
-    memory = FreshMemory(LENGTH, clock=clock([slow, 0.0, slow, 0.0, slow]))
-    memory.map_until(LENGTH)
-    assert memory._huge and fresh_memory.huge_pages_are_cheap()
+def test_a_buffer_of_a_page_or_two_is_mapped_whole() -> None:
+    for length in (mmap.PAGESIZE, HUGE_PAGE + 1, 2 * HUGE_PAGE - 1):
+        memory = FreshMemory(length)
+        memory.map_until(length)
+        assert memory.mapped == length and memory.data[:] == bytes(length)
 
 
-def test_huge_pages_found_cold_are_tried_again_after_a_while() -> None:
-    fresh_memory.found_cold(now=100.0)
-    assert not fresh_memory.huge_pages_are_cheap(now=100.0 + RECHECK / 2)
-    assert fresh_memory.huge_pages_are_cheap(now=100.0 + RECHECK) == fresh_memory.HUGE_PAGES
-
-
-def test_a_small_buffer_never_asks_for_huge_pages() -> None:
-    assert not FreshMemory(HUGE_PAGE)._huge
-    assert len(FreshMemory(mmap.PAGESIZE).data) == mmap.PAGESIZE
+@pytest.mark.parametrize("release", [False, True])
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_big_bytes_value_is_copied_whole(
+    monkeypatch: pytest.MonkeyPatch, release: bool, slow: bool
+) -> None:
+    """bigbytes copies a huge page at a time, switching to small pages when they are slow
+    (a fake clock): the value is the source's bytes either way; a released source reads
+    as zeros where whole pages of it were copied."""
+    if slow:
+        monkeypatch.setattr(bigbytes, "thread_time", clock([1.0] * 1000))
+    size = 5 * HUGE_PAGE + 4321
+    source = FreshMemory(size + 123)
+    pattern = bytes(range(251)) * (size // 251 + 1)
+    source.data[123 : 123 + size] = pattern[:size]
+    value = bigbytes.copy_to_bytes(memoryview(source.data)[123 : 123 + size], release=release)
+    if value is None:
+        pytest.skip("bigbytes needs CPython and ctypes")
+    assert type(value) is bytes and value == pattern[:size]
+    if release:
+        assert source.data[mmap.PAGESIZE : 2 * mmap.PAGESIZE] == bytes(mmap.PAGESIZE)
