@@ -39,6 +39,7 @@ order, and every other request is served (SPEC "The loader never stalls").
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -213,6 +214,7 @@ def failure(rid: int, exc: BaseException) -> Failed:
 
 
 KEPT_PER_ASKER = 1024  # keys one connection's Awaits may keep for absent holders
+QUEUED_AFTER = 0.5  # seconds a request waits behind a write before its node is told
 COMMITS_KEPT = 4096  # leaseholders' commits remembered, to answer one sent again
 LOST_KEPT = 16384  # leases that ended for their holder, remembered to refuse a late commit
 
@@ -224,6 +226,15 @@ def _claims(leases: Any) -> list[tuple[str, int]]:
         for key, token in (pair for pair in leases if type(pair) is tuple and len(pair) == 2)
         if type(key) is str and type(token) is int and unencodable(key) is None
     ]
+
+
+_ANSWERED = frozenset({Fetch, Await, Put, Commit, Delete, Define})  # Release is told nothing
+
+
+def _tell_queued(peer: Peer, message: Message, by: str, waited: float) -> None:
+    """Tell the node of a request that waits its turn (one it waits the answer of)."""
+    if type(message) in _ANSWERED and (rid := getattr(message, "rid", 0)):
+        peer.deliver(Queued(rid, by, waited))
 
 
 def _subject(message: Message) -> tuple[str, str] | None:
@@ -305,8 +316,11 @@ class LoaderCore:
         self._book = book
         if book is not None:
             self._adopt(book)
-        # Entries being written or compiled, with the requests that wait their turn.
+        # Entries being written or compiled, with the requests that wait their turn; who
+        # writes each and since when, and the timer that tells those requests to be patient.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
+        self._busy_by: dict[tuple[str, str], tuple[str, float]] = {}
+        self._patience: dict[tuple[str, str], Timer] = {}
         self._writing: set[tuple[str, str]] = set()  # entries whose new version is on its way
         self._definitions: list[_Definition] = []
         self._handlers: dict[type, Callable[[Peer, Any], None]] = {
@@ -388,6 +402,7 @@ class LoaderCore:
         where = _subject(message)
         if where is not None and where in self._busy:
             self._busy[where].append((peer, message))
+            self._mind_the_wait(where, peer, message)
             return
         handler = self._handlers.get(type(message))
         if handler is None:
@@ -409,11 +424,35 @@ class LoaderCore:
         else:
             log.warning("%s from %s failed: %s", type(message).__name__, peer.name, printable(exc))
 
-    def _hold(self, where: tuple[str, str]) -> None:
+    def _hold(self, where: tuple[str, str], by: str) -> None:
+        """Node ``by`` writes (or defines) the entry: requests on it wait their turn."""
         self._busy.setdefault(where, collections.deque())
+        self._busy_by[where] = (by, time.monotonic())
+
+    def _mind_the_wait(self, where: tuple[str, str], peer: Peer, message: Message) -> None:
+        """A request waits behind a write of its entry (a 900 MB value on a slow disk, a
+        definition slow to compile): past QUEUED_AFTER its node is told so (Queued, naming
+        the writer), and waits on, as for a lease, instead of giving up at its timeout."""
+        by, since = self._busy_by.get(where, ("", time.monotonic()))
+        waited = time.monotonic() - since
+        if waited >= QUEUED_AFTER:
+            _tell_queued(peer, message, by, waited)
+        elif where not in self._patience:
+            later = functools.partial(self._tell_waiting, where)
+            self._patience[where] = self._schedule(QUEUED_AFTER - waited, later)
+
+    def _tell_waiting(self, where: tuple[str, str]) -> None:
+        self._patience.pop(where, None)
+        by, since = self._busy_by.get(where, ("", time.monotonic()))
+        for peer, message in self._busy.get(where, ()):
+            if self._alive(peer):
+                _tell_queued(peer, message, by, time.monotonic() - since)
 
     def _unhold(self, where: tuple[str, str]) -> None:
         """The entry is written: handle, in order, the requests that waited for it."""
+        self._busy_by.pop(where, None)
+        if (timer := self._patience.pop(where, None)) is not None:
+            timer.cancel()
         waiting = self._busy.pop(where, None)
         while waiting:
             peer, message = waiting.popleft()
@@ -494,7 +533,7 @@ class LoaderCore:
             raise
         current = self.entries.get(where)
         previous = current.version if current is not None else 0
-        self._hold(where)
+        self._hold(where, origin)
         self._writing.add(where)
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
@@ -820,7 +859,7 @@ class LoaderCore:
             peer.deliver(Deleted(message.rid, False, self._last_version.get(where, 0)))
             return
         version = self._next_version(*where)
-        self._hold(where)
+        self._hold(where, peer.name)
         self._writing.add(where)
 
         def written(error: BaseException | None) -> None:
@@ -847,7 +886,7 @@ class LoaderCore:
         if current is not None and current.source == message.source and not message.force:
             peer.deliver(Defined(message.rid, current, False, self.member_names(), ()))
             return
-        self._hold(where)
+        self._hold(where, peer.name)
 
         def compile_aside() -> Blob:
             return codec.dump(message.name, compile_function(message.name, message.source))

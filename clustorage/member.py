@@ -631,7 +631,7 @@ class MemberClient:
             if type(message) is SyncReply:  # applied in its place: later pushes go on top
                 self._apply(lambda: self._resync(message))
             if rid != self._mine:
-                if not self.pending.resolve(rid, message):
+                if not self.pending.resolve(rid, message) and type(message) is not Queued:
                     sent = self._abandoned.pop(rid, None)
                     if sent is not None:
                         self._apply(lambda: self._late_answer(sent, message))

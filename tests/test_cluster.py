@@ -16,10 +16,12 @@ import psutil
 import pytest
 
 import clustorage
+from clustorage import codec
 from clustorage.channel import Pending
 from clustorage.member import MemberClient, _Lost
-from clustorage.messages import Fetch, Sync
+from clustorage.messages import Fetch, Put, Queued, Sync
 from clustorage.protocol import Connection
+from clustorage.store import SQLiteStore
 from tests.conftest import COOKIE, Cluster, node_pair, stop_process
 from tests.test_promises import wait_until
 
@@ -757,3 +759,64 @@ def test_a_ctrl_c_as_the_last_part_goes_out_keeps_the_connection(
         monkeypatch.undo()
         assert node.version("big", "value") == 1
         assert client._drops == drops
+
+
+def test_requests_behind_a_slow_write_wait_for_it_past_their_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of a key that takes longer than the node's timeout (a big value, a slow disk)
+    delays the requests on that key, and only delays them (SPEC "The loader never stalls"):
+    a get and a put of it wait, told who writes it, and end once it is written."""
+    writing, written = threading.Event(), threading.Event()
+    committing = SQLiteStore.commit
+
+    def slow(self: SQLiteStore, entry: Any, *args: Any) -> None:
+        if entry.key == "slow":
+            writing.set()
+            written.wait(30)
+        committing(self, entry, *args)
+
+    monkeypatch.setattr(SQLiteStore, "commit", slow)
+    data = str(tmp_path / "data")
+    with clustorage.Node(
+        "app1", cookie=COOKIE, listen="127.0.0.1:0", data=data, timeout=60
+    ) as loader:
+        address = f"app1@127.0.0.1:{loader.address[1]}"
+        with clustorage.Node("m", address, cookie=COOKIE, timeout=1) as member:
+            results: dict[str, Any] = {}
+
+            def run(name: str, call: Any) -> None:
+                try:
+                    results[name] = call()
+                except Exception as exc:
+                    results[name] = exc
+
+            writer = threading.Thread(target=loader.put, args=("slow", b"x" * (200 << 10)))
+            writer.start()
+            assert writing.wait(20)
+            getter = threading.Thread(target=run, args=("get", lambda: member.get("slow")))
+            putter = threading.Thread(target=run, args=("put", lambda: member.put("slow", 2)))
+            getter.start()
+            wait_until(lambda: [w[:2] for w in member.waiting()] == [("slow", "app1")], 20, "told")
+            putter.start()
+            wait_until(lambda: len(member._channel.pending.queued) == 2, 20, "both told")
+            time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
+            assert not results, results
+            written.set()
+            writer.join(20)
+            getter.join(20)
+            putter.join(20)
+            assert results["get"] == b"x" * (200 << 10), results
+            assert results["put"] == 2, results
+            assert member.get("slow") == 2
+
+
+def test_a_queued_for_a_write_given_up_is_not_taken_for_its_answer(cluster: Cluster) -> None:
+    """A write whose caller gave up (Ctrl-C) waits for its late answer, to apply it: a
+    Queued for it (the loader telling it to wait behind another write) is not that answer."""
+    with followed_member(cluster) as (node, client):
+        put = Put(999_999, "k", codec.dump("k", 1))
+        client._abandoned[put.rid] = put
+        client._dispatch(Queued(put.rid, "app1", 0.6))
+        assert client._abandoned == {put.rid: put}
+        assert node.version("k", "value") == 0
