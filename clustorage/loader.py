@@ -448,6 +448,11 @@ class LoaderCore:
             if self._alive(peer):
                 _tell_queued(peer, message, by, time.monotonic() - since)
 
+    def _tell_writer(self, peer: Peer, rid: int) -> None:
+        """A write still on its way (a big value, a slow disk): its node waits on."""
+        if self._alive(peer):
+            peer.deliver(Queued(rid, peer.name, QUEUED_AFTER))
+
     def _unhold(self, where: tuple[str, str]) -> None:
         """The entry is written: handle, in order, the requests that waited for it."""
         self._busy_by.pop(where, None)
@@ -519,9 +524,12 @@ class LoaderCore:
         source: str | None,
         origin: str,
         then: Callable[[Entry | None, BaseException | None], None],
+        asker: tuple[Peer, int] | None = None,
     ) -> None:
         """Write a new version of ``key``; ``then(entry, None)`` once it is durable (and the
-        loader's own), or ``then(None, error)``. Requests on the entry wait meanwhile."""
+        loader's own), or ``then(None, error)``. Requests on the entry wait meanwhile, and
+        so does ``asker`` (a peer and its request's number) for the answer: told so past
+        QUEUED_AFTER, if the write is a big one."""
         where = (kind, key)
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
@@ -535,9 +543,14 @@ class LoaderCore:
         previous = current.version if current is not None else 0
         self._hold(where, origin)
         self._writing.add(where)
+        telling = None
+        if asker is not None and len(payload) > FANOUT_INLINE:  # written off the loop
+            telling = self._schedule(QUEUED_AFTER, functools.partial(self._tell_writer, *asker))
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
             self._writing.discard(where)
+            if telling is not None:
+                telling.cancel()
             kept = entry
             if stored is not None and stored is not entry.payload:
                 VERIFIED.carry(entry.payload, stored)  # the file's bytes were verified
@@ -754,6 +767,7 @@ class LoaderCore:
                 None,
                 peer.name,
                 lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+                (peer, message.rid),
             )
         except ValueTooLarge:
             self._uncommit(key, lease)
@@ -811,6 +825,7 @@ class LoaderCore:
             None,
             peer.name,
             lambda entry, error: self._then(peer, message.rid, lambda: stored(entry, error)),
+            (peer, message.rid),
         )
 
     def _settle(self, key: str, entry: Entry, skip: Peer) -> None:

@@ -811,6 +811,45 @@ def test_requests_behind_a_slow_write_wait_for_it_past_their_timeout(
             assert member.get("slow") == 2
 
 
+def test_a_big_put_whose_write_outlasts_the_timeout_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big put whose write takes longer than its node's timeout (a slow disk) is told
+    to wait, and returns once the value is written, instead of failing while it is."""
+    writing, written = threading.Event(), threading.Event()
+    committing = SQLiteStore.commit
+
+    def slow(self: SQLiteStore, entry: Any, *args: Any) -> None:
+        if entry.key == "big":
+            writing.set()
+            written.wait(30)
+        committing(self, entry, *args)
+
+    monkeypatch.setattr(SQLiteStore, "commit", slow)
+    data = str(tmp_path / "data")
+    with clustorage.Node("app1", cookie=COOKIE, listen="127.0.0.1:0", data=data) as loader:
+        address = f"app1@127.0.0.1:{loader.address[1]}"
+        with clustorage.Node("m", address, cookie=COOKIE, timeout=1) as member:
+            results: dict[str, Any] = {}
+
+            def put() -> None:
+                try:
+                    results["put"] = member.put("big", b"x" * (200 << 10))
+                except Exception as exc:
+                    results["put"] = exc
+
+            putter = threading.Thread(target=put)
+            putter.start()
+            assert writing.wait(20)
+            wait_until(lambda: len(member._channel.pending.queued) == 1, 20, "told to wait")
+            time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
+            assert not results, results
+            written.set()
+            putter.join(20)
+            assert results["put"] == 1, results
+            assert member.get("big") == b"x" * (200 << 10)
+
+
 def test_a_queued_for_a_write_given_up_is_not_taken_for_its_answer(cluster: Cluster) -> None:
     """A write whose caller gave up (Ctrl-C) waits for its late answer, to apply it: a
     Queued for it (the loader telling it to wait behind another write) is not that answer."""
