@@ -666,8 +666,10 @@ class MemberClient:
         """A caller stopped waiting (Ctrl-C) for the answer to a write it sent."""
         if answer is not None:
             self._apply(lambda: self._late_answer(sent, answer))
-        else:
-            self._abandoned[rid] = sent
+            return
+        if isinstance(sent, Put | Commit):  # what it was, not its bytes: a late answer has them
+            sent = sent._replace(payload=b"")
+        self._abandoned[rid] = sent
 
     def _late_answer(self, sent: Message, answer: Message) -> None:
         """A write done for a caller that stopped waiting: its node applies it all the same,

@@ -651,8 +651,10 @@ def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
         try:
             read_by_caller.clear()
             with pytest.raises(clustorage.LoaderUnavailable, match="no answer"):
-                node.put("k", 1)
+                node.put("k", b"x" * 100_000)
             assert read_by_caller, "the caller did not read its own answer"
+            given_up = list(client._abandoned.values())
+            assert [(type(m), m.payload) for m in given_up] == [(Put, b"")]  # not its bytes
         finally:
             os.kill(loader.pid, signal.SIGCONT)
         wait_until(lambda: node.version("k", "value") == 1, 20, "the late put applied")
