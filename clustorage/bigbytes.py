@@ -58,11 +58,14 @@ def _tools() -> tuple[Any, Any] | None:
 _TOOLS = _tools()
 
 
-def copy_to_bytes(source: memoryview, *, release: bool = False) -> bytes | None:
+def copy_to_bytes(
+    source: memoryview, *, release: bool = False, huge_pages: bool = True
+) -> bytes | None:
     """A new bytes object with ``source``'s bytes (a writable, contiguous byte view of at
     least COPY_AT bytes), in huge pages; None where that cannot be done (then copy it as
     usual). ``release``: ``source``'s whole pages are given back as they are copied, and
-    read as zeros afterwards (only for memory nothing else reads)."""
+    read as zeros afterwards (only for memory nothing else reads). ``huge_pages``: False
+    when they were just found dear (then 4 KiB pages from the start)."""
     size = source.nbytes
     if _TOOLS is None or size < COPY_AT or source.readonly or not source.c_contiguous:
         return None
@@ -76,8 +79,9 @@ def copy_to_bytes(source: memoryview, *, release: bool = False) -> bytes | None:
     cost = HugePageCost()
     if last <= first:
         cost.cheap = False
-    if cost.cheap:  # a refusal leaves 4 KiB pages
-        madvise(first, last - first, mmap.MADV_HUGEPAGE)
+    elif cost.cheap:  # the kernel has them; a refusal leaves the pages as they were
+        cost.cheap = huge_pages
+        madvise(first, last - first, mmap.MADV_HUGEPAGE if huge_pages else mmap.MADV_NOHUGEPAGE)
     origin = ctypes.c_char.from_buffer(source)
     try:
         _copy(madvise, start, ctypes.addressof(origin), size, cost, release)

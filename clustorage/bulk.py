@@ -242,12 +242,14 @@ class OwnedBlobs(_ByBuffer[bool]):
     def __init__(self, size: int = 4) -> None:
         super().__init__(size)
 
-    def remember(self, owner: Any, length: int) -> None:
-        self._put(owner, length, True)
+    def remember(self, owner: Any, length: int, huge_pages: bool) -> None:
+        """``huge_pages``: whether they were cheap when its buffer was mapped."""
+        self._put(owner, length, huge_pages)
 
-    def take(self, blob: Blob) -> bool:
-        """Whether ``blob`` is such a blob; it is one no more (it is read once)."""
-        return self._get(blob, take=True) is not None
+    def take(self, blob: Blob) -> bool | None:
+        """None unless ``blob`` is such a blob (it is one no more: it is read once); else
+        whether huge pages were cheap when its buffer was mapped."""
+        return self._get(blob, take=True)
 
     def forget(self, owner: Any) -> None:
         """``owner`` is about to hold other bytes (a receive buffer used again)."""
@@ -524,7 +526,8 @@ class ArrivingFrame:
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
         if self.owned and self.length - self.blob_start >= OWNED_AT:
-            OWNED.remember(self.data, self.length - self.blob_start)
+            cheap = self.fresh is None or self.fresh.cost.cheap
+            OWNED.remember(self.data, self.length - self.blob_start, cheap)
 
     def room(self) -> memoryview:
         """The rest of the payload's buffer, its next pages mapped: to receive into."""

@@ -150,26 +150,26 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
     )
 
 
-def _big_bytes(payload: Blob, release: bool = False) -> bytes | None:
+def _big_bytes(payload: Blob, release: bool = False, huge_pages: bool = True) -> bytes | None:
     """The value of a payload that is one big pickled bytes and nothing else (protocol 5:
     PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP), copied into huge pages; or
-    None (then unpickle it). ``release`` as for ``copy_to_bytes``."""
+    None (then unpickle it). ``release`` and ``huge_pages`` as for ``copy_to_bytes``."""
     if len(payload) < COPY_AT or payload[:3] != _BIG_BYTES or payload[-2:] != _BIG_BYTES_END:
         return None
     view = memoryview(payload)
     (size,) = struct.unpack_from("<I", view, 3)
     if size != len(view) - 9:
         return None
-    return copy_to_bytes(view[7 : 7 + size], release=release)
+    return copy_to_bytes(view[7 : 7 + size], release=release, huge_pages=huge_pages)
 
 
 def take_big_bytes(payload: Blob) -> bytes | None:
     """The value of an answer's payload that is one big bytes, arrived into memory of its own
     that only this caller reads (``bulk.OWNED``), copied out as that memory is given back;
     else None (load it). The payload reads as zeros afterwards."""
-    if len(payload) < COPY_AT or not OWNED.take(payload):
+    if len(payload) < COPY_AT or (huge_pages := OWNED.take(payload)) is None:
         return None
-    return _big_bytes(payload, release=True)
+    return _big_bytes(payload, release=True, huge_pages=huge_pages)
 
 
 def load(payload: Blob) -> Any:

@@ -100,20 +100,22 @@ def test_a_buffer_of_a_page_or_two_is_mapped_whole() -> None:
 
 
 @pytest.mark.parametrize("release", [False, True])
-@pytest.mark.parametrize("slow", [False, True])
+@pytest.mark.parametrize(("slow", "huge_pages"), [(False, True), (True, True), (False, False)])
 def test_a_big_bytes_value_is_copied_whole(
-    monkeypatch: pytest.MonkeyPatch, release: bool, slow: bool
+    monkeypatch: pytest.MonkeyPatch, release: bool, slow: bool, huge_pages: bool
 ) -> None:
     """bigbytes copies a huge page at a time, switching to small pages when they are slow
-    (a fake clock): the value is the source's bytes either way; a released source reads
-    as zeros where whole pages of it were copied."""
+    (a fake clock), or in small pages from the start (``huge_pages=False``, when the
+    receive buffer found huge pages dear): the value is the source's bytes either way; a
+    released source reads as zeros where whole pages of it were copied."""
     if slow:
         monkeypatch.setattr(bigbytes, "thread_time", clock([1.0] * 1000))
     size = 5 * HUGE_PAGE + 4321
     source = FreshMemory(size + 123)
     pattern = bytes(range(251)) * (size // 251 + 1)
     source.data[123 : 123 + size] = pattern[:size]
-    value = bigbytes.copy_to_bytes(memoryview(source.data)[123 : 123 + size], release=release)
+    view = memoryview(source.data)[123 : 123 + size]
+    value = bigbytes.copy_to_bytes(view, release=release, huge_pages=huge_pages)
     if value is None:
         pytest.skip("bigbytes needs CPython and ctypes")
     assert type(value) is bytes and value == pattern[:size]
