@@ -231,10 +231,10 @@ def _claims(leases: Any) -> list[tuple[str, int]]:
 _ANSWERED = frozenset({Fetch, Await, Put, Commit, Delete, Define})  # Release is told nothing
 
 
-def _tell_queued(peer: Peer, message: Message, by: str, waited: float) -> None:
+def _tell_queued(peer: Peer, message: Message, waited: float) -> None:
     """Tell the node of a request that waits its turn (one it waits the answer of)."""
     if type(message) in _ANSWERED and (rid := getattr(message, "rid", 0)):
-        peer.deliver(Queued(rid, by, waited))
+        peer.deliver(Queued(rid, "", waited))
 
 
 def _subject(message: Message) -> tuple[str, str] | None:
@@ -316,10 +316,10 @@ class LoaderCore:
         self._book = book
         if book is not None:
             self._adopt(book)
-        # Entries being written or compiled, with the requests that wait their turn; who
-        # writes each and since when, and the timer that tells those requests to be patient.
+        # Entries being written or compiled, with the requests that wait their turn; since
+        # when each is, and the timer that tells those requests to be patient.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
-        self._busy_by: dict[tuple[str, str], tuple[str, float]] = {}
+        self._busy_since: dict[tuple[str, str], float] = {}
         self._patience: dict[tuple[str, str], Timer] = {}
         self._writing: set[tuple[str, str]] = set()  # entries whose new version is on its way
         self._definitions: list[_Definition] = []
@@ -424,45 +424,49 @@ class LoaderCore:
         else:
             log.warning("%s from %s failed: %s", type(message).__name__, peer.name, printable(exc))
 
-    def _hold(self, where: tuple[str, str], by: str) -> None:
-        """Node ``by`` writes (or defines) the entry: requests on it wait their turn."""
+    def _hold(self, where: tuple[str, str]) -> None:
+        """The entry is being written (or defined): requests on it wait their turn."""
         self._busy.setdefault(where, collections.deque())
-        self._busy_by[where] = (by, time.monotonic())
+        self._busy_since[where] = time.monotonic()
 
     def _mind_the_wait(self, where: tuple[str, str], peer: Peer, message: Message) -> None:
         """A request waits behind a write of its entry (a 900 MB value on a slow disk, a
-        definition slow to compile): past QUEUED_AFTER its node is told so (Queued, naming
-        the writer), and waits on, as for a lease, instead of giving up at its timeout."""
-        by, since = self._busy_by.get(where, ("", time.monotonic()))
+        definition slow to compile): past QUEUED_AFTER its node is told so (Queued), and
+        waits on, as for a lease, instead of giving up at its timeout. The Queued names no
+        holder: a write is no lease, which a node cut off would ask to be kept for it."""
+        since = self._busy_since.get(where, time.monotonic())
         waited = time.monotonic() - since
         if waited >= QUEUED_AFTER:
-            _tell_queued(peer, message, by, waited)
+            _tell_queued(peer, message, waited)
         elif where not in self._patience:
             later = functools.partial(self._tell_waiting, where)
             self._patience[where] = self._schedule(QUEUED_AFTER - waited, later)
 
     def _tell_waiting(self, where: tuple[str, str]) -> None:
         self._patience.pop(where, None)
-        by, since = self._busy_by.get(where, ("", time.monotonic()))
+        since = self._busy_since.get(where, time.monotonic())
         for peer, message in self._busy.get(where, ()):
             if self._alive(peer):
-                _tell_queued(peer, message, by, time.monotonic() - since)
+                _tell_queued(peer, message, time.monotonic() - since)
 
-    def _tell_writer(self, peer: Peer, rid: int) -> None:
+    def _tell_writer(self, unanswered: list[tuple[Peer, int]]) -> None:
         """A write still on its way (a big value, a slow disk): its node waits on."""
-        if self._alive(peer):
-            peer.deliver(Queued(rid, peer.name, QUEUED_AFTER))
+        for peer, rid in unanswered:
+            if self._alive(peer):
+                peer.deliver(Queued(rid, "", QUEUED_AFTER))
 
     def _unhold(self, where: tuple[str, str]) -> None:
         """The entry is written: handle, in order, the requests that waited for it."""
-        self._busy_by.pop(where, None)
+        self._busy_since.pop(where, None)
         if (timer := self._patience.pop(where, None)) is not None:
             timer.cancel()
         waiting = self._busy.pop(where, None)
         while waiting:
             peer, message = waiting.popleft()
             if where in self._busy:  # one of them is writing it again: the rest wait on
-                self._busy[where].extend([(peer, message), *waiting])
+                for waiter, request in [(peer, message), *waiting]:
+                    self._busy[where].append((waiter, request))
+                    self._mind_the_wait(where, waiter, request)
                 return
             if self._alive(peer):
                 self.handle(peer, message)
@@ -541,14 +545,16 @@ class LoaderCore:
             raise
         current = self.entries.get(where)
         previous = current.version if current is not None else 0
-        self._hold(where, origin)
+        self._hold(where)
         self._writing.add(where)
         telling = None
-        if asker is not None and len(payload) > FANOUT_INLINE:  # written off the loop
-            telling = self._schedule(QUEUED_AFTER, functools.partial(self._tell_writer, *asker))
+        unanswered = [asker] if asker is not None else []
+        if unanswered and len(payload) > FANOUT_INLINE:  # written off the loop
+            telling = self._schedule(QUEUED_AFTER, lambda: self._tell_writer(unanswered))
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
             self._writing.discard(where)
+            unanswered.clear()
             if telling is not None:
                 telling.cancel()
             kept = entry
@@ -874,7 +880,7 @@ class LoaderCore:
             peer.deliver(Deleted(message.rid, False, self._last_version.get(where, 0)))
             return
         version = self._next_version(*where)
-        self._hold(where, peer.name)
+        self._hold(where)
         self._writing.add(where)
 
         def written(error: BaseException | None) -> None:
@@ -901,7 +907,7 @@ class LoaderCore:
         if current is not None and current.source == message.source and not message.force:
             peer.deliver(Defined(message.rid, current, False, self.member_names(), ()))
             return
-        self._hold(where, peer.name)
+        self._hold(where)
 
         def compile_aside() -> Blob:
             return codec.dump(message.name, compile_function(message.name, message.source))

@@ -39,7 +39,8 @@ def waiting_text(waits: Sequence[Wait], now: float) -> str | None:
         return None
     seconds, key, holder = max(long)
     more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
-    return f"waiting {seconds:.0f}s for {key!r}: {holder} computes it{more}"
+    doing = f"{holder} computes it" if holder else "it is being written"
+    return f"waiting {seconds:.0f}s for {key!r}: {doing}{more}"
 
 
 def waiting_fragments(waits: Sequence[Wait], now: float) -> StyleAndTextTuples:

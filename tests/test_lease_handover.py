@@ -63,18 +63,17 @@ class Peer:
 
 
 class Clock:
-    """The loader's scheduler: calls run when the test says the time (from 0) has come."""
+    """The loader's scheduler: calls run when the test says the time (from 0) has come,
+    unless cancelled before."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.calls: list[tuple[float, Callable[[], None]]] = []  # (when, call)
 
     def __call__(self, delay: float, call: Callable[[], None]) -> Any:
-        self.calls.append((self.now + delay, call))
-        return self
-
-    def cancel(self) -> None:
-        pass
+        entry = (self.now + delay, call)
+        self.calls.append(entry)
+        return _Timer(self, entry)
 
     def run(self, upto: float) -> None:
         self.now = upto
@@ -84,6 +83,15 @@ class Clock:
         )
         for call in due:
             call()
+
+
+class _Timer:
+    def __init__(self, clock: Clock, entry: tuple[float, Callable[[], None]]) -> None:
+        self._clock, self._entry = clock, entry
+
+    def cancel(self) -> None:
+        if self._entry in self._clock.calls:
+            self._clock.calls.remove(self._entry)
 
 
 @pytest.fixture
@@ -677,3 +685,38 @@ def test_a_holder_whose_commit_failed_while_cut_off_may_commit_again(clock: Cloc
     core.handle(back, Commit(3, "k", token, b"v"))
     writes.finish()
     assert type(last(back, 3)) is Committed
+
+
+def test_requests_behind_a_write_are_told_to_wait_and_the_next_write_keeps_telling(
+    clock: Clock,
+) -> None:
+    """Requests parked behind a slow write are told Queued, naming nobody (a write is no
+    lease); when the write ends and one of them writes again, the rest are still told."""
+    writes = HeldWrites(MemoryStore())
+    core = LoaderCore("app1", writes.store, clock, writes=writes)  # type: ignore[arg-type]
+    a, b, c = connect(core, "a"), connect(core, "b"), connect(core, "c")
+    core.handle(a, Put(2, "k", b"1"))  # write 1, held
+    core.handle(b, Put(2, "k", b"2"))
+    core.handle(c, Fetch(2, VALUE, "k", True, ()))
+    writes.finish()  # write 1 ends at once; b's put is write 2, held
+    assert type(last(a, 2)) is Committed and b.answers(2) == c.answers(2) == []
+    clock.run(100.0)
+    assert b.answers(2) == []  # the writer of a small value: its write is quick
+    told = c.answers(2)
+    assert [(type(m), m.holder) for m in told] == [(Queued, "")]  # type: ignore[union-attr]
+
+
+def test_a_big_write_answered_before_its_writer_is_told_tells_it_nothing(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big put's writer is told to wait only while its write is on its way: once
+    answered, a Queued for it never follows the answer, even from a timer that runs
+    though cancelled (here: cancel does nothing)."""
+    monkeypatch.setattr(_Timer, "cancel", lambda self: None)
+    writes = HeldWrites(MemoryStore())
+    core = LoaderCore("app1", writes.store, clock, writes=writes)  # type: ignore[arg-type]
+    writer = connect(core, "w")
+    core.handle(writer, Put(2, "big", b"x" * (70 << 10)))
+    writes.finish()
+    clock.run(100.0)
+    assert [type(m) for m in writer.answers(2)] == [Committed]

@@ -139,6 +139,8 @@ def test_waiting_text_names_the_holder_and_the_time() -> None:
     assert waiting_text([("k", "app3", 97.0)], 100.0) == "waiting 3s for 'k': app3 computes it"
     two = waiting_text([("a", "app1", 98.0), ("b", "app3", 90.0)], 100.0)
     assert two == "waiting 10s for 'b': app3 computes it (and 1 more)"
+    written = waiting_text([("k", "", 97.0)], 100.0)  # behind a write, which nobody holds
+    assert written == "waiting 3s for 'k': it is being written"
 
 
 # -- real shells ---------------------------------------------------------------------------

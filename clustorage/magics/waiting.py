@@ -90,8 +90,9 @@ class WaitLine:
     def text(self, holder: str, since: float, now: float | None = None) -> str:
         """The line: who computes the key, for how long."""
         elapsed = (time.time() if now is None else now) - since
+        doing = f"{holder} is computing it" if holder else "it is being written"
         return (
-            f"waiting for {self.key!r}: {holder} is computing it "
+            f"waiting for {self.key!r}: {doing} "
             f"({duration(elapsed)} so far; interrupt the kernel to stop waiting)"
         )
 
