@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -763,6 +763,51 @@ def test_a_ctrl_c_as_the_last_part_goes_out_keeps_the_connection(
         assert client._drops == drops
 
 
+def started(results: dict[str, Any], name: str, call: Callable[[], Any]) -> threading.Thread:
+    """A thread running ``call``; its result, or what it raised, goes to ``results[name]``."""
+
+    def run() -> None:
+        try:
+            results[name] = call()
+        except Exception as exc:
+            results[name] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread
+
+
+def held_writes(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> tuple[threading.Event, threading.Event]:
+    """The store's commits of ``key`` wait until the second event is set (a slow disk);
+    the first is set as one begins."""
+    writing, written = threading.Event(), threading.Event()
+    committing = SQLiteStore.commit
+
+    def slow(self: SQLiteStore, entry: Any, *args: Any) -> None:
+        if entry.key == key:
+            writing.set()
+            written.wait(30)
+        committing(self, entry, *args)
+
+    monkeypatch.setattr(SQLiteStore, "commit", slow)
+    return writing, written
+
+
+@contextlib.contextmanager
+def loader_and_member(tmp_path: Path) -> Iterator[tuple[clustorage.Node, clustorage.Node]]:
+    """An in-process loader on a durable store (its own requests patient) and a member
+    whose timeout is 1 s."""
+    data = str(tmp_path / "data")
+    with clustorage.Node(
+        "app1", cookie=COOKIE, listen="127.0.0.1:0", data=data, timeout=60
+    ) as loader:
+        address = f"app1@127.0.0.1:{loader.address[1]}"
+        with clustorage.Node("m", address, cookie=COOKIE, timeout=1) as member:
+            yield loader, member
+
+
 def test_requests_behind_a_slow_write_wait_for_it_past_their_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -770,48 +815,24 @@ def test_requests_behind_a_slow_write_wait_for_it_past_their_timeout(
     delays the requests on that key, and only delays them (SPEC "The loader never stalls"):
     a get and a put of it wait, told to (by a Queued that names no leaseholder: a write
     is no lease), and end once it is written."""
-    writing, written = threading.Event(), threading.Event()
-    committing = SQLiteStore.commit
-
-    def slow(self: SQLiteStore, entry: Any, *args: Any) -> None:
-        if entry.key == "slow":
-            writing.set()
-            written.wait(30)
-        committing(self, entry, *args)
-
-    monkeypatch.setattr(SQLiteStore, "commit", slow)
-    data = str(tmp_path / "data")
-    with clustorage.Node(
-        "app1", cookie=COOKIE, listen="127.0.0.1:0", data=data, timeout=60
-    ) as loader:
-        address = f"app1@127.0.0.1:{loader.address[1]}"
-        with clustorage.Node("m", address, cookie=COOKIE, timeout=1) as member:
-            results: dict[str, Any] = {}
-
-            def run(name: str, call: Any) -> None:
-                try:
-                    results[name] = call()
-                except Exception as exc:
-                    results[name] = exc
-
-            writer = threading.Thread(target=loader.put, args=("slow", b"x" * (200 << 10)))
-            writer.start()
-            assert writing.wait(20)
-            getter = threading.Thread(target=run, args=("get", lambda: member.get("slow")))
-            putter = threading.Thread(target=run, args=("put", lambda: member.put("slow", 2)))
-            getter.start()
-            wait_until(lambda: [w[:2] for w in member.waiting()] == [("slow", "")], 20, "told")
-            putter.start()
-            wait_until(lambda: len(member._channel.pending.queued) == 2, 20, "both told")
-            time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
-            assert not results, results
-            written.set()
-            writer.join(20)
-            getter.join(20)
-            putter.join(20)
-            assert results["get"] == b"x" * (200 << 10), results
-            assert results["put"] == 2, results
-            assert member.get("slow") == 2
+    writing, written = held_writes(monkeypatch, "slow")
+    with loader_and_member(tmp_path) as (loader, member):
+        results: dict[str, Any] = {}
+        writer = started(results, "writer", lambda: loader.put("slow", b"x" * (200 << 10)))
+        assert writing.wait(20)
+        getter = started(results, "get", lambda: member.get("slow"))
+        wait_until(lambda: [w[:2] for w in member.waiting()] == [("slow", "")], 20, "told")
+        putter = started(results, "put", lambda: member.put("slow", 2))
+        wait_until(lambda: len(member._channel.pending.queued) == 2, 20, "both told")
+        time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
+        assert list(results) == [], results
+        written.set()
+        writer.join(20)
+        getter.join(20)
+        putter.join(20)
+        assert results["get"] == b"x" * (200 << 10), results
+        assert results["put"] == 2, results
+        assert member.get("slow") == 2
 
 
 def test_a_big_put_whose_write_outlasts_the_timeout_waits_for_it(
@@ -819,38 +840,18 @@ def test_a_big_put_whose_write_outlasts_the_timeout_waits_for_it(
 ) -> None:
     """A big put whose write takes longer than its node's timeout (a slow disk) is told
     to wait, and returns once the value is written, instead of failing while it is."""
-    writing, written = threading.Event(), threading.Event()
-    committing = SQLiteStore.commit
-
-    def slow(self: SQLiteStore, entry: Any, *args: Any) -> None:
-        if entry.key == "big":
-            writing.set()
-            written.wait(30)
-        committing(self, entry, *args)
-
-    monkeypatch.setattr(SQLiteStore, "commit", slow)
-    data = str(tmp_path / "data")
-    with clustorage.Node("app1", cookie=COOKIE, listen="127.0.0.1:0", data=data) as loader:
-        address = f"app1@127.0.0.1:{loader.address[1]}"
-        with clustorage.Node("m", address, cookie=COOKIE, timeout=1) as member:
-            results: dict[str, Any] = {}
-
-            def put() -> None:
-                try:
-                    results["put"] = member.put("big", b"x" * (200 << 10))
-                except Exception as exc:
-                    results["put"] = exc
-
-            putter = threading.Thread(target=put)
-            putter.start()
-            assert writing.wait(20)
-            wait_until(lambda: len(member._channel.pending.queued) == 1, 20, "told to wait")
-            time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
-            assert not results, results
-            written.set()
-            putter.join(20)
-            assert results["put"] == 1, results
-            assert member.get("big") == b"x" * (200 << 10)
+    writing, written = held_writes(monkeypatch, "big")
+    with loader_and_member(tmp_path) as (_, member):
+        results: dict[str, Any] = {}
+        putter = started(results, "put", lambda: member.put("big", b"x" * (200 << 10)))
+        assert writing.wait(20)
+        wait_until(lambda: len(member._channel.pending.queued) == 1, 20, "told to wait")
+        time.sleep(1.5)  # past the node's timeout (1 s): a stimulus, not a measurement
+        assert not results, results
+        written.set()
+        putter.join(20)
+        assert results["put"] == 1, results
+        assert member.get("big") == b"x" * (200 << 10)
 
 
 def test_a_queued_for_a_write_given_up_is_not_taken_for_its_answer(cluster: Cluster) -> None:
