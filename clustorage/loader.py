@@ -231,6 +231,10 @@ def _claims(leases: Any) -> list[tuple[str, int]]:
 _ANSWERED = frozenset({Fetch, Await, Put, Commit, Delete, Define})  # Release is told nothing
 
 
+def _nothing() -> None:
+    pass
+
+
 def _tell_queued(peer: Peer, message: Message, waited: float) -> None:
     """Tell the node of a request that waits its turn (one it waits the answer of)."""
     if type(message) in _ANSWERED and (rid := getattr(message, "rid", 0)):
@@ -280,6 +284,8 @@ class LoaderCore:
         self.started = time.time()
         self._store = store
         self._writes = writes if writes is not None else WriteHere(store)
+        # A write from this size on may take long (off the loop): its writer may be told.
+        self._off_loop_from: int = getattr(self._writes, "off_loop_from", FANOUT_INLINE + 1)
         self._aside = aside
         self._schedule = schedule
         self._ack_timeout = ack_timeout
@@ -449,11 +455,26 @@ class LoaderCore:
             if self._alive(peer):
                 _tell_queued(peer, message, time.monotonic() - since)
 
-    def _tell_writer(self, unanswered: list[tuple[Peer, int]]) -> None:
-        """A write still on its way (a big value, a slow disk): its node waits on."""
-        for peer, rid in unanswered:
-            if self._alive(peer):
-                peer.deliver(Queued(rid, "", QUEUED_AFTER))
+    def _telling(self, asker: tuple[Peer, int] | None, size: int) -> Callable[[], None]:
+        """Tell ``asker`` (a peer and its request's number) to wait on if its write of
+        ``size`` bytes, when written off the loop, is not done within QUEUED_AFTER; returns
+        what to call once it is done (not told after that, whatever the timer does)."""
+        if asker is None or size < self._off_loop_from:
+            return _nothing
+        unanswered = [asker]
+
+        def tell() -> None:
+            for peer, rid in unanswered:
+                if self._alive(peer):
+                    peer.deliver(Queued(rid, "", QUEUED_AFTER))
+
+        timer = self._schedule(QUEUED_AFTER, tell)
+
+        def answered() -> None:
+            unanswered.clear()
+            timer.cancel()
+
+        return answered
 
     def _unhold(self, where: tuple[str, str]) -> None:
         """The entry is written: handle, in order, the requests that waited for it."""
@@ -533,7 +554,7 @@ class LoaderCore:
         """Write a new version of ``key``; ``then(entry, None)`` once it is durable (and the
         loader's own), or ``then(None, error)``. Requests on the entry wait meanwhile, and
         so does ``asker`` (a peer and its request's number) for the answer: told so past
-        QUEUED_AFTER, if the write is a big one."""
+        QUEUED_AFTER, if the write is one that may take long (see :meth:`_telling`)."""
         where = (kind, key)
         entry = Entry(
             kind, key, self._next_version(kind, key), payload, source, origin, time.time()
@@ -547,16 +568,11 @@ class LoaderCore:
         previous = current.version if current is not None else 0
         self._hold(where)
         self._writing.add(where)
-        telling = None
-        unanswered = [asker] if asker is not None else []
-        if unanswered and len(payload) > FANOUT_INLINE:  # written off the loop
-            telling = self._schedule(QUEUED_AFTER, lambda: self._tell_writer(unanswered))
+        answered = self._telling(asker, len(payload))
 
         def written(stored: Blob | None, error: BaseException | None) -> None:
             self._writing.discard(where)
-            unanswered.clear()
-            if telling is not None:
-                telling.cancel()
+            answered()
             kept = entry
             if stored is not None and stored is not entry.payload:
                 VERIFIED.carry(entry.payload, stored)  # the file's bytes were verified
@@ -882,9 +898,11 @@ class LoaderCore:
         version = self._next_version(*where)
         self._hold(where)
         self._writing.add(where)
+        answered = self._telling((peer, message.rid), 0)
 
         def written(error: BaseException | None) -> None:
             self._writing.discard(where)
+            answered()
             try:
                 if error is not None:
                     self._last_version[where] -= 1

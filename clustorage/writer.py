@@ -128,6 +128,8 @@ class StoreWriter:
     ) -> None:
         self._store = store
         self._inline = inline
+        # From this many bytes of payload a write leaves the loop (all, for a remote store).
+        self.off_loop_from = INLINE_LIMIT + 1 if inline else 0
         self._post = post
         self._soon = soon
         self._gathered: list[_Queued] = []  # small writes of this pass, for the loop

@@ -5,6 +5,7 @@ clustorage.runtime."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,6 +50,8 @@ def commit_entry(store: Store, entry: Entry, previous: int) -> Blob:
 
 class WriteHere:
     """Writes on the caller's thread, at once (for a store that keeps nothing)."""
+
+    off_loop_from = sys.maxsize  # none leaves the caller's thread
 
     def __init__(self, store: Store) -> None:
         self._store = store

@@ -664,6 +664,14 @@ class HeldWrites:
             )
         )
 
+    def delete(self, kind: str, key: str, version: int, origin: str, done: Any) -> None:
+        self.pending.append(
+            (
+                lambda: self.here.delete(kind, key, version, origin, done),
+                lambda: done(StoreError("disk full")),
+            )
+        )
+
     def finish(self, ok: bool = True) -> None:
         good, bad = self.pending.pop(0)
         (good if ok else bad)()
@@ -720,3 +728,27 @@ def test_a_big_write_answered_before_its_writer_is_told_tells_it_nothing(
     writes.finish()
     clock.run(100.0)
     assert [type(m) for m in writer.answers(2)] == [Committed]
+
+
+def test_on_a_store_written_off_the_loop_every_slow_write_tells_its_writer(
+    clock: Clock,
+) -> None:
+    """Where every write leaves the loop (a store across the network: PostgreSQL), a small
+    put or a delete that is slow to be written tells its writer to wait on, as a big one
+    does; on the loop's own store a small write never needs to."""
+    writes = HeldWrites(MemoryStore())
+    writes.off_loop_from = 0  # type: ignore[attr-defined]
+    core = LoaderCore("app1", writes.store, clock, writes=writes)  # type: ignore[arg-type]
+    writer = connect(core, "w")
+    core.handle(writer, Put(2, "k", b"1"))
+    writes.finish()
+    core.handle(writer, Delete(3, VALUE, "k"))
+    core.handle(writer, Put(4, "j", b"2"))
+    clock.run(100.0)
+    assert [type(m) for m in writer.answers(3)] == [Queued]
+    assert [type(m) for m in writer.answers(4)] == [Queued]
+    writes.finish()
+    writes.finish()
+    assert [type(m) for m in writer.answers(3)] == [Queued, Deleted]
+    assert [type(m) for m in writer.answers(4)] == [Queued, Committed]
+    assert [type(m) for m in writer.answers(2)] == [Committed]  # answered before: not told
