@@ -661,7 +661,8 @@ class LoaderCore:
         it, as for a holder a takeover adopted."""
         key, holder = message.key, message.holder
         if (
-            (VALUE, key) not in self.entries
+            holder  # a node's name; a wait behind a write names nobody, and keeps nothing
+            and (VALUE, key) not in self.entries
             and self._leases.get(key) is None
             and holder != self.name
             and not self._back(holder)

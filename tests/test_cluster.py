@@ -732,8 +732,8 @@ def test_a_ctrl_c_as_the_last_part_goes_out_keeps_the_connection(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Ctrl-C that comes while a big put's last part is sent cuts nothing short: the
-    frame went out whole, so the connection stays, the put is stored and installed, and
-    the Ctrl-C is raised once it is."""
+    frame went out whole, so the connection stays and the put is stored; the Ctrl-C is
+    raised as the node waits for the answer (applied when it comes) or once it came."""
     with followed_member(cluster) as (node, client):
         sending, sendall = Connection.send_message, socket.socket.sendall
         last: list[Any] = []

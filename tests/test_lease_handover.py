@@ -752,3 +752,14 @@ def test_on_a_store_written_off_the_loop_every_slow_write_tells_its_writer(
     assert [type(m) for m in writer.answers(3)] == [Queued, Deleted]
     assert [type(m) for m in writer.answers(4)] == [Queued, Committed]
     assert [type(m) for m in writer.answers(2)] == [Committed]  # answered before: not told
+
+
+def test_an_await_that_names_nobody_keeps_no_key(clock: Clock) -> None:
+    """An Await naming no holder (a node that waited behind a write, which nobody holds)
+    keeps the key for nobody: it is a Fetch, and the asker gets the lease at once."""
+    core = LoaderCore("app1", MemoryStore(), clock, lease_grace=GRACE)
+    asker, other = connect(core, "a"), connect(core, "b")
+    core.handle(asker, Await(2, "k", (), ""))
+    assert type(last(asker, 2)) is LeaseGranted
+    core.handle(other, Fetch(2, VALUE, "k", True, ()))
+    assert [(type(m), m.holder) for m in other.answers(2)] == [(Queued, "a")]  # type: ignore[union-attr]
