@@ -29,7 +29,7 @@ from time import thread_time
 from typing import Any
 
 from .bulk import OWNED_AT
-from .fresh_memory import HUGE_PAGE, HugePageCost
+from .fresh_memory import HUGE_BY_DEFAULT, HUGE_PAGE, HugePageCost
 
 __all__ = ["COPY_AT", "copy_to_bytes"]
 
@@ -81,7 +81,10 @@ def copy_to_bytes(
         cost.cheap = False
     elif cost.cheap:  # the kernel has them; a refusal leaves the pages as they were
         cost.cheap = huge_pages
-        madvise(first, last - first, mmap.MADV_HUGEPAGE if huge_pages else mmap.MADV_NOHUGEPAGE)
+        # Advice outlives the object where malloc keeps the memory: none unless needed.
+        if huge_pages or HUGE_BY_DEFAULT:
+            advice = mmap.MADV_HUGEPAGE if huge_pages else mmap.MADV_NOHUGEPAGE
+            madvise(first, last - first, advice)
     origin = ctypes.c_char.from_buffer(source)
     try:
         _copy(madvise, start, ctypes.addressof(origin), size, cost, release)

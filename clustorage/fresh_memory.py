@@ -26,10 +26,12 @@ from collections.abc import Callable
 
 __all__ = [
     "COLD_HUGE_PAGE",
+    "HUGE_BY_DEFAULT",
     "HUGE_PAGE",
     "HUGE_PAGES",
     "FreshMemory",
     "HugePageCost",
+    "thp_setting",
 ]
 
 HUGE_PAGE = 1 << 21
@@ -39,16 +41,23 @@ _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; 3.11 l
 _NO_HUGE_PAGES: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
 
 
-def _huge_pages() -> bool:
-    """Whether the kernel gives anonymous memory huge pages when asked (Linux THP)."""
+def thp_setting(text: str) -> str:
+    """Linux THP's setting for anonymous memory (always, madvise or never), from the text
+    of /sys/kernel/mm/transparent_hugepage/enabled (``always [madvise] never``)."""
+    return text.partition("[")[2].partition("]")[0] or "never"
+
+
+def _huge_pages_setting() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
-            return "[never]" not in setting.read()
+            return thp_setting(setting.read())
     except OSError:
-        return False
+        return "never"
 
 
-HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _huge_pages()
+_SETTING = _huge_pages_setting()
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and _SETTING != "never"  # when asked for
+HUGE_BY_DEFAULT = HUGE_PAGES and _SETTING == "always"  # without asking
 
 
 class _Kernel:
@@ -93,7 +102,8 @@ class FreshMemory:
         self.cost = HugePageCost()
         self._clock = clock  # the thread's CPU time: not another thread's turn, if preempted
         self._start = _address(self.data) if self.cost.cheap else 0
-        self._advise(mmap.MADV_HUGEPAGE if self.cost.cheap else _NO_HUGE_PAGES, 0)
+        if self.cost.cheap or HUGE_BY_DEFAULT:
+            self._advise(mmap.MADV_HUGEPAGE if self.cost.cheap else _NO_HUGE_PAGES, 0)
 
     def map_until(self, end: int) -> None:
         """Map the pages of ``data[:end]`` that are not mapped yet (never changing a byte)."""

@@ -121,3 +121,10 @@ def test_a_big_bytes_value_is_copied_whole(
     assert type(value) is bytes and value == pattern[:size]
     if release:
         assert source.data[mmap.PAGESIZE : 2 * mmap.PAGESIZE] == bytes(mmap.PAGESIZE)
+
+
+def test_the_kernels_huge_page_setting_is_read_from_its_brackets() -> None:
+    assert fresh_memory.thp_setting("always [madvise] never\n") == "madvise"
+    assert fresh_memory.thp_setting("[always] madvise never\n") == "always"
+    assert fresh_memory.thp_setting("always madvise [never]\n") == "never"
+    assert fresh_memory.thp_setting("") == "never"
