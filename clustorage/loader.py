@@ -283,9 +283,7 @@ class LoaderCore:
         self._kept: collections.Counter[int] = collections.Counter()  # keys kept, by asker
         self.started = time.time()
         self._store = store
-        self._writes = writes if writes is not None else WriteHere(store)
-        # A write from this size on may take long (off the loop): its writer may be told.
-        self._off_loop_from: int = getattr(self._writes, "off_loop_from", FANOUT_INLINE + 1)
+        self._writes: Writes = writes if writes is not None else WriteHere(store)
         self._aside = aside
         self._schedule = schedule
         self._ack_timeout = ack_timeout
@@ -459,7 +457,7 @@ class LoaderCore:
         """Tell ``asker`` (a peer and its request's number) to wait on if its write of
         ``size`` bytes, when written off the loop, is not done within QUEUED_AFTER; returns
         what to call once it is done (not told after that, whatever the timer does)."""
-        if asker is None or size < self._off_loop_from:
+        if asker is None or size < self._writes.off_loop_from:
             return _nothing
         unanswered = [asker]
 

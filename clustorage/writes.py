@@ -22,6 +22,8 @@ Stored = Callable[[Blob | None, BaseException | None], None]  # the payload as s
 class Writes(Protocol):
     """Where store writes run; ``done(error or None)`` follows on the loop thread."""
 
+    off_loop_from: int  # bytes of payload from which a write may run off the loop (and long)
+
     def commit(self, entry: Entry, previous: int, done: Stored) -> None: ...
 
     def delete(self, kind: str, key: str, version: int, origin: str, done: Done) -> None: ...

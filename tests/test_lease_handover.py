@@ -38,6 +38,7 @@ from clustorage.messages import (
     decode,
 )
 from clustorage.store import MemoryStore
+from clustorage.writer import INLINE_LIMIT
 from clustorage.writes import WriteHere
 
 pytestmark = pytest.mark.timeout(30)
@@ -651,6 +652,8 @@ def test_a_node_without_reclaim_asking_for_a_key_kept_for_it_gets_a_real_token(
 class HeldWrites:
     """The loader's writes, each held until the test lets it succeed or fail (a full disk)."""
 
+    off_loop_from = INLINE_LIMIT + 1  # as the loader's own writer on a local store
+
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self.here = WriteHere(store)
@@ -737,7 +740,7 @@ def test_on_a_store_written_off_the_loop_every_slow_write_tells_its_writer(
     put or a delete that is slow to be written tells its writer to wait on, as a big one
     does; on the loop's own store a small write never needs to."""
     writes = HeldWrites(MemoryStore())
-    writes.off_loop_from = 0  # type: ignore[attr-defined]
+    writes.off_loop_from = 0
     core = LoaderCore("app1", writes.store, clock, writes=writes)  # type: ignore[arg-type]
     writer = connect(core, "w")
     core.handle(writer, Put(2, "k", b"1"))
