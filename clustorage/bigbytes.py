@@ -29,7 +29,7 @@ from time import thread_time
 from typing import Any
 
 from .bulk import OWNED_AT
-from .fresh_memory import HUGE_BY_DEFAULT, HUGE_PAGE, HugePageCost
+from .fresh_memory import HUGE_BY_DEFAULT, HUGE_PAGE, HugePageCost, to_huge_page_end
 
 __all__ = ["COPY_AT", "copy_to_bytes"]
 
@@ -102,7 +102,7 @@ def _copy(
     released = -(-source // _PAGE) * _PAGE  # a page partly outside the source stays
     done = 0
     while done < size:
-        step = min(size - done, HUGE_PAGE - (target + done) % HUGE_PAGE)
+        step = min(size - done, to_huge_page_end(target + done))
         began = thread_time()
         ctypes.memmove(target + done, source + done, step)
         took = thread_time() - began

@@ -32,6 +32,7 @@ __all__ = [
     "FreshMemory",
     "HugePageCost",
     "thp_setting",
+    "to_huge_page_end",
 ]
 
 HUGE_PAGE = 1 << 21
@@ -84,6 +85,12 @@ class HugePageCost:
         return self.cheap
 
 
+def to_huge_page_end(address: int) -> int:
+    """Bytes from ``address`` to the end of the huge page it is in (a whole one from its
+    start): the step of a buffer mapped or filled a huge page at a time."""
+    return HUGE_PAGE - address % HUGE_PAGE
+
+
 def _address(data: mmap.mmap) -> int:
     anchor = ctypes.c_char.from_buffer(data)
     try:
@@ -102,8 +109,8 @@ class FreshMemory:
         self.cost = HugePageCost()
         self._clock = clock  # the thread's CPU time: not another thread's turn, if preempted
         self._start = _address(self.data) if self.cost.cheap else 0
-        if self.cost.cheap or HUGE_BY_DEFAULT:
-            self._advise(mmap.MADV_HUGEPAGE if self.cost.cheap else _NO_HUGE_PAGES, 0)
+        if self.cost.cheap:
+            self._advise(mmap.MADV_HUGEPAGE, 0)
 
     def map_until(self, end: int) -> None:
         """Map the pages of ``data[:end]`` that are not mapped yet (never changing a byte)."""
@@ -114,8 +121,7 @@ class FreshMemory:
                 self._populate(start, end)
                 self.mapped = end
                 return
-            boundary = (self._start + start) // HUGE_PAGE * HUGE_PAGE + HUGE_PAGE - self._start
-            stop = min(max(boundary, start + _PAGE), len(self.data))
+            stop = min(start + to_huge_page_end(self._start + start), len(self.data))
             began = self._clock()
             self._populate(start, stop)
             took = self._clock() - began
