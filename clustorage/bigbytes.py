@@ -1,40 +1,50 @@
-"""A big ``bytes`` value made in huge pages, from the buffer it arrived in.
+"""A big ``bytes`` value made in huge pages, straight from the network or from a buffer.
 
 Unpickling a big bytes value copies it into a new bytes object, whose memory malloc maps
-fresh in 4 KiB pages: on a 100 MB value the page faults cost several times the copy itself
-(80-100 ms against about 20 ms). :func:`copy_to_bytes` makes the bytes object first, asks
-the kernel for huge pages under it (Linux THP, ``MADV_HUGEPAGE``) before anything touches
-them, then copies the value in: a fault per 2 MiB instead of per 4 KiB (unless huge pages
-prove dearer here as it copies: see :mod:`clustorage.fresh_memory`).
+fresh in 4 KiB pages: on a 100 MB value the page faults cost several times the copy itself.
+A :class:`Landing` makes the bytes object first (``PyBytes_FromStringAndSize`` with no
+data, as CPython's own C code does before anyone else can see it, here through ctypes),
+maps its pages ahead in huge pages while they are cheap (:mod:`clustorage.fresh_memory`),
+and is filled in place:
 
-This is what CPython's own C code does with a bytes object (``PyBytes_FromStringAndSize``
-with no data, then filling it) before anyone else can see it, done here through ctypes.
-Where that is not possible (not CPython, a read-only source) :func:`copy_to_bytes` returns
-None and the caller unpickles as usual; without THP it makes the bytes object all the same.
+- a member receives a big bytes value straight into one (``bulk.ArrivingFrame``): no
+  receive buffer to fault in and no copy out of it. On a virtual machine the first touch of
+  memory the guest has not used lately costs the host's fault too: a 100 MB first get took
+  139-174 ms with a receive buffer and a copy, 82-114 ms landing in place;
+- :func:`copy_to_bytes` copies one out of a writable buffer it arrived in (the loader's).
 
-A source that nobody will read again (``release``: a member's answer, arrived into fresh
-memory) is given back to the system page by page as it is copied (``MADV_DONTNEED``), so that
-the value's pages, faulted in as the copy goes, are those same pages again. On a virtual
-machine the first touch of memory the guest has not used lately costs the host's fault too,
-several times the copy (a 100 MB value: 120-290 ms copied into fresh memory, 35-60 ms
-releasing as it goes); and the process holds one copy of the value instead of two.
+Where that is not possible (not CPython, a read-only source) the value is unpickled as
+usual; without THP the bytes object is made all the same.
 """
 
 from __future__ import annotations
 
 import ctypes
-import mmap
+import os
 import platform
+from collections.abc import Callable
 from time import thread_time
 from typing import Any
 
-from .bulk import OWNED_AT
-from .fresh_memory import HUGE_BY_DEFAULT, HUGE_PAGE, HugePageCost, to_huge_page_end
+from .fresh_memory import PagesAhead
 
-__all__ = ["COPY_AT", "copy_to_bytes"]
+__all__ = [
+    "BIG_BYTES_END",
+    "BIG_BYTES_HEAD",
+    "CAN_LAND",
+    "COPY_AT",
+    "HEAD_SIZE",
+    "Landing",
+    "copy_to_bytes",
+    "landing_size",
+]
 
-COPY_AT = OWNED_AT  # bytes: below this, huge pages save too little to matter
-_PAGE = mmap.PAGESIZE
+COPY_AT = 1 << 23  # bytes: below this, huge pages save too little to matter
+# A payload that is one big pickled bytes and nothing else (protocol 5): PROTO, BINBYTES
+# and its 4-byte length, the bytes, MEMOIZE, STOP.
+BIG_BYTES_HEAD = b"\x80\x05B"
+BIG_BYTES_END = b"\x94."
+HEAD_SIZE = len(BIG_BYTES_HEAD) + 4
 _DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob_sval)
 
 
@@ -56,64 +66,58 @@ def _tools() -> tuple[Any, Any] | None:
 
 
 _TOOLS = _tools()
+CAN_LAND = _TOOLS is not None  # whether a value can be received into a bytes object (Landing)
 
 
-def copy_to_bytes(
-    source: memoryview, *, release: bool = False, huge_pages: bool = True
-) -> bytes | None:
+def landing_size(head: bytes | memoryview, blob: int) -> int | None:
+    """The size of the bytes value a payload of ``blob`` bytes holds, from its first
+    HEAD_SIZE bytes, if it is one big pickled bytes (see :class:`Landing`); else None."""
+    if blob < COPY_AT or _TOOLS is None or bytes(head[:3]) != BIG_BYTES_HEAD:
+        return None
+    size = int.from_bytes(head[3:HEAD_SIZE], "little")
+    return size if size == blob - HEAD_SIZE - len(BIG_BYTES_END) else None
+
+
+class Landing(PagesAhead):
+    """A new bytes object of ``size`` bytes (``value``) that a big bytes value arriving is
+    received straight into (``view``, writable), before anyone else can see it: no receive
+    buffer to fault in and copy out of. Its pages are mapped ahead as for a receive buffer
+    (:class:`~clustorage.fresh_memory.PagesAhead`)."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = thread_time) -> None:
+        assert _TOOLS is not None, "landing_size says whether a value can land"
+        new_bytes, self._libc_madvise = _TOOLS
+        self.value: bytes = new_bytes(None, size)
+        if type(self.value) is not bytes or len(self.value) != size:
+            raise MemoryError(f"no bytes object of {size} bytes")
+        start = id(self.value) + _DATA_OFFSET
+        memory = (ctypes.c_char * size).from_address(start)
+        # A view of it (a part on a hashing thread) keeps the bytes object alive.
+        memory.owner = self.value  # type: ignore[attr-defined]
+        self.view = memoryview(memory).cast("B")
+        super().__init__(start, size, clock)
+
+    def _madvise(self, advice: int, address: int, length: int) -> None:
+        if self._libc_madvise(address, length, advice) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def _touch(self, address: int) -> None:
+        cell = ctypes.c_ubyte.from_address(address)
+        cell.value = cell.value
+
+
+def copy_to_bytes(source: memoryview) -> bytes | None:
     """A new bytes object with ``source``'s bytes (a writable, contiguous byte view of at
-    least COPY_AT bytes), in huge pages; None where that cannot be done (then copy it as
-    usual). ``release``: ``source``'s whole pages are given back as they are copied, and
-    read as zeros afterwards (only for memory nothing else reads). ``huge_pages``: False
-    when they were just found dear (then 4 KiB pages from the start)."""
+    least COPY_AT bytes), its pages mapped first as a :class:`Landing`'s are; None where
+    that cannot be done (then copy it as usual)."""
     size = source.nbytes
-    if _TOOLS is None or size < COPY_AT or source.readonly or not source.c_contiguous:
+    if not CAN_LAND or size < COPY_AT or source.readonly or not source.c_contiguous:
         return None
-    new_bytes, madvise = _TOOLS
-    value = new_bytes(None, size)
-    if type(value) is not bytes or len(value) != size:
-        return None
-    start = id(value) + _DATA_OFFSET
-    first = -(-start // HUGE_PAGE) * HUGE_PAGE
-    last = (start + size) // HUGE_PAGE * HUGE_PAGE
-    cost = HugePageCost()
-    if last <= first:
-        cost.cheap = False
-    elif cost.cheap:  # the kernel has them; a refusal leaves the pages as they were
-        cost.cheap = huge_pages
-        # Advice outlives the object where malloc keeps the memory: none unless needed.
-        if huge_pages or HUGE_BY_DEFAULT:
-            advice = mmap.MADV_HUGEPAGE if huge_pages else mmap.MADV_NOHUGEPAGE
-            madvise(first, last - first, advice)
-    origin = ctypes.c_char.from_buffer(source)
     try:
-        _copy(madvise, start, ctypes.addressof(origin), size, cost, release)
-    finally:
-        del origin  # lets the source's owner be closed or resized again
-    return value
-
-
-def _copy(
-    madvise: Any, target: int, source: int, size: int, cost: HugePageCost, release: bool
-) -> None:
-    """Copy ``size`` bytes from ``source`` to ``target`` a huge page of the target at a
-    time, each timed: two slow ones in a row turn the rest to 4 KiB pages. ``release``:
-    each whole page of the source is given back once it is copied."""
-    released = -(-source // _PAGE) * _PAGE  # a page partly outside the source stays
-    done = 0
-    while done < size:
-        step = min(size - done, to_huge_page_end(target + done))
-        began = thread_time()
-        ctypes.memmove(target + done, source + done, step)
-        took = thread_time() - began
-        done += step
-        if release:
-            copied = (source + done) // _PAGE * _PAGE
-            if copied > released:
-                madvise(released, copied - released, mmap.MADV_DONTNEED)
-                released = copied
-        if cost.cheap and step == HUGE_PAGE and not cost.took(took):
-            rest = target + done
-            end = (target + size) // HUGE_PAGE * HUGE_PAGE
-            if end > rest:
-                madvise(rest, end - rest, mmap.MADV_NOHUGEPAGE)
+        land = Landing(size, thread_time)
+    except MemoryError:
+        return None
+    land.map_until(size)
+    land.view[:] = source.cast("B")
+    return land.value

@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from .bigbytes import BIG_BYTES_END, CAN_LAND, COPY_AT, HEAD_SIZE, Landing, landing_size
 from .errors import LocalProtocolError
 from .fresh_memory import FreshMemory
 from .messages import Blob
@@ -57,8 +58,6 @@ __all__ = [
     "BASELINE_DIGEST",
     "BULK_DIGESTS",
     "HASHING_THREADS",
-    "OWNED",
-    "OWNED_AT",
     "RECYCLED",
     "RECYCLE_AT",
     "RECYCLE_IDLE",
@@ -66,7 +65,7 @@ __all__ = [
     "THREAD_HASH_AT",
     "VERIFIED",
     "ArrivingFrame",
-    "OwnedBlobs",
+    "ReceiveBuffer",
     "RecycledBuffers",
     "Spill",
     "SpilledBlobs",
@@ -74,6 +73,7 @@ __all__ = [
     "VerifiedDigests",
     "abandon_hashing",
     "bulk_digests_by_speed",
+    "landed",
     "new_hasher",
     "sending_hasher",
 ]
@@ -232,32 +232,25 @@ class SpilledBlobs(_ByBuffer[Spill]):
 SPILLED = SpilledBlobs()
 
 
-class OwnedBlobs(_ByBuffer[bool]):
-    """Verified blobs a member received into fresh memory, which only the one reader of the
-    answer will read: :func:`bigbytes.copy_to_bytes` may give their pages back as it copies
-    them out, so that the value's new pages are ones the system has just had in use. (On a
-    virtual machine, memory a process has not touched before can cost several times a copy
-    to fault in: the host backs it too.)"""
+class ReceiveBuffer(mmap.mmap):
+    """A big frame's receive buffer. ``landed``: (the blob's length, its value), when the
+    blob was one big pickled bytes that a member received straight into a bytes object of
+    its own (:class:`~clustorage.bigbytes.Landing`): the buffer's tail then holds only the
+    pickle's opcodes around zeros, and :func:`landed` gives the value."""
 
-    def __init__(self, size: int = 4) -> None:
-        super().__init__(size)
+    __slots__ = ("landed",)
 
-    def remember(self, owner: Any, length: int, huge_pages: bool) -> None:
-        """``huge_pages``: whether they were cheap when its buffer was mapped."""
-        self._put(owner, length, huge_pages)
-
-    def take(self, blob: Blob) -> bool | None:
-        """None unless ``blob`` is such a blob (it is one no more: it is read once); else
-        whether huge pages were cheap when its buffer was mapped."""
-        return self._get(blob, take=True)
-
-    def forget(self, owner: Any) -> None:
-        """``owner`` is about to hold other bytes (a receive buffer used again)."""
-        self._drop(owner)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.landed: tuple[int, bytes] | None = None
 
 
-OWNED = OwnedBlobs()
-OWNED_AT = 1 << 23  # bytes: the blobs worth taking apart (bigbytes.COPY_AT)
+def landed(blob: Blob) -> bytes | None:
+    """The value that ``blob`` (a verified frame's blob) was received into, if it landed."""
+    owner = blob.obj if isinstance(blob, memoryview) else blob
+    if type(owner) is not ReceiveBuffer or owner.landed is None:
+        return None
+    length, value = owner.landed
+    return value if length == len(blob) else None
 
 
 def _discard_spill(holder: list[Spill | None]) -> None:
@@ -393,10 +386,10 @@ class RecycledBuffers:
         self._count = count
         self._limit = limit
         self._lock = threading.Lock()
-        self._buffers: list[mmap.mmap] = []
+        self._buffers: list[ReceiveBuffer] = []
         self._free_since: dict[int, float] = {}  # id of a kept buffer -> when first seen free
 
-    def take(self, length: int) -> mmap.mmap | None:
+    def take(self, length: int) -> ReceiveBuffer | None:
         """A free buffer of exactly ``length`` bytes, or None."""
         with self._lock:
             buffers = self._buffers
@@ -408,7 +401,7 @@ class RecycledBuffers:
                     return buffer
         return None
 
-    def keep(self, buffer: mmap.mmap) -> None:
+    def keep(self, buffer: ReceiveBuffer) -> None:
         """Keep ``buffer`` (just made for a frame) for a later frame once it is free."""
         if _UNUSED < 0:
             return
@@ -419,6 +412,12 @@ class RecycledBuffers:
                 del self._buffers[0]
             kept = {id(buffer) for buffer in self._buffers}
             self._free_since = {k: t for k, t in self._free_since.items() if k in kept}
+
+    def forget(self, buffer: ReceiveBuffer) -> None:
+        """Keep ``buffer`` no more (its pages will not be there for a later frame)."""
+        with self._lock:
+            self._buffers = [kept for kept in self._buffers if kept is not buffer]
+            self._free_since.pop(id(buffer), None)
 
     def sweep(self, now: float, idle: float | None = None) -> None:
         """Let go of the buffers free since ``idle`` seconds (RECYCLE_IDLE) before ``now``
@@ -450,7 +449,12 @@ RECYCLED = RecycledBuffers()
 
 
 class ArrivingFrame:
-    """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in."""
+    """A bulk frame arriving: its payload buffer, filled and hashed as bytes come in.
+
+    A member's blob that turns out to be one big pickled bytes lands straight in a bytes
+    object of its own (``land``, decided once the bytes before the value are in): the
+    receive buffer gets the rest, and the value is not copied out of it afterwards. Every
+    part given to :meth:`room` or taken by :meth:`feed` lies in one of the two."""
 
     __slots__ = (
         "__weakref__",
@@ -461,8 +465,9 @@ class ArrivingFrame:
         "fresh",
         "hasher",
         "header",
+        "land",
+        "land_from",
         "length",
-        "owned",
         "seq",
         "spill",
     )
@@ -476,11 +481,10 @@ class ArrivingFrame:
         algorithm: str | None,
         populate: bool,
         spiller: Spiller | None = None,
-        *,
-        owned: bool = False,
     ) -> None:
-        """``owned``: only the reader of this frame's answer reads its blob (a member's
-        frames), so that, arrived into fresh memory, it may be taken apart (OWNED)."""
+        """``populate``: the sender's header is trusted (a member's frames, from its loader):
+        the whole buffer is mapped up front, and a big bytes value lands in a bytes object
+        of its own, made once its size is known."""
         self.header = header
         self.length = length
         self.seq = seq
@@ -489,18 +493,24 @@ class ArrivingFrame:
         # front, when ``populate``), in huge pages while they are cheap here (fresh_memory).
         recycled = RECYCLED.take(length) if length >= RECYCLE_AT else None
         self.fresh: FreshMemory | None = None
+        self.data: ReceiveBuffer
         if recycled is not None:  # its pages are there already; every byte is written over
             VERIFIED.forget(recycled)
             SPILLED.forget(recycled)
-            OWNED.forget(recycled)
+            recycled.landed = None
             self.data = recycled
         else:
-            self.fresh = FreshMemory(length)
-            self.data = self.fresh.data
+            self.fresh = FreshMemory(length, buffer_type=ReceiveBuffer)
+            self.data = self.fresh.data  # type: ignore[assignment]
             if length >= RECYCLE_AT:
                 RECYCLED.keep(self.data)
         self.ahead = length if populate else MAP_AHEAD
-        self.owned = owned and recycled is None  # a recycled buffer's pages are worth keeping
+        self.land: Landing | None = None
+        # Where the value would start, if the blob is one big pickled bytes (None: it is
+        # not, or not to land); until then the buffer is mapped no further than that.
+        self.land_from = (
+            self.blob_start + HEAD_SIZE if populate and blob >= COPY_AT and CAN_LAND else None
+        )
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
         if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
@@ -519,48 +529,96 @@ class ArrivingFrame:
         if isinstance(self.hasher, _HashingThread):
             self.hasher.abandon()
         _discard_spill(self.spill)
+        self.land = None
 
     def verified(self) -> None:
         """Every byte is in and the frame checked: its spill, if any, goes to SPILLED."""
         spill, self.spill[0] = self.spill[0], None
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
-        if self.owned and self.length - self.blob_start >= OWNED_AT:
-            cheap = self.fresh is None or self.fresh.cost.cheap
-            OWNED.remember(self.data, self.length - self.blob_start, cheap)
+        land, self.land = self.land, None
+        if land is not None and self.land_from is not None:
+            end = self.land_from + land.length
+            if self.data[end:] == BIG_BYTES_END:
+                self.data.landed = (self.length - self.blob_start, land.value)
+                return
+            self.data[self.land_from : end] = land.view  # not a pickled bytes after all
 
     def room(self) -> memoryview:
-        """The rest of the payload's buffer, its next pages mapped: to receive into."""
-        if self.fresh is not None:
-            self.fresh.map_until(self.filled + self.ahead)
-        return memoryview(self.data)[self.filled :]
+        """Where the next bytes of the payload go, its next pages mapped: to receive into."""
+        at, land, land_from = self.filled, self.land, self.land_from
+        if land is not None and land_from is not None and at < land_from + land.length:
+            land.map_until(at - land_from + self.ahead)
+            return land.view[at - land_from :]
+        if land_from is None:
+            if self.fresh is not None:
+                self.fresh.map_until(at + self.ahead)
+            return memoryview(self.data)[at:]
+        # Not mapped ahead: only the few bytes before the value, or the two after it, land here.
+        return memoryview(self.data)[at : land_from if at < land_from else self.length]
 
     def feed(self, data: memoryview) -> int:
         """Copy in what belongs to the payload; returns how many bytes of ``data`` it took."""
-        take = min(len(data), self.length - self.filled)
-        if self.fresh is not None:
-            self.fresh.map_until(self.filled + max(take, self.ahead))
-        self.data[self.filled : self.filled + take] = data[:take]
-        self.account(take)
-        return take
+        taken = 0
+        while taken < len(data) and self.filled < self.length:
+            room = self.room()
+            size = min(len(room), len(data) - taken)
+            room[:size] = data[taken : taken + size]
+            self.account(size)
+            taken += size
+        return taken
 
     def account(self, size: int) -> None:
-        """``size`` more bytes of the payload are in ``data``: hash those of the blob."""
+        """``size`` more bytes of the payload are in :meth:`room`: hash those of the blob."""
         start, end = self.filled, self.filled + size
         if end > self.blob_start:
-            part = memoryview(self.data)[max(start, self.blob_start) : end]
+            part = self._written(max(start, self.blob_start), end)
             self.hasher.update(part)
             if (spill := self.spill[0]) is not None:
                 spill.write(part)
         self.filled = end
+        if end == self.land_from and self.land is None:
+            self._decide_landing()
+
+    def _written(self, start: int, end: int) -> memoryview:
+        land, land_from = self.land, self.land_from
+        if (
+            land is not None
+            and land_from is not None
+            and land_from <= start < land_from + land.length
+        ):
+            return land.view[start - land_from : end - land_from]
+        return memoryview(self.data)[start:end]
+
+    def _decide_landing(self) -> None:
+        """The bytes before the value are in: whether the blob is one big pickled bytes,
+        which then lands in a bytes object of its own."""
+        assert self.land_from is not None
+        head = memoryview(self.data)[self.blob_start : self.land_from]
+        size = landing_size(head, self.length - self.blob_start)
+        if size is not None:
+            try:
+                self.land = Landing(size)
+            except MemoryError:
+                self.land = None
+        if self.land is None:
+            self.land_from = None  # the rest arrives here, mapped ahead as usual
+        else:
+            RECYCLED.forget(self.data)  # its pages will not be there for the next frame
 
     def clone(self) -> ArrivingFrame:
         """An independent copy: its own buffer, and a plain hash state of what came so far."""
         clone = copy.copy(self)
-        clone.data = mmap.mmap(-1, self.length)
+        clone.data = ReceiveBuffer(-1, self.length)
         clone.data[:] = self.data[:]
+        land, land_from = self.land, self.land_from
+        if land is not None and land_from is not None:
+            upto = min(self.filled, land_from + land.length)
+            if upto > land_from:
+                clone.data[land_from:upto] = land.view[: upto - land_from]
+        clone.land = None
+        clone.land_from = None
         clone.hasher = self.hasher.copy()
         clone.spill = [None]
-        clone.owned = False
         clone.fresh = None
         return clone

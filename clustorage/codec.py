@@ -8,8 +8,8 @@ from typing import Any
 
 import cloudpickle
 
-from .bigbytes import COPY_AT, copy_to_bytes
-from .bulk import OWNED
+from .bigbytes import BIG_BYTES_END, BIG_BYTES_HEAD, COPY_AT, copy_to_bytes
+from .bulk import landed
 from .errors import ValueTooLarge
 from .messages import Blob, Gathered, Payload
 
@@ -20,7 +20,6 @@ __all__ = [
     "dump_borrowing",
     "load",
     "size_limit",
-    "take_big_bytes",
 ]
 
 # Framing and message envelope around a payload, with room to spare.
@@ -31,10 +30,6 @@ SPLIT_IT = "store it as several smaller values"
 # How a payload with out-of-band buffers starts (a pickle starts with its PROTO opcode,
 # 0x80): then the number of buffers, the pickle's length and each buffer's, little-endian.
 _OUT_OF_BAND = b"\x00oob"
-# How a pickled bytes value of 256 B to 4 GiB starts (PROTO 5, BINBYTES) and ends (MEMOIZE,
-# STOP); pickle writes a big one's data between them, unframed.
-_BIG_BYTES = b"\x80\x05B"
-_BIG_BYTES_END = b"\x94."
 
 
 # Values of these types pickle the same with plain pickle, which is several times faster.
@@ -150,34 +145,28 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
     )
 
 
-def _big_bytes(payload: Blob, release: bool = False, huge_pages: bool = True) -> bytes | None:
+def _big_bytes(payload: Blob) -> bytes | None:
     """The value of a payload that is one big pickled bytes and nothing else (protocol 5:
     PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP), copied into huge pages; or
-    None (then unpickle it). ``release`` and ``huge_pages`` as for ``copy_to_bytes``."""
-    if len(payload) < COPY_AT or payload[:3] != _BIG_BYTES or payload[-2:] != _BIG_BYTES_END:
+    None (then unpickle it)."""
+    if len(payload) < COPY_AT or payload[:3] != BIG_BYTES_HEAD or payload[-2:] != BIG_BYTES_END:
         return None
     view = memoryview(payload)
     (size,) = struct.unpack_from("<I", view, 3)
     if size != len(view) - 9:
         return None
-    return copy_to_bytes(view[7 : 7 + size], release=release, huge_pages=huge_pages)
-
-
-def take_big_bytes(payload: Blob) -> bytes | None:
-    """The value of an answer's payload that is one big bytes, arrived into memory of its own
-    that only this caller reads (``bulk.OWNED``), copied out as that memory is given back;
-    else None (load it). The payload reads as zeros afterwards."""
-    if len(payload) < COPY_AT or (huge_pages := OWNED.take(payload)) is None:
-        return None
-    return _big_bytes(payload, release=True, huge_pages=huge_pages)
+    return copy_to_bytes(view[7 : 7 + size])
 
 
 def load(payload: Blob) -> Any:
     """Deserialize a payload made by :func:`dump` or :func:`dump_borrowing` (from an
     authenticated peer only). Out-of-band buffers are handed to the value as views of
-    ``payload``, not copied; a big bytes value is copied into huge pages (bigbytes)."""
+    ``payload``, not copied; a big bytes value is copied into huge pages (bigbytes), unless
+    it was received straight into a bytes object (``bulk.landed``)."""
     if payload[:4] != _OUT_OF_BAND:
-        value = _big_bytes(payload)
+        value = None if len(payload) < COPY_AT else landed(payload)
+        if value is None:
+            value = _big_bytes(payload)
         return pickle.loads(payload) if value is None else value
     view = memoryview(payload)
     (count,) = struct.unpack_from("<I", view, 4)

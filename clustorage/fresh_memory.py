@@ -31,6 +31,7 @@ __all__ = [
     "HUGE_PAGES",
     "FreshMemory",
     "HugePageCost",
+    "PagesAhead",
     "thp_setting",
     "to_huge_page_end",
 ]
@@ -99,29 +100,32 @@ def _address(data: mmap.mmap) -> int:
         del anchor  # lets the map be closed again
 
 
-class FreshMemory:
-    """A new anonymous map of ``length`` bytes, its pages mapped in as asked for
-    (:meth:`map_until`), in huge pages while they stay cheap, else in 4 KiB pages."""
+class PagesAhead:
+    """``length`` bytes of private anonymous memory from address ``start``, their pages
+    mapped in as asked for (:meth:`map_until`), in huge pages while they stay cheap, else in
+    4 KiB pages. The memory itself is the subclass's (:class:`FreshMemory`, or a big bytes
+    value's, see ``bigbytes``)."""
 
-    def __init__(self, length: int, clock: Callable[[], float] = time.thread_time) -> None:
-        self.data = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.mapped = 0  # data[:mapped] has its pages
+    def __init__(self, start: int, length: int, clock: Callable[[], float]) -> None:
+        self.length = length
+        self.mapped = 0  # [start, start + mapped) has its pages
         self.cost = HugePageCost()
+        self._start = start
         self._clock = clock  # the thread's CPU time: not another thread's turn, if preempted
-        self._start = _address(self.data) if self.cost.cheap else 0
         if self.cost.cheap:
             self._advise(mmap.MADV_HUGEPAGE, 0)
 
     def map_until(self, end: int) -> None:
-        """Map the pages of ``data[:end]`` that are not mapped yet (never changing a byte)."""
-        end = min(end, len(self.data))
+        """Map the pages of the first ``end`` bytes that are not mapped yet (never changing
+        a byte)."""
+        end = min(end, self.length)
         while self.mapped < end:
             start = self.mapped
             if not self.cost.cheap:
                 self._populate(start, end)
                 self.mapped = end
                 return
-            stop = min(start + to_huge_page_end(self._start + start), len(self.data))
+            stop = min(start + to_huge_page_end(self._start + start), self.length)
             began = self._clock()
             self._populate(start, stop)
             took = self._clock() - began
@@ -129,23 +133,54 @@ class FreshMemory:
             if stop - start == HUGE_PAGE and not self.cost.took(took):
                 self._advise(_NO_HUGE_PAGES, stop)
 
+    def _madvise(self, advice: int, address: int, length: int) -> None:
+        """``madvise`` on whole pages (``address`` is a page's); OSError if refused."""
+        raise NotImplementedError
+
+    def _touch(self, address: int) -> None:
+        """Read and write back the byte at ``address``."""
+        raise NotImplementedError
+
     def _populate(self, start: int, end: int) -> None:
-        first = start // _PAGE * _PAGE
+        first = (self._start + start) // _PAGE * _PAGE
+        last = self._start + end
         if _kernel.populate_write:
             try:
-                self.data.madvise(_POPULATE_WRITE, first, end - first)
+                self._madvise(_POPULATE_WRITE, first, last - first)
                 return
             except OSError as exc:  # no memory: the pages come as bytes do, or not at all
                 if exc.errno != errno.EINVAL:
                     return
                 _kernel.populate_write = False  # an older kernel: touch each page instead
-        data = self.data
-        for offset in range(first, end, _PAGE):
-            data[offset] = data[offset]
+        for address in range(max(first, self._start), last, _PAGE):
+            self._touch(address)
 
     def _advise(self, advice: int | None, start: int) -> None:
-        if advice is None or not HUGE_PAGES or start >= len(self.data):
+        if advice is None or not HUGE_PAGES or start >= self.length:
             return
-        first = start // _PAGE * _PAGE
-        with contextlib.suppress(OSError):  # only ever faster: never a reason to refuse
-            self.data.madvise(advice, first, len(self.data) - first)
+        first = -(-(self._start + start) // _PAGE) * _PAGE  # a page partly before stays
+        last = self._start + self.length
+        if last > first:
+            with contextlib.suppress(OSError):  # only ever faster: never a reason to refuse
+                self._madvise(advice, first, last - first)
+
+
+class FreshMemory(PagesAhead):
+    """A new anonymous map of ``length`` bytes (``data``, a ``buffer_type``: mmap.mmap or
+    a subclass), its pages mapped in as asked for."""
+
+    def __init__(
+        self,
+        length: int,
+        clock: Callable[[], float] = time.thread_time,
+        buffer_type: type[mmap.mmap] = mmap.mmap,
+    ) -> None:
+        self.data = buffer_type(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        super().__init__(_address(self.data), length, clock)
+
+    def _madvise(self, advice: int, address: int, length: int) -> None:
+        self.data.madvise(advice, address - self._start, length)
+
+    def _touch(self, address: int) -> None:
+        offset = address - self._start
+        self.data[offset] = self.data[offset]

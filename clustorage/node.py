@@ -389,16 +389,7 @@ class Node:
 
     def _install(self, entry: Entry, obj: Any = MISSING, *, epoch: int | None = None) -> Any:
         """Install an answer's entry (unless something newer is here); the answer's object."""
-        replica = self._replica
-        if (
-            obj is MISSING
-            and entry.kind == VALUE
-            and (replica.announced(entry.key) or replica.version(VALUE, entry.key) < entry.version)
-        ):  # a version to install, whose answer only this thread reads: copied out once
-            taken = codec.take_big_bytes(entry.payload)
-            if taken is not None:
-                obj = taken
-        replica.install(entry, obj, epoch=epoch)
+        self._replica.install(entry, obj, epoch=epoch)
         if obj is not MISSING:
             return obj
         table = self._functions if entry.kind == FUNCTION else self._values

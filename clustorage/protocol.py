@@ -523,7 +523,6 @@ class Connection:
                     algorithm,
                     populate,
                     self._spiller,
-                    owned=populate,
                 )
             except OSError as exc:
                 raise FrameTooLarge(f"cannot take a frame of {length} bytes: {exc}") from exc

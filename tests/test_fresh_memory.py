@@ -4,6 +4,7 @@ A fake clock stands for slow huge pages."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import mmap
 from collections.abc import Callable, Iterator
@@ -99,15 +100,11 @@ def test_a_buffer_of_a_page_or_two_is_mapped_whole() -> None:
         assert memory.mapped == length and memory.data[:] == bytes(length)
 
 
-@pytest.mark.parametrize("release", [False, True])
-@pytest.mark.parametrize(("slow", "huge_pages"), [(False, True), (True, True), (False, False)])
-def test_a_big_bytes_value_is_copied_whole(
-    monkeypatch: pytest.MonkeyPatch, release: bool, slow: bool, huge_pages: bool
-) -> None:
-    """bigbytes copies a huge page at a time, switching to small pages when they are slow
-    (a fake clock), or in small pages from the start (``huge_pages=False``, when the
-    receive buffer found huge pages dear): the value is the source's bytes either way; a
-    released source reads as zeros where whole pages of it were copied."""
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_big_bytes_value_is_copied_whole(monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
+    """bigbytes maps the new value's pages a huge page at a time, switching to small pages
+    when they are slow (a fake clock), then copies: the value is the source's bytes either
+    way, and the source is left as it was."""
     if slow:
         monkeypatch.setattr(bigbytes, "thread_time", clock([1.0] * 1000))
     size = 5 * HUGE_PAGE + 4321
@@ -115,12 +112,35 @@ def test_a_big_bytes_value_is_copied_whole(
     pattern = bytes(range(251)) * (size // 251 + 1)
     source.data[123 : 123 + size] = pattern[:size]
     view = memoryview(source.data)[123 : 123 + size]
-    value = bigbytes.copy_to_bytes(view, release=release, huge_pages=huge_pages)
+    value = bigbytes.copy_to_bytes(view)
     if value is None:
         pytest.skip("bigbytes needs CPython and ctypes")
     assert type(value) is bytes and value == pattern[:size]
-    if release:
-        assert source.data[mmap.PAGESIZE : 2 * mmap.PAGESIZE] == bytes(mmap.PAGESIZE)
+    assert source.data[123 : 123 + size] == pattern[:size]
+
+
+@pytest.mark.skipif(not bigbytes.CAN_LAND, reason="landing needs CPython and ctypes")
+@pytest.mark.parametrize("populate_write", [True, False])
+def test_a_landing_is_a_new_bytes_object_filled_in_place(populate_write: bool) -> None:
+    """A Landing's value is a bytes object nobody else has seen; its pages map a huge page at
+    a time (slow ones, by a fake clock, turn the rest to small pages), by MADV_POPULATE_WRITE
+    or, on an older kernel, a touch per page that changes no byte; a view of it keeps the
+    value alive after the landing is gone."""
+    fresh_memory._kernel.populate_write = populate_write
+    size = 3 * HUGE_PAGE + 777
+    slow = COLD_HUGE_PAGE * 2
+    land = bigbytes.Landing(size, clock=clock([slow] * 10))
+    assert type(land.value) is bytes and len(land.value) == size
+    pattern = bytes(range(253)) * (size // 253 + 1)
+    land.view[: HUGE_PAGE // 2] = pattern[: HUGE_PAGE // 2]
+    land.map_until(size)
+    assert land.mapped == size and land.value[: HUGE_PAGE // 2] == pattern[: HUGE_PAGE // 2]
+    assert not land.cost.cheap or not fresh_memory.HUGE_PAGES
+    land.view[:] = pattern[:size]
+    part = land.view[size - 10 :]
+    del land
+    gc.collect()
+    assert bytes(part) == pattern[size - 10 : size]
 
 
 def test_the_kernels_huge_page_setting_is_read_from_its_brackets() -> None:

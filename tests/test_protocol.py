@@ -1148,53 +1148,102 @@ def test_a_big_frame_arrives_into_the_buffer_of_one_that_is_gone(
     assert third == b"env" + blobs[2] and held == b"env" + blobs[0]
 
 
+def received_in_reads(conn: Connection, data: bytes, sizes: list[int]) -> list[bytes | memoryview]:
+    """The frames ``conn`` reads from ``data`` as a member reads its socket: straight into
+    the arriving frame's buffer where it offers one (at most ``sizes`` bytes per read, in
+    turn), else through ``read_frames``."""
+    frames: list[bytes | memoryview] = []
+    at, turn = 0, 0
+    while at < len(data):
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        space = conn.receive_buffer()
+        if space is None:
+            frames += conn.read_frames(data[at : at + size])
+            at += min(size, len(data) - at)
+            continue
+        size = min(size, len(space), len(data) - at)
+        space[:size] = data[at : at + size]
+        at += size
+        ended = conn.received_into(size)
+        assert ended is None  # not inside TLS: a tag follows
+    return frames
+
+
+BIG_VALUE = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
+
+
 @pytest.mark.timeout(30)
-def test_a_members_big_bytes_answer_is_copied_out_once_giving_its_pages_back(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("sizes", [[0], [65536], [5, 3, 1 << 20], [70_000, 2]])
+def test_a_members_big_bytes_value_lands_in_a_bytes_object_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, sizes: list[int]
 ) -> None:
-    """A big bytes value a member received into fresh memory comes out whole while that
-    memory's pages go back (they read as zeros after), and only once; one in a recycled
-    buffer, or one the loader received, is left as it was (it may be read again)."""
+    """A big bytes value that a member receives goes straight into a bytes object, whether
+    it comes in one piece or many (``sizes``: bytes per read; 0: the whole frame through
+    read_frames): the receive buffer's tail holds zeros where the value would be, and every
+    load of the payload gives that same object, which is not copied again; its buffer is
+    not kept for a later frame."""
     monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
     monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers())
-    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
-    payload = bytes(codec.dump_borrowing("k", value))
+    payload = bytes(codec.dump_borrowing("k", BIG_VALUE))
     pair = open_pair(max_frame=4 * len(payload))
-    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
-    assert isinstance(frame, memoryview)
+    data = bulk_frame(pair, b"env", payload, Role.SERVER)
+    if sizes == [0]:
+        (frame,) = pair.client.read_frames(data)
+    else:
+        (frame,) = received_in_reads(pair.client, data, sizes)
+    assert isinstance(frame, memoryview) and frame[:3] == b"env"
     blob = frame[3:]
-    taken = codec.take_big_bytes(blob)
-    assert type(taken) is bytes and taken == value
-    page = mmap.PAGESIZE
-    assert bytes(blob[2 * page : -2 * page]) == bytes(len(blob) - 4 * page)
-    assert codec.take_big_bytes(blob) is None  # read once
+    value = clustorage.bulk.landed(blob)
+    assert type(value) is bytes and value == BIG_VALUE
+    assert bytes(blob[64:-64]) == bytes(len(blob) - 128)  # never written: never mapped in
+    assert codec.load(blob) is value and codec.load(blob) is value
+    assert clustorage.bulk.landed(blob[:-1]) is None  # only the blob it was
     buffer = weakref.ref(frame.obj)
     del frame, blob
     gc.collect()
-
     (again,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
-    assert isinstance(again, memoryview) and again.obj is buffer()  # recycled: kept whole
-    assert codec.take_big_bytes(again[3:]) is None
-    assert codec.load(again[3:]) == value and again[3:] == payload
-
-    (received,) = pair.server.read_frames(bulk_frame(pair, b"env", payload))
-    assert isinstance(received, memoryview)
-    assert codec.take_big_bytes(received[3:]) is None  # the loader's: it sends it on
-    assert received[3:] == payload
+    assert isinstance(again, memoryview) and again.obj is not buffer()
+    assert codec.load(again[3:]) == BIG_VALUE
 
 
 @pytest.mark.timeout(30)
-def test_smaller_frames_after_a_big_answer_leave_it_to_be_taken() -> None:
-    """Frames a member receives between a big answer and its reader's take (pushes) do not
-    push the answer out of what may be taken apart."""
-    value = bytes(range(256)) * (codec.COPY_AT // 256 + 1)
-    payload = bytes(codec.dump_borrowing("k", value))
+def test_only_a_members_big_bytes_value_lands() -> None:
+    """The loader's frames never land (it does not make a value's memory from a member's
+    header alone); nor does a member's blob that is not one pickled bytes, or one whose
+    head says so and its tail does not (then it is copied back: the payload is whole)."""
+    payload = bytes(codec.dump_borrowing("k", BIG_VALUE))
     pair = open_pair(max_frame=4 * len(payload))
-    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
-    assert isinstance(frame, memoryview)
-    pushes = [
-        pair.client.read_frames(bulk_frame(pair, b"env", bytes(2 * BULK), Role.SERVER))
-        for _ in "123456"
-    ]
-    assert codec.take_big_bytes(frame[3:]) == value
-    assert len(pushes) == 6
+    (received,) = pair.server.read_frames(bulk_frame(pair, b"env", payload))
+    assert isinstance(received, memoryview) and received[3:] == payload
+    assert clustorage.bulk.landed(received[3:]) is None
+    assert codec.load(received[3:]) == BIG_VALUE
+
+    values = [[BIG_VALUE], bytearray(BIG_VALUE)]
+    for other in values:
+        other_payload = bytes(codec.dump("k", other))
+        (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", other_payload, Role.SERVER))
+        assert isinstance(frame, memoryview) and frame[3:] == other_payload
+        assert clustorage.bulk.landed(frame[3:]) is None and codec.load(frame[3:]) == other
+
+    lookalike = payload[:-2] + b"xy"  # the head of a pickled bytes, another tail
+    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", lookalike, Role.SERVER))
+    assert isinstance(frame, memoryview) and frame[3:] == lookalike
+    assert clustorage.bulk.landed(frame[3:]) is None
+
+
+@pytest.mark.timeout(30)
+def test_a_frame_cloned_while_its_value_lands_is_whole() -> None:
+    """A connection copied in the middle of a landing frame (``copy.deepcopy``) goes on
+    with a buffer of its own holding every byte that came so far."""
+    payload = bytes(codec.dump_borrowing("k", BIG_VALUE))
+    pair = open_pair(max_frame=4 * len(payload))
+    data = bulk_frame(pair, b"env", payload, Role.SERVER)
+    half = len(data) // 2
+    assert received_in_reads(pair.client, data[:half], [1 << 20]) == []
+    clone = copy.deepcopy(pair.client)
+    (frame,) = received_in_reads(pair.client, data[half:], [1 << 20])
+    (cloned,) = received_in_reads(clone, data[half:], [1 << 20])
+    assert isinstance(frame, memoryview) and isinstance(cloned, memoryview)
+    assert clustorage.bulk.landed(frame[3:]) == BIG_VALUE
+    assert cloned[3:] == payload and codec.load(cloned[3:]) == BIG_VALUE
