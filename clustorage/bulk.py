@@ -502,8 +502,6 @@ class ArrivingFrame:
         else:
             self.fresh = FreshMemory(length, buffer_type=ReceiveBuffer)
             self.data = self.fresh.data  # type: ignore[assignment]
-            if length >= RECYCLE_AT:
-                RECYCLED.keep(self.data)
         self.ahead = length if populate else MAP_AHEAD
         self.land: Landing | None = None
         # Where the value would start, if the blob is one big pickled bytes (None: it is
@@ -511,6 +509,8 @@ class ArrivingFrame:
         self.land_from = (
             self.blob_start + HEAD_SIZE if populate and blob >= COPY_AT and CAN_LAND else None
         )
+        if self.land_from is None:
+            self._keep_for_later()
         self.filled = 0
         self.hasher: Any = _NO_HASH if algorithm is None else new_hasher(algorithm)
         if algorithm is not None and blob >= THREAD_HASH_AT and _HashingThread.available():
@@ -541,8 +541,24 @@ class ArrivingFrame:
             end = self.land_from + land.length
             if self.data[end:] == BIG_BYTES_END:
                 self.data.landed = (self.length - self.blob_start, land.value)
+                VERIFIED.forget(self.data)  # its digest is not that of the bytes it holds
+                if self.fresh is None:  # recycled: another frame's bytes are there
+                    self._zero(self.land_from, end)
                 return
             self.data[self.land_from : end] = land.view  # not a pickled bytes after all
+
+    def _zero(self, start: int, end: int) -> None:
+        """``data[start:end]`` reads as zeros, its whole pages given back."""
+        first, last = (
+            -(-start // mmap.PAGESIZE) * mmap.PAGESIZE,
+            end // mmap.PAGESIZE * mmap.PAGESIZE,
+        )
+        if last > first:
+            self.data.madvise(mmap.MADV_DONTNEED, first, last - first)
+        else:
+            first = last = end
+        self.data[start:first] = bytes(first - start)
+        self.data[last:end] = bytes(end - last)
 
     def room(self) -> memoryview:
         """Where the next bytes of the payload go, its next pages mapped: to receive into."""
@@ -603,8 +619,14 @@ class ArrivingFrame:
                 self.land = None
         if self.land is None:
             self.land_from = None  # the rest arrives here, mapped ahead as usual
+            self._keep_for_later()
         else:
-            RECYCLED.forget(self.data)  # its pages will not be there for the next frame
+            RECYCLED.forget(self.data)  # a recycled one: its pages go back once verified
+
+    def _keep_for_later(self) -> None:
+        """A fresh buffer that fills whole: kept for a later frame of its size."""
+        if self.fresh is not None and self.length >= RECYCLE_AT:
+            RECYCLED.keep(self.data)
 
     def clone(self) -> ArrivingFrame:
         """An independent copy: its own buffer, and a plain hash state of what came so far."""

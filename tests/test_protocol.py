@@ -1208,6 +1208,57 @@ def test_a_members_big_bytes_value_lands_in_a_bytes_object_of_its_own(
 
 
 @pytest.mark.timeout(30)
+def test_a_value_landing_in_a_used_buffer_leaves_neither_its_bytes_nor_its_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value that lands in a receive buffer used before: the buffer's value region reads
+    as zeros, not as the frame before's bytes, and no digest is known for it (forwarding it
+    would hash what it holds); the buffer is not kept for another frame."""
+    monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers())
+    payload = bytes(codec.dump_borrowing("k", BIG_VALUE))
+    pair = open_pair(max_frame=4 * len(payload))
+    (first,) = pair.client.read_frames(bulk_frame(pair, b"env", b"Z" * len(payload), Role.SERVER))
+    assert isinstance(first, memoryview) and clustorage.bulk.landed(first[3:]) is None
+    buffer = weakref.ref(first.obj)
+    del first
+    gc.collect()
+    (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
+    assert isinstance(frame, memoryview) and frame.obj is buffer()
+    blob = frame[3:]
+    assert clustorage.bulk.landed(blob) == BIG_VALUE
+    assert bytes(blob[7:-2]) == bytes(len(blob) - 9)
+    assert clustorage.bulk.VERIFIED.find(blob, pair.client.bulk_digest) is None
+    del frame, blob
+    gc.collect()
+    (again,) = pair.client.read_frames(bulk_frame(pair, b"env", b"Y" * len(payload), Role.SERVER))
+    assert isinstance(again, memoryview) and again.obj is not buffer()
+
+
+@pytest.mark.timeout(30)
+def test_a_landing_frame_pushes_no_kept_buffer_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffers kept for later frames stay kept when a value lands: it needs none."""
+    monkeypatch.setattr(clustorage.bulk, "RECYCLE_AT", BULK)
+    monkeypatch.setattr(clustorage.bulk, "RECYCLED", RecycledBuffers(count=2))
+    payload = bytes(codec.dump_borrowing("k", BIG_VALUE))
+    pair = open_pair(max_frame=4 * len(payload))
+    sizes = (2 * BULK, 3 * BULK)
+    kept = []
+    for size in sizes:
+        (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", b"Z" * size, Role.SERVER))
+        assert isinstance(frame, memoryview)
+        kept.append(weakref.ref(frame.obj))
+        del frame
+    (landing,) = pair.client.read_frames(bulk_frame(pair, b"env", payload, Role.SERVER))
+    assert isinstance(landing, memoryview) and clustorage.bulk.landed(landing[3:]) == BIG_VALUE
+    gc.collect()
+    for size, buffer in zip(sizes, kept, strict=True):
+        (frame,) = pair.client.read_frames(bulk_frame(pair, b"env", b"Y" * size, Role.SERVER))
+        assert isinstance(frame, memoryview) and frame.obj is buffer()
+        del frame
+
+
+@pytest.mark.timeout(30)
 def test_only_a_members_big_bytes_value_lands() -> None:
     """The loader's frames never land (it does not make a value's memory from a member's
     header alone); nor does a member's blob that is not one pickled bytes, or one whose
