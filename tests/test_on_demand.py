@@ -84,8 +84,9 @@ def test_a_node_that_never_gets_a_big_value_receives_none_of_its_bytes(
 
 
 def test_a_first_get_of_a_big_bytes_value_holds_one_copy_of_it(cluster: Cluster) -> None:
-    """The member copies the value out of the memory it arrived in and gives that memory
-    back as it goes: its process grows by one copy of the value, not two."""
+    """The member receives the value straight into the bytes object it ends in (the
+    receive buffer's part for it is never touched): its process grows by one copy of the
+    value, not two."""
     cluster.start_loader(data=str(cluster.tmp / "data"))
     writer, reader = cluster.member("writer"), cluster.member("reader")
     writer.ok(f"node.put('big', bytes(range(256)) * ({SIZE} // 256))")
