@@ -532,7 +532,8 @@ class ArrivingFrame:
         self.land = None
 
     def verified(self) -> None:
-        """Every byte is in and the frame checked: its spill, if any, goes to SPILLED."""
+        """Every byte is in and the frame checked: its spill, if any, goes to SPILLED, and a
+        value that landed to its buffer's ``landed``."""
         spill, self.spill[0] = self.spill[0], None
         if spill is not None:
             SPILLED.remember(self.data, self.length - self.blob_start, spill)
@@ -549,10 +550,8 @@ class ArrivingFrame:
 
     def _zero(self, start: int, end: int) -> None:
         """``data[start:end]`` reads as zeros, its whole pages given back."""
-        first, last = (
-            -(-start // mmap.PAGESIZE) * mmap.PAGESIZE,
-            end // mmap.PAGESIZE * mmap.PAGESIZE,
-        )
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self.data.madvise(mmap.MADV_DONTNEED, first, last - first)
         else:
