@@ -72,7 +72,7 @@ CAN_LAND = _TOOLS is not None  # whether a value can be received into a bytes ob
 def landing_size(head: bytes | memoryview, blob: int) -> int | None:
     """The size of the bytes value a payload of ``blob`` bytes holds, from its first
     HEAD_SIZE bytes, if it is one big pickled bytes (see :class:`Landing`); else None."""
-    if blob < COPY_AT or _TOOLS is None or bytes(head[:3]) != BIG_BYTES_HEAD:
+    if blob < COPY_AT or bytes(head[:3]) != BIG_BYTES_HEAD:
         return None
     size = int.from_bytes(head[3:HEAD_SIZE], "little")
     return size if size == blob - HEAD_SIZE - len(BIG_BYTES_END) else None

@@ -8,7 +8,7 @@ from typing import Any
 
 import cloudpickle
 
-from .bigbytes import BIG_BYTES_END, BIG_BYTES_HEAD, COPY_AT, copy_to_bytes
+from .bigbytes import BIG_BYTES_END, COPY_AT, HEAD_SIZE, copy_to_bytes, landing_size
 from .bulk import landed
 from .errors import ValueTooLarge
 from .messages import Blob, Gathered, Payload
@@ -147,26 +147,26 @@ def _unserializable(key: str, value: Any, exc: Exception) -> TypeError:
 
 def _big_bytes(payload: Blob) -> bytes | None:
     """The value of a payload that is one big pickled bytes and nothing else (protocol 5:
-    PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP), copied into huge pages; or
+    PROTO, BINBYTES and its length, the bytes, MEMOIZE, STOP): the bytes object it was
+    received straight into (``bulk.landed``), or one it is copied into in huge pages; or
     None (then unpickle it)."""
-    if len(payload) < COPY_AT or payload[:3] != BIG_BYTES_HEAD or payload[-2:] != BIG_BYTES_END:
+    if len(payload) < COPY_AT:
         return None
-    view = memoryview(payload)
-    (size,) = struct.unpack_from("<I", view, 3)
-    if size != len(view) - 9:
+    value = landed(payload)
+    if value is not None:
+        return value
+    size = landing_size(payload[:HEAD_SIZE], len(payload))
+    if size is None or payload[-len(BIG_BYTES_END) :] != BIG_BYTES_END:
         return None
-    return copy_to_bytes(view[7 : 7 + size])
+    return copy_to_bytes(memoryview(payload)[HEAD_SIZE : HEAD_SIZE + size])
 
 
 def load(payload: Blob) -> Any:
     """Deserialize a payload made by :func:`dump` or :func:`dump_borrowing` (from an
     authenticated peer only). Out-of-band buffers are handed to the value as views of
-    ``payload``, not copied; a big bytes value is copied into huge pages (bigbytes), unless
-    it was received straight into a bytes object (``bulk.landed``)."""
+    ``payload``, not copied; a big bytes value is made in huge pages (bigbytes)."""
     if payload[:4] != _OUT_OF_BAND:
-        value = None if len(payload) < COPY_AT else landed(payload)
-        if value is None:
-            value = _big_bytes(payload)
+        value = _big_bytes(payload)
         return pickle.loads(payload) if value is None else value
     view = memoryview(payload)
     (count,) = struct.unpack_from("<I", view, 4)
