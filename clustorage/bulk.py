@@ -559,12 +559,21 @@ class ArrivingFrame:
         self.data[start:first] = bytes(first - start)
         self.data[last:end] = bytes(end - last)
 
+    def _landing_at(self, at: int) -> tuple[Landing, int] | None:
+        """The landing byte ``at`` of the payload goes to, and where in it; None if it goes
+        to the receive buffer."""
+        land, land_from = self.land, self.land_from
+        if land is None or land_from is None or not land_from <= at < land_from + land.length:
+            return None
+        return land, at - land_from
+
     def room(self) -> memoryview:
         """Where the next bytes of the payload go, its next pages mapped: to receive into."""
-        at, land, land_from = self.filled, self.land, self.land_from
-        if land is not None and land_from is not None and at < land_from + land.length:
-            land.map_until(at - land_from + self.ahead)
-            return land.view[at - land_from :]
+        at, land_from = self.filled, self.land_from
+        if (landing := self._landing_at(at)) is not None:
+            land, offset = landing
+            land.map_until(offset + self.ahead)
+            return land.view[offset:]
         if land_from is None:
             if self.fresh is not None:
                 self.fresh.map_until(at + self.ahead)
@@ -596,13 +605,9 @@ class ArrivingFrame:
             self._decide_landing()
 
     def _written(self, start: int, end: int) -> memoryview:
-        land, land_from = self.land, self.land_from
-        if (
-            land is not None
-            and land_from is not None
-            and land_from <= start < land_from + land.length
-        ):
-            return land.view[start - land_from : end - land_from]
+        if (landing := self._landing_at(start)) is not None:
+            land, offset = landing
+            return land.view[offset : offset + end - start]
         return memoryview(self.data)[start:end]
 
     def _decide_landing(self) -> None:
