@@ -459,17 +459,18 @@ class LoaderCore:
         what to call once it is done (not told after that, whatever the timer does)."""
         if asker is None or size < self._writes.off_loop_from:
             return _nothing
-        unanswered = [asker]
+        peer, rid = asker
+        done = False
 
         def tell() -> None:
-            for peer, rid in unanswered:
-                if self._alive(peer):
-                    peer.deliver(Queued(rid, "", QUEUED_AFTER))
+            if not done and self._alive(peer):
+                peer.deliver(Queued(rid, "", QUEUED_AFTER))
 
         timer = self._schedule(QUEUED_AFTER, tell)
 
         def answered() -> None:
-            unanswered.clear()
+            nonlocal done
+            done = True
             timer.cancel()
 
         return answered
