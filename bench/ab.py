@@ -12,6 +12,7 @@ machine; it prints each tree's median batch and their ratio.
     .venv/bin/python bench/ab.py /tmp/before . --tls            # the miss over TLS
     .venv/bin/python bench/ab.py BEFORE . --writes 8            # acked puts/s, 8 writers, durable
     .venv/bin/python bench/ab.py BEFORE . --durable             # the miss on the durable store
+    .venv/bin/python bench/ab.py BEFORE . --define 8            # a define acked by 8 members
     .venv/bin/python bench/ab.py . . --quick                    # the tests' check
 
 Identical trees come out within about ±3 % for the miss on the 2-core VM the figures in
@@ -117,6 +118,33 @@ for line in sys.stdin:
 """
 
 
+# The definer: a batch of defines, each acknowledged by every node, one after another; the
+# median in microseconds per line. The other members only stay connected (and acknowledge).
+DEFINER = r"""
+import statistics, sys, time, clustorage
+node = clustorage.Node("definer", sys.argv[1], cookie=sys.argv[2], timeout=60)
+expect, versions = int(sys.argv[3]), iter(range(1 << 30))
+print("ready", flush=True)
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        source = f"def bench_fn(x):\n    return x + {next(versions)}\n"
+        start = time.perf_counter()
+        definition = node.define("bench_fn", source, force=True)
+        times.append(time.perf_counter() - start)
+        if len(definition.installed) != expect:
+            sys.exit(f"acknowledged by {len(definition.installed)} nodes, not {expect}")
+    print(statistics.median(times) * 1e6, flush=True)
+"""
+
+IDLE = r"""
+import sys, clustorage
+node = clustorage.Node(sys.argv[3], sys.argv[1], cookie=sys.argv[2], timeout=60)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
 class BenchError(Exception):
     """A child process failed or did not answer."""
 
@@ -215,6 +243,12 @@ def transfer_batch(
     return size / MB / (float(arrived) - started)
 
 
+def define_batch(members: list[subprocess.Popen[str]], count: int, legs: Any) -> float:
+    """The median microseconds of ``count`` defines, each acknowledged by every node."""
+    write_line(members[0], str(count))
+    return float(read_line(members[0])[0])
+
+
 def writes_batch(members: list[subprocess.Popen[str]], seconds: float, legs: Any) -> float:
     """Acked puts per second of every writer at once, for ``seconds``."""
     start_at = time.time() + 0.2
@@ -229,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfer", action="store_true", help="100 MB values, not misses")
     parser.add_argument(
         "--writes", type=int, metavar="N", help="acked puts/s of N writers, durable store"
+    )
+    parser.add_argument(
+        "--define", type=int, metavar="N", help="a define acked by N members (and the loader)"
     )
     parser.add_argument("--durable", action="store_true", help="loaders on the durable store")
     parser.add_argument("--rounds", type=int, default=10, help="batches per tree (10)")
@@ -248,15 +285,23 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
         size: float = 0.5 if args.quick else 3.0  # seconds per batch
         programs = [(WRITES, f"w{i}") for i in range(args.writes)]
         unit, higher_is_better = "acked puts/s", True
+        batch: Any = writes_batch
+    elif args.define:
+        size = 5 if args.quick else 50  # defines per batch
+        idle = [(IDLE, f"m{i}") for i in range(1, args.define)]
+        programs = [(DEFINER, str(args.define + 1)), *idle]
+        unit, higher_is_better = "us per define (median)", False
+        batch = define_batch
     elif args.transfer:
         size = MB if args.quick else 100 * MB
         programs = [(WRITER, str(size), args.kind), (READER,)]
         unit, higher_is_better = "MB/s", True
+        batch = transfer_batch
     else:
         size = 50 if args.quick else 2000
         programs = [(MISSES,)]
         unit, higher_is_better = "us per miss", False
-    batch: Any = writes_batch if args.writes else transfer_batch if args.transfer else miss_batch
+        batch = miss_batch
     trees = [Tree(path.resolve()) for path in args.trees]
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [tree.stop() for tree in trees])
@@ -273,7 +318,9 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
                 before = trees[index].cpu()
                 figure = batch(members[index], size, trees[index].legs)
                 trees[index].figures.append(figure)
-                if not args.transfer:  # CPU seconds per put or miss: the loader's, the members'
+                if not (
+                    args.transfer or args.define
+                ):  # CPU seconds per put or miss: the loader's, the members'
                     spent = [b - a for a, b in zip(before, trees[index].cpu(), strict=True)]
                     done = figure * size if args.writes else size
                     trees[index].cpu_per_op.append([s / done for s in spent])

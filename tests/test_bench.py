@@ -62,8 +62,8 @@ def test_cpu_bench_runs(store: list[str]) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "measure",
-    [[], ["--transfer"], ["--tls"], ["--writes", "2"], ["--durable"]],
-    ids=["miss", "transfer", "tls", "writes", "durable"],
+    [[], ["--transfer"], ["--tls"], ["--writes", "2"], ["--durable"], ["--define", "2"]],
+    ids=["miss", "transfer", "tls", "writes", "durable", "define"],
 )
 def test_ab_bench_runs(measure: list[str]) -> None:
     """bench/ab.py --quick runs two trees side by side and prints their ratio."""
