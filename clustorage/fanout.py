@@ -13,9 +13,10 @@ a pass that needed more than one slice (hundreds of peers) is followed by a rest
 it spent delivering. A change after a quiet moment goes out at once; under a stream of
 writes, every node gets one frame per PACE carrying all of them, not one frame per write
 that it must read and check, and the fan-out takes at most half of the loop's time however
-fast changes come. A definition is waited for (its author counts the acknowledgements): it
-cuts a rest short. Membership news is not held back by PACE (a node that joins is seen by
-the others at once), only by a rest.
+fast changes come. A definition is waited for (its author counts the acknowledgements): its
+pass begins as it is pushed, cutting a rest short, unless a pass is under way. Membership
+news is not held back by PACE (a node that joins is seen by the others at once), only by a
+rest.
 
 Coalescing: a replica applies only a newer version of a key (SPEC "Replicas converge"), so
 of the changes of one entry queued for a pass only the newest goes out; a node hears of the
@@ -111,12 +112,13 @@ class Fanout:
         """Deliver ``message`` to every peer in a coming pass (``skip``, the peer whose
         request made it, already has it: it is left out of a pass whose every push is
         from it, as a lone writer's are). An ``urgent`` one, which someone waits for
-        (a definition to acknowledge), cuts a rest short. A change of an entry replaces
-        an older one of it still queued (see the module docstring)."""
+        (a definition to acknowledge), goes out at once unless a pass is under way, cutting
+        a rest short. A change of an entry replaces an older one of it still queued (see
+        the module docstring)."""
         self._enqueue(message)
         self._skip.add(id(skip))
         self._urgent = self._urgent or urgent
-        self._start(urgent)
+        self._start(urgent, at_once=urgent)
 
     def membership(self, name: str, connected: bool) -> None:
         """Tell every peer, in a coming pass, that ``name`` joined or left (not held back
@@ -141,8 +143,15 @@ class Fanout:
     def idle(self) -> bool:
         return self._pass is None and not self._queued and not self._joined
 
-    def _start(self, urgent: bool = False, paced: bool = True) -> None:
-        if self._pass is None or (self._resting and (urgent or not paced)):
+    def _start(self, urgent: bool = False, paced: bool = True, at_once: bool = False) -> None:
+        """Schedule the coming pass unless one is under way; ``at_once``: begin it now
+        instead (a definition goes out before the loop comes round)."""
+        scheduled = self._pass == [] and not self._frames  # not yet begun: no frames
+        if (
+            self._pass is None
+            or (at_once and scheduled)
+            or (self._resting and (urgent or not paced))
+        ):
             self._pass = []
             self._turn += 1
             turn = self._turn
@@ -152,11 +161,13 @@ class Fanout:
             self._resting = rest > 0 and after is not None and not urgent
             if after is not None and self._resting:
                 after(rest, lambda: self._begin(turn))
+            elif at_once:
+                self._begin(turn)
             else:
                 self._later(lambda: self._begin(turn))
 
     def _begin(self, turn: int) -> None:
-        if turn != self._turn:  # a rest cut short: the pass began already
+        if turn != self._turn:  # it began sooner: a rest cut short, or at once
             return
         self._resting = False
         if self._joined:

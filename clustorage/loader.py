@@ -958,13 +958,13 @@ class LoaderCore:
         if error is not None:
             raise error
         assert entry is not None
-        log.info("%s v%d defined by %s", entry.key, entry.version, peer.name)
         definition = _Definition(peer, rid, entry, set(self.peers))
         self._definitions.append(definition)
         definition.timer = self._schedule(
             self._ack_timeout, lambda: self._finish(definition, answer=True)
         )
         self._broadcast(Load(entry, ack=True))
+        log.info("%s v%d defined by %s", entry.key, entry.version, peer.name)
 
     def _loaded(self, peer: Peer, message: Loaded | NotLoaded) -> None:
         for definition in list(self._definitions):

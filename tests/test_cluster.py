@@ -127,6 +127,9 @@ def test_bad_source_raises_compile_error_and_loads_nothing(cluster: Cluster) -> 
     answer = a.send("node.call('nodef', [], 'x = 1')")
     assert answer["error"] == "CompileError"
     assert "does not define" in answer["message"]
+    answer = a.send("node.call('nodef', [], 'def other():\\n    return 1\\n')")
+    assert answer["error"] == "CompileError"
+    assert "does not define a function 'nodef'" in answer["message"]
     assert a.ok("node.functions()") == []
     assert b.ok("node.functions()") == []
 

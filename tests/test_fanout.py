@@ -317,6 +317,47 @@ def test_membership_news_is_not_held_back_by_pace(monkeypatch: pytest.MonkeyPatc
     assert len(peer.frames) == 2 and fanout.idle
 
 
+def test_an_urgent_push_goes_out_before_the_loop_comes_round() -> None:
+    """A definition, which its author waits for, is delivered as it is pushed, with what was
+    queued before it; a push after it waits for the loop as usual."""
+    peers = [Peer("a"), Peer("b")]
+    loop = Loop()
+    fanout = Fanout(lambda: peers, loop.later)
+    fanout.push(Load(entry("k", 1), False))
+    fanout.push(Load(entry("f", 1, FUNCTION), True), urgent=True)
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "f"]
+    fanout.push(Load(entry("j", 1), False))
+    assert all(len(peer.frames) == 1 for peer in peers)
+    loop.run()
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "f", "j"]
+    assert fanout.idle
+
+
+def test_an_urgent_push_as_a_pass_reaches_its_last_peer_goes_in_the_next_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A definition pushed while the last peer of a pass is being delivered to (a push from
+    inside that delivery) does not begin a pass inside the one ending: every peer gets the
+    pass's frame, then the definition."""
+    _, peers, loop, _, fanout = slow_fanout(monkeypatch)
+    last = peers[-1]
+    delivered = last.deliver
+
+    def deliver_then_define(message: Any, parts: Any = None) -> None:
+        delivered(message, parts)
+        if len(last.frames) == 1:
+            fanout.push(Load(entry("f", 1, FUNCTION), True), urgent=True)
+
+    last.deliver = deliver_then_define  # type: ignore[method-assign]
+    fanout.push(Load(entry("k", 1), False))
+    loop.run()
+    for peer in peers:
+        assert [m.entry.key for m in peer.heard()] == ["k", "f"]
+    assert fanout.idle
+
+
 def test_an_urgent_push_cuts_a_rest_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """A definition waited for goes out at once, with what rested; the rest's end then
     begins nothing."""
