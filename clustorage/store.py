@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -254,7 +255,7 @@ class SQLiteStore:
         Raises:
             StoreError: the file could not be written; nothing is left behind.
         """
-        self._hold_room_for_deletions()
+        self._hold_room_for_deletions(shrink=False)  # the file writer's thread
         try:
             return self._blobs.write(payload)
         except OSError as exc:
@@ -285,12 +286,49 @@ class SQLiteStore:
         doomed, self._doomed = self._doomed, []
         for name in doomed:
             self._blobs.remove(name)
+        if self._reserve is not None and not self._reserve.held:  # a deletion spent it
+            self._set_room_aside_again()
 
-    def _hold_room_for_deletions(self) -> None:
+    def _hold_room_for_deletions(self, shrink: bool = True) -> None:
         """Before a put takes room: raise StoreError unless the room kept for deletions is
-        held (set aside again first if the disk has room for it now)."""
-        if self._reserve is not None and not self._reserve.hold():
+        held (set aside again first if the disk has room for it now, or once the
+        write-ahead log has given its room back: ``shrink``, on the connection's thread)."""
+        if self._reserve is None or self._reserve.hold():
+            return
+        if not (shrink and self._set_room_aside_again()):
             raise self._reserve.refusal()
+
+    def _set_room_aside_again(self) -> bool:
+        """Set the room for deletions aside again, in what the write-ahead log gives back if
+        the disk lacks it; whether it is held."""
+        reserve = self._reserve
+        if reserve is None or reserve.make():
+            return True
+        return self._shrink_wal(reserve.size) and reserve.make()
+
+    def _shrink_wal(self, enough: int = 0) -> bool:
+        """Give the disk back the write-ahead log's room, which SQLite keeps for this store
+        to reuse once the log is copied into it: on a full disk it may be what the room for
+        deletions needs. Whether it did: not inside a transaction, nor when copying the log
+        in would take room (pages the store's file holds no room for yet), nor when the
+        disk's free room and the log's come to less than ``enough`` bytes."""
+        wal = Path(self.path + "-wal")
+        try:
+            held = wal.stat().st_blocks * 512
+            if self._db.in_transaction or not held:
+                return False
+            (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+            (size,) = self._db.execute("PRAGMA page_size").fetchone()  # older stores: 64 KiB
+            if pages * size > Path(self.path).stat().st_blocks * 512:
+                return False
+            disk = os.statvfs(wal.parent)
+            if disk.f_bavail * disk.f_frsize + held < enough:
+                return False
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return wal.stat().st_size == 0
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("could not shrink %s: %s", wal, exc)
+            return False
 
     def _error(self, exc: sqlite3.Error, deleting: bool = False) -> StoreError:
         if _no_room(exc):
@@ -328,8 +366,8 @@ class SQLiteStore:
     def _write(self, statements: Statements, doomed: list[str], deleting: bool = False) -> None:
         """Run ``statements`` together; once they commit, remove the files ``doomed``.
 
-        A deletion that finds the disk full gives back the room kept aside for it and is
-        tried once more (clustorage.reserve); a put is not: that room is for deletions.
+        A write that finds the disk full is tried again (:meth:`_commit_on_a_full_disk`);
+        a put never takes the room kept aside for deletions (clustorage.reserve).
         """
         if self._db.in_transaction:  # inside transaction(): it commits, or rolls back
             try:
@@ -342,11 +380,29 @@ class SQLiteStore:
         try:
             self._commit_alone(statements)
         except sqlite3.Error as exc:
-            if not (deleting and _no_room(exc)):
+            if not _no_room(exc):
                 raise self._error(exc) from exc
-            self._commit_with_room_kept_aside(statements, exc)
+            self._commit_on_a_full_disk(statements, exc, deleting)
         self._doomed.extend(doomed)
         self._committed()
+
+    def _commit_on_a_full_disk(
+        self, statements: Statements, full: sqlite3.Error, deleting: bool
+    ) -> None:
+        """Commit ``statements``, which found the disk ``full``, once more with the room
+        the write-ahead log kept given back to the disk; a deletion that fails still, with
+        the room kept aside for deletions too."""
+        if self._shrink_wal():
+            try:
+                self._commit_alone(statements)
+                return
+            except sqlite3.Error as exc:
+                if not _no_room(exc):
+                    raise self._error(exc) from exc
+                full = exc
+        if not deleting:
+            raise self._error(full) from full
+        self._commit_with_room_kept_aside(statements, full)
 
     def _commit_with_room_kept_aside(self, statements: Statements, full: sqlite3.Error) -> None:
         """Commit a deletion that found the disk ``full`` once more, with the room kept

@@ -105,24 +105,27 @@ def test_a_loader_restarted_on_a_full_disk_can_delete(cluster: Cluster, tmp_path
 
 def test_after_a_deletion_spends_the_room_puts_wait_for_room(home: Path, tmp_path: Path) -> None:
     """Deleting a small key or a function on a full disk frees no file: the room kept for
-    deletions, given back to it, stays free for the next deletions, and puts (a row, a
-    member's big value) are refused until the disk has room to set it aside again."""
+    deletions, given back to it, stays free for the next deletions; once another program
+    takes what is left, puts (a row, a member's big value) are refused until the disk has
+    room to set it aside again."""
     with small_disk(tmp_path / "disk", "64m") as disk, node_pair(data=str(disk)) as pair:
         first, second = pair
         reserve = disk / "l.sqlite3.reserve"
         for i in range(3):
             second.put(f"k{i}", os.urandom(2000))
         second.define("f", "lambda: 1")
-        filler = fill(disk)
+        fillers = [fill(disk)]
         assert second.delete("k0")
         assert not reserve.exists()
+        assert second.delete("f", kind="function") and second.delete("k1")
+        fillers.append(fill(disk, "second"))
         for node, value in ((second, b"x" * 1000), (second, os.urandom(BIG)), (first, b"y")):
             with pytest.raises(
                 clustorage.StoreError, match="bytes it keeps for deletions are free"
             ):
                 node.put("new", value)
-        assert second.delete("f", kind="function") and second.delete("k1")
-        filler.unlink()
+        for filler in fillers:
+            filler.unlink()
         second.put("new", b"x" * 1000)
         assert reserve.stat().st_blocks * 512 == 4 << 20
         assert second.keys() == ["k2", "new"] and second.functions() == []
@@ -179,3 +182,38 @@ def test_a_reserve_file_removed_by_hand_is_made_again(home: Path, tmp_path: Path
         )
         fill(disk)
         assert node.delete("a")
+
+
+def small_values(node: clustorage.Node, count: int) -> list[str]:
+    """``count`` keys of 1000-byte values, each in a row of the store; their names."""
+    keys = [f"s{i}" for i in range(count)]
+    for key in keys:
+        node.put(key, os.urandom(1000))
+    return keys
+
+
+def test_deleting_small_keys_on_a_full_disk_lets_puts_resume(home: Path, tmp_path: Path) -> None:
+    """Small values fill the store's disk until puts are refused; deleting them (rows, no
+    file to remove) frees room inside the store, and the room its write-ahead log kept is
+    given back to the disk: puts resume, a big value's first, as the refusal said."""
+    with small_disk(tmp_path / "disk", "16m") as disk, loader(disk) as node:
+        keys = small_values(node, 1200)
+        fill(disk)
+        refused = None
+        for i in range(100):
+            try:
+                node.put(f"more{i}", os.urandom(1000))
+            except clustorage.StoreError as exc:
+                refused = exc
+                break
+        assert "delete keys you no longer need" in str(refused)
+        for key in keys:
+            assert node.delete(key)
+        big = os.urandom(BIG)  # a file of its own, first: no row put before it
+        node.put("big", big)
+        for i in range(200):
+            node.put(f"new{i}", os.urandom(1000))
+        kept = node.keys()
+        assert not set(keys) & set(kept)
+        assert {"big", *(f"new{i}" for i in range(200))} <= set(kept)
+        assert node.get("big") == big

@@ -134,13 +134,16 @@ def test_a_put_grouped_after_a_deletion_on_a_full_disk_leaves_it_the_room(
     tmp_path: Path,
 ) -> None:
     """On a full disk a pass's deletion and put, written one by one, are a deletion that
-    spends the room kept for deletions and a put that may not take it: refused, saying the
-    disk is full, it leaves that room to the next deletion."""
+    spends the room kept for deletions and a put that may not take it: the room is set
+    aside again first (from the room the store's log gave back), and the put, refused
+    saying the disk is full, leaves it to the next deletion."""
     with small_disk(tmp_path / "disk", "16m") as disk:
         store = SQLiteStore(str(disk / "s.sqlite3"))
         try:
             for key in ("a", "b"):
                 commit_entry(store, value(key, b"x" * 3000), 0)
+            # The log gives back no room it kept: the deletion needs the room kept for it.
+            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             fill(disk)
             soon: list[Callable[[], None]] = []
             writer = StoreWriter(store, lambda call: call(), soon=soon.append)
@@ -149,7 +152,8 @@ def test_a_put_grouped_after_a_deletion_on_a_full_disk_leaves_it_the_room(
             commit_each(writer, [value("small", b"y" * 3000)], outcomes)
             soon.pop()()
             assert outcomes[0] == ("a", None) and outcomes[1][0] == "small"
-            assert "keeps for deletions are free" in str(outcomes[1][1])
+            assert "(database or disk is full)" in str(outcomes[1][1]), outcomes[1][1]
+            assert (disk / "s.sqlite3.reserve").exists()  # set aside again, the log's room
             writer.delete(VALUE, "b", 2, "m", lambda error: outcomes.append(("b", error)))
             soon.pop()()
             writer.close()
@@ -232,3 +236,53 @@ def test_a_write_that_fails_unexpectedly_is_answered(store: SQLiteStore) -> None
     assert outcomes[0][1] is None and outcomes[2][1] is None
     assert isinstance(outcomes[1][1], StoreError) and "a bug in the store" in str(outcomes[1][1])
     writer.close()
+
+
+def test_a_put_refused_on_a_full_disk_leaves_the_deletions_their_room(tmp_path: Path) -> None:
+    """A deletion spends the room kept for deletions; a put refused after it, whose store's
+    log holds pages past the end of the store's file, takes none of what is left: the
+    deletions after it go through."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        store = SQLiteStore(str(disk / "s.sqlite3"))
+        try:
+            for i in range(5):
+                commit_entry(store, value(f"s{i}", b"x" * 100), 0)
+            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            for i in range(2):  # new pages, in the log only
+                commit_entry(store, value(f"big{i}", os.urandom(800_000)), 0)
+            fill(disk)
+            store.delete(VALUE, "s0", 2, "m")
+            assert not (disk / "s.sqlite3.reserve").exists()
+            with pytest.raises(StoreError, match="is full"):
+                commit_entry(store, value("x", b"y" * 1000), 0)
+            for key in ("s1", "s2", "big0"):
+                store.delete(VALUE, key, 2, "m")
+            assert sorted(entry.key for entry in store.current()) == ["big1", "s3", "s4"]
+        finally:
+            store.close()
+
+
+def test_a_refused_put_leaves_the_store_its_logs_room(tmp_path: Path) -> None:
+    """A put refused because the room for deletions cannot be set aside again gives the
+    write-ahead log's room back to the disk only when that lets it be: else the room stays
+    the store's own, for the deletions that come next (another program could take it)."""
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        store = SQLiteStore(str(disk / "s.sqlite3"))
+        try:
+            for i in range(300):
+                commit_entry(store, value(f"s{i}", os.urandom(1000)), 0)
+            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            for i in range(150):  # pages the store's file holds: its log may be copied in
+                store.delete(VALUE, f"s{i}", 2, "m")
+            wal = disk / "s.sqlite3-wal"
+            logged = wal.stat().st_blocks
+            assert logged
+            fill(disk, "first")
+            (disk / "s.sqlite3.reserve").unlink()  # as a deletion that spent it would
+            fill(disk, "second")
+            time.sleep(1.1)  # past reserve.LOOK_EVERY: the put looks at the file
+            with pytest.raises(StoreError, match="bytes it keeps for deletions are free"):
+                commit_entry(store, value("x", b"y" * 1000), 0)
+            assert wal.stat().st_blocks == logged
+        finally:
+            store.close()
