@@ -916,24 +916,14 @@ class MemberClient:
         try:
             sent = build(rid)
             self._send(sent, drops)
-        except _Unsent:  # nothing went out: it goes on the next connection
+        except BaseException as exc:  # not sent, or cut short: nothing waits for an answer
             self.pending.discard(rid)
             interrupts.release()
-            raise
-        except OSError as exc:
-            self.pending.discard(rid)
-            interrupts.release()
-            if isinstance(exc, LoaderUnavailable):  # said already
-                raise
-            raise self.unavailable(str(exc)) from exc
-        except LocalProtocolError as exc:
-            self.pending.discard(rid)
-            interrupts.release()
-            raise _too_large(exc) from None
-        except BaseException:
-            self.pending.discard(rid)
-            interrupts.release()
-            raise
+            if isinstance(exc, LocalProtocolError):
+                raise _too_large(exc) from None
+            if isinstance(exc, OSError) and not isinstance(exc, LoaderUnavailable):
+                raise self.unavailable(str(exc)) from exc
+            raise  # _Unsent goes on the next connection; a LoaderUnavailable said it already
         try:
             interrupts.release()  # a Ctrl-C that came as it was sent: raised here
             try:
