@@ -304,6 +304,8 @@ class SQLiteStore:
         reserve = self._reserve
         if reserve is None or reserve.make():
             return True
+        if reserve.error is not None:  # not for want of room: the log's would not help
+            return False
         return self._shrink_wal(reserve.size) and reserve.make()
 
     def _shrink_wal(self, enough: int = 0) -> bool:

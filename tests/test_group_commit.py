@@ -286,3 +286,27 @@ def test_a_refused_put_leaves_the_store_its_logs_room(tmp_path: Path) -> None:
             assert wal.stat().st_blocks == logged
         finally:
             store.close()
+
+
+def test_a_reserve_that_cannot_be_made_leaves_the_log_alone(tmp_path: Path) -> None:
+    """Where the room for deletions cannot be set aside for another reason than a full disk
+    (a directory in the way), a put is refused saying so, and the write-ahead log is left
+    as it is: its room would not help."""
+    store = SQLiteStore(str(tmp_path / "s.sqlite3"))
+    try:
+        for i in range(40):
+            commit_entry(store, value(f"s{i}", b"x" * 1000), 0)
+        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for i in range(20):  # pages the store's file holds: its log may be copied in
+            store.delete(VALUE, f"s{i}", 2, "m")
+        wal = tmp_path / "s.sqlite3-wal"
+        logged = wal.stat().st_size
+        reserve = tmp_path / "s.sqlite3.reserve"
+        reserve.unlink()
+        reserve.mkdir()
+        time.sleep(1.1)  # past reserve.LOOK_EVERY: the put looks at the file
+        with pytest.raises(StoreError, match="could not set aside room for deletions"):
+            commit_entry(store, value("x", b"y"), 0)
+        assert logged and wal.stat().st_size == logged
+    finally:
+        store.close()
