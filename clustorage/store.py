@@ -287,24 +287,21 @@ class SQLiteStore:
         for name in doomed:
             self._blobs.remove(name)
         if self._reserve is not None and not self._reserve.held:  # a deletion spent it
-            self._set_room_aside_again()
+            self._room_held(self._reserve)
 
     def _hold_room_for_deletions(self, shrink: bool = True) -> None:
         """Before a put takes room: raise StoreError unless the room kept for deletions is
-        held (set aside again first if the disk has room for it now, or once the
-        write-ahead log has given its room back: ``shrink``, on the connection's thread)."""
-        if self._reserve is None or self._reserve.hold():
-            return
-        if not (shrink and self._set_room_aside_again()):
+        held (see :meth:`_room_held`)."""
+        if self._reserve is not None and not self._room_held(self._reserve, shrink):
             raise self._reserve.refusal()
 
-    def _set_room_aside_again(self) -> bool:
-        """Set the room for deletions aside again, in what the write-ahead log gives back if
-        the disk lacks it; whether it is held."""
-        reserve = self._reserve
-        if reserve is None or reserve.make():
+    def _room_held(self, reserve: Reserve, shrink: bool = True) -> bool:
+        """Whether ``reserve`` holds the room for deletions: set aside again first if the
+        disk has room for it now, or once the write-ahead log has given its room back
+        (``shrink``: on the connection's thread)."""
+        if reserve.hold():
             return True
-        if reserve.error is not None:  # not for want of room: the log's would not help
+        if not shrink or reserve.error is not None:  # not for want of room: the log's won't do
             return False
         return self._shrink_wal(reserve.size) and reserve.make()
 
