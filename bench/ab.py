@@ -318,9 +318,8 @@ def run(args: argparse.Namespace, certs: Path | None) -> int:
                 before = trees[index].cpu()
                 figure = batch(members[index], size, trees[index].legs)
                 trees[index].figures.append(figure)
-                if not (
-                    args.transfer or args.define
-                ):  # CPU seconds per put or miss: the loader's, the members'
+                # CPU seconds per put or miss: the loader's, the members'
+                if not (args.transfer or args.define):
                     spent = [b - a for a, b in zip(before, trees[index].cpu(), strict=True)]
                     done = figure * size if args.writes else size
                     trees[index].cpu_per_op.append([s / done for s in spent])

@@ -27,6 +27,23 @@ def value(key: str, payload: bytes = b"v") -> Entry:
     return Entry(VALUE, key, 1, payload, None, "m", 1.0)
 
 
+def copy_the_log_in(store: SQLiteStore) -> None:
+    """Copy the store's write-ahead log into its file and empty it (a checkpoint)."""
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def logged_in_place(store: SQLiteStore, count: int) -> Path:
+    """``count`` values of 1000 bytes committed and copied into the store's file, then half
+    of them deleted: a log whose pages that file holds (copying it in takes no room). The
+    log's path."""
+    for i in range(count):
+        commit_entry(store, value(f"s{i}", os.urandom(1000)), 0)
+    copy_the_log_in(store)
+    for i in range(count // 2):
+        store.delete(VALUE, f"s{i}", 2, "m")
+    return Path(store.path + "-wal")
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SQLiteStore]:
     store = SQLiteStore(str(tmp_path / "s.sqlite3"), max_length=4096)
@@ -142,8 +159,7 @@ def test_a_put_grouped_after_a_deletion_on_a_full_disk_leaves_it_the_room(
         try:
             for key in ("a", "b"):
                 commit_entry(store, value(key, b"x" * 3000), 0)
-            # The log gives back no room it kept: the deletion needs the room kept for it.
-            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            copy_the_log_in(store)  # it gives back no room: the deletion needs the room kept
             fill(disk)
             soon: list[Callable[[], None]] = []
             writer = StoreWriter(store, lambda call: call(), soon=soon.append)
@@ -247,7 +263,7 @@ def test_a_put_refused_on_a_full_disk_leaves_the_deletions_their_room(tmp_path: 
         try:
             for i in range(5):
                 commit_entry(store, value(f"s{i}", b"x" * 100), 0)
-            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            copy_the_log_in(store)
             for i in range(2):  # new pages, in the log only
                 commit_entry(store, value(f"big{i}", os.urandom(800_000)), 0)
             fill(disk)
@@ -269,12 +285,7 @@ def test_a_refused_put_leaves_the_store_its_logs_room(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", "64m") as disk:
         store = SQLiteStore(str(disk / "s.sqlite3"))
         try:
-            for i in range(300):
-                commit_entry(store, value(f"s{i}", os.urandom(1000)), 0)
-            store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            for i in range(150):  # pages the store's file holds: its log may be copied in
-                store.delete(VALUE, f"s{i}", 2, "m")
-            wal = disk / "s.sqlite3-wal"
+            wal = logged_in_place(store, 300)
             logged = wal.stat().st_blocks
             assert logged
             fill(disk, "first")
@@ -294,12 +305,7 @@ def test_a_reserve_that_cannot_be_made_leaves_the_log_alone(tmp_path: Path) -> N
     as it is: its room would not help."""
     store = SQLiteStore(str(tmp_path / "s.sqlite3"))
     try:
-        for i in range(40):
-            commit_entry(store, value(f"s{i}", b"x" * 1000), 0)
-        store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        for i in range(20):  # pages the store's file holds: its log may be copied in
-            store.delete(VALUE, f"s{i}", 2, "m")
-        wal = tmp_path / "s.sqlite3-wal"
+        wal = logged_in_place(store, 40)
         logged = wal.stat().st_size
         reserve = tmp_path / "s.sqlite3.reserve"
         reserve.unlink()
