@@ -25,6 +25,7 @@ from .loader import LoaderCore
 from .messages import VALUE, Commit, Gathered, Load, Message, Payload, Put, joined
 from .replica import Replica
 from .server import ServerConnection
+from .stay_awake import StayAwake
 from .store import MEMORY, Store, open_store
 from .writer import StoreWriter
 
@@ -98,6 +99,7 @@ class LoaderRuntime:
         files = tls.node_files(config)
         self._context = None if files is None else tls.server_context(files)  # or ConfigError
         self.loop = new_loop()
+        self._awake = StayAwake(self.loop)
         self._thread = threading.Thread(
             target=self._run, name=f"clustorage-loader-{config.name}", daemon=True
         )
@@ -260,7 +262,13 @@ class LoaderRuntime:
 
         def connection(newcomer: Newcomer) -> ServerConnection:
             return ServerConnection(
-                self.core, cookie, self.timing, self.config.max_frame, self._connections, newcomer
+                self.core,
+                cookie,
+                self.timing,
+                self.config.max_frame,
+                self._connections,
+                newcomer,
+                self._awake,
             )
 
         try:

@@ -39,6 +39,7 @@ from .protocol import (
     State,
     frame_size,
 )
+from .stay_awake import StayAwake
 
 __all__ = ["ServerConnection", "release_memory"]
 
@@ -88,8 +89,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         max_frame: int,
         registry: set[Any],
         newcomer: Newcomer | None = None,
+        awake: StayAwake | None = None,
     ) -> None:
         self._core = core
+        self._awake = awake
         self._timing = timing
         self._registry = registry
         self._conn = Connection(
@@ -172,6 +175,8 @@ class ServerConnection(asyncio.BufferedProtocol):
                     handle(self, message)
                 if self._transport is None or self._transport.is_closing():
                     return
+                if self._awake is not None and getattr(message, "rid", None) is not None:
+                    self._awake.requested()
         except ProtocolError as exc:
             log.warning("closed %s (%s): %s", self.address, self.name, exc)
             self.close(flush=True)

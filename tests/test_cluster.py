@@ -269,8 +269,8 @@ def test_a_value_larger_than_the_write_buffer_reaches_every_node(cluster: Cluste
 
 
 def test_idle_nodes_stop_polling(cluster: Cluster) -> None:
-    """A member polls briefly for an answer after each exchange, then sleeps: an idle
-    loader and an idle member use next to no CPU."""
+    """A member polls briefly for an answer after each exchange, and the loader for the
+    next message after each request; then both sleep: idle, they use next to no CPU."""
     loader = psutil.Process(cluster.start_loader().pid)
     member = cluster.member("busy")
     member.ok("for i in range(300): node.get(f'k{i}', lambda: i)")

@@ -70,6 +70,7 @@ MIDDLE = [
     "probe",
     "listener",
     "aioloop",
+    "stay_awake",
     "runtime",
     "node",
     "store",

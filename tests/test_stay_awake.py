@@ -1,0 +1,167 @@
+"""The loader's loop polls for a moment after a request instead of sleeping at once
+(clustorage.stay_awake), and only after a request: not after a heartbeat or an ack."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from clustorage import messages, stay_awake
+from clustorage.aioloop import new_loop
+from clustorage.hello import Timing, handshake_meta
+from clustorage.listener import Listener, Newcomer
+from clustorage.loader import LoaderCore
+from clustorage.protocol import Connection, Frame, Role, State
+from clustorage.server import ServerConnection
+from clustorage.stay_awake import StayAwake
+from clustorage.store import MemoryStore
+from tests.protocol_helpers import COOKIE
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CountingStayAwake(StayAwake):
+    """A real StayAwake that counts the requests it was told of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests = 0
+
+    def requested(self) -> None:
+        self.requests += 1
+        super().requested()
+
+
+class LoopThread:
+    """An event loop of the loader's kind, running on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def on_loop(self, function: Callable[[], Any]) -> Any:
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.loop.call_soon_threadsafe(lambda: done.set_result(function()))
+        return done.result(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times the loop gave the CPU away while it polled (one item per time)."""
+    counted: list[int] = []
+    real = stay_awake.os.sched_yield
+
+    def sched_yield() -> None:
+        counted.append(1)
+        real()
+
+    monkeypatch.setattr(stay_awake.os, "sched_yield", sched_yield)
+    return counted
+
+
+def _polling_ended(loop_thread: LoopThread, awake: StayAwake) -> None:
+    ended = threading.Event()
+
+    def check() -> None:
+        if awake.polling:
+            loop_thread.loop.call_later(0.01, check)
+        else:
+            ended.set()
+
+    loop_thread.loop.call_soon_threadsafe(check)
+    assert ended.wait(20), "the loop kept polling"
+
+
+def test_a_request_keeps_the_loop_polling_then_it_sleeps(
+    loop_thread: LoopThread, yields: list[int]
+) -> None:
+    awake = StayAwake(loop_thread.loop, poll_for=0.05)
+    loop_thread.on_loop(awake.requested)
+    _polling_ended(loop_thread, awake)
+    assert len(yields) > 1  # many turns of the loop, each polling its sockets
+    polled = len(yields)
+    loop_thread.on_loop(lambda: None)  # a turn of the loop after the polling ended
+    assert len(yields) == polled
+    assert awake.polling is False
+
+
+def test_no_polling_when_told_not_to(loop_thread: LoopThread, yields: list[int]) -> None:
+    awake = StayAwake(loop_thread.loop, poll_for=0.0)
+    loop_thread.on_loop(awake.requested)
+    loop_thread.on_loop(lambda: None)
+    assert awake.polling is False
+    assert yields == []
+
+
+def _open_member(port: int, name: str) -> tuple[socket.socket, Connection]:
+    """An honest member's connection, through the handshake."""
+    client = Connection(Role.CLIENT, COOKIE, handshake_meta(name))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    while client.state not in (State.OPEN, State.ERROR, State.CLOSED):
+        data = sock.recv(65536)
+        assert data, "the loader closed the connection during the handshake"
+        client.receive_data(data)
+        client.next_event()
+        sock.sendall(client.data_to_send())
+    assert client.state is State.OPEN
+    return sock, client
+
+
+def _answer(sock: socket.socket, client: Connection) -> messages.Message:
+    while True:
+        event = client.next_event()
+        if isinstance(event, Frame) and event.payload:
+            message = messages.decode(event.payload)
+            if getattr(message, "rid", None) is not None:
+                return message
+            continue
+        if event is None:
+            data = sock.recv(65536)
+            assert data, "the loader closed the connection"
+            client.receive_data(data)
+
+
+def test_only_a_request_keeps_the_loaders_loop_awake(loop_thread: LoopThread) -> None:
+    """Bytes in over a real socket: a heartbeat and an acknowledgement leave the loop free
+    to sleep; a request (here a Fetch) makes it poll."""
+    loop = loop_thread.loop
+    awake = CountingStayAwake(loop, poll_for=0.001)
+    core = LoaderCore("app1", MemoryStore(), loop.call_later)
+    registry: set[Any] = set()
+
+    def connection(newcomer: Newcomer) -> ServerConnection:
+        return ServerConnection(core, COOKIE, Timing(), 1 << 20, registry, newcomer, awake)
+
+    server: Listener = loop_thread.on_loop(
+        lambda: Listener(loop, "127.0.0.1", 0, connection, handshake=10.0)
+    )
+    try:
+        port = int(server.socket.getsockname()[1])
+        sock, client = _open_member(port, "m1")
+        with sock:
+            sock.sendall(client.heartbeat())
+            sock.sendall(client.send(messages.encode(messages.Loaded("value", "k", 1))))
+            sock.sendall(client.send(messages.encode(messages.Fetch(7, "value", "k", False))))
+            answer = _answer(sock, client)
+            assert getattr(answer, "rid", None) == 7
+            assert loop_thread.on_loop(lambda: awake.requests) == 1
+    finally:
+        loop_thread.on_loop(server.close)
