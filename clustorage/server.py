@@ -175,7 +175,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     handle(self, message)
                 if self._transport is None or self._transport.is_closing():
                     return
-                if self._awake is not None and getattr(message, "rid", None) is not None:
+                if self._awake is not None and getattr(message, "rid", None):  # a request
                     self._awake.requested()
         except ProtocolError as exc:
             log.warning("closed %s (%s): %s", self.address, self.name, exc)

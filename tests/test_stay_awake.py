@@ -20,6 +20,7 @@ from clustorage.protocol import Connection, Frame, Role, State
 from clustorage.server import ServerConnection
 from clustorage.stay_awake import StayAwake
 from clustorage.store import MemoryStore
+from tests.conftest import node_pair
 from tests.protocol_helpers import COOKIE
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,17 +64,40 @@ def loop_thread() -> Iterator[LoopThread]:
     running.close()
 
 
+class Clock:
+    """The time StayAwake reads, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times the loop gave the CPU away while it polled (one item per time)."""
-    counted: list[int] = []
-    real = stay_awake.os.sched_yield
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(stay_awake, "time", fake)
+    return fake
 
-    def sched_yield() -> None:
-        counted.append(1)
-        real()
 
-    monkeypatch.setattr(stay_awake.os, "sched_yield", sched_yield)
+class Yields:
+    """How many times the loop gave the CPU away while it polled."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.several = threading.Event()
+
+    def sched_yield(self) -> None:
+        self.count += 1
+        if self.count >= 3:
+            self.several.set()
+
+
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> Yields:
+    counted = Yields()
+    monkeypatch.setattr(stay_awake.os, "sched_yield", counted.sched_yield)
     return counted
 
 
@@ -82,7 +106,7 @@ def _polling_ended(loop_thread: LoopThread, awake: StayAwake) -> None:
 
     def check() -> None:
         if awake.polling:
-            loop_thread.loop.call_later(0.01, check)
+            loop_thread.loop.call_later(0.001, check)
         else:
             ended.set()
 
@@ -90,25 +114,78 @@ def _polling_ended(loop_thread: LoopThread, awake: StayAwake) -> None:
     assert ended.wait(20), "the loop kept polling"
 
 
-def test_a_request_keeps_the_loop_polling_then_it_sleeps(
-    loop_thread: LoopThread, yields: list[int]
-) -> None:
-    awake = StayAwake(loop_thread.loop, poll_for=0.05)
-    loop_thread.on_loop(awake.requested)
+POLL = stay_awake.LATE / 2  # a window's length in these tests: its end is not a late turn
+
+
+def _window(loop_thread: LoopThread, awake: StayAwake, clock: Clock, caught: int) -> None:
+    """A request, ``caught`` more within the window, then the window's end."""
+    assert _opens_a_window(loop_thread, awake)
+    for _ in range(caught):
+        loop_thread.on_loop(awake.requested)
+    clock.now += POLL * 1.5
     _polling_ended(loop_thread, awake)
-    assert len(yields) > 1  # many turns of the loop, each polling its sockets
-    polled = len(yields)
+
+
+def _opens_a_window(loop_thread: LoopThread, awake: StayAwake) -> bool:
+    return bool(loop_thread.on_loop(lambda: (awake.requested(), awake.polling)[1]))
+
+
+def test_a_request_keeps_the_loop_polling_then_it_sleeps(
+    loop_thread: LoopThread, clock: Clock, yields: Yields
+) -> None:
+    awake = StayAwake(loop_thread.loop, poll_for=POLL)
+    loop_thread.on_loop(awake.requested)
+    assert yields.several.wait(20)  # turn after turn of the loop, each polling its sockets
+    assert awake.polling is True
+    clock.now += POLL * 1.5
+    _polling_ended(loop_thread, awake)
+    polled = yields.count
     loop_thread.on_loop(lambda: None)  # a turn of the loop after the polling ended
-    assert len(yields) == polled
-    assert awake.polling is False
+    assert yields.count == polled
 
 
-def test_no_polling_when_told_not_to(loop_thread: LoopThread, yields: list[int]) -> None:
+@pytest.mark.parametrize(("caught", "windows"), [(0, 2), (1, 4)])
+def test_windows_that_catch_few_requests_stop_the_polling_for_a_while(
+    loop_thread: LoopThread, clock: Clock, yields: Yields, caught: int, windows: int
+) -> None:
+    awake = StayAwake(loop_thread.loop, poll_for=POLL)
+    for _ in range(windows):
+        _window(loop_thread, awake, clock, caught)
+    opened = [_opens_a_window(loop_thread, awake) for _ in range(stay_awake.RETRY_AFTER)]
+    assert opened == [False] * (stay_awake.RETRY_AFTER - 1) + [True]  # then it tries again
+
+
+def test_a_window_that_catches_several_requests_earns_credit(
+    loop_thread: LoopThread, clock: Clock, yields: Yields
+) -> None:
+    awake = StayAwake(loop_thread.loop, poll_for=POLL)
+    _window(loop_thread, awake, clock, caught=0)
+    _window(loop_thread, awake, clock, caught=2)
+    _window(loop_thread, awake, clock, caught=0)
+    assert _opens_a_window(loop_thread, awake) is True
+
+
+def test_turns_that_come_late_stop_the_polling(
+    loop_thread: LoopThread, clock: Clock, yields: Yields
+) -> None:
+    """A loop whose turns come late (another thread held the GIL, or the CPU was busy)
+    gains nothing from polling: whatever the window caught, it costs credit."""
+    awake = StayAwake(loop_thread.loop, poll_for=1.0)
+    for _ in range(2):
+        assert _opens_a_window(loop_thread, awake)
+        loop_thread.on_loop(awake.requested)
+        loop_thread.on_loop(awake.requested)
+        clock.now += stay_awake.LATE * 2  # within the window, but late
+        _polling_ended(loop_thread, awake)
+    assert _opens_a_window(loop_thread, awake) is False
+
+
+def test_no_polling_when_told_not_to(loop_thread: LoopThread, yields: Yields) -> None:
     awake = StayAwake(loop_thread.loop, poll_for=0.0)
     loop_thread.on_loop(awake.requested)
     loop_thread.on_loop(lambda: None)
     assert awake.polling is False
-    assert yields == []
+    assert yields.count == 0
 
 
 def _open_member(port: int, name: str) -> tuple[socket.socket, Connection]:
@@ -140,8 +217,8 @@ def _answer(sock: socket.socket, client: Connection) -> messages.Message:
 
 
 def test_only_a_request_keeps_the_loaders_loop_awake(loop_thread: LoopThread) -> None:
-    """Bytes in over a real socket: a heartbeat and an acknowledgement leave the loop free
-    to sleep; a request (here a Fetch) makes it poll."""
+    """Bytes in over a real socket: a heartbeat, an acknowledgement and a notice leave the
+    loop free to sleep; a request (here a Fetch) makes it poll."""
     loop = loop_thread.loop
     awake = CountingStayAwake(loop, poll_for=0.001)
     core = LoaderCore("app1", MemoryStore(), loop.call_later)
@@ -159,9 +236,31 @@ def test_only_a_request_keeps_the_loaders_loop_awake(loop_thread: LoopThread) ->
         with sock:
             sock.sendall(client.heartbeat())
             sock.sendall(client.send(messages.encode(messages.Loaded("value", "k", 1))))
+            release = messages.Release(0, "k", "a notice: rid 0 asks for no answer")
+            sock.sendall(client.send(messages.encode(release)))
             sock.sendall(client.send(messages.encode(messages.Fetch(7, "value", "k", False))))
             answer = _answer(sock, client)
             assert getattr(answer, "rid", None) == 7
             assert loop_thread.on_loop(lambda: awake.requests) == 1
     finally:
         loop_thread.on_loop(server.close)
+
+
+def test_a_loaders_connections_tell_its_loop_of_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An in-process loader and a member: the member's requests reach the loader's
+    StayAwake (counted through the class, the one the loader makes)."""
+    told: list[StayAwake] = []
+    real = StayAwake.requested
+
+    def requested(self: StayAwake) -> None:
+        told.append(self)
+        real(self)
+
+    monkeypatch.setattr(StayAwake, "requested", requested)
+    with node_pair() as (_, member):
+        assert member.get("k", lambda: 1) == 1
+        assert member.get("k") == 1
+    assert len(told) >= 2  # the get's lease, then its commit
+    assert len(set(map(id, told))) == 1  # one per loader
