@@ -8,6 +8,10 @@ each of them lands on the loader's send. Here one thread polls every connection 
 process instead: a push to all of them wakes it once, and it reads each connection that has
 data in turn.
 
+After it reads, the thread polls for a moment before it sleeps again, while that pays
+(clustorage.poll_windows): the frames of a push to many nodes of the process come one
+after another, and waking for each would cost more than the wait.
+
 A connection whose own caller is reading its answer is left to that caller: it is parked,
 not polled, for a moment (``readable`` says how long), or the poll would report it over and
 over; a caller done after a long wait resumes it (:meth:`SharedReader.resume`).
@@ -27,6 +31,7 @@ import time
 from typing import Any, Protocol
 
 from .bulk import RECYCLED
+from .poll_windows import PollWindows
 
 __all__ = ["SharedReader", "Watched", "shared_reader"]
 
@@ -63,6 +68,7 @@ class SharedReader:
         self._later: list[tuple[float, int, int, Watched]] = []  # when, order, fd, watched
         self._parked: set[int] = set()  # sockets not polled until their retry or resume
         self._order = itertools.count()
+        self._windows = PollWindows()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
@@ -70,6 +76,11 @@ class SharedReader:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="clustorage-reader", daemon=True)
         self._thread.start()
+
+    @property
+    def polling(self) -> bool:
+        """Whether the thread polls instead of sleeping (a window is open)."""
+        return self._windows.open
 
     def close(self) -> None:
         """End the thread (the process's own reader runs as long as the process)."""
@@ -155,10 +166,15 @@ class SharedReader:
         wait = next_tick - now
         if self._later:
             wait = min(wait, self._later[0][0] - now)
+        windows = self._windows
+        if windows.open and windows.turn(now):
+            os.sched_yield()  # a process that shares this CPU (the loader?) runs first
+            wait = 0.0
         try:
             events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
         except InterruptedError:
             return next_tick
+        read = False
         for fd, _ in events:
             if fd == wake:
                 with contextlib.suppress(BlockingIOError, OSError):
@@ -168,7 +184,12 @@ class SharedReader:
             current = self._watched.get(fd)
             if current is not None:
                 self._read(fd, current[1], retry=False)
+                read = True
         now = time.monotonic()
+        if read:
+            windows.arrived(now)
+        if windows.open:
+            windows.rested(now)
         while self._later and self._later[0][0] <= now:
             _, _, fd, watched = heapq.heappop(self._later)
             self._read(fd, watched, retry=True)

@@ -32,6 +32,7 @@ PURE = [
     "hello",
     "leases",
     "fanout",
+    "poll_windows",  # when a waiting thread polls: times in, decisions out
 ]
 IO_MODULES = ["asyncio", "socket", "sqlite3", "select", "selectors"]
 

@@ -1,6 +1,7 @@
 """The process's shared reader, on real sockets: a connection whose caller reads it is
-parked (not polled) until the retry it asked for, or until the caller resumes it, and a
-failing connection ends its own watch, not the thread."""
+parked (not polled) until the retry it asked for, or until the caller resumes it, a
+failing connection ends its own watch, not the thread, and after a read the thread polls
+for a moment before it sleeps again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from clustorage import readers
+from clustorage.poll_windows import POLL_FOR
 from clustorage.readers import TICK, SharedReader
 
 pytestmark = pytest.mark.timeout(30)
@@ -104,3 +107,55 @@ def test_a_connection_whose_read_fails_ends_alone(
     assert fine.got.wait(10) and fine.received == b"b"
     other_here.close()
     other_there.close()
+
+
+class FrozenClock:
+    """The time the reader reads, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleep = time.sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_after_a_read_the_reader_polls_for_a_moment_then_sleeps(
+    reader: SharedReader,
+    pair: tuple[socket.socket, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The frames of a push to many nodes of a process come one after another: after a
+    read the reader polls, yielding the CPU at each turn, instead of sleeping at once; once
+    the window ends, it sleeps."""
+    clock = FrozenClock()
+    monkeypatch.setattr(readers, "time", clock)
+    yields: list[int] = []
+    several = threading.Event()
+    real_yield = readers.os.sched_yield
+
+    def sched_yield() -> None:
+        if threading.current_thread().name == "clustorage-reader":
+            yields.append(1)
+            if len(yields) >= 3:
+                several.set()
+        real_yield()
+
+    monkeypatch.setattr(readers.os, "sched_yield", sched_yield)
+    here, there = pair
+    watched = Busy(here)
+    watched.busy = False
+    fd = reader.watch(here, watched)
+    there.send(b"x")
+    assert watched.got.wait(10)
+    assert several.wait(10)  # the window stays open while the clock stands still
+    assert reader.polling is True
+    clock.now += POLL_FOR * 1.5  # the window's end, not a late turn
+    deadline = time.perf_counter() + 10
+    while reader.polling and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    assert reader.polling is False
+    polled = len(yields)
+    time.sleep(0.05)  # the reader sleeps in its poll now: no more turns
+    assert len(yields) == polled
+    reader.forget(fd, watched)

@@ -16,6 +16,7 @@ from clustorage.aioloop import new_loop
 from clustorage.hello import Timing, handshake_meta
 from clustorage.listener import Listener, Newcomer
 from clustorage.loader import LoaderCore
+from clustorage.poll_windows import LATE
 from clustorage.protocol import Connection, Frame, Role, State
 from clustorage.server import ServerConnection
 from clustorage.stay_awake import StayAwake
@@ -114,20 +115,7 @@ def _polling_ended(loop_thread: LoopThread, awake: StayAwake) -> None:
     assert ended.wait(20), "the loop kept polling"
 
 
-POLL = stay_awake.LATE / 2  # a window's length in these tests: its end is not a late turn
-
-
-def _window(loop_thread: LoopThread, awake: StayAwake, clock: Clock, caught: int) -> None:
-    """A request, ``caught`` more within the window, then the window's end."""
-    assert _opens_a_window(loop_thread, awake)
-    for _ in range(caught):
-        loop_thread.on_loop(awake.requested)
-    clock.now += POLL * 1.5
-    _polling_ended(loop_thread, awake)
-
-
-def _opens_a_window(loop_thread: LoopThread, awake: StayAwake) -> bool:
-    return bool(loop_thread.on_loop(lambda: (awake.requested(), awake.polling)[1]))
+POLL = LATE / 2  # a window's length in these tests: its end is not a late turn
 
 
 def test_a_request_keeps_the_loop_polling_then_it_sleeps(
@@ -142,42 +130,6 @@ def test_a_request_keeps_the_loop_polling_then_it_sleeps(
     polled = yields.count
     loop_thread.on_loop(lambda: None)  # a turn of the loop after the polling ended
     assert yields.count == polled
-
-
-@pytest.mark.parametrize(("caught", "windows"), [(0, 2), (1, 4)])
-def test_windows_that_catch_few_requests_stop_the_polling_for_a_while(
-    loop_thread: LoopThread, clock: Clock, yields: Yields, caught: int, windows: int
-) -> None:
-    awake = StayAwake(loop_thread.loop, poll_for=POLL)
-    for _ in range(windows):
-        _window(loop_thread, awake, clock, caught)
-    opened = [_opens_a_window(loop_thread, awake) for _ in range(stay_awake.RETRY_AFTER)]
-    assert opened == [False] * (stay_awake.RETRY_AFTER - 1) + [True]  # then it tries again
-
-
-def test_a_window_that_catches_several_requests_earns_credit(
-    loop_thread: LoopThread, clock: Clock, yields: Yields
-) -> None:
-    awake = StayAwake(loop_thread.loop, poll_for=POLL)
-    _window(loop_thread, awake, clock, caught=0)
-    _window(loop_thread, awake, clock, caught=2)
-    _window(loop_thread, awake, clock, caught=0)
-    assert _opens_a_window(loop_thread, awake) is True
-
-
-def test_turns_that_come_late_stop_the_polling(
-    loop_thread: LoopThread, clock: Clock, yields: Yields
-) -> None:
-    """A loop whose turns come late (another thread held the GIL, or the CPU was busy)
-    gains nothing from polling: whatever the window caught, it costs credit."""
-    awake = StayAwake(loop_thread.loop, poll_for=1.0)
-    for _ in range(2):
-        assert _opens_a_window(loop_thread, awake)
-        loop_thread.on_loop(awake.requested)
-        loop_thread.on_loop(awake.requested)
-        clock.now += stay_awake.LATE * 2  # within the window, but late
-        _polling_ended(loop_thread, awake)
-    assert _opens_a_window(loop_thread, awake) is False
 
 
 def test_no_polling_when_told_not_to(loop_thread: LoopThread, yields: Yields) -> None:

@@ -1,0 +1,83 @@
+"""When a thread that waits for messages should poll for a moment rather than sleep.
+
+A message often follows another within tens of microseconds: a member's commit after the
+loader's lease for a quick ``fn``, the next request of a loop, the frames of a push to a
+hundred nodes of one process. Sleeping in ``epoll_wait`` and being woken again costs more
+CPU than that wait (on a virtual machine, about 30 µs a time), and delays the message by as
+much. So after a message a thread keeps polling for a *window* of ``poll_for`` seconds,
+which each message it catches extends.
+
+Polling pays only while messages come that soon, one after another. A window that catches
+several earns credit; one that catches one or none, or whose turns come late (the thread
+waited for the GIL, held by other Python work in the process, or for a CPU), costs some.
+Without credit the thread sleeps at once, and tries a window again every ``RETRY_AFTER``
+messages. So a thread whose peers are slow, or that shares its process or its CPUs with
+busy work, soon stops polling. No I/O: the caller reads the clock and polls.
+"""
+
+from __future__ import annotations
+
+__all__ = ["POLL_FOR", "PollWindows"]
+
+POLL_FOR = 100e-6  # seconds; as long as a member polls for its answer (member.SPIN)
+CREDIT = 4  # at most; a window that catches several messages earns 1, one costs 1, none 2
+RETRY_AFTER = 16  # messages without a window, once the credit is spent
+LATE = 1e-3  # seconds between one turn's end and the next one's start: it could not poll
+
+
+class PollWindows:
+    """The windows of one polling thread (not thread-safe: that thread's own)."""
+
+    def __init__(self, poll_for: float = POLL_FOR) -> None:
+        self._poll_for = poll_for
+        self._until = 0.0
+        self._open = False
+        self._caught = 0  # messages the open window caught
+        self._rested_from = 0.0  # when the open window's latest turn ended
+        self._credit = CREDIT
+        self._without = 0  # messages since the credit was spent
+
+    @property
+    def open(self) -> bool:
+        """Whether a window is open: the thread polls instead of sleeping."""
+        return self._open
+
+    def arrived(self, now: float) -> bool:
+        """A message arrived at ``now``: the open window catches it (and lasts ``poll_for``
+        from now), or a new one opens if polling pays; whether one opened (the caller then
+        starts polling)."""
+        if self._poll_for <= 0:
+            return False
+        if self._open:
+            self._caught += 1
+            self._until = now + self._poll_for
+            return False
+        if self._credit <= 0:
+            self._without += 1
+            if self._without < RETRY_AFTER:
+                return False
+            self._without, self._credit = 0, 1
+        self._open, self._caught, self._rested_from = True, 0, now
+        self._until = now + self._poll_for
+        return True
+
+    def turn(self, now: float) -> bool:
+        """A turn of the open window begins at ``now``: whether to poll (else the window
+        has ended, and the thread may sleep)."""
+        late = now - self._rested_from > LATE
+        if late or now >= self._until:
+            self._open = False
+            self._credit = min(self._credit + self._earned(late), CREDIT)
+            return False
+        return True
+
+    def rested(self, now: float) -> None:
+        """The turn's own work (what its poll found) ended at ``now``."""
+        self._rested_from = now
+
+    def _earned(self, late: bool) -> int:
+        """What the window that ends earned: its turns came late, or it caught no
+        message, one, or several."""
+        if late or not self._caught:
+            return -2
+        return 1 if self._caught > 1 else -1
