@@ -8,11 +8,14 @@ much. So after a message a thread keeps polling for a *window* of ``poll_for`` s
 which each message it catches extends.
 
 Polling pays only while messages come that soon, one after another. A window that catches
-several earns credit; one that catches one or none, or whose turns come late (the thread
-waited for the GIL, held by other Python work in the process, or for a CPU), costs some.
-Without credit the thread sleeps at once, and tries a window again every ``RETRY_AFTER``
-messages. So a thread whose peers are slow, or that shares its process or its CPUs with
-busy work, soon stops polling. No I/O: the caller reads the clock and polls.
+several earns credit; one that catches one or none costs some, and so does one that ends
+because a turn's yield and poll took over ``LATE`` (the thread waited for the GIL, held by
+other Python work in the process, or for a CPU: polling bought nothing). Without credit
+the thread sleeps at once, and tries a window again every ``RETRY_AFTER`` messages. So a
+thread whose peers are slow, or that shares its process or its CPUs with busy work, soon
+stops polling. No I/O: the caller reads the clock, yields and polls. A "message" is what
+the caller counts: a request for the loader's loop, a poll that found data for a member's
+reader.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ __all__ = ["POLL_FOR", "PollWindows"]
 POLL_FOR = 100e-6  # seconds; as long as a member polls for its answer (member.SPIN)
 CREDIT = 4  # at most; a window that catches several messages earns 1, one costs 1, none 2
 RETRY_AFTER = 16  # messages without a window, once the credit is spent
-LATE = 1e-3  # seconds between one turn's end and the next one's start: it could not poll
+LATE = 1e-3  # seconds a turn's yield and poll may take; more: the thread could not poll
 
 
 class PollWindows:
@@ -33,7 +36,6 @@ class PollWindows:
         self._until = 0.0
         self._open = False
         self._caught = 0  # messages the open window caught
-        self._rested_from = 0.0  # when the open window's latest turn ended
         self._credit = CREDIT
         self._without = 0  # messages since the credit was spent
 
@@ -57,23 +59,26 @@ class PollWindows:
             if self._without < RETRY_AFTER:
                 return False
             self._without, self._credit = 0, 1
-        self._open, self._caught, self._rested_from = True, 0, now
+        self._open, self._caught = True, 0
         self._until = now + self._poll_for
         return True
 
     def turn(self, now: float) -> bool:
-        """A turn of the open window begins at ``now``: whether to poll (else the window
-        has ended, and the thread may sleep)."""
-        late = now - self._rested_from > LATE
-        if late or now >= self._until:
-            self._open = False
-            self._credit = min(self._credit + self._earned(late), CREDIT)
+        """A turn of the open window begins at ``now``: whether to yield and poll (else the
+        window has ended, and the thread may sleep)."""
+        if now >= self._until:
+            self._end(late=False)
             return False
         return True
 
-    def rested(self, now: float) -> None:
-        """The turn's own work (what its poll found) ended at ``now``."""
-        self._rested_from = now
+    def waited(self, seconds: float) -> None:
+        """The turn's yield and poll took ``seconds``: over ``LATE``, the window ends."""
+        if self._open and seconds > LATE:
+            self._end(late=True)
+
+    def _end(self, late: bool) -> None:
+        self._open = False
+        self._credit = min(self._credit + self._earned(late), CREDIT)
 
     def _earned(self, late: bool) -> int:
         """What the window that ends earned: its turns came late, or it caught no

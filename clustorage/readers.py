@@ -28,6 +28,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .bulk import RECYCLED
@@ -59,7 +60,12 @@ class Watched(Protocol):
 class SharedReader:
     """The poll loop of one thread, for every :class:`Watched` connection of the process."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        yield_: Callable[[], None] = os.sched_yield,
+    ) -> None:
+        """``clock`` and ``yield_``: what the polling windows read and call (for tests)."""
         epoll = getattr(select, "epoll", None)
         self._poller: Any = select.poll() if epoll is None else epoll()
         self._poll_unit = 1000.0 if epoll is None else 1.0  # poll takes ms, epoll seconds
@@ -69,6 +75,8 @@ class SharedReader:
         self._parked: set[int] = set()  # sockets not polled until their retry or resume
         self._order = itertools.count()
         self._windows = PollWindows()
+        self._clock = clock
+        self._yield = yield_
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
@@ -167,13 +175,17 @@ class SharedReader:
         if self._later:
             wait = min(wait, self._later[0][0] - now)
         windows = self._windows
-        if windows.open and windows.turn(now):
-            os.sched_yield()  # a process that shares this CPU (the loader?) runs first
+        polling = windows.open and windows.turn(self._clock())
+        if polling:
+            began = self._clock()
+            self._yield()  # a process that shares this CPU (the loader?) runs first
             wait = 0.0
         try:
             events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
         except InterruptedError:
             return next_tick
+        if polling:
+            windows.waited(self._clock() - began)
         read = False
         for fd, _ in events:
             if fd == wake:
@@ -183,13 +195,10 @@ class SharedReader:
                 continue
             current = self._watched.get(fd)
             if current is not None:
-                self._read(fd, current[1], retry=False)
-                read = True
-        now = time.monotonic()
+                read = self._read(fd, current[1], retry=False) or read
         if read:
-            windows.arrived(now)
-        if windows.open:
-            windows.rested(now)
+            windows.arrived(self._clock())
+        now = time.monotonic()
         while self._later and self._later[0][0] <= now:
             _, _, fd, watched = heapq.heappop(self._later)
             self._read(fd, watched, retry=True)
@@ -203,7 +212,8 @@ class SharedReader:
                     self._read(fd, watched, retry=True)
         return next_tick
 
-    def _read(self, fd: int, watched: Watched, *, retry: bool) -> None:
+    def _read(self, fd: int, watched: Watched, *, retry: bool) -> bool:
+        """Whether it read (not if its caller holds it, nor if it failed)."""
         try:
             delay = watched.readable(retry)
         except BaseException as exc:  # a listener's SystemExit too: that connection ends
@@ -213,17 +223,19 @@ class SharedReader:
                 watched.ended(exc)
             except Exception:
                 log.exception("the shared reader failed on %r", watched)
-            return
+            return False
         if delay is not None:  # parked meanwhile, or the poll would report it again
             with self._lock:
                 if not self._mine(fd, watched):
-                    return
+                    return False
                 self._park(fd)
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
-        elif fd in self._parked:
+            return False
+        if fd in self._parked:
             with self._lock:
                 if self._mine(fd, watched):
                     self._unpark(fd)
+        return True
 
     def _mine(self, fd: int, watched: Watched) -> bool:
         current = self._watched.get(fd)

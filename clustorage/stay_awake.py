@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 
 from .poll_windows import POLL_FOR, PollWindows
 
@@ -20,11 +21,19 @@ __all__ = ["StayAwake"]
 
 class StayAwake:
     """Keeps ``loop`` polling through the windows that requests open. Used on the loop's
-    thread only."""
+    thread only; ``clock`` and ``yield_`` are for tests."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, poll_for: float = POLL_FOR) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        poll_for: float = POLL_FOR,
+        clock: Callable[[], float] = time.perf_counter,
+        yield_: Callable[[], None] = os.sched_yield,
+    ) -> None:
         self._loop = loop
         self._windows = PollWindows(poll_for)
+        self._clock = clock
+        self._yield = yield_
 
     @property
     def polling(self) -> bool:
@@ -33,13 +42,17 @@ class StayAwake:
 
     def requested(self) -> None:
         """A request was read."""
-        if self._windows.arrived(time.perf_counter()):
+        if self._windows.arrived(self._clock()):
             self._loop.call_soon(self._poll)
 
     def _poll(self) -> None:
-        now = time.perf_counter()
-        if not self._windows.turn(now):
+        """A turn: the loop polls its sockets (without blocking, since this is scheduled
+        again) once this yield is done."""
+        windows = self._windows
+        began = self._clock()
+        if not windows.turn(began):
             return
-        self._windows.rested(now)
-        os.sched_yield()
-        self._loop.call_soon(self._poll)
+        self._yield()
+        windows.waited(self._clock() - began)
+        if windows.open:
+            self._loop.call_soon(self._poll)

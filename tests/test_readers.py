@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from clustorage import readers
-from clustorage.poll_windows import POLL_FOR
+from clustorage.poll_windows import LATE, POLL_FOR
 from clustorage.readers import TICK, SharedReader
+from tests.poll_helpers import Clock, Yields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,53 +109,105 @@ def test_a_connection_whose_read_fails_ends_alone(
     other_there.close()
 
 
-class FrozenClock:
-    """The time the reader reads, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleep = time.sleep
-
-    def monotonic(self) -> float:
-        return self.now
-
-
-def test_after_a_read_the_reader_polls_for_a_moment_then_sleeps(
-    reader: SharedReader,
-    pair: tuple[socket.socket, socket.socket],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The frames of a push to many nodes of a process come one after another: after a
-    read the reader polls, yielding the CPU at each turn, instead of sleeping at once; once
-    the window ends, it sleeps."""
-    clock = FrozenClock()
-    monkeypatch.setattr(readers, "time", clock)
-    yields: list[int] = []
-    several = threading.Event()
-    real_yield = readers.os.sched_yield
-
-    def sched_yield() -> None:
-        if threading.current_thread().name == "clustorage-reader":
-            yields.append(1)
-            if len(yields) >= 3:
-                several.set()
-        real_yield()
-
-    monkeypatch.setattr(readers.os, "sched_yield", sched_yield)
-    here, there = pair
-    watched = Busy(here)
-    watched.busy = False
-    fd = reader.watch(here, watched)
-    there.send(b"x")
-    assert watched.got.wait(10)
-    assert several.wait(10)  # the window stays open while the clock stands still
-    assert reader.polling is True
-    clock.now += POLL_FOR * 1.5  # the window's end, not a late turn
+def _polling_ended(reader: SharedReader) -> None:
     deadline = time.perf_counter() + 10
     while reader.polling and time.perf_counter() < deadline:
         time.sleep(0.001)
     assert reader.polling is False
-    polled = len(yields)
-    time.sleep(0.05)  # the reader sleeps in its poll now: no more turns
-    assert len(yields) == polled
-    reader.forget(fd, watched)
+
+
+def _send_and_read(there: socket.socket, watched: Busy) -> None:
+    watched.got.clear()
+    there.send(b"x")
+    assert watched.got.wait(10)
+
+
+def test_after_a_read_the_reader_polls_for_a_moment_then_sleeps(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The frames of a push to many nodes of a process come one after another: after a
+    read the reader polls, yielding the CPU at each turn, instead of sleeping at once; once
+    the window ends, it sleeps."""
+    clock = Clock()
+    yields = Yields(clock)
+    reader = SharedReader(clock, yields)
+    try:
+        here, there = pair
+        watched = Busy(here)
+        watched.busy = False
+        fd = reader.watch(here, watched)
+        _send_and_read(there, watched)
+        assert yields.several.wait(10)  # the window stays open while the clock stands still
+        assert reader.polling is True
+        clock.now += POLL_FOR * 1.5  # the window's end
+        _polling_ended(reader)
+        polled = yields.count
+        time.sleep(0.05)  # the reader sleeps in its poll now: no more turns
+        assert yields.count == polled
+        reader.forget(fd, watched)
+    finally:
+        reader.close()
+
+
+class SendingYields(Yields):
+    """Yields that take long, while a byte arrives during each: polling would always catch
+    one, were its turns not late."""
+
+    def __init__(self, clock: Clock, there: socket.socket) -> None:
+        super().__init__(clock, takes=LATE * 2)
+        self.there = there
+
+    def __call__(self) -> None:
+        super().__call__()
+        self.there.send(b"y")
+
+
+def test_a_reader_whose_yields_take_long_stops_polling(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A process whose main thread runs Python holds the GIL through the reader's yield:
+    each window ends at its first turn, whatever it would catch, and after two the reader
+    sleeps at once."""
+    here, there = pair
+    clock = Clock()
+    yields = SendingYields(clock, there)
+    reader = SharedReader(clock, yields)
+    try:
+        watched = Busy(here)
+        watched.busy = False
+        fd = reader.watch(here, watched)
+        _send_and_read(there, watched)
+        deadline = time.perf_counter() + 10
+        while (yields.count < 2 or reader.polling) and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)  # a window still open would yield again and again
+        assert reader.polling is False
+        assert yields.count == 2
+        reader.forget(fd, watched)
+    finally:
+        reader.close()
+
+
+def test_a_parked_connection_opens_no_window(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Data for a connection whose caller reads it is not read here: nothing arrived for
+    this thread, and it does not poll for more."""
+    clock = Clock()
+    yields = Yields(clock)
+    reader = SharedReader(clock, yields)
+    try:
+        here, there = pair
+        watched = Busy(here)  # busy: its caller holds it
+        fd = reader.watch(here, watched)
+        there.send(b"x")
+        deadline = time.perf_counter() + 10
+        while watched.calls == 0 and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        assert watched.calls >= 1
+        time.sleep(0.05)  # a window opened would stay open: the clock stands still
+        assert reader.polling is False
+        assert yields.count == 0
+        reader.forget(fd, watched)
+    finally:
+        reader.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from clustorage import messages, stay_awake
+from clustorage import messages
 from clustorage.aioloop import new_loop
 from clustorage.hello import Timing, handshake_meta
 from clustorage.listener import Listener, Newcomer
@@ -22,6 +22,7 @@ from clustorage.server import ServerConnection
 from clustorage.stay_awake import StayAwake
 from clustorage.store import MemoryStore
 from tests.conftest import node_pair
+from tests.poll_helpers import Clock, Yields
 from tests.protocol_helpers import COOKIE
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,41 +66,14 @@ def loop_thread() -> Iterator[LoopThread]:
     running.close()
 
 
-class Clock:
-    """The time StayAwake reads, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(stay_awake, "time", fake)
-    return fake
-
-
-class Yields:
-    """How many times the loop gave the CPU away while it polled."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.several = threading.Event()
-
-    def sched_yield(self) -> None:
-        self.count += 1
-        if self.count >= 3:
-            self.several.set()
-
-
-@pytest.fixture
-def yields(monkeypatch: pytest.MonkeyPatch) -> Yields:
-    counted = Yields()
-    monkeypatch.setattr(stay_awake.os, "sched_yield", counted.sched_yield)
-    return counted
+def yields(clock: Clock) -> Yields:
+    return Yields(clock)
 
 
 def _polling_ended(loop_thread: LoopThread, awake: StayAwake) -> None:
@@ -121,7 +95,7 @@ POLL = LATE / 2  # a window's length in these tests: its end is not a late turn
 def test_a_request_keeps_the_loop_polling_then_it_sleeps(
     loop_thread: LoopThread, clock: Clock, yields: Yields
 ) -> None:
-    awake = StayAwake(loop_thread.loop, poll_for=POLL)
+    awake = StayAwake(loop_thread.loop, POLL, clock, yields)
     loop_thread.on_loop(awake.requested)
     assert yields.several.wait(20)  # turn after turn of the loop, each polling its sockets
     assert awake.polling is True
@@ -132,8 +106,23 @@ def test_a_request_keeps_the_loop_polling_then_it_sleeps(
     assert yields.count == polled
 
 
-def test_no_polling_when_told_not_to(loop_thread: LoopThread, yields: Yields) -> None:
-    awake = StayAwake(loop_thread.loop, poll_for=0.0)
+def test_a_loop_whose_yields_take_long_stops_polling(loop_thread: LoopThread, clock: Clock) -> None:
+    """Another thread holds the GIL (a notebook that is the loader, busy): each window ends
+    at its first turn, and after two the loop sleeps at once."""
+    yields = Yields(clock, takes=LATE * 2)
+    awake = StayAwake(loop_thread.loop, 1.0, clock, yields)
+    for _ in range(2):
+        loop_thread.on_loop(awake.requested)
+        _polling_ended(loop_thread, awake)
+    assert yields.count == 2
+    loop_thread.on_loop(awake.requested)
+    assert awake.polling is False
+    loop_thread.on_loop(lambda: None)
+    assert yields.count == 2
+
+
+def test_no_polling_when_told_not_to(loop_thread: LoopThread, clock: Clock, yields: Yields) -> None:
+    awake = StayAwake(loop_thread.loop, 0.0, clock, yields)
     loop_thread.on_loop(awake.requested)
     loop_thread.on_loop(lambda: None)
     assert awake.polling is False
