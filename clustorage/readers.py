@@ -175,17 +175,16 @@ class SharedReader:
         if self._later:
             wait = min(wait, self._later[0][0] - now)
         windows = self._windows
-        polling = windows.open and windows.turn(self._clock())
-        if polling:
-            began = self._clock()
+        # A slow yield does not end the window here, as it does on the loader's loop: the
+        # window pays most when every CPU is busy (a push to each node of every process),
+        # which is when yields are slow (bench/README.md, "A member process's reader").
+        if windows.open and windows.turn(self._clock()):
             self._yield()  # a process that shares this CPU (the loader?) runs first
             wait = 0.0
         try:
             events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
         except InterruptedError:
             return next_tick
-        if polling:
-            windows.waited(self._clock() - began)
         read = False
         for fd, _ in events:
             if fd == wake:

@@ -150,8 +150,7 @@ def test_after_a_read_the_reader_polls_for_a_moment_then_sleeps(
 
 
 class SendingYields(Yields):
-    """Yields that take long, while a byte arrives during each: polling would always catch
-    one, were its turns not late."""
+    """Yields that take long, while a byte arrives during each."""
 
     def __init__(self, clock: Clock, there: socket.socket) -> None:
         super().__init__(clock, takes=LATE * 2)
@@ -162,12 +161,12 @@ class SendingYields(Yields):
         self.there.send(b"y")
 
 
-def test_a_reader_whose_yields_take_long_stops_polling(
+def test_a_reader_polls_through_slow_yields_while_reads_come(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    """A process whose main thread runs Python holds the GIL through the reader's yield:
-    each window ends at its first turn, whatever it would catch, and after two the reader
-    sleeps at once."""
+    """Unlike the loader's loop, a reader keeps its window while reads keep coming, however
+    long its yields take: that is when every CPU is busy, a push to each node of every
+    process, and when polling pays most."""
     here, there = pair
     clock = Clock()
     yields = SendingYields(clock, there)
@@ -178,11 +177,9 @@ def test_a_reader_whose_yields_take_long_stops_polling(
         fd = reader.watch(here, watched)
         _send_and_read(there, watched)
         deadline = time.perf_counter() + 10
-        while (yields.count < 2 or reader.polling) and time.perf_counter() < deadline:
+        while yields.count < 20 and time.perf_counter() < deadline:
             time.sleep(0.001)
-        time.sleep(0.05)  # a window still open would yield again and again
-        assert reader.polling is False
-        assert yields.count == 2
+        assert yields.count >= 20
         reader.forget(fd, watched)
     finally:
         reader.close()
