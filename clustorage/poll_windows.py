@@ -1,11 +1,10 @@
 """When a thread that waits for messages should poll for a moment rather than sleep.
 
 A message often follows another within tens of microseconds: a member's commit after the
-loader's lease for a quick ``fn``, the next request of a loop, the frames of a push to a
-hundred nodes of one process. Sleeping in ``epoll_wait`` and being woken again costs more
-CPU than that wait (on a virtual machine, about 30 µs a time), and delays the message by as
-much. So after a message a thread keeps polling for a *window* of ``poll_for`` seconds,
-which each message it catches extends.
+loader's lease for a quick ``fn``, the next request of a loop. Sleeping in ``epoll_wait``
+and being woken again costs more CPU than that wait (on a virtual machine, about 30 µs a
+time), and delays the message by as much. So after a message a thread keeps polling for a
+*window* of ``poll_for`` seconds, which each message it catches extends.
 
 Polling pays only while messages come that soon, one after another. A window that catches
 several earns credit; one that catches one or none costs some, and so does one that ends
@@ -13,9 +12,8 @@ because a turn's yield and poll took over ``LATE`` (the thread waited for the GI
 other Python work in the process, or for a CPU: polling bought nothing). Without credit
 the thread sleeps at once, and tries a window again every ``RETRY_AFTER`` messages. So a
 thread whose peers are slow, or that shares its process or its CPUs with busy work, soon
-stops polling. No I/O: the caller reads the clock, yields and polls. A "message" is what
-the caller counts: a request for the loader's loop, a poll that found data for a member's
-reader.
+stops polling. No I/O: the caller (clustorage.stay_awake, for the loader's loop) reads the
+clock, yields and polls.
 """
 
 from __future__ import annotations

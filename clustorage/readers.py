@@ -8,10 +8,6 @@ each of them lands on the loader's send. Here one thread polls every connection 
 process instead: a push to all of them wakes it once, and it reads each connection that has
 data in turn.
 
-After it reads, the thread polls for a moment before it sleeps again, while that pays
-(clustorage.poll_windows): the frames of a push to many nodes of the process come one
-after another, and waking for each would cost more than the wait.
-
 A connection whose own caller is reading its answer is left to that caller: it is parked,
 not polled, for a moment (``readable`` says how long), or the poll would report it over and
 over; a caller done after a long wait resumes it (:meth:`SharedReader.resume`).
@@ -28,11 +24,9 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from .bulk import RECYCLED
-from .poll_windows import PollWindows
 
 __all__ = ["SharedReader", "Watched", "shared_reader"]
 
@@ -60,12 +54,7 @@ class Watched(Protocol):
 class SharedReader:
     """The poll loop of one thread, for every :class:`Watched` connection of the process."""
 
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        yield_: Callable[[], None] = os.sched_yield,
-    ) -> None:
-        """``clock`` and ``yield_``: what the polling windows read and call (for tests)."""
+    def __init__(self) -> None:
         epoll = getattr(select, "epoll", None)
         self._poller: Any = select.poll() if epoll is None else epoll()
         self._poll_unit = 1000.0 if epoll is None else 1.0  # poll takes ms, epoll seconds
@@ -74,9 +63,6 @@ class SharedReader:
         self._later: list[tuple[float, int, int, Watched]] = []  # when, order, fd, watched
         self._parked: set[int] = set()  # sockets not polled until their retry or resume
         self._order = itertools.count()
-        self._windows = PollWindows()
-        self._clock = clock
-        self._yield = yield_
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
@@ -84,11 +70,6 @@ class SharedReader:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="clustorage-reader", daemon=True)
         self._thread.start()
-
-    @property
-    def polling(self) -> bool:
-        """Whether the thread polls instead of sleeping (a window is open)."""
-        return self._windows.open
 
     def close(self) -> None:
         """End the thread (the process's own reader runs as long as the process)."""
@@ -174,18 +155,10 @@ class SharedReader:
         wait = next_tick - now
         if self._later:
             wait = min(wait, self._later[0][0] - now)
-        windows = self._windows
-        # A slow yield does not end the window here, as it does on the loader's loop: the
-        # window pays most when every CPU is busy (a push to each node of every process),
-        # which is when yields are slow (bench/README.md, "A member process's reader").
-        if windows.open and windows.turn(self._clock()):
-            self._yield()  # a process that shares this CPU (the loader?) runs first
-            wait = 0.0
         try:
             events = self._poller.poll(max(wait, 0.0) * self._poll_unit)
         except InterruptedError:
             return next_tick
-        read = False
         for fd, _ in events:
             if fd == wake:
                 with contextlib.suppress(BlockingIOError, OSError):
@@ -194,9 +167,7 @@ class SharedReader:
                 continue
             current = self._watched.get(fd)
             if current is not None:
-                read = self._read(fd, current[1], retry=False) or read
-        if read:
-            windows.arrived(self._clock())
+                self._read(fd, current[1], retry=False)
         now = time.monotonic()
         while self._later and self._later[0][0] <= now:
             _, _, fd, watched = heapq.heappop(self._later)
@@ -211,8 +182,7 @@ class SharedReader:
                     self._read(fd, watched, retry=True)
         return next_tick
 
-    def _read(self, fd: int, watched: Watched, *, retry: bool) -> bool:
-        """Whether it read (not if its caller holds it, nor if it failed)."""
+    def _read(self, fd: int, watched: Watched, *, retry: bool) -> None:
         try:
             delay = watched.readable(retry)
         except BaseException as exc:  # a listener's SystemExit too: that connection ends
@@ -222,19 +192,17 @@ class SharedReader:
                 watched.ended(exc)
             except Exception:
                 log.exception("the shared reader failed on %r", watched)
-            return False
+            return
         if delay is not None:  # parked meanwhile, or the poll would report it again
             with self._lock:
                 if not self._mine(fd, watched):
-                    return False
+                    return
                 self._park(fd)
             heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
-            return False
-        if fd in self._parked:
+        elif fd in self._parked:
             with self._lock:
                 if self._mine(fd, watched):
                     self._unpark(fd)
-        return True
 
     def _mine(self, fd: int, watched: Watched) -> bool:
         current = self._watched.get(fd)

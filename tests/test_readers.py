@@ -1,7 +1,6 @@
 """The process's shared reader, on real sockets: a connection whose caller reads it is
-parked (not polled) until the retry it asked for, or until the caller resumes it, a
-failing connection ends its own watch, not the thread, and after a read the thread polls
-for a moment before it sleeps again."""
+parked (not polled) until the retry it asked for, or until the caller resumes it, and a
+failing connection ends its own watch, not the thread."""
 
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from clustorage.poll_windows import LATE, POLL_FOR
 from clustorage.readers import TICK, SharedReader
-from tests.poll_helpers import Clock, Yields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -107,104 +104,3 @@ def test_a_connection_whose_read_fails_ends_alone(
     assert fine.got.wait(10) and fine.received == b"b"
     other_here.close()
     other_there.close()
-
-
-def _polling_ended(reader: SharedReader) -> None:
-    deadline = time.perf_counter() + 10
-    while reader.polling and time.perf_counter() < deadline:
-        time.sleep(0.001)
-    assert reader.polling is False
-
-
-def _send_and_read(there: socket.socket, watched: Busy) -> None:
-    watched.got.clear()
-    there.send(b"x")
-    assert watched.got.wait(10)
-
-
-def test_after_a_read_the_reader_polls_for_a_moment_then_sleeps(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    """The frames of a push to many nodes of a process come one after another: after a
-    read the reader polls, yielding the CPU at each turn, instead of sleeping at once; once
-    the window ends, it sleeps."""
-    clock = Clock()
-    yields = Yields(clock)
-    reader = SharedReader(clock, yields)
-    try:
-        here, there = pair
-        watched = Busy(here)
-        watched.busy = False
-        fd = reader.watch(here, watched)
-        _send_and_read(there, watched)
-        assert yields.several.wait(10)  # the window stays open while the clock stands still
-        assert reader.polling is True
-        clock.now += POLL_FOR * 1.5  # the window's end
-        _polling_ended(reader)
-        polled = yields.count
-        time.sleep(0.05)  # the reader sleeps in its poll now: no more turns
-        assert yields.count == polled
-        reader.forget(fd, watched)
-    finally:
-        reader.close()
-
-
-class SendingYields(Yields):
-    """Yields that take long, while a byte arrives during each."""
-
-    def __init__(self, clock: Clock, there: socket.socket) -> None:
-        super().__init__(clock, takes=LATE * 2)
-        self.there = there
-
-    def __call__(self) -> None:
-        super().__call__()
-        self.there.send(b"y")
-
-
-def test_a_reader_polls_through_slow_yields_while_reads_come(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    """Unlike the loader's loop, a reader keeps its window while reads keep coming, however
-    long its yields take: that is when every CPU is busy, a push to each node of every
-    process, and when polling pays most."""
-    here, there = pair
-    clock = Clock()
-    yields = SendingYields(clock, there)
-    reader = SharedReader(clock, yields)
-    try:
-        watched = Busy(here)
-        watched.busy = False
-        fd = reader.watch(here, watched)
-        _send_and_read(there, watched)
-        deadline = time.perf_counter() + 10
-        while yields.count < 20 and time.perf_counter() < deadline:
-            time.sleep(0.001)
-        assert yields.count >= 20
-        reader.forget(fd, watched)
-    finally:
-        reader.close()
-
-
-def test_a_parked_connection_opens_no_window(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    """Data for a connection whose caller reads it is not read here: nothing arrived for
-    this thread, and it does not poll for more."""
-    clock = Clock()
-    yields = Yields(clock)
-    reader = SharedReader(clock, yields)
-    try:
-        here, there = pair
-        watched = Busy(here)  # busy: its caller holds it
-        fd = reader.watch(here, watched)
-        there.send(b"x")
-        deadline = time.perf_counter() + 10
-        while watched.calls == 0 and time.perf_counter() < deadline:
-            time.sleep(0.001)
-        assert watched.calls >= 1
-        time.sleep(0.05)  # a window opened would stay open: the clock stands still
-        assert reader.polling is False
-        assert yields.count == 0
-        reader.forget(fd, watched)
-    finally:
-        reader.close()

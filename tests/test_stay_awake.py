@@ -22,10 +22,36 @@ from clustorage.server import ServerConnection
 from clustorage.stay_awake import StayAwake
 from clustorage.store import MemoryStore
 from tests.conftest import node_pair
-from tests.poll_helpers import Clock, Yields
 from tests.protocol_helpers import COOKIE
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class Clock:
+    """The time a polling thread reads, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Yields:
+    """The polling thread's yields, counted; each moves ``clock`` on by ``takes`` seconds
+    (a yield that waited for the GIL or a CPU takes long)."""
+
+    def __init__(self, clock: Clock, takes: float = 0.0) -> None:
+        self.clock = clock
+        self.takes = takes
+        self.count = 0
+        self.several = threading.Event()  # three or more
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.clock.now += self.takes
+        if self.count >= 3:
+            self.several.set()
 
 
 class CountingStayAwake(StayAwake):
