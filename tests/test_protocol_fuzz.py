@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
 import io
 import itertools
 import pickle
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,14 +20,14 @@ from hypothesis import strategies as st
 
 import clustorage.codec
 import clustorage.messages
-from clustorage.aioloop import new_loop
 from clustorage.errors import AuthenticationError, ProtocolError
-from clustorage.hello import Timing, handshake_meta
+from clustorage.hello import Timing
 from clustorage.listener import Listener, Newcomer
 from clustorage.loader import LoaderCore
 from clustorage.protocol import MAGIC, VERSION, Connection, Event, Frame, Role, State
 from clustorage.server import ServerConnection
 from clustorage.store import MemoryStore
+from tests.loop_helpers import LoopThread, honest_handshake
 from tests.protocol_helpers import CLIENT_META, COOKIE, SERVER_META, ConnectionPair
 
 FUZZ = settings(
@@ -253,14 +251,12 @@ DEADLINE = 0.3
 TRICKLE = MAGIC + VERSION.to_bytes(2, "big") + bytes(200)  # a response that never ends
 
 
-class _LoaderOnLoop:
+class _LoaderOnLoop(LoopThread):
     """A loader's server (core, connections, listener) on a loop thread of its own, as in a
     loader process, with a small cap on unauthenticated connections and a short deadline."""
 
     def __init__(self) -> None:
-        self.loop = new_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
+        super().__init__()
         core = LoaderCore("app1", MemoryStore(), self.loop.call_later)
         timing = Timing(handshake=DEADLINE)
         registry: set[Any] = set()
@@ -276,33 +272,18 @@ class _LoaderOnLoop:
         self.port = int(self.server.socket.getsockname()[1])
         self.honest = itertools.count()
 
-    def on_loop(self, function: Callable[[], Any]) -> Any:
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.loop.call_soon_threadsafe(lambda: done.set_result(function()))
-        return done.result(10)
-
     def untrusted(self) -> int:
         return int(self.on_loop(lambda: len(self.server.untrusted)))
 
     def handshake(self) -> State:
         """An honest member's handshake; the state it ends in."""
-        meta = handshake_meta(f"honest{next(self.honest)}")
-        client = Connection(Role.CLIENT, COOKIE, meta)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            while client.state not in (State.OPEN, State.ERROR, State.CLOSED):
-                data = sock.recv(65536)
-                if not data:
-                    break
-                client.receive_data(data)
-                client.next_event()
-                sock.sendall(client.data_to_send())
+        sock, client = honest_handshake(self.port, f"honest{next(self.honest)}")
+        sock.close()
         return client.state
 
     def close(self) -> None:
         self.on_loop(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        super().close()
 
 
 @pytest.fixture(scope="module")

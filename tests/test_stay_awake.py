@@ -3,25 +3,24 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from clustorage import messages
-from clustorage.aioloop import new_loop
-from clustorage.hello import Timing, handshake_meta
+from clustorage.hello import Timing
 from clustorage.listener import Listener, Newcomer
 from clustorage.loader import LoaderCore
 from clustorage.poll_windows import LATE
-from clustorage.protocol import Connection, Frame, Role, State
+from clustorage.protocol import Connection, Frame, State
 from clustorage.server import ServerConnection
 from clustorage.stay_awake import StayAwake
 from clustorage.store import MemoryStore
 from tests.conftest import node_pair
+from tests.loop_helpers import LoopThread, honest_handshake
 from tests.protocol_helpers import COOKIE
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,25 +63,6 @@ class CountingStayAwake(StayAwake):
     def requested(self) -> None:
         self.requests += 1
         super().requested()
-
-
-class LoopThread:
-    """An event loop of the loader's kind, running on a thread of its own."""
-
-    def __init__(self) -> None:
-        self.loop = new_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def on_loop(self, function: Callable[[], Any]) -> Any:
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.loop.call_soon_threadsafe(lambda: done.set_result(function()))
-        return done.result(10)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -155,20 +135,6 @@ def test_no_polling_when_told_not_to(loop_thread: LoopThread, clock: Clock, yiel
     assert yields.count == 0
 
 
-def _open_member(port: int, name: str) -> tuple[socket.socket, Connection]:
-    """An honest member's connection, through the handshake."""
-    client = Connection(Role.CLIENT, COOKIE, handshake_meta(name))
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    while client.state not in (State.OPEN, State.ERROR, State.CLOSED):
-        data = sock.recv(65536)
-        assert data, "the loader closed the connection during the handshake"
-        client.receive_data(data)
-        client.next_event()
-        sock.sendall(client.data_to_send())
-    assert client.state is State.OPEN
-    return sock, client
-
-
 def _answer(sock: socket.socket, client: Connection) -> messages.Message:
     while True:
         event = client.next_event()
@@ -199,7 +165,8 @@ def test_only_a_request_keeps_the_loaders_loop_awake(loop_thread: LoopThread) ->
     )
     try:
         port = int(server.socket.getsockname()[1])
-        sock, client = _open_member(port, "m1")
+        sock, client = honest_handshake(port, "m1")
+        assert client.state is State.OPEN
         with sock:
             sock.sendall(client.heartbeat())
             sock.sendall(client.send(messages.encode(messages.Loaded("value", "k", 1))))
