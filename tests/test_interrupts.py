@@ -84,8 +84,10 @@ def pester():  # for 2.5 s, and on (up to 15 s more) until 30 were caught
         _thread.interrupt_main()
 pestering = threading.Thread(target=pester)
 pestering.start()
-while pestering.is_alive():
-    try:
+while True:
+    try:  # the check too: a Ctrl-C may land on it
+        if not pestering.is_alive():
+            break
         node.get('slow', lambda: 'from m')
     except KeyboardInterrupt:
         caught += 1
