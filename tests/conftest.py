@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,24 @@ class Cluster:
     def close(self) -> None:
         for proc in reversed(self.procs):
             kill(proc)
+
+
+LOG_TAIL = 6000  # characters of each process's log shown beside a failure
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that started processes shows the end of each one's log: a flake in CI
+    leaves its post-mortem in the output, since pytest removes the files afterwards."""
+    report: pytest.TestReport = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path):
+        for log in sorted(tmp.glob("*.log")):
+            text = log.read_text(errors="replace")
+            report.sections.append((f"{log.name} ({call.when}, last lines)", text[-LOG_TAIL:]))
+    return report
 
 
 @pytest.fixture
