@@ -204,11 +204,17 @@ class Pending:
         return True
 
     def fail_all(self, error: BaseException) -> None:
+        for waiter in self.take_all():
+            waiter.set(error=error)
+
+    def take_all(self) -> list[Waiter]:
+        """The waiters of every request open now, no longer waited for here: those of a
+        connection that ends, taken as it ends (one opened after is the next one's)."""
         with self._lock:
             waiters, self._waiters = self._waiters, {}
-        self.queued.clear()
-        for waiter in waiters.values():
-            waiter.set(error=error)
+        for rid in waiters:
+            self.queued.pop(rid, None)
+        return list(waiters.values())
 
     def wait(
         self,

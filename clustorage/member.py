@@ -687,19 +687,29 @@ class MemberClient:
         finally:
             self._tls.dispatching = False
 
-    def _drop(self, why: str, only: socket.socket | None = None) -> None:
-        """Close the connection and fail what waits on it; ``only``: if that is still the
-        connection (else one made since would be dropped for an old one's fault)."""
+    def _drop(self, why: str, only: socket.socket | None = None, drops: int | None = None) -> None:
+        """Close the connection and fail what waits on it; only if that is still the
+        connection ``only``, or the one of drop count ``drops`` (else one made since would
+        be dropped for an old one's fault)."""
         was_ready = self._is_ready
+
+        def replaced() -> bool:
+            return (only is not None and self._sock is not only) or (
+                drops is not None and self._drops != drops
+            )
+
         with self._ready:  # first: no socket always means not ready
-            if only is not None and self._sock is not only:
+            if replaced():
                 return
             self._is_ready = False
         with self._send_lock:
-            if only is not None and self._sock is not only:
+            if replaced():
                 return  # dropped by another thread in between: not ready, and not ours
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
             self._drops += sock is not None
+            # As it ends: a request opened after it (the next connection's resync) is not
+            # this connection's to fail.
+            stranded = self.pending.take_all()
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -707,7 +717,9 @@ class MemberClient:
             sock.close()
         if conn is not None:
             conn.release()
-        self.pending.fail_all(self.unavailable(why))
+        lost = self.unavailable(why)
+        for waiter in stranded:
+            waiter.set(error=lost)
         if was_ready:
             self._roster.reset(())
             if threading.current_thread() is self._thread:  # the one that would reconnect
@@ -827,7 +839,7 @@ class MemberClient:
             log.debug("%s: a dropped connection failed: %s", self.config.name, exc)
             return
         self._say_lost(exc)
-        self._drop(str(exc))
+        self._drop(str(exc), drops=drops)
 
     def _say_lost(self, exc: BaseException) -> None:
         link = {"loader_link": LOST, "node": self.config.name}  # see clustorage.magics

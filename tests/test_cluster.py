@@ -18,12 +18,12 @@ import pytest
 import clustorage
 from clustorage import codec
 from clustorage.channel import Pending
-from clustorage.member import MemberClient, _Lost
+from clustorage.member import LINGER, MemberClient, _Lost
 from clustorage.messages import Fetch, Put, Queued, Sync
 from clustorage.protocol import Connection
 from clustorage.store import SQLiteStore
-from tests.conftest import COOKIE, Cluster, node_pair, stop_process
-from tests.test_promises import wait_until
+from tests.conftest import COOKIE, Cluster, Member, node_pair, stop_process
+from tests.test_promises import counted_fn, lease_written, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -469,6 +469,40 @@ def test_a_read_failing_late_on_a_dropped_connection_leaves_the_new_one(
         assert node.get("k", lambda: 0) in (0, 1)
 
 
+def test_a_connection_replaced_as_a_failed_read_is_told_stays(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's read fails on the connection, which is still the one it started on; the
+    connection thread replaces it before the caller drops it. The drop is of that old one
+    only: the check and the drop are one step."""
+    with followed_member(cluster) as (node, client):
+        reading, telling = MemberClient._read_until, MemberClient._say_lost
+        armed = {"read": True, "tell": True}
+
+        def fails(self: MemberClient, *args: Any) -> float:
+            if not armed["read"] or threading.current_thread() is not threading.main_thread():
+                return reading(self, *args)
+            armed["read"] = False
+            raise OSError("the read failed")
+
+        def told(self: MemberClient, exc: BaseException) -> None:
+            if armed["tell"] and threading.current_thread() is threading.main_thread():
+                armed["tell"] = False
+                replaced_connection(self)
+            telling(self, exc)
+
+        monkeypatch.setattr(MemberClient, "_read_until", fails)
+        monkeypatch.setattr(MemberClient, "_say_lost", told)
+        drops = client._drops
+        while armed["read"]:  # the shared reader may read the answer: then the put is done
+            with contextlib.suppress(clustorage.LoaderUnavailable):
+                node.put("k", 1)
+        assert not armed["tell"]
+        assert client._drops == drops + 1  # the old connection only
+        monkeypatch.undo()
+        assert node.get("k", lambda: 0) in (0, 1)
+
+
 def test_a_request_is_not_sent_on_a_connection_newer_than_its_number(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -553,6 +587,79 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
         monkeypatch.setattr(Pending, "open", open_)
         assert node.put("k", 1) == 1
         assert not any(armed.values())
+
+
+def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader restarts while ``fn`` runs, and the holder's commit is first to find the
+    old connection dead: its thread drops it, and the connection thread makes a new one,
+    which reclaims the lease, before that drop has failed the old connection's requests.
+    The new connection's resync is not among them: it used to be failed too, the new
+    connection closed, and the lease passed to the waiter, so that fn ran twice."""
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    other, watcher = cluster.member("other"), cluster.member("watcher")
+    runs, go, stalled = tmp_path / "runs", threading.Event(), threading.Event()
+    readable, releasing = MemberClient.readable, Connection.release
+
+    def stalling(self: MemberClient, sock: Any, retry: bool) -> float | None:
+        return LINGER if stalled.is_set() else readable(self, sock, retry)
+
+    monkeypatch.setattr(MemberClient, "readable", stalling)  # the SIGSTOP of a busy machine
+    with clustorage.Node("holder", cluster.loader, cookie=COOKIE) as node:
+        client = node._channel
+        old: list[Any] = []
+
+        def released(self: Connection) -> None:
+            if old and threading.current_thread() is committing:
+                wait_until(lambda: client._sock not in (None, old[0]), 20, "a new connection")
+                wait_until(client.pending.busy, 20, "its resync")
+                old.clear()
+            releasing(self)
+
+        def fn() -> str:
+            runs.write_text("holder\n")
+            go.wait(60)
+            return "from holder"
+
+        got: list[object] = []
+
+        def get() -> None:
+            try:
+                got.append(node.get("fresh", fn))
+            except clustorage.ClustorageError as exc:
+                got.append(exc)
+
+        committing = threading.Thread(target=get)
+        committing.start()
+        wait_until(lambda: computing_of(watcher) == [["fresh", "holder", []]], 20, "the lease")
+        lease_written(data, "fresh")
+        stalled.set()
+        os.kill(loader.pid, signal.SIGKILL)
+        loader.wait(10)
+        cluster.start_loader(data=data)
+        other.start_send(counted_fn(runs, "other", "from other") + "node.get('fresh', fn)")
+        wait_until(
+            lambda: computing_of(watcher) == [["fresh", "holder", ["other"]]], 30, "other waits"
+        )
+        old.append(client._sock)
+        monkeypatch.setattr(Connection, "release", released)
+        go.set()
+        committing.join(60)
+        stalled.clear()
+        assert not old, "the commit did not drop the old connection"
+        assert got == ["from holder"]
+    assert other.answer() == {"ok": "from holder"}
+    assert runs.read_text() == "holder\n"
+
+
+def computing_of(member: Member) -> list[list[Any]]:
+    """``[key, holder, waiters]`` of each lease the loader knows of, as ``member`` asks."""
+    return member.ok(  # type: ignore[no-any-return]
+        "[[c['key'], c['holder'], c['waiters']] "
+        "for c in node.status().get('cluster', {}).get('computing', [])]"
+    )
 
 
 def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
