@@ -188,10 +188,11 @@ class Pending:
     def resolve(self, rid: int, reply: Message) -> bool:
         """Hand ``reply`` to its waiter; False if its caller gave up waiting."""
         if type(reply) is Queued:
-            waiter = self._waiters.get(rid)
-            if waiter is not None:
-                waiter.queued, waiter.holder = True, reply.holder
-                self.note_queued(rid, reply)
+            with self._lock:  # not noted after take_all took its waiter
+                waiter = self._waiters.get(rid)
+                if waiter is not None:
+                    waiter.queued, waiter.holder = True, reply.holder
+                    self.note_queued(rid, reply)
             return waiter is not None
         self.queued.pop(rid, None)
         with self._lock:  # set inside: a caller that cannot discard it finds it done

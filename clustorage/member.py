@@ -707,9 +707,12 @@ class MemberClient:
                 return  # dropped by another thread in between: not ready, and not ours
             sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
             self._drops += sock is not None
-            # As it ends: a request opened after it (the next connection's resync) is not
-            # this connection's to fail.
-            stranded = self.pending.take_all()
+            # As it ends: a request opened after it (the next connection's resync, or one
+            # numbered while none was up) is not this connection's to fail, nor the
+            # membership that the next one's welcome brings its to forget.
+            stranded = self.pending.take_all() if sock is not None else []
+            if was_ready:
+                self._roster.reset(())
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -721,7 +724,6 @@ class MemberClient:
         for waiter in stranded:
             waiter.set(error=lost)
         if was_ready:
-            self._roster.reset(())
             if threading.current_thread() is self._thread:  # the one that would reconnect
                 self._apply(self.changed)
             else:

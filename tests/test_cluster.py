@@ -654,6 +654,72 @@ def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
     assert runs.read_text() == "holder\n"
 
 
+def test_a_drop_leaves_the_membership_of_the_connection_made_since(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that holds no read of the connection drops it (a send cut short, say), and
+    the connection thread has a new one up and resynced before that drop is done: the
+    node's members are the new connection's, not the nobody of a dropped one."""
+    with followed_member(cluster) as (node, client):
+        old, releasing = client._sock, Connection.release
+
+        def released(self: Connection) -> None:
+            if threading.current_thread() is threading.main_thread():
+                wait_until(lambda: client._is_ready and client._sock is not old, 20, "resynced")
+            releasing(self)
+
+        monkeypatch.setattr(Connection, "release", released)
+        client._drop("cut short", only=old)
+        assert node.nodes() == ["app1", "m"]
+
+
+def test_a_drop_of_no_connection_leaves_a_request_for_the_next_one(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller drops the connection (its read failed); a put numbered after that, while
+    none is up, is meant for the next connection. The connection thread's own drop, of no
+    connection, as it wakes, leaves the put's request alone: the put goes out on the next
+    connection and returns (it used to fail, though the loader stored it)."""
+    with followed_member(cluster) as (node, client):
+        reading_elsewhere(monkeypatch)
+        woken = threading.Event()
+        armed = {"ready": True, "send": True, "woken": True}
+        waiting, sending, dropping = (
+            MemberClient._wait_ready,
+            MemberClient._send,
+            MemberClient._drop,
+        )
+
+        def drop(self: MemberClient, why: str, **only: Any) -> None:
+            if armed["woken"] and threading.current_thread() is self._thread:
+                armed["woken"] = False
+                woken.wait(20)  # the connection thread's drop, of no connection, comes late
+            dropping(self, why, **only)
+
+        def ready(self: MemberClient, timeout: float) -> None:
+            waiting(self, timeout)
+            if armed["ready"] and threading.current_thread() is threading.main_thread():
+                armed["ready"] = False
+                self._drop("another caller's read failed", drops=self._drops)
+
+        def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            if drops is not None and armed["send"]:
+                armed["send"] = False
+                assert self._sock is None  # numbered while none was up
+                woken.set()
+                wait_until(lambda: self._is_ready, 20, "the next connection")
+            sending(self, message, drops)
+
+        monkeypatch.setattr(MemberClient, "_drop", drop)
+        monkeypatch.setattr(MemberClient, "_wait_ready", ready)
+        monkeypatch.setattr(MemberClient, "_send", send)
+        drops = client._drops
+        assert node.put("k", 1) == 1
+        monkeypatch.undo()
+        assert not any(armed.values())
+        assert client._drops == drops + 1
+
+
 def computing_of(member: Member) -> list[list[Any]]:
     """``[key, holder, waiters]`` of each lease the loader knows of, as ``member`` asks."""
     return member.ok(  # type: ignore[no-any-return]
