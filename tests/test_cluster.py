@@ -636,6 +636,8 @@ def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
         wait_until(lambda: computing_of(watcher) == [["fresh", "holder", []]], 20, "the lease")
         lease_written(data, "fresh")
         stalled.set()
+        with client._io_lock:  # a read that began before is over
+            pass
         os.kill(loader.pid, signal.SIGKILL)
         loader.wait(10)
         cluster.start_loader(data=data)
