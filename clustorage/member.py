@@ -691,7 +691,6 @@ class MemberClient:
         """Close the connection and fail what waits on it; only if that is still the
         connection ``only``, or the one of drop count ``drops`` (else one made since would
         be dropped for an old one's fault)."""
-        was_ready = self._is_ready
 
         def replaced() -> bool:
             return (only is not None and self._sock is not only) or (
@@ -701,18 +700,20 @@ class MemberClient:
         with self._ready:  # first: no socket always means not ready
             if replaced():
                 return
-            self._is_ready = False
+            was_ready, self._is_ready = self._is_ready, False
         with self._send_lock:
             if replaced():
                 return  # dropped by another thread in between: not ready, and not ours
-            sock, conn, self._sock, self._conn = self._sock, self._conn, None, None
-            self._drops += sock is not None
-            # As it ends: a request opened after it (the next connection's resync, or one
-            # numbered while none was up) is not this connection's to fail, nor the
-            # membership that the next one's welcome brings its to forget.
+            sock, conn = self._sock, self._conn
+            # As it ends, the requests open on it, before the count that numbers them moves
+            # on: one opened after (the next connection's resync, or one numbered while none
+            # was up) is not this connection's to fail, nor the membership that the next
+            # one's welcome brings its to forget.
             stranded = self.pending.take_all() if sock is not None else []
             if was_ready:
                 self._roster.reset(())
+            self._sock = self._conn = None
+            self._drops += sock is not None
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -722,6 +722,56 @@ def test_a_drop_of_no_connection_leaves_a_request_for_the_next_one(
         assert client._drops == drops + 1
 
 
+def test_a_request_numbered_as_its_connection_is_dropped_is_failed_or_sent_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put reads the drop count while another thread drops the connection, between the
+    drop taking the requests open on it and moving the count on. The put is not both
+    failed and sent on the next connection (it used to be: stored, yet its caller was told
+    LoaderUnavailable); it goes out on the next connection and returns."""
+    with followed_member(cluster) as (node, client):
+        reading_elsewhere(monkeypatch)
+        old = client._sock
+        taking_all, opened = threading.Event(), threading.Event()
+        armed = {"ready": True, "send": True}
+        waiting, sending = MemberClient._wait_ready, MemberClient._send
+        opening, taking = client.pending.open, client.pending.take_all
+
+        def take_all() -> Any:
+            if not taking_all.is_set():
+                taking_all.set()
+                opened.wait(20)
+            return taking()
+
+        def open_(patient: bool = False) -> Any:
+            numbered = opening(patient)
+            if threading.current_thread() is threading.main_thread():
+                opened.set()
+            return numbered
+
+        def ready(self: MemberClient, timeout: float) -> None:
+            waiting(self, timeout)
+            if armed["ready"] and threading.current_thread() is threading.main_thread():
+                armed["ready"] = False
+                threading.Thread(target=client._drop, args=("cut",), kwargs={"only": old}).start()
+                taking_all.wait(20)
+
+        def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            if drops is not None and armed["send"]:
+                armed["send"] = False
+                wait_until(lambda: self._is_ready and self._sock not in (None, old), 20, "next")
+            sending(self, message, drops)
+
+        monkeypatch.setattr(client.pending, "open", open_)
+        monkeypatch.setattr(client.pending, "take_all", take_all)
+        monkeypatch.setattr(MemberClient, "_wait_ready", ready)
+        monkeypatch.setattr(MemberClient, "_send", send)
+        assert node.put("k", 1) == 1
+        monkeypatch.undo()
+        assert not any(armed.values())
+        assert node.get("k", lambda: 0) == 1
+
+
 def computing_of(member: Member) -> list[list[Any]]:
     """``[key, holder, waiters]`` of each lease the loader knows of, as ``member`` asks."""
     return member.ok(  # type: ignore[no-any-return]
