@@ -877,9 +877,11 @@ class MemberClient:
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send a request and wait for its answer (a ``patient`` one while connected).
 
-        A leaseholder's commit cut off (by a restart of the loader, say) is sent once more
-        when connected again: the value it computed is not lost. With standbys listed, so
-        is any request cut off by a takeover where that is safe (see :func:`_retryable`).
+        A leaseholder's commit cut off (by a restart of the loader, say) is sent again
+        once connected again, for up to ``timeout`` and ``dead_after`` after the first
+        failure (the loader may restart more than once meanwhile): the value it computed is
+        not lost. With standbys listed, so is any request cut off by a takeover where that
+        is safe (see :func:`_retryable`).
 
         Raises:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
@@ -890,16 +892,22 @@ class MemberClient:
             sent.append(build(rid))
             return sent[-1]
 
-        try:
-            return self._request(remember, timeout, patient)
-        except LoaderUnavailable as exc:
-            if self._stopping or not sent or not _retryable(sent[-1]):
-                raise
-            if not self.loader.standbys and type(sent[-1]) is not Commit:
-                raise
-            log.info("%s: retrying a %s (%s)", self.config.name, type(sent[-1]).__name__, exc)
-            self._wait_ready(timeout + self.config.dead_after)
-            return self._request(build, timeout, patient)
+        deadline = 0.0
+        while True:
+            try:
+                return self._request(remember, timeout, patient)
+            except LoaderUnavailable as exc:
+                if self._stopping or not sent or not _retryable(sent[-1]):
+                    raise
+                if not self.loader.standbys and type(sent[-1]) is not Commit:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + timeout + self.config.dead_after
+                if now >= deadline:
+                    raise
+                kind = type(sent[-1]).__name__
+                log.info("%s: retrying a %s (%s)", self.config.name, kind, exc)
+                self._wait_ready(deadline - now)
 
     def _request(self, build: Build, timeout: float, patient: bool) -> Message:
         """Send and wait up to ``timeout`` for the answer. A request refused before it went
@@ -936,9 +944,12 @@ class MemberClient:
             interrupts.release()
             if isinstance(exc, LocalProtocolError):
                 raise _too_large(exc) from None
-            if isinstance(exc, OSError) and not isinstance(exc, LoaderUnavailable):
-                raise self.unavailable(str(exc)) from exc
-            raise  # _Unsent goes on the next connection; a LoaderUnavailable said it already
+            if isinstance(exc, OSError):  # a broken pipe, say, or a connection closed
+                cut = self._failed(exc, "", drops)
+                if cut is exc:
+                    raise
+                raise cut from exc
+            raise  # _Unsent goes on the next connection
         try:
             interrupts.release()  # a Ctrl-C that came as it was sent: raised here
             try:
@@ -977,9 +988,7 @@ class MemberClient:
         except (_Lost, OSError, ProtocolError) as exc:
             if isinstance(exc, CutOff):  # its connection is gone already
                 raise
-            self._lost(exc, drops)
-            said = exc if isinstance(exc, LoaderUnavailable) else self.unavailable(str(exc))
-            cut = self._cut_off(said, self._behind, drops)
+            cut = self._failed(exc, self._behind, drops)
             if cut is exc:
                 raise
             raise cut from exc
@@ -996,6 +1005,15 @@ class MemberClient:
         # A slow loader is not a dead one (liveness is the operating system's): the
         # connection and its leases stay, and a late answer is handled as abandoned.
         raise LoaderUnavailable(f"no answer from the loader within {timeout:g}s")
+
+    def _failed(self, exc: BaseException, holder: str, drops: int) -> LoaderUnavailable:
+        """What a request sent (or being sent) on the connection of drop count ``drops``
+        raises when that connection failed it: the connection is dropped, unless it was
+        already, and a CutOff says so (a leaseholder's commit, then, waits for the next
+        connection, which reclaims the lease, rather than giving up)."""
+        self._lost(exc, drops)
+        said = exc if isinstance(exc, LoaderUnavailable) else self.unavailable(str(exc))
+        return self._cut_off(said, holder, drops)
 
     def _cut_off(self, lost: LoaderUnavailable, holder: str, drops: int) -> LoaderUnavailable:
         """``lost`` as a CutOff when the request's connection ended (``drops``: the count

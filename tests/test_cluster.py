@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import clustorage
 from clustorage import codec
 from clustorage.channel import Pending
 from clustorage.member import LINGER, MemberClient, _Lost
-from clustorage.messages import Fetch, Put, Queued, Sync
+from clustorage.messages import Commit, Fetch, Put, Queued, Sync
 from clustorage.protocol import Connection
 from clustorage.store import SQLiteStore
 from tests.conftest import COOKIE, Cluster, Member, node_pair, stop_process
@@ -589,34 +590,47 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
         assert not any(armed.values())
 
 
-def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
+@dataclass
+class RestartUnderAHolder:
+    """An in-process ``holder`` whose fn, computing "fresh", waits for ``go``; meanwhile
+    the loader (durable) was killed and restarted, and ``other`` waits for "fresh". The
+    holder's shared reader is ``stalled``, so that its node has not noticed (a SIGSTOP, or a
+    busy machine): ``old`` is its dead connection. ``got``: what the holder's get returned
+    or raised, once ``committing`` ends."""
+
+    node: clustorage.Node
+    client: MemberClient
+    old: Any
+    go: threading.Event
+    stalled: threading.Event
+    committing: threading.Thread
+    got: list[object]
+    other: Member
+    runs: Path
+    restart: Callable[[], None]  # kill -9 the loader, and start it again
+
+
+@contextlib.contextmanager
+def restart_under_a_holder(
     cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The loader restarts while ``fn`` runs, and the holder's commit is first to find the
-    old connection dead: its thread drops it, and the connection thread makes a new one,
-    which reclaims the lease, before that drop has failed the old connection's requests.
-    The new connection's resync is not among them: it used to be failed too, the new
-    connection closed, and the lease passed to the waiter, so that fn ran twice."""
+) -> Iterator[RestartUnderAHolder]:
     data = str(tmp_path / "data")
-    loader = cluster.start_loader(data=data)
+    loaders = [cluster.start_loader(data=data)]
     other, watcher = cluster.member("other"), cluster.member("watcher")
     runs, go, stalled = tmp_path / "runs", threading.Event(), threading.Event()
-    readable, releasing = MemberClient.readable, Connection.release
+    readable = MemberClient.readable
+
+    def restart() -> None:
+        os.kill(loaders[-1].pid, signal.SIGKILL)
+        loaders[-1].wait(10)
+        loaders.append(cluster.start_loader(data=data))
 
     def stalling(self: MemberClient, sock: Any, retry: bool) -> float | None:
         return LINGER if stalled.is_set() else readable(self, sock, retry)
 
-    monkeypatch.setattr(MemberClient, "readable", stalling)  # the SIGSTOP of a busy machine
+    monkeypatch.setattr(MemberClient, "readable", stalling)
     with clustorage.Node("holder", cluster.loader, cookie=COOKIE) as node:
         client = node._channel
-        old: list[Any] = []
-
-        def released(self: Connection) -> None:
-            if old and threading.current_thread() is committing:
-                wait_until(lambda: client._sock not in (None, old[0]), 20, "a new connection")
-                wait_until(client.pending.busy, 20, "its resync")
-                old.clear()
-            releasing(self)
 
         def fn() -> str:
             runs.write_text("holder\n")
@@ -638,22 +652,103 @@ def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
         stalled.set()
         with client._io_lock:  # a read that began before is over
             pass
-        os.kill(loader.pid, signal.SIGKILL)
-        loader.wait(10)
-        cluster.start_loader(data=data)
+        restart()
         other.start_send(counted_fn(runs, "other", "from other") + "node.get('fresh', fn)")
         wait_until(
             lambda: computing_of(watcher) == [["fresh", "holder", ["other"]]], 30, "other waits"
         )
-        old.append(client._sock)
-        monkeypatch.setattr(Connection, "release", released)
+        yield RestartUnderAHolder(
+            node, client, client._sock, go, stalled, committing, got, other, runs, restart
+        )
         go.set()
         committing.join(60)
-        stalled.clear()
+
+
+def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader restarts while ``fn`` runs, and the holder's commit is first to find the
+    old connection dead: its thread drops it, and the connection thread makes a new one,
+    which reclaims the lease, before that drop has failed the old connection's requests.
+    The new connection's resync is not among them: it used to be failed too, the new
+    connection closed, and the lease passed to the waiter, so that fn ran twice."""
+    with restart_under_a_holder(cluster, tmp_path, monkeypatch) as scene:
+        releasing, client, old = Connection.release, scene.client, [scene.old]
+
+        def released(self: Connection) -> None:
+            if old and threading.current_thread() is scene.committing:
+                wait_until(lambda: client._sock not in (None, old[0]), 20, "a new connection")
+                wait_until(client.pending.busy, 20, "its resync")
+                old.clear()
+            releasing(self)
+
+        monkeypatch.setattr(Connection, "release", released)
+        scene.go.set()
+        scene.committing.join(60)
+        scene.stalled.clear()
         assert not old, "the commit did not drop the old connection"
-        assert got == ["from holder"]
-    assert other.answer() == {"ok": "from holder"}
-    assert runs.read_text() == "holder\n"
+        assert scene.got == ["from holder"]
+    assert scene.other.answer() == {"ok": "from holder"}
+    assert scene.runs.read_text() == "holder\n"
+
+
+def test_a_commit_whose_send_breaks_waits_for_the_next_connection(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader restarts while ``fn`` runs; the holder's commit, which another thread's
+    read leaves to wait for its answer, finds the old connection broken as it sends (an
+    earlier send drew the reset). It drops that connection and goes out again on the next
+    one, which reclaims the lease. It used to try the dead connection again at once, give
+    up, and let the lease go unnamed by the next connection: fn ran twice."""
+    with restart_under_a_holder(cluster, tmp_path, monkeypatch) as scene:
+        sending, taking, read_by_another = MemberClient._send, MemberClient._take_io, [True]
+
+        def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            if self._sock is scene.old:  # as the kernel says once the reset came back
+                raise BrokenPipeError(32, "Broken pipe")
+            sending(self, message, drops)
+
+        def take(self: MemberClient) -> bool:
+            if read_by_another and threading.current_thread() is scene.committing:
+                read_by_another.clear()
+                return False
+            return taking(self)
+
+        monkeypatch.setattr(MemberClient, "_send", send)
+        monkeypatch.setattr(MemberClient, "_take_io", take)
+        scene.go.set()
+        scene.committing.join(60)
+        scene.stalled.clear()
+        assert not read_by_another
+        assert scene.got == ["from holder"]
+    assert scene.other.answer() == {"ok": "from holder"}
+    assert scene.runs.read_text() == "holder\n"
+
+
+def test_a_commit_cut_off_twice_waits_for_the_third_connection(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader restarts while ``fn`` runs, and again as the holder's commit goes out on
+    the next connection: the commit goes out once more, on the third, which reclaims the
+    lease (it used to give up after one more try, and fn ran twice)."""
+    with restart_under_a_holder(cluster, tmp_path, monkeypatch) as scene:
+        sending, restarts = MemberClient._send, [scene.old]
+
+        def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+            if type(message) is Commit and self._sock not in restarts:
+                restarts.append(self._sock)
+                if len(restarts) == 2:
+                    scene.restart()
+            sending(self, message, drops)
+
+        monkeypatch.setattr(MemberClient, "_send", send)
+        scene.go.set()
+        scene.committing.join(60)
+        scene.stalled.clear()
+        assert len(restarts) == 3
+        assert scene.got == ["from holder"]
+    assert scene.other.answer() == {"ok": "from holder"}
+    assert scene.runs.read_text() == "holder\n"
 
 
 def test_a_drop_leaves_the_membership_of_the_connection_made_since(
