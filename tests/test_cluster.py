@@ -609,6 +609,18 @@ class RestartUnderAHolder:
     runs: Path
     restart: Callable[[], None]  # kill -9 the loader, and start it again
 
+    def let_fn_end(self) -> None:
+        """Let ``fn`` return, and wait for the holder's get (and its commit) to end."""
+        self.go.set()
+        self.committing.join(60)
+        self.stalled.clear()
+
+    def check_computed_once(self) -> None:
+        """The holder's value, everywhere, and fn ran on the holder only."""
+        assert self.got == ["from holder"]
+        assert self.other.answer() == {"ok": "from holder"}
+        assert self.runs.read_text() == "holder\n"
+
 
 @contextlib.contextmanager
 def restart_under_a_holder(
@@ -683,13 +695,9 @@ def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
             releasing(self)
 
         monkeypatch.setattr(Connection, "release", released)
-        scene.go.set()
-        scene.committing.join(60)
-        scene.stalled.clear()
+        scene.let_fn_end()
         assert not old, "the commit did not drop the old connection"
-        assert scene.got == ["from holder"]
-    assert scene.other.answer() == {"ok": "from holder"}
-    assert scene.runs.read_text() == "holder\n"
+        scene.check_computed_once()
 
 
 def test_a_commit_whose_send_breaks_waits_for_the_next_connection(
@@ -716,13 +724,9 @@ def test_a_commit_whose_send_breaks_waits_for_the_next_connection(
 
         monkeypatch.setattr(MemberClient, "_send", send)
         monkeypatch.setattr(MemberClient, "_take_io", take)
-        scene.go.set()
-        scene.committing.join(60)
-        scene.stalled.clear()
+        scene.let_fn_end()
         assert not read_by_another
-        assert scene.got == ["from holder"]
-    assert scene.other.answer() == {"ok": "from holder"}
-    assert scene.runs.read_text() == "holder\n"
+        scene.check_computed_once()
 
 
 def test_a_commit_cut_off_twice_waits_for_the_third_connection(
@@ -742,13 +746,9 @@ def test_a_commit_cut_off_twice_waits_for_the_third_connection(
             sending(self, message, drops)
 
         monkeypatch.setattr(MemberClient, "_send", send)
-        scene.go.set()
-        scene.committing.join(60)
-        scene.stalled.clear()
+        scene.let_fn_end()
         assert len(restarts) == 3
-        assert scene.got == ["from holder"]
-    assert scene.other.answer() == {"ok": "from holder"}
-    assert scene.runs.read_text() == "holder\n"
+        scene.check_computed_once()
 
 
 def test_a_drop_leaves_the_membership_of_the_connection_made_since(
