@@ -877,11 +877,12 @@ class MemberClient:
     def request(self, build: Build, timeout: float, patient: bool = False) -> Message:
         """Send a request and wait for its answer (a ``patient`` one while connected).
 
-        A leaseholder's commit cut off (by a restart of the loader, say) is sent again
-        once connected again, for up to ``timeout`` and ``dead_after`` after the first
-        failure (the loader may restart more than once meanwhile): the value it computed is
-        not lost. With standbys listed, so is any request cut off by a takeover where that
-        is safe (see :func:`_retryable`).
+        A leaseholder's commit cut off (by a restart of the loader, say) is sent again on
+        each next connection made within ``timeout`` and ``dead_after`` of its first failure
+        (the loader may restart more than once meanwhile): the value it computed is not
+        lost. One that got no answer in time on a connection still up is sent once more.
+        With standbys listed, so is any request cut off by a takeover where that is safe
+        (see :func:`_retryable`).
 
         Raises:
             LoaderUnavailable: not connected within ``timeout``, or no answer in time.
@@ -892,7 +893,7 @@ class MemberClient:
             sent.append(build(rid))
             return sent[-1]
 
-        deadline = 0.0
+        deadline, timed_out = 0.0, False
         while True:
             try:
                 return self._request(remember, timeout, patient)
@@ -903,8 +904,9 @@ class MemberClient:
                     raise
                 now = time.monotonic()
                 deadline = deadline or now + timeout + self.config.dead_after
-                if now >= deadline:
+                if now >= deadline or (timed_out and not isinstance(exc, CutOff)):
                     raise
+                timed_out |= not isinstance(exc, CutOff)
                 kind = type(sent[-1]).__name__
                 log.info("%s: retrying a %s (%s)", self.config.name, kind, exc)
                 self._wait_ready(deadline - now)

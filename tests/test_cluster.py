@@ -669,11 +669,13 @@ def restart_under_a_holder(
         wait_until(
             lambda: computing_of(watcher) == [["fresh", "holder", ["other"]]], 30, "other waits"
         )
-        yield RestartUnderAHolder(
-            node, client, client._sock, go, stalled, committing, got, other, runs, restart
-        )
-        go.set()
-        committing.join(60)
+        try:
+            yield RestartUnderAHolder(
+                node, client, client._sock, go, stalled, committing, got, other, runs, restart
+            )
+        finally:
+            go.set()
+            committing.join(60)
 
 
 def test_a_commit_on_a_dead_connection_leaves_the_next_ones_resync_alone(
@@ -949,6 +951,46 @@ def test_a_connection_that_fails_its_resync_is_closed_before_the_next_address(
         assert failed[0].fileno() == -1, "the failed connection was left open"
         assert node._channel._sock is not failed[0]
     assert loader.poll() is None
+
+
+def test_a_commit_that_a_stopped_loader_does_not_answer_is_sent_once_more(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that gets no answer in time on a connection still up (the loader stopped)
+    is sent once more on it, not again and again until its patience runs out: only one cut
+    off is sent on each next connection. Its value is stored once the loader goes on."""
+    loader = cluster.start_loader()
+    sending, commits = MemberClient._send, []
+
+    def send(self: MemberClient, message: Any, drops: int | None = None) -> None:
+        if type(message) is Commit:
+            commits.append(self._sock)
+        sending(self, message, drops)
+
+    monkeypatch.setattr(MemberClient, "_send", send)
+    leased, go = threading.Event(), threading.Event()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE, timeout=1, dead_after=1) as node:
+
+        def fn() -> str:
+            leased.set()
+            go.wait(30)
+            return "v"
+
+        def stop_the_loader() -> None:
+            leased.wait(20)
+            stop_process(loader.pid)
+            go.set()
+
+        stopping = threading.Thread(target=stop_the_loader)
+        stopping.start()
+        try:
+            with pytest.raises(clustorage.LoaderUnavailable, match="no answer"):
+                node.get("k", fn)
+        finally:
+            stopping.join(30)
+            os.kill(loader.pid, signal.SIGCONT)
+        assert len(commits) == 2 and commits[0] is commits[1]
+        wait_until(lambda: node.version("k", "value") == 1, 20, "the value stored")
 
 
 def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
