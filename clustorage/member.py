@@ -213,6 +213,7 @@ class MemberClient:
         self._session = secrets.token_hex(8)
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
+        self._retired: socket.socket | None = None  # dropped, closed once the next one is up
         self._send_lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._tls = _ThreadState()
@@ -381,6 +382,9 @@ class MemberClient:
                 held_leases = Reclaim(tuple(self._leases.copy().items()))
                 sock.sendall(conn.send_small(*messages.encode_parts(held_leases)))
             self._sock, self._conn = sock, conn
+            retired, self._retired = self._retired, None
+        if retired is not None:  # welcomed: this connection replaced it (see _drop)
+            retired.close()
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
         store = welcome.get("store")
@@ -714,11 +718,19 @@ class MemberClient:
                 self._roster.reset(())
             self._sock = self._conn = None
             self._drops += sock is not None
+            # Not closed yet: to a loader that still holds it (a frame cut short, a resync
+            # that took too long), closing it would say this node left, and its leases
+            # would pass on while its threads still compute them. The next connection
+            # replaces it there, the leases waiting for it to reclaim them; then it closes.
+            retired = None
+            if sock is not None:
+                retired, self._retired = self._retired, sock
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a reader waiting on it at once
-            sock.close()
+                sock.shutdown(socket.SHUT_RD)  # wakes a reader waiting on it at once
+        if retired is not None:  # one dropped before, that no connection replaced
+            retired.close()
         if conn is not None:
             conn.release()
         lost = self.unavailable(why)
@@ -1057,3 +1069,7 @@ class MemberClient:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5)
         self._drop("this node stopped")
+        with self._send_lock:
+            retired, self._retired = self._retired, None
+        if retired is not None:  # the node leaves: its leases pass on
+            retired.close()

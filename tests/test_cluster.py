@@ -1026,6 +1026,60 @@ def test_a_request_that_times_out_on_a_slow_loader_keeps_the_connection(
         assert (client._drops, client._sock) == (drops, sock)
 
 
+def cut_after_one_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next big frame sent is cut short by a Ctrl-C after its first part."""
+    sending = Connection.send_message
+
+    def cut(self: Connection, *args: Any) -> Iterator[Any]:
+        parts = sending(self, *args)
+        try:
+            yield next(iter(parts))
+            raise KeyboardInterrupt
+        finally:
+            if (close := getattr(parts, "close", None)) is not None:
+                close()
+
+    monkeypatch.setattr(Connection, "send_message", cut)
+
+
+def test_a_ctrl_c_that_cuts_an_upload_short_keeps_another_threads_lease(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread computes a key that another node waits for, while Ctrl-C cuts the main
+    thread's big put short: the connection is replaced, and the lease stays with the
+    computing thread, whose value everyone gets (the loader used to see the connection
+    close, take it for the node leaving, and pass the lease on: fn ran twice)."""
+    cluster.start_loader()
+    other, watcher = cluster.member("other"), cluster.member("watcher")
+    runs, go = tmp_path / "runs", threading.Event()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE) as node:
+
+        def fn() -> str:
+            runs.write_text("m\n")
+            go.wait(60)
+            return "from m"
+
+        got: list[object] = []
+        computing = threading.Thread(target=lambda: got.append(node.get("k", fn)))
+        computing.start()
+        try:
+            wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
+            other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
+            wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+            drops = node._channel._drops
+            cut_after_one_part(monkeypatch)
+            with pytest.raises(KeyboardInterrupt):
+                node.put("big", b"x" * (1 << 20))
+            monkeypatch.undo()
+            assert node._channel._drops == drops + 1
+        finally:
+            go.set()
+            computing.join(60)
+        assert got == ["from m"]
+    assert other.answer() == {"ok": "from m"}
+    assert runs.read_text() == "m\n"
+
+
 def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1033,16 +1087,7 @@ def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
     sender drops it (the shared reader saw a reset meanwhile): the sender's drop is of its
     own connection, which is gone already; the new one stays."""
     with followed_member(cluster) as (node, client):
-        sending, dropping = Connection.send_message, MemberClient._drop
-
-        def cut_after_one_part(self: Connection, *args: Any) -> Iterator[Any]:
-            parts = sending(self, *args)
-            try:
-                yield next(iter(parts))
-                raise KeyboardInterrupt
-            finally:
-                if (close := getattr(parts, "close", None)) is not None:
-                    close()
+        dropping = MemberClient._drop
 
         class Abandoned(dict[int, Any]):
             cleared = threading.Event()
@@ -1058,7 +1103,7 @@ def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
             dropping(self, why, **only)
 
         client._abandoned = abandoned = Abandoned()
-        monkeypatch.setattr(Connection, "send_message", cut_after_one_part)
+        cut_after_one_part(monkeypatch)
         monkeypatch.setattr(MemberClient, "_drop", replaced_first)
         drops = client._drops
         with pytest.raises(KeyboardInterrupt):
