@@ -3,7 +3,10 @@
 No I/O. A lease belongs to one thread of one node (the one whose ``get`` missed), and is
 numbered by a token that its Commit must show: a holder whose lease passed on (it was cut
 off) is told so instead of storing a second value (SPEC "get" 4). Tokens carry the loader
-process's incarnation, so a lease granted after a restart never matches one from before.
+process's incarnation, so a lease granted after a restart never matches one from before,
+and the key's version when the lease was given (see :func:`base_version`): a loader that
+restarted, and so forgot which leases a put or a delete ended, still tells a holder whose
+key changed since that its value would be a second one, or undo a delete.
 
 A waiter names the keys its thread is computing (``holding``). While it waits, each of
 those keys is *blocked on* the key it waits for; a new wait that would lead, through
@@ -20,7 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Lease", "Leases", "Waiter"]
+__all__ = ["Lease", "Leases", "Waiter", "base_version"]
+
+_BASE_SHIFT = 64  # a token: base version, incarnation (32 bits), number (32 bits)
 
 
 @dataclass(slots=True)
@@ -49,11 +54,14 @@ class Lease:
 class Leases:
     """Every lease of a loader, and the waits between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, version_of: Callable[[str], int] = lambda key: 0) -> None:
+        """``version_of(key)``: the key's last version written (its tombstone's, if it was
+        deleted; 0 if never written), which a token given for it carries."""
         self._leases: dict[str, Lease] = {}
         self._blocked: dict[str, str] = {}  # a leased key -> the key its holder waits for
         self._incarnation = secrets.randbits(30) + 1
         self._numbers = itertools.count(1)
+        self._version_of = version_of
 
     def __iter__(self) -> Iterator[Lease]:
         return iter(list(self._leases.values()))
@@ -61,21 +69,22 @@ class Leases:
     def get(self, key: str) -> Lease | None:
         return self._leases.get(key)
 
-    def _token(self) -> int:
-        return (self._incarnation << 32) | next(self._numbers)
+    def _token(self, key: str) -> int:
+        base = self._version_of(key) << _BASE_SHIFT
+        return base | (self._incarnation << 32) | (next(self._numbers) & 0xFFFF_FFFF)
 
     def renumber(self, lease: Lease) -> None:
         """Give ``lease`` (one kept without its token) a token of this process."""
-        lease.token = self._token()
+        lease.token = self._token(lease.key)
 
     def granted_here(self, token: int) -> bool:
         """Whether ``token`` names a lease this process granted (not one from a loader
         before a restart or a takeover)."""
-        return token >> 32 == self._incarnation
+        return (token >> 32) & 0xFFFF_FFFF == self._incarnation
 
     def grant(self, key: str, peer: Any, rid: int, holding: tuple[str, ...]) -> Lease:
         """Make ``peer`` (the thread that asked as ``rid``) the one that computes ``key``."""
-        lease = Lease(key, peer, rid, self._token(), holding)
+        lease = Lease(key, peer, rid, self._token(key), holding)
         self._leases[key] = lease
         return lease
 
@@ -133,7 +142,8 @@ class Leases:
             self._unblock(waiter, lease.key)
             if alive(waiter.peer):
                 lease.holder, lease.rid, lease.holding = waiter.peer, waiter.rid, waiter.holding
-                lease.token, lease.since, lease.committing = self._token(), time.monotonic(), False
+                lease.token, lease.since = self._token(lease.key), time.monotonic()
+                lease.committing = False
                 return lease
         del self._leases[lease.key]
         return None
@@ -172,3 +182,9 @@ class Leases:
             }
             for lease in sorted(self._leases.values(), key=lambda lease: lease.key)
         ]
+
+
+def base_version(token: int) -> int:
+    """The version its key had when the lease numbered ``token`` was given: a key whose
+    version is higher now changed since (a put, or a delete)."""
+    return token >> _BASE_SHIFT

@@ -61,7 +61,7 @@ from .errors import (
 )
 from .fanout import Fanout
 from .keys import printable, unencodable
-from .leases import Lease, Leases
+from .leases import Lease, Leases, base_version
 from .messages import (
     FUNCTION,
     VALUE,
@@ -299,7 +299,7 @@ class LoaderCore:
             schedule,
             limit=max_frame,
         )
-        self._leases = Leases()
+        self._leases = Leases(self._written_version)
         # The last commits stored, by (key, token): the node's name, the entry it made. A
         # commit sent again (its answer was cut off) gets that answer again, even after a
         # delete: it is not stored over a newer change (SPEC "Replicas converge"). Kept in
@@ -318,14 +318,14 @@ class LoaderCore:
         self._let_go: dict[tuple[str, int], int] = {}
         self._lease_grace = lease_grace
         self._book = book
-        if book is not None:
-            self._adopt(book)
         # Entries being written or compiled, with the requests that wait their turn; since
         # when each is, and the timer that tells those requests to be patient.
         self._busy: dict[tuple[str, str], collections.deque[tuple[Peer, Message]]] = {}
         self._busy_since: dict[tuple[str, str], float] = {}
         self._patience: dict[tuple[str, str], Timer] = {}
         self._writing: set[tuple[str, str]] = set()  # entries whose new version is on its way
+        if book is not None:
+            self._adopt(book)
         self._definitions: list[_Definition] = []
         self._handlers: dict[type, Callable[[Peer, Any], None]] = {
             Fetch: self._fetch,
@@ -599,7 +599,7 @@ class LoaderCore:
         for key, holder, token in book.leases():
             # A lease of the loader's own node ended with the process that held it; one of
             # a key with a value ended with its commit (its end may not have been recorded).
-            if (VALUE, key) in self.entries or holder == self.name:
+            if (VALUE, key) in self.entries or holder == self.name or self._changed(key, token):
                 self._book_end(key)
             else:
                 lease = self._leases.adopt(key, _Absent(holder), token)
@@ -798,6 +798,8 @@ class LoaderCore:
     def _lost(self, key: str, token: int, holder: str) -> bool:
         """Whether ``holder``'s lease ``token`` on ``key`` was lost here: its value would
         be a second one, or undo a delete made since."""
+        if self._changed(key, token):  # what a put or a delete since left, a restart too
+            return True
         lease = self._leases.get(key)
         if lease is not None and lease.token == token:
             return False
@@ -808,6 +810,11 @@ class LoaderCore:
             return True
         unnumbered = not self._leases.granted_here(token)  # kept, maybe, under token 0
         return unnumbered and (key, holder) in self._lost_unnumbered
+
+    def _changed(self, key: str, token: int) -> bool:
+        """Whether ``key`` was written (a put, or a delete) since the lease ``token`` was
+        given for it (0 names no lease: unknown)."""
+        return bool(token) and self._written_version(key) > base_version(token)
 
     def _written_version(self, key: str) -> int:
         """``key``'s last version written (a write on its way does not count)."""

@@ -58,10 +58,12 @@ CREATE TABLE IF NOT EXISTS clustorage_leases (
     loader TEXT             NOT NULL,
     key    TEXT             NOT NULL,
     holder TEXT             NOT NULL,
-    token  BIGINT           NOT NULL,
+    token  NUMERIC          NOT NULL,
     since  DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (loader, key)
 );
+-- A token carries its key's version above 64 bits (clustorage.leases): wider than BIGINT.
+ALTER TABLE clustorage_leases ALTER COLUMN token TYPE NUMERIC;
 CREATE TABLE IF NOT EXISTS clustorage_leader (
     loader  TEXT PRIMARY KEY,
     epoch   BIGINT           NOT NULL,

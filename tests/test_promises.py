@@ -559,6 +559,34 @@ def test_a_new_get_after_the_loader_restarted_waits_for_the_holder(
     assert runs.read_text() == "holder\n"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_value_computed_across_a_restart_does_not_undo_a_delete_made_meanwhile(
+    cluster: Cluster, tmp_path: Path, stop: int
+) -> None:
+    """While fn runs, another node puts the key and deletes it, and the loader restarts:
+    the holder's value is refused (LeaseLost), as it is without a restart, and the key
+    stays deleted everywhere. The restarted loader has forgotten which leases the put
+    ended; the lease's token says the key's version when it was given (it used to store
+    the value over the delete)."""
+    data = str(tmp_path / "data")
+    loader = cluster.start_loader(data=data)
+    holder, writer = cluster.member("holder"), cluster.member("writer")
+    go, runs = holding(holder, tmp_path, "fresh")
+    lease_written(data, "fresh")
+    assert writer.ok("node.put('fresh', 'put meanwhile')") == 1
+    writer.ok("node.delete('fresh')")
+    os.kill(loader.pid, stop)
+    loader.wait(10)
+    cluster.start_loader(data=data)
+    go.touch()
+    answer = answer_within(holder, 60)
+    assert answer.get("error") == "LeaseLost", answer
+    wait_until(lambda: writer.ok("node.connected"), 30, "the writer reconnects")
+    assert "fresh" not in holder.ok("node.keys()")
+    assert writer.ok("node.get('fresh', lambda: 'after the delete')") == "after the delete"
+    assert runs.read_text() == "holder\n"
+
+
 def test_a_holder_that_never_comes_back_passes_its_lease_to_the_waiter(
     cluster: Cluster, tmp_path: Path
 ) -> None:
