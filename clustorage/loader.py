@@ -760,7 +760,7 @@ class LoaderCore:
                 if lease is not None
                 else f"when {current.origin} stored a value of it"
                 if current is not None
-                else "while it was cut off (the lease passed on, or another value was stored)"
+                else "while it was cut off (the lease passed on, or its key was put or deleted)"
             )
             raise LeaseLost(
                 f"{peer.name} lost its lease on {key!r} {why}; its value was not stored: "
