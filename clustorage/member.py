@@ -122,6 +122,14 @@ def _receive(sock: socket.socket, buffer: mmap.mmap | memoryview, size: int, blo
         return -1
 
 
+def _close_for_good(sock: socket.socket) -> None:
+    """Close ``sock``, shut down first: the loader hears of it even if a forked child
+    holds a copy."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 def _buffered(sock: socket.socket) -> bool:
     """Whether TLS may hold records of ``sock`` that no poll would report."""
     return isinstance(sock, tls.TLSSocket) and sock.pending() > 0
@@ -214,6 +222,7 @@ class MemberClient:
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
         self._retired: socket.socket | None = None  # dropped, closed once the next one is up
+        self._retired_at = 0.0
         self._send_lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._tls = _ThreadState()
@@ -382,9 +391,7 @@ class MemberClient:
                 held_leases = Reclaim(tuple(self._leases.copy().items()))
                 sock.sendall(conn.send_small(*messages.encode_parts(held_leases)))
             self._sock, self._conn = sock, conn
-            retired, self._retired = self._retired, None
-        if retired is not None:  # welcomed: this connection replaced it (see _drop)
-            retired.close()
+        self._close_retired()  # welcomed: this connection replaced it at the loader
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
         store = welcome.get("store")
@@ -499,6 +506,9 @@ class MemberClient:
                 self._last_error = exc
                 self._drop(str(exc))
                 log.debug("%s: reconnect failed: %s", self.config.name, exc)
+                # No next connection to replace the last one at the loader: after as long
+                # as a dead host is waited for, it closes, and the node's leases pass on.
+                self._close_retired(older_than=self.config.dead_after)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
 
@@ -723,14 +733,16 @@ class MemberClient:
             # would pass on while its threads still compute them. The next connection
             # replaces it there, the leases waiting for it to reclaim them; then it closes.
             retired = None
-            if sock is not None:
-                retired, self._retired = self._retired, sock
+            if sock is not None and not self._stopping:
+                retired, self._retired, self._retired_at = self._retired, sock, time.monotonic()
+            elif sock is not None:
+                retired = sock
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)  # wakes a reader waiting on it at once
         if retired is not None:  # one dropped before, that no connection replaced
-            retired.close()
+            _close_for_good(retired)
         if conn is not None:
             conn.release()
         lost = self.unavailable(why)
@@ -855,6 +867,16 @@ class MemberClient:
             return
         self._say_lost(exc)
         self._drop(str(exc), drops=drops)
+
+    def _close_retired(self, older_than: float = 0.0) -> None:
+        """Close the connection dropped last (see :meth:`_drop`), if dropped ``older_than``
+        seconds ago or more."""
+        with self._send_lock:
+            retired = self._retired
+            if retired is None or time.monotonic() - self._retired_at < older_than:
+                return
+            self._retired = None
+        _close_for_good(retired)
 
     def _say_lost(self, exc: BaseException) -> None:
         link = {"loader_link": LOST, "node": self.config.name}  # see clustorage.magics
@@ -1069,7 +1091,4 @@ class MemberClient:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5)
         self._drop("this node stopped")
-        with self._send_lock:
-            retired, self._retired = self._retired, None
-        if retired is not None:  # the node leaves: its leases pass on
-            retired.close()
+        self._close_retired()  # the node leaves: its leases pass on

@@ -24,7 +24,7 @@ from clustorage.messages import Commit, Fetch, Put, Queued, Sync
 from clustorage.protocol import Connection
 from clustorage.store import SQLiteStore
 from tests.conftest import COOKIE, Cluster, Member, node_pair, stop_process
-from tests.test_promises import counted_fn, lease_written, wait_until
+from tests.test_promises import answer_within, counted_fn, lease_written, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -1078,6 +1078,51 @@ def test_a_ctrl_c_that_cuts_an_upload_short_keeps_another_threads_lease(
         assert got == ["from m"]
     assert other.answer() == {"ok": "from m"}
     assert runs.read_text() == "m\n"
+
+
+def test_a_node_that_cannot_reconnect_lets_its_leases_go_after_dead_after(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but no next connection is made (refused, say, while the old one is up):
+    the dropped connection closes once ``dead_after`` has passed, and the lease passes to
+    the waiting node, as it does for a host that stopped answering."""
+    cluster.start_loader()
+    other, watcher = cluster.member("other"), cluster.member("watcher")
+    runs, go = tmp_path / "runs", threading.Event()
+    with clustorage.Node("m", cluster.loader, cookie=COOKIE, dead_after=1) as node:
+
+        def fn() -> str:
+            go.wait(60)
+            return "from m"
+
+        ended: list[object] = []
+
+        def get() -> None:
+            try:
+                ended.append(node.get("k", fn))
+            except clustorage.ClustorageError as exc:  # its lease passed on, or no loader
+                ended.append(exc)
+
+        computing = threading.Thread(target=get)
+        computing.start()
+        try:
+            wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
+            other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
+            wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+
+            def refused(self: MemberClient, target: Any) -> None:
+                raise ConnectionRefusedError(111, "Connection refused")
+
+            monkeypatch.setattr(MemberClient, "_connect_to", refused)
+            cut_after_one_part(monkeypatch)
+            with pytest.raises(KeyboardInterrupt):
+                node.put("big", b"x" * (1 << 20))
+            assert answer_within(other, 30) == {"ok": "from other"}
+        finally:
+            go.set()
+            computing.join(60)
+    assert runs.read_text() == "other\n"
+    assert len(ended) == 1 and not isinstance(ended[0], str)
 
 
 def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
