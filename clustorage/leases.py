@@ -25,7 +25,11 @@ from typing import Any
 
 __all__ = ["Lease", "Leases", "Waiter", "base_version"]
 
-_BASE_SHIFT = 64  # a token: base version, incarnation (32 bits), number (32 bits)
+# A token: the base version above bit 64, then a flag saying there is one (tokens of an
+# earlier release have none), the incarnation (31 bits) and the number (32 bits).
+_BASE_SHIFT = 64
+_HAS_BASE = 1 << 63
+_INCARNATION = 0x7FFF_FFFF
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ class Leases:
         return self._leases.get(key)
 
     def _token(self, key: str) -> int:
-        base = self._version_of(key) << _BASE_SHIFT
+        base = self._version_of(key) << _BASE_SHIFT | _HAS_BASE
         return base | (self._incarnation << 32) | (next(self._numbers) & 0xFFFF_FFFF)
 
     def renumber(self, lease: Lease) -> None:
@@ -80,7 +84,7 @@ class Leases:
     def granted_here(self, token: int) -> bool:
         """Whether ``token`` names a lease this process granted (not one from a loader
         before a restart or a takeover)."""
-        return (token >> 32) & 0xFFFF_FFFF == self._incarnation
+        return (token >> 32) & _INCARNATION == self._incarnation
 
     def grant(self, key: str, peer: Any, rid: int, holding: tuple[str, ...]) -> Lease:
         """Make ``peer`` (the thread that asked as ``rid``) the one that computes ``key``."""
@@ -184,7 +188,8 @@ class Leases:
         ]
 
 
-def base_version(token: int) -> int:
+def base_version(token: int) -> int | None:
     """The version its key had when the lease numbered ``token`` was given: a key whose
-    version is higher now changed since (a put, or a delete)."""
-    return token >> _BASE_SHIFT
+    version is higher now changed since (a put, or a delete). None: the token does not say
+    (0, or one of an earlier release)."""
+    return token >> _BASE_SHIFT if token & _HAS_BASE else None

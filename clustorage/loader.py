@@ -813,8 +813,9 @@ class LoaderCore:
 
     def _changed(self, key: str, token: int) -> bool:
         """Whether ``key`` was written (a put, or a delete) since the lease ``token`` was
-        given for it (0 names no lease: unknown)."""
-        return bool(token) and self._written_version(key) > base_version(token)
+        given for it (False when the token does not say)."""
+        base = base_version(token)
+        return base is not None and self._written_version(key) > base
 
     def _written_version(self, key: str) -> int:
         """``key``'s last version written (a write on its way does not count)."""

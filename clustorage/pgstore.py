@@ -63,7 +63,14 @@ CREATE TABLE IF NOT EXISTS clustorage_leases (
     PRIMARY KEY (loader, key)
 );
 -- A token carries its key's version above 64 bits (clustorage.leases): wider than BIGINT.
-ALTER TABLE clustorage_leases ALTER COLUMN token TYPE NUMERIC;
+-- Altered once (an ALTER locks the table, even to the type it has).
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'clustorage_leases'
+        AND column_name = 'token') = 'bigint' THEN
+        ALTER TABLE clustorage_leases ALTER COLUMN token TYPE NUMERIC;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS clustorage_leader (
     loader  TEXT PRIMARY KEY,
     epoch   BIGINT           NOT NULL,

@@ -30,6 +30,13 @@ def test_a_lease_passed_on_or_renumbered_carries_the_version_then() -> None:
     assert base_version(kept.token) == 9 and leases.granted_here(kept.token)
 
 
+def test_a_token_of_an_earlier_release_says_no_version() -> None:
+    leases = Leases(lambda key: 5)
+    earlier = (leases._incarnation << 32) | 1  # as tokens were made before versions
+    assert base_version(earlier) is None and base_version(0) is None
+    assert leases.granted_here(earlier)
+
+
 def test_a_token_of_another_process_is_not_granted_here() -> None:
     one, two = Leases(lambda key: 5), Leases(lambda key: 5)
     token = one.grant("k", "peer", 1, ()).token
