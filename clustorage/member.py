@@ -391,7 +391,11 @@ class MemberClient:
                 held_leases = Reclaim(tuple(self._leases.copy().items()))
                 sock.sendall(conn.send_small(*messages.encode_parts(held_leases)))
             self._sock, self._conn = sock, conn
-        self._close_retired()  # welcomed: this connection replaced it at the loader
+            # Welcomed: this connection replaced it at the loader. Taken with the swap: a
+            # drop of this one from now on retires this one.
+            retired, self._retired = self._retired, None
+        if retired is not None:
+            _close_for_good(retired)
         self._last_heard = self._last_sent = time.monotonic()
         self._roster.reset((str(welcome.get("name", loader.name)),))
         store = welcome.get("store")
