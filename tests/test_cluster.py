@@ -590,6 +590,24 @@ def test_a_request_numbered_before_the_new_connection_resynced_waits_for_it(
         assert not any(armed.values())
 
 
+def getting(
+    node: clustorage.Node, key: str, fn: Callable[[], Any]
+) -> tuple[threading.Thread, list[object]]:
+    """A thread running ``node.get(key, fn)``, started; what it returned, or the Clustorage
+    error it raised, once it ends."""
+    ended: list[object] = []
+
+    def get() -> None:
+        try:
+            ended.append(node.get(key, fn))
+        except clustorage.ClustorageError as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    return thread, ended
+
+
 @dataclass
 class RestartUnderAHolder:
     """An in-process ``holder`` whose fn, computing "fresh", waits for ``go``; meanwhile
@@ -649,16 +667,7 @@ def restart_under_a_holder(
             go.wait(60)
             return "from holder"
 
-        got: list[object] = []
-
-        def get() -> None:
-            try:
-                got.append(node.get("fresh", fn))
-            except clustorage.ClustorageError as exc:
-                got.append(exc)
-
-        committing = threading.Thread(target=get)
-        committing.start()
+        committing, got = getting(node, "fresh", fn)
         wait_until(lambda: computing_of(watcher) == [["fresh", "holder", []]], 20, "the lease")
         lease_written(data, "fresh")
         stalled.set()
@@ -1059,9 +1068,7 @@ def test_a_ctrl_c_that_cuts_an_upload_short_keeps_another_threads_lease(
             go.wait(60)
             return "from m"
 
-        got: list[object] = []
-        computing = threading.Thread(target=lambda: got.append(node.get("k", fn)))
-        computing.start()
+        computing, got = getting(node, "k", fn)
         try:
             wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
             other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
@@ -1095,16 +1102,7 @@ def test_a_node_that_cannot_reconnect_lets_its_leases_go_after_dead_after(
             go.wait(60)
             return "from m"
 
-        ended: list[object] = []
-
-        def get() -> None:
-            try:
-                ended.append(node.get("k", fn))
-            except clustorage.ClustorageError as exc:  # its lease passed on, or no loader
-                ended.append(exc)
-
-        computing = threading.Thread(target=get)
-        computing.start()
+        computing, ended = getting(node, "k", fn)  # its lease passes on, or no loader
         try:
             wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
             other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
