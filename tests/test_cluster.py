@@ -1123,6 +1123,49 @@ def test_a_node_that_cannot_reconnect_lets_its_leases_go_after_dead_after(
     assert len(ended) == 1 and not isinstance(ended[0], str)
 
 
+def test_a_node_stopped_after_a_cut_leaves_though_a_forked_child_holds_its_socket(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked child (a worker pool started earlier, say) holds a copy of the node's
+    socket; Ctrl-C cuts an upload short and the node stops before it reconnected. The
+    connection kept for its leases is shut down as it closes, so the loader hears the node
+    leave and the waiting node gets the lease (a close alone left it open in the child)."""
+    cluster.start_loader()
+    other, watcher = cluster.member("other"), cluster.member("watcher")
+    runs, go = tmp_path / "runs", threading.Event()
+    node = clustorage.Node("m", cluster.loader, cookie=COOKIE)
+
+    def fn() -> str:
+        go.wait(60)
+        return "from m"
+
+    computing, _ = getting(node, "k", fn)
+    wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
+    other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
+    wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+
+        def not_yet(self: MemberClient, target: Any) -> None:
+            time.sleep(0.2)
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        monkeypatch.setattr(MemberClient, "_connect_to", not_yet)
+        cut_after_one_part(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            node.put("big", b"x" * (1 << 20))
+        node.stop()
+        assert answer_within(other, 30) == {"ok": "from other"}
+    finally:
+        go.set()
+        computing.join(30)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_a_frame_cut_short_drops_its_own_connection_not_a_newer_one(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
