@@ -706,9 +706,9 @@ class MemberClient:
             self._tls.dispatching = False
 
     def _drop(self, why: str, only: socket.socket | None = None, drops: int | None = None) -> None:
-        """Close the connection and fail what waits on it; only if that is still the
-        connection ``only``, or the one of drop count ``drops`` (else one made since would
-        be dropped for an old one's fault)."""
+        """End the connection (kept open a while: see below) and fail what waits on it;
+        only if that is still the connection ``only``, or the one of drop count ``drops``
+        (else one made since would be dropped for an old one's fault)."""
 
         def replaced() -> bool:
             return (only is not None and self._sock is not only) or (
@@ -736,17 +736,17 @@ class MemberClient:
             # that took too long), closing it would say this node left, and its leases
             # would pass on while its threads still compute them. The next connection
             # replaces it there, the leases waiting for it to reclaim them; then it closes.
-            retired = None
+            closing = None
             if sock is not None and not self._stopping:
-                retired, self._retired, self._retired_at = self._retired, sock, time.monotonic()
+                closing, self._retired, self._retired_at = self._retired, sock, time.monotonic()
             elif sock is not None:
-                retired = sock
+                closing = sock  # the node stops: it leaves
         self._ended.set()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)  # wakes a reader waiting on it at once
-        if retired is not None:  # one dropped before, that no connection replaced
-            _close_for_good(retired)
+        if closing is not None:  # this one, or one kept before that nothing replaced
+            _close_for_good(closing)
         if conn is not None:
             conn.release()
         lost = self.unavailable(why)
