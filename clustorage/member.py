@@ -74,6 +74,7 @@ from .messages import (
     Sync,
     SyncReply,
 )
+from .poll_windows import POLL_FOR
 from .protocol import BULK, Connection, Role, State, Welcome
 from .readers import TICK, SharedReader, shared_reader
 from .replica import Replica
@@ -91,7 +92,9 @@ BACKOFF_CAP = 2.0
 RECV_SIZE = 1 << 20
 RECV_WAIT = 0.25
 LINGER = 0.002
-SPIN = 100e-6  # how long a caller polls for its answer before sleeping (see _receive)
+# How long a caller polls for its answer before sleeping (see _receive): as long as the
+# loader polls after a request.
+SPIN = POLL_FOR
 RESUME_AFTER = 10 * LINGER  # a caller read this long: resume the shared reader at once
 RELAYED = (
     ", or, over TLS, something between this node and the loader relays the connection "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 __all__ = ["POLL_FOR", "PollWindows"]
 
-POLL_FOR = 100e-6  # seconds; as long as a member polls for its answer (member.SPIN)
+POLL_FOR = 100e-6  # seconds; a member polls for its answer as long (member.SPIN)
 CREDIT = 4  # at most; a window that catches several messages earns 1, one costs 1, none 2
 RETRY_AFTER = 16  # messages without a window, once the credit is spent
 LATE = 1e-3  # seconds a turn's yield and poll may take; more: the thread could not poll
