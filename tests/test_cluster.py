@@ -24,7 +24,13 @@ from clustorage.messages import Commit, Fetch, Put, Queued, Sync
 from clustorage.protocol import Connection
 from clustorage.store import SQLiteStore
 from tests.conftest import COOKIE, Cluster, Member, node_pair, stop_process
-from tests.test_promises import answer_within, counted_fn, lease_written, wait_until
+from tests.test_promises import (
+    answer_within,
+    computing_of,
+    counted_fn,
+    lease_written,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -878,12 +884,12 @@ def test_a_request_numbered_as_its_connection_is_dropped_is_failed_or_sent_again
         assert node.get("k", lambda: 0) == 1
 
 
-def computing_of(member: Member) -> list[list[Any]]:
-    """``[key, holder, waiters]`` of each lease the loader knows of, as ``member`` asks."""
-    return member.ok(  # type: ignore[no-any-return]
-        "[[c['key'], c['holder'], c['waiters']] "
-        "for c in node.status().get('cluster', {}).get('computing', [])]"
-    )
+def other_waits(holder: str, watcher: Member, other: Member, runs: Path) -> None:
+    """Once ``holder`` holds the lease on "k", ``other`` asks for it (its fn would record
+    its run in ``runs``) and waits."""
+    wait_until(lambda: computing_of(watcher) == [["k", holder, []]], 20, "the lease")
+    other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
+    wait_until(lambda: computing_of(watcher) == [["k", holder, ["other"]]], 20, "waiting")
 
 
 def test_a_drop_as_a_request_is_numbered_does_not_send_it_unheard(
@@ -1070,9 +1076,7 @@ def test_a_ctrl_c_that_cuts_an_upload_short_keeps_another_threads_lease(
 
         computing, got = getting(node, "k", fn)
         try:
-            wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
-            other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
-            wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+            other_waits("m", watcher, other, runs)
             drops = node._channel._drops
             cut_after_one_part(monkeypatch)
             with pytest.raises(KeyboardInterrupt):
@@ -1104,9 +1108,7 @@ def test_a_node_that_cannot_reconnect_lets_its_leases_go_after_dead_after(
 
         computing, ended = getting(node, "k", fn)  # its lease passes on, or no loader
         try:
-            wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
-            other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
-            wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+            other_waits("m", watcher, other, runs)
 
             def refused(self: MemberClient, target: Any) -> None:
                 raise ConnectionRefusedError(111, "Connection refused")
@@ -1140,9 +1142,7 @@ def test_a_node_stopped_after_a_cut_leaves_though_a_forked_child_holds_its_socke
         return "from m"
 
     computing, _ = getting(node, "k", fn)
-    wait_until(lambda: computing_of(watcher) == [["k", "m", []]], 20, "the lease")
-    other.start_send(counted_fn(runs, "other", "from other") + "node.get('k', fn)")
-    wait_until(lambda: computing_of(watcher) == [["k", "m", ["other"]]], 20, "waiting")
+    other_waits("m", watcher, other, runs)
     child = os.fork()
     if child == 0:
         time.sleep(60)

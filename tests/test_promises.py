@@ -408,8 +408,14 @@ def lease_written(data: str, key: str) -> None:
 
 def computing(member: Member) -> list[list[str]]:
     """``[key, holder]`` of each lease the loader knows of, as an idle member asks it."""
+    return [[key, holder] for key, holder, _ in computing_of(member)]
+
+
+def computing_of(member: Member) -> list[list[Any]]:
+    """``[key, holder, waiters]`` of each lease the loader knows of, as ``member`` asks."""
     return member.ok(  # type: ignore[no-any-return]
-        "[[c['key'], c['holder']] for c in node.status().get('cluster', {}).get('computing', [])]"
+        "[[c['key'], c['holder'], c['waiters']] "
+        "for c in node.status().get('cluster', {}).get('computing', [])]"
     )
 
 
