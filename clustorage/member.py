@@ -92,10 +92,13 @@ BACKOFF_CAP = 2.0
 RECV_SIZE = 1 << 20
 RECV_WAIT = 0.25
 LINGER = 0.002
+# The longest the shared reader stays away while callers read their own answers one after
+# another (see readable): pushes to a node whose requests just stopped wait at most this.
+STAY_AWAY = 10 * LINGER
 # How long a caller polls for its answer before sleeping (see _receive): as long as the
 # loader polls after a request.
 SPIN = POLL_FOR
-RESUME_AFTER = 10 * LINGER  # a caller read this long: resume the shared reader at once
+RESUME_AFTER = STAY_AWAY  # a caller read this long: resume the shared reader at once
 RELAYED = (
     ", or, over TLS, something between this node and the loader relays the connection "
     "(the cookie is proven on one TLS session only): check the loader's address"
@@ -260,6 +263,7 @@ class MemberClient:
         self._followed: socket.socket | None = None  # the socket the shared reader reads
         self._watch: tuple[SharedReader, int, _Following] | None = None
         self._held_since = 0.0  # when the caller reading its own answer began
+        self._busy_since = 0.0  # when callers began reading answers, one after another
         self._ended = threading.Event()  # the connection ended: reconnect
         self._ended_by: BaseException | None = None
         files = tls.node_files(config)
@@ -550,12 +554,12 @@ class MemberClient:
         two thread switches."""
         now = time.monotonic()
         if not retry and (self.pending.busy() or now - self._last_answer < LINGER):
-            return LINGER
+            return self._away(now)
         if not self._io_lock.acquire(blocking=False):
             # A caller reads meanwhile: come back in a while, the longer it has been at it
             # (one waiting for another node's fn may take minutes), then it resumes us.
             held = self._held_since
-            return min(max(LINGER, (now - held) / 2), TICK) if held else LINGER
+            return min(max(self._away(now), (now - held) / 2), TICK) if held else LINGER
         try:
             if sock is not self._sock or sock is not self._followed:
                 raise _Lost("the connection was dropped")
@@ -566,6 +570,13 @@ class MemberClient:
             self._io_lock.release()
         return None
 
+    def _away(self, now: float) -> float:
+        """How long the shared reader stays away from a connection whose callers read
+        their own answers: the longer they have kept at it, the longer, up to STAY_AWAY.
+        Each time it comes back to find one at it costs both threads a switch (a tight
+        loop of puts lost a quarter of its speed to that, with a fixed LINGER)."""
+        return min(max(LINGER, (now - self._busy_since) / 2), STAY_AWAY)
+
     def _take_io(self) -> bool:
         """Whether this caller may read its answer itself (then :meth:`_release_io`); Ctrl-C
         is held back meanwhile, to safe points (see clustorage.interrupts)."""
@@ -573,7 +584,9 @@ class MemberClient:
         if not self._io_lock.acquire(blocking=False):
             interrupts.release()
             return False
-        self._held_since = time.monotonic()
+        self._held_since = now = time.monotonic()
+        if now - self._last_answer > LINGER:  # not the next of a run of requests
+            self._busy_since = now
         return True
 
     def _release_io(self) -> None:

@@ -1,6 +1,7 @@
 """The process's shared reader, on real sockets: a connection whose caller reads it is
 parked (not polled) until the retry it asked for, or until the caller resumes it, and a
-failing connection ends its own watch, not the thread."""
+failing connection ends its own watch, not the thread; a member's caller that keeps
+reading its own answers is left alone for longer and longer."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+import clustorage
+from clustorage.member import STAY_AWAY, MemberClient
+from clustorage.messages import VALUE
 from clustorage.readers import TICK, SharedReader
+from tests.conftest import COOKIE, Cluster
+from tests.test_promises import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -104,3 +111,38 @@ def test_a_connection_whose_read_fails_ends_alone(
     assert fine.got.wait(10) and fine.received == b"b"
     other_here.close()
     other_there.close()
+
+
+def test_a_node_putting_in_a_loop_is_left_to_its_caller_and_read_again_after(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a node's caller puts one value after another, reading each answer itself, the
+    shared reader comes back ever more rarely, up to STAY_AWAY apart (each visit that finds
+    the caller at it costs both threads a switch); once the puts stop, it reads the pushes
+    for that node again."""
+    cluster.start_loader()
+    told: list[float | None] = []
+    readable = MemberClient.readable
+
+    def recorded(self: MemberClient, sock: Any, retry: bool) -> float | None:
+        delay = readable(self, sock, retry)
+        if self.config.name == "writer":
+            told.append(delay)
+        return delay
+
+    monkeypatch.setattr(MemberClient, "readable", recorded)
+    with (
+        clustorage.Node("writer", cluster.loader, cookie=COOKIE) as writer,
+        clustorage.Node("other", cluster.loader, cookie=COOKIE) as other,
+    ):
+        writes, stop_at = 0, time.monotonic() + 1.0
+        while time.monotonic() < stop_at or writes < 100:
+            writer.put(f"k{writes % 8}", writes)
+            writes += 1
+        assert STAY_AWAY in told, f"told {sorted(set(told), key=str)} over {writes} puts"
+        version = other.put("from other", 1)
+        wait_until(
+            lambda: writer._replica.version(VALUE, "from other") == version,
+            10,
+            "the push read by the shared reader",
+        )
