@@ -458,6 +458,18 @@ def peer_miss_op(kind: str, port: int, prefix: str) -> Callable[[], None]:
 
 
 @op
+def floor_writes(port: int, start_at: float, duration: float, prefix: str) -> Any:
+    """``writes`` against the floor model (bench/floor.py), on a connection of its own."""
+    from floor import Writer
+
+    writer = Writer(port)
+    try:
+        return count_until(start_at, duration, lambda i: writer.put(f"{prefix}-{i % 64}", i))
+    finally:
+        writer.close()
+
+
+@op
 def peer_writes(kind: str, port: int, start_at: float, duration: float, prefix: str) -> Any:
     client = peer(kind, port)
     if is_redis(kind):

@@ -553,8 +553,8 @@ class MemberClient:
         its answer itself: a second thread woken by every answer would cost each request
         two thread switches."""
         now = time.monotonic()
-        if not retry and (self.pending.busy() or now - self._last_answer < LINGER):
-            return self._away(now)
+        if not retry and not self.pending.busy() and now - self._last_answer < LINGER:
+            return self._away(now)  # the caller of a run of requests reads what comes next
         if not self._io_lock.acquire(blocking=False):
             # A caller reads meanwhile: come back in a while, the longer it has been at it
             # (one waiting for another node's fn may take minutes), then it resumes us.
@@ -590,15 +590,16 @@ class MemberClient:
         return True
 
     def _release_io(self) -> None:
-        """A caller is done reading: after a long wait, the shared reader, which stepped
-        aside for longer and longer meanwhile, reads this connection again at once (not
-        after every request: that would wake it for every answer)."""
+        """A caller is done reading: after a long wait, or while other callers wait for
+        answers that nobody reads now, the shared reader, which stepped aside meanwhile,
+        reads this connection again at once (not after every request: that would wake it
+        for every answer)."""
         held, self._held_since = self._held_since, 0.0
         self._io_lock.release()
         try:
             self._last_answer = now = time.monotonic()
             watch = self._watch
-            if watch is not None and now - held > RESUME_AFTER:
+            if watch is not None and (now - held > RESUME_AFTER or self.pending.busy()):
                 reader, fd, following = watch
                 reader.resume(fd, following)
         finally:

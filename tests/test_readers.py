@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 import clustorage
+from clustorage import member
 from clustorage.member import STAY_AWAY, MemberClient
 from clustorage.messages import VALUE
 from clustorage.readers import TICK, SharedReader
 from tests.conftest import COOKIE, Cluster
 from tests.test_promises import wait_until
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(90)
 
 LATER = TICK / 5  # what a member asks for when its caller has been reading a while
 
@@ -146,3 +147,58 @@ def test_a_node_putting_in_a_loop_is_left_to_its_caller_and_read_again_after(
             10,
             "the push read by the shared reader",
         )
+
+
+def test_a_waiting_caller_is_read_for_once_the_caller_reading_is_done(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads of node m wait behind leases that node h holds: the first reads the
+    connection (its own answer, and any other's), the second waits for someone to read
+    its answer. The first's answer comes, then the second's: the shared reader, which
+    stepped aside while the first read, reads for the second at once: not after the while
+    it stays away from a busy node, nor only if the first read for long, nor when the next
+    heartbeat is due (all made a minute here, so that waiting for any would hang)."""
+    cluster.start_loader()
+    for constant in ("LINGER", "STAY_AWAY", "RESUME_AFTER", "HEARTBEAT"):
+        monkeypatch.setattr(member, constant, 60.0)
+    with (
+        clustorage.Node("h", cluster.loader, cookie=COOKIE) as holder,
+        clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
+    ):
+        client = node._channel
+        computing = {key: (threading.Event(), threading.Event()) for key in ("a", "b")}
+        got: dict[str, Any] = {}
+
+        def hold(key: str) -> None:
+            started, done = computing[key]
+
+            def fn() -> str:
+                started.set()
+                done.wait(60)
+                return f"{key} from h"
+
+            holder.get(key, fn)
+
+        def get(key: str) -> None:
+            got[key] = node.get(key, lambda: f"{key} from m")
+
+        threads = [threading.Thread(target=hold, args=(key,)) for key in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for started, _ in computing.values():
+            assert started.wait(20)
+        node.put("warm", 1)  # a run of requests: the shared reader steps aside
+        first = threading.Thread(target=get, args=("a",))
+        first.start()
+        wait_until(lambda: client._patient, 20, "the first caller queued, reading")
+        second = threading.Thread(target=get, args=("b",))
+        second.start()
+        wait_until(lambda: len(client.pending.queued) == 2, 20, "the second caller queued")
+        computing["a"][1].set()
+        first.join(20)
+        assert got.get("a") == "a from h"
+        computing["b"][1].set()
+        second.join(20)
+        assert got.get("b") == "b from h", "the second caller's answer was left unread"
+        for thread in threads:
+            thread.join(20)
