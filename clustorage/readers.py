@@ -10,7 +10,9 @@ data in turn.
 
 A connection whose own caller is reading its answer is left to that caller: it is parked,
 not polled, for a moment (``readable`` says how long), or the poll would report it over and
-over; a caller done after a long wait resumes it (:meth:`SharedReader.resume`).
+over; a caller done after a long wait resumes it (:meth:`SharedReader.resume`). A parked
+connection has one retry at a time: parking it again replaces the one before, and a resume
+drops it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class SharedReader:
         self._later: list[tuple[float, int, int, Watched]] = []  # when, order, fd, watched
         self._parked: set[int] = set()  # sockets not polled until their retry or resume
         self._order = itertools.count()
+        self._retries: dict[int, int] = {}  # fd -> the order of its one live retry
+        self._resumed: dict[int, int] = {}  # fd -> the order of its last resume
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
@@ -100,7 +104,9 @@ class SharedReader:
 
     def resume(self, fd: int, watched: Watched) -> None:
         """Poll socket number ``fd`` for ``watched`` again at once, if it was parked (its
-        caller, who read it meanwhile, is done)."""
+        caller, who read it meanwhile, is done), or as soon as a read of it that was told
+        to come back later is over (it does not park it then)."""
+        self._resumed[fd] = next(self._order)
         if fd not in self._parked:
             return
         with self._lock:
@@ -113,6 +119,8 @@ class SharedReader:
         if not self._mine(fd, watched):
             return
         del self._watched[fd]
+        self._retries.pop(fd, None)
+        self._resumed.pop(fd, None)
         if fd in self._parked:
             self._parked.discard(fd)
         else:
@@ -131,6 +139,7 @@ class SharedReader:
         if fd not in self._parked:
             return False
         self._parked.discard(fd)
+        self._retries.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
             self._poller.register(fd, READ)
         return True
@@ -170,8 +179,13 @@ class SharedReader:
                 self._read(fd, current[1], retry=False)
         now = time.monotonic()
         while self._later and self._later[0][0] <= now:
-            _, _, fd, watched = heapq.heappop(self._later)
-            self._read(fd, watched, retry=True)
+            _, order, fd, watched = heapq.heappop(self._later)
+            with self._lock:  # a resume, on a caller's thread, may drop it meanwhile
+                live = self._retries.get(fd) == order
+                if live:
+                    del self._retries[fd]
+            if live:  # else superseded, or resumed since
+                self._read(fd, watched, retry=True)
         if now >= next_tick:
             next_tick = now + TICK
             RECYCLED.sweep(now)
@@ -183,6 +197,7 @@ class SharedReader:
         return next_tick
 
     def _read(self, fd: int, watched: Watched, *, retry: bool) -> None:
+        resumed = self._resumed.get(fd)
         try:
             delay = watched.readable(retry)
         except BaseException as exc:  # a listener's SystemExit too: that connection ends
@@ -197,8 +212,12 @@ class SharedReader:
             with self._lock:
                 if not self._mine(fd, watched):
                     return
+                if self._resumed.get(fd) != resumed:  # its caller was done meanwhile
+                    self._unpark(fd)
+                    return
                 self._park(fd)
-            heapq.heappush(self._later, (time.monotonic() + delay, next(self._order), fd, watched))
+                order = self._retries[fd] = next(self._order)
+            heapq.heappush(self._later, (time.monotonic() + delay, order, fd, watched))
         elif fd in self._parked:
             with self._lock:
                 if self._mine(fd, watched):

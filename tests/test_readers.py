@@ -5,6 +5,7 @@ reading its own answers is left alone for longer and longer."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -149,56 +150,140 @@ def test_a_node_putting_in_a_loop_is_left_to_its_caller_and_read_again_after(
         )
 
 
+@contextlib.contextmanager
+def leases_held(holder: clustorage.Node, *keys: str) -> Iterator[dict[str, threading.Event]]:
+    """Node ``holder`` computes each of ``keys``, its fn waiting until the key's event is
+    set (all are at the end)."""
+    done = {key: threading.Event() for key in keys}
+    started = {key: threading.Event() for key in keys}
+
+    def hold(key: str) -> None:
+        def fn() -> str:
+            started[key].set()
+            done[key].wait(60)
+            return f"{key} from h"
+
+        holder.get(key, fn)
+
+    threads = [threading.Thread(target=hold, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    try:
+        for key in keys:
+            assert started[key].wait(20), f"h did not get the lease of {key}"
+        yield done
+    finally:
+        for event in done.values():
+            event.set()
+        for thread in threads:
+            thread.join(20)
+
+
+@pytest.mark.parametrize("resumed_before_parking", [False, True])
 def test_a_waiting_caller_is_read_for_once_the_caller_reading_is_done(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, resumed_before_parking: bool
 ) -> None:
     """Two threads of node m wait behind leases that node h holds: the first reads the
     connection (its own answer, and any other's), the second waits for someone to read
     its answer. The first's answer comes, then the second's: the shared reader, which
     stepped aside while the first read, reads for the second at once: not after the while
     it stays away from a busy node, nor only if the first read for long, nor when the next
-    heartbeat is due (all made a minute here, so that waiting for any would hang)."""
+    heartbeat or tick is due (all made a minute here, so that waiting for any would hang).
+    ``resumed_before_parking``: the first is done, and resumes the reader, while the reader
+    is between being told to come back later and parking the connection."""
     cluster.start_loader()
-    for constant in ("LINGER", "STAY_AWAY", "RESUME_AFTER", "HEARTBEAT"):
+    for constant in ("LINGER", "STAY_AWAY", "RESUME_AFTER", "HEARTBEAT", "TICK"):
         monkeypatch.setattr(member, constant, 60.0)
+    told_later, first_done = threading.Event(), threading.Event()
+    readable, release_io = MemberClient.readable, MemberClient._release_io
+    armed = False
+
+    def held_up(self: MemberClient, sock: Any, retry: bool) -> float | None:
+        nonlocal armed
+        delay = readable(self, sock, retry)
+        if armed and self.config.name == "m" and delay is not None and self._held_since:
+            armed = False
+            told_later.set()
+            first_done.wait(20)
+        return delay
+
+    def releasing(self: MemberClient) -> None:
+        release_io(self)
+        if told_later.is_set() and self.config.name == "m":
+            first_done.set()
+
+    monkeypatch.setattr(MemberClient, "readable", held_up)
+    monkeypatch.setattr(MemberClient, "_release_io", releasing)
     with (
         clustorage.Node("h", cluster.loader, cookie=COOKIE) as holder,
         clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
+        leases_held(holder, "a", "b") as done,
     ):
         client = node._channel
-        computing = {key: (threading.Event(), threading.Event()) for key in ("a", "b")}
         got: dict[str, Any] = {}
-
-        def hold(key: str) -> None:
-            started, done = computing[key]
-
-            def fn() -> str:
-                started.set()
-                done.wait(60)
-                return f"{key} from h"
-
-            holder.get(key, fn)
 
         def get(key: str) -> None:
             got[key] = node.get(key, lambda: f"{key} from m")
 
-        threads = [threading.Thread(target=hold, args=(key,)) for key in ("a", "b")]
-        for thread in threads:
-            thread.start()
-        for started, _ in computing.values():
-            assert started.wait(20)
         node.put("warm", 1)  # a run of requests: the shared reader steps aside
         first = threading.Thread(target=get, args=("a",))
         first.start()
         wait_until(lambda: client._patient, 20, "the first caller queued, reading")
+        if resumed_before_parking:  # the second's Queued wakes it, to be told to wait
+            assert client._watch is not None
+            reader, fd, following = client._watch
+            reader.resume(fd, following)
+            armed = True
         second = threading.Thread(target=get, args=("b",))
         second.start()
         wait_until(lambda: len(client.pending.queued) == 2, 20, "the second caller queued")
-        computing["a"][1].set()
+        if resumed_before_parking:
+            assert told_later.wait(20), "the reader was not told to come back later"
+        done["a"].set()
         first.join(20)
         assert got.get("a") == "a from h"
-        computing["b"][1].set()
+        done["b"].set()
         second.join(20)
         assert got.get("b") == "b from h", "the second caller's answer was left unread"
-        for thread in threads:
-            thread.join(20)
+
+
+def test_a_waiting_caller_does_not_multiply_the_readers_retries(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a request of node m waits behind a lease, another thread of m puts in a loop:
+    each of its answers resumes the shared reader (the waiting request's answer may come
+    once nobody reads), which parks the connection again on the next. A parked connection
+    has one retry at a time, each at least LINGER away: the reader reads m at most once per
+    put and once per LINGER, not a retry more for every put."""
+    cluster.start_loader()
+    calls = 0
+    readable = MemberClient.readable
+
+    def counted(self: MemberClient, sock: Any, retry: bool) -> float | None:
+        nonlocal calls
+        if self.config.name == "m":
+            calls += 1
+        return readable(self, sock, retry)
+
+    monkeypatch.setattr(MemberClient, "readable", counted)
+    with (
+        clustorage.Node("h", cluster.loader, cookie=COOKIE) as holder,
+        clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
+        leases_held(holder, "q") as done,
+    ):
+        client = node._channel
+        with client._io_lock:  # as a caller reading would: the get waits for a reader
+            waiting = threading.Thread(target=node.get, args=("q", lambda: "from m"))
+            waiting.start()
+            wait_until(client.pending.busy, 20, "the get waits")
+        wait_until(lambda: client.pending.queued, 20, "the get queued")
+        seconds = 1.0
+        puts, calls, stop_at = 0, 0, time.monotonic() + seconds
+        while time.monotonic() < stop_at:
+            node.put(f"k{puts % 8}", puts)
+            puts += 1
+        reads = calls
+        done["q"].set()
+        waiting.join(20)
+        bound = puts + seconds / member.LINGER + 100  # and a few ticks
+        assert reads < bound, f"the reader read m {reads} times over {puts} puts"
