@@ -90,6 +90,8 @@ class SharedReader:
         with self._lock:
             self._watched[fd] = (sock, watched)
             self._parked.discard(fd)  # a closed socket's number, parked
+            self._retries.pop(fd, None)  # ... and its retry and last resume
+            self._resumed.pop(fd, None)
             try:
                 self._poller.register(fd, READ)
             except FileExistsError:  # a closed socket's number, still registered
@@ -106,11 +108,11 @@ class SharedReader:
         """Poll socket number ``fd`` for ``watched`` again at once, if it was parked (its
         caller, who read it meanwhile, is done), or as soon as a read of it that was told
         to come back later is over (it does not park it then)."""
-        self._resumed[fd] = next(self._order)
-        if fd not in self._parked:
-            return
-        with self._lock:
-            if self._mine(fd, watched) and self._unpark(fd):
+        with self._lock:  # else it may land between _read's stamp check and its _park
+            if not self._mine(fd, watched):
+                return
+            self._resumed[fd] = next(self._order)
+            if self._unpark(fd):
                 self._wake()
 
     def _unwatch(self, fd: int, watched: Watched) -> None:

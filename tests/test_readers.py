@@ -287,3 +287,50 @@ def test_a_waiting_caller_does_not_multiply_the_readers_retries(
         waiting.join(20)
         bound = puts + seconds / member.LINGER + 100  # and a few ticks
         assert reads < bound, f"the reader read m {reads} times over {puts} puts"
+
+
+def test_a_resume_while_the_reader_parks_is_not_lost(
+    reader: SharedReader, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """A caller resumes a connection while the reader, told to come back in a minute, is
+    parking it (past its check for a resume, not yet parked): the resume is not lost, and
+    what arrives is read at once, not after that minute."""
+    here, there = pair
+
+    class Once(Busy):
+        def readable(self, retry: bool) -> float | None:
+            self.calls += 1
+            if self.calls == 1:
+                return 60.0  # a caller reads it: come back much later
+            self.received += self.sock.recv(100)
+            self.got.set()
+            return None
+
+    watched = Once(here)
+    parking, go_on = threading.Event(), threading.Event()
+    poller = reader._poller
+
+    class HeldUp:
+        """The reader's poller, with the reader held up inside the park's unregister."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(poller, name)
+
+        def unregister(self, fd: int) -> None:
+            if not go_on.is_set():
+                parking.set()
+                go_on.wait(10)
+            poller.unregister(fd)
+
+    reader._poller = HeldUp()
+    fd = reader.watch(here, watched)
+    there.send(b"x")
+    assert parking.wait(10)
+    resumer = threading.Thread(target=reader.resume, args=(fd, watched))
+    resumer.start()
+    resumer.join(0.5)  # it waits for the park to end, or it has come and gone
+    go_on.set()
+    resumer.join(10)
+    assert watched.got.wait(10), f"the resume was lost ({watched.calls} reads)"
+    assert watched.received == b"x"
+    reader.forget(fd, watched)
