@@ -788,7 +788,8 @@ class MemberClient:
         try:
             try:
                 while not self._send_lock.acquire(timeout=SLICE):  # another thread sends
-                    interrupts.check()  # nothing sent yet
+                    if not self._tls.dispatching:  # not an acknowledgement of what was read:
+                        interrupts.check()  # nothing sent yet
                 try:
                     sock, conn = self._sock, self._conn
                     if drops is not None and (
@@ -980,7 +981,9 @@ class MemberClient:
             self._wait_ready(max(deadline - time.monotonic(), 0.0))
 
     def _request_once(self, build: Build, timeout: float, patient: bool) -> Message:
-        if self._is_ready and self._take_io():
+        # Not while another thread sends (a big upload): this caller would hold the io lock
+        # while it waits to send, and nobody would read the connection meanwhile.
+        if self._is_ready and not self._send_lock.locked() and self._take_io():
             try:
                 answer = self._request_reading(build, timeout, patient)
             finally:

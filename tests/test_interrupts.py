@@ -14,8 +14,9 @@ from types import FrameType
 
 import pytest
 
+import clustorage
 from clustorage import interrupts
-from tests.conftest import Cluster, Member, node_pair, stop_process
+from tests.conftest import COOKIE, Cluster, Member, node_pair, stop_process
 from tests.test_promises import answer_within, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -253,3 +254,47 @@ def test_ctrl_c_ends_a_get_while_another_thread_uploads_to_a_stopped_loader(
     finally:
         os.kill(loader.pid, signal.SIGCONT)
     assert answer == {"ok": ["interrupted", []]}  # not by the connection dropping
+
+
+def test_ctrl_c_while_applying_a_definition_loses_no_push(cluster: Cluster) -> None:
+    """The main thread reads its connection, with two definitions arrived unread; another
+    thread of its node holds the send lock (a long upload) and the user presses Ctrl-C.
+    Applying the first definition waits to send its acknowledgement: the Ctrl-C is raised
+    once what was read is applied and acknowledged, not in the middle, which would lose
+    the acknowledgement and the second definition, read off the socket with it."""
+    cluster.start_loader()
+    assert threading.current_thread() is threading.main_thread()
+    with (
+        clustorage.Node("d", cluster.loader, cookie=COOKIE) as definer,
+        clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
+    ):
+        client = node._channel
+        defined: dict[str, object] = {}
+
+        def define(name: str) -> None:
+            defined[name] = definer.define(name, f"def {name}():\n    return 1\n")
+
+        assert client._take_io()  # as a caller reading its answer: nobody else reads
+        sending, done = threading.Event(), threading.Event()
+
+        def upload() -> None:  # another thread of m sends, for long
+            with client._send_lock:
+                sending.set()
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGINT)
+                done.wait(1)
+
+        try:
+            for name in ("f", "g"):
+                threading.Thread(target=define, args=(name,), daemon=True).start()
+                time.sleep(0.3)  # its push arrives, unread
+            threading.Thread(target=upload, daemon=True).start()
+            assert sending.wait(10)
+            with pytest.raises(KeyboardInterrupt):
+                client._read_until(lambda: False, 10.0, lambda: False)
+        finally:
+            done.set()
+            client._release_io()
+        wait_until(lambda: len(defined) == 2, 30, "both definitions acknowledged or timed out")
+        assert {"f", "g"} <= set(node.functions()), "a push read was dropped"
+        assert node.connected

@@ -334,3 +334,46 @@ def test_a_resume_while_the_reader_parks_is_not_lost(
     assert watched.got.wait(10), f"the resume was lost ({watched.calls} reads)"
     assert watched.received == b"x"
     reader.forget(fd, watched)
+
+
+def test_a_request_made_during_an_upload_leaves_the_connection_to_the_reader(
+    cluster: Cluster,
+) -> None:
+    """While a thread of node m uploads (holds the send lock, here for a minute), another
+    thread's request waits to be sent without taking the connection's reading: a push to
+    m is read meanwhile, not after the upload."""
+    cluster.start_loader()
+    with (
+        clustorage.Node("d", cluster.loader, cookie=COOKIE) as other,
+        clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
+    ):
+        client = node._channel
+        sending, done = threading.Event(), threading.Event()
+
+        def upload() -> None:
+            with client._send_lock:
+                sending.set()
+                done.wait(60)
+
+        uploading = threading.Thread(target=upload)
+        uploading.start()
+        try:
+            assert sending.wait(10)
+            asking = threading.Thread(target=node.status)
+            asking.start()
+            wait_until(
+                lambda: client.pending.busy() or client._io_lock.locked(),
+                10,
+                "the request waits to be sent",
+            )
+            other.put("pushed", 1)
+            wait_until(
+                lambda: node._replica.version(VALUE, "pushed") > 0,
+                10,
+                "the push read during the upload",
+            )
+        finally:
+            done.set()
+            uploading.join(10)
+        asking.join(20)
+        assert not asking.is_alive()
