@@ -693,9 +693,15 @@ class MemberClient:
             elif type(message) is Load and message.ack:
                 answer = acknowledgement(self.replica, message.entry)
                 if type(answer) is Loaded or self._takes_not_loaded:  # else: missing, later
-                    self._send(answer)
+                    self._acknowledge(answer)
         if joined:
             self.changed()
+
+    def _acknowledge(self, answer: Message) -> None:
+        """Send an acknowledgement, by a thread of its own while another thread sends: this
+        may be the process's shared reader, which must not wait behind an upload (it would
+        read no other node's connection meanwhile)."""
+        self.notify(lambda _: answer)
 
     def _gave_up(self, rid: int, sent: Message, answer: Message | None) -> None:
         """A caller stopped waiting (Ctrl-C) for the answer to a write it sent."""

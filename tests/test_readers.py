@@ -377,3 +377,41 @@ def test_a_request_made_during_an_upload_leaves_the_connection_to_the_reader(
             uploading.join(10)
         asking.join(20)
         assert not asking.is_alive()
+
+
+def test_an_upload_on_one_node_holds_up_no_other_nodes_pushes(cluster: Cluster) -> None:
+    """Nodes x and y share a process, and its shared reader. While a thread of x uploads
+    (holds x's send lock, here until the end), a definition comes to both and must be
+    acknowledged, then a value: y gets both, for x's acknowledgement waits on a thread of
+    its own, not on the reader; x's is sent once the upload is over."""
+    cluster.start_loader()
+    with (
+        clustorage.Node("d", cluster.loader, cookie=COOKIE) as definer,
+        clustorage.Node("x", cluster.loader, cookie=COOKIE) as x,
+        clustorage.Node("y", cluster.loader, cookie=COOKIE) as y,
+    ):
+        sending, done = threading.Event(), threading.Event()
+
+        def upload() -> None:
+            with x._channel._send_lock:
+                sending.set()
+                done.wait(60)
+
+        uploading = threading.Thread(target=upload)
+        uploading.start()
+        defined: list[Any] = []
+        try:
+            assert sending.wait(10)
+            defining = threading.Thread(
+                target=lambda: defined.append(definer.define("f", "def f():\n    return 1\n"))
+            )
+            defining.start()
+            wait_until(lambda: "f" in y.functions(), 10, "y has f during x's upload")
+            definer.put("v", 1)
+            wait_until(lambda: y._replica.version(VALUE, "v") > 0, 10, "y has v during x's upload")
+        finally:
+            done.set()
+            uploading.join(10)
+        defining.join(30)
+        assert defined, "the definition was not answered"
+        assert "f" in x.functions()
