@@ -90,8 +90,7 @@ class SharedReader:
         with self._lock:
             self._watched[fd] = (sock, watched)
             self._parked.discard(fd)  # a closed socket's number, parked
-            self._retries.pop(fd, None)  # ... and its retry and last resume
-            self._resumed.pop(fd, None)
+            self._forget_retry(fd)  # ... and its retry and last resume
             try:
                 self._poller.register(fd, READ)
             except FileExistsError:  # a closed socket's number, still registered
@@ -121,13 +120,17 @@ class SharedReader:
         if not self._mine(fd, watched):
             return
         del self._watched[fd]
-        self._retries.pop(fd, None)
-        self._resumed.pop(fd, None)
+        self._forget_retry(fd)
         if fd in self._parked:
             self._parked.discard(fd)
         else:
             with contextlib.suppress(OSError, ValueError):
                 self._poller.unregister(fd)
+
+    def _forget_retry(self, fd: int) -> None:
+        """(The lock held.) Drop ``fd``'s retry and last resume: its connection is gone."""
+        self._retries.pop(fd, None)
+        self._resumed.pop(fd, None)
 
     def _park(self, fd: int) -> None:
         """(The lock held.) Poll ``fd`` no more (not even for a hang-up) until unparked."""

@@ -336,6 +336,27 @@ def test_a_resume_while_the_reader_parks_is_not_lost(
     reader.forget(fd, watched)
 
 
+@contextlib.contextmanager
+def uploading(client: MemberClient) -> Iterator[None]:
+    """A thread of ``client``'s node holds its send lock, as a long upload does, until the
+    block ends (a minute at most)."""
+    sending, done = threading.Event(), threading.Event()
+
+    def upload() -> None:
+        with client._send_lock:
+            sending.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    try:
+        assert sending.wait(10)
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+
+
 def test_a_request_made_during_an_upload_leaves_the_connection_to_the_reader(
     cluster: Cluster,
 ) -> None:
@@ -348,17 +369,7 @@ def test_a_request_made_during_an_upload_leaves_the_connection_to_the_reader(
         clustorage.Node("m", cluster.loader, cookie=COOKIE) as node,
     ):
         client = node._channel
-        sending, done = threading.Event(), threading.Event()
-
-        def upload() -> None:
-            with client._send_lock:
-                sending.set()
-                done.wait(60)
-
-        uploading = threading.Thread(target=upload)
-        uploading.start()
-        try:
-            assert sending.wait(10)
+        with uploading(client):
             asking = threading.Thread(target=node.status)
             asking.start()
             wait_until(
@@ -372,9 +383,6 @@ def test_a_request_made_during_an_upload_leaves_the_connection_to_the_reader(
                 10,
                 "the push read during the upload",
             )
-        finally:
-            done.set()
-            uploading.join(10)
         asking.join(20)
         assert not asking.is_alive()
 
@@ -390,18 +398,8 @@ def test_an_upload_on_one_node_holds_up_no_other_nodes_pushes(cluster: Cluster) 
         clustorage.Node("x", cluster.loader, cookie=COOKIE) as x,
         clustorage.Node("y", cluster.loader, cookie=COOKIE) as y,
     ):
-        sending, done = threading.Event(), threading.Event()
-
-        def upload() -> None:
-            with x._channel._send_lock:
-                sending.set()
-                done.wait(60)
-
-        uploading = threading.Thread(target=upload)
-        uploading.start()
         defined: list[Any] = []
-        try:
-            assert sending.wait(10)
+        with uploading(x._channel):
             defining = threading.Thread(
                 target=lambda: defined.append(definer.define("f", "def f():\n    return 1\n"))
             )
@@ -409,9 +407,6 @@ def test_an_upload_on_one_node_holds_up_no_other_nodes_pushes(cluster: Cluster) 
             wait_until(lambda: "f" in y.functions(), 10, "y has f during x's upload")
             definer.put("v", 1)
             wait_until(lambda: y._replica.version(VALUE, "v") > 0, 10, "y has v during x's upload")
-        finally:
-            done.set()
-            uploading.join(10)
         defining.join(30)
         assert defined, "the definition was not answered"
         assert "f" in x.functions()
